@@ -1,0 +1,979 @@
+# cython: language_level=3
+"""Batch decoder: msgpack-map message payloads -> typed numpy columns.
+
+A Pulsar consumer hands us a batch of payloads, each a msgpack map such as
+``{"user": 42, "article": 7, "readtime": 35.2, "ts": 1732780800123}``.
+:func:`decode_msgpack_maps` parses the whole batch by hand over the raw
+buffers and writes numeric values straight into preallocated numpy columns,
+so no per-event Python object is created for int64/float64/bool fields.
+
+The work happens in three phases:
+
+1. (GIL held) copy every payload into one private arena, remembering its
+   offset and length.  ``bytes`` are read directly; any other contiguous
+   buffer exporter is read through a short-lived memoryview.  After this the
+   input objects are never touched again, so the parse below cannot be
+   affected by another thread mutating the input list or a bytearray.
+2. (GIL released for batches of ``_NOGIL_MIN_PAYLOADS`` or more) parse every
+   payload in the arena into preallocated column buffers.  A bad payload is
+   recorded as a reject (payload index, reason code, details) and its
+   half-written row slot is reused by the next payload, so good rows stay
+   dense and in input order.  String values are validated as UTF-8 here and
+   recorded as (offset, length) into the arena.
+3. (GIL held) build ``str`` objects for string columns and reject messages,
+   trim the columns to the number of good rows, return a
+   :class:`DecodedBatch`.
+
+Decoding rules
+--------------
+* The top level must be a fixmap/map16/map32 and must span the whole payload.
+* Keys must be msgpack str (fixstr/str8/str16/str32); they are matched
+  byte-for-byte against the UTF-8 encoded field names.  A non-str key rejects
+  the payload.  Keys that are not schema fields are ignored and their values
+  skipped (any type, nested to any depth, without recursion); their contents
+  are only checked for being well-formed and complete msgpack.
+* A schema field appearing twice in one map rejects the payload
+  ("duplicate field 'x'"): msgpack itself would silently keep the last value,
+  which hides producer bugs.  Duplicate *extra* keys are not detected.
+* int64 fields accept msgpack ints (uint64 above INT64_MAX rejects);
+  float64 fields accept ints and floats (float32 is widened exactly);
+  bool fields accept true/false; string fields accept str holding valid
+  UTF-8 (strict: no surrogates, no overlongs, max U+10FFFF).
+* ``nil`` rejects a required field and is a null for an optional one; an
+  absent optional field is a null too.  Nulls are NaN / 0 / False / None
+  in the column and ``False`` in ``DecodedBatch.valid[name]``.
+* Errors are reported in the order they are met while reading the map;
+  after the map: trailing bytes, then missing required fields (schema order).
+"""
+
+import numpy as np
+
+cimport numpy as cnp
+from cpython.memoryview cimport PyMemoryView_GET_BUFFER
+from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.math cimport NAN
+from libc.stdint cimport (int8_t, int16_t, int32_t, int64_t, uint8_t,
+                          uint16_t, uint32_t, uint64_t)
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
+
+cnp.import_array()
+
+cdef extern from "Python.h":
+    bint _is_bytes "PyBytes_Check" (PyObject* o)
+    char* _bytes_data "PyBytes_AS_STRING" (PyObject* o)
+    Py_ssize_t _bytes_len "PyBytes_GET_SIZE" (PyObject* o)
+    PyObject* _tuple_item "PyTuple_GET_ITEM" (object t, Py_ssize_t i)
+
+
+class DecodeError(ValueError):
+    """Misuse of the decoder (e.g. a bad schema).
+
+    Never raised for bad payloads: those become ``DecodedBatch.rejects``.
+    """
+
+
+# Batches with at least this many payloads are parsed with the GIL released.
+# Below it the release/re-acquire (which can wait a whole switch interval if
+# another thread is busy) is not worth it.
+_NOGIL_MIN_PAYLOADS = 256
+
+cdef enum:
+    K_INT64 = 0
+    K_FLOAT64 = 1
+    K_STRING = 2
+    K_BOOL = 3
+
+_DTYPES = ("int64", "float64", "string", "bool")
+_KIND_OF = {name: kind for kind, name in enumerate(_DTYPES)}
+
+cdef enum:
+    R_NOT_BYTES = 1
+    R_NOT_CONTIGUOUS
+    R_EMPTY
+    R_NOT_MAP
+    R_TRUNCATED
+    R_INVALID_BYTE
+    R_KEY_NOT_STR
+    R_DUPLICATE
+    R_TYPE
+    R_RANGE
+    R_UTF8
+    R_TRAILING
+    R_MISSING
+
+cdef enum:
+    # read_number results
+    NUM_INT = 0
+    NUM_UINT_BIG = 1
+    NUM_FLOAT = 2
+    NUM_NONE = 3
+    NUM_TRUNC = 4
+
+ctypedef struct FieldSpec:
+    const char* name          # UTF-8, owned by Schema._name_bytes
+    Py_ssize_t name_len
+    int kind
+    bint required
+
+ctypedef struct ColOut:
+    char* data                # int64*/double*/npy_bool*; string: int64 (offset, length) pairs
+    uint8_t* valid            # NULL for required fields
+
+ctypedef struct RejectRec:
+    Py_ssize_t index
+    Py_ssize_t pos
+    uint64_t value
+    int code
+    int field
+    int byte
+
+ctypedef struct RejectList:
+    RejectRec* items
+    Py_ssize_t n
+    Py_ssize_t cap
+
+
+# --------------------------------------------------------------------------
+# Schema
+
+cdef class Schema:
+    """Fields to extract: ``Schema([(name, dtype), (name, dtype, required), ...])``.
+
+    ``dtype`` is one of ``"int64"``, ``"float64"``, ``"string"``, ``"bool"``;
+    ``required`` defaults to ``True``.  Raises :class:`DecodeError` on a bad
+    field list.  Immutable once built; safe to share between threads.
+    """
+    cdef FieldSpec* specs
+    cdef Py_ssize_t nfields
+    cdef tuple _fields
+    cdef tuple _name_bytes
+
+    def __cinit__(self):
+        self.specs = NULL
+        self.nfields = 0
+
+    def __init__(self, fields):
+        if isinstance(fields, (str, bytes)) or not hasattr(fields, "__iter__"):
+            raise DecodeError(
+                f"schema fields must be a list of (name, dtype[, required]) tuples, "
+                f"got {type(fields).__name__}")
+        norm = []
+        encoded = []
+        seen = set()
+        for i, item in enumerate(fields):
+            if not isinstance(item, (tuple, list)) or not 2 <= len(item) <= 3:
+                raise DecodeError(
+                    f"schema field #{i} must be a (name, dtype[, required]) tuple, got {item!r}")
+            name, dtype = item[0], item[1]
+            required = item[2] if len(item) == 3 else True
+            if not isinstance(name, str) or not name:
+                raise DecodeError(f"schema field #{i}: name must be a non-empty str, got {name!r}")
+            try:
+                raw = name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DecodeError(f"schema field #{i}: name {name!r} is not encodable as UTF-8") from None
+            if not isinstance(dtype, str) or dtype not in _KIND_OF:
+                raise DecodeError(
+                    f"schema field {name!r}: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+            if not isinstance(required, (bool, np.bool_)):
+                raise DecodeError(
+                    f"schema field {name!r}: required must be a bool, got {required!r}")
+            if name in seen:
+                raise DecodeError(f"schema field {name!r} is listed twice")
+            seen.add(name)
+            norm.append((name, dtype, bool(required)))
+            encoded.append(raw)
+        if not norm:
+            raise DecodeError("schema must have at least one field")
+
+        cdef FieldSpec* specs = <FieldSpec*>malloc(len(norm) * sizeof(FieldSpec))
+        if specs == NULL:
+            raise MemoryError()
+        cdef Py_ssize_t j
+        for j in range(len(norm)):
+            raw = encoded[j]
+            specs[j].name = <const char*>(<bytes>raw)
+            specs[j].name_len = len(raw)
+            specs[j].kind = _KIND_OF[norm[j][1]]
+            specs[j].required = norm[j][2]
+        free(self.specs)
+        self.specs = specs
+        self.nfields = len(norm)
+        self._fields = tuple(norm)
+        self._name_bytes = tuple(encoded)
+
+    def __dealloc__(self):
+        free(self.specs)
+
+    cdef int _check(self) except -1:
+        if self.specs == NULL:
+            raise DecodeError("Schema was not initialized")
+        return 0
+
+    @property
+    def fields(self):
+        """Normalized fields: tuple of (name, dtype, required)."""
+        return self._fields
+
+    @property
+    def names(self):
+        return tuple(f[0] for f in self._fields or ())
+
+    def __len__(self):
+        return self.nfields
+
+    def __eq__(self, other):
+        if not isinstance(other, Schema):
+            return NotImplemented
+        return self._fields == (<Schema>other)._fields
+
+    def __hash__(self):
+        return hash(self._fields)
+
+    def __reduce__(self):
+        return (Schema, (list(self._fields or ()),))
+
+    def __repr__(self):
+        return f"Schema({list(self._fields or ())!r})"
+
+
+# --------------------------------------------------------------------------
+# Result
+
+cdef class DecodedBatch:
+    """Result of :func:`decode_msgpack_maps`.
+
+    ``columns[name]`` has one entry per good row (int64 / float64 / bool
+    arrays; object arrays of ``str`` for string fields).  ``valid[name]`` is a
+    bool mask for each optional field (``False`` = null).  ``source_index[i]``
+    is the payload index of row ``i``.  ``rejects`` lists
+    ``(payload_index, reason)`` for every bad payload, in input order.
+    """
+    cdef readonly Py_ssize_t n_rows
+    cdef readonly dict columns
+    cdef readonly dict valid
+    cdef readonly object source_index
+    cdef readonly list rejects
+
+    def __len__(self):
+        return self.n_rows
+
+    def __repr__(self):
+        return (f"<DecodedBatch n_rows={self.n_rows} columns={list(self.columns)} "
+                f"rejects={len(self.rejects)}>")
+
+
+# --------------------------------------------------------------------------
+# nogil parsing
+
+cdef inline uint16_t be16(const uint8_t* q) noexcept nogil:
+    return (<uint16_t>q[0] << 8) | q[1]
+
+cdef inline uint32_t be32(const uint8_t* q) noexcept nogil:
+    return ((<uint32_t>q[0] << 24) | (<uint32_t>q[1] << 16)
+            | (<uint32_t>q[2] << 8) | q[3])
+
+cdef inline uint64_t be64(const uint8_t* q) noexcept nogil:
+    return (<uint64_t>be32(q) << 32) | be32(q + 4)
+
+
+cdef inline int reject_at(RejectRec* err, int code, Py_ssize_t pos) noexcept nogil:
+    err.code = code
+    err.pos = pos
+    return 1
+
+
+cdef bint utf8_valid(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    """Strict UTF-8 (RFC 3629), exactly what ``bytes.decode('utf-8')`` accepts."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t w
+    cdef uint8_t c, c1
+    while i < n:
+        if n - i >= 8:
+            memcpy(&w, s + i, 8)
+            if (w & 0x8080808080808080ULL) == 0:
+                i += 8
+                continue
+        c = s[i]
+        if c < 0x80:
+            i += 1
+        elif c < 0xc2:
+            return False
+        elif c < 0xe0:
+            if n - i < 2 or (s[i + 1] & 0xc0) != 0x80:
+                return False
+            i += 2
+        elif c < 0xf0:
+            if n - i < 3:
+                return False
+            c1 = s[i + 1]
+            if c == 0xe0:
+                if c1 < 0xa0 or c1 > 0xbf:
+                    return False
+            elif c == 0xed:
+                if c1 < 0x80 or c1 > 0x9f:
+                    return False
+            elif (c1 & 0xc0) != 0x80:
+                return False
+            if (s[i + 2] & 0xc0) != 0x80:
+                return False
+            i += 3
+        elif c < 0xf5:
+            if n - i < 4:
+                return False
+            c1 = s[i + 1]
+            if c == 0xf0:
+                if c1 < 0x90 or c1 > 0xbf:
+                    return False
+            elif c == 0xf4:
+                if c1 < 0x80 or c1 > 0x8f:
+                    return False
+            elif (c1 & 0xc0) != 0x80:
+                return False
+            if (s[i + 2] & 0xc0) != 0x80 or (s[i + 3] & 0xc0) != 0x80:
+                return False
+            i += 4
+        else:
+            return False
+    return True
+
+
+cdef int skip_object(const uint8_t* buf, Py_ssize_t n, Py_ssize_t* pp,
+                     RejectRec* err) noexcept nogil:
+    """Skip one complete msgpack object (any type, any nesting) at ``*pp``.
+
+    Iterative: nested containers just add to the count of objects still to
+    skip.  Every step consumes at least one byte, so this terminates within
+    ``n`` steps.  Returns 0, or 1 with ``err`` filled (truncated / invalid).
+    """
+    cdef uint64_t pending = 1
+    cdef Py_ssize_t p = pp[0]
+    cdef Py_ssize_t start, hdr, size
+    cdef uint8_t b
+    while pending:
+        pending -= 1
+        if p >= n:
+            return reject_at(err, R_TRUNCATED, p)
+        start = p
+        b = buf[p]
+        if b <= 0x7f or b >= 0xe0:                 # fixint
+            p += 1
+            continue
+        if b <= 0x8f:                               # fixmap
+            pending += 2 * <uint64_t>(b & 0x0f)
+            p += 1
+            continue
+        if b <= 0x9f:                               # fixarray
+            pending += b & 0x0f
+            p += 1
+            continue
+        if b <= 0xbf:                               # fixstr
+            hdr = 1
+            size = b & 0x1f
+        elif b == 0xc0 or b == 0xc2 or b == 0xc3:  # nil, false, true
+            p += 1
+            continue
+        elif b == 0xc1:
+            return reject_at(err, R_INVALID_BYTE, p)
+        elif b == 0xc4 or b == 0xd9:                # bin8 / str8
+            if n - p < 2:
+                return reject_at(err, R_TRUNCATED, start)
+            hdr = 2
+            size = buf[p + 1]
+        elif b == 0xc5 or b == 0xda:                # bin16 / str16
+            if n - p < 3:
+                return reject_at(err, R_TRUNCATED, start)
+            hdr = 3
+            size = be16(buf + p + 1)
+        elif b == 0xc6 or b == 0xdb:                # bin32 / str32
+            if n - p < 5:
+                return reject_at(err, R_TRUNCATED, start)
+            hdr = 5
+            size = be32(buf + p + 1)
+        elif b == 0xc7:                             # ext8: len, type, data
+            if n - p < 2:
+                return reject_at(err, R_TRUNCATED, start)
+            hdr = 3
+            size = buf[p + 1]
+        elif b == 0xc8:                             # ext16
+            if n - p < 3:
+                return reject_at(err, R_TRUNCATED, start)
+            hdr = 4
+            size = be16(buf + p + 1)
+        elif b == 0xc9:                             # ext32
+            if n - p < 5:
+                return reject_at(err, R_TRUNCATED, start)
+            hdr = 6
+            size = be32(buf + p + 1)
+        elif b == 0xca:                             # float32
+            hdr = 1
+            size = 4
+        elif b == 0xcb:                             # float64
+            hdr = 1
+            size = 8
+        elif b <= 0xcf:                             # uint8..uint64 (0xcc..0xcf)
+            hdr = 1
+            size = 1 << (b - 0xcc)
+        elif b <= 0xd3:                             # int8..int64 (0xd0..0xd3)
+            hdr = 1
+            size = 1 << (b - 0xd0)
+        elif b <= 0xd8:                             # fixext1..16: type + data
+            hdr = 2
+            size = 1 << (b - 0xd4)
+        elif b == 0xdc or b == 0xdd:                # array16 / array32
+            if b == 0xdc:
+                if n - p < 3:
+                    return reject_at(err, R_TRUNCATED, start)
+                pending += be16(buf + p + 1)
+                p += 3
+            else:
+                if n - p < 5:
+                    return reject_at(err, R_TRUNCATED, start)
+                pending += be32(buf + p + 1)
+                p += 5
+            continue
+        else:                                       # map16 / map32 (0xde, 0xdf)
+            if b == 0xde:
+                if n - p < 3:
+                    return reject_at(err, R_TRUNCATED, start)
+                pending += 2 * <uint64_t>be16(buf + p + 1)
+                p += 3
+            else:
+                if n - p < 5:
+                    return reject_at(err, R_TRUNCATED, start)
+                pending += 2 * <uint64_t>be32(buf + p + 1)
+                p += 5
+            continue
+        if hdr > n - p or size > n - p - hdr:
+            return reject_at(err, R_TRUNCATED, start)
+        p += hdr + size
+    pp[0] = p
+    return 0
+
+
+cdef inline int read_number(const uint8_t* buf, Py_ssize_t n, Py_ssize_t* pp,
+                            int64_t* iv, uint64_t* uv, double* dv) noexcept nogil:
+    """Read a msgpack int or float at ``*pp`` (header already known in range)."""
+    cdef Py_ssize_t p = pp[0]
+    cdef uint8_t b = buf[p]
+    cdef Py_ssize_t avail = n - p - 1
+    cdef const uint8_t* q = buf + p + 1
+    cdef uint64_t u
+    cdef uint32_t u32
+    cdef float f32
+    if b <= 0x7f:
+        iv[0] = b
+        pp[0] = p + 1
+        return NUM_INT
+    if b >= 0xe0:
+        iv[0] = <int8_t>b
+        pp[0] = p + 1
+        return NUM_INT
+    if b == 0xcc:
+        if avail < 1: return NUM_TRUNC
+        iv[0] = q[0]
+        pp[0] = p + 2
+    elif b == 0xcd:
+        if avail < 2: return NUM_TRUNC
+        iv[0] = be16(q)
+        pp[0] = p + 3
+    elif b == 0xce:
+        if avail < 4: return NUM_TRUNC
+        iv[0] = be32(q)
+        pp[0] = p + 5
+    elif b == 0xcf:
+        if avail < 8: return NUM_TRUNC
+        u = be64(q)
+        pp[0] = p + 9
+        if u > <uint64_t>0x7fffffffffffffffULL:
+            uv[0] = u
+            return NUM_UINT_BIG
+        iv[0] = <int64_t>u
+    elif b == 0xd0:
+        if avail < 1: return NUM_TRUNC
+        iv[0] = <int8_t>q[0]
+        pp[0] = p + 2
+    elif b == 0xd1:
+        if avail < 2: return NUM_TRUNC
+        iv[0] = <int16_t>be16(q)
+        pp[0] = p + 3
+    elif b == 0xd2:
+        if avail < 4: return NUM_TRUNC
+        iv[0] = <int32_t>be32(q)
+        pp[0] = p + 5
+    elif b == 0xd3:
+        if avail < 8: return NUM_TRUNC
+        iv[0] = <int64_t>be64(q)
+        pp[0] = p + 9
+    elif b == 0xca:
+        if avail < 4: return NUM_TRUNC
+        u32 = be32(q)
+        memcpy(&f32, &u32, 4)
+        dv[0] = f32
+        pp[0] = p + 5
+        return NUM_FLOAT
+    elif b == 0xcb:
+        if avail < 8: return NUM_TRUNC
+        u = be64(q)
+        memcpy(dv, &u, 8)
+        pp[0] = p + 9
+        return NUM_FLOAT
+    else:
+        return NUM_NONE
+    return NUM_INT
+
+
+cdef inline void write_null(int kind, ColOut* col, Py_ssize_t row) noexcept nogil:
+    if kind == K_INT64:
+        (<int64_t*>col.data)[row] = 0
+    elif kind == K_FLOAT64:
+        (<double*>col.data)[row] = NAN
+    elif kind == K_BOOL:
+        (<uint8_t*>col.data)[row] = 0
+    else:
+        (<int64_t*>col.data)[2 * row] = -1
+        (<int64_t*>col.data)[2 * row + 1] = 0
+    col.valid[row] = 0
+
+
+cdef int parse_value(const FieldSpec* spec, ColOut* col, int f,
+                     const uint8_t* buf, Py_ssize_t n, Py_ssize_t* pp,
+                     Py_ssize_t row, RejectRec* err) noexcept nogil:
+    """Parse the value of schema field ``f`` at ``*pp`` into ``col[row]``."""
+    cdef Py_ssize_t p = pp[0]
+    cdef Py_ssize_t hdr, size
+    cdef uint8_t b
+    cdef int r
+    cdef int64_t iv = 0
+    cdef uint64_t uv = 0
+    cdef double dv = 0
+    if p >= n:
+        return reject_at(err, R_TRUNCATED, p)
+    b = buf[p]
+    err.field = f
+    err.byte = b
+    if b == 0xc0:
+        if spec.required:
+            return reject_at(err, R_TYPE, p)
+        write_null(spec.kind, col, row)
+        pp[0] = p + 1
+        return 0
+    if b == 0xc1:
+        return reject_at(err, R_INVALID_BYTE, p)
+
+    if spec.kind == K_INT64 or spec.kind == K_FLOAT64:
+        r = read_number(buf, n, pp, &iv, &uv, &dv)
+        if r == NUM_TRUNC:
+            return reject_at(err, R_TRUNCATED, p)
+        if r == NUM_NONE or (r == NUM_FLOAT and spec.kind == K_INT64):
+            return reject_at(err, R_TYPE, p)
+        if spec.kind == K_INT64:
+            if r == NUM_UINT_BIG:
+                err.value = uv
+                return reject_at(err, R_RANGE, p)
+            (<int64_t*>col.data)[row] = iv
+        else:
+            if r == NUM_INT:
+                dv = <double>iv
+            elif r == NUM_UINT_BIG:
+                dv = <double>uv
+            (<double*>col.data)[row] = dv
+    elif spec.kind == K_BOOL:
+        if b == 0xc2:
+            (<uint8_t*>col.data)[row] = 0
+        elif b == 0xc3:
+            (<uint8_t*>col.data)[row] = 1
+        else:
+            return reject_at(err, R_TYPE, p)
+        pp[0] = p + 1
+    else:  # K_STRING
+        if (b & 0xe0) == 0xa0:
+            hdr = 1
+            size = b & 0x1f
+        elif b == 0xd9:
+            if n - p < 2:
+                return reject_at(err, R_TRUNCATED, p)
+            hdr = 2
+            size = buf[p + 1]
+        elif b == 0xda:
+            if n - p < 3:
+                return reject_at(err, R_TRUNCATED, p)
+            hdr = 3
+            size = be16(buf + p + 1)
+        elif b == 0xdb:
+            if n - p < 5:
+                return reject_at(err, R_TRUNCATED, p)
+            hdr = 5
+            size = be32(buf + p + 1)
+        else:
+            return reject_at(err, R_TYPE, p)
+        if size > n - p - hdr:
+            return reject_at(err, R_TRUNCATED, p)
+        if not utf8_valid(buf + p + hdr, size):
+            return reject_at(err, R_UTF8, p)
+        (<int64_t*>col.data)[2 * row] = p + hdr
+        (<int64_t*>col.data)[2 * row + 1] = size
+        pp[0] = p + hdr + size
+    if col.valid != NULL:
+        col.valid[row] = 1
+    return 0
+
+
+cdef int parse_one(const FieldSpec* specs, Py_ssize_t nf,
+                   const uint8_t* buf, Py_ssize_t n, ColOut* cols,
+                   Py_ssize_t row, uint8_t* seen, RejectRec* err) noexcept nogil:
+    """Parse one payload into row ``row``.  0 = good row, 1 = reject (``err``)."""
+    cdef Py_ssize_t p, key_pos, klen, f, j, hint = 0
+    cdef uint64_t count, k
+    cdef uint8_t b
+    if n == 0:
+        err.code = R_EMPTY
+        return 1
+    b = buf[0]
+    if (b & 0xf0) == 0x80:
+        count = b & 0x0f
+        p = 1
+    elif b == 0xde:
+        if n < 3:
+            return reject_at(err, R_TRUNCATED, 0)
+        count = be16(buf + 1)
+        p = 3
+    elif b == 0xdf:
+        if n < 5:
+            return reject_at(err, R_TRUNCATED, 0)
+        count = be32(buf + 1)
+        p = 5
+    else:
+        err.byte = b
+        err.code = R_NOT_MAP
+        return 1
+
+    memset(seen, 0, nf)
+    k = 0
+    while k < count:
+        k += 1
+        # ---- key
+        key_pos = p
+        if p >= n:
+            return reject_at(err, R_TRUNCATED, p)
+        b = buf[p]
+        if (b & 0xe0) == 0xa0:
+            klen = b & 0x1f
+            p += 1
+        elif b == 0xd9:
+            if n - p < 2:
+                return reject_at(err, R_TRUNCATED, key_pos)
+            klen = buf[p + 1]
+            p += 2
+        elif b == 0xda:
+            if n - p < 3:
+                return reject_at(err, R_TRUNCATED, key_pos)
+            klen = be16(buf + p + 1)
+            p += 3
+        elif b == 0xdb:
+            if n - p < 5:
+                return reject_at(err, R_TRUNCATED, key_pos)
+            klen = be32(buf + p + 1)
+            p += 5
+        elif b == 0xc1:
+            return reject_at(err, R_INVALID_BYTE, key_pos)
+        else:
+            err.byte = b
+            return reject_at(err, R_KEY_NOT_STR, key_pos)
+        if klen > n - p:
+            return reject_at(err, R_TRUNCATED, key_pos)
+        # ---- match (start at the field after the previous match: producers
+        # usually write fields in schema order)
+        f = -1
+        for j in range(nf):
+            if specs[hint].name_len == klen and memcmp(specs[hint].name, buf + p, klen) == 0:
+                f = hint
+            hint += 1
+            if hint == nf:
+                hint = 0
+            if f >= 0:
+                break
+        p += klen
+        # ---- value
+        if f < 0:
+            if skip_object(buf, n, &p, err):
+                return 1
+            continue
+        if seen[f]:
+            err.code = R_DUPLICATE
+            err.field = <int>f
+            err.pos = key_pos
+            return 1
+        seen[f] = 1
+        if parse_value(&specs[f], &cols[f], <int>f, buf, n, &p, row, err):
+            return 1
+
+    if p != n:
+        return reject_at(err, R_TRAILING, p)
+    for f in range(nf):
+        if not seen[f]:
+            if specs[f].required:
+                err.code = R_MISSING
+                err.field = <int>f
+                return 1
+            write_null(specs[f].kind, &cols[f], row)
+    return 0
+
+
+cdef Py_ssize_t parse_all(const FieldSpec* specs, Py_ssize_t nf,
+                          const uint8_t** ptrs, const Py_ssize_t* lens, Py_ssize_t n,
+                          ColOut* cols, int64_t* source_index, uint8_t* seen,
+                          RejectList* rl) noexcept nogil:
+    """Parse every payload; returns the number of good rows, -1 on OOM."""
+    cdef Py_ssize_t i, row = 0, ln
+    cdef RejectRec err
+    cdef RejectRec* grown
+    cdef int bad
+    for i in range(n):
+        ln = lens[i]
+        memset(&err, 0, sizeof(RejectRec))
+        if ln < 0:
+            err.code = R_NOT_BYTES if ln == -1 else R_NOT_CONTIGUOUS
+            bad = 1
+        else:
+            bad = parse_one(specs, nf, ptrs[i], ln, cols, row, seen, &err)
+        if bad:
+            if rl.n == rl.cap:
+                rl.cap = 64 if rl.cap == 0 else 2 * rl.cap
+                grown = <RejectRec*>realloc(rl.items, rl.cap * sizeof(RejectRec))
+                if grown == NULL:
+                    return -1
+                rl.items = grown
+            err.index = i
+            rl.items[rl.n] = err
+            rl.n += 1
+        else:
+            source_index[row] = i
+            row += 1
+    return row
+
+
+# --------------------------------------------------------------------------
+# Python-facing
+
+cdef str _type_name(int b):
+    if b <= 0x7f or b >= 0xe0 or 0xcc <= b <= 0xd3:
+        return "int"
+    if b <= 0x8f or b == 0xde or b == 0xdf:
+        return "map"
+    if b <= 0x9f or b == 0xdc or b == 0xdd:
+        return "array"
+    if b <= 0xbf or 0xd9 <= b <= 0xdb:
+        return "str"
+    if b == 0xc0:
+        return "nil"
+    if b == 0xc2 or b == 0xc3:
+        return "bool"
+    if 0xc4 <= b <= 0xc6:
+        return "bin"
+    if b == 0xca or b == 0xcb:
+        return "float"
+    if b == 0xc1:
+        return "invalid"
+    return "ext"
+
+
+cdef str _reason(const RejectRec* r, tuple fields, tuple payloads):
+    cdef int code = r.code
+    if code == R_NOT_BYTES:
+        return f"payload is not bytes-like (got {type(payloads[r.index]).__name__})"
+    if code == R_NOT_CONTIGUOUS:
+        return "payload buffer is not contiguous"
+    if code == R_EMPTY:
+        return "empty payload"
+    if code == R_NOT_MAP:
+        return "not a msgpack map"
+    if code == R_TRUNCATED:
+        return f"truncated payload at byte {r.pos}"
+    if code == R_INVALID_BYTE:
+        return f"invalid msgpack byte 0xc1 at byte {r.pos}"
+    if code == R_KEY_NOT_STR:
+        return f"map key at byte {r.pos} has type {_type_name(r.byte)}, expected str"
+    if code == R_TRAILING:
+        return "trailing bytes after map"
+    name = fields[r.field][0]
+    if code == R_DUPLICATE:
+        return f"duplicate field '{name}'"
+    if code == R_TYPE:
+        return f"field '{name}' has type {_type_name(r.byte)}, expected {fields[r.field][1]}"
+    if code == R_RANGE:
+        return f"field '{name}' value {r.value} is out of range for int64"
+    if code == R_UTF8:
+        return f"field '{name}' is not valid utf-8"
+    if code == R_MISSING:
+        return f"missing field '{name}'"
+    return f"internal error: unknown reject code {code}"  # pragma: no cover
+
+
+def decode_msgpack_maps(payloads, Schema schema not None):
+    """Decode a batch of msgpack-map payloads into typed columns.
+
+    ``payloads`` is a sequence of bytes-like objects (``bytes``,
+    ``memoryview``, ``bytearray``, any contiguous buffer).  Bad payloads
+    (including non-bytes items) never raise: they are listed in
+    ``DecodedBatch.rejects`` with a reason, and every other row is exact.
+    """
+    schema._check()
+    if isinstance(payloads, (bytes, bytearray, memoryview, str)):
+        raise TypeError("payloads must be a sequence of bytes-like objects, "
+                        f"not a single {type(payloads).__name__}")
+    # Own the item references: a list could be mutated by another thread
+    # while we parse without the GIL.  (tuple(t) is t for a tuple: no copy.)
+    cdef tuple items = tuple(payloads)
+    cdef Py_ssize_t n = len(items)
+    cdef Py_ssize_t nf = schema.nfields
+    cdef tuple fields = schema._fields
+    cdef FieldSpec* specs = schema.specs
+
+    cdef const uint8_t** ptrs = <const uint8_t**>malloc((n + 1) * sizeof(uint8_t*))
+    cdef Py_ssize_t* lens = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
+    cdef ColOut* cols = <ColOut*>malloc(nf * sizeof(ColOut))
+    cdef uint8_t* seen = <uint8_t*>malloc(nf)
+    cdef RejectList rl
+    rl.items = NULL
+    rl.n = 0
+    rl.cap = 0
+    cdef list holders = []    # memoryviews keeping non-bytes buffers exported
+    cdef Py_ssize_t i, r, f, n_rows, start
+    cdef PyObject* item
+    cdef Py_buffer* pb
+    cdef PyObject** slots
+    cdef int64_t* offs
+    cdef int64_t* src
+    cdef object s
+    try:
+        if ptrs == NULL or lens == NULL or cols == NULL or seen == NULL:
+            raise MemoryError()
+
+        # ---- phase 1: buffers
+        for i in range(n):
+            item = _tuple_item(items, i)
+            if _is_bytes(item):
+                ptrs[i] = <const uint8_t*>_bytes_data(item)
+                lens[i] = _bytes_len(item)
+                continue
+            ptrs[i] = NULL
+            try:
+                mv = memoryview(<object>item)
+            except Exception:
+                lens[i] = -1
+                continue
+            if not mv.c_contiguous:
+                lens[i] = -2
+                continue
+            pb = PyMemoryView_GET_BUFFER(mv)
+            ptrs[i] = <const uint8_t*>pb.buf
+            lens[i] = pb.len
+            holders.append(mv)
+
+        # ---- output buffers
+        col_arrays = []
+        valid_arrays = []
+        for f in range(nf):
+            kind = specs[f].kind
+            if kind == K_INT64:
+                arr = np.empty(n, dtype=np.int64)
+            elif kind == K_FLOAT64:
+                arr = np.empty(n, dtype=np.float64)
+            elif kind == K_BOOL:
+                arr = np.empty(n, dtype=np.bool_)
+            else:
+                arr = np.empty(2 * n, dtype=np.int64)   # (offset, length) pairs
+            col_arrays.append(arr)
+            cols[f].data = <char*>cnp.PyArray_DATA(<cnp.ndarray>arr)
+            if specs[f].required:
+                valid_arrays.append(None)
+                cols[f].valid = NULL
+            else:
+                varr = np.empty(n, dtype=np.bool_)
+                valid_arrays.append(varr)
+                cols[f].valid = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>varr)
+        source_index = np.empty(n, dtype=np.int64)
+        src = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>source_index)
+
+        # ---- phase 2: parse
+        if n >= _NOGIL_MIN_PAYLOADS:
+            with nogil:
+                n_rows = parse_all(specs, nf, ptrs, lens, n, cols, src, seen, &rl)
+        else:
+            n_rows = parse_all(specs, nf, ptrs, lens, n, cols, src, seen, &rl)
+        if n_rows < 0:
+            raise MemoryError()
+
+        rejects = [(rl.items[r].index, _reason(&rl.items[r], fields, items))
+                   for r in range(rl.n)]
+
+        # ---- phase 3: strings, then trim to n_rows
+        late_bad = None
+        for f in range(nf):
+            if specs[f].kind != K_STRING:
+                continue
+            offs = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>col_arrays[f])
+            out = np.empty(n_rows, dtype=object)          # filled with None
+            slots = <PyObject**>cnp.PyArray_DATA(<cnp.ndarray>out)
+            for r in range(n_rows):
+                start = offs[2 * r]
+                if start < 0:
+                    continue
+                try:
+                    s = PyUnicode_DecodeUTF8(<const char*>ptrs[src[r]] + start,
+                                             offs[2 * r + 1], NULL)
+                except UnicodeDecodeError:
+                    # Only possible if a mutable buffer changed under us.
+                    if late_bad is None:
+                        late_bad = {}
+                    late_bad.setdefault(r, fields[f][0])
+                    continue
+                Py_INCREF(s)
+                Py_XDECREF(slots[r])
+                slots[r] = <PyObject*>s
+            col_arrays[f] = out
+
+        columns = {}
+        valid = {}
+        for f in range(nf):
+            arr = col_arrays[f]
+            if n_rows < n and specs[f].kind != K_STRING:
+                arr.resize(n_rows, refcheck=False)       # sole owner: realloc
+            columns[fields[f][0]] = arr
+            varr = valid_arrays[f]
+            if varr is not None:
+                if n_rows < n:
+                    varr.resize(n_rows, refcheck=False)
+                valid[fields[f][0]] = varr
+        if n_rows < n:
+            source_index.resize(n_rows, refcheck=False)
+
+        if late_bad:
+            keep = np.ones(n_rows, dtype=np.bool_)
+            for r, name in late_bad.items():
+                keep[r] = False
+                rejects.append((int(source_index[r]), f"field '{name}' is not valid utf-8"))
+            rejects.sort(key=lambda t: t[0])
+            columns = {k: v[keep] for k, v in columns.items()}
+            valid = {k: v[keep] for k, v in valid.items()}
+            source_index = source_index[keep]
+            n_rows = len(source_index)
+    finally:
+        free(ptrs)
+        free(lens)
+        free(cols)
+        free(seen)
+        free(rl.items)
+        for mv in holders:
+            mv.release()
+
+    cdef DecodedBatch out_batch = DecodedBatch.__new__(DecodedBatch)
+    out_batch.n_rows = n_rows
+    out_batch.columns = columns
+    out_batch.valid = valid
+    out_batch.source_index = source_index
+    out_batch.rejects = rejects
+    return out_batch

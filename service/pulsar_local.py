@@ -1,0 +1,734 @@
+"""A real Apache Pulsar standalone broker on loopback, for tests and `tally dev`.
+
+The broker is the official server distribution, fetched from Maven Central with
+the machine's own Maven (`pulsar-server-distribution:<v>:tar.gz:bin`) and cached
+once per user. It runs in its own JVM with a config file and a log4j2 file
+written by this module, so what the broker does is decided here and not by
+whatever lies in the distribution's `conf/`.
+
+Needs Java 17+ (`java` on PATH or JAVA_HOME) and Maven (`mvn`) the first time.
+
+    with LocalPulsar() as pulsar:
+        pulsar.create_partitioned_topic("read_events", 4)
+        client = pulsar_client.Client(pulsar.service_url)
+
+Importing this module has no side effects.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+from xml.sax.saxutils import escape as xml_escape
+
+# 4.0 is the LTS line; 4.0.8 is the newest patch whose server tarball resolves
+# from Maven Central here (4.0.9 and later do not).
+PULSAR_VERSION = "4.0.8"
+DISTRIBUTION_ARTIFACT = (
+    f"org.apache.pulsar:pulsar-server-distribution:{PULSAR_VERSION}:tar.gz:bin"
+)
+TARBALL_NAME = f"pulsar-server-distribution-{PULSAR_VERSION}-bin.tar.gz"
+DISTRIBUTION_DIR_NAME = f"apache-pulsar-{PULSAR_VERSION}"
+# Pinned so every machine fetches with the plugin this was verified with.
+MAVEN_COPY_GOAL = "org.apache.maven.plugins:maven-dependency-plugin:2.8:copy"
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_BROKER_PORT = 6650
+DEFAULT_WEB_PORT = 8080
+STOP_GRACE_SECONDS = 30.0
+LOG_TAIL_LINES = 60
+LOG_LINE_MAX_CHARS = 1000
+
+
+class PulsarStartError(RuntimeError):
+    """The broker could not be fetched or did not become ready."""
+
+
+class PulsarAdminError(RuntimeError):
+    """An admin REST call answered with an HTTP error."""
+
+    def __init__(self, method: str, url: str, status: int, body: str):
+        super().__init__(f"{method} {url} -> HTTP {status}: {body.strip()[:500]}")
+        self.status = status
+        self.body = body
+
+
+# --------------------------------------------------------------------------
+# The distribution: fetched once through Maven, extracted once, cached.
+# --------------------------------------------------------------------------
+
+def cache_dir_for_version(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`<cache>/pulsar-<version>`; cache is `cache_dir`, $TALLY_CACHE or ~/.cache/tally."""
+    root = cache_dir or os.environ.get("TALLY_CACHE") or Path.home() / ".cache" / "tally"
+    return Path(root).expanduser() / f"pulsar-{PULSAR_VERSION}"
+
+
+def ensure_distribution(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the extracted Pulsar distribution root (with `lib/` and `conf/`).
+
+    Fast when already cached. Safe to call from several processes at once: a
+    file lock serialises the fetch, and the extracted tree only appears under
+    its final name once complete.
+    """
+    version_dir = cache_dir_for_version(cache_dir)
+    distribution = version_dir / DISTRIBUTION_DIR_NAME
+    if _is_complete_distribution(distribution):
+        return distribution
+    version_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(version_dir / ".lock"):
+        if not _is_complete_distribution(distribution):
+            tarball = version_dir / TARBALL_NAME
+            if not tarball.is_file():
+                _fetch_with_maven(version_dir)
+            _extract_atomically(tarball, distribution)
+            # Maven's local repository keeps a copy; no need for a third one.
+            tarball.unlink()
+    return distribution
+
+
+def _is_complete_distribution(root: Path) -> bool:
+    return (root / "conf").is_dir() and any((root / "lib").glob("*pulsar-broker-*.jar"))
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fetch_with_maven(version_dir: Path) -> None:
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise PulsarStartError(
+            "Maven (mvn) is needed once to fetch Pulsar from Maven Central; "
+            "install it (e.g. apt-get install maven) or pre-fill the cache at "
+            f"{version_dir}"
+        )
+    # Download into a scratch dir first: a cut-off download must never look
+    # like a finished tarball.
+    with tempfile.TemporaryDirectory(dir=version_dir, prefix=".fetch-") as scratch:
+        command = [
+            mvn, "-q", "-B", MAVEN_COPY_GOAL,
+            f"-Dartifact={DISTRIBUTION_ARTIFACT}",
+            f"-DoutputDirectory={scratch}",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        fetched = Path(scratch) / TARBALL_NAME
+        if result.returncode != 0 or not fetched.is_file():
+            output = (result.stdout + result.stderr).strip()[-4000:]
+            raise PulsarStartError(
+                f"mvn could not fetch {DISTRIBUTION_ARTIFACT} "
+                f"(exit {result.returncode}):\n{output}"
+            )
+        os.replace(fetched, version_dir / TARBALL_NAME)
+
+
+def _extract_atomically(tarball: Path, destination: Path) -> None:
+    scratch = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".extract-"))
+    try:
+        with tarfile.open(tarball) as archive:
+            # The 'data' filter refuses absolute paths and links out of the tree.
+            if hasattr(tarfile, "data_filter"):
+                archive.extractall(scratch, filter="data")
+            else:  # Python without the PEP 706 backport
+                archive.extractall(scratch)
+        extracted = scratch / DISTRIBUTION_DIR_NAME
+        if not _is_complete_distribution(extracted):
+            raise PulsarStartError(f"{tarball} does not hold {DISTRIBUTION_DIR_NAME}/lib")
+        os.rename(extracted, destination)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Ports
+# --------------------------------------------------------------------------
+
+# Ports this process already handed out: the kernel may offer a just-closed
+# port again, and two brokers started side by side must not both take it.
+_handed_out_ports: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """Distinct loopback TCP ports that are free right now."""
+    with _ports_lock:
+        sockets: list[socket.socket] = []
+        try:
+            while len(sockets) < count:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.bind((LOOPBACK, 0))
+                if sock.getsockname()[1] in _handed_out_ports:
+                    sock.close()
+                    continue
+                sockets.append(sock)  # kept open so the next bind gets another port
+            ports = [sock.getsockname()[1] for sock in sockets]
+        finally:
+            for sock in sockets:
+                sock.close()
+        _handed_out_ports.update(ports)
+        return ports
+
+
+def is_port_free(port: int) -> bool:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# Broker configuration
+# --------------------------------------------------------------------------
+
+def broker_config(
+    broker_port: int,
+    web_port: int,
+    max_entries_per_ledger: int,
+    extra_config: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The standalone.conf keys, as strings. `extra_config` wins over everything."""
+    config: dict[str, Any] = {
+        "clusterName": "standalone",
+        # Network: loopback only, and tell clients the same address we bind.
+        "bindAddress": LOOPBACK,
+        "bindAddresses": "",
+        "advertisedAddress": LOOPBACK,
+        "brokerServicePort": broker_port,
+        "webServicePort": web_port,
+        # Empty -> the starter keeps metadata in RocksDB under --metadata-dir;
+        # a value here would make it parse a ZooKeeper port out of it.
+        "metadataStoreUrl": "",
+        "configurationMetadataStoreUrl": "",
+        # This same file is read as the bookie's ServerConfiguration too. The
+        # bookie advertises advertisedAddress (127.0.0.1), and BookKeeper
+        # refuses a loopback address unless allowLoopback is set.
+        "allowLoopback": True,
+        # Without this the bookie ignores --bookkeeper-port and picks a random
+        # port of its own (BKCluster.newServerConfiguration).
+        "allowEphemeralPorts": True,
+        # The bookie has no bind address key: it listens on 0.0.0.0 unless
+        # given the loopback interface by name.
+        "listeningInterface": loopback_interface_name(),
+        "journalSyncData": False,  # test data: no fsync per entry
+        "journalMaxGroupWaitMSec": 1,
+        "ledgerStorageClass": "org.apache.bookkeeper.bookie.storage.ldb.DbLedgerStorage",
+        # Small bookie caches for a 2-core CI box; when left empty the
+        # standalone sizes each to a quarter of half the direct memory.
+        "dbStorage_writeCacheMaxSizeMb": 32,
+        "dbStorage_readAheadCacheMaxSizeMb": 32,
+        "dbStorage_rocksDB_blockCacheSize": 16 * 1024 * 1024,
+        "dbStorage_rocksDB_writeBufferSizeMB": 4,
+        "dbStorage_rocksDB_sstSizeInMB": 4,
+        # CI disks are often >95% full, which flips the bookie to read-only.
+        "diskUsageThreshold": 0.99,
+        "diskUsageWarnThreshold": 0.99,
+        # One bookie.
+        "managedLedgerDefaultEnsembleSize": 1,
+        "managedLedgerDefaultWriteQuorum": 1,
+        "managedLedgerDefaultAckQuorum": 1,
+        # Ledger rollover by entry count only, so tests get many small ledgers.
+        "managedLedgerMaxEntriesPerLedger": max_entries_per_ledger,
+        "managedLedgerMinLedgerRolloverTimeMinutes": 0,
+        # The topic is the immutable log: keep everything, never drop topics.
+        "defaultRetentionTimeInMinutes": -1,
+        "defaultRetentionSizeInMB": -1,
+        "brokerDeleteInactiveTopicsEnabled": False,
+        # A single broker: nothing to balance, no extra services.
+        "loadManagerClassName": "org.apache.pulsar.broker.loadbalance.NoopLoadManager",
+        "loadBalancerEnabled": False,
+        "functionsWorkerEnabled": False,
+        "webSocketServiceEnabled": False,
+        "transactionCoordinatorEnabled": False,
+        "allowAutoTopicCreation": True,
+        "allowAutoTopicCreationType": "non-partitioned",
+        # Default is ./offloaders style paths relative to the broker's cwd
+        # (the data dir); keep NAR unpacking per broker too.
+        "narExtractionDirectory": "nar",
+    }
+    config.update(extra_config or {})
+    return {key: _config_value(value) for key, value in config.items()}
+
+
+def loopback_interface_name() -> str:
+    """'lo' on Linux, 'lo0' on macOS."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((name for name in names if name.startswith("lo")), "lo")
+
+
+def _config_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    return str(value)
+
+
+def render_properties(config: Mapping[str, str]) -> str:
+    lines = ["# Written by tally.service.pulsar_local; rewritten on every start."]
+    for key, value in config.items():
+        escaped = value.replace("\\", "\\\\").replace("\n", "\\n")
+        lines.append(f"{key}={escaped}")
+    return "\n".join(lines) + "\n"
+
+
+def render_log4j2(log_file: Path) -> str:
+    # shutdownHook="disable": the broker's own shutdown hook logs while it
+    # closes; log4j must not stop first (bin/pulsar does the same).
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN" shutdownHook="disable">
+  <Appenders>
+    <File name="file" fileName="{xml_escape(str(log_file))}" append="true" immediateFlush="true">
+      <PatternLayout pattern="%d{{ISO8601}} %-5level [%t] %c{{1.}} - %msg%n"/>
+    </File>
+  </Appenders>
+  <Loggers>
+    <Logger name="org.apache.pulsar" level="info"/>
+    <Root level="warn"><AppenderRef ref="file"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def java_executable() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").is_file():
+        return str(Path(java_home) / "bin" / "java")
+    java = shutil.which("java")
+    if java is None:
+        raise PulsarStartError("Java 17+ is needed to run Pulsar; no `java` on PATH")
+    return java
+
+
+def jvm_options(heap: str, direct_memory: str, log4j2_file: Path) -> list[str]:
+    """The flags bin/pulsar passes, minus GC logs and the functions settings."""
+    return [
+        f"-Xms{heap}", f"-Xmx{heap}", f"-XX:MaxDirectMemorySize={direct_memory}",
+        "-XX:+PerfDisableSharedMem",  # no hsperfdata files in /tmp
+        f"-Dlog4j2.configurationFile={log4j2_file}",
+        "-Dlog4j.shutdownHookEnabled=false",
+        "-Dlog4j2.is.webapp=false",
+        "-Djava.net.preferIPv4Stack=true",
+        "-Dio.netty.tryReflectionSetAccessible=true",
+        "-Dorg.apache.pulsar.shade.io.netty.tryReflectionSetAccessible=true",
+        "-Dio.netty.recycler.maxCapacityPerThread=4096",
+        "-Dpulsar.allocator.exit_on_oom=true",
+        "--add-opens", "java.base/java.io=ALL-UNNAMED",
+        "--add-opens", "java.base/java.util.zip=ALL-UNNAMED",
+        "--add-opens", "java.management/sun.management=ALL-UNNAMED",
+        "--add-opens", "jdk.management/com.sun.management.internal=ALL-UNNAMED",
+        "--add-opens", "java.base/java.nio=ALL-UNNAMED",
+        "--add-opens", "java.base/jdk.internal.misc=ALL-UNNAMED",
+        "--add-opens", "java.base/jdk.internal.platform=ALL-UNNAMED",
+        "-Dbookkeeper.metadata.bookie.drivers="
+        "org.apache.pulsar.metadata.bookkeeper.PulsarMetadataBookieDriver",
+        "-Dbookkeeper.metadata.client.drivers="
+        "org.apache.pulsar.metadata.bookkeeper.PulsarMetadataClientDriver",
+    ]
+
+
+# The JVM is started through this small Python watchdog. If the Python process
+# that started the broker dies without running atexit (SIGKILL, OOM killer),
+# the watchdog's stdin pipe closes and it stops the JVM: no orphan brokers.
+# A SIGTERM sent to the process group reaches the JVM directly; the watchdog
+# then just waits for the JVM and exits with its status.
+_WATCHDOG_SOURCE = r"""
+import signal, subprocess, sys, threading
+java = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+signal.signal(signal.SIGTERM, lambda *_: None)
+signal.signal(signal.SIGINT, lambda *_: None)
+def stop_java_when_parent_is_gone():
+    sys.stdin.buffer.read()
+    if java.poll() is None:
+        java.terminate()
+        try:
+            java.wait(30)
+        except subprocess.TimeoutExpired:
+            java.kill()
+threading.Thread(target=stop_java_when_parent_is_gone, daemon=True).start()
+sys.exit(java.wait())
+"""
+
+
+# --------------------------------------------------------------------------
+# The broker process
+# --------------------------------------------------------------------------
+
+_running_brokers: set["LocalPulsar"] = set()
+_atexit_registered = False
+
+
+def _stop_all_brokers() -> None:
+    for broker in list(_running_brokers):
+        broker.stop()
+
+
+def _register_atexit_once() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(_stop_all_brokers)
+        _atexit_registered = True
+
+
+class LocalPulsar:
+    """One Pulsar standalone JVM (broker + one bookie, RocksDB metadata) on 127.0.0.1.
+
+    Ports left as None are picked free at start. A `data_dir` given by the
+    caller is kept (and reused on the next start); otherwise a temporary one
+    is created and removed by `stop()`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        max_entries_per_ledger: int = 50000,
+        extra_config: Mapping[str, Any] | None = None,
+        heap: str = "512m",
+        direct_memory: str = "1g",
+        broker_port: int | None = None,
+        web_port: int | None = None,
+        bookie_port: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        extra_jvm_options: Sequence[str] = (),
+    ):
+        self.data_dir = Path(data_dir).resolve() if data_dir else None
+        self.max_entries_per_ledger = max_entries_per_ledger
+        self.extra_config = dict(extra_config or {})
+        self.heap = heap
+        self.direct_memory = direct_memory
+        self.broker_port = broker_port
+        self.web_port = web_port
+        self.bookie_port = bookie_port
+        self.cache_dir = cache_dir
+        self.extra_jvm_options = list(extra_jvm_options)
+        self.startup_seconds: float | None = None
+        self._owns_data_dir = data_dir is None
+        self._process: subprocess.Popen | None = None
+
+    # -- addresses -----------------------------------------------------------
+
+    @property
+    def service_url(self) -> str:
+        return f"pulsar://{LOOPBACK}:{self.broker_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.web_port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self._require_data_dir() / "broker.log"
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self, timeout: float = 120) -> "LocalPulsar":
+        """Launch the JVM and wait until `public/default` exists."""
+        if self._process is not None:
+            raise RuntimeError("this LocalPulsar is already started")
+        distribution = ensure_distribution(self.cache_dir)
+        self._prepare_data_dir()
+        self._pick_ports()
+        conf_file, log4j2_file = self._write_config_files()
+        began = time.monotonic()
+        self._launch(distribution, conf_file, log4j2_file)
+        _running_brokers.add(self)
+        _register_atexit_once()
+        try:
+            self._wait_until_ready(began + timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - began
+        return self
+
+    def stop(self) -> None:
+        """Stop the JVM (SIGTERM, then SIGKILL after a grace period). Idempotent."""
+        process, self._process = self._process, None
+        _running_brokers.discard(self)
+        if process is not None:
+            _terminate_process_group(process, STOP_GRACE_SECONDS)
+        if self._owns_data_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+    def __enter__(self) -> "LocalPulsar":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _require_data_dir(self) -> Path:
+        if self.data_dir is None:
+            raise RuntimeError("LocalPulsar has no data directory before start()")
+        return self.data_dir
+
+    def _prepare_data_dir(self) -> None:
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="tally-pulsar-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def _pick_ports(self) -> None:
+        missing = [name for name in ("broker_port", "web_port", "bookie_port")
+                   if getattr(self, name) is None]
+        # (A reused data dir keeps its first bookie port: the starter reads it
+        # back from the bookie cookie and ignores --bookkeeper-port.)
+        for name, port in zip(missing, free_loopback_ports(len(missing))):
+            setattr(self, name, port)
+
+    def _write_config_files(self) -> tuple[Path, Path]:
+        conf_dir = self._require_data_dir() / "conf"
+        conf_dir.mkdir(exist_ok=True)
+        config = broker_config(self.broker_port, self.web_port,
+                               self.max_entries_per_ledger, self.extra_config)
+        conf_file = conf_dir / "standalone.conf"
+        conf_file.write_text(render_properties(config))
+        log4j2_file = conf_dir / "log4j2.xml"
+        log4j2_file.write_text(render_log4j2(self.log_file))
+        return conf_file, log4j2_file
+
+    def _launch(self, distribution: Path, conf_file: Path, log4j2_file: Path) -> None:
+        data_dir = self._require_data_dir()
+        java_command = [
+            java_executable(), "-cp", str(distribution / "lib" / "*"),
+            *jvm_options(self.heap, self.direct_memory, log4j2_file),
+            *self.extra_jvm_options,
+            "org.apache.pulsar.PulsarStandaloneStarter",
+            "--config", str(conf_file),
+            "--no-functions-worker",  # else it loads conf/functions_worker.yml
+            "--no-stream-storage",
+            "--metadata-dir", str(data_dir / "metadata"),
+            "--bookkeeper-dir", str(data_dir / "bookkeeper"),
+            "--bookkeeper-port", str(self.bookie_port),
+        ]
+        console = open(data_dir / "jvm-console.log", "ab")
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG_SOURCE, *java_command],
+                cwd=data_dir,  # relative defaults (offloaders/, nar/) land here
+                stdin=subprocess.PIPE,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group, away from Ctrl-C
+            )
+        finally:
+            console.close()
+
+    def _wait_until_ready(self, deadline: float) -> None:
+        # The log says "messaging service is ready" before the standalone has
+        # created public/default, so ask the admin API instead.
+        while True:
+            if self._process is None or self._process.poll() is not None:
+                code = None if self._process is None else self._process.returncode
+                raise PulsarStartError(
+                    f"the Pulsar JVM exited during startup (exit {code})\n"
+                    + self.log_tail())
+            if self._default_namespace_exists():
+                return
+            if time.monotonic() > deadline:
+                raise PulsarStartError(
+                    "Pulsar did not become ready in time\n" + self.log_tail())
+            time.sleep(0.25)
+
+    def _default_namespace_exists(self) -> bool:
+        # Ask for the tenant first: listing the namespaces of a tenant that
+        # does not exist yet logs an ERROR in the broker on every poll.
+        try:
+            return ("public" in self.admin("GET", "/admin/v2/tenants", timeout=2)
+                    and "public/default" in self.admin(
+                        "GET", "/admin/v2/namespaces/public", timeout=2))
+        except (OSError, PulsarAdminError, ValueError):
+            return False
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The end of the broker log and of the JVM's console output."""
+        if self.data_dir is None:
+            return ""
+        parts = []
+        for path in (self.data_dir / "jvm-console.log", self.data_dir / "broker.log"):
+            if path.is_file():
+                # Cut long lines: "messaging service is ready" dumps the whole config.
+                text = [line[:LOG_LINE_MAX_CHARS]
+                        for line in path.read_text(errors="replace").splitlines()[-lines:]]
+                if text:
+                    parts.append(f"--- tail of {path} ---\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    # -- admin REST ----------------------------------------------------------
+
+    def admin(self, method: str, path: str, body: Any = None,
+              timeout: float = 30) -> Any:
+        """Call the admin REST API; JSON in and out (None for an empty answer)."""
+        url = self.admin_url + path
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        request.add_header("Accept", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as error:
+            raise PulsarAdminError(method, url, error.code,
+                                   error.read().decode(errors="replace")) from None
+        return json.loads(payload) if payload.strip() else None
+
+    def create_partitioned_topic(self, topic: str, partitions: int) -> None:
+        self.admin("PUT", f"{topic_rest_path(topic)}/partitions", int(partitions))
+
+    def partition_count(self, topic: str) -> int:
+        """0 for a non-partitioned or missing topic."""
+        try:
+            metadata = self.admin("GET", f"{topic_rest_path(topic)}/partitions")
+        except PulsarAdminError as error:
+            if error.status == 404:  # 4.0 answers 404 where older brokers said 0
+                return 0
+            raise
+        return metadata["partitions"]
+
+    def internal_stats(self, topic: str) -> dict:
+        """Managed-ledger stats: `ledgers` [{ledgerId, entries, size, offloaded}], ..."""
+        return self.admin("GET", f"{topic_rest_path(topic)}/internalStats")
+
+    def partitioned_internal_stats(self, topic: str) -> dict:
+        """{'metadata': {...}, 'partitions': {'persistent://...-partition-0': stats}}."""
+        return self.admin("GET", f"{topic_rest_path(topic)}/partitioned-internalStats")
+
+    def delete_topic(self, topic: str, force: bool = True) -> None:
+        """Delete a topic, partitioned or not, with its data."""
+        query = "?force=true" if force else ""
+        if self.partition_count(topic) > 0:
+            self.admin("DELETE", f"{topic_rest_path(topic)}/partitions{query}")
+        else:
+            self.admin("DELETE", f"{topic_rest_path(topic)}{query}")
+
+
+def topic_rest_path(topic: str) -> str:
+    """`/admin/v2/persistent/<tenant>/<ns>/<name>` for "name",
+    "tenant/ns/name" or "persistent://tenant/ns/name"."""
+    scheme, separator, rest = topic.partition("://")
+    if not separator:
+        scheme, rest = "persistent", topic
+    if scheme != "persistent":
+        raise ValueError(f"only persistent topics are supported: {topic!r}")
+    parts = rest.split("/")
+    if len(parts) == 1:
+        parts = ["public", "default", parts[0]]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"not a topic name: {topic!r}")
+    return "/admin/v2/persistent/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
+
+
+def _terminate_process_group(process: subprocess.Popen, grace_seconds: float) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        pass
+    # SIGKILL the whole group even if the watchdog exited: anything left in it
+    # is a JVM that did not stop in time.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    if process.stdin is not None:
+        process.stdin.close()
+
+
+# --------------------------------------------------------------------------
+# `tally dev`
+# --------------------------------------------------------------------------
+
+def main_dev(argv: list[str] | None = None) -> int:
+    """Run a broker in the foreground until Ctrl-C or SIGTERM."""
+    args = _dev_argument_parser().parse_args(argv)
+    broker_port = _dev_port(args.port, DEFAULT_BROKER_PORT, "--port")
+    web_port = _dev_port(args.web_port, DEFAULT_WEB_PORT, "--web-port")
+    pulsar = LocalPulsar(data_dir=args.data_dir, broker_port=broker_port,
+                         web_port=web_port, heap=args.heap,
+                         max_entries_per_ledger=args.max_entries_per_ledger)
+    stop_requested = threading.Event()
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    try:
+        print(f"starting Pulsar {PULSAR_VERSION} ...", flush=True)
+        pulsar.start(timeout=args.timeout)
+        print(f"Pulsar is ready in {pulsar.startup_seconds:.1f} s\n"
+              f"  service URL: {pulsar.service_url}\n"
+              f"  admin URL:   {pulsar.admin_url}\n"
+              f"  data dir:    {pulsar.data_dir}"
+              f"{'' if args.data_dir else ' (removed on exit)'}\n"
+              f"  broker log:  {pulsar.log_file}\n"
+              "Ctrl-C to stop.", flush=True)
+        while not stop_requested.wait(1.0):
+            if not pulsar.is_running:
+                print("the Pulsar JVM exited\n" + pulsar.log_tail(), file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        pass
+    except PulsarStartError as error:
+        print(error, file=sys.stderr)
+        return 1
+    finally:
+        print("stopping Pulsar ...", flush=True)
+        pulsar.stop()
+        signal.signal(signal.SIGTERM, previous_handler)
+    return 0
+
+
+def _dev_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tally dev",
+        description="Run a local Apache Pulsar standalone broker on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"broker port (default {DEFAULT_BROKER_PORT} if free)")
+    parser.add_argument("--web-port", type=int, default=None,
+                        help=f"admin/HTTP port (default {DEFAULT_WEB_PORT} if free)")
+    parser.add_argument("--data-dir", default=None,
+                        help="keep data here across runs (default: a temp dir, removed)")
+    parser.add_argument("--heap", default="512m", help="JVM heap (default 512m)")
+    parser.add_argument("--max-entries-per-ledger", type=int, default=50000)
+    parser.add_argument("--timeout", type=float, default=180,
+                        help="seconds to wait for the broker to become ready")
+    return parser
+
+
+def _dev_port(requested: int | None, default: int, flag: str) -> int | None:
+    """The requested port, else the default if free, else None (pick any)."""
+    if requested is not None:
+        if not is_port_free(requested):
+            raise SystemExit(f"{flag} {requested}: port is already in use")
+        return requested
+    if is_port_free(default):
+        return default
+    print(f"port {default} is busy; picking a free one", file=sys.stderr)
+    return None

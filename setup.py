@@ -1,0 +1,54 @@
+"""Build Tally: the Cython core and the embedded C API library.
+
+The top-level folders are mapped into the ``tally`` namespace (``core`` ->
+``tally.core`` and so on), so nothing called ``core`` or ``service`` lands in
+site-packages.
+"""
+import glob
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+PACKAGE_DIRS = {
+    "tally": "tally",
+    "tally.core": "core",
+    "tally.service": "service",
+    "tally.bench": "bench",
+}
+
+# TALLY_DEBUG=1 builds with assertions and bounds checks, for chasing a bug.
+DEBUG = os.environ.get("TALLY_DEBUG") == "1"
+C_FLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
+
+
+def cython_extensions():
+    extensions = [
+        Extension(
+            "tally.core." + os.path.splitext(os.path.basename(path))[0],
+            [path],
+            include_dirs=[numpy.get_include(), "core/includes"],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            extra_compile_args=C_FLAGS,
+        )
+        for path in sorted(glob.glob("core/*.pyx"))
+    ]
+    return cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={
+            "boundscheck": DEBUG,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": DEBUG,
+        },
+    )
+
+
+setup(
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    package_data={"tally.core": ["*.pxd", "*.pyi", "includes/*"]},
+    ext_modules=cython_extensions(),
+)
