@@ -46,9 +46,26 @@ def cython_extensions():
     )
 
 
+# --- libtally (cext/, the embedded C reader) ---------------------------------
+# Built as an Extension only to reuse setuptools' compiler plumbing: the result,
+# tally/_libtally.<abi tag>.so, is a plain C shared library with no PyInit, never
+# imported; tally.service.embedded loads it with ctypes. cext/Makefile builds the
+# same library (and the C tests) outside Python.
+def libtally_extension():
+    return Extension(
+        "tally._libtally",
+        ["cext/tally.c"],
+        include_dirs=["cext"],
+        libraries=["lmdb"],
+        extra_compile_args=["-std=c99", "-D_POSIX_C_SOURCE=200809L",
+                            "-fvisibility=hidden"] + C_FLAGS,
+    )
+# --- end libtally ------------------------------------------------------------
+
+
 setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
     package_data={"tally.core": ["*.pxd", "*.pyi", "includes/*"]},
-    ext_modules=cython_extensions(),
+    ext_modules=cython_extensions() + [libtally_extension()],
 )

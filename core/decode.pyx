@@ -64,7 +64,30 @@ cdef extern from "Python.h":
     bint _is_bytes "PyBytes_Check" (PyObject* o)
     char* _bytes_data "PyBytes_AS_STRING" (PyObject* o)
     Py_ssize_t _bytes_len "PyBytes_GET_SIZE" (PyObject* o)
-    PyObject* _tuple_item "PyTuple_GET_ITEM" (object t, Py_ssize_t i)
+    PyObject* _seq_fast "PySequence_Fast" (object o, const char* msg) except NULL
+    Py_ssize_t _seq_fast_size "PySequence_Fast_GET_SIZE" (PyObject* o)
+    PyObject** _seq_fast_items "PySequence_Fast_ITEMS" (PyObject* o)
+    void Py_DECREF(PyObject* o)
+
+cdef extern from *:
+    """
+    static inline uint64_t tally_decode_bswap64(uint64_t w) {
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        return w;
+    #elif defined(_MSC_VER)
+        return _byteswap_uint64(w);
+    #else
+        return __builtin_bswap64(w);
+    #endif
+    }
+    #if defined(__GNUC__) || defined(__clang__)
+    #define tally_decode_prefetch(p) __builtin_prefetch(p)
+    #else
+    #define tally_decode_prefetch(p) ((void)0)
+    #endif
+    """
+    uint64_t _bswap64 "tally_decode_bswap64" (uint64_t x) nogil
+    void _prefetch "tally_decode_prefetch" (const void* p) nogil
 
 
 class DecodeError(ValueError):
@@ -114,6 +137,10 @@ cdef enum:
 ctypedef struct FieldSpec:
     const char* name          # UTF-8, owned by Schema._name_bytes
     Py_ssize_t name_len
+    uint64_t word             # first min(8, name_len) bytes of name, native order
+    uint64_t mask             # selects those bytes in an 8-byte load
+    uint64_t kword            # fixstr-encoded key (header + name) if name_len <= 7 ...
+    uint64_t kmask            # ... and its mask; otherwise kmask = 0, kword = 1 (never matches)
     int kind
     bint required
 
@@ -196,6 +223,19 @@ cdef class Schema:
             raw = encoded[j]
             specs[j].name = <const char*>(<bytes>raw)
             specs[j].name_len = len(raw)
+            specs[j].word = 0
+            memcpy(&specs[j].word, specs[j].name, min(len(raw), 8))
+            specs[j].mask = 0
+            memset(&specs[j].mask, 0xff, min(len(raw), 8))
+            if len(raw) <= 7:
+                enc = bytes([0xa0 | len(raw)]) + raw
+                specs[j].kword = 0
+                memcpy(&specs[j].kword, <const char*>enc, len(enc))
+                specs[j].kmask = 0
+                memset(&specs[j].kmask, 0xff, len(enc))
+            else:
+                specs[j].kword = 1
+                specs[j].kmask = 0
             specs[j].kind = _KIND_OF[norm[j][1]]
             specs[j].required = norm[j][2]
         free(self.specs)
@@ -453,13 +493,33 @@ cdef int skip_object(const uint8_t* buf, Py_ssize_t n, Py_ssize_t* pp,
     return 0
 
 
+cdef inline uint64_t load_be(const uint8_t* q, Py_ssize_t width, Py_ssize_t avail) noexcept nogil:
+    """Big-endian unsigned value of ``width`` (1, 2, 4 or 8) bytes at ``q``.
+
+    With 8 readable bytes this is one load + bswap + shift (no branch on the
+    width); near the end of the buffer it falls back to a byte loop.
+    """
+    cdef uint64_t w
+    cdef Py_ssize_t j
+    if avail >= 8:
+        memcpy(&w, q, 8)
+        w = _bswap64(w)
+        return w >> (64 - 8 * width) if width < 8 else w
+    w = 0
+    for j in range(width):
+        w = (w << 8) | q[j]
+    return w
+
+
 cdef inline int read_number(const uint8_t* buf, Py_ssize_t n, Py_ssize_t* pp,
                             int64_t* iv, uint64_t* uv, double* dv) noexcept nogil:
-    """Read a msgpack int or float at ``*pp`` (header already known in range)."""
+    """Read a msgpack int or float at ``*pp`` (``*pp < n``)."""
     cdef Py_ssize_t p = pp[0]
     cdef uint8_t b = buf[p]
     cdef Py_ssize_t avail = n - p - 1
     cdef const uint8_t* q = buf + p + 1
+    cdef unsigned int t
+    cdef Py_ssize_t width
     cdef uint64_t u
     cdef uint32_t u32
     cdef float f32
@@ -471,58 +531,37 @@ cdef inline int read_number(const uint8_t* buf, Py_ssize_t n, Py_ssize_t* pp,
         iv[0] = <int8_t>b
         pp[0] = p + 1
         return NUM_INT
-    if b == 0xcc:
-        if avail < 1: return NUM_TRUNC
-        iv[0] = q[0]
-        pp[0] = p + 2
-    elif b == 0xcd:
-        if avail < 2: return NUM_TRUNC
-        iv[0] = be16(q)
-        pp[0] = p + 3
-    elif b == 0xce:
-        if avail < 4: return NUM_TRUNC
-        iv[0] = be32(q)
-        pp[0] = p + 5
-    elif b == 0xcf:
-        if avail < 8: return NUM_TRUNC
-        u = be64(q)
+    t = b - 0xcc
+    if t <= 7:                                  # 0xcc..0xcf uint, 0xd0..0xd3 int
+        width = 1 << (t & 3)
+        if avail < width:
+            return NUM_TRUNC
+        u = load_be(q, width, avail)
+        pp[0] = p + 1 + width
+        if t < 4:
+            if u > <uint64_t>0x7fffffffffffffffULL:
+                uv[0] = u
+                return NUM_UINT_BIG
+            iv[0] = <int64_t>u
+        else:                                   # sign-extend
+            iv[0] = (<int64_t>(u << (64 - 8 * width))) >> (64 - 8 * width)
+        return NUM_INT
+    if b == 0xcb:
+        if avail < 8:
+            return NUM_TRUNC
+        u = load_be(q, 8, avail)
+        memcpy(dv, &u, 8)
         pp[0] = p + 9
-        if u > <uint64_t>0x7fffffffffffffffULL:
-            uv[0] = u
-            return NUM_UINT_BIG
-        iv[0] = <int64_t>u
-    elif b == 0xd0:
-        if avail < 1: return NUM_TRUNC
-        iv[0] = <int8_t>q[0]
-        pp[0] = p + 2
-    elif b == 0xd1:
-        if avail < 2: return NUM_TRUNC
-        iv[0] = <int16_t>be16(q)
-        pp[0] = p + 3
-    elif b == 0xd2:
-        if avail < 4: return NUM_TRUNC
-        iv[0] = <int32_t>be32(q)
-        pp[0] = p + 5
-    elif b == 0xd3:
-        if avail < 8: return NUM_TRUNC
-        iv[0] = <int64_t>be64(q)
-        pp[0] = p + 9
-    elif b == 0xca:
-        if avail < 4: return NUM_TRUNC
-        u32 = be32(q)
+        return NUM_FLOAT
+    if b == 0xca:
+        if avail < 4:
+            return NUM_TRUNC
+        u32 = <uint32_t>load_be(q, 4, avail)
         memcpy(&f32, &u32, 4)
         dv[0] = f32
         pp[0] = p + 5
         return NUM_FLOAT
-    elif b == 0xcb:
-        if avail < 8: return NUM_TRUNC
-        u = be64(q)
-        memcpy(dv, &u, 8)
-        pp[0] = p + 9
-        return NUM_FLOAT
-    else:
-        return NUM_NONE
-    return NUM_INT
+    return NUM_NONE
 
 
 cdef inline void write_null(int kind, ColOut* col, Py_ssize_t row) noexcept nogil:
@@ -538,9 +577,9 @@ cdef inline void write_null(int kind, ColOut* col, Py_ssize_t row) noexcept nogi
     col.valid[row] = 0
 
 
-cdef int parse_value(const FieldSpec* spec, ColOut* col, int f,
-                     const uint8_t* buf, Py_ssize_t n, Py_ssize_t* pp,
-                     Py_ssize_t row, RejectRec* err) noexcept nogil:
+cdef inline int parse_value(const FieldSpec* spec, ColOut* col, int f,
+                            const uint8_t* buf, Py_ssize_t n, Py_ssize_t* pp,
+                            Py_ssize_t row, RejectRec* err) noexcept nogil:
     """Parse the value of schema field ``f`` at ``*pp`` into ``col[row]``."""
     cdef Py_ssize_t p = pp[0]
     cdef Py_ssize_t hdr, size
@@ -552,10 +591,10 @@ cdef int parse_value(const FieldSpec* spec, ColOut* col, int f,
     if p >= n:
         return reject_at(err, R_TRUNCATED, p)
     b = buf[p]
-    err.field = f
-    err.byte = b
     if b == 0xc0:
         if spec.required:
+            err.field = f
+            err.byte = b
             return reject_at(err, R_TYPE, p)
         write_null(spec.kind, col, row)
         pp[0] = p + 1
@@ -568,9 +607,12 @@ cdef int parse_value(const FieldSpec* spec, ColOut* col, int f,
         if r == NUM_TRUNC:
             return reject_at(err, R_TRUNCATED, p)
         if r == NUM_NONE or (r == NUM_FLOAT and spec.kind == K_INT64):
+            err.field = f
+            err.byte = b
             return reject_at(err, R_TYPE, p)
         if spec.kind == K_INT64:
             if r == NUM_UINT_BIG:
+                err.field = f
                 err.value = uv
                 return reject_at(err, R_RANGE, p)
             (<int64_t*>col.data)[row] = iv
@@ -586,6 +628,8 @@ cdef int parse_value(const FieldSpec* spec, ColOut* col, int f,
         elif b == 0xc3:
             (<uint8_t*>col.data)[row] = 1
         else:
+            err.field = f
+            err.byte = b
             return reject_at(err, R_TYPE, p)
         pp[0] = p + 1
     else:  # K_STRING
@@ -608,10 +652,13 @@ cdef int parse_value(const FieldSpec* spec, ColOut* col, int f,
             hdr = 5
             size = be32(buf + p + 1)
         else:
+            err.field = f
+            err.byte = b
             return reject_at(err, R_TYPE, p)
         if size > n - p - hdr:
             return reject_at(err, R_TRUNCATED, p)
         if not utf8_valid(buf + p + hdr, size):
+            err.field = f
             return reject_at(err, R_UTF8, p)
         (<int64_t*>col.data)[2 * row] = p + hdr
         (<int64_t*>col.data)[2 * row + 1] = size
@@ -621,12 +668,35 @@ cdef int parse_value(const FieldSpec* spec, ColOut* col, int f,
     return 0
 
 
+cdef inline bint key_matches(const FieldSpec* spec, const uint8_t* k,
+                             Py_ssize_t klen, Py_ssize_t avail) noexcept nogil:
+    """Is the ``klen``-byte key at ``k`` (``avail`` readable bytes) this field?"""
+    cdef uint64_t w
+    cdef Py_ssize_t j
+    if spec.name_len != klen:
+        return False
+    if avail >= 8:
+        memcpy(&w, k, 8)
+        if (w & spec.mask) != spec.word:
+            return False
+        return klen <= 8 or memcmp(spec.name + 8, k + 8, klen - 8) == 0
+    for j in range(klen):                 # short tail of the payload
+        if <uint8_t>spec.name[j] != k[j]:
+            return False
+    return True
+
+
 cdef int parse_one(const FieldSpec* specs, Py_ssize_t nf,
                    const uint8_t* buf, Py_ssize_t n, ColOut* cols,
-                   Py_ssize_t row, uint8_t* seen, RejectRec* err) noexcept nogil:
-    """Parse one payload into row ``row``.  0 = good row, 1 = reject (``err``)."""
-    cdef Py_ssize_t p, key_pos, klen, f, j, hint = 0
-    cdef uint64_t count, k
+                   Py_ssize_t row, uint32_t* seen, uint32_t gen,
+                   RejectRec* err) noexcept nogil:
+    """Parse one payload into row ``row``.  0 = good row, 1 = reject (``err``).
+
+    ``seen[f] == gen`` marks field ``f`` as present in this payload (``gen``
+    changes per payload, so ``seen`` never needs clearing).
+    """
+    cdef Py_ssize_t p, key_pos, klen, f, j, hint = 0, nseen = 0
+    cdef uint64_t count, k, w
     cdef uint8_t b
     if n == 0:
         err.code = R_EMPTY
@@ -646,16 +716,31 @@ cdef int parse_one(const FieldSpec* specs, Py_ssize_t nf,
         count = be32(buf + 1)
         p = 5
     else:
-        err.byte = b
         err.code = R_NOT_MAP
         return 1
 
-    memset(seen, 0, nf)
     k = 0
     while k < count:
         k += 1
-        # ---- key
         key_pos = p
+        # ---- fast path: the key is the expected next field, as a fixstr
+        if n - p >= 8:
+            memcpy(&w, buf + p, 8)
+            if (w & specs[hint].kmask) == specs[hint].kword:
+                f = hint
+                p += 1 + specs[f].name_len
+                hint += 1
+                if hint == nf:
+                    hint = 0
+                if seen[f] == gen:
+                    err.field = <int>f
+                    return reject_at(err, R_DUPLICATE, key_pos)
+                seen[f] = gen
+                nseen += 1
+                if parse_value(&specs[f], &cols[f], <int>f, buf, n, &p, row, err):
+                    return 1
+                continue
+        # ---- key
         if p >= n:
             return reject_at(err, R_TRUNCATED, p)
         b = buf[p]
@@ -684,11 +769,11 @@ cdef int parse_one(const FieldSpec* specs, Py_ssize_t nf,
             return reject_at(err, R_KEY_NOT_STR, key_pos)
         if klen > n - p:
             return reject_at(err, R_TRUNCATED, key_pos)
-        # ---- match (start at the field after the previous match: producers
-        # usually write fields in schema order)
+        # ---- match, starting at the field after the previous match
+        # (producers usually write fields in schema order)
         f = -1
         for j in range(nf):
-            if specs[hint].name_len == klen and memcmp(specs[hint].name, buf + p, klen) == 0:
+            if key_matches(&specs[hint], buf + p, klen, n - p):
                 f = hint
             hint += 1
             if hint == nf:
@@ -701,44 +786,51 @@ cdef int parse_one(const FieldSpec* specs, Py_ssize_t nf,
             if skip_object(buf, n, &p, err):
                 return 1
             continue
-        if seen[f]:
-            err.code = R_DUPLICATE
+        if seen[f] == gen:
             err.field = <int>f
-            err.pos = key_pos
-            return 1
-        seen[f] = 1
+            return reject_at(err, R_DUPLICATE, key_pos)
+        seen[f] = gen
+        nseen += 1
         if parse_value(&specs[f], &cols[f], <int>f, buf, n, &p, row, err):
             return 1
 
     if p != n:
         return reject_at(err, R_TRAILING, p)
-    for f in range(nf):
-        if not seen[f]:
-            if specs[f].required:
-                err.code = R_MISSING
-                err.field = <int>f
-                return 1
-            write_null(specs[f].kind, &cols[f], row)
+    if nseen != nf:
+        for f in range(nf):
+            if seen[f] != gen:
+                if specs[f].required:
+                    err.field = <int>f
+                    err.code = R_MISSING
+                    return 1
+                write_null(specs[f].kind, &cols[f], row)
     return 0
 
 
 cdef Py_ssize_t parse_all(const FieldSpec* specs, Py_ssize_t nf,
-                          const uint8_t** ptrs, const Py_ssize_t* lens, Py_ssize_t n,
-                          ColOut* cols, int64_t* source_index, uint8_t* seen,
+                          const uint8_t* arena, const int64_t* offs,
+                          const int64_t* lens, Py_ssize_t n,
+                          ColOut* cols, int64_t* source_index, uint32_t* seen,
                           RejectList* rl) noexcept nogil:
     """Parse every payload; returns the number of good rows, -1 on OOM."""
-    cdef Py_ssize_t i, row = 0, ln
+    cdef Py_ssize_t i, row = 0
+    cdef int64_t ln
+    cdef uint32_t gen = 0
     cdef RejectRec err
     cdef RejectRec* grown
     cdef int bad
+    memset(seen, 0, nf * sizeof(uint32_t))
     for i in range(n):
         ln = lens[i]
-        memset(&err, 0, sizeof(RejectRec))
+        gen += 1
+        if gen == 0:                      # wrapped: clear and restart
+            memset(seen, 0, nf * sizeof(uint32_t))
+            gen = 1
         if ln < 0:
             err.code = R_NOT_BYTES if ln == -1 else R_NOT_CONTIGUOUS
             bad = 1
         else:
-            bad = parse_one(specs, nf, ptrs[i], ln, cols, row, seen, &err)
+            bad = parse_one(specs, nf, arena + offs[i], ln, cols, row, seen, gen, &err)
         if bad:
             if rl.n == rl.cap:
                 rl.cap = 64 if rl.cap == 0 else 2 * rl.cap
@@ -780,10 +872,10 @@ cdef str _type_name(int b):
     return "ext"
 
 
-cdef str _reason(const RejectRec* r, tuple fields, tuple payloads):
+cdef str _reason(const RejectRec* r, tuple fields, dict bad_types):
     cdef int code = r.code
     if code == R_NOT_BYTES:
-        return f"payload is not bytes-like (got {type(payloads[r.index]).__name__})"
+        return f"payload is not bytes-like (got {bad_types.get(r.index, '?')})"
     if code == R_NOT_CONTIGUOUS:
         return "payload buffer is not contiguous"
     if code == R_EMPTY:
@@ -812,67 +904,239 @@ cdef str _reason(const RejectRec* r, tuple fields, tuple payloads):
     return f"internal error: unknown reject code {code}"  # pragma: no cover
 
 
-def decode_msgpack_maps(payloads, Schema schema not None):
+cdef class _Scratch:
+    """Small C buffers of one decode call, freed however the call ends."""
+    cdef ColOut* cols
+    cdef uint32_t* seen
+    cdef int* str_fields          # indices of string fields
+    cdef PyObject*** str_slots    # per string field: data of its object column
+    cdef Py_ssize_t n_str
+    cdef RejectList rl
+
+    def __cinit__(self, Py_ssize_t nf):
+        self.cols = <ColOut*>malloc(nf * sizeof(ColOut))
+        self.seen = <uint32_t*>malloc(nf * sizeof(uint32_t))
+        self.str_fields = <int*>malloc(nf * sizeof(int))
+        self.str_slots = <PyObject***>malloc(nf * sizeof(PyObject**))
+        self.n_str = 0
+        self.rl.items = NULL
+        self.rl.n = 0
+        self.rl.cap = 0
+        if (self.cols == NULL or self.seen == NULL or self.str_fields == NULL
+                or self.str_slots == NULL):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.cols)
+        free(self.seen)
+        free(self.str_fields)
+        free(self.str_slots)
+        free(self.rl.items)
+
+    cdef int add_reject(self, const RejectRec* err, Py_ssize_t index) except -1:
+        cdef RejectRec* grown
+        if self.rl.n == self.rl.cap:
+            grown = <RejectRec*>realloc(self.rl.items,
+                                        (64 if self.rl.cap == 0 else 2 * self.rl.cap) * sizeof(RejectRec))
+            if grown == NULL:
+                raise MemoryError()
+            self.rl.items = grown
+            self.rl.cap = 64 if self.rl.cap == 0 else 2 * self.rl.cap
+        self.rl.items[self.rl.n] = err[0]
+        self.rl.items[self.rl.n].index = index
+        self.rl.n += 1
+        return 0
+
+    cdef int emit_strings(self, const uint8_t* buf, Py_ssize_t row, Py_ssize_t out_row) except -1:
+        """Create the ``str`` values of parsed row ``row`` (offsets into
+        ``buf``) in slot ``out_row`` of the object columns."""
+        cdef Py_ssize_t j, start
+        cdef int64_t* offs
+        cdef PyObject** slot
+        cdef object s
+        for j in range(self.n_str):
+            offs = <int64_t*>self.cols[self.str_fields[j]].data
+            start = offs[2 * row]
+            if start < 0:
+                continue                      # null: the slot already holds None
+            # validated UTF-8: cannot fail (except MemoryError)
+            s = PyUnicode_DecodeUTF8(<const char*>buf + start, offs[2 * row + 1], NULL)
+            slot = self.str_slots[j] + out_row
+            Py_INCREF(s)
+            Py_XDECREF(slot[0])
+            slot[0] = <PyObject*>s
+        return 0
+
+
+cdef object _payload_view(object obj):
+    """Slow path for a non-``bytes`` payload: a C-contiguous memoryview of it,
+    ``-1`` if it does not export a buffer, ``-2`` if not contiguous."""
+    try:
+        mv = memoryview(obj)
+    except Exception:
+        return -1
+    if not mv.c_contiguous:
+        mv.release()
+        return -2
+    return mv
+
+
+cdef Py_ssize_t _decode_holding_gil(PyObject* seq, Py_ssize_t n, const FieldSpec* specs,
+                                    Py_ssize_t nf, _Scratch sc, int64_t* src,
+                                    dict bad_types) except -1:
+    """Single pass over the payload objects with the GIL held: each payload is
+    parsed straight from its own buffer, string values are created at once."""
+    cdef Py_ssize_t i, row = 0
+    cdef uint32_t gen = 0
+    cdef PyObject** items = _seq_fast_items(seq)
+    cdef PyObject* item
+    cdef PyObject* ahead
+    cdef Py_buffer* pb
+    cdef RejectRec err
+    cdef int bad
+    memset(sc.seen, 0, nf * sizeof(uint32_t))
+    for i in range(n):
+        gen += 1
+        if gen == 0:
+            memset(sc.seen, 0, nf * sizeof(uint32_t))
+            gen = 1
+        if i + 6 < n:
+            ahead = items[i + 6]
+            _prefetch(ahead)
+            _prefetch(<char*>ahead + 64)
+        item = items[i]
+        if _is_bytes(item):
+            bad = parse_one(specs, nf, <const uint8_t*>_bytes_data(item), _bytes_len(item),
+                            sc.cols, row, sc.seen, gen, &err)
+            if not bad and sc.n_str:
+                sc.emit_strings(<const uint8_t*>_bytes_data(item), row, row)
+        else:
+            # Slow path: memoryview() may run arbitrary code (which could
+            # even mutate the payload list), so re-read the list afterwards.
+            obj = <object>item
+            mv = _payload_view(obj)
+            if type(mv) is int:
+                err.code = R_NOT_BYTES if mv == -1 else R_NOT_CONTIGUOUS
+                if mv == -1:
+                    bad_types[i] = type(obj).__name__
+                bad = 1
+            else:
+                with mv:
+                    pb = PyMemoryView_GET_BUFFER(mv)
+                    bad = parse_one(specs, nf, <const uint8_t*>pb.buf, pb.len,
+                                    sc.cols, row, sc.seen, gen, &err)
+                    if not bad and sc.n_str:
+                        sc.emit_strings(<const uint8_t*>pb.buf, row, row)
+            obj = mv = None
+            if _seq_fast_size(seq) != n:
+                raise RuntimeError("payloads changed size during decode")
+            items = _seq_fast_items(seq)
+        if bad:
+            sc.add_reject(&err, i)
+        else:
+            src[row] = i
+            row += 1
+    return row
+
+
+cdef object _copy_to_arena(PyObject* seq, Py_ssize_t n, int64_t* offs, int64_t* lens,
+                           dict bad_types):
+    """Copy every payload into one private buffer (a numpy uint8 array, so a
+    large one gets transparent huge pages).  Returns the array; ``offs[i]``,
+    ``lens[i]`` locate payload ``i`` (``lens[i]`` -1/-2: not bytes-like /
+    not contiguous)."""
+    cdef Py_ssize_t i, ln, used = 0, cap = 64 * n + 4096
+    cdef PyObject** items = _seq_fast_items(seq)
+    cdef PyObject* item
+    cdef PyObject* ahead
+    cdef const char* data
+    cdef Py_buffer* pb
+    arena = np.empty(cap, dtype=np.uint8)
+    cdef char* base = <char*>cnp.PyArray_DATA(<cnp.ndarray>arena)
+    for i in range(n):
+        if i + 6 < n:
+            ahead = items[i + 6]
+            _prefetch(ahead)
+            _prefetch(<char*>ahead + 64)
+        item = items[i]
+        mv = None
+        if _is_bytes(item):
+            data = _bytes_data(item)
+            ln = _bytes_len(item)
+        else:
+            obj = <object>item
+            mv = _payload_view(obj)
+            if type(mv) is int:
+                if mv == -1:
+                    bad_types[i] = type(obj).__name__
+                offs[i] = 0
+                lens[i] = mv
+                obj = mv = None
+                if _seq_fast_size(seq) != n:
+                    raise RuntimeError("payloads changed size during decode")
+                items = _seq_fast_items(seq)
+                continue
+            obj = None
+            pb = PyMemoryView_GET_BUFFER(mv)
+            data = <const char*>pb.buf
+            ln = pb.len
+        if ln > cap - used:
+            while ln > cap - used:
+                cap *= 2
+            grown = np.empty(cap, dtype=np.uint8)
+            memcpy(cnp.PyArray_DATA(<cnp.ndarray>grown), base, used)
+            arena = grown
+            base = <char*>cnp.PyArray_DATA(<cnp.ndarray>arena)
+        memcpy(base + used, data, ln)
+        offs[i] = used
+        lens[i] = ln
+        used += ln
+        if mv is not None:
+            mv.release()
+            mv = None
+            if _seq_fast_size(seq) != n:
+                raise RuntimeError("payloads changed size during decode")
+            items = _seq_fast_items(seq)
+    return arena
+
+
+def decode_msgpack_maps(payloads, Schema schema not None, *, release_gil=None):
     """Decode a batch of msgpack-map payloads into typed columns.
 
     ``payloads`` is a sequence of bytes-like objects (``bytes``,
-    ``memoryview``, ``bytearray``, any contiguous buffer).  Bad payloads
+    ``memoryview``, ``bytearray``, any C-contiguous buffer).  Bad payloads
     (including non-bytes items) never raise: they are listed in
     ``DecodedBatch.rejects`` with a reason, and every other row is exact.
+
+    ``release_gil``: ``False`` parses in one pass straight from the payload
+    objects with the GIL held (fastest single-threaded).  ``True`` first
+    copies the payloads into a private buffer, then parses it with the GIL
+    released so other threads run meanwhile.  ``None`` (default) releases it
+    for batches of at least ``_NOGIL_MIN_PAYLOADS`` payloads.
     """
     schema._check()
     if isinstance(payloads, (bytes, bytearray, memoryview, str)):
         raise TypeError("payloads must be a sequence of bytes-like objects, "
                         f"not a single {type(payloads).__name__}")
-    # Own the item references: a list could be mutated by another thread
-    # while we parse without the GIL.  (tuple(t) is t for a tuple: no copy.)
-    cdef tuple items = tuple(payloads)
-    cdef Py_ssize_t n = len(items)
     cdef Py_ssize_t nf = schema.nfields
     cdef tuple fields = schema._fields
-    cdef FieldSpec* specs = schema.specs
-
-    cdef const uint8_t** ptrs = <const uint8_t**>malloc((n + 1) * sizeof(uint8_t*))
-    cdef Py_ssize_t* lens = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
-    cdef ColOut* cols = <ColOut*>malloc(nf * sizeof(ColOut))
-    cdef uint8_t* seen = <uint8_t*>malloc(nf)
-    cdef RejectList rl
-    rl.items = NULL
-    rl.n = 0
-    rl.cap = 0
-    cdef list holders = []    # memoryviews keeping non-bytes buffers exported
-    cdef Py_ssize_t i, r, f, n_rows, start
-    cdef PyObject* item
-    cdef Py_buffer* pb
-    cdef PyObject** slots
-    cdef int64_t* offs
+    cdef const FieldSpec* specs = schema.specs
+    cdef _Scratch sc = _Scratch(nf)
+    cdef Py_ssize_t i, r, f, n_rows
+    cdef int kind
     cdef int64_t* src
-    cdef object s
+    cdef int64_t* aoffs
+    cdef int64_t* alens
+    cdef const uint8_t* abase
+    cdef dict bad_types = {}
+    cdef PyObject* seq = _seq_fast(payloads, "payloads must be a sequence of bytes-like objects")
+    cdef Py_ssize_t n = _seq_fast_size(seq)
+    cdef bint nogil_mode
+    if release_gil is None:
+        nogil_mode = n >= _NOGIL_MIN_PAYLOADS
+    else:
+        nogil_mode = bool(release_gil)
     try:
-        if ptrs == NULL or lens == NULL or cols == NULL or seen == NULL:
-            raise MemoryError()
-
-        # ---- phase 1: buffers
-        for i in range(n):
-            item = _tuple_item(items, i)
-            if _is_bytes(item):
-                ptrs[i] = <const uint8_t*>_bytes_data(item)
-                lens[i] = _bytes_len(item)
-                continue
-            ptrs[i] = NULL
-            try:
-                mv = memoryview(<object>item)
-            except Exception:
-                lens[i] = -1
-                continue
-            if not mv.c_contiguous:
-                lens[i] = -2
-                continue
-            pb = PyMemoryView_GET_BUFFER(mv)
-            ptrs[i] = <const uint8_t*>pb.buf
-            lens[i] = pb.len
-            holders.append(mv)
-
         # ---- output buffers
         col_arrays = []
         valid_arrays = []
@@ -885,95 +1149,81 @@ def decode_msgpack_maps(payloads, Schema schema not None):
             elif kind == K_BOOL:
                 arr = np.empty(n, dtype=np.bool_)
             else:
-                arr = np.empty(2 * n, dtype=np.int64)   # (offset, length) pairs
+                arr = np.empty(2 * n, dtype=np.int64)   # (offset, length) per row
             col_arrays.append(arr)
-            cols[f].data = <char*>cnp.PyArray_DATA(<cnp.ndarray>arr)
+            sc.cols[f].data = <char*>cnp.PyArray_DATA(<cnp.ndarray>arr)
             if specs[f].required:
                 valid_arrays.append(None)
-                cols[f].valid = NULL
+                sc.cols[f].valid = NULL
             else:
                 varr = np.empty(n, dtype=np.bool_)
                 valid_arrays.append(varr)
-                cols[f].valid = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>varr)
+                sc.cols[f].valid = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>varr)
         source_index = np.empty(n, dtype=np.int64)
         src = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>source_index)
 
-        # ---- phase 2: parse
-        if n >= _NOGIL_MIN_PAYLOADS:
-            with nogil:
-                n_rows = parse_all(specs, nf, ptrs, lens, n, cols, src, seen, &rl)
+        if not nogil_mode:
+            str_arrays = {}
+            for f in range(nf):
+                if specs[f].kind == K_STRING:
+                    out = np.empty(n, dtype=object)           # None-filled
+                    str_arrays[f] = out
+                    sc.str_fields[sc.n_str] = <int>f
+                    sc.str_slots[sc.n_str] = <PyObject**>cnp.PyArray_DATA(<cnp.ndarray>out)
+                    sc.n_str += 1
+            n_rows = _decode_holding_gil(seq, n, specs, nf, sc, src, bad_types)
         else:
-            n_rows = parse_all(specs, nf, ptrs, lens, n, cols, src, seen, &rl)
-        if n_rows < 0:
-            raise MemoryError()
-
-        rejects = [(rl.items[r].index, _reason(&rl.items[r], fields, items))
-                   for r in range(rl.n)]
-
-        # ---- phase 3: strings, then trim to n_rows
-        late_bad = None
-        for f in range(nf):
-            if specs[f].kind != K_STRING:
-                continue
-            offs = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>col_arrays[f])
-            out = np.empty(n_rows, dtype=object)          # filled with None
-            slots = <PyObject**>cnp.PyArray_DATA(<cnp.ndarray>out)
-            for r in range(n_rows):
-                start = offs[2 * r]
-                if start < 0:
-                    continue
-                try:
-                    s = PyUnicode_DecodeUTF8(<const char*>ptrs[src[r]] + start,
-                                             offs[2 * r + 1], NULL)
-                except UnicodeDecodeError:
-                    # Only possible if a mutable buffer changed under us.
-                    if late_bad is None:
-                        late_bad = {}
-                    late_bad.setdefault(r, fields[f][0])
-                    continue
-                Py_INCREF(s)
-                Py_XDECREF(slots[r])
-                slots[r] = <PyObject*>s
-            col_arrays[f] = out
-
-        columns = {}
-        valid = {}
-        for f in range(nf):
-            arr = col_arrays[f]
-            if n_rows < n and specs[f].kind != K_STRING:
-                arr.resize(n_rows, refcheck=False)       # sole owner: realloc
-            columns[fields[f][0]] = arr
-            varr = valid_arrays[f]
-            if varr is not None:
-                if n_rows < n:
-                    varr.resize(n_rows, refcheck=False)
-                valid[fields[f][0]] = varr
-        if n_rows < n:
-            source_index.resize(n_rows, refcheck=False)
-
-        if late_bad:
-            keep = np.ones(n_rows, dtype=np.bool_)
-            for r, name in late_bad.items():
-                keep[r] = False
-                rejects.append((int(source_index[r]), f"field '{name}' is not valid utf-8"))
-            rejects.sort(key=lambda t: t[0])
-            columns = {k: v[keep] for k, v in columns.items()}
-            valid = {k: v[keep] for k, v in valid.items()}
-            source_index = source_index[keep]
-            n_rows = len(source_index)
+            offs_arr = np.empty(n, dtype=np.int64)
+            lens_arr = np.empty(n, dtype=np.int64)
+            aoffs = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>offs_arr)
+            alens = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>lens_arr)
+            arena = _copy_to_arena(seq, n, aoffs, alens, bad_types)
+            abase = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>arena)
+            with nogil:
+                n_rows = parse_all(specs, nf, abase, aoffs, alens, n,
+                                   sc.cols, src, sc.seen, &sc.rl)
+            if n_rows < 0:
+                raise MemoryError()
+            str_arrays = {}
+            for f in range(nf):
+                if specs[f].kind == K_STRING:
+                    out = np.empty(n_rows, dtype=object)
+                    str_arrays[f] = out
+                    sc.str_fields[0] = <int>f
+                    sc.str_slots[0] = <PyObject**>cnp.PyArray_DATA(<cnp.ndarray>out)
+                    sc.n_str = 1
+                    for r in range(n_rows):
+                        sc.emit_strings(abase + aoffs[src[r]], r, r)
+            sc.n_str = 0
     finally:
-        free(ptrs)
-        free(lens)
-        free(cols)
-        free(seen)
-        free(rl.items)
-        for mv in holders:
-            mv.release()
+        Py_DECREF(seq)
 
-    cdef DecodedBatch out_batch = DecodedBatch.__new__(DecodedBatch)
-    out_batch.n_rows = n_rows
-    out_batch.columns = columns
-    out_batch.valid = valid
-    out_batch.source_index = source_index
-    out_batch.rejects = rejects
-    return out_batch
+    # ---- python objects
+    rejects = [(sc.rl.items[r].index, _reason(&sc.rl.items[r], fields, bad_types))
+               for r in range(sc.rl.n)]
+    columns = {}
+    valid = {}
+    for f in range(nf):
+        name = fields[f][0]
+        if specs[f].kind == K_STRING:
+            arr = str_arrays[f]
+        else:
+            arr = col_arrays[f]
+        if n_rows < len(arr):
+            arr.resize(n_rows, refcheck=False)     # we are the sole owner
+        columns[name] = arr
+        varr = valid_arrays[f]
+        if varr is not None:
+            if n_rows < n:
+                varr.resize(n_rows, refcheck=False)
+            valid[name] = varr
+    if n_rows < n:
+        source_index.resize(n_rows, refcheck=False)
+
+    cdef DecodedBatch batch = DecodedBatch.__new__(DecodedBatch)
+    batch.n_rows = n_rows
+    batch.columns = columns
+    batch.valid = valid
+    batch.source_index = source_index
+    batch.rejects = rejects
+    return batch

@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,6 +55,7 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_BROKER_PORT = 6650
 DEFAULT_WEB_PORT = 8080
 STOP_GRACE_SECONDS = 30.0
+PORT_CONFLICT_ATTEMPTS = 3
 LOG_TAIL_LINES = 60
 LOG_LINE_MAX_CHARS = 1000
 
@@ -323,6 +326,15 @@ def java_executable() -> str:
     return java
 
 
+def class_data_archive_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the broker's class archive lives; one per JDK build, next to the jars."""
+    java = Path(java_executable()).resolve()
+    stat = java.stat()
+    jdk_identity = f"{java}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(jdk_identity.encode()).hexdigest()[:16]
+    return cache_dir_for_version(cache_dir) / "class-archives" / f"broker-{digest}.jsa"
+
+
 def jvm_options(heap: str, direct_memory: str, log4j2_file: Path) -> list[str]:
     """The flags bin/pulsar passes, minus GC logs and the functions settings."""
     return [
@@ -352,24 +364,31 @@ def jvm_options(heap: str, direct_memory: str, log4j2_file: Path) -> list[str]:
 
 # The JVM is started through this small Python watchdog. If the Python process
 # that started the broker dies without running atexit (SIGKILL, OOM killer),
-# the watchdog's stdin pipe closes and it stops the JVM: no orphan brokers.
-# A SIGTERM sent to the process group reaches the JVM directly; the watchdog
-# then just waits for the JVM and exits with its status.
+# the watchdog's stdin pipe closes: it stops the JVM and removes the temporary
+# data dir, so no broker is ever orphaned. A SIGTERM sent to the process group
+# reaches the JVM directly; the watchdog then just waits for the JVM and exits
+# with its status. argv: <dir to remove if orphaned, or ""> <java command...>
 _WATCHDOG_SOURCE = r"""
-import signal, subprocess, sys, threading
-java = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+import os, shutil, signal, subprocess, sys, threading
+orphan_cleanup_dir, command = sys.argv[1], sys.argv[2:]
+java = subprocess.Popen(command, stdin=subprocess.DEVNULL)
 signal.signal(signal.SIGTERM, lambda *_: None)
 signal.signal(signal.SIGINT, lambda *_: None)
+parent_gone = threading.Event()
 def stop_java_when_parent_is_gone():
-    sys.stdin.buffer.read()
-    if java.poll() is None:
-        java.terminate()
-        try:
-            java.wait(30)
-        except subprocess.TimeoutExpired:
-            java.kill()
+    while os.read(0, 4096):  # raw fd: a buffered stdin would break interpreter exit
+        pass
+    parent_gone.set()
+    java.terminate()
+    try:
+        java.wait(30)
+    except subprocess.TimeoutExpired:
+        java.kill()
 threading.Thread(target=stop_java_when_parent_is_gone, daemon=True).start()
-sys.exit(java.wait())
+status = java.wait()
+if parent_gone.is_set() and orphan_cleanup_dir:
+    shutil.rmtree(orphan_cleanup_dir, ignore_errors=True)
+os._exit(status if status >= 0 else 128 - status)  # shell convention for signals
 """
 
 
@@ -413,6 +432,7 @@ class LocalPulsar:
         bookie_port: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         extra_jvm_options: Sequence[str] = (),
+        class_data_sharing: bool = True,
     ):
         self.data_dir = Path(data_dir).resolve() if data_dir else None
         self.max_entries_per_ledger = max_entries_per_ledger
@@ -424,6 +444,8 @@ class LocalPulsar:
         self.bookie_port = bookie_port
         self.cache_dir = cache_dir
         self.extra_jvm_options = list(extra_jvm_options)
+        self.class_data_sharing = class_data_sharing
+        self._class_archive_being_written: Path | None = None
         self.startup_seconds: float | None = None
         self._owns_data_dir = data_dir is None
         self._process: subprocess.Popen | None = None
@@ -449,10 +471,29 @@ class LocalPulsar:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self, timeout: float = 120) -> "LocalPulsar":
-        """Launch the JVM and wait until `public/default` exists."""
+        """Launch the JVM and wait until `public/default` exists.
+
+        `timeout` covers the JVM only, not a first-time fetch of the
+        distribution. Raises PulsarStartError with the log tail on failure.
+        """
         if self._process is not None:
             raise RuntimeError("this LocalPulsar is already started")
         distribution = ensure_distribution(self.cache_dir)
+        requested_ports = (self.broker_port, self.web_port, self.bookie_port)
+        for attempt in range(1, PORT_CONFLICT_ATTEMPTS + 1):
+            try:
+                return self._start_once(distribution, timeout)
+            except PulsarStartError as error:
+                # A port we picked can be taken by someone else before the JVM
+                # binds it (another test's client connection, say): pick again.
+                picked_some = None in requested_ports
+                if attempt == PORT_CONFLICT_ATTEMPTS or not picked_some \
+                        or "Address already in use" not in str(error):
+                    raise
+                self.broker_port, self.web_port, self.bookie_port = requested_ports
+        raise AssertionError("unreachable")
+
+    def _start_once(self, distribution: Path, timeout: float) -> "LocalPulsar":
         self._prepare_data_dir()
         self._pick_ports()
         conf_file, log4j2_file = self._write_config_files()
@@ -473,7 +514,8 @@ class LocalPulsar:
         process, self._process = self._process, None
         _running_brokers.discard(self)
         if process is not None:
-            _terminate_process_group(process, STOP_GRACE_SECONDS)
+            graceful = _terminate_process_group(process, STOP_GRACE_SECONDS)
+            self._settle_class_archive(keep=graceful)
         if self._owns_data_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
@@ -495,10 +537,11 @@ class LocalPulsar:
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
     def _pick_ports(self) -> None:
+        # A reused data dir keeps its first bookie port: the starter reads it
+        # back from the bookie cookie and ignores --bookkeeper-port.
+        self.bookie_port = bookie_port_from_cookie(self._require_data_dir()) or self.bookie_port
         missing = [name for name in ("broker_port", "web_port", "bookie_port")
                    if getattr(self, name) is None]
-        # (A reused data dir keeps its first bookie port: the starter reads it
-        # back from the bookie cookie and ignores --bookkeeper-port.)
         for name, port in zip(missing, free_loopback_ports(len(missing))):
             setattr(self, name, port)
 
@@ -518,6 +561,7 @@ class LocalPulsar:
         java_command = [
             java_executable(), "-cp", str(distribution / "lib" / "*"),
             *jvm_options(self.heap, self.direct_memory, log4j2_file),
+            *self._class_data_sharing_options(),
             *self.extra_jvm_options,
             "org.apache.pulsar.PulsarStandaloneStarter",
             "--config", str(conf_file),
@@ -530,7 +574,8 @@ class LocalPulsar:
         console = open(data_dir / "jvm-console.log", "ab")
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _WATCHDOG_SOURCE, *java_command],
+                [sys.executable, "-c", _WATCHDOG_SOURCE,
+                 str(data_dir) if self._owns_data_dir else "", *java_command],
                 cwd=data_dir,  # relative defaults (offloaders/, nar/) land here
                 stdin=subprocess.PIPE,
                 stdout=console,
@@ -539,6 +584,33 @@ class LocalPulsar:
             )
         finally:
             console.close()
+
+    # Class data sharing: loading and verifying ~20k classes is most of the
+    # startup on a small box. The first broker dumps the classes it loaded
+    # into an archive in the cache (JDK 17's dynamic AppCDS); later brokers map
+    # it and start roughly twice as fast. A JVM that finds the archive stale
+    # (other JDK build, changed jars) warns on its console and runs without it.
+
+    def _class_data_sharing_options(self) -> list[str]:
+        if not self.class_data_sharing:
+            return []
+        archive = class_data_archive_path(self.cache_dir)
+        if archive.is_file():
+            return [f"-XX:SharedArchiveFile={archive}"]
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        # Several brokers may dump at once: each to its own file, renamed at stop.
+        self._class_archive_being_written = archive.with_name(
+            f".{archive.stem}-{os.getpid()}-{id(self):x}.tmp")
+        return [f"-XX:ArchiveClassesAtExit={self._class_archive_being_written}"]
+
+    def _settle_class_archive(self, keep: bool) -> None:
+        written, self._class_archive_being_written = self._class_archive_being_written, None
+        if written is None or not written.exists():
+            return
+        if keep and written.stat().st_size > 0:
+            os.replace(written, class_data_archive_path(self.cache_dir))
+        else:  # the JVM was killed, maybe mid-dump
+            written.unlink()
 
     def _wait_until_ready(self, deadline: float) -> None:
         # The log says "messaging service is ready" before the standalone has
@@ -645,15 +717,26 @@ def topic_rest_path(topic: str) -> str:
     return "/admin/v2/persistent/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
 
 
-def _terminate_process_group(process: subprocess.Popen, grace_seconds: float) -> None:
+def bookie_port_from_cookie(data_dir: Path) -> int | None:
+    """The port recorded by a bookie that already ran in `data_dir`, if any."""
+    cookie = data_dir / "bookkeeper" / "current" / "VERSION"
+    if not cookie.is_file():
+        return None
+    match = re.search(r'bookieHost: "[^"]*:(\d+)"', cookie.read_text())
+    return int(match.group(1)) if match else None
+
+
+def _terminate_process_group(process: subprocess.Popen, grace_seconds: float) -> bool:
+    """SIGTERM, wait, SIGKILL. True if it stopped within the grace period."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     try:
         process.wait(grace_seconds)
+        graceful = True
     except subprocess.TimeoutExpired:
-        pass
+        graceful = False
     # SIGKILL the whole group even if the watchdog exited: anything left in it
     # is a JVM that did not stop in time.
     try:
@@ -663,6 +746,7 @@ def _terminate_process_group(process: subprocess.Popen, grace_seconds: float) ->
     process.wait()
     if process.stdin is not None:
         process.stdin.close()
+    return graceful
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,25 @@
+"""``python -m tally.bench <name> [--quick]``: run a benchmark; the last line
+printed is one JSON object of figures."""
+import argparse
+import importlib
+import json
+import sys
+
+BENCHMARKS = {
+    "ingest": "tally.bench.ingest",
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tally.bench")
+    parser.add_argument("name", choices=sorted(BENCHMARKS))
+    parser.add_argument("--quick", action="store_true", help="a run of under a minute")
+    args, rest = parser.parse_known_args(argv)
+    module = importlib.import_module(BENCHMARKS[args.name])
+    figures = module.run(quick=args.quick, argv=rest)
+    print(json.dumps(figures, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+// Compiled by `make check-header` as C++ (and, as header_check.c, as C99 and
+// C11): tally.h must stand alone, need no C-only construct and declare every
+// function with C linkage.
+#include "tally.h"
+
+extern "C" int tally_header_check(tally_store *store);
+
+int tally_header_check(tally_store *store)
+{
+    tally_view *view = nullptr;
+    tally_txn *txn = nullptr;
+    tally_record rec[2] = {};
+    int64_t keys[2] = {1, TALLY_EVENT_TIME_NONE};
+    int status[2];
+    int rc = tally_view_open(store, "v", &view);
+    if (rc == TALLY_SUCCESS) rc = tally_txn_begin(store, &txn);
+    if (rc == TALLY_SUCCESS) rc = tally_get_many_int64(txn, view, keys, 2, rec, status);
+    if (rc == TALLY_SUCCESS && !tally_record_is_null(&rec[0], 0))
+        rc = static_cast<int>(tally_record_int64(&rec[0], 0) + tally_record_event_time(&rec[0]));
+    static_assert(TALLY_VERSION_NUMBER >= 100, "version number");
+    (void)tally_strerror(rc);
+    tally_txn_end(txn);
+    tally_view_close(view);
+    return rc;
+}

@@ -1,0 +1,560 @@
+/* libtally: see tally.h for the API, the record layout and the rules. */
+#include "tally.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lmdb.h>
+
+#define HEADER_SIZE 32
+#define SCHEMA_HEADER_SIZE 8
+#define SCHEMAS_DB "__schemas__"
+#define VIEW_DB_PREFIX "view:"
+
+struct tally_store {
+    MDB_env *env;
+    pthread_mutex_t lock;       /* guards the fields below and dbi opens */
+    unsigned live_txns;         /* transactions holding a snapshot */
+    unsigned epoch;             /* bumped by each view open */
+};
+
+struct tally_view {
+    tally_store *store;
+    MDB_dbi dbi;
+    unsigned epoch;             /* store epoch once its dbi was usable */
+    char *name;
+    uint32_t version;
+    int key_type;
+    size_t n_features;
+    size_t bitmap_bytes;
+    size_t record_size;
+    unsigned char *types;       /* n_features value types */
+    char **names;               /* n_features NUL-terminated names */
+};
+
+struct tally_txn {
+    tally_store *store;
+    MDB_txn *txn;
+    unsigned epoch;             /* store epoch when the snapshot was taken */
+    int live;
+};
+
+/* ---- byte order: the layout is little-endian, keys are big-endian ---- */
+
+static uint64_t load_le64(const unsigned char *p)
+{
+    return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 |
+           (uint64_t)p[3] << 24 | (uint64_t)p[4] << 32 | (uint64_t)p[5] << 40 |
+           (uint64_t)p[6] << 48 | (uint64_t)p[7] << 56;
+}
+
+static uint32_t load_le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[3] << 24;
+}
+
+static unsigned load_le16(const unsigned char *p)
+{
+    return (unsigned)p[0] | (unsigned)p[1] << 8;
+}
+
+static int64_t as_int64(uint64_t bits)
+{
+    int64_t v;
+    memcpy(&v, &bits, sizeof v);    /* two's complement, no overflow UB */
+    return v;
+}
+
+static double as_double(uint64_t bits)
+{
+    double v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static void encode_int64_key(int64_t key, unsigned char out[8])
+{
+    uint64_t u;
+    int i;
+    memcpy(&u, &key, sizeof u);
+    u ^= (uint64_t)1 << 63;
+    for (i = 7; i >= 0; i--) {
+        out[i] = (unsigned char)(u & 0xff);
+        u >>= 8;
+    }
+}
+
+/* ---- version and errors ---- */
+
+#define STR2(x) #x
+#define STR(x) STR2(x)
+
+const char *tally_version(int *major, int *minor, int *patch)
+{
+    if (major) *major = TALLY_VERSION_MAJOR;
+    if (minor) *minor = TALLY_VERSION_MINOR;
+    if (patch) *patch = TALLY_VERSION_PATCH;
+    return "libtally " STR(TALLY_VERSION_MAJOR) "." STR(TALLY_VERSION_MINOR) "."
+        STR(TALLY_VERSION_PATCH);
+}
+
+const char *tally_strerror(int err)
+{
+    const char *s;
+    switch (err) {
+    case TALLY_SUCCESS: return "Successful return: 0";
+    case TALLY_NOTFOUND: return "TALLY_NOTFOUND: No record for this key";
+    case TALLY_ENOVIEW: return "TALLY_ENOVIEW: No view of this name in the store";
+    case TALLY_EINVAL: return "TALLY_EINVAL: Invalid argument or key type";
+    case TALLY_ECORRUPT: return "TALLY_ECORRUPT: Stored record or schema does not follow the layout";
+    case TALLY_ESCHEMA: return "TALLY_ESCHEMA: Record does not match the view's schema; reopen the view";
+    case TALLY_ELAYOUT: return "TALLY_ELAYOUT: Unsupported record or schema layout version";
+    case TALLY_EVIEWS: return "TALLY_EVIEWS: Too many views open in this store";
+    default: break;
+    }
+    /* mdb_strerror covers LMDB's codes and falls back to strerror(). */
+    s = mdb_strerror(err);
+    return (s && *s) ? s : "Unknown error";
+}
+
+/* ---- store ---- */
+
+int tally_store_open(const char *path, tally_store **out)
+{
+    tally_store *store;
+    int rc, dead;
+
+    if (!out) return TALLY_EINVAL;
+    *out = NULL;
+    if (!path) return TALLY_EINVAL;
+    store = (tally_store *)calloc(1, sizeof *store);
+    if (!store) return ENOMEM;
+    if (pthread_mutex_init(&store->lock, NULL) != 0) {
+        free(store);
+        return ENOMEM;
+    }
+    rc = mdb_env_create(&store->env);
+    if (rc) goto fail;
+    /* one database per view plus __schemas__ */
+    rc = mdb_env_set_maxdbs(store->env, TALLY_MAX_VIEWS + 1);
+    if (rc) goto fail;
+    /* Map size 0 adopts the writer's, recorded in the file. MDB_NOTLS: a
+     * reader slot belongs to the tally_txn, not the thread. */
+    rc = mdb_env_open(store->env, path, MDB_RDONLY | MDB_NOTLS, 0644);
+    if (rc) goto fail;
+    /* Free the slots of readers that died, so the writer can reuse pages. */
+    (void)mdb_reader_check(store->env, &dead);
+    *out = store;
+    return 0;
+fail:
+    if (store->env) mdb_env_close(store->env);
+    pthread_mutex_destroy(&store->lock);
+    free(store);
+    return rc;
+}
+
+void tally_store_close(tally_store *store)
+{
+    if (!store) return;
+    mdb_env_close(store->env);
+    pthread_mutex_destroy(&store->lock);
+    free(store);
+}
+
+/* ---- view ---- */
+
+static void view_free(tally_view *view)
+{
+    size_t i;
+    if (!view) return;
+    if (view->names) {
+        for (i = 0; i < view->n_features; i++) free(view->names[i]);
+        free(view->names);
+    }
+    free(view->types);
+    free(view->name);
+    free(view);
+}
+
+static char *copy_bytes(const void *bytes, size_t len)
+{
+    char *s = (char *)malloc(len + 1);
+    if (!s) return NULL;
+    memcpy(s, bytes, len);
+    s[len] = '\0';
+    return s;
+}
+
+/* Parse a binary schema into view; TALLY_ECORRUPT / TALLY_ELAYOUT / ENOMEM. */
+static int parse_schema(tally_view *view, const unsigned char *p, size_t size)
+{
+    size_t i, at, n;
+
+    if (size < SCHEMA_HEADER_SIZE) return TALLY_ECORRUPT;
+    if (p[0] != TALLY_SCHEMA_LAYOUT_VERSION) return TALLY_ELAYOUT;
+    if (p[1] != TALLY_KEY_INT64 && p[1] != TALLY_KEY_STRING) return TALLY_ECORRUPT;
+    view->key_type = p[1];
+    n = load_le16(p + 2);
+    view->version = load_le32(p + 4);
+    view->n_features = 0;                       /* grows as names are copied */
+    view->bitmap_bytes = (n + 63) / 64 * 8;
+    view->record_size = HEADER_SIZE + view->bitmap_bytes + 8 * n;
+    view->types = (unsigned char *)malloc(n ? n : 1);
+    view->names = (char **)calloc(n ? n : 1, sizeof *view->names);
+    if (!view->types || !view->names) return ENOMEM;
+    at = SCHEMA_HEADER_SIZE;
+    for (i = 0; i < n; i++) {
+        size_t len;
+        if (size - at < 2) return TALLY_ECORRUPT;
+        if (p[at] != TALLY_INT64 && p[at] != TALLY_FLOAT64) return TALLY_ECORRUPT;
+        len = p[at + 1];
+        if (size - at - 2 < len) return TALLY_ECORRUPT;
+        if (memchr(p + at + 2, '\0', len)) return TALLY_ECORRUPT;  /* C strings */
+        view->types[i] = p[at];
+        view->names[i] = copy_bytes(p + at + 2, len);
+        if (!view->names[i]) return ENOMEM;
+        view->n_features = i + 1;
+        at += 2 + len;
+    }
+    if (at != size) return TALLY_ECORRUPT;      /* trailing bytes */
+    return 0;
+}
+
+int tally_view_open(tally_store *store, const char *view_name, tally_view **out)
+{
+    tally_view *view;
+    MDB_txn *txn = NULL;
+    MDB_dbi schemas;
+    MDB_val key, data;
+    char *db_name = NULL;
+    size_t name_len;
+    int rc;
+
+    if (!out) return TALLY_EINVAL;
+    *out = NULL;
+    if (!store || !view_name) return TALLY_EINVAL;
+    name_len = strlen(view_name);
+    view = (tally_view *)calloc(1, sizeof *view);
+    if (!view) return ENOMEM;
+    view->store = store;
+    view->name = copy_bytes(view_name, name_len);
+    db_name = (char *)malloc(sizeof VIEW_DB_PREFIX + name_len);
+    if (!view->name || !db_name) {
+        rc = ENOMEM;
+        goto done;
+    }
+    memcpy(db_name, VIEW_DB_PREFIX, sizeof VIEW_DB_PREFIX - 1);
+    memcpy(db_name + sizeof VIEW_DB_PREFIX - 1, view_name, name_len + 1);
+
+    /* LMDB: one transaction at a time may open databases in a process, and
+     * the handles become visible to others when it commits. */
+    pthread_mutex_lock(&store->lock);
+    rc = mdb_txn_begin(store->env, NULL, MDB_RDONLY, &txn);
+    if (rc) goto unlock;
+    rc = mdb_dbi_open(txn, SCHEMAS_DB, 0, &schemas);
+    if (rc == MDB_NOTFOUND) rc = TALLY_ENOVIEW;         /* not a Tally store yet */
+    if (rc) goto unlock;
+    key.mv_data = (void *)view_name;
+    key.mv_size = name_len;
+    rc = name_len ? mdb_get(txn, schemas, &key, &data) : MDB_NOTFOUND;
+    if (rc == MDB_NOTFOUND || rc == MDB_BAD_VALSIZE) rc = TALLY_ENOVIEW;
+    if (rc) goto unlock;
+    rc = parse_schema(view, (const unsigned char *)data.mv_data, data.mv_size);
+    if (rc) goto unlock;
+    rc = mdb_dbi_open(txn, db_name, 0, &view->dbi);
+    if (rc == MDB_NOTFOUND) rc = TALLY_ENOVIEW;         /* schema without records db */
+    if (rc == MDB_DBS_FULL) rc = TALLY_EVIEWS;
+    if (rc) goto unlock;
+    rc = mdb_txn_commit(txn);
+    txn = NULL;
+    if (rc) goto unlock;
+    view->epoch = ++store->epoch;
+unlock:
+    if (txn) mdb_txn_abort(txn);
+    pthread_mutex_unlock(&store->lock);
+done:
+    free(db_name);
+    if (rc) {
+        view_free(view);
+        return rc;
+    }
+    *out = view;
+    return 0;
+}
+
+void tally_view_close(tally_view *view)
+{
+    /* The LMDB database handle stays open in the environment (LMDB advises
+     * against mdb_dbi_close); opening the view again reuses it. */
+    view_free(view);
+}
+
+const char *tally_view_name(const tally_view *view) { return view->name; }
+uint32_t tally_view_version(const tally_view *view) { return view->version; }
+int tally_view_key_type(const tally_view *view) { return view->key_type; }
+size_t tally_view_feature_count(const tally_view *view) { return view->n_features; }
+size_t tally_view_record_size(const tally_view *view) { return view->record_size; }
+
+const char *tally_view_feature_name(const tally_view *view, size_t i)
+{
+    return i < view->n_features ? view->names[i] : NULL;
+}
+
+int tally_view_feature_type(const tally_view *view, size_t i)
+{
+    return i < view->n_features ? (int)view->types[i] : TALLY_EINVAL;
+}
+
+int tally_view_feature_index(const tally_view *view, const char *name)
+{
+    size_t i;
+    if (!name) return TALLY_NOTFOUND;
+    for (i = 0; i < view->n_features; i++)
+        if (strcmp(view->names[i], name) == 0) return (int)i;
+    return TALLY_NOTFOUND;
+}
+
+/* ---- transactions ---- */
+
+/* Take a snapshot in txn (fresh if txn->txn is NULL, else renewed). The
+ * snapshot is counted as live before LMDB is entered, so a thread that finds
+ * itself the only live one may remap the environment safely. */
+static int take_snapshot(tally_txn *t)
+{
+    tally_store *store = t->store;
+    int rc, attempt;
+
+    for (attempt = 0; attempt < 2; attempt++) {
+        pthread_mutex_lock(&store->lock);
+        store->live_txns++;
+        t->epoch = store->epoch;
+        pthread_mutex_unlock(&store->lock);
+
+        rc = t->txn ? mdb_txn_renew(t->txn)
+                    : mdb_txn_begin(store->env, NULL, MDB_RDONLY, &t->txn);
+        if (rc == 0) {
+            t->live = 1;
+            return 0;
+        }
+        /* A failed mdb_txn_begin leaves t->txn NULL; a failed renew leaves
+         * it reset, ready to be renewed again. */
+        pthread_mutex_lock(&store->lock);
+        store->live_txns--;
+        if (rc == MDB_MAP_RESIZED && store->live_txns == 0 && attempt == 0) {
+            /* The writer grew the map past ours: adopt its size. Holding the
+             * lock keeps other snapshots from starting meanwhile. */
+            int rc2 = mdb_env_set_mapsize(store->env, 0);
+            pthread_mutex_unlock(&store->lock);
+            if (rc2) return rc2;
+            continue;
+        }
+        pthread_mutex_unlock(&store->lock);
+        return rc;
+    }
+    return rc;
+}
+
+int tally_txn_begin(tally_store *store, tally_txn **out)
+{
+    tally_txn *t;
+    int rc;
+
+    if (!out) return TALLY_EINVAL;
+    *out = NULL;
+    if (!store) return TALLY_EINVAL;
+    t = (tally_txn *)calloc(1, sizeof *t);
+    if (!t) return ENOMEM;
+    t->store = store;
+    rc = take_snapshot(t);
+    if (rc) {
+        /* mdb_txn_begin frees its transaction on failure */
+        free(t);
+        return rc;
+    }
+    *out = t;
+    return 0;
+}
+
+void tally_txn_reset(tally_txn *t)
+{
+    if (!t || !t->live) return;
+    mdb_txn_reset(t->txn);
+    t->live = 0;
+    pthread_mutex_lock(&t->store->lock);
+    t->store->live_txns--;
+    pthread_mutex_unlock(&t->store->lock);
+}
+
+int tally_txn_renew(tally_txn *t)
+{
+    if (!t) return TALLY_EINVAL;
+    tally_txn_reset(t);
+    return take_snapshot(t);
+}
+
+void tally_txn_end(tally_txn *t)
+{
+    if (!t) return;
+    tally_txn_reset(t);
+    mdb_txn_abort(t->txn);
+    free(t);
+}
+
+/* ---- lookups ---- */
+
+static int check_record(const tally_view *view, const MDB_val *data, tally_record *out)
+{
+    const unsigned char *p = (const unsigned char *)data->mv_data;
+    if (data->mv_size < HEADER_SIZE) return TALLY_ECORRUPT;
+    if (p[0] != TALLY_RECORD_LAYOUT_VERSION) return TALLY_ELAYOUT;
+    if (load_le16(p + 2) != view->n_features || data->mv_size != view->record_size)
+        return TALLY_ESCHEMA;
+    out->priv_data = p;
+    out->priv_view = view;
+    return 0;
+}
+
+static int get_raw(tally_txn *t, const tally_view *view, MDB_val *key, tally_record *out)
+{
+    MDB_val data;
+    int rc;
+    if (view->epoch > t->epoch) return MDB_BAD_DBI;     /* renew the txn */
+    rc = mdb_get(t->txn, view->dbi, key, &data);
+    if (rc == MDB_NOTFOUND) return TALLY_NOTFOUND;
+    if (rc) return rc;
+    return check_record(view, &data, out);
+}
+
+static int check_args(tally_txn *t, const tally_view *view, const void *out, int key_type)
+{
+    if (!t || !view || !out || !t->live) return TALLY_EINVAL;
+    if (view->key_type != key_type || view->store != t->store) return TALLY_EINVAL;
+    return 0;
+}
+
+static int get_int64(tally_txn *t, const tally_view *view, int64_t key, tally_record *out)
+{
+    unsigned char raw[8];
+    MDB_val k;
+    encode_int64_key(key, raw);
+    k.mv_data = raw;
+    k.mv_size = sizeof raw;
+    return get_raw(t, view, &k, out);
+}
+
+static int get_string(tally_txn *t, const tally_view *view, const char *key, size_t len,
+                      tally_record *out)
+{
+    MDB_val k;
+    if (!key && len) return TALLY_EINVAL;
+    if (len == 0 || len > (size_t)mdb_env_get_maxkeysize(t->store->env))
+        return TALLY_NOTFOUND;                  /* no record can have this key */
+    k.mv_data = (void *)key;
+    k.mv_size = len;
+    return get_raw(t, view, &k, out);
+}
+
+int tally_get_int64(tally_txn *t, const tally_view *view, int64_t key, tally_record *out)
+{
+    int rc = check_args(t, view, out, TALLY_KEY_INT64);
+    return rc ? rc : get_int64(t, view, key, out);
+}
+
+int tally_get_string(tally_txn *t, const tally_view *view, const char *key, size_t len,
+                     tally_record *out)
+{
+    int rc = check_args(t, view, out, TALLY_KEY_STRING);
+    return rc ? rc : get_string(t, view, key, len, out);
+}
+
+static int first_error(int first, int rc)
+{
+    return (first == 0 && rc != 0 && rc != TALLY_NOTFOUND) ? rc : first;
+}
+
+int tally_get_many_int64(tally_txn *t, const tally_view *view, const int64_t *keys,
+                         size_t n, tally_record *out, int *status)
+{
+    size_t i;
+    int rc = check_args(t, view, out, TALLY_KEY_INT64), first = 0;
+    if (rc) return rc;
+    if ((!keys || !status) && n) return TALLY_EINVAL;
+    for (i = 0; i < n; i++) {
+        status[i] = get_int64(t, view, keys[i], &out[i]);
+        first = first_error(first, status[i]);
+    }
+    return first;
+}
+
+int tally_get_many_string(tally_txn *t, const tally_view *view, const char *const *keys,
+                          const size_t *lens, size_t n, tally_record *out, int *status)
+{
+    size_t i;
+    int rc = check_args(t, view, out, TALLY_KEY_STRING), first = 0;
+    if (rc) return rc;
+    if ((!keys || !lens || !status) && n) return TALLY_EINVAL;
+    for (i = 0; i < n; i++) {
+        status[i] = get_string(t, view, keys[i], lens[i], &out[i]);
+        first = first_error(first, status[i]);
+    }
+    return first;
+}
+
+/* ---- record accessors ---- */
+
+static const unsigned char *value_at(const tally_record *rec, size_t i)
+{
+    return rec->priv_data + HEADER_SIZE + rec->priv_view->bitmap_bytes + 8 * i;
+}
+
+int tally_record_is_null(const tally_record *rec, size_t i)
+{
+    if (i >= rec->priv_view->n_features) return 1;
+    return (rec->priv_data[HEADER_SIZE + i / 8] >> (i % 8)) & 1;
+}
+
+int64_t tally_record_int64(const tally_record *rec, size_t i)
+{
+    const tally_view *view = rec->priv_view;
+    if (i >= view->n_features || view->types[i] != TALLY_INT64) return 0;
+    return as_int64(load_le64(value_at(rec, i)));
+}
+
+double tally_record_float64(const tally_record *rec, size_t i)
+{
+    const tally_view *view = rec->priv_view;
+    if (i >= view->n_features || view->types[i] != TALLY_FLOAT64 ||
+        tally_record_is_null(rec, i))
+        return NAN;
+    return as_double(load_le64(value_at(rec, i)));
+}
+
+int64_t tally_record_event_time(const tally_record *rec)
+{
+    return as_int64(load_le64(rec->priv_data + 8));
+}
+
+int64_t tally_record_write_time(const tally_record *rec)
+{
+    return as_int64(load_le64(rec->priv_data + 16));
+}
+
+int64_t tally_record_valid_until(const tally_record *rec)
+{
+    return as_int64(load_le64(rec->priv_data + 24));
+}
+
+uint32_t tally_record_view_version(const tally_record *rec)
+{
+    return load_le32(rec->priv_data + 4);
+}
+
+const void *tally_record_data(const tally_record *rec, size_t *size)
+{
+    if (size) *size = rec->priv_view->record_size;
+    return rec->priv_data;
+}

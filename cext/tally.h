@@ -1,0 +1,378 @@
+/** @file tally.h
+ * @brief libtally: read Tally's online store from C or C++, with no copy.
+ *
+ * Tally keeps one record per (feature view, entity) in an LMDB environment
+ * that a Python writer (``tally.service.lmdb_store.LmdbStore``) updates.
+ * This library opens that environment read-only and hands out pointers into
+ * the memory map: a lookup costs one B-tree search and a few comparisons.
+ * LMDB readers never block the writer and never see a half-written record;
+ * a read transaction (#tally_txn) pins one consistent snapshot.
+ *
+ * A typical server:
+ *
+ *     tally_store *store;  tally_view *view;  tally_txn *txn;  tally_record rec;
+ *     int rc = tally_store_open("/var/lib/tally/store", &store);
+ *     if (rc == 0) rc = tally_view_open(store, "user_clicks", &view);
+ *     if (rc == 0) rc = tally_txn_begin(store, &txn);
+ *     for (each request) {
+ *         rc = tally_get_int64(txn, view, user_id, &rec);
+ *         if (rc == 0 && !tally_record_is_null(&rec, 0))
+ *             use(tally_record_int64(&rec, 0));
+ *         else if (rc != TALLY_NOTFOUND)
+ *             log("%s", tally_strerror(rc));
+ *         tally_txn_reset(txn);          // drop the snapshot; rec is now invalid
+ *         rc = tally_txn_renew(txn);     // next request sees newer writes
+ *     }
+ *     tally_txn_end(txn);  tally_view_close(view);  tally_store_close(store);
+ *
+ * Conventions (those of lmdb.h): opaque handles, tally_<object>_<verb>
+ * names, and functions that can fail return an int: 0 on success, otherwise
+ * one of the TALLY_* codes below, an LMDB code (MDB_*, -30799..-30700) or a
+ * positive errno value (ENOENT, EACCES, ENOMEM, ...), all passed through
+ * unchanged; #tally_strerror describes every one of them.
+ *
+ * Threads: a #tally_store and its #tally_view handles may be shared by any
+ * number of threads. A #tally_txn, and the records read through it, must be
+ * used by one thread at a time; it may move between threads (the store is
+ * opened with MDB_NOTLS). Do not open the same store twice in one process
+ * (an LMDB rule): share one #tally_store instead. The Python ``LmdbStore`` in
+ * the same process counts as an open.
+ *
+ * Record layout version 1 (``tally.service.record`` is the source of truth;
+ * this copy must match it). Little-endian, all offsets in bytes:
+ *
+ *     offset  size    field
+ *     0       1       layout version (1)
+ *     1       1       flags (0; reserved)
+ *     2       2       feature count N (uint16)
+ *     4       4       view version (uint32)
+ *     8       8       newest event time of the entity, epoch ms (int64;
+ *                     INT64_MIN: none)
+ *     16      8       write time, epoch ms (int64)
+ *     24      8       valid until, epoch ms (int64): the time at which a
+ *                     windowed value changes by expiry alone; INT64_MAX if
+ *                     none does
+ *     32      B       null bitmap, B = ceil(N / 64) * 8: bit i (byte i / 8,
+ *                     bit i % 8, least significant first) set means feature
+ *                     i is null
+ *     32 + B  8 * N   feature values in schema order: int64 or float64
+ *                     (IEEE 754 binary64) as the view's schema says
+ *
+ * A record is therefore exactly 32 + B + 8 * N bytes. The value slot of a
+ * null feature holds unspecified bytes.
+ *
+ * The view schema, stored in the LMDB database "__schemas__" under the view
+ * name (UTF-8 bytes), schema layout version 1:
+ *
+ *     0       1       schema layout version (1)
+ *     1       1       key type: 0 int64, 1 string
+ *     2       2       feature count N (uint16)
+ *     4       4       view version (uint32)
+ *     8       ...     N entries: value type (1 byte: 0 int64, 1 float64),
+ *                     name length L (1 byte), L bytes of UTF-8 name
+ *
+ * Records live in the LMDB database "view:<view name>". Keys: an int64
+ * entity key is 8 bytes big-endian of (key XOR 2^63), so byte order matches
+ * numeric order; a string key is its UTF-8 bytes.
+ */
+#ifndef TALLY_H
+#define TALLY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** @defgroup version Version
+ * The header's version; #tally_version gives the library's at run time.
+ * @{ */
+#define TALLY_VERSION_MAJOR 0
+#define TALLY_VERSION_MINOR 1
+#define TALLY_VERSION_PATCH 0
+/** MAJOR * 10000 + MINOR * 100 + PATCH, for preprocessor comparisons. */
+#define TALLY_VERSION_NUMBER \
+    (TALLY_VERSION_MAJOR * 10000 + TALLY_VERSION_MINOR * 100 + TALLY_VERSION_PATCH)
+/** The record and schema layout versions this library reads. */
+#define TALLY_RECORD_LAYOUT_VERSION 1
+#define TALLY_SCHEMA_LAYOUT_VERSION 1
+/** @} */
+
+/** Symbol visibility: the library is built with -fvisibility=hidden. */
+#if defined(_WIN32)
+#  define TALLY_API
+#elif defined(__GNUC__) && __GNUC__ >= 4
+#  define TALLY_API __attribute__((visibility("default")))
+#else
+#  define TALLY_API
+#endif
+
+/** @defgroup errors Return codes
+ * 0 is success. Tally's own codes lie in -30599..-30500, clear of LMDB's
+ * (-30799..-30700) and of errno values (positive).
+ * @{ */
+#define TALLY_SUCCESS   0
+/** The view has no record for this key (not an error for a server). */
+#define TALLY_NOTFOUND  (-30500)
+/** The store has no view of this name. */
+#define TALLY_ENOVIEW   (-30501)
+/** An invalid argument: a NULL pointer, or a key of the wrong type for the
+ * view (tally_get_int64 on a string-keyed view, and the reverse). */
+#define TALLY_EINVAL    (-30502)
+/** Stored bytes do not follow the layout: a truncated record or schema, an
+ * unknown key or value type. */
+#define TALLY_ECORRUPT  (-30503)
+/** A well-formed record that disagrees with the view's schema as read by
+ * #tally_view_open (feature count or size): the view was most likely
+ * redefined since; close the view and open it again. */
+#define TALLY_ESCHEMA   (-30504)
+/** A record or schema layout version this library does not read; a newer
+ * writer needs a newer libtally. */
+#define TALLY_ELAYOUT   (-30505)
+/** More views opened than the store allows (#TALLY_MAX_VIEWS). */
+#define TALLY_EVIEWS    (-30506)
+/** @} */
+
+/** How many distinct views one #tally_store can open. */
+#define TALLY_MAX_VIEWS 255
+
+/** Key types of a view (the schema's key type byte). */
+#define TALLY_KEY_INT64  0
+#define TALLY_KEY_STRING 1
+
+/** Value types of a feature (the schema's value type byte). */
+#define TALLY_INT64   0
+#define TALLY_FLOAT64 1
+
+/** Header values meaning "none" (see the record layout). */
+#define TALLY_EVENT_TIME_NONE  INT64_MIN
+#define TALLY_VALID_FOREVER    INT64_MAX
+
+/** An open online store (one LMDB environment). Opaque. */
+typedef struct tally_store tally_store;
+/** One feature view's schema and database. Opaque, immutable once open. */
+typedef struct tally_view tally_view;
+/** A read transaction: one snapshot of the store. Opaque. */
+typedef struct tally_txn tally_txn;
+
+/** One record, as a pointer into the memory map plus the view that decodes
+ * it. Declared here only so that callers can place records on the stack or
+ * in arrays: never read or write its members, use the accessors. A record
+ * is valid from a successful get until its transaction is reset, renewed or
+ * ended, and while its view is open. It owns nothing and needs no freeing. */
+typedef struct tally_record {
+    const unsigned char *priv_data;
+    const tally_view *priv_view;
+} tally_record;
+
+/** @brief The library's version, which may differ from the header's.
+ * @param[out] major, minor, patch Filled with the version if not NULL.
+ * @return A static string such as "libtally 0.1.0"; never free it. */
+TALLY_API const char *tally_version(int *major, int *minor, int *patch);
+
+/** @brief A description of a return code: Tally's, LMDB's or an errno value.
+ * @return A static, never NULL, non-empty string; never free it. */
+TALLY_API const char *tally_strerror(int err);
+
+/** @defgroup store Store
+ * @{ */
+
+/** @brief Open an online store read-only.
+ *
+ * @param[in] path The store's directory (the one holding data.mdb and
+ *     lock.mdb). The caller needs write access to lock.mdb, as every LMDB
+ *     reader does (on a read-only file system the lock file is skipped).
+ * @param[out] out Receives the new store; close it with #tally_store_close.
+ * @return 0, or ENOENT (no store at path), EACCES, ENOMEM, TALLY_EINVAL,
+ *     or an LMDB code such as MDB_INVALID (not an LMDB file) or
+ *     MDB_VERSION_MISMATCH. On failure *out is set to NULL.
+ */
+TALLY_API int tally_store_open(const char *path, tally_store **out);
+
+/** @brief Close a store and free it. Every view and transaction opened on
+ * it must be closed or ended first; every record read from it becomes
+ * invalid. NULL is ignored. */
+TALLY_API void tally_store_close(tally_store *store);
+
+/** @} */
+
+/** @defgroup view View
+ * @{ */
+
+/** @brief Open a view: read its schema and find its database.
+ *
+ * The schema is read once: if the writer later redefines the view, lookups
+ * report #TALLY_ESCHEMA until the view is opened again. A view may be used
+ * with any transaction begun or renewed after this call returns.
+ * Thread-safe (serialised internally).
+ *
+ * @param[in] store An open store.
+ * @param[in] view_name The view's name, NUL-terminated UTF-8.
+ * @param[out] out Receives the view; close it with #tally_view_close before
+ *     closing the store. It may be shared between threads.
+ * @return 0, TALLY_ENOVIEW, TALLY_ECORRUPT or TALLY_ELAYOUT (a bad schema),
+ *     TALLY_EVIEWS, TALLY_EINVAL, ENOMEM, or an LMDB code. On failure *out
+ *     is set to NULL.
+ */
+TALLY_API int tally_view_open(tally_store *store, const char *view_name, tally_view **out);
+
+/** @brief Free a view. Records read through it become invalid. NULL is
+ * ignored. */
+TALLY_API void tally_view_close(tally_view *view);
+
+/** @brief The view's name as passed to #tally_view_open; owned by the view,
+ * valid until it is closed. */
+TALLY_API const char *tally_view_name(const tally_view *view);
+
+/** @brief The view's version from its schema. */
+TALLY_API uint32_t tally_view_version(const tally_view *view);
+
+/** @brief #TALLY_KEY_INT64 or #TALLY_KEY_STRING. */
+TALLY_API int tally_view_key_type(const tally_view *view);
+
+/** @brief The number of features N (0..65535). */
+TALLY_API size_t tally_view_feature_count(const tally_view *view);
+
+/** @brief The size in bytes of every record of this view, 32 + B + 8 * N. */
+TALLY_API size_t tally_view_record_size(const tally_view *view);
+
+/** @brief Feature i's name, NUL-terminated UTF-8, owned by the view and
+ * valid until it is closed; NULL if i >= N. */
+TALLY_API const char *tally_view_feature_name(const tally_view *view, size_t i);
+
+/** @brief Feature i's type: #TALLY_INT64 or #TALLY_FLOAT64; TALLY_EINVAL
+ * if i >= N. */
+TALLY_API int tally_view_feature_type(const tally_view *view, size_t i);
+
+/** @brief The index of the first feature called name, or TALLY_NOTFOUND.
+ * Linear in N: look names up once, not per request. */
+TALLY_API int tally_view_feature_index(const tally_view *view, const char *name);
+
+/** @} */
+
+/** @defgroup txn Read transactions
+ * @{ */
+
+/** @brief Begin a read transaction on the newest committed snapshot.
+ *
+ * If the writer grew the map beyond this process's mapping, the store
+ * adopts the new size itself when no other transaction of it is live;
+ * otherwise MDB_MAP_RESIZED is returned: reset or end the others, retry.
+ *
+ * @param[out] out Receives the transaction; end it with #tally_txn_end.
+ * @return 0, ENOMEM, TALLY_EINVAL, or an LMDB code such as MDB_READERS_FULL
+ *     (all reader slots in use) or MDB_MAP_RESIZED. On failure *out is set
+ *     to NULL.
+ */
+TALLY_API int tally_txn_begin(tally_store *store, tally_txn **out);
+
+/** @brief Release the transaction's snapshot but keep its reader slot, so
+ * that #tally_txn_renew is cheap (no allocation, no lock of the reader
+ * table). Every record read through it becomes invalid. Resetting a reset
+ * transaction does nothing. Long-lived snapshots make the writer's file
+ * grow: reset between requests. */
+TALLY_API void tally_txn_reset(tally_txn *txn);
+
+/** @brief Take a new snapshot in a reset transaction (see #tally_txn_begin
+ * for MDB_MAP_RESIZED). Renewing a live transaction resets it first. On
+ * failure the transaction stays reset and may be renewed again.
+ * @return 0, TALLY_EINVAL, or an LMDB code. */
+TALLY_API int tally_txn_renew(tally_txn *txn);
+
+/** @brief End the transaction and free it; every record read through it
+ * becomes invalid. NULL is ignored. */
+TALLY_API void tally_txn_end(tally_txn *txn);
+
+/** @} */
+
+/** @defgroup get Lookups
+ * On success the record points into the memory map: no copy is made. The
+ * bytes belong to the store; do not modify them (the map is read-only: a
+ * write faults). They stay valid until the transaction is reset, renewed
+ * or ended. Each record is checked against the view before it is returned:
+ * layout version (TALLY_ELAYOUT), feature count and size (TALLY_ESCHEMA).
+ * The record's view version is not checked; read it with
+ * #tally_record_view_version.
+ * @{ */
+
+/** @brief Look up an int64 entity key in an int64-keyed view.
+ * @param[out] out Filled on success; left untouched otherwise.
+ * @return 0, TALLY_NOTFOUND, TALLY_EINVAL (a NULL argument, a string-keyed
+ *     view or a reset transaction), TALLY_ESCHEMA, TALLY_ELAYOUT, or an
+ *     LMDB code (MDB_BAD_DBI: the view was opened after the transaction
+ *     began; renew it).
+ */
+TALLY_API int tally_get_int64(tally_txn *txn, const tally_view *view, int64_t key,
+                              tally_record *out);
+
+/** @brief Look up a string entity key (len bytes of UTF-8, not necessarily
+ * NUL-terminated) in a string-keyed view. A key that LMDB cannot store
+ * (empty, or longer than its key limit of 511 bytes) is TALLY_NOTFOUND.
+ * @return As #tally_get_int64, with TALLY_EINVAL for an int64-keyed view.
+ */
+TALLY_API int tally_get_string(tally_txn *txn, const tally_view *view, const char *key,
+                               size_t len, tally_record *out);
+
+/** @brief Look up n int64 keys in one snapshot.
+ * @param[in] keys n keys.
+ * @param[out] out n records; out[i] is filled where status[i] == 0.
+ * @param[out] status n codes, one per key, as #tally_get_int64 returns.
+ * @return 0 if every status is 0 or TALLY_NOTFOUND, else the first other
+ *     status (every status is filled all the same), or TALLY_EINVAL for a
+ *     NULL argument or a string-keyed view (then no status is filled). */
+TALLY_API int tally_get_many_int64(tally_txn *txn, const tally_view *view,
+                                   const int64_t *keys, size_t n,
+                                   tally_record *out, int *status);
+
+/** @brief Look up n string keys in one snapshot: key i is keys[i], lens[i]
+ * bytes. Returns and fills as #tally_get_many_int64. */
+TALLY_API int tally_get_many_string(tally_txn *txn, const tally_view *view,
+                                    const char *const *keys, const size_t *lens, size_t n,
+                                    tally_record *out, int *status);
+
+/** @} */
+
+/** @defgroup record Record accessors
+ * All take a record filled by a successful lookup, whose transaction is
+ * still live. They never fail and never read outside the record.
+ * @{ */
+
+/** @brief 1 if feature i is null (or i >= N), else 0. */
+TALLY_API int tally_record_is_null(const tally_record *rec, size_t i);
+
+/** @brief Feature i's value if it is an int64 feature; 0 if i >= N or the
+ * feature is float64. A null feature's value is unspecified: check
+ * #tally_record_is_null first. */
+TALLY_API int64_t tally_record_int64(const tally_record *rec, size_t i);
+
+/** @brief Feature i's value if it is a float64 feature; NaN if it is null,
+ * if i >= N or if the feature is int64. */
+TALLY_API double tally_record_float64(const tally_record *rec, size_t i);
+
+/** @brief The entity's newest event time, epoch ms, or
+ * #TALLY_EVENT_TIME_NONE (INT64_MIN). */
+TALLY_API int64_t tally_record_event_time(const tally_record *rec);
+
+/** @brief When the record was written, epoch ms. */
+TALLY_API int64_t tally_record_write_time(const tally_record *rec);
+
+/** @brief When a windowed value in the record changes by expiry alone,
+ * epoch ms, or #TALLY_VALID_FOREVER (INT64_MAX). */
+TALLY_API int64_t tally_record_valid_until(const tally_record *rec);
+
+/** @brief The view version the record was written under. */
+TALLY_API uint32_t tally_record_view_version(const tally_record *rec);
+
+/** @brief The record's bytes, laid out as described at the top of this
+ * header; *size (if size is not NULL) receives tally_view_record_size().
+ * Owned by the store, read-only, valid as the record is. */
+TALLY_API const void *tally_record_data(const tally_record *rec, size_t *size);
+
+/** @} */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TALLY_H */

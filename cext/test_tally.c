@@ -1,0 +1,351 @@
+/* test_tally.c - a plain C test of libtally, in the manner of LMDB's mtest.c.
+ *
+ *   test_tally STORE VIEW              < keys
+ *       Checks the API's error paths, then looks up every key (one per line
+ *       on stdin; decimal for an int64 view, raw bytes for a string view)
+ *       and prints, tab-separated, for the Python test to compare with the
+ *       Python reader:
+ *           view     NAME VERSION int64|string N RECORD_SIZE
+ *           feature  I NAME int64|float64                        (N lines)
+ *           record   KEY notfound
+ *           record   KEY FIELD VALUE|null      (_event_time, _write_time,
+ *                    _valid_until, _view_version, then every feature)
+ *       Floats print as %.17g, NaN as "nan"; _event_time INT64_MIN and
+ *       _valid_until INT64_MAX print as "null", as the Python reader's None.
+ *
+ *   test_tally STORE VIEW --watch SNAPSHOTS   < keys
+ *       For a writer that keeps rewriting every key, in one transaction,
+ *       with a counter c: features (c, -c, c / 2.0) and event time c.
+ *       Checks in every snapshot that no record is torn, that every key
+ *       has the same c (one snapshot never mixes two writes) and that c
+ *       never goes back; prints "watch ok SNAPSHOTS RECORDS MIN_C MAX_C".
+ *
+ * Exits 0 when every check passed, 1 on the first failure (with a message
+ * on stderr naming the failed expression).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tally.h"
+
+#define CHECK(test, msg) \
+    ((test) ? (void)0 : ((void)fprintf(stderr, "%s:%d: %s: %s\n", \
+        __FILE__, __LINE__, msg, tally_strerror(rc)), abort_test()))
+/* E(expr): expr must return 0 */
+#define E(expr) CHECK((rc = (expr)) == 0, #expr)
+/* R(code, expr): expr must return code */
+#define R(code, expr) CHECK((rc = (expr)) == (code), #expr " != " #code)
+
+static void abort_test(void)
+{
+    exit(1);
+}
+
+typedef struct {
+    char **keys;
+    size_t *lens;
+    int64_t *ints;
+    size_t n;
+} key_list;
+
+static void read_keys(FILE *in, int key_type, key_list *kl)
+{
+    char line[4096];
+    size_t cap = 0;
+    int rc = 0;
+    memset(kl, 0, sizeof *kl);
+    while (fgets(line, sizeof line, in)) {
+        size_t len = strlen(line);
+        if (len && line[len - 1] == '\n') line[--len] = '\0';
+        if (kl->n == cap) {
+            cap = cap ? cap * 2 : 64;
+            kl->keys = (char **)realloc(kl->keys, cap * sizeof *kl->keys);
+            kl->lens = (size_t *)realloc(kl->lens, cap * sizeof *kl->lens);
+            kl->ints = (int64_t *)realloc(kl->ints, cap * sizeof *kl->ints);
+            CHECK(kl->keys && kl->lens && kl->ints, "out of memory");
+        }
+        kl->keys[kl->n] = (char *)malloc(len + 1);
+        CHECK(kl->keys[kl->n] != NULL, "out of memory");
+        memcpy(kl->keys[kl->n], line, len + 1);
+        kl->lens[kl->n] = len;
+        if (key_type == TALLY_KEY_INT64) {
+            char *end;
+            errno = 0;
+            kl->ints[kl->n] = strtoll(line, &end, 10);
+            CHECK(errno == 0 && *end == '\0' && len > 0, "bad int64 key on stdin");
+        }
+        kl->n++;
+    }
+}
+
+static void free_keys(key_list *kl)
+{
+    size_t i;
+    for (i = 0; i < kl->n; i++) free(kl->keys[i]);
+    free(kl->keys);
+    free(kl->lens);
+    free(kl->ints);
+}
+
+static int get_one(tally_txn *txn, tally_view *view, const key_list *kl, size_t i,
+                   tally_record *rec)
+{
+    if (tally_view_key_type(view) == TALLY_KEY_INT64)
+        return tally_get_int64(txn, view, kl->ints[i], rec);
+    return tally_get_string(txn, view, kl->keys[i], kl->lens[i], rec);
+}
+
+static void print_float(double v)
+{
+    if (isnan(v)) printf("nan");
+    else printf("%.17g", v);
+}
+
+static void print_record(const tally_view *view, const char *key, const tally_record *rec)
+{
+    size_t i, n = tally_view_feature_count(view);
+    int64_t t;
+    t = tally_record_event_time(rec);
+    if (t == TALLY_EVENT_TIME_NONE) printf("record\t%s\t_event_time\tnull\n", key);
+    else printf("record\t%s\t_event_time\t%" PRId64 "\n", key, t);
+    printf("record\t%s\t_write_time\t%" PRId64 "\n", key, tally_record_write_time(rec));
+    t = tally_record_valid_until(rec);
+    if (t == TALLY_VALID_FOREVER) printf("record\t%s\t_valid_until\tnull\n", key);
+    else printf("record\t%s\t_valid_until\t%" PRId64 "\n", key, t);
+    printf("record\t%s\t_view_version\t%" PRIu32 "\n", key, tally_record_view_version(rec));
+    for (i = 0; i < n; i++) {
+        printf("record\t%s\t%s\t", key, tally_view_feature_name(view, i));
+        if (tally_record_is_null(rec, i)) printf("null");
+        else if (tally_view_feature_type(view, i) == TALLY_INT64)
+            printf("%" PRId64, tally_record_int64(rec, i));
+        else print_float(tally_record_float64(rec, i));
+        printf("\n");
+    }
+}
+
+/* The API's answers to bad calls, independent of the data. */
+static void check_error_paths(const char *path, tally_store *store, tally_view *view)
+{
+    static const int codes[] = {TALLY_SUCCESS, TALLY_NOTFOUND, TALLY_ENOVIEW, TALLY_EINVAL,
+                                TALLY_ECORRUPT, TALLY_ESCHEMA, TALLY_ELAYOUT, TALLY_EVIEWS,
+                                -30798 /* MDB_NOTFOUND */, ENOENT, ENOMEM, 987654};
+    tally_store *bad_store = (tally_store *)&bad_store;
+    tally_view *bad_view = (tally_view *)&bad_view;
+    tally_txn *txn;
+    tally_record rec;
+    size_t i, n = tally_view_feature_count(view);
+    int major = -1, minor = -1, patch = -1, rc = 0, st = 0;
+    char missing[4096];
+
+    CHECK(strlen(tally_version(&major, &minor, &patch)) > 0, "tally_version string");
+    CHECK(major == TALLY_VERSION_MAJOR && minor == TALLY_VERSION_MINOR &&
+          patch == TALLY_VERSION_PATCH, "tally_version numbers");
+    for (i = 0; i < sizeof codes / sizeof codes[0]; i++)
+        CHECK(tally_strerror(codes[i]) && tally_strerror(codes[i])[0], "tally_strerror");
+    CHECK(strcmp(tally_strerror(TALLY_ENOVIEW), tally_strerror(TALLY_NOTFOUND)) != 0,
+          "distinct messages");
+
+    /* no store here: errno passed through, *out cleared */
+    snprintf(missing, sizeof missing, "%s/no-such-dir", path);
+    rc = tally_store_open(missing, &bad_store);
+    CHECK(rc == ENOENT && bad_store == NULL, "open of a missing store gives ENOENT");
+    R(TALLY_EINVAL, tally_store_open(NULL, &bad_store));
+    R(TALLY_EINVAL, tally_store_open(path, NULL));
+
+    R(TALLY_ENOVIEW, tally_view_open(store, "no such view", &bad_view));
+    CHECK(bad_view == NULL, "failed view open clears *out");
+    R(TALLY_ENOVIEW, tally_view_open(store, "", &bad_view));
+    R(TALLY_EINVAL, tally_view_open(store, NULL, &bad_view));
+
+    /* schema accessors */
+    CHECK(tally_view_feature_name(view, n) == NULL, "feature_name(N) is NULL");
+    R(TALLY_EINVAL, tally_view_feature_type(view, n));
+    R(TALLY_NOTFOUND, tally_view_feature_index(view, "no such feature"));
+    for (i = 0; i < n; i++) {
+        int at = tally_view_feature_index(view, tally_view_feature_name(view, i));
+        CHECK(at >= 0 && at <= (int)i, "feature_index finds the feature by name");
+        CHECK(strcmp(tally_view_feature_name(view, (size_t)at),
+                     tally_view_feature_name(view, i)) == 0, "feature_index name");
+        rc = tally_view_feature_type(view, i);
+        CHECK(rc == TALLY_INT64 || rc == TALLY_FLOAT64, "feature type");
+    }
+    CHECK(tally_view_record_size(view) == 32 + (n + 63) / 64 * 8 + 8 * n, "record size");
+    CHECK(strcmp(tally_view_name(view), tally_view_name(view)) == 0, "view name");
+
+    /* lookups with wrong arguments */
+    E(tally_txn_begin(store, &txn));
+    if (tally_view_key_type(view) == TALLY_KEY_INT64) {
+        R(TALLY_EINVAL, tally_get_string(txn, view, "1", 1, &rec));
+        R(TALLY_EINVAL, tally_get_int64(txn, view, 1, NULL));
+        R(TALLY_EINVAL, tally_get_int64(NULL, view, 1, &rec));
+        R(TALLY_EINVAL, tally_get_many_int64(txn, view, NULL, 1, &rec, &st));
+    } else {
+        int64_t one = 1;
+        R(TALLY_EINVAL, tally_get_int64(txn, view, 1, &rec));
+        R(TALLY_EINVAL, tally_get_many_int64(txn, view, &one, 1, &rec, &st));
+        R(TALLY_EINVAL, tally_get_string(txn, view, NULL, 1, &rec));
+        R(TALLY_NOTFOUND, tally_get_string(txn, view, "", 0, &rec));
+        memset(missing, 'x', sizeof missing);
+        R(TALLY_NOTFOUND, tally_get_string(txn, view, missing, sizeof missing, &rec));
+    }
+    /* a reset transaction refuses lookups until renewed */
+    tally_txn_reset(txn);
+    tally_txn_reset(txn);
+    if (tally_view_key_type(view) == TALLY_KEY_INT64)
+        R(TALLY_EINVAL, tally_get_int64(txn, view, 1, &rec));
+    else
+        R(TALLY_EINVAL, tally_get_string(txn, view, "1", 1, &rec));
+    E(tally_txn_renew(txn));
+    E(tally_txn_renew(txn));            /* renewing a live txn resets it first */
+    tally_txn_end(txn);
+    tally_txn_end(NULL);
+    tally_view_close(NULL);
+    tally_store_close(NULL);
+}
+
+static int dump(const char *path, const char *view_name)
+{
+    tally_store *store;
+    tally_view *view, *again;
+    tally_txn *txn;
+    tally_record rec, *many;
+    key_list kl;
+    int rc = 0, *status, first;
+    size_t i, n, size;
+    char key[64];
+
+    E(tally_store_open(path, &store));
+    E(tally_view_open(store, view_name, &view));
+    check_error_paths(path, store, view);
+
+    n = tally_view_feature_count(view);
+    printf("view\t%s\t%" PRIu32 "\t%s\t%lu\t%lu\n", tally_view_name(view),
+           tally_view_version(view),
+           tally_view_key_type(view) == TALLY_KEY_INT64 ? "int64" : "string",
+           (unsigned long)n, (unsigned long)tally_view_record_size(view));
+    for (i = 0; i < n; i++)
+        printf("feature\t%lu\t%s\t%s\n", (unsigned long)i, tally_view_feature_name(view, i),
+               tally_view_feature_type(view, i) == TALLY_INT64 ? "int64" : "float64");
+
+    read_keys(stdin, tally_view_key_type(view), &kl);
+    many = (tally_record *)calloc(kl.n + 1, sizeof *many);
+    status = (int *)calloc(kl.n + 1, sizeof *status);
+    CHECK(many && status, "out of memory");
+
+    E(tally_txn_begin(store, &txn));
+    if (tally_view_key_type(view) == TALLY_KEY_INT64)
+        first = tally_get_many_int64(txn, view, kl.ints, kl.n, many, status);
+    else
+        first = tally_get_many_string(txn, view, (const char *const *)kl.keys, kl.lens,
+                                      kl.n, many, status);
+    rc = first;
+    CHECK(first == 0, "get_many: no hard error");
+    for (i = 0; i < kl.n; i++) {
+        const char *shown = kl.keys[i];
+        rc = get_one(txn, view, &kl, i, &rec);
+        CHECK(rc == 0 || rc == TALLY_NOTFOUND, "get");
+        CHECK(rc == status[i], "get_many status equals get");
+        if (tally_view_key_type(view) == TALLY_KEY_INT64) {
+            snprintf(key, sizeof key, "%" PRId64, kl.ints[i]);
+            shown = key;
+        }
+        if (rc == TALLY_NOTFOUND) {
+            printf("record\t%s\tnotfound\n", shown);
+            continue;
+        }
+        CHECK(tally_record_data(&rec, &size) == tally_record_data(&many[i], NULL),
+              "get_many points at the same bytes (zero copy)");
+        CHECK(size == tally_view_record_size(view), "record_data size");
+        CHECK(tally_record_is_null(&rec, n) == 1, "is_null(N) is 1");
+        CHECK(tally_record_int64(&rec, n) == 0, "int64(N) is 0");
+        CHECK(isnan(tally_record_float64(&rec, n)), "float64(N) is NaN");
+        print_record(view, shown, &rec);
+    }
+    rc = 0;
+
+    /* a second handle on the same view, used after a renew, reads the same */
+    E(tally_view_open(store, view_name, &again));
+    E(tally_txn_renew(txn));
+    for (i = 0; i < kl.n; i++) {
+        rc = get_one(txn, again, &kl, i, &rec);
+        CHECK(rc == status[i], "same answer after renew");
+        rc = 0;
+    }
+    tally_view_close(again);
+    tally_txn_end(txn);
+
+    free(many);
+    free(status);
+    free_keys(&kl);
+    tally_view_close(view);
+    tally_store_close(store);
+    return 0;
+}
+
+static int watch(const char *path, const char *view_name, long snapshots)
+{
+    tally_store *store;
+    tally_view *view;
+    tally_txn *txn;
+    tally_record rec;
+    key_list kl;
+    int64_t *last, min_counter = INT64_MAX, max_counter = INT64_MIN, snap_counter;
+    long s, records = 0;
+    size_t i;
+    int rc = 0;
+
+    E(tally_store_open(path, &store));
+    E(tally_view_open(store, view_name, &view));
+    CHECK(tally_view_feature_count(view) == 3 &&
+          tally_view_feature_type(view, 0) == TALLY_INT64 &&
+          tally_view_feature_type(view, 1) == TALLY_INT64 &&
+          tally_view_feature_type(view, 2) == TALLY_FLOAT64, "watch needs (int, int, float)");
+    read_keys(stdin, tally_view_key_type(view), &kl);
+    last = (int64_t *)calloc(kl.n + 1, sizeof *last);
+    CHECK(last != NULL, "out of memory");
+    E(tally_txn_begin(store, &txn));
+    for (s = 0; s < snapshots; s++) {
+        snap_counter = INT64_MIN;
+        for (i = 0; i < kl.n; i++) {
+            int64_t c;
+            rc = get_one(txn, view, &kl, i, &rec);
+            if (rc == TALLY_NOTFOUND) continue;
+            CHECK(rc == 0, "watch get");
+            c = tally_record_int64(&rec, 0);
+            CHECK(!tally_record_is_null(&rec, 0) && !tally_record_is_null(&rec, 1) &&
+                  !tally_record_is_null(&rec, 2), "no nulls");
+            CHECK(tally_record_int64(&rec, 1) == -c, "torn record: f1 != -f0");
+            CHECK(tally_record_float64(&rec, 2) == (double)c / 2.0, "torn record: f2");
+            CHECK(tally_record_event_time(&rec) == c, "torn record: event time");
+            CHECK(c >= last[i], "a key's counter went back");
+            if (snap_counter == INT64_MIN) snap_counter = c;
+            CHECK(c == snap_counter, "one snapshot mixes two writes");
+            last[i] = c;
+            if (c > max_counter) max_counter = c;
+            if (c < min_counter) min_counter = c;
+            records++;
+        }
+        E(tally_txn_renew(txn));
+    }
+    tally_txn_end(txn);
+    printf("watch ok %ld %ld %" PRId64 " %" PRId64 "\n", snapshots, records, min_counter,
+           max_counter);
+    free(last);
+    free_keys(&kl);
+    tally_view_close(view);
+    tally_store_close(store);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 3) return dump(argv[1], argv[2]);
+    if (argc == 5 && strcmp(argv[3], "--watch") == 0)
+        return watch(argv[1], argv[2], atol(argv[4]));
+    fprintf(stderr, "usage: %s STORE VIEW [--watch SNAPSHOTS] < keys\n", argv[0]);
+    return 2;
+}

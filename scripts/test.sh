@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up and run the test suite (unit, property and real-broker integration
+# tests). Extra arguments go to pytest, e.g. scripts/test.sh -k arena.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec "${PYTHON:-python3}" -m pytest -m "not slow" --timeout 900 "$@"

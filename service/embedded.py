@@ -1,0 +1,298 @@
+"""The embedded reader: Tally's C API (``cext/``, libtally) driven from Python
+through ctypes, for a process that serves features without the Python LMDB
+binding, and as the Python twin that tests the C library.
+
+``EmbeddedReader(path).get(view, key)`` answers exactly as
+``LmdbStore.get`` does (same dict, same None for a missing entity), but the
+lookup, the key encoding and the record checks run in libtally: each call
+takes a fresh snapshot (``tally_txn_renew``), finds the record, copies its
+bytes out of the memory map and releases the snapshot (``tally_txn_reset``)
+before decoding them here.
+
+The library is built by ``setup.py`` as ``tally/_libtally.<abi>.so`` (a plain
+C shared library, never imported); ``TALLY_LIBTALLY=/path/to/libtally.so``
+overrides it, e.g. with ``cext/build/libtally.so`` from ``make -C cext``.
+
+As with LMDB itself, open a store once per process: do not keep an
+``EmbeddedReader`` and an ``LmdbStore`` on the same path open together in one
+process (another process may write meanwhile, that is the point).
+"""
+import ctypes
+import importlib.util
+import os
+import struct
+import threading
+
+import numpy as np
+
+from tally.service.lmdb_store import StoreError
+from tally.service.record import INT64_MAX, INT64_MIN, RecordError
+
+# Return codes, as in cext/tally.h.
+TALLY_NOTFOUND = -30500
+TALLY_ENOVIEW = -30501
+TALLY_EINVAL = -30502
+TALLY_ECORRUPT = -30503
+TALLY_ESCHEMA = -30504
+TALLY_ELAYOUT = -30505
+TALLY_EVIEWS = -30506
+TALLY_KEY_INT64, TALLY_KEY_STRING = 0, 1
+_VALUE_CODES = {0: "q", 1: "d"}          # TALLY_INT64, TALLY_FLOAT64
+_ENOENT = 2
+
+
+class LibtallyError(OSError):
+    """A failure reported by libtally with no closer Python meaning (an LMDB
+    or system error); ``errno`` is the library's return code."""
+
+
+class _Record(ctypes.Structure):
+    """tally_record: never read its fields except to copy the bytes out."""
+    _fields_ = [("data", ctypes.c_void_p), ("view", ctypes.c_void_p)]
+
+
+def library_path():
+    """Where libtally is: $TALLY_LIBTALLY, else the one setup.py built."""
+    path = os.environ.get("TALLY_LIBTALLY")
+    if path:
+        return path
+    spec = importlib.util.find_spec("tally._libtally")
+    if spec is None or not spec.origin:
+        raise ImportError("libtally is not built: run `python setup.py build_ext --inplace` "
+                          "(or `pip install -e .`), or set TALLY_LIBTALLY to "
+                          "cext/build/libtally.so after `make -C cext`")
+    return spec.origin
+
+
+_lib = None
+_lib_lock = threading.Lock()
+
+
+def _library():
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            _lib = _declare(ctypes.CDLL(library_path()))
+        return _lib
+
+
+def _declare(lib):
+    p, i, sz, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_int64
+    out = ctypes.POINTER(ctypes.c_void_p)
+    rec = ctypes.POINTER(_Record)
+    signatures = {
+        "tally_version": (ctypes.c_char_p, [ctypes.POINTER(i)] * 3),
+        "tally_strerror": (ctypes.c_char_p, [i]),
+        "tally_store_open": (i, [ctypes.c_char_p, out]),
+        "tally_store_close": (None, [p]),
+        "tally_view_open": (i, [p, ctypes.c_char_p, out]),
+        "tally_view_close": (None, [p]),
+        "tally_view_version": (ctypes.c_uint32, [p]),
+        "tally_view_key_type": (i, [p]),
+        "tally_view_feature_count": (sz, [p]),
+        "tally_view_record_size": (sz, [p]),
+        "tally_view_feature_name": (ctypes.c_char_p, [p, sz]),
+        "tally_view_feature_type": (i, [p, sz]),
+        "tally_txn_begin": (i, [p, out]),
+        "tally_txn_reset": (None, [p]),
+        "tally_txn_renew": (i, [p]),
+        "tally_txn_end": (None, [p]),
+        "tally_get_int64": (i, [p, p, i64, rec]),
+        "tally_get_string": (i, [p, p, ctypes.c_char_p, sz, rec]),
+        "tally_get_many_int64": (i, [p, p, ctypes.POINTER(i64), sz, rec,
+                                     ctypes.POINTER(i)]),
+        "tally_get_many_string": (i, [p, p, ctypes.POINTER(ctypes.c_char_p),
+                                      ctypes.POINTER(sz), sz, rec, ctypes.POINTER(i)]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def library_version():
+    """The loaded libtally's version string, e.g. "libtally 0.1.0"."""
+    return _library().tally_version(None, None, None).decode()
+
+
+def strerror(code):
+    return _library().tally_strerror(code).decode()
+
+
+def _error(code, what):
+    """The exception for a libtally return code (one place, as pyarrow's
+    check_status): the same classes LmdbStore raises where there is one."""
+    message = f"{what}: {strerror(code)}"
+    if code in (TALLY_ECORRUPT, TALLY_ESCHEMA, TALLY_ELAYOUT):
+        return RecordError(message)
+    if code == TALLY_EINVAL:
+        return ValueError(message)
+    return LibtallyError(code, message)
+
+
+class _View:
+    """An open tally_view and what Python needs to decode its records."""
+
+    def __init__(self, lib, handle, name):
+        self.handle = handle
+        self.name = name
+        self.key_type = lib.tally_view_key_type(handle)
+        self.version = lib.tally_view_version(handle)
+        n = lib.tally_view_feature_count(handle)
+        self.names = [lib.tally_view_feature_name(handle, i).decode() for i in range(n)]
+        types = [lib.tally_view_feature_type(handle, i) for i in range(n)]
+        self.size = lib.tally_view_record_size(handle)
+        bitmap = (n + 63) // 64 * 8
+        # header fields we return, the bitmap, then the values
+        self.layout = struct.Struct(f"<4xIqqq{bitmap}s" + "".join(_VALUE_CODES[t] for t in types))
+        assert self.layout.size == self.size
+
+    def decode(self, raw):
+        version, event_time, write_time, valid_until, bitmap, *values = self.layout.unpack(raw)
+        nulls = int.from_bytes(bitmap, "little")
+        if nulls:
+            result = {name: None if nulls >> i & 1 else value
+                      for i, (name, value) in enumerate(zip(self.names, values))}
+        else:
+            result = dict(zip(self.names, values))
+        result["_event_time"] = None if event_time == INT64_MIN else event_time
+        result["_write_time"] = write_time
+        result["_valid_until"] = None if valid_until == INT64_MAX else valid_until
+        result["_view_version"] = version
+        return result
+
+
+class EmbeddedReader:
+    """A read-only handle on an online store through libtally. Thread-safe:
+    each thread gets its own read transaction."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._lib = _library()
+        handle = ctypes.c_void_p()
+        rc = self._lib.tally_store_open(os.fsencode(self.path), ctypes.byref(handle))
+        if rc == _ENOENT:
+            raise StoreError(f"no online store at {self.path!r}; run the pipeline first "
+                             "or pass the right --store path")
+        if rc:
+            raise _error(rc, f"tally_store_open({self.path!r})")
+        self._store = handle.value
+        self._views = {}
+        self._txns = []                 # every thread's transaction, to end on close
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def close(self):
+        if self._store is None:
+            return
+        with self._lock:
+            for txn in self._txns:
+                self._lib.tally_txn_end(txn)
+            for view in self._views.values():
+                self._lib.tally_view_close(view.handle)
+            self._lib.tally_store_close(self._store)
+            self._txns, self._views, self._store = [], {}, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _view(self, name):
+        view = self._views.get(name)
+        if view is not None:
+            return view
+        if self._store is None:
+            raise ValueError("EmbeddedReader is closed")
+        with self._lock:
+            if name not in self._views:
+                handle = ctypes.c_void_p()
+                rc = self._lib.tally_view_open(self._store, name.encode(), ctypes.byref(handle))
+                if rc == TALLY_ENOVIEW:
+                    raise StoreError(f"unknown view {name!r} in {self.path!r}")
+                if rc:
+                    raise _error(rc, f"tally_view_open({name!r})")
+                self._views[name] = _View(self._lib, handle.value, name)
+            return self._views[name]
+
+    def _snapshot(self):
+        """This thread's transaction, renewed: a fresh snapshot."""
+        txn = getattr(self._local, "txn", None)
+        if txn is None:
+            handle = ctypes.c_void_p()
+            with self._lock:
+                if self._store is None:
+                    raise ValueError("EmbeddedReader is closed")
+                rc = self._lib.tally_txn_begin(self._store, ctypes.byref(handle))
+                if rc:
+                    raise _error(rc, "tally_txn_begin")
+                self._txns.append(handle.value)
+            txn = self._local.txn = handle.value
+            return txn
+        rc = self._lib.tally_txn_renew(txn)
+        if rc:
+            raise _error(rc, "tally_txn_renew")
+        return txn
+
+    def schema_names(self, view):
+        """The view's feature names, in schema order."""
+        return list(self._view(view).names)
+
+    def get(self, view, key):
+        """The decoded record for ``key``, or None if the entity has none."""
+        v = self._view(view)
+        record = _Record()
+        txn = self._snapshot()
+        try:
+            if v.key_type == TALLY_KEY_INT64:
+                if not INT64_MIN <= key <= INT64_MAX:     # ctypes would wrap it
+                    raise OverflowError(f"key {key!r} does not fit in an int64")
+                rc = self._lib.tally_get_int64(txn, v.handle, key, ctypes.byref(record))
+            else:
+                raw_key = str(key).encode()
+                rc = self._lib.tally_get_string(txn, v.handle, raw_key, len(raw_key),
+                                                ctypes.byref(record))
+            if rc == TALLY_NOTFOUND:
+                return None
+            if rc:
+                raise _error(rc, f"get {view!r} {key!r}")
+            raw = ctypes.string_at(record.data, v.size)    # copy before the reset
+        finally:
+            self._lib.tally_txn_reset(txn)
+        return v.decode(raw)
+
+    def get_many(self, view, keys):
+        """Decoded records for ``keys`` from one snapshot; None where an
+        entity has no record."""
+        v = self._view(view)
+        n = len(keys)
+        if n == 0:
+            return []
+        records = (_Record * n)()
+        status = (ctypes.c_int * n)()
+        if v.key_type == TALLY_KEY_INT64:
+            ints = np.ascontiguousarray(np.asarray(keys, dtype=np.int64))
+            args = (ints.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), n)
+            call = self._lib.tally_get_many_int64
+        else:
+            raw_keys = [str(k).encode() for k in keys]
+            args = ((ctypes.c_char_p * n)(*raw_keys),
+                    (ctypes.c_size_t * n)(*map(len, raw_keys)), n)
+            call = self._lib.tally_get_many_string
+        txn = self._snapshot()
+        try:
+            rc = call(txn, v.handle, *args, records, status)
+            if rc:
+                raise _error(rc, f"get_many {view!r}")
+            raws = [None if status[i] else ctypes.string_at(records[i].data, v.size)
+                    for i in range(n)]
+        finally:
+            self._lib.tally_txn_reset(txn)
+        return [None if raw is None else v.decode(raw) for raw in raws]

@@ -1,0 +1,30 @@
+"""From view state to online records: what the pipeline writes after each batch."""
+import numpy as np
+
+from tally.core.view import EVENT_TIME
+from tally.service.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
+
+
+def online_schema(view, version=1) -> ViewSchema:
+    features = tuple((f.name, "int64" if f.aggregation == "count" else "float64")
+                     for f in view.features)
+    return ViewSchema(view.name, version, view.entity.key_type, features)
+
+
+def next_expiry(view, as_of):
+    """The first time after ``as_of`` at which a windowed value of the view can
+    change without a new event: the next hop boundary of its windows."""
+    hops = [f.window.hop_ms for f in view.features if f.window.size_ms]
+    if not hops:
+        return INT64_MAX
+    return min((as_of // hop + 1) * hop for hop in hops)
+
+
+def records_for(state, schema, slots, as_of, write_time):
+    """Online records of ``slots`` as of ``as_of``: a (len(slots), size) uint8 array."""
+    values = state.read(slots, as_of)
+    event_time, has_event = values.pop(EVENT_TIME)
+    event_time = np.where(has_event, event_time, 0).astype(np.int64)
+    event_time[~has_event] = INT64_MIN
+    valid_until = np.full(len(slots), next_expiry(state.view, as_of), dtype=np.int64)
+    return encode_records(schema, values, event_time, write_time, valid_until)

@@ -1,0 +1,147 @@
+"""Ingestion: a Pulsar topic -> decoded columns -> view state -> online store.
+
+Each batch goes through the same few steps, none of them per event in Python
+beyond taking the payload bytes: receive a batch, decode it into typed columns
+(``tally.core.decode``), fold it into the view state, write the records of the
+entities it touched in one store transaction, send rejected payloads to the
+dead-letter topic, then acknowledge.
+"""
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pulsar
+
+from tally.core.decode import Schema, decode_msgpack_maps
+from tally.core.view import ViewState
+from tally.service.materialize import online_schema, records_for
+
+log = logging.getLogger("tally.pipeline")
+
+
+@dataclass
+class PipelineStats:
+    messages: int = 0
+    events: int = 0
+    rejected: int = 0
+    batches: int = 0
+    reject_reasons: dict = field(default_factory=dict)    # reason -> count
+    started: float = field(default_factory=time.monotonic)
+
+    def record_rejects(self, rejects):
+        self.rejected += len(rejects)
+        for _, reason in rejects:
+            self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + 1
+
+    def summary(self):
+        elapsed = time.monotonic() - self.started
+        return {"messages": self.messages, "events": self.events, "rejected": self.rejected,
+                "batches": self.batches, "seconds": round(elapsed, 3),
+                "events_per_s": round(self.events / elapsed) if elapsed else 0}
+
+
+def dead_letter_topic(topic):
+    return f"{topic}-dlq"
+
+
+class ViewPipeline:
+    """Consumes one view's source topic and keeps its online records fresh."""
+
+    def __init__(self, view, client, store, subscription="tally", version=1,
+                 batch_size=10_000, batch_timeout_ms=50, clock=None):
+        self.view = view
+        self.store = store
+        self.state = ViewState(view)
+        self.schema = online_schema(view, version)
+        self.decode_schema = Schema(list(view.source.schema))
+        self.stats = PipelineStats()
+        self.clock = clock or (lambda: int(time.time() * 1000))
+        store.register_view(self.schema)
+        self.consumer = client.subscribe(
+            view.source.topic, subscription,
+            consumer_type=pulsar.ConsumerType.Failover,
+            initial_position=pulsar.InitialPosition.Earliest,
+            batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
+                batch_size, 64 << 20, batch_timeout_ms))
+        self.dead_letters = client.create_producer(
+            dead_letter_topic(view.source.topic), batching_enabled=True)
+
+    def close(self):
+        self.consumer.close()
+        self.dead_letters.close()
+
+    def receive(self):
+        """One batch of raw messages (blocking up to the batch timeout).
+
+        The raw ``_pulsar`` consumer is used on purpose: the Python wrapper
+        allocates an extra object per message (~0.45 us), a measurable share of
+        the per-event budget."""
+        return self.consumer._consumer.batch_receive()
+
+    def process(self, messages):
+        """Decode, fold, write and acknowledge one batch; returns its event count."""
+        if not messages:
+            return 0
+        payloads = [m.data() for m in messages]
+        batch = decode_msgpack_maps(payloads, self.decode_schema)
+        self._dead_letter(messages, payloads, batch.rejects)
+        if batch.n_rows:
+            touched = self.state.apply(batch.columns)
+            now = self.clock()
+            self.store.write(self.view.name, self.state.index.keys_of(touched),
+                             records_for(self.state, self.schema, touched, now, now))
+        self.dead_letters.flush()
+        # Failover gives this consumer every message of a partition in order,
+        # so one cumulative ack per partition covers the batch.
+        for message in _last_per_partition(messages):
+            self.consumer._consumer.acknowledge_cumulative(message)
+        self.stats.messages += len(messages)
+        self.stats.events += batch.n_rows
+        self.stats.batches += 1
+        self.stats.record_rejects(batch.rejects)
+        return batch.n_rows
+
+    def _dead_letter(self, messages, payloads, rejects):
+        for index, reason in rejects:
+            self.dead_letters.send_async(
+                payloads[index], None,
+                properties={"reason": reason, "source_topic": messages[index].topic_name(),
+                            "message_id": str(messages[index].message_id())})
+
+
+def _last_per_partition(messages):
+    last = {}
+    for message in messages:
+        last[message.topic_name()] = message
+    return last.values()
+
+
+async def run_pipelines(pipelines, until=None, idle_timeout_s=None):
+    """Drive the pipelines on the event loop until ``until(pipelines)`` is true
+    or no message has arrived for ``idle_timeout_s`` seconds.
+
+    Receiving blocks in the Pulsar client (which releases the GIL), so it runs
+    on a thread; decoding and folding run on the loop's thread."""
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(len(pipelines), "tally-receive") as pool:
+        await asyncio.gather(*(_drive(loop, pool, p, pipelines, until, idle_timeout_s)
+                               for p in pipelines))
+
+
+async def _drive(loop, pool, pipeline, pipelines, until, idle_timeout_s):
+    last_message = time.monotonic()
+    while not (until and until(pipelines)):
+        messages = await loop.run_in_executor(pool, pipeline.receive)
+        if messages:
+            pipeline.process(messages)
+            last_message = time.monotonic()
+        elif idle_timeout_s is not None and time.monotonic() - last_message > idle_timeout_s:
+            return
+
+
+def run(pipelines, until=None, idle_timeout_s=None):
+    """Blocking entry point: run the pipelines on uvloop."""
+    import uvloop
+    uvloop.run(run_pipelines(pipelines, until, idle_timeout_s))

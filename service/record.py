@@ -1,0 +1,161 @@
+"""The online record: one per (feature view, entity), shared by every store
+and by the C reader in ``cext/`` (which documents the same layout in tally.h).
+
+Layout version 1, little-endian, all offsets in bytes:
+
+    offset  size    field
+    0       1       layout version (1)
+    1       1       flags (0; reserved)
+    2       2       feature count N (uint16)
+    4       4       view version (uint32)
+    8       8       newest event time of the entity, epoch ms (int64; INT64_MIN: none)
+    16      8       write time, epoch ms (int64)
+    24      8       valid until, epoch ms (int64): the time at which a windowed
+                    value changes by expiry alone; INT64_MAX if none does
+    32      B       null bitmap, B = ceil(N / 64) * 8: bit i (byte i // 8,
+                    bit i % 8) set means feature i is null
+    32 + B  8 * N   feature values in schema order: int64 or float64 as the
+                    view's schema says
+
+A record is a fixed-size function of the state, so rewriting it is idempotent.
+
+The view schema, stored beside the records (key: the view name), is binary
+too, so the C reader needs no JSON parser:
+
+    0       1       schema layout version (1)
+    1       1       key type: 0 int64, 1 string
+    2       2       feature count N (uint16)
+    4       4       view version (uint32)
+    8       ...     N entries: value type (1 byte: 0 int64, 1 float64),
+                    name length L (1 byte), L bytes of UTF-8 name
+Keys: an int64 entity key is 8 bytes big-endian of ``key XOR 2**63`` (byte
+order matches numeric order); a string key is its UTF-8 bytes.
+"""
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+LAYOUT_VERSION = 1
+HEADER = struct.Struct("<BBHIqqq")
+SCHEMA_LAYOUT_VERSION = 1
+SCHEMA_HEADER = struct.Struct("<BBHI")
+KEY_TYPES = ("int64", "string")
+VALUE_TYPES = ("int64", "float64")
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+_SIGN_BIT = np.uint64(1 << 63)
+_HEADER_DTYPE = np.dtype([("layout", "u1"), ("flags", "u1"), ("n_features", "<u2"),
+                          ("view_version", "<u4"), ("event_time", "<i8"),
+                          ("write_time", "<i8"), ("valid_until", "<i8")])
+
+
+class RecordError(ValueError):
+    """A stored record does not match the layout or the view's schema."""
+
+
+@dataclass(frozen=True)
+class ViewSchema:
+    """What a reader needs to decode a view's records; stored beside them."""
+    view: str
+    version: int
+    key_type: str                 # "int64" or "string"
+    features: tuple               # ((name, "int64" | "float64"), ...)
+
+    @property
+    def bitmap_bytes(self):
+        return (len(self.features) + 63) // 64 * 8
+
+    @property
+    def record_size(self):
+        return HEADER.size + self.bitmap_bytes + 8 * len(self.features)
+
+    def to_bytes(self):
+        parts = [SCHEMA_HEADER.pack(SCHEMA_LAYOUT_VERSION, KEY_TYPES.index(self.key_type),
+                                    len(self.features), self.version)]
+        for name, dtype in self.features:
+            encoded = name.encode()
+            if len(encoded) > 255:
+                raise RecordError(f"feature name {name!r} is longer than 255 bytes")
+            parts.append(bytes([VALUE_TYPES.index(dtype), len(encoded)]) + encoded)
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, view, raw):
+        raw = bytes(raw)
+        layout, key_type, n_features, version = SCHEMA_HEADER.unpack_from(raw, 0)
+        if layout != SCHEMA_LAYOUT_VERSION:
+            raise RecordError(f"view {view!r}: schema layout version {layout} is not supported")
+        features, at = [], SCHEMA_HEADER.size
+        for _ in range(n_features):
+            value_type, length = raw[at], raw[at + 1]
+            features.append((raw[at + 2:at + 2 + length].decode(), VALUE_TYPES[value_type]))
+            at += 2 + length
+        return cls(view, version, KEY_TYPES[key_type], tuple(features))
+
+
+def encode_keys(key_type, keys):
+    """Entity keys -> list of bytes keys for the store."""
+    if key_type == "int64":
+        raw = (np.asarray(keys, dtype=np.int64).view(np.uint64) ^ _SIGN_BIT).astype(">u8")
+        blob = raw.tobytes()
+        return [blob[i:i + 8] for i in range(0, len(blob), 8)]
+    return [str(k).encode() for k in keys]
+
+
+def decode_key(key_type, raw):
+    if key_type == "int64":
+        return int((np.frombuffer(raw, dtype=">u8")[0] ^ _SIGN_BIT).astype(np.int64))
+    return bytes(raw).decode()
+
+
+def encode_records(schema, values, event_time, write_time, valid_until):
+    """Records for n entities as one (n, record_size) uint8 array.
+
+    ``values`` maps each feature name to ``(values, valid)`` arrays of length n;
+    ``event_time`` and ``valid_until`` are int64 arrays of length n."""
+    n = len(event_time)
+    header = np.zeros(n, dtype=_HEADER_DTYPE)
+    header["layout"] = LAYOUT_VERSION
+    header["n_features"] = len(schema.features)
+    header["view_version"] = schema.version
+    header["event_time"] = event_time
+    header["write_time"] = write_time
+    header["valid_until"] = valid_until
+    nulls = np.zeros((n, schema.bitmap_bytes * 8), dtype=bool)
+    columns = np.empty((n, len(schema.features)), dtype=np.int64)
+    for i, (name, dtype) in enumerate(schema.features):
+        column, valid = values[name]
+        nulls[:, i] = ~valid
+        columns[:, i] = np.asarray(column, dtype=dtype).view(np.int64)
+    bitmap = np.packbits(nulls, axis=1, bitorder="little")
+    return np.hstack([header.view(np.uint8).reshape(n, HEADER.size), bitmap,
+                      columns.view(np.uint8).reshape(n, 8 * len(schema.features))])
+
+
+def decode_record(schema, raw):
+    """One record's bytes -> dict of feature values (None for nulls) plus the
+    ``_event_time``, ``_write_time`` and ``_valid_until`` header fields."""
+    if len(raw) < HEADER.size:
+        raise RecordError(f"record of {len(raw)} bytes is shorter than its header")
+    layout, _, n_features, version, event_time, write_time, valid_until = \
+        HEADER.unpack_from(raw, 0)
+    if layout != LAYOUT_VERSION:
+        raise RecordError(f"record layout version {layout} is not supported")
+    if n_features != len(schema.features) or len(raw) != schema.record_size:
+        raise RecordError(f"record has {n_features} features and {len(raw)} bytes; "
+                          f"view {schema.view!r} v{schema.version} expects "
+                          f"{len(schema.features)} and {schema.record_size}")
+    bitmap = np.frombuffer(raw, dtype=np.uint8, count=schema.bitmap_bytes, offset=HEADER.size)
+    nulls = np.unpackbits(bitmap, bitorder="little")
+    values_at = HEADER.size + schema.bitmap_bytes
+    result = {}
+    for i, (name, dtype) in enumerate(schema.features):
+        value = np.frombuffer(raw, dtype="<" + np.dtype(dtype).str[1:], count=1,
+                              offset=values_at + 8 * i)[0]
+        result[name] = None if nulls[i] else value.item()
+    result["_event_time"] = None if event_time == INT64_MIN else event_time
+    result["_write_time"] = write_time
+    result["_valid_until"] = None if valid_until == INT64_MAX else valid_until
+    result["_view_version"] = version
+    return result

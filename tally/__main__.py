@@ -1,0 +1,3 @@
+from tally.service.cli import main
+
+main()

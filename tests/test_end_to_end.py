@@ -1,0 +1,96 @@
+"""The first feature end to end against a real broker: Pulsar -> Cython core ->
+LMDB -> lookup, checked against a pandas groupby of the same events."""
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pulsar
+import pytest
+
+from tally.service import pipeline
+from tally.service.lmdb_store import LmdbStore
+from tally.service.producer import EventProducer
+from tally.service.quickstart import generate_events, read_events, user_reading
+
+pytestmark = pytest.mark.pulsar
+
+N_EVENTS = 200_000
+N_USERS = 10_000
+
+
+def view_on(topic):
+    source = dataclasses.replace(read_events, topic=topic)
+    return dataclasses.replace(user_reading, source=source)
+
+
+def produce(client, topic, payloads, keys):
+    producer = EventProducer(client, topic, "user")
+    for payload, key in zip(payloads, keys):
+        producer.send_payload(payload, key)
+    producer.close()
+
+
+def consume_all(view, client, store, n_messages):
+    reader = pipeline.ViewPipeline(view, client, store, batch_timeout_ms=20)
+    pipeline.run([reader], until=lambda ps: ps[0].stats.messages >= n_messages,
+                 idle_timeout_s=60)
+    reader.close()
+    return reader
+
+
+def assert_store_matches_pandas(store, events):
+    expected = pd.DataFrame(events).groupby("user").agg(
+        total_readtime=("readtime", "sum"), reads=("readtime", "size"),
+        newest=("ts", "max"))
+    records = store.get_many("user_reading", expected.index.to_numpy())
+    got = pd.DataFrame([{"total_readtime": r["total_readtime"], "reads": r["reads"],
+                         "newest": r["_event_time"]} for r in records], index=expected.index)
+    assert store.count("user_reading") == len(expected)
+    np.testing.assert_array_equal(got["reads"], expected["reads"])
+    np.testing.assert_array_equal(got["newest"], expected["newest"])
+    np.testing.assert_allclose(got["total_readtime"], expected["total_readtime"], rtol=1e-9)
+    # a user who never read anything is a null record, never zeros
+    assert store.get("user_reading", N_USERS + 1) is None
+
+
+def test_sum_and_count_per_user_equal_pandas(pulsar_broker, pulsar_client, topic_name, tmp_path):
+    pulsar_broker.create_partitioned_topic(topic_name, 4)
+    payloads, keys, events = generate_events(N_EVENTS, N_USERS, seed=1)
+    produce(pulsar_client, topic_name, payloads, keys)
+
+    with LmdbStore(tmp_path / "store") as store:
+        reader = consume_all(view_on(topic_name), pulsar_client, store, N_EVENTS)
+        assert reader.stats.events == N_EVENTS and reader.stats.rejected == 0
+        assert_store_matches_pandas(store, events)
+
+
+def test_malformed_events_are_counted_dead_lettered_and_harmless(
+        pulsar_broker, pulsar_client, topic_name, tmp_path):
+    pulsar_broker.create_partitioned_topic(topic_name, 4)
+    payloads, keys, events = generate_events(N_EVENTS, N_USERS, seed=2,
+                                             malformed_fraction=0.01)
+    n_bad = N_EVENTS - len(events["user"])
+    assert 1500 < n_bad < 2500
+    dead_letters = pulsar_client.subscribe(
+        pipeline.dead_letter_topic(topic_name), "check",
+        initial_position=pulsar.InitialPosition.Earliest)
+    produce(pulsar_client, topic_name, payloads, keys)
+
+    with LmdbStore(tmp_path / "store") as store:
+        reader = consume_all(view_on(topic_name), pulsar_client, store, N_EVENTS)
+        assert reader.stats.rejected == n_bad
+        assert reader.stats.events == N_EVENTS - n_bad
+        assert_store_matches_pandas(store, events)
+
+    reasons = {}
+    for _ in range(n_bad):
+        message = dead_letters.receive(timeout_millis=10_000)
+        reason = message.properties()["reason"]
+        reasons[reason] = reasons.get(reason, 0) + 1
+        assert message.properties()["source_topic"].startswith(
+            f"persistent://public/default/{topic_name}-partition-")
+    assert sum(reasons.values()) == n_bad
+    assert any("missing field 'readtime'" in r for r in reasons)
+    assert any("'readtime'" in r and "expected float64" in r for r in reasons)
+    assert any("msgpack" in r for r in reasons)
+    dead_letters.close()

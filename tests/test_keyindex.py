@@ -1,0 +1,452 @@
+"""Property tests of ``tally.core.keyindex``: Int64KeyIndex and StringKeyIndex
+against a Python dict oracle (slots are dense, in first-appearance order).
+
+Hypothesis budgets come from a profile chosen by ``HYPOTHESIS_PROFILE``:
+"ci" (default, fast) or "thorough" (10x the examples).
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+# The same profiles as test_arena.py, so this file alone honours HYPOTHESIS_PROFILE.
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=60, deadline=None, database=None,
+                          print_blob=True, suppress_health_check=_HEALTH)
+settings.register_profile("thorough", max_examples=600, deadline=None,
+                          suppress_health_check=_HEALTH)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+from tally.core.keyindex import Int64KeyIndex, StringKeyIndex  # noqa: E402
+
+INT64_MIN = -2**63
+INT64_MAX = 2**63 - 1
+MIN_CAPACITY = 1024          # keyindex.pyx: the smallest table
+
+
+def examples(ci_count):
+    return max(1, ci_count * settings.default.max_examples // 60)
+
+
+# -- oracle ----------------------------------------------------------------------
+
+class DictOracle:
+    """key -> slot, dense in first-appearance order."""
+
+    def __init__(self):
+        self.slots = {}
+
+    def insert(self, keys):
+        return [self.slots.setdefault(k, len(self.slots)) for k in keys]
+
+    def lookup(self, keys):
+        return [self.slots.get(k, -1) for k in keys]
+
+    def keys(self):
+        return list(self.slots)
+
+
+# -- strategies --------------------------------------------------------------------
+
+SPECIAL_INTS = [INT64_MIN, INT64_MIN + 1, INT64_MAX, INT64_MAX - 1, 0, -1, 1, 2**32, -2**32]
+int_keys = st.one_of(
+    st.sampled_from(SPECIAL_INTS),
+    st.integers(INT64_MIN, INT64_MAX),
+    st.integers(-5, 5),                     # repeats across and within batches
+)
+int_batches = st.lists(st.lists(int_keys, max_size=40), min_size=1, max_size=8)
+
+SPECIAL_STRINGS = ["", "\x00", "a", "a\x00", "\x00a", "A", "ä", "a\u0308",
+                   "\u0301", "😀", "user:1", "user:10", "x" * 5000]
+text_keys = st.one_of(st.sampled_from(SPECIAL_STRINGS), st.text(max_size=12),
+                      st.text(alphabet="ab", max_size=3))
+# a key is given as str or as its UTF-8 bytes; both name the same entity
+string_keys = st.one_of(text_keys, text_keys.map(str.encode))
+string_batches = st.lists(st.lists(string_keys, max_size=30), min_size=1, max_size=6)
+
+
+def utf8(key):
+    return key.encode() if isinstance(key, str) else key
+
+
+# -- keys engineered to collide in the int64 table ---------------------------------
+
+_M64 = (1 << 64) - 1
+
+
+def _unxorshift(y, shift):
+    x = y
+    for _ in range(64 // shift + 1):
+        x = y ^ (x >> shift)
+    return x
+
+
+def _unsplitmix64(h):
+    """The key whose tally_hash_u64 (splitmix64 finaliser) is ``h``."""
+    x = _unxorshift(h, 31)
+    x = (x * pow(0x94d049bb133111eb, -1, 1 << 64)) & _M64
+    x = _unxorshift(x, 27)
+    x = (x * pow(0xbf58476d1ce4e5b9, -1, 1 << 64)) & _M64
+    x = _unxorshift(x, 30)
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _splitmix64(x):
+    x &= _M64
+    x ^= x >> 30
+    x = (x * 0xbf58476d1ce4e5b9) & _M64
+    x ^= x >> 27
+    x = (x * 0x94d049bb133111eb) & _M64
+    return x ^ (x >> 31)
+
+
+# Every one of these hashes to the last bucket of any table up to 2**20 buckets, so
+# they form one probe chain that wraps around the end of the table.
+COLLIDING = [_unsplitmix64((j << 20) | (MIN_CAPACITY - 1)) for j in range(1, 401)]
+
+
+def test_colliding_keys_do_collide():
+    assert len(set(COLLIDING)) == len(COLLIDING)
+    assert all(_splitmix64(k) & (MIN_CAPACITY - 1) == MIN_CAPACITY - 1 for k in COLLIDING)
+
+
+# -- Int64KeyIndex ----------------------------------------------------------------
+
+def check_int_index(index, oracle):
+    assert len(index) == len(oracle.slots)
+    keys = oracle.keys()
+    assert index.all_keys().tolist() == keys
+    assert index.all_keys().dtype == np.int64
+    assert index.lookup(keys).tolist() == list(range(len(keys)))
+    assert index.keys_of(np.arange(len(keys))).tolist() == keys
+    capacity = index.capacity
+    assert capacity >= MIN_CAPACITY and capacity & (capacity - 1) == 0
+    assert 2 * len(index) <= capacity            # load factor at most 1/2
+
+
+def feed_int_batches(index, oracle, batches):
+    for batch in batches:
+        n_before = len(index)
+        assert index.lookup(batch).tolist() == oracle.lookup(batch)   # unseen: -1
+        assert index.slots(batch, insert=False).tolist() == oracle.lookup(batch)
+        assert len(index) == n_before                                 # lookup inserts nothing
+        slots = index.slots(np.array(batch, dtype=np.int64))
+        assert slots.dtype == np.int64
+        assert slots.tolist() == oracle.insert(batch)
+        assert index.keys_of(slots).tolist() == batch                # keys_of inverts slots
+    check_int_index(index, oracle)
+
+
+@settings(max_examples=examples(60))
+@given(batches=int_batches, expected_keys=st.sampled_from([0, 1, 600, 5000]))
+def test_int64_slots_are_dense_in_first_appearance_order(batches, expected_keys):
+    feed_int_batches(Int64KeyIndex(expected_keys), DictOracle(), batches)
+
+
+@settings(max_examples=examples(30))
+@given(data=st.data(), order=st.permutations(COLLIDING[:300]))
+def test_int64_one_long_probe_chain(data, order):
+    """300 keys on one probe chain (wrapping around the table end), inserted in
+    random batches mixed with ordinary keys; the other 100 colliding keys are
+    unseen and must walk the whole chain to an empty bucket."""
+    index, oracle = Int64KeyIndex(), DictOracle()
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(order)), max_size=5)))
+    bounds = [0] + cuts + [len(order)]
+    batches = [list(order[a:b]) + data.draw(st.lists(int_keys, max_size=5))
+               for a, b in zip(bounds, bounds[1:])]
+    feed_int_batches(index, oracle, batches)
+    unseen = [k for k in COLLIDING[300:] if k not in oracle.slots]
+    assert index.lookup(unseen).tolist() == [-1] * len(unseen)
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 10**6])
+def test_int64_keys_of_out_of_range(bad):
+    index = Int64KeyIndex()
+    index.slots([7, 8, 9])
+    with pytest.raises(IndexError, match=rf"slot {bad} out of range \[0, 3\)"):
+        index.keys_of([0, bad])
+
+
+def test_int64_empty_index():
+    index = Int64KeyIndex()
+    assert len(index) == 0
+    assert index.all_keys().tolist() == []
+    assert index.slots([]).tolist() == []
+    assert index.lookup([0, INT64_MIN, INT64_MAX]).tolist() == [-1, -1, -1]
+    assert len(index) == 0
+
+
+def test_int64_growth_over_many_resizes():
+    """200k distinct keys (plus repeats) in batches: many rehashes, same answers."""
+    rng = np.random.default_rng(7)
+    distinct = np.unique(rng.integers(INT64_MIN, INT64_MAX, 200_000, dtype=np.int64,
+                                      endpoint=True))
+    distinct = np.unique(np.concatenate([distinct, np.array(SPECIAL_INTS + COLLIDING)]))
+    distinct = rng.permutation(distinct)
+    index, oracle = Int64KeyIndex(), {}
+    capacities = set()
+    seen_upto = 0
+    for size in (1, 10, 1000, 3000, 7000, 20_000, 50_000, 200_000):
+        new = distinct[seen_upto:seen_upto + size]
+        seen_upto += len(new)
+        old = distinct[rng.integers(0, max(seen_upto - len(new), 1), size // 4)] \
+            if seen_upto > len(new) else distinct[:0]
+        batch = rng.permutation(np.concatenate([new, new[: size // 10], old]))
+        expected = np.array([oracle.setdefault(k, len(oracle)) for k in batch.tolist()])
+        got = index.slots(batch)
+        assert np.array_equal(got, expected)
+        assert len(index) == len(oracle)
+        capacities.add(index.capacity)
+    assert len(index) == len(distinct)
+    assert len(capacities) >= 6                              # it really did grow
+    keys = np.fromiter(oracle, dtype=np.int64, count=len(oracle))
+    assert np.array_equal(index.all_keys(), keys)
+    assert np.array_equal(index.lookup(keys), np.arange(len(keys)))
+    unseen = rng.integers(INT64_MIN, INT64_MAX, 10_000, dtype=np.int64)
+    unseen = unseen[~np.isin(unseen, keys)]
+    assert (index.lookup(unseen) == -1).all()
+    assert 2 * len(index) <= index.capacity
+
+    restored = Int64KeyIndex.from_arrays(index.export_arrays())
+    assert np.array_equal(restored.all_keys(), keys)
+    assert np.array_equal(restored.lookup(keys), np.arange(len(keys)))
+    assert (restored.lookup(unseen) == -1).all()
+
+
+# -- StringKeyIndex ----------------------------------------------------------------
+
+def check_string_index(index, oracle):
+    assert len(index) == len(oracle.slots)
+    keys = [k.decode() for k in oracle.keys()]
+    assert index.all_keys() == keys
+    assert index.lookup(keys).tolist() == list(range(len(keys)))
+    assert index.lookup(oracle.keys()).tolist() == list(range(len(keys)))
+    assert index.keys_of(np.arange(len(keys))) == keys
+
+
+def feed_string_batches(index, oracle, batches):
+    for batch in batches:
+        encoded = [utf8(k) for k in batch]
+        n_before = len(index)
+        assert index.lookup(batch).tolist() == oracle.lookup(encoded)
+        assert len(index) == n_before
+        slots = index.slots(batch)
+        assert slots.tolist() == oracle.insert(encoded)
+        assert index.keys_of(slots) == [k.decode() for k in encoded]
+    check_string_index(index, oracle)
+
+
+@settings(max_examples=examples(60))
+@given(batches=string_batches, expected_keys=st.sampled_from([0, 1, 600, 5000]))
+def test_string_slots_are_dense_in_first_appearance_order(batches, expected_keys):
+    feed_string_batches(StringKeyIndex(expected_keys), DictOracle(), batches)
+
+
+def test_string_str_and_bytes_name_the_same_key():
+    index = StringKeyIndex()
+    assert index.slots(["ä", "ä".encode(), b"", "", "a\x00b", b"a\x00b", b"a"]).tolist() == \
+        [0, 0, 1, 1, 2, 2, 3]
+    assert index.all_keys() == ["ä", "", "a\x00b", "a"]
+    assert index.lookup(["a\x00", "a\x00bc", "b", "A", "a"]).tolist() == [-1, -1, -1, -1, 3]
+
+
+def test_string_rejects_other_types_and_stays_intact():
+    index = StringKeyIndex()
+    index.slots(["a", "b"])
+    for bad in (3, None, 1.5, bytearray(b"a")):
+        with pytest.raises(TypeError, match=r"expected str or bytes"):
+            index.slots(["c", bad])
+    assert len(index) == 2 and index.all_keys() == ["a", "b"]
+    assert index.slots(["c", "a"]).tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("bad", [-1, 2])
+def test_string_keys_of_out_of_range(bad):
+    index = StringKeyIndex()
+    index.slots(["x", "y"])
+    with pytest.raises(IndexError, match=rf"slot {bad} out of range \[0, 2\)"):
+        index.keys_of([bad])
+
+
+@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
+                   reason="BUG keyindex: StringKeyIndex.slots accepts bytes keys that are not "
+                          "valid UTF-8 (b'\\xff'), but keys_of/all_keys then raise "
+                          "UnicodeDecodeError for every later call")
+def test_string_invalid_utf8_bytes_are_rejected_or_readable():
+    index = StringKeyIndex()
+    try:
+        index.slots([b"\xff", "ok"])
+    except ValueError:          # rejecting the key up front is fine (UnicodeError is one)
+        return
+    index.all_keys()
+
+
+def test_string_growth_over_many_resizes():
+    """100k distinct string keys (ASCII, unicode, long) in growing batches."""
+    rng = np.random.default_rng(11)
+    distinct = [f"user:{i}" if i % 3 else f"ключ-{i}-😀" for i in range(100_000)]
+    distinct += [("long-%d-" % i) * 300 for i in range(50)]          # ~3 kB each
+    order = rng.permutation(len(distinct))
+    distinct = [distinct[i] for i in order]
+    index, oracle = StringKeyIndex(), {}
+    seen_upto = 0
+    for size in (1, 10, 1000, 5000, 20_000, 100_000):
+        new = distinct[seen_upto:seen_upto + size]
+        seen_upto += len(new)
+        old = [distinct[i] for i in rng.integers(0, max(seen_upto - len(new), 1), size // 4)] \
+            if seen_upto > len(new) else []
+        batch = new + new[: size // 10] + old
+        batch = [batch[i] for i in rng.permutation(len(batch))]
+        expected = [oracle.setdefault(k, len(oracle)) for k in batch]
+        assert index.slots(batch).tolist() == expected
+        assert len(index) == len(oracle)
+    assert len(index) == len(distinct)
+    keys = list(oracle)
+    assert index.all_keys() == keys
+    assert index.lookup(keys).tolist() == list(range(len(keys)))
+    assert (index.lookup([k + "!" for k in keys[:5000]]) == -1).all()
+
+    restored = StringKeyIndex.from_arrays(index.export_arrays())
+    assert restored.all_keys() == keys
+    assert restored.lookup(keys).tolist() == list(range(len(keys)))
+
+
+# -- snapshots ----------------------------------------------------------------------
+
+@settings(max_examples=examples(40))
+@given(before=int_batches, after=int_batches)
+def test_int64_snapshot_round_trip(before, after):
+    index, oracle = Int64KeyIndex(), DictOracle()
+    feed_int_batches(index, oracle, before)
+    arrays = index.export_arrays()
+    restored = Int64KeyIndex.from_arrays(arrays)
+    for array in arrays.values():          # the export is a copy
+        array[...] = 0
+    check_int_index(restored, oracle)
+    assert restored.capacity == index.capacity
+    assert restored.lookup(SPECIAL_INTS).tolist() == oracle.lookup(SPECIAL_INTS)
+    # both continue identically, through growth
+    restored_oracle = DictOracle()
+    restored_oracle.slots = dict(oracle.slots)
+    feed_int_batches(index, oracle, after + [COLLIDING])
+    feed_int_batches(restored, restored_oracle, after + [COLLIDING])
+    a, b = index.export_arrays(), restored.export_arrays()
+    assert np.array_equal(a["keys"], b["keys"]) and np.array_equal(a["table"], b["table"])
+
+
+@settings(max_examples=examples(40))
+@given(before=string_batches, after=string_batches)
+def test_string_snapshot_round_trip(before, after):
+    index, oracle = StringKeyIndex(), DictOracle()
+    feed_string_batches(index, oracle, before)
+    arrays = index.export_arrays()
+    restored = StringKeyIndex.from_arrays(arrays)
+    for array in arrays.values():
+        array[...] = 0
+    check_string_index(restored, oracle)
+    restored_oracle = DictOracle()
+    restored_oracle.slots = dict(oracle.slots)
+    feed_string_batches(index, oracle, after)
+    feed_string_batches(restored, restored_oracle, after)
+    a, b = index.export_arrays(), restored.export_arrays()
+    assert sorted(a) == sorted(b) == ["blob", "offsets", "table"]
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def test_empty_snapshots_round_trip():
+    assert len(Int64KeyIndex.from_arrays(Int64KeyIndex().export_arrays())) == 0
+    restored = StringKeyIndex.from_arrays(StringKeyIndex().export_arrays())
+    assert len(restored) == 0 and restored.all_keys() == []
+    assert restored.slots(["a", ""]).tolist() == [0, 1]
+
+
+def int_snapshot(n=5):
+    index = Int64KeyIndex()
+    index.slots(np.arange(100, 100 + n))
+    return index.export_arrays()
+
+
+def string_snapshot(keys=("alpha", "beta", "", "γ")):
+    index = StringKeyIndex()
+    index.slots(list(keys))
+    return index.export_arrays()
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda a: a.update(table=a["table"][:-2]),                           # not a power of two
+    lambda a: a.update(table=a["table"][:1024]),                          # below the minimum
+    lambda a: a.update(table=np.empty(0, np.int64)),
+    lambda a: a.update(keys=np.arange(513, dtype=np.int64)),              # load factor > 1/2
+], ids=["odd-table", "small-table", "empty-table", "too-many-keys"])
+def test_corrupt_int64_snapshot_is_rejected(corrupt):
+    arrays = int_snapshot()
+    corrupt(arrays)
+    with pytest.raises(ValueError, match="key index snapshot: table size is inconsistent"):
+        Int64KeyIndex.from_arrays(arrays)
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda a: a.update(blob=a["blob"][:-1]),                              # offsets past blob end
+    lambda a: a.update(blob=np.concatenate([a["blob"], [0]]).astype(np.uint8)),
+    lambda a: a.update(offsets=a["offsets"][:-1]),                        # a key short
+    lambda a: a.update(offsets=a["offsets"] + 1),                         # not starting at 0
+    lambda a: a.update(offsets=np.empty(0, np.int64)),                    # n = -1
+    lambda a: a.update(table=a["table"][:-2]),
+    lambda a: a.update(table=a["table"][:512]),
+], ids=["short-blob", "long-blob", "short-offsets", "shifted-offsets", "no-offsets",
+        "odd-table", "small-table"])
+def test_corrupt_string_snapshot_is_rejected(corrupt):
+    arrays = string_snapshot()
+    corrupt(arrays)
+    with pytest.raises(ValueError, match="key index snapshot: arrays are inconsistent"):
+        StringKeyIndex.from_arrays(arrays)
+
+
+MISSING_NAMES_BUG = ("BUG keyindex: from_arrays with a missing/misnamed array raises KeyError "
+                     "(a bare arrays['keys'] lookup), not a ValueError naming the arrays")
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason=MISSING_NAMES_BUG)
+@pytest.mark.parametrize("cls, snapshot, rename", [
+    (Int64KeyIndex, int_snapshot, ("keys", "key")),
+    (Int64KeyIndex, int_snapshot, ("table", "buckets")),
+    (StringKeyIndex, string_snapshot, ("blob", "bytes")),
+    (StringKeyIndex, string_snapshot, ("offsets", "offset")),
+])
+def test_misnamed_snapshot_arrays_raise_value_error(cls, snapshot, rename):
+    arrays = snapshot()
+    arrays[rename[1]] = arrays.pop(rename[0])
+    with pytest.raises(ValueError, match=rename[0]):
+        cls.from_arrays(arrays)
+
+
+COUNT_NOT_CHECKED_BUG = (
+    "BUG keyindex: from_arrays does not check the number of keys against the occupied "
+    "buckets of the table. Int64: exporting [100..104] and dropping the last key is accepted; "
+    "lookup(104) then returns slot 4 == len(index) and slots([999]) hands out slot 4 again "
+    "(two keys, one slot). String: the blob/offsets of index ['alpha', 'beta', '', 'γ'] "
+    "with the table of index ['one'] is accepted; every key then looks unknown "
+    "(lookup('alpha') == -1) and slots(['alpha']) inserts it again at slot 4")
+
+
+@pytest.mark.xfail(strict=True, reason=COUNT_NOT_CHECKED_BUG)
+@pytest.mark.parametrize("corrupt", [
+    lambda a: a.update(keys=a["keys"][:-1]),                              # a key short
+    lambda a: a.update(keys=np.concatenate([a["keys"], [7]])),            # an extra key
+], ids=["dropped-key", "extra-key"])
+def test_int64_snapshot_key_count_must_match_table(corrupt):
+    arrays = int_snapshot()
+    corrupt(arrays)
+    with pytest.raises(ValueError, match="key index snapshot"):
+        Int64KeyIndex.from_arrays(arrays)
+
+
+@pytest.mark.xfail(strict=True, reason=COUNT_NOT_CHECKED_BUG)
+def test_string_snapshot_key_count_must_match_table():
+    arrays = string_snapshot()
+    other = string_snapshot(("one",))
+    with pytest.raises(ValueError, match="key index snapshot"):
+        StringKeyIndex.from_arrays(dict(arrays, table=other["table"]))
