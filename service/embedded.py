@@ -148,17 +148,18 @@ class _View:
         assert self.layout.size == self.size
 
     def decode(self, raw):
-        version, event_time, write_time, valid_until, bitmap, *values = self.layout.unpack(raw)
-        nulls = int.from_bytes(bitmap, "little")
+        fields = self.layout.unpack(raw)
+        nulls = int.from_bytes(fields[4], "little")
         if nulls:
             result = {name: None if nulls >> i & 1 else value
-                      for i, (name, value) in enumerate(zip(self.names, values))}
+                      for i, (name, value) in enumerate(zip(self.names, fields[5:]))}
         else:
-            result = dict(zip(self.names, values))
+            result = dict(zip(self.names, fields[5:]))
+        event_time, valid_until = fields[1], fields[3]
         result["_event_time"] = None if event_time == INT64_MIN else event_time
-        result["_write_time"] = write_time
+        result["_write_time"] = fields[2]
         result["_valid_until"] = None if valid_until == INT64_MAX else valid_until
-        result["_view_version"] = version
+        result["_view_version"] = fields[0]
         return result
 
 
@@ -177,6 +178,9 @@ class EmbeddedReader:
         if rc:
             raise _error(rc, f"tally_store_open({self.path!r})")
         self._store = handle.value
+        lib = self._lib                 # bound once: these run on every get
+        self._renew, self._reset = lib.tally_txn_renew, lib.tally_txn_reset
+        self._get_int64, self._get_string = lib.tally_get_int64, lib.tally_get_string
         self._views = {}
         self._txns = []                 # every thread's transaction, to end on close
         self._local = threading.local()
@@ -223,9 +227,9 @@ class EmbeddedReader:
             return self._views[name]
 
     def _snapshot(self):
-        """This thread's transaction, renewed: a fresh snapshot."""
-        txn = getattr(self._local, "txn", None)
-        if txn is None:
+        """This thread's transaction and record, renewed: a fresh snapshot."""
+        state = getattr(self._local, "state", None)
+        if state is None:
             handle = ctypes.c_void_p()
             with self._lock:
                 if self._store is None:
@@ -234,12 +238,13 @@ class EmbeddedReader:
                 if rc:
                     raise _error(rc, "tally_txn_begin")
                 self._txns.append(handle.value)
-            txn = self._local.txn = handle.value
-            return txn
-        rc = self._lib.tally_txn_renew(txn)
+            record = _Record()
+            state = self._local.state = (handle.value, record, ctypes.byref(record))
+            return state
+        rc = self._renew(state[0])
         if rc:
             raise _error(rc, "tally_txn_renew")
-        return txn
+        return state
 
     def schema_names(self, view):
         """The view's feature names, in schema order."""
@@ -247,25 +252,25 @@ class EmbeddedReader:
 
     def get(self, view, key):
         """The decoded record for ``key``, or None if the entity has none."""
-        v = self._view(view)
-        record = _Record()
-        txn = self._snapshot()
+        v = self._views.get(view) or self._view(view)
+        if v.key_type == TALLY_KEY_INT64:
+            if not INT64_MIN <= key <= INT64_MAX:         # ctypes would wrap it
+                raise OverflowError(f"key {key!r} does not fit in an int64")
+        else:
+            key = str(key).encode()
+        txn, record, record_ref = self._snapshot()
         try:
             if v.key_type == TALLY_KEY_INT64:
-                if not INT64_MIN <= key <= INT64_MAX:     # ctypes would wrap it
-                    raise OverflowError(f"key {key!r} does not fit in an int64")
-                rc = self._lib.tally_get_int64(txn, v.handle, key, ctypes.byref(record))
+                rc = self._get_int64(txn, v.handle, key, record_ref)
             else:
-                raw_key = str(key).encode()
-                rc = self._lib.tally_get_string(txn, v.handle, raw_key, len(raw_key),
-                                                ctypes.byref(record))
+                rc = self._get_string(txn, v.handle, key, len(key), record_ref)
             if rc == TALLY_NOTFOUND:
                 return None
             if rc:
                 raise _error(rc, f"get {view!r} {key!r}")
             raw = ctypes.string_at(record.data, v.size)    # copy before the reset
         finally:
-            self._lib.tally_txn_reset(txn)
+            self._reset(txn)
         return v.decode(raw)
 
     def get_many(self, view, keys):
@@ -286,7 +291,7 @@ class EmbeddedReader:
             args = ((ctypes.c_char_p * n)(*raw_keys),
                     (ctypes.c_size_t * n)(*map(len, raw_keys)), n)
             call = self._lib.tally_get_many_string
-        txn = self._snapshot()
+        txn = self._snapshot()[0]
         try:
             rc = call(txn, v.handle, *args, records, status)
             if rc:
@@ -294,5 +299,5 @@ class EmbeddedReader:
             raws = [None if status[i] else ctypes.string_at(records[i].data, v.size)
                     for i in range(n)]
         finally:
-            self._lib.tally_txn_reset(txn)
+            self._reset(txn)
         return [None if raw is None else v.decode(raw) for raw in raws]

@@ -26,6 +26,8 @@ class LmdbStore:
         if readonly and not os.path.exists(os.path.join(self.path, "data.mdb")):
             raise StoreError(f"no online store at {self.path!r}; run the pipeline first "
                              "or pass the right --store path")
+        if not readonly:
+            os.makedirs(self.path, exist_ok=True)
         # sync=False: a crash can lose the newest writes, never corrupt the file;
         # the checkpoint, not the store, is the durable truth, and records are
         # rewritten idempotently on replay. flush() syncs at checkpoints.

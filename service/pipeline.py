@@ -50,7 +50,7 @@ class ViewPipeline:
     """Consumes one view's source topic and keeps its online records fresh."""
 
     def __init__(self, view, client, store, subscription="tally", version=1,
-                 batch_size=10_000, batch_timeout_ms=50, clock=None):
+                 batch_size=1000, batch_timeout_ms=10, clock=None):
         self.view = view
         self.store = store
         self.state = ViewState(view)
@@ -63,8 +63,11 @@ class ViewPipeline:
             view.source.topic, subscription,
             consumer_type=pulsar.ConsumerType.Failover,
             initial_position=pulsar.InitialPosition.Earliest,
+            # the client caps a batch at the receiver queue size
+            receiver_queue_size=batch_size,
             batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
                 batch_size, 64 << 20, batch_timeout_ms))
+        self.n_partitions = max(1, len(client.get_topic_partitions(view.source.topic)))
         self.dead_letters = client.create_producer(
             dead_letter_topic(view.source.topic), batching_enabled=True)
 
@@ -95,7 +98,7 @@ class ViewPipeline:
         self.dead_letters.flush()
         # Failover gives this consumer every message of a partition in order,
         # so one cumulative ack per partition covers the batch.
-        for message in _last_per_partition(messages):
+        for message in _last_per_partition(messages, self.n_partitions):
             self.consumer._consumer.acknowledge_cumulative(message)
         self.stats.messages += len(messages)
         self.stats.events += batch.n_rows
@@ -111,10 +114,14 @@ class ViewPipeline:
                             "message_id": str(messages[index].message_id())})
 
 
-def _last_per_partition(messages):
+def _last_per_partition(messages, n_partitions):
+    """The last message of each partition in the batch, scanning from the end
+    and stopping once every partition has been seen."""
     last = {}
-    for message in messages:
-        last[message.topic_name()] = message
+    for message in reversed(messages):
+        last.setdefault(message.topic_name(), message)
+        if len(last) == n_partitions:
+            break
     return last.values()
 
 
@@ -131,14 +138,20 @@ async def run_pipelines(pipelines, until=None, idle_timeout_s=None):
 
 
 async def _drive(loop, pool, pipeline, pipelines, until, idle_timeout_s):
+    """Receive the next batch on a thread while this one is processed."""
     last_message = time.monotonic()
+    receiving = loop.run_in_executor(pool, pipeline.receive)
     while not (until and until(pipelines)):
-        messages = await loop.run_in_executor(pool, pipeline.receive)
+        messages = await receiving
+        receiving = loop.run_in_executor(pool, pipeline.receive)
         if messages:
             pipeline.process(messages)
             last_message = time.monotonic()
         elif idle_timeout_s is not None and time.monotonic() - last_message > idle_timeout_s:
-            return
+            break
+    # A batch received but not processed is not acknowledged: Pulsar delivers
+    # it again to whoever consumes next.
+    await receiving
 
 
 def run(pipelines, until=None, idle_timeout_s=None):

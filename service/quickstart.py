@@ -63,9 +63,8 @@ def main(argv=None):
     import argparse
     import tempfile
 
-    import pulsar
-
     from tally.service import pipeline
+    from tally.service.client import connect
     from tally.service.lmdb_store import LmdbStore
     from tally.service.producer import EventProducer
     from tally.service.pulsar_local import LocalPulsar
@@ -82,7 +81,7 @@ def main(argv=None):
     with LocalPulsar() as broker:
         print(f"  broker ready in {broker.startup_seconds:.1f} s at {broker.service_url}")
         broker.create_partitioned_topic(read_events.topic, args.partitions)
-        client = pulsar.Client(broker.service_url)
+        client = connect(broker.service_url)
         payloads, keys, events = generate_events(args.events, args.users, seed=7)
         t0 = time.monotonic()
         producer = EventProducer(client, read_events.topic, "user")

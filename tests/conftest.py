@@ -25,8 +25,8 @@ def pulsar_broker(tmp_path_factory):
 
 @pytest.fixture
 def pulsar_client(pulsar_broker):
-    import pulsar
-    client = pulsar.Client(pulsar_broker.service_url, operation_timeout_seconds=30)
+    from tally.service.client import connect
+    client = connect(pulsar_broker.service_url, operation_timeout_seconds=30)
     yield client
     client.close()
 

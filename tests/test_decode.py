@@ -254,15 +254,15 @@ int64s = st.one_of(st.integers(INT64_MIN, INT64_MAX),
                    st.sampled_from([v for v in INT_BOUNDARIES if v <= INT64_MAX]))
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
                    st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, 1.7976931348623157e308]))
-# strings across fixstr / str8 / str16 / str32 lengths
+# strings across fixstr / str8 / str16 lengths (32-bit lengths: explicit tests)
 long_text = st.builds(lambda c, n: c * n, st.sampled_from(["x", "é", "€", "😀"]),
-                      st.sampled_from([31, 32, 255, 256, 65535, 65536]))
+                      st.sampled_from([31, 32, 255, 256]))
 texts = st.one_of(st.text(max_size=40), st.text(max_size=40), long_text)
-big_bin = st.builds(bytes, st.sampled_from([255, 256, 65535, 65536]))
+big_bin = st.builds(bytes, st.sampled_from([255, 256]))
 binaries = st.one_of(st.binary(max_size=40), big_bin)
 exts = st.one_of(
     st.builds(msgpack.ExtType, st.integers(0, 127),
-              st.one_of(st.binary(max_size=20), st.sampled_from([b"\0" * 256, b"\0" * 65536]))),
+              st.one_of(st.binary(max_size=20), st.just(b"\0" * 256))),
     st.builds(msgpack.Timestamp, st.integers(0, 2**34 - 1), st.integers(0, 999_999_999)),
 )
 scalars = st.one_of(st.none(), st.booleans(), any_int, floats, texts, binaries, exts)
@@ -270,11 +270,11 @@ junk = st.recursive(
     scalars,
     lambda children: st.one_of(
         st.lists(children, max_size=5),
-        st.builds(lambda n, c: [c] * n, st.sampled_from([16, 65536]), st.none()),   # array16/32
-        st.dictionaries(st.one_of(st.text(max_size=6), st.integers(), st.none(), st.booleans()),
+        st.builds(lambda c: [c] * 16, st.none()),                                  # array16
+        st.dictionaries(st.one_of(st.text(max_size=6), any_int, st.none(), st.booleans()),
                         children, max_size=5),
     ),
-    max_leaves=12,
+    max_leaves=6,
 )
 
 GOOD = {
@@ -302,15 +302,21 @@ def records(draw, allow_bad=True):
         else:
             value = draw(GOOD[dtype])
         items.append((name, value))
-    n_extra = draw(st.sampled_from([0, 0, 1, 3, 20]))   # 20: top-level map16
-    for k in range(n_extra):
+    for k in range(draw(st.sampled_from([0, 0, 1, 2]))):
         items.append((f"x{k}_" + draw(st.text(max_size=4)), draw(junk)))
+    if draw(st.integers(0, 7)) == 0:                    # >15 keys: top-level map16
+        items.extend((f"pad{k}", k) for k in range(16))
     items = draw(st.permutations(items))
     return dict(items)
 
 
 def _pack(record, single_float=False):
-    return msgpack.packb(record, use_single_float=single_float)
+    if single_float:
+        try:
+            return msgpack.packb(record, use_single_float=True)
+        except OverflowError:                # a double beyond float32 range
+            pass
+    return msgpack.packb(record)
 
 
 payloads_st = st.builds(_pack, records(), st.booleans())
@@ -321,7 +327,7 @@ payloads_st = st.builds(_pack, records(), st.booleans())
 
 
 @SETTINGS
-@given(st.lists(payloads_st, min_size=1, max_size=12))
+@given(st.lists(payloads_st, min_size=1, max_size=6))
 def test_round_trip_matches_unpackb(payloads):
     batch = _decode_both(payloads)
     verdicts = _check_batch(payloads, batch)
@@ -329,7 +335,7 @@ def test_round_trip_matches_unpackb(payloads):
 
 
 @SETTINGS
-@given(st.lists(st.builds(_pack, records(allow_bad=False)), min_size=1, max_size=8))
+@given(st.lists(st.builds(_pack, records(allow_bad=False)), min_size=1, max_size=4))
 def test_well_typed_records_all_decode(payloads):
     batch = _decode_both(payloads)
     _check_batch(payloads, batch)
@@ -375,7 +381,7 @@ def _signed(value):
 def test_float32_and_float64(value):
     schema = Schema([("f", "float64")])
     for single in (False, True):
-        packed = msgpack.packb({"f": value}, use_single_float=single)
+        packed = _pack({"f": value}, single)
         batch = decode_msgpack_maps([packed], schema)
         assert _same_float(float(batch.columns["f"][0]), msgpack.unpackb(packed)["f"])
 
@@ -428,7 +434,9 @@ def test_optional_nulls():
 
 def test_skips_every_extra_value_type():
     schema = Schema([("a", "int64"), ("z", "int64")])
-    extras = [None, True, False, 0, -1, 2**64 - 1, -(2**63), 1.5, "s" * 300, b"b" * 70000,
+    extras = [None, True, False, 0, -1, 2**64 - 1, -(2**63), 1.5, "s" * 300, "s" * 70000,
+              b"b" * 300, b"b" * 70000, [None] * 20,
+              {f"k{i}": i for i in range(20)}, {f"k{i}": i for i in range(70000)},
               [], [1, [2, [3, {"k": [b"x"]}]]], [None] * 70000, {}, {1: 2, (3,): {4: 5}},
               msgpack.ExtType(5, b""), msgpack.ExtType(5, b"x" * 16), msgpack.ExtType(5, b"x" * 300),
               msgpack.ExtType(5, b"x" * 70000), msgpack.Timestamp(1, 2)]
@@ -593,7 +601,7 @@ def mutated(draw):
 
 
 @SETTINGS
-@given(st.lists(mutated(), min_size=1, max_size=10))
+@given(st.lists(mutated(), min_size=1, max_size=4))
 def test_fuzz_mutated_payloads(payloads):
     _check_batch(payloads, _decode_both(payloads), SPEC)
 
@@ -687,7 +695,7 @@ def test_large_batch_default_path_with_rejects():
     assert batch.columns["user"].tolist() == good
     assert batch.columns["name"].tolist() == [f"n{i}" if i % 3 else None for i in good]
     assert batch.columns["name"].tolist() == ref.columns["name"].tolist()
-    assert batch.rejects == ref.rejects == [(i, "truncated payload at byte 1") for i in range(0, 5000, 97)]
+    assert batch.rejects == ref.rejects == [(i, "truncated payload at byte 6") for i in range(0, 5000, 97)]
 
 
 def test_empty_batch():

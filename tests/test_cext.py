@@ -1,0 +1,451 @@
+"""The C API (cext/, libtally) against the Python reader of the same store.
+
+A Python writer (LmdbStore) makes the store; the C test program
+(cext/test_tally.c) and the ctypes twin (tally.service.embedded) read it,
+and every answer must equal LmdbStore.get's. LMDB allows one open of an
+environment per process, so the C program runs in its own process and the
+EmbeddedReader is only opened here once the LmdbStore is closed (or from a
+writer in a subprocess).
+"""
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tally.service.lmdb_store import LmdbStore, StoreError, _db_name
+from tally.service.record import (INT64_MAX, INT64_MIN, RecordError, ViewSchema,
+                                  encode_records)
+
+CEXT = Path(__file__).resolve().parent.parent / "cext"
+BUILD = CEXT / "build"
+
+
+# ---- helpers -------------------------------------------------------------------
+
+@pytest.fixture
+def rng():
+    """A seeded random generator; the seed is printed so a failure can be
+    replayed with TALLY_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("TALLY_TEST_SEED", random.randrange(1 << 32)))
+    print(f"TALLY_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def require_c_compiler():
+    missing = [tool for tool in ("cc", "c++", "make") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"no C toolchain: {', '.join(missing)} not on PATH "
+                    "(Debian: apt-get install build-essential liblmdb-dev)")
+
+
+@pytest.fixture(scope="module")
+def c_build():
+    """cext/ built with `make`: header checks, libtally, test programs."""
+    require_c_compiler()
+    done = subprocess.run(["make", "-C", str(CEXT)], capture_output=True, text=True)
+    assert done.returncode == 0, f"make -C cext failed:\n{done.stdout}\n{done.stderr}"
+    return BUILD
+
+
+@pytest.fixture(scope="module")
+def embedded(c_build):
+    """tally.service.embedded, on the library setup.py built, else on the
+    one `make -C cext` built."""
+    from tally.service import embedded
+    try:
+        embedded.library_path()
+    except ImportError:
+        os.environ["TALLY_LIBTALLY"] = str(c_build / "libtally.so")
+    return embedded
+
+
+def schema_of(view, key_type, n_features, version=1):
+    names = [f"f{i}_{'int' if i % 3 == 0 else 'flt'}" for i in range(n_features)]
+    if n_features > 1:
+        names[1] = "größe ü"               # non-ASCII, with a space
+    features = tuple((name, "int64" if i % 3 == 0 else "float64")
+                     for i, name in enumerate(names))
+    return ViewSchema(view, version, key_type, features)
+
+
+def random_records(schema, n, rng):
+    """n records with random values, ~20% nulls, and the edge values of both
+    types (INT64_MIN/MAX, +-inf, -0.0, subnormals, NaN as a value)."""
+    values = {}
+    for name, dtype in schema.features:
+        if dtype == "int64":
+            column = rng.integers(INT64_MIN, INT64_MAX, size=n, dtype=np.int64, endpoint=True)
+            edges = [INT64_MIN, INT64_MAX, 0, -1]
+        else:
+            column = rng.normal(scale=1e6, size=n)
+            edges = [math.inf, -math.inf, -0.0, 5e-324, math.nan, 1e308]
+        pick = rng.random(n) < 0.1
+        column[pick] = rng.choice(np.array(edges, dtype=column.dtype), size=int(pick.sum()))
+        values[name] = (column, rng.random(n) >= 0.2)
+    event_time = rng.integers(0, 1 << 45, size=n)
+    event_time[rng.random(n) < 0.2] = INT64_MIN
+    valid_until = rng.integers(0, 1 << 45, size=n)
+    valid_until[rng.random(n) < 0.3] = INT64_MAX
+    write_time = int(rng.integers(0, 1 << 45))
+    return encode_records(schema, values, event_time, write_time, valid_until)
+
+
+def int_keys(rng, n):
+    keys = {INT64_MIN, INT64_MAX, -1, 0, 1}
+    while len(keys) < n:
+        keys.add(int(rng.integers(-1000, 1000)) if rng.random() < 0.5
+                 else int(rng.integers(INT64_MIN, INT64_MAX)))
+    return np.array(sorted(keys), dtype=np.int64)
+
+
+def string_keys(rng, n):
+    base = ["a", "a b", "ключ", "🙂", "x" * 400, "0", "-1", "key\\with\\slashes"]
+    return base + [f"user-{int(rng.integers(1 << 40))}" for _ in range(n - len(base))]
+
+
+def write_store(path, views, rng, n=300):
+    """Write each (schema, keys) of views with the Python writer; returns
+    {view: keys written}."""
+    with LmdbStore(path) as store:
+        for schema, keys in views:
+            store.register_view(schema)
+            store.write(schema.view, keys, random_records(schema, len(keys), rng))
+    return {schema.view: keys for schema, keys in views}
+
+
+def expected_lines(store, view, keys):
+    """What test_tally must print, from the Python reader."""
+    schema = store.schema(view)
+    lines = [f"view\t{view}\t{schema.version}\t{schema.key_type}\t{len(schema.features)}"
+             f"\t{schema.record_size}"]
+    lines += [f"feature\t{i}\t{name}\t{dtype}" for i, (name, dtype) in enumerate(schema.features)]
+    for key, record in zip(keys, store.get_many(view, keys)):
+        if record is None:
+            lines.append(f"record\t{key}\tnotfound")
+            continue
+        for field in ("_event_time", "_write_time", "_valid_until", "_view_version"):
+            lines.append(f"record\t{key}\t{field}\t{show(record[field])}")
+        lines += [f"record\t{key}\t{name}\t{show(record[name])}" for name, _ in schema.features]
+    return lines
+
+
+def show(value):
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else "%.17g" % value
+    return str(value)
+
+
+def run_c(program, store_path, view, keys, *extra, timeout=120):
+    stdin = "".join(f"{k}\n" for k in keys)
+    return subprocess.run([str(program), str(store_path), view, *extra], input=stdin.encode(),
+                          capture_output=True, timeout=timeout)
+
+
+# ---- the header ----------------------------------------------------------------
+
+def test_header_compiles_as_c_and_cpp_with_every_warning():
+    require_c_compiler()
+    flags = ["-Wall", "-Wextra", "-Werror", "-pedantic", "-fsyntax-only"]
+    for std in ("c90", "c99", "c11"):
+        subprocess.run(["cc", f"-std={std}", *flags, "-x", "c", str(CEXT / "tally.h")],
+                       check=True)
+    for std in ("c++11", "c++17"):
+        subprocess.run(["c++", f"-std={std}", *flags, "-x", "c++",
+                        str(CEXT / "header_check.cpp")], check=True)
+
+
+def test_header_documents_the_layout_of_record_py():
+    """tally.h copies the layout tables of record.py: they must not drift."""
+    import tally.service.record as record
+    header = (CEXT / "tally.h").read_text()
+    for row in ("0       1       layout version (1)", "2       2       feature count N (uint16)",
+                "4       4       view version (uint32)", "16      8       write time",
+                "24      8       valid until", "32 + B  8 * N   feature values in schema order",
+                "1       1       key type: 0 int64, 1 string",
+                "8       ...     N entries: value type (1 byte: 0 int64, 1 float64),"):
+        assert row in header and row in record.__doc__, row
+    assert record.HEADER.size == 32 and record.LAYOUT_VERSION == 1
+    assert record.SCHEMA_HEADER.size == 8 and record.SCHEMA_LAYOUT_VERSION == 1
+
+
+def test_python_constants_match_the_header(embedded):
+    header = (CEXT / "tally.h").read_text()
+    for name in ("TALLY_NOTFOUND", "TALLY_ENOVIEW", "TALLY_EINVAL", "TALLY_ECORRUPT",
+                 "TALLY_ESCHEMA", "TALLY_ELAYOUT", "TALLY_EVIEWS"):
+        assert f"#define {name:<15} ({getattr(embedded, name)})" in header, name
+    assert embedded.library_version() == "libtally 0.1.0"
+    assert "TALLY_NOTFOUND" in embedded.strerror(embedded.TALLY_NOTFOUND)
+    assert embedded.strerror(2) == os.strerror(2)
+
+
+# ---- the C test program against the Python reader ---------------------------------
+
+@pytest.mark.parametrize("sanitized", [False, True], ids=["O2", "asan-ubsan"])
+def test_c_reader_prints_what_the_python_reader_reads(tmp_path, rng, c_build, sanitized):
+    written = write_store(tmp_path, [
+        (schema_of("ints", "int64", 7, version=3), int_keys(rng, 300)),
+        (schema_of("wide", "int64", 300), int_keys(rng, 40)),      # 2.4 KB: overflow pages
+        (schema_of("many", "int64", 130), int_keys(rng, 60)),      # 3 bitmap words
+        (schema_of("names", "string", 5), string_keys(rng, 100)),
+        (schema_of("bare", "int64", 0), int_keys(rng, 10)),
+    ], rng)
+    program = c_build / "test_tally"
+    if sanitized:
+        done = subprocess.run(["make", "-C", str(CEXT), "sanitize"], capture_output=True,
+                              text=True)
+        if done.returncode != 0 and "asan" in done.stderr.lower():
+            pytest.skip(f"no ASan runtime: {done.stderr[-300:]}")
+        assert done.returncode == 0, done.stderr
+        program = c_build / "sanitize" / "test_tally"
+    with LmdbStore(tmp_path, readonly=True) as store:
+        for view, keys in written.items():
+            if view == "names":
+                queried = list(keys) + ["missing", "ключ2", "y" * 511, "z" * 600]
+            else:
+                extra = int_keys(rng, 50)      # mostly keys that were not written
+                queried = [int(k) for k in np.concatenate([keys, extra])]
+            queried = [queried[i] for i in rng.permutation(len(queried))]
+            done = run_c(program, tmp_path, view, queried)
+            assert done.returncode == 0, done.stderr.decode()
+            got = done.stdout.decode().splitlines()
+            want = expected_lines(store, view, queried)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g == w
+            assert sum("notfound" in line for line in got) >= 1
+
+
+def test_c_reader_reports_a_missing_view_and_store(tmp_path, c_build):
+    with LmdbStore(tmp_path) as store:
+        store.register_view(schema_of("v", "int64", 2))
+    done = run_c(c_build / "test_tally", tmp_path, "w", [])
+    assert done.returncode == 1 and b"TALLY_ENOVIEW" in done.stderr
+    done = run_c(c_build / "test_tally", tmp_path / "nope", "v", [])
+    assert done.returncode == 1 and b"No such file or directory" in done.stderr
+
+
+# ---- the Python twin (ctypes over libtally) --------------------------------------
+
+def test_embedded_reader_equals_lmdb_store(tmp_path, rng, embedded):
+    written = write_store(tmp_path, [
+        (schema_of("ints", "int64", 9, version=2), int_keys(rng, 500)),
+        (schema_of("names", "string", 4), string_keys(rng, 200)),
+        (schema_of("many", "int64", 70), int_keys(rng, 50)),
+    ], rng)
+    queries = {}
+    for view, keys in written.items():
+        if view == "names":
+            extra = ["nope", "ключ ", "a\tb"]
+        else:
+            extra = [int(k) for k in int_keys(rng, 100)]
+        pool = list(keys) + extra
+        queries[view] = [pool[i] for i in rng.integers(0, len(pool), size=400)]
+    with LmdbStore(tmp_path, readonly=True) as store:
+        want = {view: store.get_many(view, keys) for view, keys in queries.items()}
+        want_single = {view: [store.get(view, k) for k in keys[:50]]
+                       for view, keys in queries.items()}
+    with embedded.EmbeddedReader(tmp_path) as reader:
+        for view, keys in queries.items():
+            got = reader.get_many(view, keys)
+            assert same(got, want[view])
+            assert same([reader.get(view, k) for k in keys], want[view])
+            assert same([reader.get(view, k) for k in keys[:50]], want_single[view])
+            assert any(r is None for r in got) and any(r is not None for r in got)
+        # threads share the reader, each with its own read transaction
+        from concurrent.futures import ThreadPoolExecutor
+        keys = queries["ints"]
+        with ThreadPoolExecutor(4) as pool:
+            parts = list(pool.map(lambda i: [reader.get("ints", k) for k in keys[i::4]],
+                                  range(4)))
+        for i, part in enumerate(parts):
+            assert same(part, want["ints"][i::4])
+        assert reader.get_many("ints", []) == []
+        assert reader.get("ints", np.int64(INT64_MIN)) == reader.get("ints", INT64_MIN)
+        # a string view takes str(key), as LmdbStore does
+        assert reader.get("names", 0) == reader.get("names", "0")
+        with pytest.raises(OverflowError):
+            reader.get("ints", INT64_MAX + 1)
+        with pytest.raises(StoreError, match="unknown view 'nope'"):
+            reader.get("nope", 1)
+    with pytest.raises(StoreError, match="no online store"):
+        embedded.EmbeddedReader(tmp_path / "absent")
+
+
+def same(got, want):
+    """Equality of record lists where NaN equals NaN."""
+    def norm(record):
+        if record is None:
+            return None
+        return {k: ("nan" if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in record.items()}
+    return [norm(r) for r in got] == [norm(r) for r in want]
+
+
+def test_embedded_reader_refuses_bad_records_and_schemas(tmp_path, rng, embedded):
+    import lmdb
+    old = schema_of("v", "int64", 3)
+    with LmdbStore(tmp_path) as store:
+        store.register_view(old)
+        store.write("v", [1, 2], random_records(old, 2, rng))
+        # the view is redefined: records of the old shape stay until rewritten
+        store.register_view(schema_of("v", "int64", 4, version=2))
+        store.register_view(schema_of("bad", "int64", 2))
+    env = lmdb.open(str(tmp_path), max_dbs=10)
+    with env.begin(write=True) as txn:
+        views = env.open_db(_db_name("bad"), txn=txn)
+        record = bytearray(random_records(schema_of("bad", "int64", 2), 1, rng)[0].tobytes())
+        record[0] = 2                                           # a future layout
+        txn.put(b"\x80" + b"\0" * 6 + b"\x01", bytes(record), db=views)
+        txn.put(b"\x80" + b"\0" * 6 + b"\x02", bytes(record[:40]), db=views)
+        schemas = env.open_db(b"__schemas__", txn=txn)
+        txn.put(b"truncated", schema_of("t", "int64", 2).to_bytes()[:-1], db=schemas)
+        txn.put(b"future", b"\x02" + schema_of("t", "int64", 2).to_bytes()[1:], db=schemas)
+        txn.put(b"orphan", schema_of("orphan", "int64", 2).to_bytes(), db=schemas)
+    env.close()
+    with embedded.EmbeddedReader(tmp_path) as reader:
+        with pytest.raises(RecordError, match="TALLY_ESCHEMA"):
+            reader.get("v", 1)
+        assert reader.get("v", 3) is None
+        with pytest.raises(RecordError, match="TALLY_ELAYOUT"):
+            reader.get("bad", 1)
+        with pytest.raises(RecordError, match="TALLY_ELAYOUT"):    # layout checked first
+            reader.get("bad", 2)
+        with pytest.raises(RecordError, match="TALLY_ESCHEMA"):
+            reader.get_many("v", [3, 2])
+        with pytest.raises(RecordError, match="TALLY_ECORRUPT"):
+            reader.get("truncated", 1)
+        with pytest.raises(RecordError, match="TALLY_ELAYOUT"):
+            reader.get("future", 1)
+        with pytest.raises(StoreError, match="unknown view 'orphan'"):  # no records db
+            reader.get("orphan", 1)
+
+
+# ---- reading while a writer writes ------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    from tally.service.lmdb_store import LmdbStore
+    from tally.service.record import INT64_MAX, encode_records
+    path, view, n_keys, stop, map_size, pad = sys.argv[1:7]
+    n_keys, map_size, pad = int(n_keys), int(map_size), int(pad)
+    keys = np.arange(n_keys) - n_keys // 2
+    deadline = time.monotonic() + 60
+    with LmdbStore(path, map_size=map_size) as store:
+        schema = store.schema(view)
+        if pad:     # grow the file well past the reader's map first
+            from tally.service.record import ViewSchema
+            filler = ViewSchema("filler", 1, "int64", ())
+            store.register_view(filler)
+            for start in range(0, pad, 20000):
+                ks = np.arange(start, min(start + 20000, pad))
+                t = np.zeros(len(ks), dtype=np.int64)
+                store.write("filler", ks, encode_records(filler, {}, t, 0, t))
+        c = 0
+        while not os.path.exists(stop) and time.monotonic() < deadline:
+            c += 1
+            n = np.full(n_keys, c, dtype=np.int64)
+            values = {"c": (n, np.ones(n_keys, bool)), "minus_c": (-n, np.ones(n_keys, bool)),
+                      "half_c": (n / 2.0, np.ones(n_keys, bool))}
+            store.write(view, keys, encode_records(schema, values, n, c,
+                                                   np.full(n_keys, INT64_MAX)))
+            if c == 1:
+                print("writing", flush=True)
+    print(c, flush=True)
+""")
+
+COUNTER = ViewSchema("counter", 1, "int64",
+                     (("c", "int64"), ("minus_c", "int64"), ("half_c", "float64")))
+
+
+def start_writer(tmp_path, n_keys, map_size=1 << 30, pad=0):
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path / "store"), "counter", str(n_keys),
+         str(stop), str(map_size), str(pad)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    return writer, stop
+
+
+def stop_writer(writer, stop):
+    stop.touch()
+    out, _ = writer.communicate(timeout=60)
+    assert writer.returncode == 0
+    return int(out.split()[-1])
+
+
+def check_snapshot(records, last):
+    """Every record whole, one counter per snapshot, no counter going back."""
+    counters = set()
+    for i, r in enumerate(records):
+        assert r is not None
+        c = r["c"]
+        assert r["minus_c"] == -c and r["half_c"] == c / 2.0 and r["_event_time"] == c, r
+        assert c >= last[i]
+        last[i] = c
+        counters.add(c)
+    assert len(counters) == 1, f"one snapshot mixes writes {sorted(counters)}"
+    return counters.pop()
+
+
+def test_readers_never_see_a_torn_record_while_a_writer_rewrites(tmp_path, c_build, embedded):
+    n_keys = 200
+    keys = [int(k) for k in np.arange(n_keys) - n_keys // 2]
+    with LmdbStore(tmp_path / "store", map_size=1 << 30) as store:
+        store.register_view(COUNTER)
+    writer, stop = start_writer(tmp_path, n_keys)
+    try:
+        # the C program, in its own process, reading at the same time as this one
+        key_file = tmp_path / "keys"
+        key_file.write_text("".join(f"{k}\n" for k in keys))
+        with open(key_file) as stdin:
+            watcher = subprocess.Popen([str(c_build / "test_tally"), str(tmp_path / "store"),
+                                        "counter", "--watch", "3000"], stdin=stdin,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # the ctypes twin, in this process (the writer is another one)
+        seen, last = set(), [0] * n_keys
+        with embedded.EmbeddedReader(tmp_path / "store") as reader:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                seen.add(check_snapshot(reader.get_many("counter", keys), last))
+                record = reader.get("counter", keys[7])
+                check_snapshot([record], last[7:8])
+        out, err = watcher.communicate(timeout=120)
+        assert watcher.returncode == 0, err.decode()
+    finally:
+        written = stop_writer(writer, stop)
+    words = out.decode().split()
+    assert words[:2] == ["watch", "ok"] and int(words[3]) > 0
+    c_min, c_max = int(words[4]), int(words[5])
+    assert c_max > c_min, "the C reader saw a single write: no concurrency was tested"
+    assert len(seen) > 1 and max(seen) <= written
+
+
+def test_reader_follows_a_writer_that_grows_the_map(tmp_path, embedded):
+    """A writer that reopens with a bigger map and writes past the reader's
+    mapping: libtally adopts the new size (MDB_MAP_RESIZED) by itself."""
+    store_path = tmp_path / "store"
+    with LmdbStore(store_path, map_size=1 << 20) as store:
+        store.register_view(COUNTER)
+    with embedded.EmbeddedReader(store_path) as reader:
+        assert reader.get("counter", 0) is None
+        # 200k 32-byte records plus keys: far beyond the 1 MiB the reader mapped
+        writer, stop = start_writer(tmp_path, 100, map_size=256 << 20, pad=200_000)
+        try:
+            record = reader.get("counter", 0)
+            assert record is not None and record["minus_c"] == -record["c"]
+        finally:
+            stop_writer(writer, stop)
+        assert (store_path / "data.mdb").stat().st_size > 4 << 20
+        last = [0] * 100
+        check_snapshot(reader.get_many("counter", list(range(-50, 50))), last)
