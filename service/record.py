@@ -13,7 +13,8 @@ Layout version 1, little-endian, all offsets in bytes:
     24      8       valid until, epoch ms (int64): the time at which a windowed
                     value changes by expiry alone; INT64_MAX if none does
     32      B       null bitmap, B = ceil(N / 64) * 8: bit i (byte i // 8,
-                    bit i % 8) set means feature i is null
+                    bit i % 8, least significant first) set means
+                    feature i is null
     32 + B  8 * N   feature values in schema order: int64 or float64 as the
                     view's schema says
 
@@ -83,14 +84,22 @@ class ViewSchema:
     @classmethod
     def from_bytes(cls, view, raw):
         raw = bytes(raw)
+        if len(raw) < SCHEMA_HEADER.size:
+            raise RecordError(f"view {view!r}: schema of {len(raw)} bytes is truncated")
         layout, key_type, n_features, version = SCHEMA_HEADER.unpack_from(raw, 0)
         if layout != SCHEMA_LAYOUT_VERSION:
             raise RecordError(f"view {view!r}: schema layout version {layout} is not supported")
         features, at = [], SCHEMA_HEADER.size
         for _ in range(n_features):
+            if at + 2 > len(raw) or at + 2 + raw[at + 1] > len(raw):
+                raise RecordError(f"view {view!r}: schema is truncated")
             value_type, length = raw[at], raw[at + 1]
+            if value_type >= len(VALUE_TYPES) or key_type >= len(KEY_TYPES):
+                raise RecordError(f"view {view!r}: schema has an unknown type code")
             features.append((raw[at + 2:at + 2 + length].decode(), VALUE_TYPES[value_type]))
             at += 2 + length
+        if at != len(raw):
+            raise RecordError(f"view {view!r}: schema has {len(raw) - at} trailing bytes")
         return cls(view, version, KEY_TYPES[key_type], tuple(features))
 
 
@@ -128,6 +137,7 @@ def encode_records(schema, values, event_time, write_time, valid_until):
         column, valid = values[name]
         nulls[:, i] = ~valid
         columns[:, i] = np.asarray(column, dtype=dtype).view(np.int64)
+    columns = columns.astype("<i8", copy=False)     # little-endian on any host
     bitmap = np.packbits(nulls, axis=1, bitorder="little")
     return np.hstack([header.view(np.uint8).reshape(n, HEADER.size), bitmap,
                       columns.view(np.uint8).reshape(n, 8 * len(schema.features))])

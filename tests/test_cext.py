@@ -270,9 +270,9 @@ def test_embedded_reader_equals_lmdb_store(tmp_path, rng, embedded):
         for i, part in enumerate(parts):
             assert same(part, want["ints"][i::4])
         assert reader.get_many("ints", []) == []
-        assert reader.get("ints", np.int64(INT64_MIN)) == reader.get("ints", INT64_MIN)
+        assert same([reader.get("ints", np.int64(INT64_MIN))], [reader.get("ints", INT64_MIN)])
         # a string view takes str(key), as LmdbStore does
-        assert reader.get("names", 0) == reader.get("names", "0")
+        assert same([reader.get("names", 0)], [reader.get("names", "0")])
         with pytest.raises(OverflowError):
             reader.get("ints", INT64_MAX + 1)
         with pytest.raises(StoreError, match="unknown view 'nope'"):
