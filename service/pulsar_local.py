@@ -196,6 +196,9 @@ def free_loopback_ports(count: int) -> list[int]:
 
 def is_port_free(port: int) -> bool:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        # Like the broker's own listeners: a port whose old connections linger
+        # in TIME_WAIT (e.g. after the last dev run) is still usable.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:
@@ -293,9 +296,21 @@ def _config_value(value: Any) -> str:
 def render_properties(config: Mapping[str, str]) -> str:
     lines = ["# Written by tally.service.pulsar_local; rewritten on every start."]
     for key, value in config.items():
-        escaped = value.replace("\\", "\\\\").replace("\n", "\\n")
-        lines.append(f"{key}={escaped}")
+        lines.append(f"{key}={_escape_property_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _escape_property_value(value: str) -> str:
+    # java.util.Properties reads ISO-8859-1: anything outside ASCII (a path
+    # under a non-English home dir, say) must be written as \uXXXX units.
+    value = value.replace("\\", "\\\\").replace("\n", "\\n")
+    if value.isascii():
+        return value
+    units = value.encode("utf-16-be")
+    return "".join(
+        chr(code) if code < 128 else f"\\u{code:04x}"
+        for code in (int.from_bytes(units[i:i + 2], "big") for i in range(0, len(units), 2))
+    )
 
 
 def render_log4j2(log_file: Path) -> str:
@@ -417,7 +432,10 @@ class LocalPulsar:
 
     Ports left as None are picked free at start. A `data_dir` given by the
     caller is kept (and reused on the next start); otherwise a temporary one
-    is created and removed by `stop()`.
+    is created and removed by `stop()`. `extra_config` takes any broker.conf
+    or bookkeeper.conf key and overrides the defaults in `broker_config`.
+    `max_entries_per_ledger` is the rollover size (entries = producer batches).
+    `class_data_sharing=False` skips the cached class archive (see below).
     """
 
     def __init__(
@@ -551,9 +569,9 @@ class LocalPulsar:
         config = broker_config(self.broker_port, self.web_port,
                                self.max_entries_per_ledger, self.extra_config)
         conf_file = conf_dir / "standalone.conf"
-        conf_file.write_text(render_properties(config))
+        conf_file.write_text(render_properties(config), encoding="ascii")
         log4j2_file = conf_dir / "log4j2.xml"
-        log4j2_file.write_text(render_log4j2(self.log_file))
+        log4j2_file.write_text(render_log4j2(self.log_file), encoding="utf-8")
         return conf_file, log4j2_file
 
     def _launch(self, distribution: Path, conf_file: Path, log4j2_file: Path) -> None:
@@ -755,9 +773,13 @@ def _terminate_process_group(process: subprocess.Popen, grace_seconds: float) ->
 
 def main_dev(argv: list[str] | None = None) -> int:
     """Run a broker in the foreground until Ctrl-C or SIGTERM."""
-    args = _dev_argument_parser().parse_args(argv)
-    broker_port = _dev_port(args.port, DEFAULT_BROKER_PORT, "--port")
-    web_port = _dev_port(args.web_port, DEFAULT_WEB_PORT, "--web-port")
+    parser = _dev_argument_parser()
+    args = parser.parse_args(argv)
+    for flag, port in (("--port", args.port), ("--web-port", args.web_port)):
+        if port is not None and not is_port_free(port):
+            parser.error(f"{flag} {port}: port is already in use")
+    broker_port = args.port or _default_port_if_free(DEFAULT_BROKER_PORT)
+    web_port = args.web_port or _default_port_if_free(DEFAULT_WEB_PORT)
     pulsar = LocalPulsar(data_dir=args.data_dir, broker_port=broker_port,
                          web_port=web_port, heap=args.heap,
                          max_entries_per_ledger=args.max_entries_per_ledger)
@@ -806,12 +828,8 @@ def _dev_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dev_port(requested: int | None, default: int, flag: str) -> int | None:
-    """The requested port, else the default if free, else None (pick any)."""
-    if requested is not None:
-        if not is_port_free(requested):
-            raise SystemExit(f"{flag} {requested}: port is already in use")
-        return requested
+def _default_port_if_free(default: int) -> int | None:
+    """`default` if free, else None (LocalPulsar then picks any free port)."""
     if is_port_free(default):
         return default
     print(f"port {default} is busy; picking a free one", file=sys.stderr)
