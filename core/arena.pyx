@@ -1,15 +1,14 @@
 # cython: language_level=3
 """State arenas: the state of one aggregation over one window, for every entity.
 
-An arena is a few typed, columnar arrays indexed by ``slot * ring + tile``:
-
-* ``f64`` holds a float per tile (sum, min, max, the value of first/last);
-* ``i64`` holds an int per tile (count, or the event time of first/last);
-* ``head`` holds, per slot, the epoch (``event_time // hop``) of the newest tile.
+An arena is a few typed, columnar numpy arrays indexed by slot (no per-entity
+Python objects). Windowed arenas index them by ``slot * ring_tiles + tile``
+and keep, per slot, ``head``: the epoch (``event_time // hop``) of the newest
+tile.
 
 Windows are built from tiles of one hop each (the model is Chronon's hops):
 
-* lifetime: one tile that never expires (``hop == 0``; no ``head``);
+* lifetime: one tile that never expires (``hop_ms == 0``; no ``head``);
 * tumbling of size W: hop W, one tile in the window;
 * sliding of size W and hop H (H divides W): W / H tiles in the window.
 
@@ -25,14 +24,24 @@ differ (a merge counts no events).
 A value read as of time ``t`` combines the tiles with epochs in
 ``(t // hop - window_tiles, t // hop]``, so a window is accurate to its hop and
 expires by time, not only when the entity's next event arrives.
+
+Every arena has the same contract: ``update`` (a batch of slots, event times,
+values and an optional mask), ``merge`` (fold the state of the later part of a
+stream), ``read`` (finalised values as of a time), and ``describe`` /
+``export_arrays`` / ``from_arrays`` (snapshots by bulk copy). ``make_arena``
+builds the right class for an aggregation name.
 """
-from libc.math cimport NAN, isnan
-from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint8_t
+from libc.math cimport NAN, isnan, log, pow
+from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint8_t, uint64_t
+from libc.string cimport memcpy, memset
 
 import numpy as np
 cimport numpy as cnp
 
 cnp.import_array()
+
+cdef extern from "tally_hash.h":
+    uint64_t tally_hash_u64(uint64_t x) noexcept nogil
 
 cdef enum Kind:
     COUNT = 0
@@ -43,22 +52,45 @@ cdef enum Kind:
     FIRST = 5
     LAST = 6
 
-KINDS = {"count": COUNT, "sum": SUM, "mean": MEAN, "min": MIN, "max": MAX,
-         "first": FIRST, "last": LAST}
+SCALAR_KINDS = {"count": COUNT, "sum": SUM, "mean": MEAN, "min": MIN, "max": MAX,
+                "first": FIRST, "last": LAST}
+# aggregation -> its integer parameter (None: it takes none) and that parameter's default
+PARAMETERS = {"last_n": ("n", 10), "distinct_count": ("precision", 10), "top_k": ("k", 10)}
+KINDS = {**SCALAR_KINDS, **{name: None for name in PARAMETERS}}
 
-# Which arrays each kind keeps per tile, and their value when the tile is empty.
-# (kind: (f64 empty value or None, i64 empty value or None))
-_LAYOUT = {
-    COUNT: (None, 0),
-    SUM: (0.0, None),
-    MEAN: (0.0, 0),
-    MIN: (np.nan, None),
-    MAX: (np.nan, None),
-    FIRST: (np.nan, INT64_MAX),
-    LAST: (np.nan, INT64_MIN),
+# Which arrays each scalar kind keeps per tile, and their value in an empty tile.
+_SCALAR_LAYOUT = {
+    COUNT: {"i64": 0},
+    SUM: {"f64": 0.0},
+    MEAN: {"f64": 0.0, "i64": 0},
+    MIN: {"f64": np.nan},
+    MAX: {"f64": np.nan},
+    FIRST: {"f64": np.nan, "i64": INT64_MAX},
+    LAST: {"f64": np.nan, "i64": INT64_MIN},
 }
 
 cdef int64_t NO_TILE = INT64_MIN
+# Event times are epoch milliseconds within +-2^62 (+-146 million years), so
+# that INT64_MIN and INT64_MAX stay free as "no event" markers.
+MIN_EVENT_TIME = -(1 << 62)
+MAX_EVENT_TIME = 1 << 62
+
+
+def make_arena(str aggregation, int64_t window_ms=0, int64_t hop_ms=0, int64_t lateness_ms=0,
+               param=None, int64_t capacity=1024):
+    """The arena of an aggregation; ``param`` is N of last_n, K of top_k or the
+    precision (log2 of the register count) of distinct_count."""
+    if aggregation in SCALAR_KINDS:
+        if param is not None:
+            raise ValueError(f"{aggregation} takes no parameter (got {param!r})")
+        return FeatureArena(aggregation, window_ms, hop_ms, lateness_ms, capacity)
+    if aggregation not in PARAMETERS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; "
+                         f"expected one of {', '.join(KINDS)}")
+    param = PARAMETERS[aggregation][1] if param is None else param
+    cls = {"last_n": LastNArena, "distinct_count": DistinctCountArena,
+           "top_k": TopKArena}[aggregation]
+    return cls(param, window_ms, hop_ms, lateness_ms, capacity)
 
 
 cdef inline int64_t floor_div(int64_t a, int64_t b) noexcept nogil:
@@ -75,30 +107,72 @@ cdef inline int64_t floor_mod(int64_t a, int64_t b) noexcept nogil:
     return r
 
 
-cdef class FeatureArena:
-    """The state of one aggregation over one window for every slot."""
+def _grown(array, Py_ssize_t size, fill):
+    """A copy of ``array`` extended to ``size`` entries, the new ones ``fill``."""
+    grown = np.empty(size, dtype=array.dtype)
+    grown[:len(array)] = array
+    grown[len(array):] = fill
+    return grown
 
-    cdef readonly str aggregation
-    cdef int kind
+
+cdef class Batch:
+    """Validated, contiguous views of one update batch."""
+    cdef const int64_t[::1] slots
+    cdef const int64_t[::1] ts
+    cdef const double[::1] values
+    cdef const uint8_t[::1] mask
+    cdef bint has_mask
+    cdef Py_ssize_t n
+    cdef int64_t max_slot
+
+    def __init__(self, slots, timestamps, values, mask, bint needs_values, str name):
+        self.slots = np.ascontiguousarray(slots, dtype=np.int64)
+        self.ts = np.ascontiguousarray(timestamps, dtype=np.int64)
+        self.n = self.slots.shape[0]
+        if self.ts.shape[0] != self.n:
+            raise ValueError("slots and timestamps differ in length")
+        if self.n and (np.min(np.asarray(self.ts)) < MIN_EVENT_TIME
+                       or np.max(np.asarray(self.ts)) > MAX_EVENT_TIME):
+            raise ValueError(f"event times must lie within [-2**62, 2**62] epoch ms; "
+                             f"this batch spans [{np.min(np.asarray(self.ts))}, "
+                             f"{np.max(np.asarray(self.ts))}]")
+        if values is None:
+            if needs_values:
+                raise ValueError(f"{name} needs values")
+            values = np.zeros(self.n, dtype=np.float64)
+        self.values = np.ascontiguousarray(values, dtype=np.float64)
+        if self.values.shape[0] != self.n:
+            raise ValueError("values and slots differ in length")
+        self.has_mask = mask is not None
+        if self.has_mask:
+            self.mask = np.ascontiguousarray(mask, dtype=np.bool_).view(np.uint8)
+            if self.mask.shape[0] != self.n:
+                raise ValueError("mask and slots differ in length")
+        self.max_slot = -1
+        if self.n:
+            if np.min(np.asarray(self.slots)) < 0:
+                raise ValueError("negative slot in update")
+            self.max_slot = np.max(np.asarray(self.slots))
+
+    cdef inline bint skips(self, Py_ssize_t i, bint nulls_skip) noexcept nogil:
+        """Whether event i is filtered out, or a null that this aggregation skips."""
+        return (self.has_mask and not self.mask[i]) or (nulls_skip and isnan(self.values[i]))
+
+
+cdef class TiledArena:
+    """The ring-of-tiles bookkeeping shared by windowed arenas, and the storage
+    of their arrays: ``_arrays[name]`` holds ``_widths[name]`` cells per slot,
+    new cells filled with ``_fills[name]``."""
+
     cdef readonly int64_t hop_ms            # 0: lifetime
     cdef readonly int64_t window_tiles
     cdef readonly int64_t ring_tiles
     cdef readonly int64_t capacity          # slots allocated
     cdef readonly int64_t late_dropped
-    cdef object _f64, _i64, _head           # numpy owners of the memory below
-    cdef double* f64
-    cdef int64_t* i64
+    cdef dict _arrays, _widths, _fills
     cdef int64_t* head
-    cdef double f64_empty
-    cdef int64_t i64_empty
 
-    def __init__(self, str aggregation, int64_t window_ms=0, int64_t hop_ms=0,
-                 int64_t lateness_ms=0, int64_t capacity=1024):
-        if aggregation not in KINDS:
-            raise ValueError(f"unknown aggregation {aggregation!r}; "
-                             f"expected one of {', '.join(KINDS)}")
-        self.aggregation = aggregation
-        self.kind = KINDS[aggregation]
+    def __init__(self, int64_t window_ms, int64_t hop_ms, int64_t lateness_ms):
         if window_ms == 0:
             self.hop_ms = 0
             self.window_tiles = self.ring_tiles = 1
@@ -106,18 +180,26 @@ cdef class FeatureArena:
             if hop_ms <= 0 or window_ms <= 0 or window_ms % hop_ms:
                 raise ValueError(f"window {window_ms} ms must be a positive multiple "
                                  f"of its hop {hop_ms} ms")
+            if lateness_ms < 0:
+                raise ValueError(f"lateness {lateness_ms} ms must not be negative")
             self.hop_ms = hop_ms
             self.window_tiles = window_ms // hop_ms
             self.ring_tiles = self.window_tiles + (lateness_ms + hop_ms - 1) // hop_ms
-        f_empty, i_empty = _LAYOUT[self.kind]
-        self.f64_empty = NAN if f_empty is None else f_empty
-        self.i64_empty = 0 if i_empty is None else i_empty
         self.capacity = 0
         self.late_dropped = 0
-        self._f64 = np.empty(0, np.float64) if f_empty is not None else None
-        self._i64 = np.empty(0, np.int64) if i_empty is not None else None
-        self._head = np.empty(0, np.int64) if self.hop_ms else None
-        self.reserve(capacity)
+        self._arrays, self._widths, self._fills = {}, {}, {}
+        if self.hop_ms:
+            self._declare("head", np.int64, 1, NO_TILE)
+
+    def _declare(self, name, dtype, width, fill):
+        self._arrays[name] = np.empty(0, dtype)
+        self._widths[name] = width
+        self._fills[name] = fill
+
+    cdef void _bind(self):
+        """Refresh raw pointers after the arrays were replaced."""
+        if self.hop_ms:
+            self.head = <int64_t*>cnp.PyArray_DATA(self._arrays["head"])
 
     @property
     def window_ms(self):
@@ -128,82 +210,30 @@ cdef class FeatureArena:
         return self.hop_ms * (self.ring_tiles - self.window_tiles)
 
     @property
-    def dtype(self):
-        """The dtype of finalised values."""
-        return np.dtype(np.int64) if self.kind == COUNT else np.dtype(np.float64)
+    def bytes_per_slot(self):
+        return sum(self._arrays[name].dtype.itemsize * width
+                   for name, width in self._widths.items())
 
     @property
-    def bytes_per_slot(self):
-        tile_bytes = 8 * ((self._f64 is not None) + (self._i64 is not None))
-        return tile_bytes * self.ring_tiles + (8 if self.hop_ms else 0)
+    def nbytes(self):
+        return sum(array.nbytes for array in self._arrays.values())
 
     def reserve(self, int64_t n_slots):
         """Make room for ``n_slots`` slots; new slots start empty."""
         if n_slots <= self.capacity:
             return
         cdef int64_t new_capacity = max(n_slots, self.capacity + self.capacity // 2)
-        cdef int64_t cells = new_capacity * self.ring_tiles
-        if self._f64 is not None:
-            self._f64 = _grown(self._f64, cells, self.f64_empty)
-            self.f64 = <double*>cnp.PyArray_DATA(self._f64)
-        if self._i64 is not None:
-            self._i64 = _grown(self._i64, cells, self.i64_empty)
-            self.i64 = <int64_t*>cnp.PyArray_DATA(self._i64)
-        if self._head is not None:
-            self._head = _grown(self._head, new_capacity, NO_TILE)
-            self.head = <int64_t*>cnp.PyArray_DATA(self._head)
+        for name, array in self._arrays.items():
+            self._arrays[name] = _grown(array, new_capacity * self._widths[name],
+                                        self._fills[name])
         self.capacity = new_capacity
+        self._bind()
 
-    # -- update ---------------------------------------------------------------
+    # -- the ring -------------------------------------------------------------
 
-    def update(self, slots, timestamps, values=None, mask=None):
-        """Fold a batch of events into the arena.
-
-        ``slots`` and ``timestamps`` (event time, epoch ms) are int64 arrays;
-        ``values`` a float64 array (NaN is a null and is skipped; unused by
-        count); ``mask`` an optional bool array of the events to apply (a
-        feature's filter). Events are applied in array order.
-        """
-        cdef const int64_t[::1] s = np.ascontiguousarray(slots, dtype=np.int64)
-        cdef const int64_t[::1] t = np.ascontiguousarray(timestamps, dtype=np.int64)
-        cdef Py_ssize_t n = s.shape[0]
-        if t.shape[0] != n:
-            raise ValueError("slots and timestamps differ in length")
-        cdef const double[::1] v
-        if values is None:
-            if self.kind != COUNT:
-                raise ValueError(f"{self.aggregation} needs values")
-            v = np.zeros(n, dtype=np.float64)
-        else:
-            v = np.ascontiguousarray(values, dtype=np.float64)
-            if v.shape[0] != n:
-                raise ValueError("values and slots differ in length")
-        cdef const uint8_t[::1] m
-        cdef bint has_mask = mask is not None
-        if has_mask:
-            m = np.ascontiguousarray(mask, dtype=np.bool_).view(np.uint8)
-            if m.shape[0] != n:
-                raise ValueError("mask and slots differ in length")
-        if n == 0:
-            return
-        max_slot = np.max(np.asarray(s))
-        if np.min(np.asarray(s)) < 0:
-            raise ValueError("negative slot in update")
-        self.reserve(max_slot + 1)
-        cdef Py_ssize_t i
-        cdef int64_t cell
-        with nogil:
-            for i in range(n):
-                if has_mask and not m[i]:
-                    continue
-                if self.kind != COUNT and isnan(v[i]):
-                    continue
-                cell = self._cell_for_event(s[i], t[i])
-                if cell >= 0:
-                    self._apply(cell, t[i], v[i])
-
-    cdef inline int64_t _cell_for_event(self, int64_t slot, int64_t ts) noexcept nogil:
-        """The cell an event lands in, advancing the slot's ring; -1 if too late."""
+    cdef int64_t _cell_for_event(self, int64_t slot, int64_t ts) noexcept nogil:
+        """The cell (slot * ring + tile) an event lands in, advancing the
+        slot's ring; -1 if the event is too late."""
         if self.hop_ms == 0:
             return slot
         cdef int64_t epoch = floor_div(ts, self.hop_ms)
@@ -215,7 +245,7 @@ cdef class FeatureArena:
             return -1
         return slot * self.ring_tiles + floor_mod(epoch, self.ring_tiles)
 
-    cdef inline void _advance(self, int64_t slot, int64_t newest, int64_t epoch) noexcept nogil:
+    cdef void _advance(self, int64_t slot, int64_t newest, int64_t epoch) noexcept nogil:
         """Empty the tiles that epochs (newest, epoch] reuse, and move the head."""
         cdef int64_t n_clear = self.ring_tiles
         if newest != NO_TILE and epoch - newest < n_clear:
@@ -225,7 +255,183 @@ cdef class FeatureArena:
             self._clear(slot * self.ring_tiles + floor_mod(epoch - j, self.ring_tiles))
         self.head[slot] = epoch
 
-    cdef inline void _clear(self, int64_t cell) noexcept nogil:
+    cdef void _clear(self, int64_t cell) noexcept nogil:
+        pass
+
+    cdef bint _window(self, int64_t slot, int64_t as_of, int64_t* lo, int64_t* hi) noexcept nogil:
+        """The epochs [lo, hi] of the slot's tiles inside the window ending at
+        ``as_of``; false if there are none. Lifetime: the single cell."""
+        if self.hop_ms == 0:
+            lo[0] = hi[0] = 0
+            return True
+        cdef int64_t newest = self.head[slot]
+        if newest == NO_TILE:
+            return False
+        cdef int64_t current = floor_div(as_of, self.hop_ms)
+        lo[0] = max(current - self.window_tiles + 1, newest - self.ring_tiles + 1)
+        hi[0] = min(current, newest)
+        return lo[0] <= hi[0]
+
+    cdef inline int64_t _cell(self, int64_t slot, int64_t epoch) noexcept nogil:
+        if self.hop_ms == 0:
+            return slot
+        return slot * self.ring_tiles + floor_mod(epoch, self.ring_tiles)
+
+    # -- merge ----------------------------------------------------------------
+
+    def merge(self, TiledArena later, dst_slots):
+        """Fold ``later`` (built from the part of the stream after this one)
+        into this arena; ``dst_slots[i]`` is this arena's slot for its slot i."""
+        if type(later) is not type(self) or later.describe() != self.describe():
+            raise ValueError(f"cannot merge {later!r} into {self!r}: different definitions")
+        cdef const int64_t[::1] dst = np.ascontiguousarray(dst_slots, dtype=np.int64)
+        if dst.shape[0] > later.capacity:
+            raise ValueError("merge: more slot mappings than the other arena has slots")
+        if dst.shape[0] == 0:
+            return
+        self.reserve(np.max(np.asarray(dst)) + 1)
+        cdef Py_ssize_t src
+        cdef int64_t d, newest, e
+        for src in range(dst.shape[0]):
+            d = dst[src]
+            if self.hop_ms == 0:
+                self._combine_cell(d, later, src)
+                continue
+            newest = later.head[src]
+            if newest == NO_TILE:
+                continue
+            if newest > self.head[d]:
+                self._advance(d, self.head[d], newest)
+            # later's tiles that are still inside this slot's (advanced) ring
+            for e in range(self.head[d] - self.ring_tiles + 1, newest + 1):
+                self._combine_cell(self._cell(d, e), later, later._cell(src, e))
+        self.late_dropped += later.late_dropped
+
+    cdef void _combine_cell(self, int64_t dst, TiledArena later, int64_t src):
+        """Fold cell ``src`` of ``later`` into this arena's cell ``dst``."""
+        raise NotImplementedError
+
+    # -- snapshot -------------------------------------------------------------
+
+    def describe(self):
+        """The parameters that, with ``export_arrays``, recreate this arena."""
+        raise NotImplementedError
+
+    def export_arrays(self, int64_t n_slots):
+        """The state of slots [0, n_slots) as arrays (copies), plus counters."""
+        n_slots = min(n_slots, self.capacity)
+        arrays = {name: array[:n_slots * self._widths[name]].copy()
+                  for name, array in self._arrays.items()}
+        arrays["late_dropped"] = np.array([self.late_dropped], dtype=np.int64)
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, params, arrays):
+        """Recreate an arena from ``describe()`` and ``export_arrays()``: bulk copies."""
+        cdef TiledArena arena = make_arena(**params, capacity=0)
+        if type(arena) is not cls and cls is not TiledArena:
+            raise ValueError(f"{cls.__name__} snapshot describes a {type(arena).__name__}")
+        arena._restore(arrays)
+        return arena
+
+    def _restore(self, arrays):
+        name = self.describe()["aggregation"]
+        expected = sorted(list(self._arrays) + ["late_dropped"])
+        if sorted(arrays) != expected:
+            raise ValueError(f"{name} arena snapshot: expected arrays {expected}, "
+                             f"found {sorted(arrays)}")
+        widths = self._widths
+        first = next(iter(self._arrays))
+        if len(arrays[first]) % widths[first]:
+            raise ValueError(f"{name} arena snapshot: array {first} has {len(arrays[first])} "
+                             f"entries, not a multiple of {widths[first]} per slot")
+        n_slots = len(arrays[first]) // widths[first]
+        for array_name, width in widths.items():
+            if len(arrays[array_name]) != n_slots * width:
+                raise ValueError(f"{name} arena snapshot: array {array_name} has "
+                                 f"{len(arrays[array_name])} entries, expected "
+                                 f"{n_slots * width}")
+        self.reserve(n_slots)
+        for array_name, width in widths.items():
+            self._arrays[array_name][:n_slots * width] = arrays[array_name]
+        self.late_dropped = int(arrays["late_dropped"][0])
+
+    def _window_text(self):
+        if self.hop_ms == 0:
+            return "lifetime"
+        return f"window={self.window_ms}ms hop={self.hop_ms}ms lateness={self.lateness_ms}ms"
+
+    def __repr__(self):
+        return (f"<{type(self).__name__} {self.describe()['aggregation']} "
+                f"{self._window_text()} capacity={self.capacity}>")
+
+
+cdef class FeatureArena(TiledArena):
+    """count, sum, mean, min, max, first and last.
+
+    Per tile: ``f64`` holds a float (sum, min, max, the value of first/last),
+    ``i64`` an int (count, or the event time of first/last)."""
+
+    cdef readonly str aggregation
+    cdef int kind
+    cdef double* f64
+    cdef int64_t* i64
+    cdef double f64_empty
+    cdef int64_t i64_empty
+
+    def __init__(self, str aggregation, int64_t window_ms=0, int64_t hop_ms=0,
+                 int64_t lateness_ms=0, int64_t capacity=1024):
+        if aggregation not in SCALAR_KINDS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; "
+                             f"expected one of {', '.join(SCALAR_KINDS)}")
+        super().__init__(window_ms, hop_ms, lateness_ms)
+        self.aggregation = aggregation
+        self.kind = SCALAR_KINDS[aggregation]
+        layout = _SCALAR_LAYOUT[self.kind]
+        self.f64_empty = layout.get("f64", NAN)
+        self.i64_empty = layout.get("i64", 0)
+        for name, dtype in (("f64", np.float64), ("i64", np.int64)):
+            if name in layout:
+                self._declare(name, dtype, self.ring_tiles, layout[name])
+        self.reserve(capacity)
+
+    cdef void _bind(self):
+        TiledArena._bind(self)
+        self.f64 = <double*>cnp.PyArray_DATA(self._arrays["f64"]) if "f64" in self._arrays else NULL
+        self.i64 = <int64_t*>cnp.PyArray_DATA(self._arrays["i64"]) if "i64" in self._arrays else NULL
+
+    @property
+    def dtype(self):
+        """The dtype of finalised values."""
+        return np.dtype(np.int64) if self.kind == COUNT else np.dtype(np.float64)
+
+    def describe(self):
+        return {"aggregation": self.aggregation, "window_ms": self.window_ms,
+                "hop_ms": self.hop_ms, "lateness_ms": self.lateness_ms}
+
+    def update(self, slots, timestamps, values=None, mask=None):
+        """Fold a batch of events into the arena.
+
+        ``slots`` and ``timestamps`` (event time, epoch ms) are int64 arrays;
+        ``values`` a float64 array (NaN is a null and is skipped; unused by
+        count); ``mask`` an optional bool array of the events to apply (a
+        feature's filter). Events are applied in array order.
+        """
+        cdef Batch b = Batch(slots, timestamps, values, mask, self.kind != COUNT,
+                             self.aggregation)
+        self.reserve(b.max_slot + 1)
+        cdef Py_ssize_t i
+        cdef int64_t cell
+        cdef bint nulls_skip = self.kind != COUNT
+        with nogil:
+            for i in range(b.n):
+                if b.skips(i, nulls_skip):
+                    continue
+                cell = self._cell_for_event(b.slots[i], b.ts[i])
+                if cell >= 0:
+                    self._apply(cell, b.ts[i], b.values[i])
+
+    cdef void _clear(self, int64_t cell) noexcept nogil:
         if self.f64 != NULL:
             self.f64[cell] = self.f64_empty
         if self.i64 != NULL:
@@ -246,47 +452,10 @@ cdef class FeatureArena:
         if self.i64 != NULL:
             self.i64[cell] = cell_i
 
-    # -- merge ----------------------------------------------------------------
-
-    def merge(self, FeatureArena later, dst_slots):
-        """Fold ``later`` (built from the part of the stream after this one)
-        into this arena; ``dst_slots[i]`` is this arena's slot for its slot i."""
-        self._check_compatible(later)
-        cdef const int64_t[::1] dst = np.ascontiguousarray(dst_slots, dtype=np.int64)
-        if dst.shape[0] > later.capacity:
-            raise ValueError("merge: more slot mappings than the other arena has slots")
-        if dst.shape[0] == 0:
-            return
-        self.reserve(np.max(np.asarray(dst)) + 1)
-        cdef Py_ssize_t src
-        cdef int64_t d, newest, lo, e, src_cell
-        with nogil:
-            for src in range(dst.shape[0]):
-                d = dst[src]
-                if self.hop_ms == 0:
-                    self._combine(d, later.f64[src] if later.f64 != NULL else 0,
-                                  later.i64[src] if later.i64 != NULL else 0)
-                    continue
-                newest = later.head[src]
-                if newest == NO_TILE:
-                    continue
-                if newest > self.head[d]:
-                    self._advance(d, self.head[d], newest)
-                # later's tiles that are still inside this slot's (advanced) ring
-                lo = self.head[d] - self.ring_tiles + 1
-                for e in range(lo, newest + 1):
-                    src_cell = src * self.ring_tiles + floor_mod(e, self.ring_tiles)
-                    self._combine(d * self.ring_tiles + floor_mod(e, self.ring_tiles),
-                                  later.f64[src_cell] if later.f64 != NULL else 0,
-                                  later.i64[src_cell] if later.i64 != NULL else 0)
-        self.late_dropped += later.late_dropped
-
-    def _check_compatible(self, FeatureArena other):
-        if (other.kind, other.hop_ms, other.window_tiles, other.ring_tiles) != \
-                (self.kind, self.hop_ms, self.window_tiles, self.ring_tiles):
-            raise ValueError(f"cannot merge {other!r} into {self!r}: different definitions")
-
-    # -- read -----------------------------------------------------------------
+    cdef void _combine_cell(self, int64_t dst, TiledArena later, int64_t src):
+        cdef FeatureArena other = <FeatureArena>later
+        self._combine(dst, other.f64[src] if other.f64 != NULL else 0,
+                      other.i64[src] if other.i64 != NULL else 0)
 
     def read(self, slots, as_of):
         """Finalised values for ``slots`` as of event time ``as_of`` (epoch ms;
@@ -332,21 +501,11 @@ cdef class FeatureArena:
         """Combine the tiles of the window ending at ``as_of`` into (f, i)."""
         f[0] = self.f64_empty
         i[0] = self.i64_empty
-        if self.hop_ms == 0:
-            if self.f64 != NULL:
-                f[0] = self.f64[slot]
-            if self.i64 != NULL:
-                i[0] = self.i64[slot]
+        cdef int64_t lo, hi, e, cell
+        if not self._window(slot, as_of, &lo, &hi):
             return
-        cdef int64_t newest = self.head[slot]
-        if newest == NO_TILE:
-            return
-        cdef int64_t current = floor_div(as_of, self.hop_ms)
-        cdef int64_t lo = max(current - self.window_tiles + 1, newest - self.ring_tiles + 1)
-        cdef int64_t hi = min(current, newest)
-        cdef int64_t e, cell
         for e in range(lo, hi + 1):
-            cell = slot * self.ring_tiles + floor_mod(e, self.ring_tiles)
+            cell = self._cell(slot, e)
             _combine_into(self.kind, f, i,
                           self.f64[cell] if self.f64 != NULL else 0,
                           self.i64[cell] if self.i64 != NULL else 0)
@@ -369,62 +528,6 @@ cdef class FeatureArena:
         if isnan(f):
             ok[0] = 0
         return f
-
-    # -- snapshot -------------------------------------------------------------
-
-    def describe(self):
-        """The parameters that, with ``export_arrays``, recreate this arena."""
-        return {"aggregation": self.aggregation, "window_ms": self.window_ms,
-                "hop_ms": self.hop_ms, "lateness_ms": self.lateness_ms}
-
-    def export_arrays(self, int64_t n_slots):
-        """The state of slots [0, n_slots) as arrays (copies), plus counters."""
-        n_slots = min(n_slots, self.capacity)
-        arrays = {"late_dropped": np.array([self.late_dropped], dtype=np.int64)}
-        if self._f64 is not None:
-            arrays["f64"] = self._f64[:n_slots * self.ring_tiles].copy()
-        if self._i64 is not None:
-            arrays["i64"] = self._i64[:n_slots * self.ring_tiles].copy()
-        if self._head is not None:
-            arrays["head"] = self._head[:n_slots].copy()
-        return arrays
-
-    @classmethod
-    def from_arrays(cls, params, arrays):
-        """Recreate an arena from ``describe()`` and ``export_arrays()``: bulk copies."""
-        cdef FeatureArena arena = cls(**params, capacity=0)
-        owners = {name: owner for name, owner in
-                  (("f64", arena._f64), ("i64", arena._i64), ("head", arena._head))
-                  if owner is not None}
-        found = sorted(set(arrays) - {"late_dropped"})
-        if found != sorted(owners) or "late_dropped" not in arrays:
-            raise ValueError(f"{arena.aggregation} arena snapshot: expected arrays "
-                             f"{sorted(owners) + ['late_dropped']}, found {sorted(arrays)}")
-        cell_array = "f64" if "f64" in owners else "i64"
-        n_cells = len(arrays[cell_array])
-        if n_cells % arena.ring_tiles:
-            raise ValueError(f"{arena.aggregation} arena snapshot: {n_cells} cells is not "
-                             f"a multiple of {arena.ring_tiles} tiles")
-        n_slots = n_cells // arena.ring_tiles
-        for name in owners:
-            expected = n_slots if name == "head" else n_cells
-            if len(arrays[name]) != expected:
-                raise ValueError(f"{arena.aggregation} arena snapshot: array {name} has "
-                                 f"{len(arrays[name])} entries, expected {expected}")
-        arena.reserve(n_slots)
-        if arena._f64 is not None:
-            arena._f64[:n_cells] = arrays["f64"]
-        if arena._i64 is not None:
-            arena._i64[:n_cells] = arrays["i64"]
-        if arena._head is not None:
-            arena._head[:n_slots] = arrays["head"]
-        arena.late_dropped = int(arrays["late_dropped"][0])
-        return arena
-
-    def __repr__(self):
-        window = "lifetime" if self.hop_ms == 0 else \
-            f"window={self.window_ms}ms hop={self.hop_ms}ms lateness={self.lateness_ms}ms"
-        return f"<FeatureArena {self.aggregation} {window} capacity={self.capacity}>"
 
 
 cdef inline void _combine_into(int kind, double* f, int64_t* i, double tf, int64_t ti) noexcept nogil:
@@ -454,9 +557,4 @@ cdef inline void _combine_into(int kind, double* f, int64_t* i, double tf, int64
             f[0] = tf
 
 
-def _grown(array, Py_ssize_t size, fill):
-    """A copy of ``array`` extended to ``size`` entries, the new ones ``fill``."""
-    grown = np.empty(size, dtype=array.dtype)
-    grown[:len(array)] = array
-    grown[len(array):] = fill
-    return grown
+include "sketches.pxi"

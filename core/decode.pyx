@@ -7,22 +7,22 @@ A Pulsar consumer hands us a batch of payloads, each a msgpack map such as
 buffers and writes numeric values straight into preallocated numpy columns,
 so no per-event Python object is created for int64/float64/bool fields.
 
-The work happens in three phases:
+Every payload is parsed by the same C routine (``parse_one``) into the row
+slot after the last good row; a bad payload is recorded as a reject (payload
+index, reason code, details) and its half-written slot is simply reused by
+the next payload, so good rows stay dense and in input order.  Two drivers:
 
-1. (GIL held) copy every payload into one private arena, remembering its
-   offset and length.  ``bytes`` are read directly; any other contiguous
-   buffer exporter is read through a short-lived memoryview.  After this the
-   input objects are never touched again, so the parse below cannot be
-   affected by another thread mutating the input list or a bytearray.
-2. (GIL released for batches of ``_NOGIL_MIN_PAYLOADS`` or more) parse every
-   payload in the arena into preallocated column buffers.  A bad payload is
-   recorded as a reject (payload index, reason code, details) and its
-   half-written row slot is reused by the next payload, so good rows stay
-   dense and in input order.  String values are validated as UTF-8 here and
-   recorded as (offset, length) into the arena.
-3. (GIL held) build ``str`` objects for string columns and reject messages,
-   trim the columns to the number of good rows, return a
-   :class:`DecodedBatch`.
+* GIL held (``release_gil=False``; the default below ``_NOGIL_MIN_PAYLOADS``
+  payloads): one pass over the payload objects, parsing each straight from
+  its own buffer; string values are created right after their row parses.
+  Fastest single-threaded: each payload's memory is touched once.
+* GIL released (``release_gil=True``; the default for larger batches):
+  (1) with the GIL, copy every payload into one private arena (``bytes``
+  directly, any other contiguous buffer through a short-lived memoryview);
+  (2) without the GIL, parse the arena, recording string values as
+  (offset, length); (3) with the GIL, build the ``str`` objects.  The parse
+  touches only our own buffers, so another thread mutating the input list or
+  a bytearray cannot affect it.
 
 Decoding rules
 --------------
@@ -68,6 +68,7 @@ cdef extern from "Python.h":
     Py_ssize_t _seq_fast_size "PySequence_Fast_GET_SIZE" (PyObject* o)
     PyObject** _seq_fast_items "PySequence_Fast_ITEMS" (PyObject* o)
     void Py_DECREF(PyObject* o)
+    void _incref "Py_INCREF" (PyObject* o)
 
 cdef extern from *:
     """
@@ -97,10 +98,16 @@ class DecodeError(ValueError):
     """
 
 
-# Batches with at least this many payloads are parsed with the GIL released.
-# Below it the release/re-acquire (which can wait a whole switch interval if
-# another thread is busy) is not worth it.
-_NOGIL_MIN_PAYLOADS = 256
+# With release_gil=None, batches of at least this many payloads are parsed
+# with the GIL released.  That path first copies the payloads into a private
+# buffer (~50% more CPU per event than the single GIL-holding pass), so it
+# only pays off when holding the GIL would stall other threads noticeably:
+# 32768 events are roughly 1 ms of parsing.
+_NOGIL_MIN_PAYLOADS = 32768
+# The GIL-released path works in chunks of at most this many payloads or
+# about this many bytes, releasing the GIL once per chunk.
+_NOGIL_CHUNK_PAYLOADS = 65536
+_NOGIL_CHUNK_BYTES = 4 << 20
 
 cdef enum:
     K_INT64 = 0
@@ -139,14 +146,21 @@ ctypedef struct FieldSpec:
     Py_ssize_t name_len
     uint64_t word             # first min(8, name_len) bytes of name, native order
     uint64_t mask             # selects those bytes in an 8-byte load
-    uint64_t kword            # fixstr-encoded key (header + name) if name_len <= 7 ...
-    uint64_t kmask            # ... and its mask; otherwise kmask = 0, kword = 1 (never matches)
+    # The key as a fixstr (header byte + name) in two 8-byte words, with
+    # masks, for name_len <= 15; otherwise kmask0 = 0, kword0 = 1, which
+    # never matches.
+    uint64_t kword0
+    uint64_t kword1
+    uint64_t kmask0
+    uint64_t kmask1
     int kind
     bint required
 
 ctypedef struct ColOut:
     char* data                # int64*/double*/npy_bool*; string: int64 (offset, length) pairs
     uint8_t* valid            # NULL for required fields
+    Py_ssize_t str_step       # string: 2 = one (offset, length) pair per row,
+                              # 0 = a single pair reused (strings built per row)
 
 ctypedef struct RejectRec:
     Py_ssize_t index
@@ -182,6 +196,8 @@ cdef class Schema:
         self.nfields = 0
 
     def __init__(self, fields):
+        if self.specs != NULL:
+            raise DecodeError("Schema is immutable; build a new one")
         if isinstance(fields, (str, bytes)) or not hasattr(fields, "__iter__"):
             raise DecodeError(
                 f"schema fields must be a list of (name, dtype[, required]) tuples, "
@@ -227,18 +243,20 @@ cdef class Schema:
             memcpy(&specs[j].word, specs[j].name, min(len(raw), 8))
             specs[j].mask = 0
             memset(&specs[j].mask, 0xff, min(len(raw), 8))
-            if len(raw) <= 7:
-                enc = bytes([0xa0 | len(raw)]) + raw
-                specs[j].kword = 0
-                memcpy(&specs[j].kword, <const char*>enc, len(enc))
-                specs[j].kmask = 0
-                memset(&specs[j].kmask, 0xff, len(enc))
+            if len(raw) <= 15:
+                enc = (bytes([0xa0 | len(raw)]) + raw).ljust(16, b"\0")
+                keymask = (b"\xff" * (len(raw) + 1)).ljust(16, b"\0")
+                memcpy(&specs[j].kword0, <const char*>enc, 8)
+                memcpy(&specs[j].kword1, <const char*>enc + 8, 8)
+                memcpy(&specs[j].kmask0, <const char*>keymask, 8)
+                memcpy(&specs[j].kmask1, <const char*>keymask + 8, 8)
             else:
-                specs[j].kword = 1
-                specs[j].kmask = 0
+                specs[j].kword0 = 1
+                specs[j].kmask0 = 0
+                specs[j].kword1 = 0
+                specs[j].kmask1 = 0
             specs[j].kind = _KIND_OF[norm[j][1]]
             specs[j].required = norm[j][2]
-        free(self.specs)
         self.specs = specs
         self.nfields = len(norm)
         self._fields = tuple(norm)
@@ -572,8 +590,8 @@ cdef inline void write_null(int kind, ColOut* col, Py_ssize_t row) noexcept nogi
     elif kind == K_BOOL:
         (<uint8_t*>col.data)[row] = 0
     else:
-        (<int64_t*>col.data)[2 * row] = -1
-        (<int64_t*>col.data)[2 * row + 1] = 0
+        (<int64_t*>col.data)[col.str_step * row] = -1
+        (<int64_t*>col.data)[col.str_step * row + 1] = 0
     col.valid[row] = 0
 
 
@@ -660,8 +678,8 @@ cdef inline int parse_value(const FieldSpec* spec, ColOut* col, int f,
         if not utf8_valid(buf + p + hdr, size):
             err.field = f
             return reject_at(err, R_UTF8, p)
-        (<int64_t*>col.data)[2 * row] = p + hdr
-        (<int64_t*>col.data)[2 * row + 1] = size
+        (<int64_t*>col.data)[col.str_step * row] = p + hdr
+        (<int64_t*>col.data)[col.str_step * row + 1] = size
         pp[0] = p + hdr + size
     if col.valid != NULL:
         col.valid[row] = 1
@@ -696,7 +714,7 @@ cdef int parse_one(const FieldSpec* specs, Py_ssize_t nf,
     changes per payload, so ``seen`` never needs clearing).
     """
     cdef Py_ssize_t p, key_pos, klen, f, j, hint = 0, nseen = 0
-    cdef uint64_t count, k, w
+    cdef uint64_t count, k, w, w1
     cdef uint8_t b
     if n == 0:
         err.code = R_EMPTY
@@ -723,69 +741,64 @@ cdef int parse_one(const FieldSpec* specs, Py_ssize_t nf,
     while k < count:
         k += 1
         key_pos = p
+        f = -1
         # ---- fast path: the key is the expected next field, as a fixstr
-        if n - p >= 8:
+        if n - p >= 16:
             memcpy(&w, buf + p, 8)
-            if (w & specs[hint].kmask) == specs[hint].kword:
+            memcpy(&w1, buf + p + 8, 8)
+            if (((w & specs[hint].kmask0) ^ specs[hint].kword0)
+                    | ((w1 & specs[hint].kmask1) ^ specs[hint].kword1)) == 0:
                 f = hint
                 p += 1 + specs[f].name_len
+        if f < 0:
+            # ---- general key
+            if p >= n:
+                return reject_at(err, R_TRUNCATED, p)
+            b = buf[p]
+            if (b & 0xe0) == 0xa0:
+                klen = b & 0x1f
+                p += 1
+            elif b == 0xd9:
+                if n - p < 2:
+                    return reject_at(err, R_TRUNCATED, key_pos)
+                klen = buf[p + 1]
+                p += 2
+            elif b == 0xda:
+                if n - p < 3:
+                    return reject_at(err, R_TRUNCATED, key_pos)
+                klen = be16(buf + p + 1)
+                p += 3
+            elif b == 0xdb:
+                if n - p < 5:
+                    return reject_at(err, R_TRUNCATED, key_pos)
+                klen = be32(buf + p + 1)
+                p += 5
+            elif b == 0xc1:
+                return reject_at(err, R_INVALID_BYTE, key_pos)
+            else:
+                err.byte = b
+                return reject_at(err, R_KEY_NOT_STR, key_pos)
+            if klen > n - p:
+                return reject_at(err, R_TRUNCATED, key_pos)
+            # match, starting at the expected field (producers usually
+            # write fields in schema order)
+            for j in range(nf):
+                if key_matches(&specs[hint], buf + p, klen, n - p):
+                    f = hint
+                    break
                 hint += 1
                 if hint == nf:
                     hint = 0
-                if seen[f] == gen:
-                    err.field = <int>f
-                    return reject_at(err, R_DUPLICATE, key_pos)
-                seen[f] = gen
-                nseen += 1
-                if parse_value(&specs[f], &cols[f], <int>f, buf, n, &p, row, err):
+            p += klen
+            if f < 0:
+                # not a schema field: skip its value, whatever it is
+                if skip_object(buf, n, &p, err):
                     return 1
                 continue
-        # ---- key
-        if p >= n:
-            return reject_at(err, R_TRUNCATED, p)
-        b = buf[p]
-        if (b & 0xe0) == 0xa0:
-            klen = b & 0x1f
-            p += 1
-        elif b == 0xd9:
-            if n - p < 2:
-                return reject_at(err, R_TRUNCATED, key_pos)
-            klen = buf[p + 1]
-            p += 2
-        elif b == 0xda:
-            if n - p < 3:
-                return reject_at(err, R_TRUNCATED, key_pos)
-            klen = be16(buf + p + 1)
-            p += 3
-        elif b == 0xdb:
-            if n - p < 5:
-                return reject_at(err, R_TRUNCATED, key_pos)
-            klen = be32(buf + p + 1)
-            p += 5
-        elif b == 0xc1:
-            return reject_at(err, R_INVALID_BYTE, key_pos)
-        else:
-            err.byte = b
-            return reject_at(err, R_KEY_NOT_STR, key_pos)
-        if klen > n - p:
-            return reject_at(err, R_TRUNCATED, key_pos)
-        # ---- match, starting at the field after the previous match
-        # (producers usually write fields in schema order)
-        f = -1
-        for j in range(nf):
-            if key_matches(&specs[hint], buf + p, klen, n - p):
-                f = hint
-            hint += 1
-            if hint == nf:
-                hint = 0
-            if f >= 0:
-                break
-        p += klen
-        # ---- value
-        if f < 0:
-            if skip_object(buf, n, &p, err):
-                return 1
-            continue
+        # ---- value of schema field f
+        hint = f + 1
+        if hint == nf:
+            hint = 0
         if seen[f] == gen:
             err.field = <int>f
             return reject_at(err, R_DUPLICATE, key_pos)
@@ -807,21 +820,29 @@ cdef int parse_one(const FieldSpec* specs, Py_ssize_t nf,
     return 0
 
 
-cdef Py_ssize_t parse_all(const FieldSpec* specs, Py_ssize_t nf,
-                          const uint8_t* arena, const int64_t* offs,
-                          const int64_t* lens, Py_ssize_t n,
-                          ColOut* cols, int64_t* source_index, uint32_t* seen,
-                          RejectList* rl) noexcept nogil:
-    """Parse every payload; returns the number of good rows, -1 on OOM."""
-    cdef Py_ssize_t i, row = 0
+ctypedef struct ParseState:
+    Py_ssize_t row            # next output row
+    uint32_t gen              # generation for the ``seen`` marks
+
+
+cdef int parse_chunk(const FieldSpec* specs, Py_ssize_t nf,
+                     const uint8_t** ptrs, const int64_t* lens,
+                     Py_ssize_t i0, Py_ssize_t count,
+                     ColOut* cols, int64_t* source_index, uint32_t* seen,
+                     RejectList* rl, ParseState* st) noexcept nogil:
+    """Parse payloads ``i0 .. i0+count-1`` (``ptrs[k]``, ``lens[k]`` for
+    payload ``i0+k``; length -1 / -2: not bytes-like / not contiguous).
+    Returns 0, or -1 on OOM."""
+    cdef Py_ssize_t k, row = st.row
     cdef int64_t ln
-    cdef uint32_t gen = 0
+    cdef uint32_t gen = st.gen
     cdef RejectRec err
     cdef RejectRec* grown
     cdef int bad
-    memset(seen, 0, nf * sizeof(uint32_t))
-    for i in range(n):
-        ln = lens[i]
+    for k in range(count):
+        if k + 4 < count:
+            _prefetch(ptrs[k + 4])
+        ln = lens[k]
         gen += 1
         if gen == 0:                      # wrapped: clear and restart
             memset(seen, 0, nf * sizeof(uint32_t))
@@ -830,21 +851,26 @@ cdef Py_ssize_t parse_all(const FieldSpec* specs, Py_ssize_t nf,
             err.code = R_NOT_BYTES if ln == -1 else R_NOT_CONTIGUOUS
             bad = 1
         else:
-            bad = parse_one(specs, nf, arena + offs[i], ln, cols, row, seen, gen, &err)
+            bad = parse_one(specs, nf, ptrs[k], ln, cols, row, seen, gen, &err)
         if bad:
             if rl.n == rl.cap:
-                rl.cap = 64 if rl.cap == 0 else 2 * rl.cap
-                grown = <RejectRec*>realloc(rl.items, rl.cap * sizeof(RejectRec))
+                grown = <RejectRec*>realloc(rl.items,
+                                            (64 if rl.cap == 0 else 2 * rl.cap) * sizeof(RejectRec))
                 if grown == NULL:
+                    st.row = row
+                    st.gen = gen
                     return -1
                 rl.items = grown
-            err.index = i
+                rl.cap = 64 if rl.cap == 0 else 2 * rl.cap
+            err.index = i0 + k
             rl.items[rl.n] = err
             rl.n += 1
         else:
-            source_index[row] = i
+            source_index[row] = i0 + k
             row += 1
-    return row
+    st.row = row
+    st.gen = gen
+    return 0
 
 
 # --------------------------------------------------------------------------
@@ -909,6 +935,13 @@ cdef class _Scratch:
     cdef ColOut* cols
     cdef uint32_t* seen
     cdef int* str_fields          # indices of string fields
+    # release_gil=True: the chunk being parsed without the GIL
+    cdef const uint8_t** cptrs
+    cdef int64_t* clens
+    cdef PyObject** crefs         # pinned bytes objects (NULL: see views)
+    cdef Py_ssize_t chunk_cap
+    cdef Py_ssize_t n_pinned
+    cdef list views               # pinned memoryviews
     cdef PyObject*** str_slots    # per string field: data of its object column
     cdef Py_ssize_t n_str
     cdef RejectList rl
@@ -919,6 +952,12 @@ cdef class _Scratch:
         self.str_fields = <int*>malloc(nf * sizeof(int))
         self.str_slots = <PyObject***>malloc(nf * sizeof(PyObject**))
         self.n_str = 0
+        self.cptrs = NULL
+        self.clens = NULL
+        self.crefs = NULL
+        self.chunk_cap = 0
+        self.n_pinned = 0
+        self.views = []
         self.rl.items = NULL
         self.rl.n = 0
         self.rl.cap = 0
@@ -926,7 +965,29 @@ cdef class _Scratch:
                 or self.str_slots == NULL):
             raise MemoryError()
 
+    cdef int alloc_chunk(self, Py_ssize_t cap) except -1:
+        self.cptrs = <const uint8_t**>malloc(cap * sizeof(uint8_t*))
+        self.clens = <int64_t*>malloc(cap * sizeof(int64_t))
+        self.crefs = <PyObject**>malloc(cap * sizeof(PyObject*))
+        if self.cptrs == NULL or self.clens == NULL or self.crefs == NULL:
+            raise MemoryError()
+        self.chunk_cap = cap
+        return 0
+
+    cdef void unpin(self):
+        cdef Py_ssize_t k
+        for k in range(self.n_pinned):
+            Py_XDECREF(self.crefs[k])
+        self.n_pinned = 0
+        for mv in self.views:
+            mv.release()
+        self.views.clear()
+
     def __dealloc__(self):
+        self.unpin()
+        free(self.cptrs)
+        free(self.clens)
+        free(self.crefs)
         free(self.cols)
         free(self.seen)
         free(self.str_fields)
@@ -951,16 +1012,18 @@ cdef class _Scratch:
         """Create the ``str`` values of parsed row ``row`` (offsets into
         ``buf``) in slot ``out_row`` of the object columns."""
         cdef Py_ssize_t j, start
+        cdef ColOut* col
         cdef int64_t* offs
         cdef PyObject** slot
         cdef object s
         for j in range(self.n_str):
-            offs = <int64_t*>self.cols[self.str_fields[j]].data
-            start = offs[2 * row]
+            col = &self.cols[self.str_fields[j]]
+            offs = <int64_t*>col.data + col.str_step * row
+            start = offs[0]
             if start < 0:
                 continue                      # null: the slot already holds None
             # validated UTF-8: cannot fail (except MemoryError)
-            s = PyUnicode_DecodeUTF8(<const char*>buf + start, offs[2 * row + 1], NULL)
+            s = PyUnicode_DecodeUTF8(<const char*>buf + start, offs[1], NULL)
             slot = self.str_slots[j] + out_row
             Py_INCREF(s)
             Py_XDECREF(slot[0])
@@ -1039,65 +1102,57 @@ cdef Py_ssize_t _decode_holding_gil(PyObject* seq, Py_ssize_t n, const FieldSpec
     return row
 
 
-cdef object _copy_to_arena(PyObject* seq, Py_ssize_t n, int64_t* offs, int64_t* lens,
-                           dict bad_types):
-    """Copy every payload into one private buffer (a numpy uint8 array, so a
-    large one gets transparent huge pages).  Returns the array; ``offs[i]``,
-    ``lens[i]`` locate payload ``i`` (``lens[i]`` -1/-2: not bytes-like /
-    not contiguous)."""
-    cdef Py_ssize_t i, ln, used = 0, cap = 64 * n + 4096
+cdef Py_ssize_t _collect_chunk(PyObject* seq, Py_ssize_t i0, Py_ssize_t n, _Scratch sc,
+                               dict bad_types) except -1:
+    """Pin payloads ``i0, i0+1, ...`` for a GIL-free parse: record pointer and
+    length in ``sc.cptrs`` / ``sc.clens`` and hold a reference (``bytes``) or
+    an exported memoryview (anything else) until ``sc.unpin()``.  Stops after
+    ``sc.chunk_cap`` payloads or about ``_NOGIL_CHUNK_BYTES`` bytes.  Returns
+    the index of the first payload not collected."""
+    cdef Py_ssize_t i = i0, k = 0, nbytes = 0, max_bytes = _NOGIL_CHUNK_BYTES
     cdef PyObject** items = _seq_fast_items(seq)
     cdef PyObject* item
     cdef PyObject* ahead
-    cdef const char* data
     cdef Py_buffer* pb
-    arena = np.empty(cap, dtype=np.uint8)
-    cdef char* base = <char*>cnp.PyArray_DATA(<cnp.ndarray>arena)
-    for i in range(n):
+    while i < n and k < sc.chunk_cap and nbytes < max_bytes:
         if i + 6 < n:
             ahead = items[i + 6]
             _prefetch(ahead)
             _prefetch(<char*>ahead + 64)
         item = items[i]
-        mv = None
         if _is_bytes(item):
-            data = _bytes_data(item)
-            ln = _bytes_len(item)
+            _incref(item)
+            sc.crefs[k] = item
+            sc.n_pinned = k + 1
+            sc.cptrs[k] = <const uint8_t*>_bytes_data(item)
+            sc.clens[k] = _bytes_len(item)
         else:
+            # Slow path: memoryview() may run arbitrary code, so re-read the
+            # sequence afterwards.
+            sc.crefs[k] = NULL
+            sc.n_pinned = k + 1
             obj = <object>item
             mv = _payload_view(obj)
             if type(mv) is int:
                 if mv == -1:
                     bad_types[i] = type(obj).__name__
-                offs[i] = 0
-                lens[i] = mv
-                obj = mv = None
-                if _seq_fast_size(seq) != n:
-                    raise RuntimeError("payloads changed size during decode")
-                items = _seq_fast_items(seq)
-                continue
-            obj = None
-            pb = PyMemoryView_GET_BUFFER(mv)
-            data = <const char*>pb.buf
-            ln = pb.len
-        if ln > cap - used:
-            while ln > cap - used:
-                cap *= 2
-            grown = np.empty(cap, dtype=np.uint8)
-            memcpy(cnp.PyArray_DATA(<cnp.ndarray>grown), base, used)
-            arena = grown
-            base = <char*>cnp.PyArray_DATA(<cnp.ndarray>arena)
-        memcpy(base + used, data, ln)
-        offs[i] = used
-        lens[i] = ln
-        used += ln
-        if mv is not None:
-            mv.release()
-            mv = None
+                sc.cptrs[k] = NULL
+                sc.clens[k] = mv
+            else:
+                sc.views.append(mv)
+                pb = PyMemoryView_GET_BUFFER(mv)
+                sc.cptrs[k] = <const uint8_t*>pb.buf
+                sc.clens[k] = pb.len
+            obj = mv = None
             if _seq_fast_size(seq) != n:
                 raise RuntimeError("payloads changed size during decode")
             items = _seq_fast_items(seq)
-    return arena
+        if sc.clens[k] > 0:
+            nbytes += sc.clens[k]
+        nbytes += 64                          # the object itself
+        i += 1
+        k += 1
+    return i
 
 
 def decode_msgpack_maps(payloads, Schema schema not None, *, release_gil=None):
@@ -1122,12 +1177,11 @@ def decode_msgpack_maps(payloads, Schema schema not None, *, release_gil=None):
     cdef tuple fields = schema._fields
     cdef const FieldSpec* specs = schema.specs
     cdef _Scratch sc = _Scratch(nf)
-    cdef Py_ssize_t i, r, f, n_rows
+    cdef Py_ssize_t i, i1, r, row0, f, n_rows
+    cdef int rc
+    cdef ParseState st
     cdef int kind
     cdef int64_t* src
-    cdef int64_t* aoffs
-    cdef int64_t* alens
-    cdef const uint8_t* abase
     cdef dict bad_types = {}
     cdef PyObject* seq = _seq_fast(payloads, "payloads must be a sequence of bytes-like objects")
     cdef Py_ssize_t n = _seq_fast_size(seq)
@@ -1149,9 +1203,12 @@ def decode_msgpack_maps(payloads, Schema schema not None, *, release_gil=None):
             elif kind == K_BOOL:
                 arr = np.empty(n, dtype=np.bool_)
             else:
-                arr = np.empty(2 * n, dtype=np.int64)   # (offset, length) per row
+                # (offset, length) per row; the GIL-holding pass builds each
+                # row's strings at once and needs just one pair
+                arr = np.empty(2 * n if nogil_mode else 2, dtype=np.int64)
             col_arrays.append(arr)
             sc.cols[f].data = <char*>cnp.PyArray_DATA(<cnp.ndarray>arr)
+            sc.cols[f].str_step = 2 if nogil_mode else 0
             if specs[f].required:
                 valid_arrays.append(None)
                 sc.cols[f].valid = NULL
@@ -1162,39 +1219,40 @@ def decode_msgpack_maps(payloads, Schema schema not None, *, release_gil=None):
         source_index = np.empty(n, dtype=np.int64)
         src = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>source_index)
 
+        str_arrays = {}
+        for f in range(nf):
+            if specs[f].kind == K_STRING:
+                out = np.empty(n, dtype=object)           # None-filled
+                str_arrays[f] = out
+                sc.str_fields[sc.n_str] = <int>f
+                sc.str_slots[sc.n_str] = <PyObject**>cnp.PyArray_DATA(<cnp.ndarray>out)
+                sc.n_str += 1
+
         if not nogil_mode:
-            str_arrays = {}
-            for f in range(nf):
-                if specs[f].kind == K_STRING:
-                    out = np.empty(n, dtype=object)           # None-filled
-                    str_arrays[f] = out
-                    sc.str_fields[sc.n_str] = <int>f
-                    sc.str_slots[sc.n_str] = <PyObject**>cnp.PyArray_DATA(<cnp.ndarray>out)
-                    sc.n_str += 1
             n_rows = _decode_holding_gil(seq, n, specs, nf, sc, src, bad_types)
         else:
-            offs_arr = np.empty(n, dtype=np.int64)
-            lens_arr = np.empty(n, dtype=np.int64)
-            aoffs = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>offs_arr)
-            alens = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>lens_arr)
-            arena = _copy_to_arena(seq, n, aoffs, alens, bad_types)
-            abase = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>arena)
-            with nogil:
-                n_rows = parse_all(specs, nf, abase, aoffs, alens, n,
-                                   sc.cols, src, sc.seen, &sc.rl)
-            if n_rows < 0:
-                raise MemoryError()
-            str_arrays = {}
-            for f in range(nf):
-                if specs[f].kind == K_STRING:
-                    out = np.empty(n_rows, dtype=object)
-                    str_arrays[f] = out
-                    sc.str_fields[0] = <int>f
-                    sc.str_slots[0] = <PyObject**>cnp.PyArray_DATA(<cnp.ndarray>out)
-                    sc.n_str = 1
-                    for r in range(n_rows):
-                        sc.emit_strings(abase + aoffs[src[r]], r, r)
-            sc.n_str = 0
+            # Chunks: pin payloads and note their buffers (GIL held), parse
+            # them (GIL released), build their strings and unpin (GIL held).
+            # Pinning touches each object once, like the parse itself, and a
+            # bounded chunk is still cache-warm when it is unpinned.
+            sc.alloc_chunk(max(1, min(n, <Py_ssize_t>_NOGIL_CHUNK_PAYLOADS)))
+            memset(sc.seen, 0, nf * sizeof(uint32_t))
+            st.row = 0
+            st.gen = 0
+            i = 0
+            while i < n:
+                i1 = _collect_chunk(seq, i, n, sc, bad_types)
+                row0 = st.row
+                with nogil:
+                    rc = parse_chunk(specs, nf, sc.cptrs, sc.clens, i, i1 - i,
+                                     sc.cols, src, sc.seen, &sc.rl, &st)
+                if rc < 0:
+                    raise MemoryError()
+                for r in range(row0, st.row):
+                    sc.emit_strings(sc.cptrs[src[r] - i], r, r)
+                sc.unpin()
+                i = i1
+            n_rows = st.row
     finally:
         Py_DECREF(seq)
 

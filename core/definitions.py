@@ -2,33 +2,129 @@
 
 Definitions are immutable values: two equal definitions describe the same
 computation, which is what versioning (a content hash) relies on.
+
+Every definition has a canonical form (``to_dict()``: plain JSON values) and a
+content hash (:func:`content_hash`: sha256 of the canonical JSON with sorted
+keys). Optional fields (``Source.archive``, ``Feature.filter``, ``Feature.n``,
+``Feature.k``) appear in the canonical form only when set, so adding a new
+optional field later keeps the hashes of existing definitions stable: follow
+that rule for any field added in the future.
+
+Validation errors (:class:`DefinitionError`) name the definition, the field
+and a fix, e.g. ``view 'user_reading', feature 'total': column 'readtme' is
+not a field of source 'read_events'; did you mean 'readtime'? ...``.
 """
+import difflib
+import hashlib
+import html
+import json
 import re
 from dataclasses import dataclass, field
 
 KEY_TYPES = ("int64", "string")
 FIELD_TYPES = ("int64", "float64", "string", "bool")
-PAYLOAD_FORMATS = ("msgpack",)
-NUMERIC_AGGREGATIONS = ("sum", "mean", "min", "max", "first", "last")
+NUMERIC_TYPES = ("int64", "float64", "bool")
+PAYLOAD_FORMATS = ("msgpack", "json", "arrow")
+NUMERIC_AGGREGATIONS = ("sum", "mean", "min", "max", "first", "last", "last_n")
+CANONICAL_FORMAT = 1          # bump only with a migration of stored hashes
+MAX_PARAM = 1000              # the largest n of last_n / k of top_k
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
-            "w": 7 * 86_400_000}
+
+@dataclass(frozen=True)
+class Aggregation:
+    """What an aggregation needs: a column (of which types) and a parameter."""
+    name: str
+    takes_column: bool
+    column_types: tuple = ()
+    param: str = None          # "n" or "k": the integer parameter it requires
+    summary: str = ""
+
+
+AGGREGATIONS = {a.name: a for a in (
+    Aggregation("count", False, summary="number of events"),
+    Aggregation("sum", True, NUMERIC_TYPES, summary="sum of the column"),
+    Aggregation("mean", True, NUMERIC_TYPES, summary="arithmetic mean of the column"),
+    Aggregation("min", True, NUMERIC_TYPES, summary="smallest value"),
+    Aggregation("max", True, NUMERIC_TYPES, summary="largest value"),
+    Aggregation("first", True, NUMERIC_TYPES, summary="value of the earliest event"),
+    Aggregation("last", True, NUMERIC_TYPES, summary="value of the latest event"),
+    Aggregation("last_n", True, NUMERIC_TYPES, "n", "the n latest values, newest first"),
+    Aggregation("distinct_count", True, FIELD_TYPES,
+                summary="approximate number of distinct values (HyperLogLog)"),
+    Aggregation("top_k", True, FIELD_TYPES, "k", "approximate k most frequent values"),
+)}
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([a-zA-Z]+)\s*$")
+UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
+           "w": 7 * 86_400_000}
+# Unit words (singular and plural, any case), as SQL writes them: 7 DAYS.
+UNIT_WORDS = {}
+for _short, _words in (("ms", ("millisecond", "milli")), ("s", ("second", "sec")),
+                       ("m", ("minute", "min")), ("h", ("hour", "hr")),
+                       ("d", ("day",)), ("w", ("week",))):
+    for _word in _words:
+        UNIT_WORDS[_word] = UNIT_WORDS[_word + "s"] = _short
+    UNIT_WORDS[_short] = _short
 
 
 class DefinitionError(ValueError):
     """A definition is invalid; the message names the definition, the field and a fix."""
 
 
+def unit_ms(unit):
+    """Milliseconds in one ``unit`` ('h', 'hour', 'HOURS', ...), or None."""
+    short = UNIT_WORDS.get(str(unit).lower())
+    return None if short is None else UNIT_MS[short]
+
+
 def duration_ms(value) -> int:
-    """``"7d"``, ``"1h"``, ``"250ms"`` or an int of milliseconds -> milliseconds."""
+    """``"7d"``, ``"1h"``, ``"250ms"``, ``"7 days"`` or an int of milliseconds ->
+    milliseconds."""
+    if isinstance(value, bool):
+        raise DefinitionError(f"duration {value!r}: write a number and a unit "
+                              "(ms, s, m, h, d or w), e.g. '7d' or '1h'")
     if isinstance(value, int):
         return value
     match = _DURATION.match(str(value))
-    if not match:
+    ms = match and unit_ms(match.group(2))
+    if not ms:
         raise DefinitionError(f"duration {value!r}: write a number and a unit "
                               "(ms, s, m, h, d or w), e.g. '7d' or '1h'")
-    return int(match.group(1)) * _UNIT_MS[match.group(2)]
+    return int(match.group(1)) * ms
+
+
+def format_duration(ms) -> str:
+    """Milliseconds -> the shortest exact text: 604800000 -> '7d', 5400000 -> '90m'."""
+    if ms == 0:
+        return "0"
+    for unit in ("d", "h", "m", "s"):
+        if ms % UNIT_MS[unit] == 0:
+            return f"{ms // UNIT_MS[unit]}{unit}"
+    return f"{ms}ms"
+
+
+def _is_name(name):
+    return (isinstance(name, str) and name.isascii() and name.replace("_", "a").isalnum()
+            and not name[0].isdigit())
+
+
+def _check_name(what, name, where=None):
+    """Names are identifiers: refs such as ``view@v2`` and ``view.feature``
+    depend on it, and names starting with '_' are reserved for Tally."""
+    where = where or f"{what} {name!r}"
+    if not _is_name(name) or name.startswith("_"):
+        raise DefinitionError(
+            f"{where}: name {name!r} is not a valid name; use letters, digits and "
+            "underscores, starting with a letter (e.g. 'user_reading')")
+
+
+def _suggest(name, choices):
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+# --------------------------------------------------------------------------
+# Entity
 
 
 @dataclass(frozen=True)
@@ -37,40 +133,129 @@ class Entity:
     name: str
     key_type: str = "int64"
 
+    kind = "entity"
+
     def __post_init__(self):
+        _check_name("entity", self.name)
         if self.key_type not in KEY_TYPES:
             raise DefinitionError(f"entity {self.name!r}: key_type {self.key_type!r} "
-                                  f"is not one of {KEY_TYPES}")
+                                  f"is not one of {KEY_TYPES}; use 'int64' or 'string'")
+
+    def to_dict(self):
+        return {"name": self.name, "key_type": self.key_type}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["name"], data["key_type"])
+
+    def __repr__(self):
+        return f"Entity({self.name!r}, key_type={self.key_type!r})"
+
+    def _repr_html_(self):
+        return _html_table(f"entity <b>{_e(self.name)}</b>", [("key type", self.key_type)])
+
+
+# --------------------------------------------------------------------------
+# Source
 
 
 @dataclass(frozen=True)
 class Source:
-    """An event stream: a Pulsar topic with a typed schema and an event-time field."""
+    """An event stream: a Pulsar topic with a typed schema and an event-time field.
+
+    ``format`` is the payload format: msgpack (default; one map per message),
+    json (one object per message) or arrow (Arrow IPC stream of record
+    batches per message). ``archive`` optionally names a Parquet dataset of
+    events older than the topic (a local path or a pyarrow filesystem URI,
+    e.g. ``s3://bucket/read_events/``), with the same schema."""
     name: str
     topic: str
     schema: tuple            # ((field name, field type), ...)
     timestamp_field: str = "ts"
     format: str = "msgpack"
+    archive: str = None
+
+    kind = "source"
 
     def __post_init__(self):
-        object.__setattr__(self, "schema", tuple((str(n), str(t)) for n, t in
-                                                 (dict(self.schema).items()
-                                                  if isinstance(self.schema, dict)
-                                                  else self.schema)))
-        for name, dtype in self.schema:
+        where = f"source {self.name!r}"
+        _check_name("source", self.name)
+        schema = self.schema.items() if isinstance(self.schema, dict) else self.schema
+        try:
+            schema = tuple((str(n), str(t)) for n, t in schema)
+        except (TypeError, ValueError):
+            raise DefinitionError(f"{where}: schema must map field names to types, e.g. "
+                                  "{'user': 'int64', 'ts': 'int64'}") from None
+        object.__setattr__(self, "schema", schema)
+        if not isinstance(self.topic, str) or not self.topic.strip():
+            raise DefinitionError(f"{where}: topic is empty; name the Pulsar topic, e.g. "
+                                  "'read_events' or 'persistent://public/default/read_events'")
+        if not schema:
+            raise DefinitionError(f"{where}: schema has no fields; list the event fields "
+                                  "and their types")
+        seen = set()
+        for name, dtype in schema:
+            if name in seen:
+                raise DefinitionError(f"{where}: schema field {name!r} is listed twice; "
+                                      "list each field once")
+            seen.add(name)
+            if not name:
+                raise DefinitionError(f"{where}: schema has a field with an empty name; "
+                                      "name every field")
             if dtype not in FIELD_TYPES:
-                raise DefinitionError(f"source {self.name!r}: field {name!r} has type "
-                                      f"{dtype!r}; use one of {FIELD_TYPES}")
+                raise DefinitionError(f"{where}: schema field {name!r} has type {dtype!r}; "
+                                      f"use one of {FIELD_TYPES}")
         if self.field_type(self.timestamp_field) != "int64":
-            raise DefinitionError(f"source {self.name!r}: timestamp_field "
-                                  f"{self.timestamp_field!r} must be an int64 field of the "
-                                  "schema (event time in epoch milliseconds)")
+            raise DefinitionError(f"{where}: timestamp_field {self.timestamp_field!r} must be "
+                                  "an int64 field of the schema (event time in epoch "
+                                  f"milliseconds); {_suggest(self.timestamp_field, seen)}"
+                                  f"fields: {', '.join(n for n, _ in schema)}")
         if self.format not in PAYLOAD_FORMATS:
-            raise DefinitionError(f"source {self.name!r}: format {self.format!r} is not "
-                                  f"one of {PAYLOAD_FORMATS}")
+            raise DefinitionError(f"{where}: format {self.format!r} is not supported; use one "
+                                  f"of {', '.join(PAYLOAD_FORMATS)}")
+        if self.archive is not None and (not isinstance(self.archive, str)
+                                         or not self.archive.strip()):
+            raise DefinitionError(f"{where}: archive must be a Parquet path or URI such as "
+                                  "'s3://bucket/read_events/', or None")
+
+    @property
+    def fields(self):
+        return [n for n, _ in self.schema]
 
     def field_type(self, name):
         return dict(self.schema).get(name)
+
+    def to_dict(self):
+        data = {"name": self.name, "topic": self.topic, "format": self.format,
+                "schema": [[n, t] for n, t in self.schema],
+                "timestamp_field": self.timestamp_field}
+        if self.archive is not None:
+            data["archive"] = self.archive
+        return data
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["name"], data["topic"], tuple(map(tuple, data["schema"])),
+                   data["timestamp_field"], data["format"], data.get("archive"))
+
+    def __repr__(self):
+        schema = ", ".join(f"{n!r}: {t!r}" for n, t in self.schema)
+        extra = "" if self.format == "msgpack" else f", format={self.format!r}"
+        extra += "" if self.archive is None else f", archive={self.archive!r}"
+        return (f"Source({self.name!r}, topic={self.topic!r}, schema={{{schema}}}, "
+                f"timestamp_field={self.timestamp_field!r}{extra})")
+
+    def _repr_html_(self):
+        rows = [("topic", self.topic), ("format", self.format),
+                ("event time", self.timestamp_field),
+                ("schema", ", ".join(f"{n}: {t}" for n, t in self.schema))]
+        if self.archive:
+            rows.append(("archive", self.archive))
+        return _html_table(f"source <b>{_e(self.name)}</b>", rows)
+
+
+# --------------------------------------------------------------------------
+# Window and Feature
 
 
 @dataclass(frozen=True)
@@ -98,22 +283,205 @@ class Window:
             return "lifetime"
         return "tumbling" if self.size_ms == self.hop_ms else "sliding"
 
+    def to_dict(self):
+        return {"size_ms": self.size_ms, "hop_ms": self.hop_ms}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["size_ms"], data["hop_ms"])
+
+    def describe(self):
+        """'lifetime', 'tumbling 1h' or 'sliding 7d hop 1h'."""
+        if self.kind == "lifetime":
+            return "lifetime"
+        if self.kind == "tumbling":
+            return f"tumbling {format_duration(self.size_ms)}"
+        return f"sliding {format_duration(self.size_ms)} hop {format_duration(self.hop_ms)}"
+
+    def __repr__(self):
+        if self.kind == "lifetime" and self.hop_ms == 0:
+            return "Window.lifetime()"
+        if self.kind == "tumbling":
+            return f"Window.tumbling({format_duration(self.size_ms)!r})"
+        return (f"Window.sliding({format_duration(self.size_ms)!r}, "
+                f"{format_duration(self.hop_ms)!r})")
+
 
 @dataclass(frozen=True)
 class Feature:
     """An aggregation of a source column per entity over a window.
 
-    ``column`` is None for count (``COUNT(*)``)."""
+    ``column`` is None for count (``COUNT(*)``). ``filter`` is an optional SQL
+    boolean expression over the source's columns (``"readtime > 0 AND
+    article IN (1, 2)"``); only events for which it is true are aggregated. It
+    is stored in a canonical form, so equal filters hash equally. ``n`` is the
+    length of ``last_n``; ``k`` the number of values of ``top_k``.
+    ``lateness_ms`` (or a duration such as ``"5m"``) is the allowed lateness of
+    events in a window."""
     name: str
     aggregation: str
     column: str = None
     window: Window = field(default_factory=Window.lifetime)
     lateness_ms: int = 0
+    filter: str = None
+    n: int = None
+    k: int = None
+
+    def __post_init__(self):
+        if not isinstance(self.lateness_ms, int) or isinstance(self.lateness_ms, bool):
+            object.__setattr__(self, "lateness_ms", duration_ms(self.lateness_ms))
+        if self.filter is not None:
+            from tally.core.filters import FilterError, normalize_filter
+            try:
+                object.__setattr__(self, "filter", normalize_filter(self.filter))
+            except FilterError as error:
+                raise DefinitionError(f"feature {self.name!r}: filter {self.filter!r}: "
+                                      f"{error}") from None
+
+    @property
+    def param(self):
+        """The integer parameter of the aggregation (n of last_n, k of top_k) or None."""
+        return self.n if self.n is not None else self.k
+
+    def to_dict(self):
+        data = {"name": self.name, "aggregation": self.aggregation, "column": self.column,
+                "window": self.window.to_dict(), "lateness_ms": self.lateness_ms}
+        for key in ("filter", "n", "k"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["name"], data["aggregation"], data.get("column"),
+                   Window.from_dict(data["window"]), data.get("lateness_ms", 0),
+                   data.get("filter"), data.get("n"), data.get("k"))
+
+    def expression(self):
+        """A short description: ``sum(readtime) sliding 7d hop 1h where readtime > 0``."""
+        args = self.column or "*"
+        if self.param is not None:
+            args += f", {self.param}"
+        text = f"{self.aggregation}({args}) {self.window.describe()}"
+        if self.lateness_ms:
+            text += f" lateness {format_duration(self.lateness_ms)}"
+        if self.filter:
+            text += f" where {self.filter}"
+        return text
+
+    def __repr__(self):
+        parts = [repr(self.name), repr(self.aggregation)]
+        if self.column is not None:
+            parts.append(repr(self.column))
+        if self.window != Window.lifetime():
+            parts.append(f"window={self.window!r}")
+        if self.lateness_ms:
+            parts.append(f"lateness_ms={format_duration(self.lateness_ms)!r}")
+        for key in ("filter", "n", "k"):
+            if getattr(self, key) is not None:
+                parts.append(f"{key}={getattr(self, key)!r}")
+        return f"Feature({', '.join(parts)})"
+
+    def validate(self, source, where):
+        """Check the feature against ``source``; ``where`` names the view."""
+        where = f"{where}, feature {self.name!r}"
+        _check_name("feature", self.name, where)
+        spec = AGGREGATIONS.get(self.aggregation)
+        if spec is None:
+            raise DefinitionError(
+                f"{where}: aggregation {self.aggregation!r} is unknown; "
+                f"{_suggest(self.aggregation, AGGREGATIONS)}use one of "
+                f"{', '.join(AGGREGATIONS)}")
+        fields = ", ".join(source.fields)
+        if not spec.takes_column:
+            if self.column is not None:
+                raise DefinitionError(
+                    f"{where}: column {self.column!r} is set, but {self.aggregation} counts "
+                    f"events and takes no column; drop the column, or count the events where "
+                    f"it is set with filter=\"{self.column} IS NOT NULL\"")
+        else:
+            if self.column is None:
+                raise DefinitionError(f"{where}: column is missing; {self.aggregation} "
+                                      f"aggregates a column: name one of {fields}")
+            column_type = source.field_type(self.column)
+            if column_type is None:
+                raise DefinitionError(
+                    f"{where}: column {self.column!r} is not a field of source "
+                    f"{source.name!r}; {_suggest(self.column, source.fields)}"
+                    f"use one of {fields}")
+            if column_type not in spec.column_types:
+                usable = [a for a, s in AGGREGATIONS.items()
+                          if s.takes_column and column_type in s.column_types]
+                raise DefinitionError(
+                    f"{where}: aggregation {self.aggregation} needs a numeric column, but "
+                    f"column {self.column!r} is {column_type}; aggregate a numeric column "
+                    f"or use {', '.join(['count'] + usable)} for a {column_type} column")
+        for key in ("n", "k"):
+            value = getattr(self, key)
+            if spec.param == key:
+                if value is None:
+                    raise DefinitionError(f"{where}: {key} is missing; {self.aggregation} "
+                                          f"needs {key}, e.g. {key}=10")
+                if not isinstance(value, int) or isinstance(value, bool) \
+                        or not 1 <= value <= MAX_PARAM:
+                    raise DefinitionError(f"{where}: {key}={value!r} is out of range; "
+                                          f"use an integer from 1 to {MAX_PARAM}")
+            elif value is not None:
+                hint = (f"{spec.param} is the parameter of {self.aggregation}" if spec.param
+                        else f"{self.aggregation} takes no parameter")
+                raise DefinitionError(f"{where}: {key}={value!r} does not apply to "
+                                      f"{self.aggregation}; {hint}: drop {key}")
+        _validate_window(self.window, where)
+        if self.lateness_ms < 0:
+            raise DefinitionError(f"{where}: lateness_ms {self.lateness_ms} is negative; "
+                                  "use 0 or a positive duration such as '5m'")
+        if self.filter is not None:
+            from tally.core.filters import FilterError, check_filter
+            try:
+                check_filter(self.filter, source.schema)
+            except FilterError as error:
+                raise DefinitionError(f"{where}: filter {self.filter!r}: {error}") from None
+
+
+# Hops people use, for suggesting one that divides a window.
+_ROUND_HOPS = [duration_ms(d) for d in (
+    "1s", "5s", "10s", "15s", "30s", "1m", "5m", "10m", "15m", "20m", "30m", "1h", "2h",
+    "3h", "4h", "6h", "8h", "12h", "1d", "7d")]
+
+
+def _validate_window(window, where):
+    size, hop = window.size_ms, window.hop_ms
+    if not isinstance(size, int) or not isinstance(hop, int) or size < 0 or hop < 0:
+        raise DefinitionError(f"{where}: window size and hop must be positive durations; "
+                              "use Window.sliding('7d', '1h') or Window.tumbling('1h')")
+    if size == 0:
+        if hop:
+            raise DefinitionError(f"{where}: window has a hop ({format_duration(hop)}) but "
+                                  "no size; use Window.lifetime() or give the window a size")
+        return
+    if hop <= 0 or size % hop:
+        hop_text = format_duration(hop) if hop > 0 else "0"
+        smaller = [h for h in _ROUND_HOPS if size % h == 0 and h < hop]
+        larger = [h for h in _ROUND_HOPS if size % h == 0 and h > hop]
+        examples = ([format_duration(smaller[-1])] if smaller else []) + \
+                   ([format_duration(larger[0])] if larger and larger[0] < size else [])
+        example = f", e.g. {' or '.join(examples)}" if examples else ""
+        raise DefinitionError(
+            f"{where}: window hop {hop_text} does not divide the window size "
+            f"{format_duration(size)}; use a hop that divides it{example}")
+
+
+# --------------------------------------------------------------------------
+# FeatureView
 
 
 @dataclass(frozen=True)
 class FeatureView:
-    """The features of one entity from one source, stored as one online record."""
+    """The features of one entity from one source, stored as one online record.
+
+    ``online_expiry`` (milliseconds, or a duration such as ``"30d"``; 0 means
+    never) is how long an entity's online record lives after its last update.
+    ``tags`` are free-form labels for discovery (stored sorted)."""
     name: str
     entity: Entity
     source: Source
@@ -121,11 +489,24 @@ class FeatureView:
     key_column: str = None       # defaults to the entity's name
     owner: str = ""
     description: str = ""
+    tags: tuple = ()
+    online_expiry: int = 0
+
+    kind = "view"
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(self.features))
         if self.key_column is None:
             object.__setattr__(self, "key_column", self.entity.name)
+        tags = (self.tags,) if isinstance(self.tags, str) else self.tags
+        object.__setattr__(self, "tags", tuple(sorted(set(tags or ()))))
+        if not isinstance(self.online_expiry, int) or isinstance(self.online_expiry, bool):
+            try:
+                object.__setattr__(self, "online_expiry", duration_ms(self.online_expiry))
+            except DefinitionError as error:
+                raise DefinitionError(f"view {self.name!r}: online_expiry: {error}") from None
+        object.__setattr__(self, "owner", self.owner or "")
+        object.__setattr__(self, "description", self.description or "")
         self.validate()
 
     def feature(self, name):
@@ -137,37 +518,172 @@ class FeatureView:
 
     def validate(self):
         where = f"view {self.name!r}"
+        _check_name("view", self.name)
+        if not isinstance(self.entity, Entity):
+            raise DefinitionError(f"{where}: entity must be an Entity, e.g. "
+                                  "Entity('user', 'int64')")
+        if not isinstance(self.source, Source):
+            raise DefinitionError(f"{where}: source must be a Source")
         key_type = self.source.field_type(self.key_column)
         expected = self.entity.key_type
+        if key_type is None:
+            raise DefinitionError(
+                f"{where}: key_column {self.key_column!r} (the key of entity "
+                f"{self.entity.name!r}) is not a field of source {self.source.name!r}; "
+                f"{_suggest(self.key_column, self.source.fields)}add it to the source's "
+                f"schema, or set key_column to the field holding the {self.entity.name} key "
+                f"(fields: {', '.join(self.source.fields)})")
         if key_type != expected:
             raise DefinitionError(
-                f"{where}: key_column {self.key_column!r} must be a {expected} field of "
-                f"source {self.source.name!r} (found {key_type or 'no such field'}); "
-                "set key_column to the field holding the entity key")
+                f"{where}: key_column {self.key_column!r} is {key_type} in source "
+                f"{self.source.name!r}, but entity {self.entity.name!r} has {expected} keys; "
+                f"set key_column to a {expected} field, or declare the entity with "
+                f"key_type={key_type!r}")
+        if not self.features:
+            raise DefinitionError(f"{where}: features is empty; add at least one Feature")
         seen = set()
         for feature in self.features:
+            if not isinstance(feature, Feature):
+                raise DefinitionError(f"{where}: features must be Feature objects, "
+                                      f"found {feature!r}")
             if feature.name in seen:
                 raise DefinitionError(f"{where}: feature name {feature.name!r} is used twice; "
                                       "give each feature a distinct name")
             seen.add(feature.name)
-            self._validate_feature(where, feature)
+            feature.validate(self.source, where)
+        if self.online_expiry < 0:
+            raise DefinitionError(f"{where}: online_expiry is negative; use 0 (never "
+                                  "expire) or a duration such as '30d'")
+        for tag in self.tags:
+            if not isinstance(tag, str) or not tag.strip() or "," in tag:
+                raise DefinitionError(f"{where}: tag {tag!r} is not valid; tags are "
+                                      "non-empty strings without commas")
+        for key in ("owner", "description"):
+            if not isinstance(getattr(self, key), str):
+                raise DefinitionError(f"{where}: {key} must be a string")
 
-    def _validate_feature(self, where, feature):
-        where = f"{where}, feature {feature.name!r}"
-        from tally.core.arena import KINDS     # the aggregations the core implements
-        if feature.aggregation not in KINDS:
-            raise DefinitionError(f"{where}: aggregation {feature.aggregation!r} is unknown; "
-                                  f"use one of {sorted(KINDS)}")
-        if feature.aggregation in NUMERIC_AGGREGATIONS:
-            column_type = self.source.field_type(feature.column)
-            if column_type is None:
-                raise DefinitionError(f"{where}: column {feature.column!r} is not a field of "
-                                      f"source {self.source.name!r}; use one of "
-                                      f"{[n for n, _ in self.source.schema]}")
-            if column_type not in ("int64", "float64", "bool"):
-                raise DefinitionError(f"{where}: {feature.aggregation} needs a numeric column, "
-                                      f"but {feature.column!r} is {column_type}")
-        window = feature.window
-        if window.size_ms and (window.hop_ms <= 0 or window.size_ms % window.hop_ms):
-            raise DefinitionError(f"{where}: the hop ({window.hop_ms} ms) must divide the "
-                                  f"window ({window.size_ms} ms); pick a hop such as 1h or 1d")
+    # canonical form --------------------------------------------------------
+
+    def to_dict(self):
+        return {"name": self.name, "entity": self.entity.to_dict(),
+                "source": self.source.to_dict(), "key_column": self.key_column,
+                "features": [f.to_dict() for f in self.features], "owner": self.owner,
+                "description": self.description, "tags": list(self.tags),
+                "online_expiry_ms": self.online_expiry}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["name"], Entity.from_dict(data["entity"]),
+                   Source.from_dict(data["source"]),
+                   tuple(Feature.from_dict(f) for f in data["features"]),
+                   data["key_column"], data.get("owner", ""), data.get("description", ""),
+                   tuple(data.get("tags", ())), data.get("online_expiry_ms", 0))
+
+    def state_dict(self):
+        """The part of the definition that determines the computed state: two
+        versions with equal state hashes can share state (metadata such as owner,
+        description, tags or online expiry changed, nothing the stream
+        computation depends on)."""
+        data = self.to_dict()
+        for key in ("owner", "description", "tags", "online_expiry_ms"):
+            data.pop(key)
+        return data
+
+    # display --------------------------------------------------------------
+
+    def __repr__(self):
+        lines = [f"FeatureView({self.name!r}, entity={self.entity.name}:{self.entity.key_type}"
+                 + ("" if self.key_column == self.entity.name
+                    else f" (key {self.key_column})")
+                 + f", source={self.source.name} (topic {self.source.topic!r})"]
+        meta = [f"{k}={getattr(self, k)!r}" for k in ("owner", "description")
+                if getattr(self, k)]
+        if self.tags:
+            meta.append(f"tags={list(self.tags)}")
+        if self.online_expiry:
+            meta.append(f"online_expiry={format_duration(self.online_expiry)!r}")
+        if meta:
+            lines[0] += ", " + ", ".join(meta)
+        lines[0] += ","
+        for feature in self.features:
+            lines.append(f"    {feature.name} = {feature.expression()}")
+        return "\n".join(lines) + ")"
+
+    def _repr_html_(self):
+        head = [("entity", f"{self.entity.name} ({self.entity.key_type}, key column "
+                           f"{self.key_column})"),
+                ("source", f"{self.source.name} (topic {self.source.topic}, "
+                           f"{self.source.format})")]
+        for key in ("owner", "description"):
+            if getattr(self, key):
+                head.append((key, getattr(self, key)))
+        if self.tags:
+            head.append(("tags", ", ".join(self.tags)))
+        if self.online_expiry:
+            head.append(("online expiry", format_duration(self.online_expiry)))
+        rows = "".join(
+            f"<tr><td><b>{_e(f.name)}</b></td><td>{_e(f.aggregation)}</td>"
+            f"<td>{_e(f.column or '*')}{'' if f.param is None else ', ' + str(f.param)}</td>"
+            f"<td>{_e(f.window.describe())}</td><td><code>{_e(f.filter or '')}</code></td></tr>"
+            for f in self.features)
+        return (_html_table(f"feature view <b>{_e(self.name)}</b>", head)
+                + "<table><tr><th>feature</th><th>aggregation</th><th>column</th>"
+                  f"<th>window</th><th>filter</th></tr>{rows}</table>")
+
+    @classmethod
+    def from_sql(cls, text, sources=(), entities=(), name=None, **metadata):
+        """The view defined by one SQL statement (see :mod:`tally.core.sql`)."""
+        from tally.core.sql import view_from_sql
+        return view_from_sql(text, sources=sources, entities=entities, name=name, **metadata)
+
+
+# --------------------------------------------------------------------------
+# Canonical form and content hash
+
+DEFINITION_CLASSES = {"entity": Entity, "source": Source, "view": FeatureView}
+
+
+def kind_of(definition):
+    """'entity', 'source' or 'view'."""
+    for kind, cls in DEFINITION_CLASSES.items():
+        if isinstance(definition, cls):
+            return kind
+    raise DefinitionError(f"{definition!r} is not a definition; expected an Entity, a Source "
+                          "or a FeatureView")
+
+
+def canonical_json(data) -> str:
+    """JSON with sorted keys and no whitespace: equal content, equal text."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def canonical_document(definition) -> dict:
+    return {"format": CANONICAL_FORMAT, "kind": kind_of(definition),
+            "spec": definition.to_dict()}
+
+
+def content_hash(definition) -> str:
+    """sha256 (hex) of the definition's canonical JSON."""
+    return hashlib.sha256(canonical_json(canonical_document(definition)).encode()).hexdigest()
+
+
+def state_hash(view) -> str:
+    """sha256 of the parts of a view that determine its computed state."""
+    document = {"format": CANONICAL_FORMAT, "kind": "view-state", "spec": view.state_dict()}
+    return hashlib.sha256(canonical_json(document).encode()).hexdigest()
+
+
+def from_document(document):
+    """The definition stored as :func:`canonical_document`."""
+    return DEFINITION_CLASSES[document["kind"]].from_dict(document["spec"])
+
+
+def _e(text):
+    return html.escape(str(text))
+
+
+def _html_table(title, rows):
+    body = "".join(f"<tr><th style='text-align:left'>{_e(k)}</th><td>{_e(v)}</td></tr>"
+                   for k, v in rows)
+    return f"<div>{title}</div><table>{body}</table>"

@@ -50,6 +50,23 @@ cdef uint64_t _capacity_for(int64_t n_keys):
     return capacity
 
 
+def _snapshot_arrays(arrays, names, table_key_count):
+    """The named arrays of a key index snapshot, checked for presence and for a
+    table whose occupied buckets match the number of keys."""
+    missing = [name for name in names if name not in arrays]
+    if missing:
+        raise ValueError(f"key index snapshot: missing arrays {missing}; "
+                         f"expected {sorted(names)}, found {sorted(arrays)}")
+    table = np.ascontiguousarray(arrays["table"], dtype=np.int64)
+    slots_in_table = table[1::2]
+    occupied = slots_in_table[slots_in_table != -1]
+    n_keys = table_key_count(arrays)
+    if len(occupied) != n_keys or (n_keys and (occupied.min() < 0 or occupied.max() >= n_keys)):
+        raise ValueError(f"key index snapshot: the table holds {len(occupied)} keys "
+                         f"but the key arrays hold {n_keys}")
+    return table
+
+
 cdef void* _checked_realloc(void* ptr, size_t size) except NULL:
     cdef void* grown = realloc(ptr, size if size > 0 else 1)
     if grown == NULL:
@@ -185,8 +202,9 @@ cdef class Int64KeyIndex:
     @classmethod
     def from_arrays(cls, arrays):
         """Restore from ``export_arrays`` output: two bulk copies, no per-key work."""
+        cdef const int64_t[::1] table = _snapshot_arrays(
+            arrays, ("keys", "table"), lambda a: len(a["keys"]))
         cdef const int64_t[::1] keys = np.ascontiguousarray(arrays["keys"], dtype=np.int64)
-        cdef const int64_t[::1] table = np.ascontiguousarray(arrays["table"], dtype=np.int64)
         cdef uint64_t capacity = table.shape[0] // 2
         if capacity < MIN_CAPACITY or capacity & (capacity - 1) or <uint64_t>keys.shape[0] * 2 > capacity:
             raise ValueError("key index snapshot: table size is inconsistent with its keys")
@@ -318,6 +336,7 @@ cdef class StringKeyIndex:
                 if isinstance(key, str):
                     ptrs[i] = PyUnicode_AsUTF8AndSize(key, &length)
                 elif isinstance(key, bytes):
+                    key.decode()    # keys must be UTF-8: keys_of hands them back as str
                     PyBytes_AsStringAndSize(key, &data, &length)
                     ptrs[i] = data
                 else:
@@ -370,9 +389,10 @@ cdef class StringKeyIndex:
 
     @classmethod
     def from_arrays(cls, arrays):
+        cdef const int64_t[::1] table = _snapshot_arrays(
+            arrays, ("blob", "offsets", "table"), lambda a: len(a["offsets"]) - 1)
         cdef const unsigned char[::1] blob = np.ascontiguousarray(arrays["blob"], dtype=np.uint8)
         cdef const int64_t[::1] offsets = np.ascontiguousarray(arrays["offsets"], dtype=np.int64)
-        cdef const int64_t[::1] table = np.ascontiguousarray(arrays["table"], dtype=np.int64)
         cdef int64_t n = offsets.shape[0] - 1
         cdef uint64_t capacity = table.shape[0] // 2
         if (n < 0 or capacity < MIN_CAPACITY or capacity & (capacity - 1)

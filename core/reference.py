@@ -12,7 +12,11 @@ Semantics (the same contract as ``tally.core.arena``):
   newest event; an event older than that when it arrives is dropped;
 * NaN values are nulls and are skipped (count counts every event);
 * first/last order by event time; among equal times the earliest/latest
-  arrival wins.
+  arrival wins; last_n lists the newest first and never drops an event as
+  late (its window only filters what it reads);
+* distinct_count and top_k are exact here (the count of distinct values, and
+  a dict of every value's count): the tests check the arenas' approximations
+  against them within the documented bounds.
 """
 import math
 from dataclasses import dataclass, field
@@ -25,8 +29,9 @@ class ReferenceEntity:
 
 
 class ReferenceFeature:
-    def __init__(self, aggregation, window_ms=0, hop_ms=0, lateness_ms=0):
+    def __init__(self, aggregation, window_ms=0, hop_ms=0, lateness_ms=0, param=None):
         self.aggregation = aggregation
+        self.param = param
         self.hop_ms = hop_ms if window_ms else 0
         self.window_tiles = window_ms // hop_ms if window_ms else 1
         lateness_tiles = -(-lateness_ms // hop_ms) if window_ms else 0
@@ -42,7 +47,9 @@ class ReferenceFeature:
         self._arrivals += 1
         if self.hop_ms:
             epoch = ts // self.hop_ms
-            if entity.newest_epoch is not None and epoch <= entity.newest_epoch - self.ring_tiles:
+            too_late = (entity.newest_epoch is not None
+                        and epoch <= entity.newest_epoch - self.ring_tiles)
+            if too_late and self.aggregation != "last_n":
                 self.late_dropped += 1
                 return
             if entity.newest_epoch is None or epoch > entity.newest_epoch:
@@ -50,10 +57,12 @@ class ReferenceFeature:
         entity.events.append((ts, value, self._arrivals))
 
     def in_window(self, entity, as_of):
-        if not self.hop_ms:
+        if not self.hop_ms or not entity.events:
             return list(entity.events)
         current = as_of // self.hop_ms
-        oldest = max(current - self.window_tiles, entity.newest_epoch - self.ring_tiles)
+        oldest = current - self.window_tiles
+        if self.aggregation != "last_n":      # last_n keeps no ring of tiles
+            oldest = max(oldest, entity.newest_epoch - self.ring_tiles)
         return [e for e in entity.events if oldest < e[0] // self.hop_ms <= current]
 
     def read(self, key, as_of):
@@ -68,6 +77,16 @@ class ReferenceFeature:
             return len(events)
         if agg == "sum":
             return math.fsum(values)
+        if agg == "last_n":
+            newest_first = sorted(events, key=lambda e: (e[0], e[2]), reverse=True)
+            return [v for _, v, _ in newest_first[:self.param]]
+        if agg == "distinct_count":
+            return len({v + 0.0 for v in values})
+        if agg == "top_k":
+            counts = {}
+            for v in values:
+                counts[v + 0.0] = counts.get(v + 0.0, 0) + 1
+            return counts
         if not events:
             return None
         if agg == "mean":

@@ -1,7 +1,7 @@
 """The state of one feature view: a key index plus one arena per feature."""
 import numpy as np
 
-from tally.core.arena import FeatureArena
+from tally.core.arena import FeatureArena, TiledArena, make_arena
 from tally.core.keyindex import Int64KeyIndex, StringKeyIndex
 
 # A hidden lifetime arena holds each entity's newest event time, which the
@@ -70,12 +70,13 @@ class ViewState:
         state.index = type(state.index).from_arrays(index_arrays)
         for name in state.arenas:
             prefix = f"arena.{name}."
-            state.arenas[name] = FeatureArena.from_arrays(
+            state.arenas[name] = TiledArena.from_arrays(
                 params[name], {k[len(prefix):]: v for k, v in arrays.items()
                                if k.startswith(prefix)})
         return state
 
 
 def _arena_for(feature, expected_entities):
-    return FeatureArena(feature.aggregation, feature.window.size_ms, feature.window.hop_ms,
-                        feature.lateness_ms, capacity=max(expected_entities, 1))
+    return make_arena(feature.aggregation, feature.window.size_ms, feature.window.hop_ms,
+                      feature.lateness_ms, getattr(feature, "param", None),
+                      capacity=max(expected_entities, 1))

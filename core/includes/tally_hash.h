@@ -33,4 +33,15 @@ static inline uint64_t tally_hash_bytes(const char *data, size_t len) {
 #define TALLY_PREFETCH(p) ((void)(p))
 #endif
 
+/* Leading zeros of a non-zero 64-bit word. */
+static inline int tally_clz64(uint64_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_clzll(x);
+#else
+    int n = 0;
+    while (!(x & 0x8000000000000000ULL)) { x <<= 1; n++; }
+    return n;
+#endif
+}
+
 #endif

@@ -1,0 +1,43 @@
+"""Type stubs for tally.core.decode (compiled from decode.pyx)."""
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+_Field = Union[tuple[str, str], tuple[str, str, bool]]
+_Payload = Union[bytes, bytearray, memoryview]
+
+_NOGIL_MIN_PAYLOADS: int
+
+class DecodeError(ValueError):
+    """Misuse of the decoder (e.g. a bad schema); never raised for bad payloads."""
+
+class Schema:
+    def __init__(self, fields: Iterable[_Field]) -> None: ...
+    @property
+    def fields(self) -> tuple[tuple[str, str, bool], ...]: ...
+    @property
+    def names(self) -> tuple[str, ...]: ...
+    def __len__(self) -> int: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+class DecodedBatch:
+    @property
+    def n_rows(self) -> int: ...
+    @property
+    def columns(self) -> dict[str, np.ndarray]: ...
+    @property
+    def valid(self) -> dict[str, npt.NDArray[np.bool_]]: ...
+    @property
+    def source_index(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def rejects(self) -> list[tuple[int, str]]: ...
+    def __len__(self) -> int: ...
+
+def decode_msgpack_maps(
+    payloads: Union[Sequence[_Payload], Iterable[_Payload]],
+    schema: Schema,
+    *,
+    release_gil: bool | None = None,
+) -> DecodedBatch: ...

@@ -1,0 +1,826 @@
+"""Tally SQL: feature views in a small SQL dialect, parsed by sqlglot.
+
+The dialect (:class:`Tally`) subclasses sqlglot's ``Dialect``, ``Tokenizer``,
+``Parser`` and ``Generator``: it adds the ``WINDOW SLIDING | TUMBLING |
+LIFETIME`` clause and ``CREATE SOURCE``; everything else is sqlglot's own SQL
+parser. No text is pre-processed, and no regular expression touches SQL.
+Parsed statements are translated into the same definition objects as the
+Python DSL (:mod:`tally.core.definitions`), so a view written in SQL equals
+the view written in Python.
+
+Grammar (statements are separated by ``;``; ``--`` starts a comment)::
+
+    CREATE SOURCE name (field type, ...)
+        [WITH (topic = 'topic', format = 'msgpack' | 'json' | 'arrow',
+               event_time = 'ts', archive = 's3://bucket/path/')]
+
+        types: BIGINT | INT | INT64 | INTEGER -> int64;  DOUBLE | FLOAT | FLOAT64 |
+        REAL -> float64;  VARCHAR | TEXT | STRING -> string;  BOOLEAN | BOOL -> bool.
+        topic defaults to the source's name, format to msgpack, event_time to ts
+        (an int64 field: epoch milliseconds).
+
+    CREATE VIEW name
+        [WITH (owner = '...', description = '...', tags = 'a, b', online_expiry = '30d')]
+        AS select
+
+    select :=
+        SELECT [key_column [AS entity],] aggregate [AS feature], ...
+        FROM source [[AS] alias]
+        [WHERE filter]
+        GROUP BY key_column
+        [WINDOW window_spec | name AS window_spec, ...]
+
+    window_spec := SLIDING n unit HOP n unit [LATENESS n unit]
+                 | TUMBLING n unit [LATENESS n unit]
+                 | LIFETIME
+        unit: MILLISECOND(S) | SECOND(S) | MINUTE(S) | HOUR(S) | DAY(S) | WEEK(S)
+
+    aggregate := agg_call [FILTER (WHERE filter)] [OVER window_name]
+    agg_call  := COUNT(*) | COUNT(col) | SUM(col) | AVG(col) | MEAN(col) | MIN(col)
+               | MAX(col) | FIRST(col) | LAST(col) | LAST_N(col, n) | LAST(col, n)
+               | APPROX_COUNT_DISTINCT(col) | DISTINCT_COUNT(col)
+               | APPROX_TOP_K(col, k) | TOP_K(col, k)
+
+Meaning:
+
+* The GROUP BY column is the entity's key column. The entity is named by the
+  key's alias in the SELECT list (``SELECT user_id AS user``), else by the
+  column; its key type is the column's type (int64 or string). An entity
+  passed in the catalog (``entities=``) under that name must agree.
+* An aggregate without OVER uses the unnamed window spec of the WINDOW
+  clause, or the lifetime window when there is none; ``OVER name`` picks a
+  named spec. So one view can mix windows, as in the Python DSL.
+* ``WHERE`` applies to every feature; ``FILTER (WHERE ...)`` to one; both
+  are ANDed. ``COUNT(col)`` counts the events where ``col IS NOT NULL``.
+  Filters follow :mod:`tally.core.filters`.
+* A feature without alias is named ``<aggregation>_<column>`` (``sum_readtime``,
+  ``distinct_count_article``), or ``count`` for ``COUNT(*)``.
+* ``FROM`` names a source declared earlier in the same text with CREATE
+  SOURCE, or one passed in the catalog (``sources=``; the CLI passes the
+  sources already in the registry).
+
+Anything else (JOIN, subqueries, WITH, UNION, HAVING, ORDER BY, LIMIT,
+DISTINCT, window functions ``OVER (...)``, non-aggregate select items other
+than the key, expressions inside aggregates, other statements) is refused
+with a message naming the construct and a fix.
+"""
+from sqlglot import exp, generator, parser, tokens
+from sqlglot.dialects.dialect import Dialect
+from sqlglot.errors import ParseError, TokenError
+from sqlglot.tokens import TokenType
+
+from tally.core import filters
+from tally.core.definitions import (AGGREGATIONS, DefinitionError, Entity, Feature,
+                                    FeatureView, Source, Window, duration_ms, unit_ms)
+
+# --------------------------------------------------------------------------
+# The dialect
+
+
+class WindowSpec(exp.Expression):
+    """``[name AS] SLIDING 7 DAYS HOP 1 HOUR [LATENESS 5 MINUTES]`` (sizes in ms)."""
+    arg_types = {"this": False, "kind": True, "size": False, "hop": False, "lateness": False}
+
+
+_SQL_UNITS = (("DAY", 86_400_000), ("HOUR", 3_600_000),
+              ("MINUTE", 60_000), ("SECOND", 1000), ("MILLISECOND", 1))
+
+
+def sql_duration(ms):
+    """Milliseconds -> SQL text in the largest exact unit up to days: 604800000 -> '7 DAYS',
+    5400000 -> '90 MINUTES'."""
+    for unit, size in _SQL_UNITS:
+        if ms % size == 0:
+            count = ms // size
+            return f"{count} {unit}{'' if count == 1 else 'S'}"
+    raise ValueError(ms)
+
+
+def _window_spec_sql(generator_, spec):
+    name = spec.args.get("this")
+    text = f"{generator_.sql(name)} AS " if name else ""
+    kind = spec.args["kind"]
+    if kind == "LIFETIME":
+        return text + "LIFETIME"
+    size = sql_duration(spec.args["size"])
+    text += f"SLIDING {size} HOP {sql_duration(spec.args['hop'])}" if kind == "SLIDING" \
+        else f"TUMBLING {size}"
+    if spec.args.get("lateness"):
+        text += f" LATENESS {sql_duration(spec.args['lateness'])}"
+    return text
+
+
+class Tally(Dialect):
+    """sqlglot's SQL plus ``WINDOW SLIDING/TUMBLING/LIFETIME`` and ``CREATE SOURCE``."""
+
+    class Tokenizer(tokens.Tokenizer):
+        KEYWORDS = {
+            **tokens.Tokenizer.KEYWORDS,
+            "SOURCE": TokenType.SOURCE,
+            "FLOAT64": TokenType.DOUBLE,
+        }
+
+    class Parser(parser.Parser):
+        # WITH (key = value, ...) stays a list of plain key/value properties:
+        # no key is special (sqlglot would turn e.g. FORMAT into its own node).
+        PROPERTY_PARSERS = {"WITH": parser.Parser.PROPERTY_PARSERS["WITH"]}
+
+        def _parse_window_clause(self):
+            if not self._match(TokenType.WINDOW):
+                return None
+            return self._parse_csv(self._parse_window_spec)
+
+        def _parse_window_spec(self):
+            name = None
+            if not self._window_kind_ahead():
+                name = self._parse_id_var(any_token=False)
+                if name is None or not self._match(TokenType.ALIAS):
+                    self.raise_error("Expected SLIDING, TUMBLING or LIFETIME after WINDOW "
+                                     "(e.g. WINDOW SLIDING 7 DAYS HOP 1 HOUR)")
+                if self._match(TokenType.L_PAREN, advance=False):
+                    self.raise_error("Standard SQL window specifications (WINDOW w AS (...)) "
+                                     "are outside the Tally dialect; write WINDOW w AS "
+                                     "SLIDING 7 DAYS HOP 1 HOUR")
+                if not self._window_kind_ahead():
+                    self.raise_error("Expected SLIDING, TUMBLING or LIFETIME")
+            kind = self._curr.text.upper()
+            self._advance()
+            size = hop = lateness = 0
+            if kind == "SLIDING":
+                size = self._parse_duration()
+                if not self._match_text_seq("HOP"):
+                    self.raise_error("Expected HOP after the window size (SLIDING 7 DAYS "
+                                     "HOP 1 HOUR)")
+                hop = self._parse_duration()
+            elif kind == "TUMBLING":
+                size = hop = self._parse_duration()
+            if kind != "LIFETIME" and self._match_text_seq("LATENESS"):
+                lateness = self._parse_duration()
+            return self.expression(WindowSpec(this=name, kind=kind, size=size, hop=hop,
+                                              lateness=lateness))
+
+        def _window_kind_ahead(self):
+            return self._curr is not None and self._curr.token_type == TokenType.VAR and \
+                self._curr.text.upper() in ("SLIDING", "TUMBLING", "LIFETIME")
+
+        def _parse_duration(self):
+            if self._curr is None or self._curr.token_type != TokenType.NUMBER \
+                    or not self._curr.text.isdigit():
+                self.raise_error("Expected a duration: a whole number and a unit, "
+                                 "e.g. 7 DAYS or 30 MINUTES")
+            count = int(self._curr.text)
+            self._advance()
+            ms = unit_ms(self._curr.text) if self._curr else None
+            if not ms or len(self._curr.text) < 3:
+                self.raise_error("Expected a time unit (MILLISECONDS, SECONDS, MINUTES, "
+                                 "HOURS, DAYS or WEEKS)")
+            self._advance()
+            return count * ms
+
+        def _parse_as_command(self, start):
+            while self._curr:
+                self._advance()
+            text = " ".join(self._find_sql(start, self._prev).split())
+            self.raise_error(f"The statement '{_shorten(text)}' is outside the Tally SQL "
+                             "dialect; write CREATE SOURCE ..., CREATE VIEW ... AS SELECT "
+                             "... or SELECT ...", token=start)
+
+    class Generator(generator.Generator):
+        TRANSFORMS = {**generator.Generator.TRANSFORMS, WindowSpec: _window_spec_sql}
+
+        def not_sql(self, expression):
+            # x IS NOT NULL, x NOT IN (...), x NOT BETWEEN ...: as people write them
+            inner = expression.this
+            if isinstance(inner, exp.Is):
+                return f"{self.sql(inner, 'this')} IS NOT {self.sql(inner, 'expression')}"
+            if isinstance(inner, (exp.In, exp.Between)):
+                text = self.sql(inner)
+                operand = self.sql(inner, "this")
+                keyword = " IN " if isinstance(inner, exp.In) else " BETWEEN "
+                if text.startswith(operand + keyword):
+                    return f"{operand} NOT{text[len(operand):]}"
+            return super().not_sql(expression)
+
+
+def _shorten(text, limit=60):
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def format_parse_error(error):
+    """A one-line description of a sqlglot error: 'line 1, col 25: Expecting ('."""
+    details = getattr(error, "errors", None)
+    if details:
+        first = details[0]
+        description = first.get("description") or str(error)
+        if first.get("line") is not None:
+            return f"line {first['line']}, col {first['col']}: {description}"
+        return description
+    return str(error).splitlines()[0]
+
+
+# --------------------------------------------------------------------------
+# Translation to definitions
+
+_TYPES = {
+    "int64": (exp.DataType.Type.BIGINT, exp.DataType.Type.INT, exp.DataType.Type.SMALLINT,
+              exp.DataType.Type.TINYINT),
+    "float64": (exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT),
+    "string": (exp.DataType.Type.VARCHAR, exp.DataType.Type.TEXT, exp.DataType.Type.CHAR,
+               exp.DataType.Type.NVARCHAR, exp.DataType.Type.NCHAR),
+    "bool": (exp.DataType.Type.BOOLEAN,),
+}
+_SQL_TYPE = {"int64": "BIGINT", "float64": "DOUBLE", "string": "VARCHAR", "bool": "BOOLEAN"}
+SOURCE_PROPERTIES = ("topic", "format", "event_time", "archive")
+VIEW_PROPERTIES = ("owner", "description", "tags", "online_expiry")
+
+# sqlglot classes of the aggregates of the dialect -> Tally aggregation
+_AGGREGATES = {exp.Sum: "sum", exp.Avg: "mean", exp.Min: "min", exp.Max: "max",
+               exp.First: "first", exp.Last: "last", exp.ApproxDistinct: "distinct_count",
+               exp.ApproxTopK: "top_k"}
+_ANONYMOUS_AGGREGATES = {"MEAN": "mean", "LAST_N": "last_n", "TOP_K": "top_k",
+                         "DISTINCT_COUNT": "distinct_count",
+                         "APPROX_COUNT_DISTINCT": "distinct_count"}
+AGGREGATE_NAMES = ("COUNT(*), COUNT(col), SUM, AVG, MIN, MAX, FIRST, LAST, LAST_N(col, n), "
+                   "APPROX_COUNT_DISTINCT(col), APPROX_TOP_K(col, k)")
+
+# Select clauses outside the dialect: arg name -> (construct, fix)
+_REFUSED_CLAUSES = {
+    "with": ("WITH (a common table expression)", "select FROM a source directly"),
+    "with_": ("WITH (a common table expression)", "select FROM a source directly"),
+    "distinct": ("DISTINCT", "drop DISTINCT: a view has one row per entity already"),
+    "joins": ("JOIN", "a view reads one source; define one view per source"),
+    "laterals": ("LATERAL", "a view reads one source; define one view per source"),
+    "having": ("HAVING", "filter events with WHERE or FILTER (WHERE ...); filter feature "
+                         "values when you read them"),
+    "order": ("ORDER BY", "drop it: a view has no order"),
+    "limit": ("LIMIT", "drop it: a view holds every entity"),
+    "offset": ("OFFSET", "drop it: a view holds every entity"),
+    "qualify": ("QUALIFY", "drop it"),
+    "prewhere": ("PREWHERE", "use WHERE"),
+    "sample": ("TABLESAMPLE", "drop it"),
+    "locks": ("FOR UPDATE", "drop it"),
+    "into": ("SELECT INTO", "drop INTO"),
+    "cluster": ("CLUSTER BY", "drop it"),
+    "distribute": ("DISTRIBUTE BY", "drop it"),
+    "sort": ("SORT BY", "drop it"),
+    "connect": ("CONNECT BY", "drop it"),
+    "match": ("MATCH_RECOGNIZE", "drop it"),
+    "kind": ("SELECT AS STRUCT/VALUE", "drop it"),
+    "settings": ("SETTINGS", "drop it"),
+    "format": ("FORMAT", "drop it"),
+    "options": ("OPTION", "drop it"),
+}
+_ALLOWED_SELECT_ARGS = {"expressions", "from", "from_", "where", "group", "windows"}
+
+
+class _Catalog:
+    """Sources and entities a SQL text can refer to, by name."""
+
+    def __init__(self, sources, entities):
+        self.sources = _by_name(sources, Source, "sources")
+        self.entities = _by_name(entities, Entity, "entities")
+
+
+def _by_name(items, cls, what):
+    if isinstance(items, dict):
+        items = items.values()
+    result = {}
+    for item in items or ():
+        if not isinstance(item, cls):
+            raise TypeError(f"{what} must be {cls.__name__} objects, got {item!r}")
+        result[item.name] = item
+    return result
+
+
+def parse_statements(text):
+    """sqlglot ASTs of the statements of ``text`` (comments and empty statements dropped)."""
+    try:
+        statements = Tally().parse(text)
+    except (ParseError, TokenError) as error:
+        raise DefinitionError(f"SQL syntax error at {format_parse_error(error)}") from None
+    return [s for s in statements if s is not None]
+
+
+def load_sql(text, sources=(), entities=(), name=None, origin=None, **metadata):
+    """The definitions (Sources and FeatureViews, in order) of a SQL text.
+
+    ``sources``/``entities`` are the catalog that ``FROM`` and the GROUP BY key
+    resolve against, besides the text's own CREATE SOURCE statements. A bare
+    SELECT needs ``name``; ``metadata`` (owner, description, tags,
+    online_expiry) applies to such a view. ``origin`` (e.g. a file name)
+    prefixes error messages."""
+    catalog = _Catalog(sources, entities)
+    definitions, view_names = [], set()
+    bare = 0
+    for statement in parse_statements(text):
+        try:
+            if isinstance(statement, exp.Create) and statement.args.get("kind") == "SOURCE":
+                source = _source_from_create(statement)
+                catalog.sources[source.name] = source
+                definitions.append(source)
+                continue
+            if isinstance(statement, exp.Create) and statement.args.get("kind") == "VIEW":
+                view = _view_from_create(statement, catalog)
+            elif isinstance(statement, exp.Select):
+                bare += 1
+                if name is None:
+                    raise DefinitionError(
+                        f"SQL statement at line {_line(statement)}: the view has no name; "
+                        "write CREATE VIEW <name> AS SELECT ..., or pass name=")
+                if bare > 1:
+                    raise DefinitionError(
+                        f"SQL statement at line {_line(statement)}: name={name!r} names one "
+                        "view, but the text has several SELECTs; write CREATE VIEW <name> "
+                        "AS SELECT ... for each")
+                view = _view_from_select(statement, name, dict(metadata), catalog)
+            else:
+                raise DefinitionError(_outside(statement))
+        except DefinitionError as error:
+            if origin:
+                raise DefinitionError(f"{origin}: {error}") from None
+            raise
+        if view.name in view_names:
+            raise DefinitionError(f"{origin + ': ' if origin else ''}view {view.name!r}: "
+                                  "the name is defined twice; give each view a distinct name")
+        view_names.add(view.name)
+        definitions.append(view)
+    return definitions
+
+
+def view_from_sql(text, sources=(), entities=(), name=None, **metadata):
+    """The one FeatureView of a SQL text (which may also CREATE SOURCEs)."""
+    views = [d for d in load_sql(text, sources, entities, name, **metadata)
+             if isinstance(d, FeatureView)]
+    if len(views) != 1:
+        raise DefinitionError(f"the SQL text defines {len(views)} views; view_from_sql takes "
+                              "exactly one (use load_sql for several)")
+    return views[0]
+
+
+sql = view_from_sql
+
+
+def _line(node):
+    for identifier in node.find_all(exp.Identifier):
+        if identifier.meta.get("line"):
+            return identifier.meta["line"]
+    return "?"
+
+
+def _outside(statement):
+    if isinstance(statement, (exp.Union, exp.Intersect, exp.Except)):
+        construct = type(statement).__name__.upper()
+        return (f"SQL statement at line {_line(statement)}: {construct} is outside the Tally "
+                "SQL dialect; define one view per SELECT")
+    if isinstance(statement, exp.Create):
+        return (f"SQL statement at line {_line(statement)}: CREATE "
+                f"{statement.args.get('kind')} is outside the Tally SQL dialect; use "
+                "CREATE SOURCE or CREATE VIEW")
+    kind = statement.key.upper()
+    return (f"SQL statement at line {_line(statement)}: {kind} is outside the Tally SQL "
+            "dialect; write CREATE SOURCE ..., CREATE VIEW ... AS SELECT ... or SELECT ...")
+
+
+def _properties(create, allowed, where):
+    result = {}
+    props = create.args.get("properties")
+    for prop in props.expressions if props else ():
+        if not isinstance(prop, exp.Property) or type(prop) is not exp.Property:
+            raise DefinitionError(f"{where}: {prop.sql(dialect=Tally)!r} is outside the Tally "
+                                  f"SQL dialect; write WITH (key = 'value', ...) with keys "
+                                  f"{', '.join(allowed)}")
+        key = prop.name.lower()
+        if key not in allowed:
+            raise DefinitionError(f"{where}: property {key!r} is unknown; use "
+                                  f"{', '.join(allowed)}")
+        value = prop.args.get("value")
+        if isinstance(value, (exp.Tuple, exp.Array)):
+            result[key] = tuple(_property_value(v, key, where) for v in value.expressions)
+        else:
+            result[key] = _property_value(value, key, where)
+    return result
+
+
+def _property_value(value, key, where):
+    if isinstance(value, exp.Literal):
+        return value.this if value.is_string else int(value.this)
+    raise DefinitionError(f"{where}: property {key} = {value.sql(dialect=Tally)!r} is not a "
+                          f"literal; write {key} = '...'")
+
+
+def _check_create(create, what):
+    for flag, text in (("replace", "OR REPLACE"), ("exists", "IF NOT EXISTS"),
+                       ("unique", "UNIQUE")):
+        if create.args.get(flag):
+            raise DefinitionError(f"{what}: CREATE {text} is outside the Tally SQL dialect; "
+                                  "drop it: applying a changed definition creates a new "
+                                  "version, an unchanged one creates nothing")
+
+
+def _source_from_create(create):
+    schema = create.this
+    table = schema.this if isinstance(schema, exp.Schema) else schema
+    name = table.name if isinstance(table, exp.Table) else str(table)
+    where = f"source {name!r}"
+    _check_create(create, where)
+    if not isinstance(schema, exp.Schema) or not schema.expressions:
+        raise DefinitionError(f"{where}: the fields are missing; write CREATE SOURCE {name} "
+                              "(user BIGINT, readtime DOUBLE, ts BIGINT) WITH (topic = '...')")
+    fields = []
+    for column in schema.expressions:
+        if not isinstance(column, exp.ColumnDef):
+            raise DefinitionError(f"{where}: {column.sql(dialect=Tally)!r} is outside the "
+                                  "Tally SQL dialect; list fields as name TYPE")
+        if column.args.get("constraints"):
+            raise DefinitionError(f"{where}, field {column.name!r}: column constraints are "
+                                  "outside the Tally SQL dialect; drop them")
+        fields.append((column.name, _field_type(column, where)))
+    props = _properties(create, SOURCE_PROPERTIES, where)
+    return Source(name, props.get("topic", name), tuple(fields),
+                  timestamp_field=props.get("event_time", "ts"),
+                  format=props.get("format", "msgpack"), archive=props.get("archive"))
+
+
+def _field_type(column, where):
+    kind = column.args.get("kind")
+    dtype = kind.this if isinstance(kind, exp.DataType) else None
+    for tally_type, sql_types in _TYPES.items():
+        if dtype in sql_types:
+            return tally_type
+    shown = kind.sql(dialect=Tally) if kind is not None else "no type"
+    raise DefinitionError(f"{where}, field {column.name!r}: type {shown} is not supported; "
+                          "use BIGINT (also for event times: epoch milliseconds), DOUBLE, "
+                          "VARCHAR or BOOLEAN")
+
+
+def _view_from_create(create, catalog):
+    table = create.this
+    if isinstance(table, exp.Schema):
+        raise DefinitionError(f"view {table.this.name!r}: a column list after the view name "
+                              "is outside the Tally SQL dialect; name features with AS")
+    name = table.name
+    where = f"view {name!r}"
+    _check_create(create, where)
+    if isinstance(create.expression, exp.Subquery):
+        body = create.expression.this
+    else:
+        body = create.expression
+    if not isinstance(body, exp.Select):
+        construct = "UNION" if isinstance(body, exp.Union) else \
+            (body.key.upper() if body is not None else "nothing")
+        raise DefinitionError(f"{where}: AS {construct} is outside the Tally SQL dialect; "
+                              "define the view AS SELECT ... GROUP BY <key>")
+    props = _properties(create, VIEW_PROPERTIES, where)
+    return _view_from_select(body, name, props, catalog)
+
+
+def _view_from_select(select, name, props, catalog):
+    where = f"view {name!r}"
+    for key, value in select.args.items():
+        if value in (None, [], False) or key in _ALLOWED_SELECT_ARGS:
+            continue
+        construct, fix = _REFUSED_CLAUSES.get(key, (key.upper(), "drop it"))
+        raise DefinitionError(f"{where}: {construct} is outside the Tally SQL dialect; {fix}")
+    for node in select.find_all(exp.Subquery, exp.Select):
+        if node is not select:
+            raise DefinitionError(f"{where}: a subquery is outside the Tally SQL dialect; "
+                                  "select FROM a source directly and filter with WHERE")
+
+    source, aliases = _from_source(select, catalog, where)
+    key_column = _group_key(select, source, aliases, where)
+    windows = _windows(select, where)
+
+    where_filter = select.args.get("where")
+    where_filter = _unqualify(where_filter.this, aliases, where) if where_filter else None
+
+    entity_name, features = None, []
+    for item in select.expressions:
+        alias = item.alias if isinstance(item, exp.Alias) else None
+        node = item.this if isinstance(item, exp.Alias) else item
+        if isinstance(node, exp.Column) and node.name == key_column:
+            _unqualify(node, aliases, where)
+            if entity_name is not None:
+                raise DefinitionError(f"{where}: the key column {key_column!r} is selected "
+                                      "twice; select it once")
+            entity_name = alias or key_column
+            continue
+        feature = _feature(node, alias, windows, where_filter, source, aliases, key_column,
+                           where)
+        features.append(feature)
+    if not features:
+        raise DefinitionError(f"{where}: the SELECT has no aggregate; select at least one, "
+                              f"e.g. COUNT(*) AS events ({AGGREGATE_NAMES})")
+    entity = _entity(entity_name or key_column, key_column, source, catalog, where)
+    metadata = {k: props[k] for k in ("owner", "description") if k in props}
+    if "tags" in props:
+        tags = props["tags"]
+        metadata["tags"] = tuple(t.strip() for t in tags.split(",") if t.strip()) \
+            if isinstance(tags, str) else tuple(tags)
+    if "online_expiry" in props:
+        metadata["online_expiry"] = props["online_expiry"]
+    return FeatureView(name, entity, source, tuple(features), key_column=key_column,
+                       **metadata)
+
+
+def _from_source(select, catalog, where):
+    from_ = select.args.get("from_") or select.args.get("from")
+    if from_ is None:
+        raise DefinitionError(f"{where}: FROM is missing; select FROM a source, e.g. "
+                              "FROM read_events")
+    table = from_.this
+    if isinstance(table, exp.Subquery):
+        raise DefinitionError(f"{where}: a subquery in FROM is outside the Tally SQL dialect; "
+                              "select FROM a source directly")
+    if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier):
+        raise DefinitionError(f"{where}: FROM {table.sql(dialect=Tally)} is outside the Tally "
+                              "SQL dialect; select FROM a source by name")
+    if table.args.get("db") or table.args.get("catalog"):
+        raise DefinitionError(f"{where}: FROM {table.sql(dialect=Tally)}: qualified names "
+                              f"are outside the Tally SQL dialect; write FROM {table.name}")
+    source = catalog.sources.get(table.name)
+    if source is None:
+        import difflib
+        close = difflib.get_close_matches(table.name, list(catalog.sources), n=1)
+        known = ", ".join(sorted(catalog.sources)) or "none"
+        raise DefinitionError(
+            f"{where}: FROM {table.name!r} is not a known source; "
+            f"{'did you mean ' + repr(close[0]) + '? ' if close else ''}declare it first "
+            f"with CREATE SOURCE {table.name} (...) WITH (topic = '...'), or apply it from "
+            f"a Python file (known sources: {known})")
+    aliases = {table.name}
+    if table.alias:
+        aliases.add(table.alias)
+    return source, aliases
+
+
+def _group_key(select, source, aliases, where):
+    group = select.args.get("group")
+    example = "GROUP BY user" if "user" in source.fields else f"GROUP BY {source.fields[0]}"
+    if group is None:
+        raise DefinitionError(f"{where}: GROUP BY is missing; group by the entity key column, "
+                              f"e.g. {example}")
+    for key in ("rollup", "cube", "grouping_sets", "totals"):
+        if group.args.get(key):
+            raise DefinitionError(f"{where}: GROUP BY {key.upper().replace('_', ' ')} is "
+                                  "outside the Tally SQL dialect; group by the entity key "
+                                  "column only")
+    if len(group.expressions) != 1 or not isinstance(group.expressions[0], exp.Column):
+        raise DefinitionError(f"{where}: GROUP BY must name exactly one column, the entity "
+                              f"key (found {group.sql(dialect=Tally)!r}); e.g. {example}")
+    column = _unqualify(group.expressions[0], aliases, where)
+    name = column.name
+    if source.field_type(name) is None:
+        # GROUP BY an alias of the key: SELECT user_id AS user ... GROUP BY user
+        for item in select.expressions:
+            if isinstance(item, exp.Alias) and item.alias == name and \
+                    isinstance(item.this, exp.Column):
+                return item.this.name
+    return name
+
+
+def _windows(select, where):
+    """{name or None: (Window, lateness_ms)}."""
+    windows = {}
+    for spec in select.args.get("windows") or ():
+        if not isinstance(spec, WindowSpec):
+            raise DefinitionError(f"{where}: {spec.sql(dialect=Tally)!r} is outside the Tally "
+                                  "SQL dialect; write WINDOW SLIDING 7 DAYS HOP 1 HOUR")
+        name = spec.args.get("this")
+        name = name.name if name is not None else None
+        if name in windows:
+            what = f"window {name!r}" if name else "the unnamed window"
+            raise DefinitionError(f"{where}: {what} is defined twice in WINDOW; name each "
+                                  "extra window: WINDOW SLIDING ..., w2 AS TUMBLING ...")
+        windows[name] = (Window(spec.args["size"], spec.args["hop"]), spec.args["lateness"])
+    return windows
+
+
+def _unqualify(node, aliases, where):
+    """Drop table prefixes naming the source (refuse others); returns the node."""
+    for column in list(node.find_all(exp.Column)):
+        table = column.table
+        if table and table not in aliases:
+            raise DefinitionError(f"{where}: column {column.sql(dialect=Tally)!r} refers to "
+                                  f"{table!r}, which is not the FROM source; write "
+                                  f"{column.name}")
+        if table:
+            column.set("table", None)
+            column.set("db", None)
+            column.set("catalog", None)
+    return node
+
+
+def _feature(node, alias, windows, where_filter, source, aliases, key_column, where):
+    display = node.sql(dialect=Tally)
+    window, lateness = windows.get(None, (Window.lifetime(), 0))
+    if isinstance(node, exp.Window):
+        if any(node.args.get(k) for k in ("partition_by", "order", "spec")) or \
+                not node.args.get("alias"):
+            raise DefinitionError(
+                f"{where}: {display!r}: window functions (OVER (...)) are outside the Tally "
+                "SQL dialect; name a window in the WINDOW clause and write OVER <name>, "
+                "e.g. SUM(x) OVER w ... WINDOW w AS SLIDING 7 DAYS HOP 1 HOUR")
+        window_name = node.args["alias"].name
+        if window_name not in windows:
+            known = ", ".join(n for n in windows if n) or "none"
+            raise DefinitionError(f"{where}: {display!r}: window {window_name!r} is not "
+                                  f"defined; add WINDOW {window_name} AS SLIDING ... "
+                                  f"(named windows: {known})")
+        window, lateness = windows[window_name]
+        node = node.this
+    agg_filter = None
+    if isinstance(node, exp.Filter):
+        agg_filter = _unqualify(node.expression.this, aliases, where)
+        node = node.this
+    if isinstance(node, exp.Window):
+        raise DefinitionError(f"{where}: {display!r}: write FILTER (WHERE ...) before "
+                              "OVER <window>")
+    aggregation, column, param = _aggregate(node, display, source, aliases, key_column, where)
+    conditions = [c for c in (where_filter, agg_filter) if c is not None]
+    name = alias or (f"{aggregation}_{column}" if column else aggregation)
+    if aggregation == "count" and column is not None:
+        conditions.append(exp.Not(this=exp.Is(this=exp.column(column), expression=exp.Null())))
+        column = None
+    filter_text = None
+    if conditions:
+        combined = conditions[0]
+        for condition in conditions[1:]:
+            combined = exp.And(this=exp.Paren(this=combined.copy()),
+                               expression=exp.Paren(this=condition.copy()))
+        try:
+            filter_text = filters.canonical_sql(filters.parse_filter(
+                filters.canonical_sql(combined)))
+        except filters.FilterError as error:
+            raise DefinitionError(f"{where}, feature {name!r}: filter: {error}") from None
+    spec = AGGREGATIONS[aggregation]
+    params = {spec.param: param} if spec.param else {}
+    return Feature(name, aggregation, column, window, lateness, filter_text, **params)
+
+
+def _aggregate(node, display, source, aliases, key_column, where):
+    """(aggregation, column or None, parameter or None) of an aggregate call."""
+    if isinstance(node, exp.Column):
+        raise DefinitionError(
+            f"{where}: select item {node.name!r} is neither the GROUP BY key "
+            f"({key_column!r}) nor an aggregate; remove it, or aggregate it, e.g. "
+            f"LAST({node.name}) AS last_{node.name}")
+    if isinstance(node, exp.Star):
+        raise DefinitionError(f"{where}: SELECT * is outside the Tally SQL dialect; select "
+                              f"the key and aggregates ({AGGREGATE_NAMES})")
+    args = []
+    if isinstance(node, exp.Count):
+        inner = node.this
+        if isinstance(inner, exp.Distinct):
+            column = inner.expressions[0].sql(dialect=Tally) if inner.expressions else "x"
+            raise DefinitionError(f"{where}: {display!r}: COUNT(DISTINCT ...) is outside the "
+                                  "Tally SQL dialect (exact distinct counts are not kept); "
+                                  f"use APPROX_COUNT_DISTINCT({column})")
+        if inner is None or isinstance(inner, exp.Star):
+            return "count", None, None
+        aggregation, args = "count", [inner]
+    elif type(node) in _AGGREGATES:
+        aggregation = _AGGREGATES[type(node)]
+        args = [node.this] + [node.args[k] for k in ("expression",) if node.args.get(k)]
+        args += list(node.expressions or ())
+        if aggregation == "last" and len(args) == 2:
+            aggregation = "last_n"
+    elif isinstance(node, exp.Anonymous) and node.name.upper() in _ANONYMOUS_AGGREGATES:
+        aggregation = _ANONYMOUS_AGGREGATES[node.name.upper()]
+        args = list(node.expressions)
+    elif isinstance(node, (exp.AggFunc, exp.Func)):
+        raise DefinitionError(f"{where}: {display!r}: {filters.describe_construct(node)} is "
+                              f"not an aggregate of the Tally SQL dialect; use "
+                              f"{AGGREGATE_NAMES}")
+    else:
+        raise DefinitionError(f"{where}: {display!r} is neither the GROUP BY key nor an "
+                              f"aggregate; select aggregates such as SUM(col) AS name "
+                              f"({AGGREGATE_NAMES})")
+    spec = AGGREGATIONS[aggregation]
+    wanted = 2 if spec.param else 1
+    call = f"{aggregation.upper()}(col{', ' + spec.param if spec.param else ''})"
+    if len(args) != wanted:
+        raise DefinitionError(f"{where}: {display!r} takes {wanted} argument"
+                              f"{'s' if wanted > 1 else ''}; write {call}")
+    column = args[0]
+    if not isinstance(column, exp.Column):
+        raise DefinitionError(
+            f"{where}: {display!r}: an expression inside an aggregate is outside the Tally SQL "
+            f"dialect; aggregate a source column ({call}), and compute derived values in "
+            "the producer")
+    _unqualify(column, aliases, where)
+    param = None
+    if spec.param:
+        literal = args[1]
+        if not (isinstance(literal, exp.Literal) and not literal.is_string
+                and literal.this.isdigit()):
+            raise DefinitionError(f"{where}: {display!r}: {spec.param} must be a whole "
+                                  f"number, e.g. {aggregation.upper()}({column.name}, 10)")
+        param = int(literal.this)
+    return aggregation, column.name, param
+
+
+def _entity(name, key_column, source, catalog, where):
+    key_type = source.field_type(key_column)
+    known = catalog.entities.get(name)
+    if known is not None:
+        return known
+    if key_type is None:
+        # the view's validation reports the missing key with the source's fields
+        return Entity(name, "int64") if name.isidentifier() else Entity("entity")
+    if key_type not in ("int64", "string"):
+        raise DefinitionError(f"{where}: GROUP BY {key_column!r} is a {key_type} column; the "
+                              "entity key must be an int64 or string column of the source")
+    return Entity(name, key_type)
+
+
+# --------------------------------------------------------------------------
+# Definitions -> SQL text
+
+
+def _ident(name):
+    """An identifier, quoted when it would not read back as itself."""
+    try:
+        parsed = Tally().tokenize(name)
+    except (TokenError, ValueError):
+        parsed = []
+    if len(parsed) == 1 and parsed[0].token_type == TokenType.VAR and parsed[0].text == name:
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _string(value):
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def source_to_sql(source):
+    fields = ", ".join(f"{_ident(n)} {_SQL_TYPE[t]}" for n, t in source.schema)
+    props = [f"topic = {_string(source.topic)}"]
+    if source.format != "msgpack":
+        props.append(f"format = {_string(source.format)}")
+    if source.timestamp_field != "ts":
+        props.append(f"event_time = {_string(source.timestamp_field)}")
+    if source.archive:
+        props.append(f"archive = {_string(source.archive)}")
+    return f"CREATE SOURCE {_ident(source.name)} ({fields}) WITH ({', '.join(props)})"
+
+
+def view_to_sql(view):
+    """The CREATE VIEW statement of ``view`` (reading it back gives an equal view,
+    given the view's source in the catalog)."""
+    props = []
+    for key in ("owner", "description"):
+        if getattr(view, key):
+            props.append(f"{key} = {_string(getattr(view, key))}")
+    if view.tags:
+        props.append(f"tags = {_string(', '.join(view.tags))}")
+    if view.online_expiry:
+        from tally.core.definitions import format_duration
+        props.append(f"online_expiry = {_string(format_duration(view.online_expiry))}")
+    with_ = f" WITH ({', '.join(props)})" if props else ""
+
+    # the most common window is the default; the others are named w1, w2, ...
+    specs = [(f.window, f.lateness_ms) for f in view.features]
+    default = max(specs, key=specs.count)
+    named = {}
+    for spec in specs:
+        if spec != default and spec not in named:
+            named[spec] = f"w{len(named) + 1}"
+    common = {f.filter for f in view.features}
+    where = view.features[0].filter if len(common) == 1 else None
+
+    key = _ident(view.key_column)
+    items = [key if view.key_column == view.entity.name
+             else f"{key} AS {_ident(view.entity.name)}"]
+    for feature in view.features:
+        args = _ident(feature.column) if feature.column else "*"
+        if feature.param is not None:
+            args += f", {feature.param}"
+        call = {"mean": "AVG", "distinct_count": "APPROX_COUNT_DISTINCT",
+                "top_k": "APPROX_TOP_K"}.get(feature.aggregation,
+                                             feature.aggregation.upper())
+        text = f"{call}({args})"
+        if feature.filter and where is None:
+            text += f" FILTER (WHERE {feature.filter})"
+        spec = (feature.window, feature.lateness_ms)
+        if spec in named:
+            text += f" OVER {named[spec]}"
+        items.append(f"{text} AS {_ident(feature.name)}")
+    lines = [f"CREATE VIEW {_ident(view.name)}{with_} AS",
+             "SELECT " + ",\n       ".join(items),
+             f"FROM {_ident(view.source.name)}"]
+    if where:
+        lines.append(f"WHERE {where}")
+    lines.append(f"GROUP BY {key}")
+    windows = []
+    if default[0].size_ms or named:
+        windows.append(_spec_text(*default))
+    windows += [f"{name} AS {_spec_text(*spec)}" for spec, name in named.items()]
+    if windows:
+        lines.append("WINDOW " + ", ".join(windows))
+    return "\n".join(lines)
+
+
+def _spec_text(window, lateness):
+    kind = window.kind.upper()
+    return _window_spec_sql(generator.Generator(), WindowSpec(
+        kind=kind, size=window.size_ms, hop=window.hop_ms, lateness=lateness))
