@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = {
     "ingest": "tally.bench.ingest",
+    "core": "tally.bench.core",
 }
 
 

@@ -16,13 +16,13 @@ the next payload, so good rows stay dense and in input order.  Two drivers:
   payloads): one pass over the payload objects, parsing each straight from
   its own buffer; string values are created right after their row parses.
   Fastest single-threaded: each payload's memory is touched once.
-* GIL released (``release_gil=True``; the default for larger batches):
-  (1) with the GIL, copy every payload into one private arena (``bytes``
-  directly, any other contiguous buffer through a short-lived memoryview);
-  (2) without the GIL, parse the arena, recording string values as
-  (offset, length); (3) with the GIL, build the ``str`` objects.  The parse
-  touches only our own buffers, so another thread mutating the input list or
-  a bytearray cannot affect it.
+* GIL released (``release_gil=True``; the default for larger batches): in
+  chunks of up to ``_NOGIL_CHUNK_PAYLOADS`` payloads / ``_NOGIL_CHUNK_BYTES``
+  bytes, (1) with the GIL, pin each payload (a reference to the ``bytes``;
+  any other buffer is first copied to ``bytes``, so no thread can change it
+  under us) and note its pointer and length; (2) without the GIL, parse the
+  chunk, recording string values as (offset, length); (3) with the GIL,
+  build the chunk's ``str`` objects and unpin.
 
 Decoding rules
 --------------
@@ -938,10 +938,9 @@ cdef class _Scratch:
     # release_gil=True: the chunk being parsed without the GIL
     cdef const uint8_t** cptrs
     cdef int64_t* clens
-    cdef PyObject** crefs         # pinned bytes objects (NULL: see views)
+    cdef PyObject** crefs         # pinned bytes objects (or NULL)
     cdef Py_ssize_t chunk_cap
     cdef Py_ssize_t n_pinned
-    cdef list views               # pinned memoryviews
     cdef PyObject*** str_slots    # per string field: data of its object column
     cdef Py_ssize_t n_str
     cdef RejectList rl
@@ -957,7 +956,6 @@ cdef class _Scratch:
         self.crefs = NULL
         self.chunk_cap = 0
         self.n_pinned = 0
-        self.views = []
         self.rl.items = NULL
         self.rl.n = 0
         self.rl.cap = 0
@@ -979,9 +977,6 @@ cdef class _Scratch:
         for k in range(self.n_pinned):
             Py_XDECREF(self.crefs[k])
         self.n_pinned = 0
-        for mv in self.views:
-            mv.release()
-        self.views.clear()
 
     def __dealloc__(self):
         self.unpin()
@@ -1105,15 +1100,17 @@ cdef Py_ssize_t _decode_holding_gil(PyObject* seq, Py_ssize_t n, const FieldSpec
 cdef Py_ssize_t _collect_chunk(PyObject* seq, Py_ssize_t i0, Py_ssize_t n, _Scratch sc,
                                dict bad_types) except -1:
     """Pin payloads ``i0, i0+1, ...`` for a GIL-free parse: record pointer and
-    length in ``sc.cptrs`` / ``sc.clens`` and hold a reference (``bytes``) or
-    an exported memoryview (anything else) until ``sc.unpin()``.  Stops after
-    ``sc.chunk_cap`` payloads or about ``_NOGIL_CHUNK_BYTES`` bytes.  Returns
-    the index of the first payload not collected."""
+    length in ``sc.cptrs`` / ``sc.clens`` and hold a reference until
+    ``sc.unpin()``.  Only immutable ``bytes`` are pinned: any other buffer is
+    copied to ``bytes`` first, so no other thread can change a payload while
+    we parse it.  Stops after ``sc.chunk_cap`` payloads or about
+    ``_NOGIL_CHUNK_BYTES`` bytes.  Returns the index of the first payload not
+    collected."""
     cdef Py_ssize_t i = i0, k = 0, nbytes = 0, max_bytes = _NOGIL_CHUNK_BYTES
     cdef PyObject** items = _seq_fast_items(seq)
     cdef PyObject* item
     cdef PyObject* ahead
-    cdef Py_buffer* pb
+    cdef object copy
     while i < n and k < sc.chunk_cap and nbytes < max_bytes:
         if i + 6 < n:
             ahead = items[i + 6]
@@ -1139,10 +1136,13 @@ cdef Py_ssize_t _collect_chunk(PyObject* seq, Py_ssize_t i0, Py_ssize_t n, _Scra
                 sc.cptrs[k] = NULL
                 sc.clens[k] = mv
             else:
-                sc.views.append(mv)
-                pb = PyMemoryView_GET_BUFFER(mv)
-                sc.cptrs[k] = <const uint8_t*>pb.buf
-                sc.clens[k] = pb.len
+                with mv:
+                    copy = mv.tobytes()
+                _incref(<PyObject*>copy)
+                sc.crefs[k] = <PyObject*>copy
+                sc.cptrs[k] = <const uint8_t*>_bytes_data(<PyObject*>copy)
+                sc.clens[k] = _bytes_len(<PyObject*>copy)
+                copy = None
             obj = mv = None
             if _seq_fast_size(seq) != n:
                 raise RuntimeError("payloads changed size during decode")

@@ -8,18 +8,16 @@ dead-letter topic, then acknowledge.
 """
 import asyncio
 import concurrent.futures
-import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pulsar
 
+from tally.core.arena import MAX_EVENT_TIME, MIN_EVENT_TIME
 from tally.core.decode import Schema, decode_msgpack_maps
 from tally.core.view import ViewState
 from tally.service.materialize import online_schema, records_for
-
-log = logging.getLogger("tally.pipeline")
-
 
 @dataclass
 class PipelineStats:
@@ -89,9 +87,10 @@ class ViewPipeline:
             return 0
         payloads = [m.data() for m in messages]
         batch = decode_msgpack_maps(payloads, self.decode_schema)
-        self._dead_letter(messages, payloads, batch.rejects)
-        if batch.n_rows:
-            touched = self.state.apply(batch.columns)
+        columns, rejects = _drop_impossible_times(batch, self.view.source.timestamp_field)
+        self._dead_letter(messages, payloads, rejects)
+        if len(columns[self.view.source.timestamp_field]):
+            touched = self.state.apply(columns)
             now = self.clock()
             self.store.write(self.view.name, self.state.index.keys_of(touched),
                              records_for(self.state, self.schema, touched, now, now))
@@ -101,10 +100,11 @@ class ViewPipeline:
         for message in _last_per_partition(messages, self.n_partitions):
             self.consumer._consumer.acknowledge_cumulative(message)
         self.stats.messages += len(messages)
-        self.stats.events += batch.n_rows
+        n_events = len(columns[self.view.source.timestamp_field])
+        self.stats.events += n_events
         self.stats.batches += 1
-        self.stats.record_rejects(batch.rejects)
-        return batch.n_rows
+        self.stats.record_rejects(rejects)
+        return n_events
 
     def _dead_letter(self, messages, payloads, rejects):
         for index, reason in rejects:
@@ -112,6 +112,18 @@ class ViewPipeline:
                 payloads[index], None,
                 properties={"reason": reason, "source_topic": messages[index].topic_name(),
                             "message_id": str(messages[index].message_id())})
+
+
+def _drop_impossible_times(batch, timestamp_field):
+    """Reject events whose event time the core cannot represent."""
+    ts = batch.columns[timestamp_field]
+    bad = (ts < MIN_EVENT_TIME) | (ts > MAX_EVENT_TIME)
+    if not bad.any():
+        return batch.columns, batch.rejects
+    rejects = list(batch.rejects) + [
+        (int(batch.source_index[i]), f"field {timestamp_field!r}: event time {int(ts[i])} "
+         "is outside [-2**62, 2**62] epoch ms") for i in np.flatnonzero(bad)]
+    return {name: column[~bad] for name, column in batch.columns.items()}, rejects
 
 
 def _last_per_partition(messages, n_partitions):

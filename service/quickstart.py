@@ -29,8 +29,9 @@ def generate_events(n_events, n_users, seed=0, malformed_fraction=0.0):
     """Reads by Zipf-distributed users; returns (payloads, keys, events).
 
     ``events`` holds the good events as numpy columns (the oracle's input);
-    a ``malformed_fraction`` of the payloads are broken in one of three ways
-    (not msgpack, a missing field, a wrong type) and are not in ``events``."""
+    a ``malformed_fraction`` of the payloads are broken in one of four ways
+    (not msgpack, a missing field, a wrong type, an impossible event time)
+    and are not in ``events``."""
     rng = np.random.default_rng(seed)
     users = (rng.zipf(1.3, n_events) - 1) % n_users
     articles = rng.integers(0, 50_000, n_events)
@@ -50,12 +51,14 @@ def generate_events(n_events, n_users, seed=0, malformed_fraction=0.0):
 
 
 def _malformed(event, i):
-    kind = i % 3
+    kind = i % 4
     if kind == 0:
         return b"\xc1 not msgpack"
     if kind == 1:
         return msgpack.packb({k: v for k, v in event.items() if k != "readtime"})
-    return msgpack.packb({**event, "readtime": "long"})
+    if kind == 2:
+        return msgpack.packb({**event, "readtime": "long"})
+    return msgpack.packb({**event, "ts": (1 << 63) - 1})
 
 
 def main(argv=None):

@@ -681,21 +681,24 @@ def test_mixed_batch_order_and_source_index(spec, container):
 
 
 def test_large_batch_default_path_with_rejects():
+    from tally.core import decode
+
+    n = decode._NOGIL_MIN_PAYLOADS + 1000        # auto mode releases the GIL
     schema = Schema([("user", "int64"), ("name", "string", False)])
     payloads = []
-    for i in range(5000):
+    for i in range(n):
         if i % 97 == 0:
             payloads.append(b"\x81\xa4user")                    # truncated
         else:
             payloads.append(msgpack.packb({"user": i, "name": f"n{i}" if i % 3 else None}))
-    batch = decode_msgpack_maps(payloads, schema)               # auto: GIL released
+    batch = decode_msgpack_maps(payloads, schema)
     ref = decode_msgpack_maps(payloads, schema, release_gil=False)
-    good = [i for i in range(5000) if i % 97]
+    good = [i for i in range(n) if i % 97]
     assert batch.source_index.tolist() == good == ref.source_index.tolist()
     assert batch.columns["user"].tolist() == good
     assert batch.columns["name"].tolist() == [f"n{i}" if i % 3 else None for i in good]
     assert batch.columns["name"].tolist() == ref.columns["name"].tolist()
-    assert batch.rejects == ref.rejects == [(i, "truncated payload at byte 6") for i in range(0, 5000, 97)]
+    assert batch.rejects == ref.rejects == [(i, "truncated payload at byte 6") for i in range(0, n, 97)]
 
 
 def test_empty_batch():
@@ -764,6 +767,10 @@ def test_schema_introspection_and_pickle():
     assert s.fields == (("user", "int64", True), ("x", "string", False))
     assert s.names == ("user", "x") and len(s) == 2
     assert pickle.loads(pickle.dumps(s)) == s
+    with pytest.raises(DecodeError):
+        s.__init__([("other", "int64")])          # immutable
+    with pytest.raises(DecodeError):
+        decode_msgpack_maps([], Schema.__new__(Schema))   # never initialized
     assert "user" in repr(s)
 
 

@@ -93,4 +93,5 @@ def test_malformed_events_are_counted_dead_lettered_and_harmless(
     assert any("missing field 'readtime'" in r for r in reasons)
     assert any("'readtime'" in r and "expected float64" in r for r in reasons)
     assert any("msgpack" in r for r in reasons)
+    assert any("event time 9223372036854775807 is outside" in r for r in reasons)
     dead_letters.close()
