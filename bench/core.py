@@ -4,7 +4,7 @@ What is compared, and why:
 
 * ``kernel``: folding pre-decoded events (int64 entity key, event time, float
   value) into five features -- count, sum, mean, max (lifetime) and a sum over
-  a 7-day window sliding by 1 day -- for N entities, per event. Three
+  a 7-day window sliding by 1 day -- for N entities, per event. Four
   candidates see the same columns in the same run:
 
   - ``tally``: ``Int64KeyIndex.slots`` then one ``FeatureArena.update`` per
@@ -12,13 +12,18 @@ What is compared, and why:
   - ``c``: a small C loop compiled here at run time (``C_SOURCE``): the same
     open-addressing table (splitmix64, load factor <= 1/2, prefetching the
     buckets of a batch), then one fused loop doing the five updates on the same
-    state layout (one array per feature; the window is a ring of 7 daily tiles
-    plus a head epoch per entity). It is what a hand-written kernel costs, so
-    ``ratio_c_over_tally`` is the share of that speed Tally reaches;
+    state layout as Tally (one array per feature; the window is a ring of 7
+    daily tiles plus a head epoch per entity). It is what a hand-written kernel
+    costs, so ``ratio_c_over_tally`` is the share of that speed Tally reaches
+    (the goal is >= 0.67, i.e. Tally within 1.5x of C);
+  - ``c_record``: the same table and fused loop on one 104-byte record per
+    entity (2 cache lines per event instead of 7): what a different state
+    layout, rather than a better loop, would buy;
   - ``numpy_floor``: ``np.bincount``/``np.maximum.at`` over all events at once,
     slots precomputed (no hashing), mean reusing sum and count, and the window
     binned by (entity, day % 7) without expiring tiles: less work than the
-    others, a floor for a vectorised-Python design.
+    others, a floor for a vectorised-Python design (except when its fresh
+    7N-bin output, page-faulted on every run, dominates, as at 10M entities).
 
   Every key is inserted before timing (untimed), so the timed part is the
   steady state: lookups of known keys and updates. Each repetition replays the
@@ -36,7 +41,11 @@ What is compared, and why:
   aggregation kind, lifetime and sliding 7d/1d -- the declared
   ``bytes_per_slot``, and tracemalloc's count after filling N entities in
   64k batches (includes the slack left by growing 1.5x at a time) -- plus the
-  int64 key index's bytes per key.
+  int64 key index's bytes per key. Kinds whose state is large (sketches) are
+  filled with fewer entities, as ARENA_BUDGET allows.
+
+``--arena-module`` takes FeatureArena (and KINDS) from another module, so a
+candidate kernel is measured against the same references in the same run.
 """
 import argparse
 import ctypes
@@ -303,7 +312,7 @@ def batches(n, batch=BATCH):
     return [(a, min(a + batch, n)) for a in range(0, n, batch)]
 
 
-# -- the three candidates ---------------------------------------------------------
+# -- the candidates -------------------------------------------------------------
 
 def tally_state(arenas_module, ids):
     """An index holding every id (inserted untimed) and the five arenas."""
@@ -333,6 +342,7 @@ def run_tally(index, arenas, keys, timestamps, values):
 
 
 def c_state(lib, ids):
+    """A C reference holding every id (inserted untimed), in the same slot order."""
     ref = CReference(lib, len(ids))
     for a, b in batches(len(ids)):
         ref.slots(ids[a:b])
@@ -539,7 +549,7 @@ def key_index(lib, n_keys):
 # -- memory -----------------------------------------------------------------------
 
 WINDOWS = {"lifetime": (0, 0), "sliding_7d_1d": (WINDOW_DAYS * DAY_MS, DAY_MS)}
-ARENA_BUDGET = 2 << 30      # bytes one measured arena may take (sketches are big)
+ARENA_BUDGET = 4 << 30      # bytes one measured arena may take (sketches are big)
 
 
 def new_arena(arenas_module, aggregation, window_ms, hop_ms):

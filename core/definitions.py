@@ -27,7 +27,6 @@ NUMERIC_TYPES = ("int64", "float64", "bool")
 PAYLOAD_FORMATS = ("msgpack", "json", "arrow")
 NUMERIC_AGGREGATIONS = ("sum", "mean", "min", "max", "first", "last", "last_n")
 CANONICAL_FORMAT = 1          # bump only with a migration of stored hashes
-MAX_PARAM = 1000              # the largest n of last_n / k of top_k
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,14 @@ class Aggregation:
     takes_column: bool
     column_types: tuple = ()
     param: str = None          # "n" or "k": the integer parameter it requires
+    max_param: int = None
     summary: str = ""
 
 
+# The aggregations and what the core's arenas (tally.core.arena) can compute.
+# The arenas hold float64 values, so every aggregated column is numeric for
+# now; distinct_count and top_k of string columns need the view state to hash
+# (and, for top_k, to map back) strings first: then add "string" here.
 AGGREGATIONS = {a.name: a for a in (
     Aggregation("count", False, summary="number of events"),
     Aggregation("sum", True, NUMERIC_TYPES, summary="sum of the column"),
@@ -48,10 +52,12 @@ AGGREGATIONS = {a.name: a for a in (
     Aggregation("max", True, NUMERIC_TYPES, summary="largest value"),
     Aggregation("first", True, NUMERIC_TYPES, summary="value of the earliest event"),
     Aggregation("last", True, NUMERIC_TYPES, summary="value of the latest event"),
-    Aggregation("last_n", True, NUMERIC_TYPES, "n", "the n latest values, newest first"),
-    Aggregation("distinct_count", True, FIELD_TYPES,
+    Aggregation("last_n", True, NUMERIC_TYPES, "n", 4096,
+                summary="the n latest values, newest first"),
+    Aggregation("distinct_count", True, NUMERIC_TYPES,
                 summary="approximate number of distinct values (HyperLogLog)"),
-    Aggregation("top_k", True, FIELD_TYPES, "k", "approximate k most frequent values"),
+    Aggregation("top_k", True, NUMERIC_TYPES, "k", 1024,
+                summary="approximate k most frequent values (Misra-Gries)"),
 )}
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([a-zA-Z]+)\s*$")
@@ -412,10 +418,14 @@ class Feature:
             if column_type not in spec.column_types:
                 usable = [a for a, s in AGGREGATIONS.items()
                           if s.takes_column and column_type in s.column_types]
+                hint = (f"use {', '.join(['count'] + usable)} for a {column_type} column"
+                        if usable else
+                        f"count the events with a filter on it (e.g. filter=\"{self.column} "
+                        "= '...'\")")
                 raise DefinitionError(
                     f"{where}: aggregation {self.aggregation} needs a numeric column, but "
-                    f"column {self.column!r} is {column_type}; aggregate a numeric column "
-                    f"or use {', '.join(['count'] + usable)} for a {column_type} column")
+                    f"column {self.column!r} is {column_type}; aggregate a numeric column, "
+                    f"or {hint}")
         for key in ("n", "k"):
             value = getattr(self, key)
             if spec.param == key:
@@ -423,9 +433,9 @@ class Feature:
                     raise DefinitionError(f"{where}: {key} is missing; {self.aggregation} "
                                           f"needs {key}, e.g. {key}=10")
                 if not isinstance(value, int) or isinstance(value, bool) \
-                        or not 1 <= value <= MAX_PARAM:
+                        or not 1 <= value <= spec.max_param:
                     raise DefinitionError(f"{where}: {key}={value!r} is out of range; "
-                                          f"use an integer from 1 to {MAX_PARAM}")
+                                          f"use an integer from 1 to {spec.max_param}")
             elif value is not None:
                 hint = (f"{spec.param} is the parameter of {self.aggregation}" if spec.param
                         else f"{self.aggregation} takes no parameter")
@@ -435,6 +445,10 @@ class Feature:
         if self.lateness_ms < 0:
             raise DefinitionError(f"{where}: lateness_ms {self.lateness_ms} is negative; "
                                   "use 0 or a positive duration such as '5m'")
+        if self.lateness_ms and not self.window.size_ms:
+            raise DefinitionError(f"{where}: lateness_ms is set, but a lifetime window "
+                                  "accepts events of any age; drop lateness_ms, or give the "
+                                  "feature a window")
         if self.filter is not None:
             from tally.core.filters import FilterError, check_filter
             try:

@@ -24,7 +24,8 @@ The grammar (anything else is refused, naming the construct)::
                 | ( operand )
     literal    := number | 'string' | TRUE | FALSE | NULL
 
-Nulls follow SQL's three-valued logic: a comparison with a null is unknown,
+Column names are case-sensitive, as in the source's schema. Nulls follow SQL's
+three-valued logic: a comparison with a null is unknown,
 ``unknown AND false`` is false, ``unknown OR true`` is true, and an event is
 selected only when the filter is true. Division (``/``) is true division; a
 division or modulo by zero is null.
@@ -81,10 +82,13 @@ def _precedence(node):
 
 
 def canonical_sql(node) -> str:
-    """The canonical text of a filter AST: sqlglot formatting with exactly the
-    parentheses the precedence needs."""
-    from tally.core.sql import Tally
-    return _reparenthesize(_strip_parens(node.copy())).sql(dialect=Tally)
+    """The canonical text of a filter AST: sqlglot formatting, with exactly the
+    parentheses the precedence needs and identifiers quoted only when needed."""
+    from tally.core.sql import Tally, needs_quotes
+    node = _reparenthesize(_strip_parens(node.copy()))
+    for identifier in node.find_all(exp.Identifier):
+        identifier.set("quoted", needs_quotes(identifier.name))
+    return node.sql(dialect=Tally)
 
 
 def normalize_filter(text) -> str:

@@ -155,19 +155,32 @@ cdef class Int64KeyIndex:
         cdef int64_t[::1] o = out
         if n == 0:
             return out
-        if insert:
-            self._reserve(self.n_slots + n)
         cdef uint64_t* hashes = <uint64_t*>malloc(n * sizeof(uint64_t))
         if hashes == NULL:
             raise MemoryError()
         cdef Py_ssize_t i
+        cdef int64_t misses = 0
         with nogil:
             for i in range(n):
                 hashes[i] = tally_hash_u64(<uint64_t>k[i])
             for i in range(n):
                 if i + PREFETCH_DISTANCE < n:
                     TALLY_PREFETCH(&self.table[hashes[i + PREFETCH_DISTANCE] & self.mask])
-                o[i] = self._find_or_insert(k[i], hashes[i], insert)
+                o[i] = self._find_or_insert(k[i], hashes[i], False)
+                if o[i] < 0:
+                    misses += 1
+        if insert and misses:
+            # Grow for the keys actually missing, then insert them in order of
+            # first appearance (a key repeated in the batch finds its new slot).
+            try:
+                self._reserve(self.n_slots + misses)
+            except MemoryError:
+                free(hashes)
+                raise
+            with nogil:
+                for i in range(n):
+                    if o[i] < 0:
+                        o[i] = self._find_or_insert(k[i], hashes[i], True)
         free(hashes)
         return out
 
@@ -328,7 +341,7 @@ cdef class StringKeyIndex:
             free(ptrs); free(lengths); free(hashes)
             raise MemoryError()
         cdef Py_ssize_t i, length
-        cdef int64_t total = 0
+        cdef int64_t misses = 0, missing_bytes = 0
         cdef char* data
         try:
             for i in range(n):
@@ -343,16 +356,22 @@ cdef class StringKeyIndex:
                     raise TypeError(f"string key index: key {key!r} is {type(key).__name__}, "
                                     "expected str or bytes")
                 lengths[i] = length
-                total += length
-            if insert:
-                self._reserve(self.n_slots + n, total)
             with nogil:
                 for i in range(n):
                     hashes[i] = tally_hash_bytes(ptrs[i], lengths[i])
                 for i in range(n):
                     if i + PREFETCH_DISTANCE < n:
                         TALLY_PREFETCH(&self.table[hashes[i + PREFETCH_DISTANCE] & self.mask])
-                    o[i] = self._find_or_insert(ptrs[i], lengths[i], hashes[i], insert)
+                    o[i] = self._find_or_insert(ptrs[i], lengths[i], hashes[i], False)
+                    if o[i] < 0:
+                        misses += 1
+                        missing_bytes += lengths[i]
+            if insert and misses:
+                self._reserve(self.n_slots + misses, missing_bytes)
+                with nogil:
+                    for i in range(n):
+                        if o[i] < 0:
+                            o[i] = self._find_or_insert(ptrs[i], lengths[i], hashes[i], True)
         finally:
             free(ptrs); free(lengths); free(hashes)
         return out
@@ -396,7 +415,8 @@ cdef class StringKeyIndex:
         cdef int64_t n = offsets.shape[0] - 1
         cdef uint64_t capacity = table.shape[0] // 2
         if (n < 0 or capacity < MIN_CAPACITY or capacity & (capacity - 1)
-                or <uint64_t>n * 2 > capacity or offsets[0] != 0 or offsets[n] != blob.shape[0]):
+                or <uint64_t>n * 2 > capacity or offsets[0] != 0 or offsets[n] != blob.shape[0]
+                or np.any(np.diff(np.asarray(offsets)) < 0)):
             raise ValueError("key index snapshot: arrays are inconsistent")
         cdef StringKeyIndex index = cls()
         index._reserve(n, blob.shape[0])

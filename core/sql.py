@@ -55,6 +55,9 @@ Meaning:
   Filters follow :mod:`tally.core.filters`.
 * A feature without alias is named ``<aggregation>_<column>`` (``sum_readtime``,
   ``distinct_count_article``), or ``count`` for ``COUNT(*)``.
+* Aggregated columns are numeric (BIGINT, DOUBLE, BOOLEAN): the core's arenas
+  hold float64 values (see ``AGGREGATIONS`` in :mod:`tally.core.definitions`).
+  ``n`` of LAST_N is 1..4096, ``k`` of APPROX_TOP_K 1..1024.
 * ``FROM`` names a source declared earlier in the same text with CREATE
   SOURCE, or one passed in the catalog (``sources=``; the CLI passes the
   sources already in the registry).
@@ -71,7 +74,7 @@ from sqlglot.tokens import TokenType
 
 from tally.core import filters
 from tally.core.definitions import (AGGREGATIONS, DefinitionError, Entity, Feature,
-                                    FeatureView, Source, Window, duration_ms, unit_ms)
+                                    FeatureView, Source, Window, unit_ms)
 
 # --------------------------------------------------------------------------
 # The dialect
@@ -156,8 +159,7 @@ class Tally(Dialect):
                 size = hop = self._parse_duration()
             if kind != "LIFETIME" and self._match_text_seq("LATENESS"):
                 lateness = self._parse_duration()
-            return self.expression(WindowSpec(this=name, kind=kind, size=size, hop=hop,
-                                              lateness=lateness))
+            return WindowSpec(this=name, kind=kind, size=size, hop=hop, lateness=lateness)
 
         def _window_kind_ahead(self):
             return self._curr is not None and self._curr.token_type == TokenType.VAR and \
@@ -292,13 +294,17 @@ def _by_name(items, cls, what):
     return result
 
 
+# what sqlglot returns for a lone comment between semicolons (newer versions)
+_EMPTY_STATEMENT = getattr(exp, "Semicolon", type(None))
+
+
 def parse_statements(text):
     """sqlglot ASTs of the statements of ``text`` (comments and empty statements dropped)."""
     try:
         statements = Tally().parse(text)
     except (ParseError, TokenError) as error:
         raise DefinitionError(f"SQL syntax error at {format_parse_error(error)}") from None
-    return [s for s in statements if s is not None]
+    return [s for s in statements if s is not None and not isinstance(s, _EMPTY_STATEMENT)]
 
 
 def load_sql(text, sources=(), entities=(), name=None, origin=None, **metadata):
@@ -402,10 +408,11 @@ def _properties(create, allowed, where):
 
 
 def _property_value(value, key, where):
-    if isinstance(value, exp.Literal):
-        return value.this if value.is_string else int(value.this)
-    raise DefinitionError(f"{where}: property {key} = {value.sql(dialect=Tally)!r} is not a "
-                          f"literal; write {key} = '...'")
+    if isinstance(value, exp.Literal) and value.is_string:
+        return value.this
+    shown = value.sql(dialect=Tally) if value is not None else ""
+    raise DefinitionError(f"{where}: property {key} = {shown} is not a quoted string; write "
+                          f"{key} = '...'")
 
 
 def _check_create(create, what):
@@ -617,13 +624,13 @@ def _feature(node, alias, windows, where_filter, source, aliases, key_column, wh
         if any(node.args.get(k) for k in ("partition_by", "order", "spec")) or \
                 not node.args.get("alias"):
             raise DefinitionError(
-                f"{where}: {display!r}: window functions (OVER (...)) are outside the Tally "
+                f"{where}: '{display}': window functions (OVER (...)) are outside the Tally "
                 "SQL dialect; name a window in the WINDOW clause and write OVER <name>, "
                 "e.g. SUM(x) OVER w ... WINDOW w AS SLIDING 7 DAYS HOP 1 HOUR")
         window_name = node.args["alias"].name
         if window_name not in windows:
             known = ", ".join(n for n in windows if n) or "none"
-            raise DefinitionError(f"{where}: {display!r}: window {window_name!r} is not "
+            raise DefinitionError(f"{where}: '{display}': window {window_name!r} is not "
                                   f"defined; add WINDOW {window_name} AS SLIDING ... "
                                   f"(named windows: {known})")
         window, lateness = windows[window_name]
@@ -633,7 +640,7 @@ def _feature(node, alias, windows, where_filter, source, aliases, key_column, wh
         agg_filter = _unqualify(node.expression.this, aliases, where)
         node = node.this
     if isinstance(node, exp.Window):
-        raise DefinitionError(f"{where}: {display!r}: write FILTER (WHERE ...) before "
+        raise DefinitionError(f"{where}: '{display}': write FILTER (WHERE ...) before "
                               "OVER <window>")
     aggregation, column, param = _aggregate(node, display, source, aliases, key_column, where)
     conditions = [c for c in (where_filter, agg_filter) if c is not None]
@@ -672,7 +679,7 @@ def _aggregate(node, display, source, aliases, key_column, where):
         inner = node.this
         if isinstance(inner, exp.Distinct):
             column = inner.expressions[0].sql(dialect=Tally) if inner.expressions else "x"
-            raise DefinitionError(f"{where}: {display!r}: COUNT(DISTINCT ...) is outside the "
+            raise DefinitionError(f"{where}: '{display}': COUNT(DISTINCT ...) is outside the "
                                   "Tally SQL dialect (exact distinct counts are not kept); "
                                   f"use APPROX_COUNT_DISTINCT({column})")
         if inner is None or isinstance(inner, exp.Star):
@@ -688,23 +695,23 @@ def _aggregate(node, display, source, aliases, key_column, where):
         aggregation = _ANONYMOUS_AGGREGATES[node.name.upper()]
         args = list(node.expressions)
     elif isinstance(node, (exp.AggFunc, exp.Func)):
-        raise DefinitionError(f"{where}: {display!r}: {filters.describe_construct(node)} is "
+        raise DefinitionError(f"{where}: '{display}': {filters.describe_construct(node)} is "
                               f"not an aggregate of the Tally SQL dialect; use "
                               f"{AGGREGATE_NAMES}")
     else:
-        raise DefinitionError(f"{where}: {display!r} is neither the GROUP BY key nor an "
+        raise DefinitionError(f"{where}: '{display}' is neither the GROUP BY key nor an "
                               f"aggregate; select aggregates such as SUM(col) AS name "
                               f"({AGGREGATE_NAMES})")
     spec = AGGREGATIONS[aggregation]
     wanted = 2 if spec.param else 1
     call = f"{aggregation.upper()}(col{', ' + spec.param if spec.param else ''})"
     if len(args) != wanted:
-        raise DefinitionError(f"{where}: {display!r} takes {wanted} argument"
+        raise DefinitionError(f"{where}: '{display}' takes {wanted} argument"
                               f"{'s' if wanted > 1 else ''}; write {call}")
     column = args[0]
     if not isinstance(column, exp.Column):
         raise DefinitionError(
-            f"{where}: {display!r}: an expression inside an aggregate is outside the Tally SQL "
+            f"{where}: '{display}': an expression inside an aggregate is outside the Tally SQL "
             f"dialect; aggregate a source column ({call}), and compute derived values in "
             "the producer")
     _unqualify(column, aliases, where)
@@ -713,7 +720,7 @@ def _aggregate(node, display, source, aliases, key_column, where):
         literal = args[1]
         if not (isinstance(literal, exp.Literal) and not literal.is_string
                 and literal.this.isdigit()):
-            raise DefinitionError(f"{where}: {display!r}: {spec.param} must be a whole "
+            raise DefinitionError(f"{where}: '{display}': {spec.param} must be a whole "
                                   f"number, e.g. {aggregation.upper()}({column.name}, 10)")
         param = int(literal.this)
     return aggregation, column.name, param
@@ -726,7 +733,7 @@ def _entity(name, key_column, source, catalog, where):
         return known
     if key_type is None:
         # the view's validation reports the missing key with the source's fields
-        return Entity(name, "int64") if name.isidentifier() else Entity("entity")
+        return Entity(name, "int64")
     if key_type not in ("int64", "string"):
         raise DefinitionError(f"{where}: GROUP BY {key_column!r} is a {key_type} column; the "
                               "entity key must be an int64 or string column of the source")
@@ -737,15 +744,20 @@ def _entity(name, key_column, source, catalog, where):
 # Definitions -> SQL text
 
 
+def needs_quotes(name):
+    """Whether an identifier must be quoted to read back as itself (a keyword,
+    a space, ...)."""
+    try:
+        tokens_ = Tally().tokenize(name)
+    except (TokenError, ValueError):
+        return True
+    return not (len(tokens_) == 1 and tokens_[0].token_type == TokenType.VAR
+                and tokens_[0].text == name)
+
+
 def _ident(name):
     """An identifier, quoted when it would not read back as itself."""
-    try:
-        parsed = Tally().tokenize(name)
-    except (TokenError, ValueError):
-        parsed = []
-    if len(parsed) == 1 and parsed[0].token_type == TokenType.VAR and parsed[0].text == name:
-        return name
-    return '"' + name.replace('"', '""') + '"'
+    return '"' + name.replace('"', '""') + '"' if needs_quotes(name) else name
 
 
 def _string(value):

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tally.core.decode as _decode_module
 from tally.core.decode import DecodedBatch, DecodeError, Schema, decode_msgpack_maps
 
 SETTINGS = settings(max_examples=200, deadline=None,
@@ -223,9 +224,20 @@ def _check_batch(payloads, batch, spec=SPEC):
 
 
 def _decode_both(payloads, schema=SCHEMA):
-    """Decode with and without the GIL; both paths must agree exactly."""
+    """Decode holding the GIL, and releasing it (with default and with tiny
+    chunks); all must agree exactly."""
     a = decode_msgpack_maps(payloads, schema, release_gil=False)
-    b = decode_msgpack_maps(payloads, schema, release_gil=True)
+    _same_batch(a, decode_msgpack_maps(payloads, schema, release_gil=True))
+    saved = _decode_module._NOGIL_CHUNK_PAYLOADS
+    _decode_module._NOGIL_CHUNK_PAYLOADS = 2
+    try:
+        _same_batch(a, decode_msgpack_maps(payloads, schema, release_gil=True))
+    finally:
+        _decode_module._NOGIL_CHUNK_PAYLOADS = saved
+    return a
+
+
+def _same_batch(a, b):
     assert a.n_rows == b.n_rows
     assert a.rejects == b.rejects
     assert np.array_equal(a.source_index, b.source_index)
@@ -239,7 +251,6 @@ def _decode_both(payloads, schema=SCHEMA):
             assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
         if name in a.valid:
             assert np.array_equal(a.valid[name], b.valid[name])
-    return a
 
 
 # --------------------------------------------------------------------------
@@ -327,7 +338,7 @@ payloads_st = st.builds(_pack, records(), st.booleans())
 
 
 @SETTINGS
-@given(st.lists(payloads_st, min_size=1, max_size=6))
+@given(st.lists(payloads_st, min_size=1, max_size=4))
 def test_round_trip_matches_unpackb(payloads):
     batch = _decode_both(payloads)
     verdicts = _check_batch(payloads, batch)
@@ -335,7 +346,7 @@ def test_round_trip_matches_unpackb(payloads):
 
 
 @SETTINGS
-@given(st.lists(st.builds(_pack, records(allow_bad=False)), min_size=1, max_size=4))
+@given(st.lists(st.builds(_pack, records(allow_bad=False)), min_size=1, max_size=3))
 def test_well_typed_records_all_decode(payloads):
     batch = _decode_both(payloads)
     _check_batch(payloads, batch)
@@ -601,7 +612,7 @@ def mutated(draw):
 
 
 @SETTINGS
-@given(st.lists(mutated(), min_size=1, max_size=4))
+@given(st.lists(mutated(), min_size=1, max_size=3))
 def test_fuzz_mutated_payloads(payloads):
     _check_batch(payloads, _decode_both(payloads), SPEC)
 
@@ -681,9 +692,7 @@ def test_mixed_batch_order_and_source_index(spec, container):
 
 
 def test_large_batch_default_path_with_rejects():
-    from tally.core import decode
-
-    n = decode._NOGIL_MIN_PAYLOADS + 1000        # auto mode releases the GIL
+    n = _decode_module._NOGIL_MIN_PAYLOADS + 1000     # auto mode releases the GIL
     schema = Schema([("user", "int64"), ("name", "string", False)])
     payloads = []
     for i in range(n):
