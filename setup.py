@@ -66,6 +66,7 @@ def libtally_extension():
 setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"tally.core": ["*.pxd", "*.pyi", "includes/*"]},
+    package_data={"tally.core": ["*.pyi", "*.pxi", "includes/*"],
+                  "tally.service": ["examples/*.py", "examples/*.sql"]},
     ext_modules=cython_extensions() + [libtally_extension()],
 )

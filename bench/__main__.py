@@ -6,6 +6,7 @@ import json
 import sys
 
 BENCHMARKS = {
+    "broker": "tally.bench.broker",
     "ingest": "tally.bench.ingest",
     "core": "tally.bench.core",
 }

@@ -11,7 +11,8 @@ What is compared, and why:
     feature, in batches of 64k events, as the pipeline drives them;
   - ``c``: a small C loop compiled here at run time (``C_SOURCE``): the same
     open-addressing table (splitmix64, load factor <= 1/2, prefetching the
-    buckets of a batch), then one fused loop doing the five updates on the same
+    buckets of a batch), then one fused loop doing the five updates, prefetching
+    each event's state 16 events ahead (as Tally does), on the same
     state layout as Tally (one array per feature; the window is a ring of 7
     daily tiles plus a head epoch per entity). It is what a hand-written kernel
     costs, so ``ratio_c_over_tally`` is the share of that speed Tally reaches
@@ -134,6 +135,13 @@ int ref_slots(state_t *s, const int64_t *keys, int64_t n, int insert,
 void ref_update(state_t *s, const int64_t *slots, const int64_t *ts,
                 const double *values, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
+        if (i + PREFETCH_DISTANCE < n) {        /* the state the loop will touch next */
+            int64_t p = slots[i + PREFETCH_DISTANCE];
+            __builtin_prefetch(&s->count[p], 1, 1); __builtin_prefetch(&s->sum[p], 1, 1);
+            __builtin_prefetch(&s->mean_sum[p], 1, 1); __builtin_prefetch(&s->mean_count[p], 1, 1);
+            __builtin_prefetch(&s->max[p], 1, 1); __builtin_prefetch(&s->head[p], 1, 1);
+            __builtin_prefetch(&s->win[p * RING], 1, 1);
+        }
         int64_t k = slots[i];
         double x = values[i];
         s->count[k] += 1;
@@ -167,6 +175,10 @@ typedef struct {
 void ref_update_records(record_t *records, const int64_t *slots, const int64_t *ts,
                         const double *values, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
+        if (i + PREFETCH_DISTANCE < n) {
+            const char *p = (const char *)&records[slots[i + PREFETCH_DISTANCE]];
+            __builtin_prefetch(p, 1, 1); __builtin_prefetch(p + 64, 1, 1);
+        }
         record_t *r = &records[slots[i]];
         double x = values[i];
         r->count += 1;

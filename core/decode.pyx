@@ -44,6 +44,20 @@ Decoding rules
   in the column and ``False`` in ``DecodedBatch.valid[name]``.
 * Errors are reported in the order they are met while reading the map;
   after the map: trailing bytes, then missing required fields (schema order).
+
+Reject reasons (``N`` is a byte offset into the payload)::
+
+    payload is not bytes-like (got int)       payload buffer is not contiguous
+    empty payload                             not a msgpack map
+    truncated payload at byte N               (N: start of the innermost object
+                                               that is cut short, or the payload
+                                               length if one is missing entirely)
+    invalid msgpack byte 0xc1 at byte N       map key at byte N has type int, expected str
+    duplicate field 'user'                    missing field 'readtime'
+    field 'readtime' has type str, expected float64     (also "has type nil" for
+                                                         nil in a required field)
+    field 'user' value 18446744073709551615 is out of range for int64
+    field 'title' is not valid utf-8          trailing bytes after map
 """
 
 import numpy as np

@@ -368,7 +368,7 @@ def _compile(node):
     if isinstance(node, exp.Column):
         return _compile_column(node.name)
     if isinstance(node, exp.Null):
-        return lambda ctx: (False, True)
+        return lambda ctx: (0, True)      # a placeholder value, always masked
     if isinstance(node, (exp.Literal, exp.Boolean)):
         value = _literal_value(node)
         return lambda ctx: (value, None)
@@ -377,7 +377,7 @@ def _compile(node):
 
         def neg(ctx):
             values, nulls = inner(ctx)
-            return np.negative(values), nulls
+            return np.negative(_as_number(values)), nulls
         return neg
     if isinstance(node, exp.Not):
         inner = _compile(node.this)
@@ -463,8 +463,6 @@ def _compile_comparison(cls, left, right):
     def evaluate(ctx):
         lv, ln = left(ctx)
         rv, rn = right(ctx)
-        if lv is None or rv is None:
-            return False, True
         with np.errstate(invalid="ignore"):
             return compare(lv, rv), _or_nulls(ln, rn)
     return evaluate
@@ -474,6 +472,7 @@ def _compile_arithmetic(cls, left, right):
     def evaluate(ctx):
         lv, ln = left(ctx)
         rv, rn = right(ctx)
+        lv, rv = _as_number(lv), _as_number(rv)
         nulls = _or_nulls(ln, rn)
         with np.errstate(all="ignore"):
             if cls is exp.Add:
@@ -489,6 +488,15 @@ def _compile_arithmetic(cls, left, right):
                 return np.true_divide(lv, safe), nulls
             return np.mod(lv, safe), nulls
     return evaluate
+
+
+def _as_number(values):
+    """Booleans take part in arithmetic as 0/1 (numpy refuses bool - bool)."""
+    if isinstance(values, (bool, np.bool_)):
+        return int(values)
+    if isinstance(values, np.ndarray) and values.dtype == bool:
+        return values.astype(np.int64)
+    return values
 
 
 def _compile_in(node):

@@ -52,7 +52,7 @@ cdef uint64_t _capacity_for(int64_t n_keys):
 
 def _snapshot_arrays(arrays, names, table_key_count):
     """The named arrays of a key index snapshot, checked for presence and for a
-    table whose occupied buckets match the number of keys."""
+    table whose occupied buckets hold each slot [0, n) exactly once."""
     missing = [name for name in names if name not in arrays]
     if missing:
         raise ValueError(f"key index snapshot: missing arrays {missing}; "
@@ -61,9 +61,9 @@ def _snapshot_arrays(arrays, names, table_key_count):
     slots_in_table = table[1::2]
     occupied = slots_in_table[slots_in_table != -1]
     n_keys = table_key_count(arrays)
-    if len(occupied) != n_keys or (n_keys and (occupied.min() < 0 or occupied.max() >= n_keys)):
-        raise ValueError(f"key index snapshot: the table holds {len(occupied)} keys "
-                         f"but the key arrays hold {n_keys}")
+    if not np.array_equal(np.sort(occupied), np.arange(n_keys)):
+        raise ValueError(f"key index snapshot: the table's {len(occupied)} occupied buckets "
+                         f"do not hold each of the {n_keys} slots exactly once")
     return table
 
 
@@ -218,6 +218,10 @@ cdef class Int64KeyIndex:
         cdef const int64_t[::1] table = _snapshot_arrays(
             arrays, ("keys", "table"), lambda a: len(a["keys"]))
         cdef const int64_t[::1] keys = np.ascontiguousarray(arrays["keys"], dtype=np.int64)
+        buckets = np.asarray(table).reshape(-1, 2)
+        used = buckets[buckets[:, 1] != -1]
+        if not np.array_equal(np.asarray(keys)[used[:, 1]], used[:, 0]):
+            raise ValueError("key index snapshot: the table's keys differ from the slots' keys")
         cdef uint64_t capacity = table.shape[0] // 2
         if capacity < MIN_CAPACITY or capacity & (capacity - 1) or <uint64_t>keys.shape[0] * 2 > capacity:
             raise ValueError("key index snapshot: table size is inconsistent with its keys")

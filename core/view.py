@@ -2,6 +2,7 @@
 import numpy as np
 
 from tally.core.arena import FeatureArena, TiledArena, make_arena
+from tally.core.filters import compile_filter
 from tally.core.keyindex import Int64KeyIndex, StringKeyIndex
 
 # A hidden lifetime arena holds each entity's newest event time, which the
@@ -17,19 +18,24 @@ class ViewState:
         index_class = Int64KeyIndex if view.entity.key_type == "int64" else StringKeyIndex
         self.index = index_class(expected_entities)
         self.arenas = {f.name: _arena_for(f, expected_entities) for f in view.features}
+        self.filters = {f.name: compile_filter(f.filter, view.source.schema)
+                        for f in view.features if f.filter}
         self.arenas[EVENT_TIME] = FeatureArena("max", capacity=max(expected_entities, 1))
 
     def __len__(self):
         return len(self.index)
 
-    def apply(self, columns):
+    def apply(self, columns, valid=None):
         """Fold a batch of decoded events (a dict of column arrays, one entry per
-        event, in stream order) and return the slots it touched."""
+        event, in stream order; ``valid`` masks the nulls of optional columns)
+        and return the slots it touched."""
         slots = self.index.slots(columns[self.view.key_column])
         timestamps = columns[self.view.source.timestamp_field]
         for feature in self.view.features:
             values = None if feature.column is None else columns[feature.column]
-            self.arenas[feature.name].update(slots, timestamps, values)
+            keep = self.filters[feature.name](columns, valid) \
+                if feature.name in self.filters else None
+            self.arenas[feature.name].update(slots, timestamps, values, keep)
         self.arenas[EVENT_TIME].update(slots, timestamps, timestamps.astype(np.float64))
         return np.unique(slots)
 

@@ -1,12 +1,24 @@
 """From view state to online records: what the pipeline writes after each batch."""
 import numpy as np
 
+from tally.core.definitions import DefinitionError
 from tally.core.view import EVENT_TIME
 from tally.service.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
 
 
+INT_AGGREGATIONS = ("count", "distinct_count")
+# Record layout 1 holds one 8-byte number per feature; lists need layout 2.
+LIST_AGGREGATIONS = ("last_n", "top_k")
+
+
 def online_schema(view, version=1) -> ViewSchema:
-    features = tuple((f.name, "int64" if f.aggregation == "count" else "float64")
+    lists = [f.name for f in view.features if f.aggregation in LIST_AGGREGATIONS]
+    if lists:
+        raise DefinitionError(
+            f"view {view.name!r}: features {lists} hold lists, which online record "
+            "layout 1 cannot store yet; serve them from a view without them, or use "
+            "them offline (ViewState.read)")
+    features = tuple((f.name, "int64" if f.aggregation in INT_AGGREGATIONS else "float64")
                      for f in view.features)
     return ViewSchema(view.name, version, view.entity.key_type, features)
 

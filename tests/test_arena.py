@@ -56,7 +56,7 @@ timestamps = st.one_of(
     st.integers(-350, 650),
     st.integers(-350, 650),
     st.sampled_from([-200, -101, -100, -61, -60, -1, 0, 1, 19, 20, 59, 60, 99, 100,
-                     101, 119, 120, 200, 300]),
+                     101, 119, 120, 200, 300, -2**62, 2**62]),      # (the accepted range)
     st.integers(-10**7, 10**7),
 )
 values = st.one_of(
@@ -440,16 +440,43 @@ def test_merge_with_too_many_slot_mappings():
 
 # -- edge cases found while writing these tests -------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG arena: first/last use INT64_MAX/INT64_MIN as "
-                   "the empty-tile time, so an event at exactly that timestamp is never "
-                   "recorded (first at INT64_MAX, last at INT64_MIN read as invalid)")
+MAX_EVENT_TIME = 2**62        # update() accepts event times in [-2**62, 2**62]
+
+
+@pytest.mark.parametrize("ts", [INT64_MAX, INT64_MIN, MAX_EVENT_TIME + 1, -MAX_EVENT_TIME - 1])
+def test_event_times_out_of_range_are_rejected(ts):
+    """first/last keep INT64_MAX / INT64_MIN as the time of an empty tile, so an event
+    at exactly those times could not be recorded (it read as invalid before update()
+    started rejecting out-of-range times); now the batch is refused, untouched."""
+    arena = FeatureArena("last", 100, 10, 0, capacity=1)
+    arena.update([0], [5], [1.0])
+    before = arena.export_arrays(1)
+    with pytest.raises(ValueError, match=r"event times must lie within"):
+        arena.update([0, 0], [6, ts], [2.0, 3.0])
+    after = arena.export_arrays(1)
+    for name in before:
+        assert np.array_equal(before[name], after[name], equal_nan=True), name
+
+
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
-@pytest.mark.parametrize("aggregation, ts", [("first", INT64_MAX), ("last", INT64_MIN)])
-def test_first_last_at_extreme_timestamps(aggregation, ts, window):
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_limit_event_times_match_reference(aggregation, window):
+    """Events at the limits of the accepted range, read at extreme as_of times."""
     arena = FeatureArena(aggregation, *WINDOWS[window])
-    arena.update([0], [ts], [1.0])
-    value, ok = arena.read([0], ts)
-    assert ok[0] and value[0] == 1.0
+    ref = ReferenceFeature(aggregation, *WINDOWS[window])
+    batch = [(0, MAX_EVENT_TIME, 1.0, True), (0, MAX_EVENT_TIME, 2.0, True),
+             (1, -MAX_EVENT_TIME, 3.0, True), (1, -MAX_EVENT_TIME, 4.0, True),
+             (2, -MAX_EVENT_TIME, 5.0, True), (2, MAX_EVENT_TIME, 6.0, True),
+             (2, -MAX_EVENT_TIME, 7.0, True)]
+    update_arena(arena, batch)
+    update_reference(ref, batch)
+    assert arena.late_dropped == ref.late_dropped
+    for t in (INT64_MIN, -MAX_EVENT_TIME, -MAX_EVENT_TIME + 9, 0, MAX_EVENT_TIME - 1,
+              MAX_EVENT_TIME, INT64_MAX):
+        got, ok = arena.read([0, 1, 2], t)
+        for slot in range(3):
+            want = ref.read(slot, t)
+            assert agrees(aggregation, got[slot], ok[slot], want), (slot, t, got, ok, want)
 
 
 def test_reference_reads_entity_with_only_nulls():

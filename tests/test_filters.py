@@ -148,6 +148,8 @@ COLUMNS = {
     ("TRUE", [1, 1, 1, 1, 1]),
     ("user > NULL", [0, 0, 0, 0, 0]),
     ("country > 'e'", [0, 1, 0, 1, 0]),
+    ("user = NULL - NULL", [0, 0, 0, 0, 0]),             # found by hypothesis
+    ("-NULL IS NULL AND NULL + 1 IS NULL", [1, 1, 1, 1, 1]),
 ])
 def test_evaluation(text, expected):
     check_filter(text, SCHEMA)
