@@ -422,6 +422,14 @@ cdef class StringKeyIndex:
                 or <uint64_t>n * 2 > capacity or offsets[0] != 0 or offsets[n] != blob.shape[0]
                 or np.any(np.diff(np.asarray(offsets)) < 0)):
             raise ValueError("key index snapshot: arrays are inconsistent")
+        cdef int64_t b, slot
+        for b in range(capacity):
+            slot = table[2 * b + 1]
+            if slot != -1 and <uint64_t>table[2 * b] != tally_hash_bytes(
+                    <const char*>&blob[0] + offsets[slot] if blob.shape[0] else NULL,
+                    offsets[slot + 1] - offsets[slot]):
+                raise ValueError("key index snapshot: a key's bytes do not match the "
+                                 "hash the table stores for it")
         cdef StringKeyIndex index = cls()
         index._reserve(n, blob.shape[0])
         free(index.table)

@@ -35,6 +35,11 @@ def _cmd_dev(args):
     return pulsar_local.main_dev(args.rest)
 
 
+def _cmd_serve(args):
+    from tally.service import serve
+    return serve.main(args.rest)
+
+
 # --- registry commands ------------------------------------------------------
 
 def _registry(args):
@@ -324,6 +329,10 @@ def build_parser():
     dev = commands.add_parser("dev", help="run a local Pulsar broker in the foreground",
                               add_help=False)
     dev.set_defaults(run=_cmd_dev)
+
+    serve = commands.add_parser("serve", help="run the streaming service (exactly-once "
+                                "ingestion into the online store)", add_help=False)
+    serve.set_defaults(run=_cmd_serve)
     _registry_commands(commands)
     return parser
 
@@ -331,7 +340,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("quickstart", "dev"):
+    if rest and args.command not in ("quickstart", "dev", "serve"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     if args.command in REGISTRY_COMMANDS:

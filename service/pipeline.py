@@ -48,7 +48,8 @@ class ViewPipeline:
     """Consumes one view's source topic and keeps its online records fresh."""
 
     def __init__(self, view, client, store, subscription="tally", version=1,
-                 batch_size=1000, batch_timeout_ms=10, clock=None):
+                 batch_size=1000, batch_timeout_ms=10, clock=None, topic=None,
+                 consumer_name=None):
         self.view = view
         self.store = store
         self.state = ViewState(view)
@@ -57,15 +58,16 @@ class ViewPipeline:
         self.stats = PipelineStats()
         self.clock = clock or (lambda: int(time.time() * 1000))
         store.register_view(self.schema)
+        topic = topic or view.source.topic
         self.consumer = client.subscribe(
-            view.source.topic, subscription,
+            topic, subscription, consumer_name=consumer_name,
             consumer_type=pulsar.ConsumerType.Failover,
             initial_position=pulsar.InitialPosition.Earliest,
             # the client caps a batch at the receiver queue size
             receiver_queue_size=batch_size,
             batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
                 batch_size, 64 << 20, batch_timeout_ms))
-        self.n_partitions = max(1, len(client.get_topic_partitions(view.source.topic)))
+        self.n_partitions = max(1, len(client.get_topic_partitions(topic)))
         self.dead_letters = client.create_producer(
             dead_letter_topic(view.source.topic), batching_enabled=True)
 
@@ -85,26 +87,35 @@ class ViewPipeline:
         """Decode, fold, write and acknowledge one batch; returns its event count."""
         if not messages:
             return 0
-        payloads = [m.data() for m in messages]
-        batch = decode_msgpack_maps(payloads, self.decode_schema)
-        columns, rejects = _drop_impossible_times(batch, self.view.source.timestamp_field)
-        self._dead_letter(messages, payloads, rejects)
-        if len(columns[self.view.source.timestamp_field]):
-            touched = self.state.apply(columns)
-            now = self.clock()
-            self.store.write(self.view.name, self.state.index.keys_of(touched),
-                             records_for(self.state, self.schema, touched, now, now))
+        n_events = self.fold(messages)
         self.dead_letters.flush()
         # Failover gives this consumer every message of a partition in order,
         # so one cumulative ack per partition covers the batch.
         for message in _last_per_partition(messages, self.n_partitions):
             self.consumer._consumer.acknowledge_cumulative(message)
-        self.stats.messages += len(messages)
+        return n_events
+
+    def fold(self, messages):
+        """Decode a batch, send its rejects to the dead-letter topic, fold the
+        rest into the state and write the touched entities' records."""
+        payloads = [m.data() for m in messages]
+        batch = decode_msgpack_maps(payloads, self.decode_schema)
+        columns, rejects = _drop_impossible_times(batch, self.view.source.timestamp_field)
+        self._dead_letter(messages, payloads, rejects)
         n_events = len(columns[self.view.source.timestamp_field])
+        if n_events:
+            touched = self.state.apply(columns)
+            self.write_records(touched)
+        self.stats.messages += len(messages)
         self.stats.events += n_events
         self.stats.batches += 1
         self.stats.record_rejects(rejects)
         return n_events
+
+    def write_records(self, slots):
+        now = self.clock()
+        self.store.write(self.view.name, self.state.index.keys_of(slots),
+                         records_for(self.state, self.schema, slots, now, now))
 
     def _dead_letter(self, messages, payloads, rejects):
         for index, reason in rejects:

@@ -5,11 +5,11 @@ event) for update/read/late-drop semantics, an arena built from the whole stream
 for merges, the original arena for snapshots, and pandas for a large seeded
 sliding-window check.
 
-Hypothesis budgets come from a profile chosen by ``HYPOTHESIS_PROFILE``:
-"ci" (default, fast) or "thorough" (10x the examples).
+Hypothesis budgets: the profiles of tests/conftest.py, chosen by ``HYPOTHESIS_PROFILE``
+("ci" by default, "thorough"); each test's budget is a share of the profile's
+``max_examples`` (see ``examples``), so the ci run stays fast.
 """
 import math
-import os
 
 import numpy as np
 import pandas as pd
@@ -17,22 +17,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("ci", max_examples=60, deadline=None, database=None,
-                          print_blob=True, suppress_health_check=_HEALTH)
-settings.register_profile("thorough", max_examples=600, deadline=None,
-                          suppress_health_check=_HEALTH)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-from tally.core.arena import FeatureArena  # noqa: E402
-from tally.core.keyindex import Int64KeyIndex  # noqa: E402
-from tally.core.reference import ReferenceFeature  # noqa: E402
+from tally.core.arena import FeatureArena
+from tally.core.keyindex import Int64KeyIndex
+from tally.core.reference import ReferenceFeature
 
 
 def examples(ci_count):
-    """A per-test budget: ``ci_count`` under the "ci" profile, scaled with the
-    loaded profile's max_examples otherwise."""
+    """A per-test budget: ``ci_count`` under the "ci" profile (max_examples 60),
+    scaled with the loaded profile's max_examples otherwise."""
     return max(1, ci_count * settings.default.max_examples // 60)
+
+
+# these tests draw long event lists on purpose
+HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
 INT64_MIN = -2**63
@@ -169,7 +166,7 @@ def assert_arenas_agree(aggregation, a, a_slots, b, b_slots, times, exact=False)
 
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(25), suppress_health_check=HEALTH)
 @given(data=st.data(), stream=batches(), capacity=st.sampled_from([0, 1, 1024]))
 def test_matches_reference(aggregation, window, data, stream, capacity):
     window_ms, hop_ms, lateness_ms = WINDOWS[window]
@@ -206,7 +203,7 @@ def test_matches_reference(aggregation, window, data, stream, capacity):
 
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@settings(max_examples=examples(15))
+@settings(max_examples=examples(15), suppress_health_check=HEALTH)
 @given(data=st.data(),
        pool=st.lists(st.sampled_from([INT64_MIN, INT64_MAX, 0, -1])
                      | st.integers(INT64_MIN, INT64_MAX), min_size=1, max_size=4, unique=True),
@@ -280,7 +277,7 @@ def assert_reads_identical(a, b, slots, times):
 
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@settings(max_examples=examples(8))
+@settings(max_examples=examples(8), suppress_health_check=HEALTH)
 @given(data=st.data(), before=batches(max_batches=3), after=batches(max_batches=2),
        spare_slots=st.integers(0, 3))
 def test_snapshot_round_trip(aggregation, window, data, before, after, spare_slots):

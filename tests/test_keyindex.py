@@ -1,10 +1,10 @@
 """Property tests of ``tally.core.keyindex``: Int64KeyIndex and StringKeyIndex
 against a Python dict oracle (slots are dense, in first-appearance order).
 
-Hypothesis budgets come from a profile chosen by ``HYPOTHESIS_PROFILE``:
-"ci" (default, fast) or "thorough" (10x the examples).
+Hypothesis budgets: the profiles of tests/conftest.py, chosen by ``HYPOTHESIS_PROFILE``
+("ci" by default, "thorough"); each test's budget is a share of the profile's
+``max_examples`` (see ``examples``), so the ci run stays fast.
 """
-import os
 import re
 
 import numpy as np
@@ -12,15 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-# The same profiles as test_arena.py, so this file alone honours HYPOTHESIS_PROFILE.
-_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("ci", max_examples=60, deadline=None, database=None,
-                          print_blob=True, suppress_health_check=_HEALTH)
-settings.register_profile("thorough", max_examples=600, deadline=None,
-                          suppress_health_check=_HEALTH)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-from tally.core.keyindex import Int64KeyIndex, StringKeyIndex  # noqa: E402
+from tally.core.keyindex import Int64KeyIndex, StringKeyIndex
 
 INT64_MIN = -2**63
 INT64_MAX = 2**63 - 1
@@ -28,7 +20,12 @@ MIN_CAPACITY = 1024          # keyindex.pyx: the smallest table
 
 
 def examples(ci_count):
+    """A per-test budget: ``ci_count`` under the "ci" profile (max_examples 60),
+    scaled with the loaded profile's max_examples otherwise."""
     return max(1, ci_count * settings.default.max_examples // 60)
+
+
+HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
 # -- oracle ----------------------------------------------------------------------
@@ -140,13 +137,13 @@ def feed_int_batches(index, oracle, batches):
     check_int_index(index, oracle)
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(60), suppress_health_check=HEALTH)
 @given(batches=int_batches, expected_keys=st.sampled_from([0, 1, 600, 5000]))
 def test_int64_slots_are_dense_in_first_appearance_order(batches, expected_keys):
     feed_int_batches(Int64KeyIndex(expected_keys), DictOracle(), batches)
 
 
-@settings(max_examples=examples(30))
+@settings(max_examples=examples(30), suppress_health_check=HEALTH)
 @given(data=st.data(), order=st.permutations(COLLIDING[:300]))
 def test_int64_one_long_probe_chain(data, order):
     """300 keys on one probe chain (wrapping around the table end), inserted in
@@ -160,6 +157,19 @@ def test_int64_one_long_probe_chain(data, order):
     feed_int_batches(index, oracle, batches)
     unseen = [k for k in COLLIDING[300:] if k not in oracle.slots]
     assert index.lookup(unseen).tolist() == [-1] * len(unseen)
+
+
+def test_int64_load_factor_at_every_size():
+    """The table stays at most half full whether keys come one at a time or in one
+    big batch (the batches of the property tests are too small to cross 512 keys)."""
+    index = Int64KeyIndex()
+    for key in range(2100):
+        index.slots([key * 7919])
+        assert 2 * len(index) <= index.capacity, (len(index), index.capacity)
+    big = Int64KeyIndex()
+    big.slots(np.arange(600, dtype=np.int64))
+    assert 2 * len(big) <= big.capacity
+    assert big.lookup(np.arange(600)).tolist() == list(range(600))
 
 
 @pytest.mark.parametrize("bad", [-1, 3, 10**6])
@@ -239,7 +249,7 @@ def feed_string_batches(index, oracle, batches):
     check_string_index(index, oracle)
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(60), suppress_health_check=HEALTH)
 @given(batches=string_batches, expected_keys=st.sampled_from([0, 1, 600, 5000]))
 def test_string_slots_are_dense_in_first_appearance_order(batches, expected_keys):
     feed_string_batches(StringKeyIndex(expected_keys), DictOracle(), batches)
@@ -321,7 +331,7 @@ def test_string_growth_over_many_resizes():
 
 # -- snapshots ----------------------------------------------------------------------
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(40), suppress_health_check=HEALTH)
 @given(before=int_batches, after=int_batches)
 def test_int64_snapshot_round_trip(before, after):
     index, oracle = Int64KeyIndex(), DictOracle()
@@ -342,7 +352,7 @@ def test_int64_snapshot_round_trip(before, after):
     assert np.array_equal(a["keys"], b["keys"]) and np.array_equal(a["table"], b["table"])
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(40), suppress_health_check=HEALTH)
 @given(before=string_batches, after=string_batches)
 def test_string_snapshot_round_trip(before, after):
     index, oracle = StringKeyIndex(), DictOracle()
@@ -425,6 +435,26 @@ def test_int64_snapshot_with_duplicate_slots_is_rejected():
     bucket_of_slot_2 = int(np.flatnonzero(bucket_slots == 2)[0])
     table[2 * bucket_of_slot_2 + 1] = 0
     assert_snapshot_rejected(Int64KeyIndex.from_arrays, dict(arrays, table=table))
+
+
+def test_int64_snapshot_keys_must_match_the_table():
+    """keys [100, 101, 999] with the table of [100, 101, 102]: lookup(102) would give
+    slot 2 whose key reads back as 999, and 999 would be inserted a second time."""
+    index = Int64KeyIndex()
+    index.slots([100, 101, 102])
+    arrays = index.export_arrays()
+    assert_snapshot_rejected(Int64KeyIndex.from_arrays,
+                             dict(arrays, keys=np.array([100, 101, 999], dtype=np.int64)))
+
+
+# (before the fix, the snapshot of ['alpha', 'beta'] with blob b'alphabetx' was
+# accepted: all_keys() gave ['alpha', 'betx'] and slots(['betx']) stored it twice)
+def test_string_snapshot_keys_must_match_the_table():
+    index = StringKeyIndex()
+    index.slots(["alpha", "beta"])
+    arrays = index.export_arrays()
+    assert_snapshot_rejected(StringKeyIndex.from_arrays,
+                             dict(arrays, blob=np.frombuffer(b"alphabetx", np.uint8).copy()))
 
 
 def test_string_snapshot_with_duplicate_slots_is_rejected():

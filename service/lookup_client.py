@@ -1,0 +1,276 @@
+"""Clients of the lookup server (``tally.service.server``): msgpack frames over TCP.
+
+The wire format lives here, so that a client needs nothing but ``msgpack``:
+every message, either way, is one frame::
+
+    4 bytes   payload length N, unsigned big-endian
+    N bytes   one msgpack map
+
+Requests carry an integer ``id`` that the reply echoes; the server answers
+the requests of one connection in the order they arrived, so a client may
+send many before reading any reply (pipelining). See the server's module
+docstring for the ops and the error codes.
+
+``LookupClient`` blocks; ``AsyncLookupClient`` is for asyncio. Both raise
+``LookupServerError`` (a ``LookupError``) with the server's error ``code``
+when the server answers with an error frame, and ``ConnectionError`` when the
+connection breaks.
+"""
+import asyncio
+import collections
+import itertools
+import socket
+
+import msgpack
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8255
+FRAME_HEADER_BYTES = 4
+DEFAULT_WINDOW = 32           # requests in flight per pipelined call
+DEFAULT_BATCH_SIZE = 500      # keys per request when get_many splits its keys
+
+
+class LookupServerError(LookupError):
+    """The server refused a request: ``code`` is one of the server's error
+    codes (``unknown_view``, ``batch_too_big``, ``unauthorized``, ...)."""
+
+    def __init__(self, code, message, request_id=None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def encode_frame(message):
+    """One msgpack map -> one length-prefixed frame."""
+    payload = msgpack.packb(message, use_bin_type=True)
+    return len(payload).to_bytes(FRAME_HEADER_BYTES, "big") + payload
+
+
+def decode_reply(payload):
+    return msgpack.unpackb(payload, raw=False)
+
+
+def check_reply(reply, expected_id):
+    """The reply's body, or LookupServerError for an error frame. An error
+    frame may carry id None (the server could not read the request's id)."""
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        raise LookupServerError(error.get("code", "unknown"), error.get("message", ""),
+                                reply.get("id"))
+    if reply.get("id") != expected_id:
+        raise ConnectionError(f"reply id {reply.get('id')!r} does not answer request "
+                              f"{expected_id!r}: the connection is out of step")
+    return reply
+
+
+def get_request(request_id, view, keys, features=None):
+    request = {"id": request_id, "op": "get", "view": view, "keys": keys}
+    if features is not None:
+        request["features"] = list(features)
+    return request
+
+
+def split(keys, batch_size):
+    keys = list(keys)
+    return [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+
+
+class _FrameSocket:
+    """A blocking socket that reads whole frames."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def read_frame(self):
+        while True:
+            if len(self.buffer) >= FRAME_HEADER_BYTES:
+                end = FRAME_HEADER_BYTES + int.from_bytes(self.buffer[:FRAME_HEADER_BYTES], "big")
+                if len(self.buffer) >= end:
+                    payload = bytes(self.buffer[FRAME_HEADER_BYTES:end])
+                    del self.buffer[:end]
+                    return payload
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("the lookup server closed the connection")
+            self.buffer += chunk
+
+
+class LookupClient:
+    """A blocking client on one connection. Not thread-safe: use one per
+    thread (connections are cheap; the server serves each on its own)."""
+
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, token=None, timeout=10.0):
+        sock = socket.create_connection((host, port), timeout=timeout)
+        # A request is one small write: without TCP_NODELAY, Nagle's algorithm
+        # and delayed ACKs can hold it back for tens of milliseconds.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conn = _FrameSocket(sock)
+        self._ids = itertools.count(1)
+        if token is not None:
+            self.request({"op": "auth", "token": token})
+
+    def close(self):
+        self._conn.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def request(self, message):
+        """Send one request (a map with "op"; the id is added) and return the
+        reply map."""
+        return self.pipeline([message])[0]
+
+    def pipeline(self, messages, window=DEFAULT_WINDOW):
+        """Send requests with up to ``window`` in flight and return their
+        replies in order. Every reply is read before an error is raised, so
+        the connection stays usable."""
+        messages = [dict(m, id=next(self._ids)) for m in messages]
+        replies, first_error, sent = [], None, 0
+        while len(replies) < len(messages):
+            ahead = min(len(messages), len(replies) + window)
+            if sent < ahead:
+                self._conn.send(b"".join(encode_frame(m) for m in messages[sent:ahead]))
+                sent = ahead
+            reply = decode_reply(self._conn.read_frame())
+            try:
+                replies.append(check_reply(reply, messages[len(replies)]["id"]))
+            except LookupServerError as error:
+                first_error = first_error or error
+                replies.append(None)
+        if first_error is not None:
+            raise first_error
+        return replies
+
+    def ping(self):
+        self.request({"op": "ping"})
+
+    def views(self):
+        """{view: {"key_type", "version", "features": {name: type}}}."""
+        return self.request({"op": "views"})["views"]
+
+    def get(self, view, key, features=None):
+        """The record of one entity (a dict of feature values and ``_event_time``,
+        ``_write_time``, ``_valid_until``, ``_view_version``), or None."""
+        return self.request(get_request(None, view, [key], features))["records"][0]
+
+    def get_batch(self, view, keys, features=None):
+        """The records of ``keys`` in one request (None where an entity has none)."""
+        return self.request(get_request(None, view, list(keys), features))["records"]
+
+    def get_many(self, view, keys, features=None, batch_size=DEFAULT_BATCH_SIZE,
+                 window=DEFAULT_WINDOW):
+        """The records of any number of keys: split into requests of
+        ``batch_size`` keys, pipelined ``window`` at a time."""
+        batches = split(keys, batch_size)
+        replies = self.pipeline([get_request(None, view, b, features) for b in batches], window)
+        return [record for reply in replies for record in reply["records"]]
+
+
+class AsyncLookupClient:
+    """An asyncio client on one connection; any number of coroutines may use
+    it at once, and their requests are pipelined on the connection.
+
+        async with AsyncLookupClient(host, port) as client:
+            record = await client.get("user_reading", 42)
+    """
+
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, token=None):
+        self.host, self.port, self.token = host, port, token
+        self._ids = itertools.count(1)
+        self._pending = collections.deque()     # (id, future), in the order sent
+        self._writer = None
+        self._reader_task = None
+
+    @classmethod
+    async def connect(cls, host=DEFAULT_HOST, port=DEFAULT_PORT, token=None):
+        client = cls(host, port, token)
+        await client.open()
+        return client
+
+    async def open(self):
+        reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader))
+        if self.token is not None:
+            await self.request({"op": "auth", "token": self.token})
+
+    async def close(self):
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._reader_task.cancel()
+        try:
+            await self._reader_task
+        except (asyncio.CancelledError, ConnectionError):
+            pass
+        self._fail_pending(ConnectionError("the client was closed"))
+        self._writer = None
+
+    async def __aenter__(self):
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def _read_replies(self, reader):
+        """Hand each reply to the oldest pending request: the server answers
+        in order, which also places error frames whose id is None."""
+        try:
+            while True:
+                header = await reader.readexactly(FRAME_HEADER_BYTES)
+                payload = await reader.readexactly(int.from_bytes(header, "big"))
+                request_id, future = self._pending.popleft()
+                if future.done():               # its caller was cancelled
+                    continue
+                try:
+                    future.set_result(check_reply(decode_reply(payload), request_id))
+                except (LookupServerError, ConnectionError) as error:
+                    future.set_exception(error)
+        except (asyncio.IncompleteReadError, ConnectionError, IndexError) as error:
+            self._fail_pending(ConnectionError(f"lookup server connection lost: {error!r}"))
+
+    def _fail_pending(self, error):
+        while self._pending:
+            _, future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    async def request(self, message):
+        """Send one request and await its reply map."""
+        if self._writer is None:
+            raise ConnectionError("the client is not connected; use open() or connect()")
+        if self._reader_task.done():
+            raise ConnectionError("the lookup server connection is closed")
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((request_id, future))
+        self._writer.write(encode_frame(dict(message, id=request_id)))
+        await self._writer.drain()
+        return await future
+
+    async def ping(self):
+        await self.request({"op": "ping"})
+
+    async def views(self):
+        return (await self.request({"op": "views"}))["views"]
+
+    async def get(self, view, key, features=None):
+        return (await self.request(get_request(None, view, [key], features)))["records"][0]
+
+    async def get_batch(self, view, keys, features=None):
+        return (await self.request(get_request(None, view, list(keys), features)))["records"]
+
+    async def get_many(self, view, keys, features=None, batch_size=DEFAULT_BATCH_SIZE):
+        """The records of any number of keys, as concurrent (pipelined) requests
+        of ``batch_size`` keys."""
+        batches = split(keys, batch_size)
+        replies = await asyncio.gather(*(self.get_batch(view, b, features) for b in batches))
+        return [record for records in replies for record in records]

@@ -1,0 +1,101 @@
+"""Exactly-once ingestion of one partition: state and position checkpointed
+together, acknowledgement only after the checkpoint that covers a message.
+
+A worker owns one partition topic (``<topic>-partition-<i>``) of one view
+through a Failover subscription shared by every ``tally serve`` process:
+Pulsar makes one consumer active per partition and moves the partition to
+another when its owner dies. Before folding a batch the worker makes sure its
+state is the partition's latest checkpoint (restoring it on first use, or when
+another process has checkpointed since — it owned the partition meanwhile),
+skips messages at or before the checkpoint's position (Pulsar redelivers
+everything after the last acknowledgement, which can be older than the
+checkpoint if a crash came between the two), and folds the rest.
+
+The online store is written after every batch; records are a function of the
+state, so rewriting them after a replay converges to the same values.
+"""
+import logging
+import time
+
+from tally.core.definitions import state_hash
+from tally.core.view import ViewState
+from tally.service.checkpoint import CheckpointConflict
+from tally.service.pipeline import ViewPipeline
+
+NO_POSITION = (-1, -1, -1)
+log = logging.getLogger("tally.partition")
+
+
+def message_position(message):
+    """(ledger, entry, batch index): the order of messages within a partition."""
+    mid = message.message_id()
+    return (mid.ledger_id(), mid.entry_id(), mid.batch_index())
+
+
+class PartitionWorker(ViewPipeline):
+    def __init__(self, view, partition, client, store, checkpoints, consumer_name,
+                 subscription="tally", checkpoint_interval_s=5.0, **options):
+        self.partition = partition
+        self.checkpoints = checkpoints
+        self.state_hash = state_hash(view)
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.sequence = None            # the checkpoint our state stands on; None: not loaded
+        self.position = NO_POSITION
+        self.unacknowledged = None      # newest folded message, acked at the next checkpoint
+        self.last_checkpoint = time.monotonic()
+        super().__init__(view, client, store, subscription=subscription,
+                         topic=f"{view.source.topic}-partition-{partition}",
+                         consumer_name=consumer_name, **options)
+
+    def process(self, messages):
+        if messages:
+            self.adopt_latest_checkpoint()
+            fresh = [m for m in messages if message_position(m) > self.position]
+            if fresh:
+                self.fold(fresh)
+                self.position = message_position(fresh[-1])
+                self.unacknowledged = fresh[-1]
+        if self.unacknowledged is not None and \
+                time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s:
+            self.checkpoint()
+        return len(messages)
+
+    def adopt_latest_checkpoint(self):
+        """Restore the newest checkpoint unless our state already is it."""
+        latest = self.checkpoints.latest_sequence(self.view.name, self.state_hash,
+                                                  self.partition)
+        if latest == self.sequence:
+            return
+        if latest == 0:
+            self.state, self.position = ViewState(self.view), NO_POSITION
+        else:
+            arrays, meta = self.checkpoints.load(self.view.name, self.state_hash,
+                                                 self.partition, latest)
+            self.state = ViewState.from_arrays(self.view, meta["params"], arrays)
+            self.position = tuple(meta["position"])
+            log.info("%s partition %d: restored checkpoint %d at position %s",
+                     self.view.name, self.partition, latest, self.position)
+        self.sequence = latest
+        self.unacknowledged = None
+
+    def checkpoint(self):
+        """Save state and position, then acknowledge everything they cover."""
+        self.dead_letters.flush()        # dead letters are durable before their ack
+        self.store.flush()
+        try:
+            self.checkpoints.save(
+                self.view.name, self.state_hash, self.partition, self.sequence + 1,
+                self.state.export_arrays(),
+                {"params": self.state.describe(), "position": list(self.position),
+                 "view": self.view.name, "partition": self.partition})
+        except CheckpointConflict as conflict:
+            # Another process owns the partition now; our state is stale.
+            log.warning("%s", conflict)
+            self.sequence, self.unacknowledged = None, None
+            return False
+        self.sequence += 1
+        self.last_checkpoint = time.monotonic()
+        if self.unacknowledged is not None:
+            self.consumer._consumer.acknowledge_cumulative(self.unacknowledged)
+            self.unacknowledged = None
+        return True

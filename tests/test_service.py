@@ -1,0 +1,192 @@
+"""The streaming service against a real broker: exactly-once state through
+SIGKILLs (also inside checkpoints), and scale-out with failover.
+
+Each test runs ``tally serve`` as real processes, kills them the hard way, and
+at the end compares every entity's online record and checkpointed state with a
+pandas recomputation over all events produced."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tally.core.definitions import FeatureView
+from tally.core.view import ViewState
+from tally.service.checkpoint import CheckpointStore
+from tally.service.lmdb_store import LmdbStore
+from tally.service.producer import EventProducer
+from tally.service.quickstart import generate_events
+from tally.service.registry import load_file
+from tally.service.serve import subscription_for
+
+pytestmark = pytest.mark.pulsar
+
+LARGE = os.environ.get("TALLY_LARGE_TESTS") == "1"
+N_EVENTS = 1_000_000 if LARGE else 150_000
+N_USERS = 20_000 if LARGE else 5_000
+
+DEFINITIONS = """
+from tally.core.definitions import Entity, Feature, FeatureView, Source
+
+reads = Source("reads", {topic!r},
+               schema={{"user": "int64", "article": "int64", "readtime": "float64", "ts": "int64"}})
+view = FeatureView("svc_reading", Entity("user"), reads, features=[
+    Feature("total_readtime", "sum", "readtime"),
+    Feature("reads", "count"),
+    Feature("longest", "max", "readtime"),
+    Feature("last_article", "last", "article"),
+])
+"""
+
+
+@pytest.fixture
+def deployment(pulsar_broker, pulsar_client, topic_name, tmp_path):
+    pulsar_broker.create_partitioned_topic(topic_name, 4)
+    definitions = tmp_path / "defs.py"
+    definitions.write_text(textwrap.dedent(DEFINITIONS.format(topic=topic_name)))
+    view = next(d for d in load_file(str(definitions)) if isinstance(d, FeatureView))
+    return Deployment(pulsar_broker, pulsar_client, topic_name, tmp_path, definitions, view)
+
+
+class Deployment:
+    def __init__(self, broker, client, topic, tmp_path, definitions, view):
+        self.broker, self.client, self.topic = broker, client, topic
+        self.store = tmp_path / "store"
+        self.checkpoints = tmp_path / "checkpoints"
+        self.definitions, self.view = definitions, view
+        self.log = open(tmp_path / "serve.log", "ab")
+
+    def start(self, name, crash_in_checkpoint=0.0):
+        env = dict(os.environ, TALLY_CRASH_IN_CHECKPOINT=str(crash_in_checkpoint))
+        return subprocess.Popen(
+            [sys.executable, "-m", "tally", "serve", str(self.definitions),
+             "--pulsar", self.broker.service_url, "--store", str(self.store),
+             "--checkpoints", str(self.checkpoints), "--name", name,
+             "--checkpoint-interval", "0.5"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def produce_in_background(self, payloads, keys, duration_s):
+        def produce():
+            producer = EventProducer(self.client, self.topic, "user")
+            pause_every = max(1, len(payloads) // (duration_s * 20))
+            for i, (payload, key) in enumerate(zip(payloads, keys)):
+                producer.send_payload(payload, key)
+                if i % pause_every == 0:
+                    time.sleep(0.05)
+            producer.close()
+        thread = threading.Thread(target=produce)
+        thread.start()
+        return thread
+
+    def backlog(self):
+        stats = self.broker.admin(
+            "GET", f"/admin/v2/persistent/public/default/{self.topic}/partitioned-stats")
+        subscription = stats["subscriptions"].get(subscription_for(self.view))
+        return None if subscription is None else subscription["msgBacklog"]
+
+    def active_consumers(self):
+        """partition -> the consumer name Pulsar made active for it."""
+        owners = {}
+        for partition in range(4):
+            stats = self.broker.admin(
+                "GET", f"/admin/v2/persistent/public/default/{self.topic}-partition-"
+                       f"{partition}/stats")
+            subscription = stats["subscriptions"][subscription_for(self.view)]
+            owners[partition] = subscription.get("activeConsumerName")
+        return owners
+
+    def wait_until_caught_up(self, timeout_s=240):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.backlog() == 0:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"backlog still {self.backlog()} after {timeout_s} s; "
+                             f"see {self.log.name}")
+
+    def assert_exact(self, events):
+        expected = expected_features(events)
+        with LmdbStore(self.store) as store:
+            records = store.get_many(self.view.name, expected.index.to_numpy())
+        assert all(r is not None for r in records)
+        got = pd.DataFrame([{k: r[k] for k in expected.columns} for r in records],
+                           index=expected.index)
+        np.testing.assert_array_equal(got["reads"], expected["reads"])
+        np.testing.assert_allclose(got["total_readtime"], expected["total_readtime"], rtol=1e-9)
+        np.testing.assert_array_equal(got["longest"], expected["longest"])
+        np.testing.assert_array_equal(got["last_article"], expected["last_article"])
+        self.assert_checkpoints_exact(expected)
+
+    def assert_checkpoints_exact(self, expected):
+        """The checkpointed state of all partitions, merged, equals the oracle."""
+        from tally.core.definitions import state_hash
+        checkpoints = CheckpointStore(self.checkpoints)
+        merged = ViewState(self.view)
+        for partition in range(4):
+            sequence = checkpoints.latest_sequence(self.view.name, state_hash(self.view),
+                                                   partition)
+            arrays, meta = checkpoints.load(self.view.name, state_hash(self.view),
+                                            partition, sequence)
+            merged.merge(ViewState.from_arrays(self.view, meta["params"], arrays))
+        values = merged.read_keys(expected.index.to_numpy(), 0)
+        np.testing.assert_array_equal(values["reads"][0], expected["reads"])
+        np.testing.assert_allclose(values["total_readtime"][0], expected["total_readtime"],
+                                   rtol=1e-9)
+
+
+def expected_features(events):
+    df = pd.DataFrame(events)
+    grouped = df.groupby("user")
+    return pd.DataFrame({"total_readtime": grouped["readtime"].sum(),
+                         "reads": grouped.size(),
+                         "longest": grouped["readtime"].max(),
+                         "last_article": grouped["article"].last().astype(float)})
+
+
+def stop(process):
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+
+
+def test_state_is_exact_after_repeated_sigkills(deployment):
+    rng = random.Random(int(os.environ.get("TALLY_TEST_SEED", time.time())))
+    payloads, keys, events = generate_events(N_EVENTS, N_USERS, seed=11)
+    producing = deployment.produce_in_background(payloads, keys, duration_s=15)
+    kills = 0
+    while producing.is_alive() or kills < 6:
+        # every third life may also die inside a checkpoint
+        process = deployment.start("a", crash_in_checkpoint=0.2 if kills % 3 == 2 else 0.0)
+        time.sleep(rng.uniform(1.5, 4.0))
+        process.kill()
+        process.wait()
+        kills += 1
+    producing.join()
+    final = deployment.start("a")
+    deployment.wait_until_caught_up()
+    stop(final)
+    assert kills >= 6
+    deployment.assert_exact(events)
+
+
+def test_two_processes_split_partitions_and_one_takes_over(deployment):
+    payloads, keys, events = generate_events(N_EVENTS, N_USERS, seed=12)
+    producing = deployment.produce_in_background(payloads, keys, duration_s=12)
+    first, second = deployment.start("a"), deployment.start("b")
+    time.sleep(6)
+    split = deployment.active_consumers()
+    second.kill()
+    second.wait()
+    producing.join()
+    deployment.wait_until_caught_up()
+    after = deployment.active_consumers()
+    stop(first)
+    deployment.assert_exact(events)
+    assert sorted(split.values()).count("a") == 2 and sorted(split.values()).count("b") == 2, split
+    assert set(after.values()) == {"a"}, after
