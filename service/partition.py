@@ -17,10 +17,14 @@ state, so rewriting them after a replay converges to the same values.
 import logging
 import time
 
+import numpy as np
+
 from tally.core.definitions import state_hash
-from tally.core.view import ViewState
+from tally.core.view import EVENT_TIME, ViewState
 from tally.service.checkpoint import CheckpointConflict
+from tally.service.materialize import next_expiry
 from tally.service.pipeline import ViewPipeline
+from tally.service.record import INT64_MAX
 
 NO_POSITION = (-1, -1, -1)
 log = logging.getLogger("tally.partition")
@@ -43,11 +47,18 @@ class PartitionWorker(ViewPipeline):
         self.position = NO_POSITION
         self.unacknowledged = None      # newest folded message, acked at the next checkpoint
         self.last_checkpoint = time.monotonic()
+        windows = [f.window for f in view.features if f.window.size_ms]
+        # entities whose newest event is older than this have empty windows
+        self.expiry_horizon_ms = max((w.size_ms + w.hop_ms for w in windows), default=0) + \
+            max((f.lateness_ms for f in view.features), default=0)
+        self.next_rewrite = INT64_MAX if not windows else 0
+        self.rewritten_once = False
         super().__init__(view, client, store, subscription=subscription,
                          topic=f"{view.source.topic}-partition-{partition}",
                          consumer_name=consumer_name, **options)
 
     def process(self, messages):
+        started = time.monotonic()
         if messages:
             self.adopt_latest_checkpoint()
             fresh = [m for m in messages if message_position(m) > self.position]
@@ -55,10 +66,29 @@ class PartitionWorker(ViewPipeline):
                 self.fold(fresh)
                 self.position = message_position(fresh[-1])
                 self.unacknowledged = fresh[-1]
+        if self.sequence is not None:
+            self.rewrite_expired_windows()
         if self.unacknowledged is not None and \
                 time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s:
             self.checkpoint()
+        self.stats.busy_seconds += time.monotonic() - started
         return len(messages)
+
+    def rewrite_expired_windows(self):
+        """Windows expire with time, also for entities with no new event: at
+        each hop boundary rewrite the records whose windows may have changed
+        (after a restart, all of them once)."""
+        now = self.clock()
+        if now < self.next_rewrite:
+            return
+        slots = np.arange(len(self.state))
+        if self.rewritten_once:
+            newest, seen = self.state.arenas[EVENT_TIME].read(slots, now)
+            slots = slots[seen & (newest > now - self.expiry_horizon_ms)]
+        if len(slots):
+            self.write_records(slots)
+        self.rewritten_once = True
+        self.next_rewrite = next_expiry(self.view, now)
 
     def adopt_latest_checkpoint(self):
         """Restore the newest checkpoint unless our state already is it."""
@@ -94,6 +124,7 @@ class PartitionWorker(ViewPipeline):
             self.sequence, self.unacknowledged = None, None
             return False
         self.sequence += 1
+        self.stats.checkpoints += 1
         self.last_checkpoint = time.monotonic()
         if self.unacknowledged is not None:
             self.consumer._consumer.acknowledge_cumulative(self.unacknowledged)

@@ -8,6 +8,7 @@ dead-letter topic, then acknowledge.
 """
 import asyncio
 import concurrent.futures
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -16,8 +17,10 @@ import pulsar
 
 from tally.core.arena import MAX_EVENT_TIME, MIN_EVENT_TIME
 from tally.core.decode import Schema, decode_msgpack_maps
-from tally.core.view import ViewState
+from tally.core.view import EVENT_TIME, ViewState
 from tally.service.materialize import online_schema, records_for
+
+log = logging.getLogger("tally.pipeline")
 
 @dataclass
 class PipelineStats:
@@ -27,6 +30,11 @@ class PipelineStats:
     batches: int = 0
     reject_reasons: dict = field(default_factory=dict)    # reason -> count
     started: float = field(default_factory=time.monotonic)
+    watermark_ms: int = None          # newest event time written so far
+    freshness_ms: int = None          # last write time minus its newest event time
+    store_retries: int = 0
+    checkpoints: int = 0
+    busy_seconds: float = 0.0
 
     def record_rejects(self, rejects):
         self.rejected += len(rejects)
@@ -113,9 +121,28 @@ class ViewPipeline:
         return n_events
 
     def write_records(self, slots):
-        now = self.clock()
-        self.store.write(self.view.name, self.state.index.keys_of(slots),
-                         records_for(self.state, self.schema, slots, now, now))
+        """Write the records of ``slots``, retrying with backoff while the store
+        fails: records are a function of the state, so nothing is lost by
+        waiting, and the worker pulls nothing meanwhile."""
+        keys = self.state.index.keys_of(slots)
+        delay = 0.05
+        while True:
+            now = self.clock()
+            try:
+                self.store.write(self.view.name, keys,
+                                 records_for(self.state, self.schema, slots, now, now))
+                break
+            except Exception as error:          # any store failure: wait, then retry
+                self.stats.store_retries += 1
+                log.warning("%s: online store write failed (%s); retrying in %.2f s",
+                            self.view.name, error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        newest, _ = self.state.arenas[EVENT_TIME].read(slots, now)
+        newest = int(np.nanmax(newest)) if len(slots) else None
+        if newest is not None:
+            self.stats.watermark_ms = max(newest, self.stats.watermark_ms or newest)
+            self.stats.freshness_ms = now - newest
 
     def _dead_letter(self, messages, payloads, rejects):
         for index, reason in rejects:

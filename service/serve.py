@@ -16,11 +16,13 @@ import logging
 import os
 import signal
 import socket
+import time
 
 from tally.core.definitions import FeatureView, state_hash
 from tally.service.checkpoint import CheckpointStore
 from tally.service.client import connect
 from tally.service.lmdb_store import LmdbStore
+from tally.service.metrics import seconds_since, serve_metrics, service_metrics
 from tally.service.partition import PartitionWorker
 
 log = logging.getLogger("tally.serve")
@@ -33,7 +35,7 @@ def subscription_for(view):
 
 class StreamingService:
     def __init__(self, views, pulsar_url, store_path, checkpoint_dir, consumer_name=None,
-                 checkpoint_interval_s=5.0, batch_size=1000):
+                 checkpoint_interval_s=5.0, batch_size=1000, metrics_address=None):
         self.views = list(views)
         self.client = connect(pulsar_url)
         self.store = LmdbStore(store_path)
@@ -47,15 +49,55 @@ class StreamingService:
             for view in self.views
             for partition in range(_partition_count(self.client, view.source.topic))]
         self.stopping = None
+        self.metrics = service_metrics()
+        self.metrics_address = metrics_address
 
     async def run(self):
         self.stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
+        metrics_task = self._start_metrics()
         with concurrent.futures.ThreadPoolExecutor(len(self.workers), "tally-receive") as pool:
             await asyncio.gather(*(self._drive(loop, pool, w) for w in self.workers))
+        if metrics_task:
+            metrics_task.cancel()
         self.close()
+
+    def _start_metrics(self):
+        if not self.metrics_address:
+            return None
+        host, port = self.metrics_address
+
+        async def serve():
+            try:
+                await serve_metrics(self.metrics, host, port, self.refresh_metrics)
+            except OSError as error:
+                log.warning("metrics endpoint %s:%s unavailable: %s", host, port, error)
+        return asyncio.get_running_loop().create_task(serve())
+
+    def refresh_metrics(self):
+        """Copy every worker's counters into the metrics, just before a scrape."""
+        now_ms = time.time() * 1000
+        for worker in self.workers:
+            labels = {"view": worker.view.name, "partition": worker.partition}
+            stats = worker.stats
+            for name, value in (("tally_events_total", stats.events),
+                                ("tally_messages_total", stats.messages),
+                                ("tally_dead_letters_total", stats.rejected),
+                                ("tally_batches_total", stats.batches),
+                                ("tally_batch_seconds_total", round(stats.busy_seconds, 6)),
+                                ("tally_checkpoints_total", stats.checkpoints),
+                                ("tally_store_write_retries_total", stats.store_retries),
+                                ("tally_checkpoint_age_seconds",
+                                 seconds_since(worker.last_checkpoint)),
+                                ("tally_unacknowledged", int(worker.unacknowledged is not None))):
+                self.metrics.set(name, value, **labels)
+            if stats.watermark_ms is not None:
+                self.metrics.set("tally_event_time_lag_seconds",
+                                 round((now_ms - stats.watermark_ms) / 1000, 3), **labels)
+                self.metrics.set("tally_freshness_seconds",
+                                 round(stats.freshness_ms / 1000, 3), **labels)
 
     async def _drive(self, loop, pool, worker):
         while not self.stopping.is_set():
@@ -94,7 +136,13 @@ def main(argv=None):
     parser.add_argument("--checkpoints", default=os.path.join(".tally", "checkpoints"))
     parser.add_argument("--name", help="consumer name of this process (default host-pid)")
     parser.add_argument("--checkpoint-interval", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument("--metrics", default="127.0.0.1:9464", metavar="HOST:PORT",
+                        help="Prometheus endpoint (/metrics, /health); 'off' disables it")
     args = parser.parse_args(argv)
+    metrics_address = None
+    if args.metrics != "off":
+        host, _, port = args.metrics.rpartition(":")
+        metrics_address = (host or "127.0.0.1", int(port))
 
     views = [d for d in load_file(args.definitions) if isinstance(d, FeatureView)]
     if args.views:
@@ -106,7 +154,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     service = StreamingService(views, args.pulsar, args.store, args.checkpoints,
                                consumer_name=args.name,
-                               checkpoint_interval_s=args.checkpoint_interval)
+                               checkpoint_interval_s=args.checkpoint_interval,
+                               metrics_address=metrics_address)
     log.info("serving %s over %d partition workers", [v.name for v in views],
              len(service.workers))
     uvloop.run(service.run())

@@ -95,3 +95,34 @@ def test_malformed_events_are_counted_dead_lettered_and_harmless(
     assert any("msgpack" in r for r in reasons)
     assert any("event time 9223372036854775807 is outside" in r for r in reasons)
     dead_letters.close()
+
+
+class FlakyStore:
+    """An LmdbStore whose first ``failures`` writes fail, as a store that is down."""
+
+    def __init__(self, store, failures):
+        self.store, self.failures = store, failures
+
+    def write(self, *args):
+        if self.failures:
+            self.failures -= 1
+            raise OSError("store unavailable")
+        return self.store.write(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_a_failing_store_is_retried_and_nothing_is_lost(
+        pulsar_broker, pulsar_client, topic_name, tmp_path):
+    pulsar_broker.create_partitioned_topic(topic_name, 4)
+    payloads, keys, events = generate_events(20_000, 1_000, seed=3)
+    produce(pulsar_client, topic_name, payloads, keys)
+    with LmdbStore(tmp_path / "store") as store:
+        flaky = FlakyStore(store, failures=4)
+        reader = consume_all(view_on(topic_name), pulsar_client, flaky, 20_000)
+        assert reader.stats.store_retries == 4
+        expected = pd.DataFrame(events).groupby("user")["readtime"].agg(["sum", "size"])
+        records = store.get_many("user_reading", expected.index.to_numpy())
+        np.testing.assert_array_equal([r["reads"] for r in records], expected["size"])
+        np.testing.assert_allclose([r["total_readtime"] for r in records], expected["sum"])

@@ -190,3 +190,81 @@ def test_two_processes_split_partitions_and_one_takes_over(deployment):
     deployment.assert_exact(events)
     assert sorted(split.values()).count("a") == 2 and sorted(split.values()).count("b") == 2, split
     assert set(after.values()) == {"a"}, after
+
+
+WINDOWED = """
+from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
+
+reads = Source("reads", {topic!r},
+               schema={{"user": "int64", "article": "int64", "readtime": "float64", "ts": "int64"}})
+view = FeatureView("svc_recent", Entity("user"), reads, features=[
+    Feature("reads_4s", "count", window=Window.sliding("4s", "1s")),
+    Feature("reads", "count"),
+])
+"""
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_idle_windows_expire_online_and_metrics_are_served(
+        pulsar_broker, pulsar_client, topic_name, tmp_path):
+    """Entities with no new events still have their windowed values rewritten
+    when the window moves past their events; /metrics counts what was done."""
+    import json
+    import urllib.request
+    pulsar_broker.create_partitioned_topic(topic_name, 4)
+    definitions = tmp_path / "defs.py"
+    definitions.write_text(textwrap.dedent(WINDOWED.format(topic=topic_name)))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tally", "serve", str(definitions), "--pulsar",
+         pulsar_broker.service_url, "--store", str(tmp_path / "store"), "--checkpoints",
+         str(tmp_path / "ckpt"), "--checkpoint-interval", "0.5",
+         "--metrics", f"127.0.0.1:{port}"],
+        stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        producer = EventProducer(pulsar_client, topic_name, "user")
+        now = int(time.time() * 1000)
+        for user in range(50):
+            for i in range(3):
+                producer.send({"user": user, "article": i, "readtime": 1.0, "ts": now + i})
+        producer.close()
+
+        def records():
+            with LmdbStore(tmp_path / "store") as store:
+                return store.get_many("svc_recent", list(range(50)))
+
+        wait_for(lambda: (records()[0] or {}).get("reads") == 3, 60)
+        assert all(r["reads_4s"] == 3 and r["reads"] == 3 for r in records())
+        assert all(r["_valid_until"] <= now + 2000 for r in records())
+        # no more events: within a few hops the 4-second window is empty
+        wait_for(lambda: all(r["reads_4s"] == 0 for r in records()), 15)
+        assert all(r["reads"] == 3 for r in records())
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        events = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("tally_events_total{"))
+        assert events == 150, text
+        assert "tally_checkpoint_age_seconds{" in text and "tally_freshness_seconds{" in text
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as reply:
+            assert json.loads(reply.read()) == {"status": "ok"}
+    finally:
+        stop(process)
+
+
+def wait_for(condition, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except Exception:       # the store may not exist yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met within {timeout_s} s")
