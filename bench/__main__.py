@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = {
     "broker": "tally.bench.broker",
     "ingest": "tally.bench.ingest",
+    "freshness": "tally.bench.freshness",
     "core": "tally.bench.core",
 }
 
