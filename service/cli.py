@@ -24,6 +24,17 @@ def _cmd_get(args):
     return 0
 
 
+def _cmd_lookup_server(args):
+    from tally.service.lmdb_store import StoreError
+    from tally.service.server import serve_lookups
+    try:
+        return serve_lookups(args.store, args.host, args.port, args.http_port, args.token,
+                             args.max_frame_bytes, args.max_batch)
+    except (StoreError, OSError) as error:
+        print(f"tally lookup-server: {error}", file=sys.stderr)
+        return 2
+
+
 def _cmd_quickstart(args):
     from tally.service import quickstart
     quickstart.main(args.rest + ["--store", args.store])
@@ -33,6 +44,27 @@ def _cmd_quickstart(args):
 def _cmd_dev(args):
     from tally.service import pulsar_local
     return pulsar_local.main_dev(args.rest)
+
+
+def _cmd_create_topic(args):
+    import urllib.error
+    import urllib.request
+
+    from tally.service.pulsar_local import topic_rest_path
+    url = f"{args.admin.rstrip('/')}{topic_rest_path(args.topic)}/partitions"
+    request = urllib.request.Request(url, data=str(args.partitions).encode(), method="PUT",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30).close()
+    except urllib.error.HTTPError as error:
+        print(f"tally create-topic: {url}: HTTP {error.code}: "
+              f"{error.read().decode(errors='replace')[:300]}", file=sys.stderr)
+        return 2
+    except urllib.error.URLError as error:
+        print(f"tally create-topic: cannot reach {args.admin}: {error.reason}", file=sys.stderr)
+        return 2
+    print(f"created {args.topic} with {args.partitions} partitions")
+    return 0
 
 
 def _cmd_serve(args):
@@ -321,6 +353,18 @@ def build_parser():
     get.add_argument("--store", default=DEFAULT_STORE, help=f"store path ({DEFAULT_STORE})")
     get.set_defaults(run=_cmd_get)
 
+    lookups = commands.add_parser("lookup-server", help="serve lookups over msgpack/TCP and "
+                                  "HTTP/JSON (see tally.service.server)")
+    lookups.add_argument("--store", default=DEFAULT_STORE, help=f"store path ({DEFAULT_STORE})")
+    lookups.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    lookups.add_argument("--port", type=int, default=8255, help="msgpack/TCP port (8255; 0: any)")
+    lookups.add_argument("--http-port", type=int, default=8256, help="HTTP port (8256; 0: any)")
+    lookups.add_argument("--token", default=None, help="bearer token both ports require "
+                         "(default: $TALLY_TOKEN, which keeps it out of `ps`)")
+    lookups.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    lookups.add_argument("--max-batch", type=int, default=1000, help="keys per request (1000)")
+    lookups.set_defaults(run=_cmd_lookup_server)
+
     quick = commands.add_parser("quickstart", help="run the news-reading example end to end "
                                 "on a local broker", add_help=False)
     quick.add_argument("--store", default=DEFAULT_STORE)
@@ -329,6 +373,13 @@ def build_parser():
     dev = commands.add_parser("dev", help="run a local Pulsar broker in the foreground",
                               add_help=False)
     dev.set_defaults(run=_cmd_dev)
+
+    topic = commands.add_parser("create-topic", help="create a partitioned topic (state is "
+                                "sharded by partition)")
+    topic.add_argument("topic")
+    topic.add_argument("--partitions", type=int, default=4)
+    topic.add_argument("--admin", default="http://127.0.0.1:8080", help="Pulsar admin URL")
+    topic.set_defaults(run=_cmd_create_topic)
 
     serve = commands.add_parser("serve", help="run the streaming service (exactly-once "
                                 "ingestion into the online store)", add_help=False)
