@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -231,7 +232,7 @@ int tally_view_open(tally_store *store, const char *view_name, tally_view **out)
     MDB_dbi schemas;
     MDB_val key, data;
     char *db_name = NULL;
-    size_t name_len;
+    size_t name_len, db_name_size;
     int rc;
 
     if (!out) return TALLY_EINVAL;
@@ -242,13 +243,14 @@ int tally_view_open(tally_store *store, const char *view_name, tally_view **out)
     if (!view) return ENOMEM;
     view->store = store;
     view->name = copy_bytes(view_name, name_len);
-    db_name = (char *)malloc(sizeof VIEW_DB_PREFIX + name_len);
+    /* records of each view version live in "view:<name>@v<version>"; the
+     * schema under <name> names the current version */
+    db_name_size = sizeof VIEW_DB_PREFIX + name_len + sizeof "@v4294967295";
+    db_name = (char *)malloc(db_name_size);
     if (!view->name || !db_name) {
         rc = ENOMEM;
         goto done;
     }
-    memcpy(db_name, VIEW_DB_PREFIX, sizeof VIEW_DB_PREFIX - 1);
-    memcpy(db_name + sizeof VIEW_DB_PREFIX - 1, view_name, name_len + 1);
 
     /* LMDB: one transaction at a time may open databases in a process, and
      * the handles become visible to others when it commits. */
@@ -265,6 +267,8 @@ int tally_view_open(tally_store *store, const char *view_name, tally_view **out)
     if (rc) goto unlock;
     rc = parse_schema(view, (const unsigned char *)data.mv_data, data.mv_size);
     if (rc) goto unlock;
+    snprintf(db_name, db_name_size, VIEW_DB_PREFIX "%s@v%lu", view_name,
+             (unsigned long)view->version);
     rc = mdb_dbi_open(txn, db_name, 0, &view->dbi);
     if (rc == MDB_NOTFOUND) rc = TALLY_ENOVIEW;         /* schema without records db */
     if (rc == MDB_DBS_FULL) rc = TALLY_EVIEWS;

@@ -1,10 +1,12 @@
-"""The embedded online store: LMDB, one named database per feature view.
+"""The embedded online store: LMDB, one named database per feature view version.
 
 Readers in other processes (the C API, ``tally get``) open the environment
 read-only; LMDB's MVCC means they never block the writer and never see a
-half-written record. The ``__schemas__`` database maps a view name to its
-binary ``ViewSchema`` (see ``tally.service.record``), which a reader needs to
-decode records.
+half-written record. The ``__schemas__`` database maps a view name to the
+binary ``ViewSchema`` (see ``tally.service.record``) of the version it serves,
+and ``<view>@v<n>`` to version n's; version n's records live in the database
+``view:<view>@v<n>``. Promoting a version rewrites the one schema entry, so
+readers switch atomically.
 """
 import os
 
@@ -36,7 +38,6 @@ class LmdbStore:
         self.readonly = readonly
         self._schemas_db = self.env.open_db(SCHEMAS_DB, create=not readonly)
         self._dbs = {}
-        self._schemas = {}
 
     def close(self):
         self.env.close()
@@ -47,60 +48,89 @@ class LmdbStore:
     def __exit__(self, *exc):
         self.close()
 
-    def register_view(self, schema: ViewSchema):
-        """Create (or update) the view's database and record its schema."""
-        self._dbs[schema.view] = self.env.open_db(_db_name(schema.view), create=True)
+    def register_view(self, schema: ViewSchema, current=True):
+        """Create the database of this view version and record its schema; a
+        version registered with ``current=False`` (a candidate being computed
+        beside the serving one) is served only once ``promote``d."""
+        self._db(schema.view, schema.version, create=True)
         with self.env.begin(write=True, db=self._schemas_db) as txn:
-            txn.put(schema.view.encode(), schema.to_bytes())
-        self._schemas[schema.view] = schema
+            txn.put(_versioned(schema.view, schema.version), schema.to_bytes())
+            if current:
+                txn.put(schema.view.encode(), schema.to_bytes())
 
-    def schema(self, view) -> ViewSchema:
-        if view not in self._schemas:
-            with self.env.begin(db=self._schemas_db) as txn:
-                raw = txn.get(view.encode())
+    def promote(self, view, version):
+        """Serve ``version`` of ``view`` from now on: one atomic pointer switch."""
+        with self.env.begin(write=True, db=self._schemas_db) as txn:
+            raw = txn.get(_versioned(view, version))
             if raw is None:
-                raise StoreError(f"unknown view {view!r}; known views: {self.views()}")
-            self._schemas[view] = ViewSchema.from_bytes(view, raw)
-        return self._schemas[view]
+                raise StoreError(f"view {view!r} has no version {version} in this store")
+            txn.put(view.encode(), raw)
+
+    def schema(self, view, version=None) -> ViewSchema:
+        """The schema of the served version of ``view`` (or of ``version``)."""
+        key = view.encode() if version is None else _versioned(view, version)
+        with self.env.begin(db=self._schemas_db) as txn:
+            raw = txn.get(key)
+        if raw is None:
+            raise StoreError(f"unknown view {view!r}" +
+                             (f" version {version}" if version is not None else "") +
+                             f"; known views: {self.views()}")
+        return ViewSchema.from_bytes(view, raw)
 
     def views(self):
         with self.env.begin(db=self._schemas_db) as txn:
-            return [bytes(k).decode() for k in txn.cursor().iternext(values=False)]
+            return [bytes(k).decode() for k in txn.cursor().iternext(values=False)
+                    if b"@v" not in bytes(k)]
 
-    def _db(self, view):
-        if view not in self._dbs:
-            self.schema(view)
-            self._dbs[view] = self.env.open_db(_db_name(view), create=False)
-        return self._dbs[view]
+    def _db(self, view, version, create=False):
+        name = _db_name(view, version)
+        if name not in self._dbs:
+            self._dbs[name] = self.env.open_db(name, create=create)
+        return self._dbs[name]
 
-    def write(self, view, keys, records):
+    def write(self, view, keys, records, version=None):
         """Put one record (row of ``records``, a uint8 array) per key, in one
-        write transaction."""
-        schema = self.schema(view)
+        write transaction, into the served version or the given one."""
+        schema = self.schema(view, version)
         blob = records.tobytes()
         size = schema.record_size
         items = zip(encode_keys(schema.key_type, keys),
                     (blob[i * size:(i + 1) * size] for i in range(len(records))))
-        with self.env.begin(write=True, db=self._db(view)) as txn:
+        with self.env.begin(write=True, db=self._db(view, schema.version)) as txn:
             txn.cursor().putmulti(items)
 
-    def get_many(self, view, keys):
-        """Decoded records for ``keys``; None for entities with no record."""
-        schema = self.schema(view)
-        with self.env.begin(db=self._db(view), buffers=True) as txn:
-            raws = [txn.get(k) for k in encode_keys(schema.key_type, keys)]
-            return [None if raw is None else decode_record(schema, raw) for raw in raws]
+    def get_many(self, view, keys, version=None):
+        """Decoded records for ``keys``; None for entities with no record. The
+        schema and the records are read in one transaction, so a concurrent
+        promotion is seen whole or not at all."""
+        schema_key = view.encode() if version is None else _versioned(view, version)
+        while True:
+            # LMDB: a database handle opened after a transaction began is not
+            # usable in it, so open the version's database first.
+            db = self._db(view, self.schema(view, version).version)
+            with self.env.begin(buffers=True) as txn:
+                schema = ViewSchema.from_bytes(view, txn.get(schema_key, db=self._schemas_db))
+                if _db_name(view, schema.version) not in self._dbs:
+                    continue                   # promoted in between: open the new one
+                db = self._dbs[_db_name(view, schema.version)]
+                raws = [txn.get(k, db=db) for k in encode_keys(schema.key_type, keys)]
+                return [None if raw is None else decode_record(schema, raw) for raw in raws]
 
-    def get(self, view, key):
-        return self.get_many(view, [key])[0]
+    def get(self, view, key, version=None):
+        return self.get_many(view, [key], version)[0]
 
-    def count(self, view):
-        with self.env.begin(db=self._db(view)) as txn:
-            return txn.stat(self._db(view))["entries"]
+    def count(self, view, version=None):
+        db = self._db(view, self.schema(view, version).version)
+        with self.env.begin() as txn:
+            return txn.stat(db)["entries"]
 
     def flush(self):
         self.env.sync(True)
 
 
-def _db_name(view):
-    return b"view:" + view.encode()
+def _db_name(view, version):
+    return f"view:{view}@v{version}".encode()
+
+
+def _versioned(view, version):
+    return f"{view}@v{version}".encode()

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tally.service.lmdb_store import LmdbStore, StoreError, _db_name
+from tally.service.record import encode_keys
 from tally.service.record import (INT64_MAX, INT64_MIN, RecordError, ViewSchema,
                                   encode_records)
 
@@ -296,13 +297,17 @@ def test_embedded_reader_refuses_bad_records_and_schemas(tmp_path, rng, embedded
     old = schema_of("v", "int64", 3)
     with LmdbStore(tmp_path) as store:
         store.register_view(old)
-        store.write("v", [1, 2], random_records(old, 2, rng))
-        # the view is redefined: records of the old shape stay until rewritten
+        old_records = random_records(old, 2, rng)
+        # the view is redefined; records of the old shape in the new version's
+        # database (they must never be there) are refused, not misread
         store.register_view(schema_of("v", "int64", 4, version=2))
         store.register_view(schema_of("bad", "int64", 2))
     env = lmdb.open(str(tmp_path), max_dbs=10)
     with env.begin(write=True) as txn:
-        views = env.open_db(_db_name("bad"), txn=txn)
+        redefined = env.open_db(_db_name("v", 2), txn=txn)
+        for key, row in zip((1, 2), old_records):
+            txn.put(encode_keys("int64", [key])[0], row.tobytes(), db=redefined)
+        views = env.open_db(_db_name("bad", 1), txn=txn)
         record = bytearray(random_records(schema_of("bad", "int64", 2), 1, rng)[0].tobytes())
         record[0] = 2                                           # a future layout
         txn.put(b"\x80" + b"\0" * 6 + b"\x01", bytes(record), db=views)

@@ -88,3 +88,25 @@ def test_schema_binary_round_trip():
     assert raw[:8] == bytes([1, 1, 2, 0, 7, 0, 0, 0])
     assert raw[8:] == b"\x01\x01a" + b"\x00\x03b\xc3\xa9"
     assert ViewSchema.from_bytes("ü", raw) == schema
+
+
+def test_a_candidate_version_is_served_only_after_promotion(tmp_path):
+    v1 = ViewSchema("v", 1, "int64", (("n", "int64"),))
+    v2 = ViewSchema("v", 2, "int64", (("n", "int64"), ("total", "float64")))
+    one = {"n": (np.array([5]), np.array([True]))}
+    two = {"n": (np.array([7]), np.array([True])), "total": (np.array([1.5]), np.array([True]))}
+    with LmdbStore(tmp_path) as store:
+        store.register_view(v1)
+        store.write("v", [1], encode_records(v1, one, np.array([1]), 0, np.array([INT64_MAX])))
+        store.register_view(v2, current=False)
+        store.write("v", [1], encode_records(v2, two, np.array([1]), 0, np.array([INT64_MAX])),
+                    version=2)
+        assert store.get("v", 1)["n"] == 5 and store.schema("v").version == 1
+        assert store.get("v", 1, version=2)["total"] == 1.5
+        assert store.views() == ["v"]
+        store.promote("v", 2)
+        assert store.get("v", 1) == store.get("v", 1, version=2)
+        assert json.loads(tally_cli("get", "v", "1", "--store", str(tmp_path)).stdout)[
+            "features"]["total"] == 1.5
+        with pytest.raises(StoreError, match="no version 3"):
+            store.promote("v", 3)
