@@ -47,6 +47,7 @@ class PartitionWorker(ViewPipeline):
         self.position = NO_POSITION
         self.unacknowledged = None      # newest folded message, acked at the next checkpoint
         self.last_checkpoint = time.monotonic()
+        self.idle_batches = 0           # consecutive empty receives: nothing waiting
         windows = [f.window for f in view.features if f.window.size_ms]
         # entities whose newest event is older than this have empty windows
         self.expiry_horizon_ms = max((w.size_ms + w.hop_ms for w in windows), default=0) + \
@@ -59,6 +60,7 @@ class PartitionWorker(ViewPipeline):
 
     def process(self, messages):
         started = time.monotonic()
+        self.idle_batches = 0 if messages else self.idle_batches + 1
         if messages:
             self.adopt_latest_checkpoint()
             fresh = [m for m in messages if message_position(m) > self.position]

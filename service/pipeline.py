@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pulsar
 
-from tally.core.arena import MAX_EVENT_TIME, MIN_EVENT_TIME
-from tally.core.decode import Schema, decode_msgpack_maps
+from tally.core.decode import Schema
+from tally.core.formats import decode_payloads
 from tally.core.view import EVENT_TIME, ViewState
 from tally.service.materialize import online_schema, records_for
 
@@ -57,7 +57,7 @@ class ViewPipeline:
 
     def __init__(self, view, client, store, subscription="tally", version=1,
                  batch_size=1000, batch_timeout_ms=10, clock=None, topic=None,
-                 consumer_name=None):
+                 consumer_name=None, serving=True):
         self.view = view
         self.store = store
         self.state = ViewState(view)
@@ -65,7 +65,10 @@ class ViewPipeline:
         self.decode_schema = Schema(list(view.source.schema))
         self.stats = PipelineStats()
         self.clock = clock or (lambda: int(time.time() * 1000))
-        store.register_view(self.schema)
+        # A candidate version writes into its own records, served once promoted
+        # (the embedded store supports candidates; other stores serve one version).
+        self.write_options = {} if serving else {"version": version}
+        store.register_view(self.schema, **({} if serving else {"current": False}))
         topic = topic or view.source.topic
         self.consumer = client.subscribe(
             topic, subscription, consumer_name=consumer_name,
@@ -107,8 +110,8 @@ class ViewPipeline:
         """Decode a batch, send its rejects to the dead-letter topic, fold the
         rest into the state and write the touched entities' records."""
         payloads = [m.data() for m in messages]
-        batch = decode_msgpack_maps(payloads, self.decode_schema)
-        columns, rejects = _drop_impossible_times(batch, self.view.source.timestamp_field)
+        events = decode_payloads(payloads, self.view.source, self.decode_schema)
+        columns, rejects = events.columns, events.rejects
         self._dead_letter(messages, payloads, rejects)
         n_events = len(columns[self.view.source.timestamp_field])
         if n_events:
@@ -130,7 +133,8 @@ class ViewPipeline:
             now = self.clock()
             try:
                 self.store.write(self.view.name, keys,
-                                 records_for(self.state, self.schema, slots, now, now))
+                                 records_for(self.state, self.schema, slots, now, now),
+                                 **self.write_options)
                 break
             except Exception as error:          # any store failure: wait, then retry
                 self.stats.store_retries += 1
@@ -150,18 +154,6 @@ class ViewPipeline:
                 payloads[index], None,
                 properties={"reason": reason, "source_topic": messages[index].topic_name(),
                             "message_id": str(messages[index].message_id())})
-
-
-def _drop_impossible_times(batch, timestamp_field):
-    """Reject events whose event time the core cannot represent."""
-    ts = batch.columns[timestamp_field]
-    bad = (ts < MIN_EVENT_TIME) | (ts > MAX_EVENT_TIME)
-    if not bad.any():
-        return batch.columns, batch.rejects
-    rejects = list(batch.rejects) + [
-        (int(batch.source_index[i]), f"field {timestamp_field!r}: event time {int(ts[i])} "
-         "is outside [-2**62, 2**62] epoch ms") for i in np.flatnonzero(bad)]
-    return {name: column[~bad] for name, column in batch.columns.items()}, rejects
 
 
 def _last_per_partition(messages, n_partitions):

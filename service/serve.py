@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 
 from tally.core.definitions import FeatureView, state_hash
@@ -24,6 +25,11 @@ from tally.service.client import connect
 from tally.service.lmdb_store import LmdbStore
 from tally.service.metrics import seconds_since, serve_metrics, service_metrics
 from tally.service.partition import PartitionWorker
+from tally.service.registry import Conflict
+
+REGISTRY_POLL_S = 1.0
+# set by a SIGTERM that arrives while the service is still connecting
+_STOP_REQUESTED_DURING_STARTUP = threading.Event()
 
 log = logging.getLogger("tally.serve")
 
@@ -33,36 +39,102 @@ def subscription_for(view):
     return f"tally.{view.name}.{state_hash(view)[:16]}"
 
 
+class VersionRunner:
+    """The partition workers computing one version of one view."""
+
+    def __init__(self, service, view, version, serving):
+        self.view, self.version, self.serving = view, version, serving
+        self.stopping = False
+        self.workers = [
+            PartitionWorker(view, partition, service.client, service.store,
+                            service.checkpoints, service.consumer_name,
+                            subscription=subscription_for(view), version=version,
+                            serving=serving, checkpoint_interval_s=service.checkpoint_interval_s,
+                            batch_size=service.batch_size)
+            for partition in range(_partition_count(service.client, view.source.topic))]
+
+    def caught_up_with(self, serving):
+        """Whether every partition has read as far as the serving version's
+        (or, with none, has found no more messages waiting)."""
+        for partition, worker in enumerate(self.workers):
+            ahead = serving is not None and \
+                worker.position >= serving.workers[partition].position
+            if not (ahead or worker.idle_batches >= IDLE_BATCHES_CAUGHT_UP):
+                return False
+        return True
+
+
+IDLE_BATCHES_CAUGHT_UP = 5
+
+
 class StreamingService:
-    def __init__(self, views, pulsar_url, store_path, checkpoint_dir, consumer_name=None,
-                 checkpoint_interval_s=5.0, batch_size=1000, metrics_address=None):
-        self.views = list(views)
+    """Runs view versions: a fixed list (``views``), or whatever the registry
+    says should run (``registry``), following its changes without a restart."""
+
+    def __init__(self, pulsar_url, store_path, checkpoint_dir, views=(), registry=None,
+                 only_views=None, consumer_name=None, checkpoint_interval_s=5.0,
+                 batch_size=1000, metrics_address=None):
         self.client = connect(pulsar_url)
         self.store = LmdbStore(store_path)
         self.checkpoints = CheckpointStore(checkpoint_dir)
         self.consumer_name = consumer_name or f"{socket.gethostname()}-{os.getpid()}"
-        self.workers = [
-            PartitionWorker(view, partition, self.client, self.store, self.checkpoints,
-                            self.consumer_name, subscription=subscription_for(view),
-                            checkpoint_interval_s=checkpoint_interval_s,
-                            batch_size=batch_size)
-            for view in self.views
-            for partition in range(_partition_count(self.client, view.source.topic))]
+        self.checkpoint_interval_s, self.batch_size = checkpoint_interval_s, batch_size
+        self.registry, self.only_views = registry, only_views
+        self.runners = {}                     # (view name, version) -> VersionRunner
+        self.tasks = {}                       # (view name, version) -> its worker tasks
+        for view in views:
+            self.runners[(view.name, 1)] = VersionRunner(self, view, 1, serving=True)
         self.stopping = None
         self.metrics = service_metrics()
         self.metrics_address = metrics_address
+
+    @property
+    def workers(self):
+        return [w for runner in self.runners.values() for w in runner.workers]
 
     async def run(self):
         self.stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
+        if _STOP_REQUESTED_DURING_STARTUP.is_set():
+            self.stopping.set()
         metrics_task = self._start_metrics()
-        with concurrent.futures.ThreadPoolExecutor(len(self.workers), "tally-receive") as pool:
-            await asyncio.gather(*(self._drive(loop, pool, w) for w in self.workers))
+        # receives block for at most a batch timeout, so threads cycle quickly
+        self.pool = concurrent.futures.ThreadPoolExecutor(256, "tally-receive")
+        for key in self.runners:
+            self._start_tasks(key)
+        if self.registry is not None:
+            await self._follow_registry()
+        else:
+            await self.stopping.wait()
+        for key in list(self.runners):
+            await self._stop_runner(key)
         if metrics_task:
             metrics_task.cancel()
+        self.pool.shutdown()
         self.close()
+
+    def _start_tasks(self, key):
+        runner = self.runners[key]
+        loop = asyncio.get_running_loop()
+        self.tasks[key] = [loop.create_task(self._drive(loop, runner, w))
+                           for w in runner.workers]
+
+    async def _stop_runner(self, key):
+        """Let the runner's workers finish their batch and checkpoint, then close."""
+        runner = self.runners.pop(key)
+        runner.stopping = True
+        await asyncio.gather(*self.tasks.pop(key, []))
+        for worker in runner.workers:
+            worker.close()
+
+    async def _drive(self, loop, runner, worker):
+        while not (self.stopping.is_set() or runner.stopping):
+            messages = await loop.run_in_executor(self.pool, worker.receive)
+            worker.process(messages)
+        if worker.unacknowledged is not None:
+            worker.checkpoint()
 
     def _start_metrics(self):
         if not self.metrics_address:
@@ -80,7 +152,8 @@ class StreamingService:
         """Copy every worker's counters into the metrics, just before a scrape."""
         now_ms = time.time() * 1000
         for worker in self.workers:
-            labels = {"view": worker.view.name, "partition": worker.partition}
+            labels = {"view": worker.view.name, "version": worker.schema.version,
+                      "partition": worker.partition}
             stats = worker.stats
             for name, value in (("tally_events_total", stats.events),
                                 ("tally_messages_total", stats.messages),
@@ -99,19 +172,68 @@ class StreamingService:
                 self.metrics.set("tally_freshness_seconds",
                                  round(stats.freshness_ms / 1000, 3), **labels)
 
-    async def _drive(self, loop, pool, worker):
-        while not self.stopping.is_set():
-            messages = await loop.run_in_executor(pool, worker.receive)
-            worker.process(messages)
-        if worker.unacknowledged is not None:
-            worker.checkpoint()
-
     def close(self):
-        for worker in self.workers:
-            worker.close()
         self.store.close()
         self.client.close()
 
+    # -- the deployment cycle -------------------------------------------------
+
+    async def _follow_registry(self):
+        """Poll the registry: start new versions, stop retired ones, promote a
+        candidate once it has caught up with the version it replaces."""
+        self.registry.set_deploy_mode("managed")
+        seen = None
+        while not self.stopping.is_set():
+            sequence = self.registry.sequence()
+            if sequence != seen:
+                await self._reconcile()
+                seen = sequence
+            self._promote_caught_up()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), REGISTRY_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+
+    def _desired(self):
+        desired = {}
+        for deployment in self.registry.deployments():
+            if self.only_views and deployment.name not in self.only_views:
+                continue
+            if deployment.current:
+                desired[(deployment.name, deployment.current.version)] = \
+                    (deployment.current.definition, True)
+            if deployment.candidate and not deployment.same_state:
+                desired[(deployment.name, deployment.candidate.version)] = \
+                    (deployment.candidate.definition, False)
+        return desired
+
+    async def _reconcile(self):
+        desired = self._desired()
+        for key in [k for k in self.runners if k not in desired]:
+            log.info("stopping %s@v%d", *key)
+            await self._stop_runner(key)
+        for key, (view, serving) in desired.items():
+            runner = self.runners.get(key)
+            if runner is None:
+                log.info("starting %s@v%d (%s)", *key, "serving" if serving else "candidate")
+                self.runners[key] = VersionRunner(self, view, key[1], serving)
+                self._start_tasks(key)
+            elif serving and not runner.serving:      # promoted elsewhere, or rolled back
+                self.store.promote(*key)
+                runner.serving = True
+
+    def _promote_caught_up(self):
+        serving = {name: r for (name, _), r in self.runners.items() if r.serving}
+        for (name, version), runner in list(self.runners.items()):
+            if runner.serving or not runner.caught_up_with(serving.get(name)):
+                continue
+            try:
+                self.registry.promote(name, version)
+            except Conflict:
+                continue              # the registry moved on; the next reconcile follows it
+            self.store.promote(name, version)
+            runner.serving = True
+            log.info("promoted %s@v%d: it has caught up", name, version)
 
 def _partition_count(client, topic):
     partitions = client.get_topic_partitions(topic)
@@ -129,7 +251,10 @@ def main(argv=None):
     from tally.service.registry import load_file
 
     parser = argparse.ArgumentParser(prog="tally serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("definitions", help="a .py or .sql file of feature views")
+    parser.add_argument("definitions", nargs="?",
+                        help="a .py or .sql file of feature views (or use --registry)")
+    parser.add_argument("--registry", help="follow the views applied to this registry: new "
+                        "versions are computed alongside and promoted once caught up")
     parser.add_argument("--views", help="comma-separated view names (default: all)")
     parser.add_argument("--pulsar", default="pulsar://127.0.0.1:6650")
     parser.add_argument("--store", default=os.path.join(".tally", "store"))
@@ -144,19 +269,29 @@ def main(argv=None):
         host, _, port = args.metrics.rpartition(":")
         metrics_address = (host or "127.0.0.1", int(port))
 
-    views = [d for d in load_file(args.definitions) if isinstance(d, FeatureView)]
-    if args.views:
-        wanted = args.views.split(",")
-        views = [v for v in views if v.name in wanted]
-        missing = set(wanted) - {v.name for v in views}
-        if missing:
-            parser.error(f"no view named {sorted(missing)} in {args.definitions}")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: _STOP_REQUESTED_DURING_STARTUP.set())
+    if bool(args.definitions) == bool(args.registry):
+        parser.error("give a definitions file or --registry (one of them)")
+    wanted = args.views.split(",") if args.views else None
+    views, registry = [], None
+    if args.registry:
+        from tally.service.registry import Registry
+        registry = Registry(args.registry)
+    else:
+        views = [d for d in load_file(args.definitions) if isinstance(d, FeatureView)]
+        if wanted:
+            views = [v for v in views if v.name in wanted]
+            missing = set(wanted) - {v.name for v in views}
+            if missing:
+                parser.error(f"no view named {sorted(missing)} in {args.definitions}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    service = StreamingService(views, args.pulsar, args.store, args.checkpoints,
+    service = StreamingService(args.pulsar, args.store, args.checkpoints, views=views,
+                               registry=registry, only_views=wanted,
                                consumer_name=args.name,
                                checkpoint_interval_s=args.checkpoint_interval,
                                metrics_address=metrics_address)
-    log.info("serving %s over %d partition workers", [v.name for v in views],
-             len(service.workers))
+    log.info("serving %s", [f"{name}@v{version}" for name, version in service.runners]
+             if not registry else f"the views of registry {args.registry}")
     uvloop.run(service.run())
     return 0
