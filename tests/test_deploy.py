@@ -1,0 +1,98 @@
+"""The feature deployment cycle: ``tally serve --registry`` picks up a new view
+version applied while it runs, computes it alongside the serving version from
+the topic's history, and switches once it has caught up — no restart."""
+import dataclasses
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tally.core.definitions import Entity, Feature, FeatureView, Source
+from tally.service.lmdb_store import LmdbStore
+from tally.service.producer import EventProducer
+from tally.service.quickstart import generate_events
+from tally.service.registry import Registry
+
+pytestmark = pytest.mark.pulsar
+
+
+def view_on(topic, features):
+    source = Source("reads", topic, schema={"user": "int64", "article": "int64",
+                                            "readtime": "float64", "ts": "int64"})
+    return FeatureView("deployed", Entity("user"), source, features)
+
+
+def produce(client, topic, payloads, keys):
+    producer = EventProducer(client, topic, "user")
+    for payload, key in zip(payloads, keys):
+        producer.send_payload(payload, key)
+    producer.close()
+
+
+def records(store_path, users):
+    with LmdbStore(store_path) as store:
+        return store.get_many("deployed", users)
+
+
+def wait_for(condition, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except Exception:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{what} within {timeout_s} s")
+
+
+def test_new_version_is_computed_alongside_and_promoted_without_restart(
+        pulsar_broker, pulsar_client, topic_name, tmp_path):
+    pulsar_broker.create_partitioned_topic(topic_name, 4)
+    registry_path = tmp_path / "registry.db"
+    store_path = tmp_path / "store"
+    v1 = view_on(topic_name, [Feature("reads", "count")])
+    with Registry(str(registry_path)) as registry:
+        registry.apply([v1])
+    payloads, keys, events = generate_events(40_000, 2_000, seed=5)
+    produce(pulsar_client, topic_name, payloads[:20_000], keys[:20_000])
+
+    service = subprocess.Popen(
+        [sys.executable, "-m", "tally", "serve", "--registry", str(registry_path),
+         "--pulsar", pulsar_broker.service_url, "--store", str(store_path),
+         "--checkpoints", str(tmp_path / "ckpt"), "--checkpoint-interval", "0.5",
+         "--metrics", "off"],
+        stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        first = pd.DataFrame({k: v[:len(v)] for k, v in events.items()}).iloc[:20_000]
+        users = np.unique(first["user"])
+        wait_for(lambda: sum(r["reads"] for r in records(store_path, users) if r) == 20_000,
+                 90, "v1 did not count the first 20,000 events")
+
+        # v2 adds a feature; it must be computed from all of history
+        v2 = dataclasses.replace(v1, features=(Feature("reads", "count"),
+                                               Feature("total", "sum", "readtime")))
+        with Registry(str(registry_path)) as registry:
+            registry.apply([v2])
+            assert registry.deployments()[0].candidate.version == 2
+        # until it is promoted, v1 keeps serving
+        assert set(records(store_path, users[:1])[0]) >= {"reads"}
+        produce(pulsar_client, topic_name, payloads[20_000:], keys[20_000:])
+
+        def promoted():
+            with Registry(str(registry_path)) as registry:
+                return registry.deployments()[0].current.version == 2
+        wait_for(promoted, 120, "v2 was not promoted")
+        expected = pd.DataFrame(events).groupby("user")["readtime"].agg(["size", "sum"])
+        wait_for(lambda: [r["reads"] for r in records(store_path, expected.index.to_numpy())]
+                 == expected["size"].tolist(), 60, "v2 did not count every event")
+        got = records(store_path, expected.index.to_numpy())
+        assert all(r["_view_version"] == 2 for r in got)
+        np.testing.assert_allclose([r["total"] for r in got], expected["sum"], rtol=1e-9)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=60) == 0
