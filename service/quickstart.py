@@ -9,18 +9,8 @@ import time
 import msgpack
 import numpy as np
 
-from tally.core.definitions import Entity, Feature, FeatureView, Source
-
-user = Entity("user", "int64")
-read_events = Source(
-    "read_events", "read_events",
-    schema={"user": "int64", "article": "int64", "readtime": "float64", "ts": "int64"},
-    timestamp_field="ts")
-user_reading = FeatureView(
-    "user_reading", user, read_events,
-    features=[Feature("total_readtime", "sum", "readtime"),
-              Feature("reads", "count")],
-    owner="quickstart", description="Lifetime reading totals per user")
+# The definitions live in the shipped example (also in SQL: reading.sql).
+from tally.service.examples.reading import read_events, user, user_reading  # noqa: F401
 
 START_MS = 1_732_780_800_000       # 2024-11-28T08:00:00Z
 
