@@ -603,3 +603,4 @@ cdef inline void _combine_into(int kind, double* f, int64_t* i, double tf, int64
 
 
 include "sketches.pxi"
+include "replay.pxi"
