@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 KEY_TYPES = ("int64", "string")
 FIELD_TYPES = ("int64", "float64", "string", "bool")
 NUMERIC_TYPES = ("int64", "float64", "bool")
-PAYLOAD_FORMATS = ("msgpack", "msgpack-columnar", "json", "arrow")
+PAYLOAD_FORMATS = ("msgpack", "json", "arrow", "msgpack-columnar")
 NUMERIC_AGGREGATIONS = ("sum", "mean", "min", "max", "first", "last", "last_n")
 CANONICAL_FORMAT = 1          # bump only with a migration of stored hashes
 
