@@ -72,6 +72,41 @@ def _cmd_serve(args):
     return serve.main(args.rest)
 
 
+def _cmd_training_set(args):
+    """Build a point-in-time training set (tally.core.training) into a Parquet file."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    from tally.core.definitions import DefinitionError, FeatureView
+    from tally.core.training import TrainingSetError, training_set
+    from tally.service.registry import RegistryError, load_file
+    started = time.monotonic()
+
+    def bar(done, total):
+        width = 30
+        filled = width * done // max(total, 1)
+        print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} rows "
+              f"{time.monotonic() - started:6.1f} s", end="", file=sys.stderr, flush=True)
+    try:
+        views = [d for path in args.definitions or () for d in load_file(path)
+                 if isinstance(d, FeatureView)]
+        keys = dict(item.split("=", 1) for item in args.key or ())
+        table = training_set(args.spine, [f for f in args.features.split(",") if f],
+                             views=views, registry=args.registry, pulsar=args.pulsar,
+                             timestamp_column=args.timestamp_column, keys=keys,
+                             spill_dir=args.spill_dir, progress=bar)
+        pq.write_table(table, args.out)
+    except (TrainingSetError, DefinitionError, RegistryError, OSError) as error:
+        print(f"\ntally training-set: {error}", file=sys.stderr)
+        return 2
+    seconds = time.monotonic() - started
+    print(f"\nwrote {table.num_rows:,} rows x {table.num_columns} columns to {args.out} in "
+          f"{seconds:.1f} s ({table.num_rows / max(seconds, 1e-9):,.0f} rows/s)",
+          file=sys.stderr)
+    return 0
+
+
 # --- registry commands ------------------------------------------------------
 
 def _registry(args):
@@ -384,6 +419,25 @@ def build_parser():
     serve = commands.add_parser("serve", help="run the streaming service (exactly-once "
                                 "ingestion into the online store)", add_help=False)
     serve.set_defaults(run=_cmd_serve)
+
+    training = commands.add_parser(
+        "training-set", help="point-in-time training data: the spine's rows joined with "
+        "feature values as of each row's time, replayed by the online engine")
+    training.add_argument("--spine", required=True, help="Parquet file: entity key column(s), "
+                          "a timestamp column (epoch ms) and labels")
+    training.add_argument("--features", required=True, metavar="VIEW:FEATURE,...",
+                          help="comma-separated view:feature (or view) references")
+    training.add_argument("--definitions", action="append", metavar="FILE",
+                          help="a .py or .sql file of views (repeatable)")
+    training.add_argument("--registry", metavar="PATH", help="resolve views in this registry")
+    training.add_argument("--pulsar", metavar="URL", help="read each source's topic from this "
+                          "broker (earliest to now); without it, sources need an archive")
+    training.add_argument("--out", required=True, help="the Parquet file to write")
+    training.add_argument("--timestamp-column", help="spine time column (default ts)")
+    training.add_argument("--key", action="append", metavar="ENTITY=COLUMN",
+                          help="the spine column holding an entity's keys")
+    training.add_argument("--spill-dir", help="where to spill sorted runs (default: temp)")
+    training.set_defaults(run=_cmd_training_set)
     _registry_commands(commands)
     return parser
 
