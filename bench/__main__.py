@@ -10,6 +10,8 @@ BENCHMARKS = {
     "ingest": "tally.bench.ingest",
     "freshness": "tally.bench.freshness",
     "core": "tally.bench.core",
+    "training": "tally.bench.training",
+    "lookup": "tally.bench.lookup",
 }
 
 
