@@ -16,6 +16,7 @@ from tally.service.record import ViewSchema, decode_record, encode_keys
 
 SCHEMAS_DB = b"__schemas__"
 DEFAULT_MAP_SIZE = 64 << 30     # address space only; the file grows as written
+MAX_KEY_BYTES = 511             # LMDB's limit; longer (or empty) keys are never stored
 
 
 class StoreError(LookupError):
@@ -113,7 +114,8 @@ class LmdbStore:
                 if _db_name(view, schema.version) not in self._dbs:
                     continue                   # promoted in between: open the new one
                 db = self._dbs[_db_name(view, schema.version)]
-                raws = [txn.get(k, db=db) for k in encode_keys(schema.key_type, keys)]
+                raws = [txn.get(k, db=db) if 0 < len(k) <= MAX_KEY_BYTES else None
+                        for k in encode_keys(schema.key_type, keys)]
                 return [None if raw is None else decode_record(schema, raw) for raw in raws]
 
     def get(self, view, key, version=None):

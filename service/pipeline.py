@@ -112,6 +112,8 @@ class ViewPipeline:
         payloads = [m.data() for m in messages]
         events = decode_payloads(payloads, self.view.source, self.decode_schema)
         columns, rejects = events.columns, events.rejects
+        if self.view.entity.key_type == "string":
+            columns, rejects = _drop_unstorable_keys(events, self.view.key_column)
         self._dead_letter(messages, payloads, rejects)
         n_events = len(columns[self.view.source.timestamp_field])
         if n_events:
@@ -154,6 +156,23 @@ class ViewPipeline:
                 payloads[index], None,
                 properties={"reason": reason, "source_topic": messages[index].topic_name(),
                             "message_id": str(messages[index].message_id())})
+
+
+MAX_KEY_BYTES = 511      # LMDB's key size limit; an empty key is refused too
+
+
+def _drop_unstorable_keys(events, key_column):
+    """Reject the payloads of events whose string key the online store cannot hold."""
+    lengths = np.array([len(k.encode()) for k in events.columns[key_column]], dtype=np.int64)
+    bad = (lengths == 0) | (lengths > MAX_KEY_BYTES)
+    if not bad.any():
+        return events.columns, events.rejects
+    bad_payloads = sorted(set(events.payload_of_event[bad].tolist()))
+    keep = ~np.isin(events.payload_of_event, bad_payloads)
+    rejects = list(events.rejects) + [
+        (index, f"field {key_column!r}: an entity key must be 1 to {MAX_KEY_BYTES} bytes of "
+                "UTF-8") for index in bad_payloads]
+    return {name: column[keep] for name, column in events.columns.items()}, rejects
 
 
 def _last_per_partition(messages, n_partitions):

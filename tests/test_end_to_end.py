@@ -126,3 +126,23 @@ def test_a_failing_store_is_retried_and_nothing_is_lost(
         records = store.get_many("user_reading", expected.index.to_numpy())
         np.testing.assert_array_equal([r["reads"] for r in records], expected["size"])
         np.testing.assert_allclose([r["total_readtime"] for r in records], expected["sum"])
+
+
+def test_string_keys_the_store_cannot_hold_are_dead_lettered(
+        pulsar_broker, pulsar_client, topic_name, tmp_path):
+    from tally.core.definitions import Entity, Feature, FeatureView, Source
+    pulsar_broker.create_partitioned_topic(topic_name, 2)
+    source = Source("named", topic_name, schema={"name": "string", "ts": "int64"})
+    view = FeatureView("named_counts", Entity("name", "string"), source,
+                       [Feature("n", "count")])
+    producer = EventProducer(pulsar_client, topic_name, "name")
+    for name in ["ann", "", "x" * 600, "ann", "bé"]:
+        producer.send({"name": name, "ts": 1})
+    producer.close()
+    with LmdbStore(tmp_path / "store") as store:
+        reader = consume_all(view, pulsar_client, store, 5)
+        assert reader.stats.rejected == 2
+        assert store.get_many("named_counts", ["ann", "bé", ""])[0]["n"] == 2
+        assert store.get("named_counts", "bé")["n"] == 1
+        assert set(reader.stats.reject_reasons) == {
+            "field 'name': an entity key must be 1 to 511 bytes of UTF-8"}
