@@ -130,9 +130,15 @@ class StreamingService:
             worker.close()
 
     async def _drive(self, loop, runner, worker):
+        """Receive the next batch on a thread while this one is folded."""
+        receiving = loop.run_in_executor(self.pool, worker.receive)
         while not (self.stopping.is_set() or runner.stopping):
-            messages = await loop.run_in_executor(self.pool, worker.receive)
+            messages = await receiving
+            receiving = loop.run_in_executor(self.pool, worker.receive)
             worker.process(messages)
+        # The batch received last is not folded, so never acknowledged: Pulsar
+        # delivers it again to whoever owns the partition next.
+        await receiving
         if worker.unacknowledged is not None:
             worker.checkpoint()
 
