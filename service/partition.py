@@ -45,6 +45,7 @@ class PartitionWorker(ViewPipeline):
         self.checkpoint_interval_s = checkpoint_interval_s
         self.sequence = None            # the checkpoint our state stands on; None: not loaded
         self.position = NO_POSITION
+        self.checkpointed_position = NO_POSITION
         self.unacknowledged = None      # newest folded message, acked at the next checkpoint
         self.last_checkpoint = time.monotonic()
         self.idle_batches = 0           # consecutive empty receives: nothing waiting
@@ -63,7 +64,10 @@ class PartitionWorker(ViewPipeline):
         self.idle_batches = 0 if messages else self.idle_batches + 1
         if messages:
             self.adopt_latest_checkpoint()
+            replayed = [m for m in messages if message_position(m) <= self.position]
             fresh = [m for m in messages if message_position(m) > self.position]
+            if replayed:
+                self.acknowledge_replayed(replayed[-1])
             if fresh:
                 self.fold(fresh)
                 self.position = message_position(fresh[-1])
@@ -92,6 +96,14 @@ class PartitionWorker(ViewPipeline):
         self.rewritten_once = True
         self.next_rewrite = next_expiry(self.view, now)
 
+    def acknowledge_replayed(self, last_replayed):
+        """Pulsar redelivers from the last acknowledgement, which can be older
+        than the checkpoint (a crash between the two). Those messages are
+        skipped; acknowledge them now, or with no newer message to follow they
+        would stay in the backlog for ever."""
+        if message_position(last_replayed) <= self.checkpointed_position:
+            self.consumer._consumer.acknowledge_cumulative(last_replayed)
+
     def adopt_latest_checkpoint(self):
         """Restore the newest checkpoint unless our state already is it."""
         latest = self.checkpoints.latest_sequence(self.view.name, self.state_hash,
@@ -108,6 +120,7 @@ class PartitionWorker(ViewPipeline):
             log.info("%s partition %d: restored checkpoint %d at position %s",
                      self.view.name, self.partition, latest, self.position)
         self.sequence = latest
+        self.checkpointed_position = self.position
         self.unacknowledged = None
 
     def checkpoint(self):
@@ -126,6 +139,7 @@ class PartitionWorker(ViewPipeline):
             self.sequence, self.unacknowledged = None, None
             return False
         self.sequence += 1
+        self.checkpointed_position = self.position
         self.stats.checkpoints += 1
         self.last_checkpoint = time.monotonic()
         if self.unacknowledged is not None:

@@ -65,12 +65,25 @@ class Deployment:
 
     def start(self, name, crash_in_checkpoint=0.0):
         env = dict(os.environ, TALLY_CRASH_IN_CHECKPOINT=str(crash_in_checkpoint))
+        self.log.flush()
+        self.starts = getattr(self, "starts", 0) + 1
         return subprocess.Popen(
             [sys.executable, "-m", "tally", "serve", str(self.definitions),
              "--pulsar", self.broker.service_url, "--store", str(self.store),
              "--checkpoints", str(self.checkpoints), "--name", name,
              "--checkpoint-interval", "0.5"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_until_serving(self, timeout_s=60):
+        """Until the newest process has logged that it serves (a SIGTERM before
+        Python has even started would kill it the default way)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with open(self.log.name, "rb") as log:
+                if log.read().count(b"tally.serve serving") >= self.starts:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"tally serve did not start; see {self.log.name}")
 
     def produce_in_background(self, payloads, keys, duration_s):
         def produce():
@@ -169,6 +182,7 @@ def test_state_is_exact_after_repeated_sigkills(deployment):
         kills += 1
     producing.join()
     final = deployment.start("a")
+    deployment.wait_until_serving()
     deployment.wait_until_caught_up()
     stop(final)
     assert kills >= 6
