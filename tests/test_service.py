@@ -52,7 +52,13 @@ def deployment(pulsar_broker, pulsar_client, topic_name, tmp_path):
     definitions = tmp_path / "defs.py"
     definitions.write_text(textwrap.dedent(DEFINITIONS.format(topic=topic_name)))
     view = next(d for d in load_file(str(definitions)) if isinstance(d, FeatureView))
-    return Deployment(pulsar_broker, pulsar_client, topic_name, tmp_path, definitions, view)
+    deployment = Deployment(pulsar_broker, pulsar_client, topic_name, tmp_path, definitions,
+                            view)
+    yield deployment
+    for process in deployment.processes:      # a failed test leaves no service behind
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 class Deployment:
@@ -62,17 +68,19 @@ class Deployment:
         self.checkpoints = tmp_path / "checkpoints"
         self.definitions, self.view = definitions, view
         self.log = open(tmp_path / "serve.log", "ab")
+        self.processes, self.starts = [], 0
 
     def start(self, name, crash_in_checkpoint=0.0):
         env = dict(os.environ, TALLY_CRASH_IN_CHECKPOINT=str(crash_in_checkpoint))
         self.log.flush()
-        self.starts = getattr(self, "starts", 0) + 1
-        return subprocess.Popen(
+        self.starts += 1
+        self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "tally", "serve", str(self.definitions),
              "--pulsar", self.broker.service_url, "--store", str(self.store),
              "--checkpoints", str(self.checkpoints), "--name", name,
              "--checkpoint-interval", "0.5"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            stdout=self.log, stderr=subprocess.STDOUT, env=env))
+        return self.processes[-1]
 
     def wait_until_serving(self, timeout_s=60):
         """Until the newest process has logged that it serves (a SIGTERM before
