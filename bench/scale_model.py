@@ -110,9 +110,12 @@ def build(measured, assumptions=None):
         f"{m['snapshot_bytes_per_entity_view']:.1f}) × {a['checkpoints_kept']} / 2^30")
 
     # the online store
+    # service/record.py: a 32-byte header, a null bitmap of whole 64-bit
+    # words, 8 bytes per feature
     record_bytes = row("online record bytes (Tally layout)",
-                       32 + math.ceil(a["features_per_view"] / 8) + 8 * a["features_per_view"],
-                       "bytes", f"32 + ceil({a['features_per_view']} / 8) + 8 × "
+                       32 + 8 * math.ceil(a["features_per_view"] / 64)
+                       + 8 * a["features_per_view"],
+                       "bytes", f"32 + 8 × ceil({a['features_per_view']} / 64) + 8 × "
                                 f"{a['features_per_view']}")
     lmdb_record = record_bytes + m["lmdb_overhead_bytes_per_record"]
     row("embedded store (LMDB), all views", mau * views * lmdb_record / GIB, "GiB",
