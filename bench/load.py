@@ -497,15 +497,18 @@ class Sampler(threading.Thread):
     RSS of each deployment process, the backlog, the service's metrics, the
     machine's CPU and CPU pressure. Series are differenced afterwards."""
 
-    def __init__(self, deployment, start):
+    def __init__(self, deployment, start, harness_pids=()):
         super().__init__(daemon=True)
         self.deployment, self.start_at = deployment, start
+        self.harness_pids = harness_pids
         self.samples = []
         self.stopping = threading.Event()
 
     def run(self):
         import psutil
         processes = self.deployment.processes()
+        # the load generators compete for the same cores: measure them too
+        processes["harness"] = [psutil.Process(pid) for pid in self.harness_pids]
         k = 0
         while not self.stopping.is_set():
             pause = self.start_at + k - time.perf_counter()
@@ -516,12 +519,17 @@ class Sampler(threading.Thread):
 
     def sample(self, psutil, processes, k):
         sample = {"t": k, "at": time.perf_counter() - self.start_at}
+        # First the service's counters, which are compared with the producer's
+        # per-second counts: an admin call before them (slow on a busy broker)
+        # would shift every difference.
+        sample["event_time_lag_s"], sample["events_folded"] = self.deployment.service_metrics()
+        sample["metrics_at"] = time.perf_counter() - self.start_at
         for name, process in processes.items():
             try:
-                with process.oneshot():
-                    family = [process] + process.children(recursive=True)
-                    cpu = sum(sum(p.cpu_times()[:2]) for p in family)
-                    rss = sum(p.memory_info().rss for p in family)
+                family = process if isinstance(process, list) else \
+                    [process] + process.children(recursive=True)
+                cpu = sum(sum(p.cpu_times()[:2]) for p in family)
+                rss = sum(p.memory_info().rss for p in family)
                 sample[name] = {"cpu_s": cpu, "rss": rss}
             except psutil.Error:
                 sample[name] = None
@@ -533,7 +541,6 @@ class Sampler(threading.Thread):
             sample["backlog"] = self.deployment.backlog()
         except (OSError, ValueError, KeyError):
             sample["backlog"] = None
-        sample["event_time_lag_s"], sample["events_folded"] = self.deployment.service_metrics()
         return sample
 
 
@@ -631,10 +638,11 @@ def drive(plan, deployment, with_c_api):
         for name, pipe in pipes.items():
             if not pipe.poll(120) or pipe.recv() != "ready":
                 raise RuntimeError(f"the {name} process did not start")
+        deployment.backlog()          # the broker's first stats call is slow: not at t=0
         start = time.perf_counter() + 0.5
         for pipe in pipes.values():
             pipe.send(start)
-        sampler = Sampler(deployment, start)
+        sampler = Sampler(deployment, start, [p.pid for p in processes])
         sampler.start()
         reports = {}
         for name, pipe in pipes.items():
@@ -741,7 +749,7 @@ def assemble(plan, args, argv, raw, storage, drained_s, started):
               "producer_behind_ms": producer["behind_per_second"] * 1000}
     series.update(sample_series(raw["samples"], plan.seconds))
     series["unfolded_events"] = unfolded_events(producer["sent_per_second"], raw["samples"],
-                                                plan.seconds)
+                                                plan)
     probes = raw["reports"]["probes"]
     freshness = freshness_figures(probes, raw["start"], plan)
     series.update(freshness.pop("series"))
@@ -841,12 +849,13 @@ def sample_series(samples, seconds):
     by_t = {s["t"]: s for s in samples}
     series = {name: [] for name in (
         "service_cpu_percent", "service_rss_mb", "lookup_server_cpu_percent",
-        "lookup_server_rss_mb", "broker_cpu_percent", "machine_cpu_percent",
+        "lookup_server_rss_mb", "broker_cpu_percent", "harness_cpu_percent",
+        "machine_cpu_percent",
         "cpu_wait_share", "backlog_messages", "event_time_lag_s", "events_folded_per_s")}
     for s in range(seconds):
         before, after = by_t.get(s), by_t.get(s + 1)
         span = (after["at"] - before["at"]) if before and after else None
-        for name in ("service", "lookup_server", "broker"):
+        for name in ("service", "lookup_server", "broker", "harness"):
             cpu = rss = None
             if span and before.get(name) and after.get(name):
                 cpu = round(100 * (after[name]["cpu_s"] - before[name]["cpu_s"]) / span, 1)
@@ -869,7 +878,7 @@ def sample_series(samples, seconds):
     return series
 
 
-def unfolded_events(sent_per_second, samples, seconds):
+def unfolded_events(sent_per_second, samples, plan):
     """Events produced but not yet folded by the service, at the end of each
     second: the consumer lag in events. (The broker's backlog is no measure of
     it: the service acknowledges only what a checkpoint covers, so the backlog
@@ -877,12 +886,24 @@ def unfolded_events(sent_per_second, samples, seconds):
     nothing was waiting when the load began."""
     by_t = {s["t"]: s for s in samples}
     first = by_t.get(0, {}).get("events_folded")
-    produced = np.cumsum(sent_per_second)
+    produced_by = np.concatenate([[0], np.cumsum(sent_per_second)])
+
+    seconds = plan.seconds
+
+    def produced_at(t):
+        """Events and probes produced by t seconds, spreading each second's
+        events evenly (the sample is taken a little after its boundary)."""
+        whole = min(int(t), seconds)
+        within = sent_per_second[whole] * (t - whole) if whole < seconds else 0
+        probes = min(plan.probes, int(t / plan.probe_interval_s) + 1)
+        return produced_by[whole] + within + probes
+
     lag = []
     for s in range(seconds):
         after = by_t.get(s + 1)
         folded = None if after is None or first is None else after["events_folded"]
-        lag.append(None if folded is None else max(0, int(produced[s] - (folded - first))))
+        lag.append(None if folded is None else
+                   max(0, int(round(produced_at(after["metrics_at"]) - (folded - first)))))
     return lag
 
 
@@ -900,7 +921,8 @@ def steady_sample_figures(series, plan):
                         ("event_time_lag_s", ("p50", "max")),
                         ("service_cpu_percent", ("mean", "max")), ("service_rss_mb", ("max",)),
                         ("lookup_server_cpu_percent", ("mean",)),
-                        ("broker_cpu_percent", ("mean",)), ("machine_cpu_percent", ("mean",)),
+                        ("broker_cpu_percent", ("mean",)), ("harness_cpu_percent", ("mean",)),
+                        ("machine_cpu_percent", ("mean",)),
                         ("cpu_wait_share", ("mean",)), ("producer_behind_ms", ("max",))):
         window = values(name)
         for kind in kinds:

@@ -80,6 +80,8 @@ def _resources(ax, t, series):
     ax.plot(t, _values(series, "service_cpu_percent"), label="tally serve CPU %")
     ax.plot(t, _values(series, "lookup_server_cpu_percent"), lw=1, label="lookup server CPU %")
     ax.plot(t, _values(series, "broker_cpu_percent"), lw=1, label="broker CPU %")
+    ax.plot(t, _values(series, "harness_cpu_percent"), lw=1,
+            label="load generators CPU %")
     ax.plot(t, _values(series, "machine_cpu_percent"), "k:", lw=1,
             label="machine CPU % (of all cores)")
     ax.set_ylabel("CPU % (100 = a core)")
