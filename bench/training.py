@@ -22,16 +22,38 @@ Each candidate takes its inputs as Arrow tables and returns an Arrow table
 (DuckDB's output order is its own; Tally returns spine order). Best of
 ``--repeat``. Row counts and a full value comparison are reported.
 
+``feast_last``: Feast's ``get_historical_features`` for the last value, with
+its file (Dask) and DuckDB offline stores (one thread each too), against
+Tally on the same spine rows. Feast is not a dependency of Tally: it runs in
+a venv of its own (``--feast-python``) by subprocess, on the events and spine
+written to Parquet; only ``get_historical_features(...).to_df()`` is timed,
+best of ``--repeat`` in one process (setting up the repo and reading the
+spine: ``setup_s``). Feast's file store merges every spine row with every
+event of its entity before it filters by time, so a hot key costs it
+(hot rows x hot events) pairs: when the spine's pairs exceed
+``--feast-pairs``, Feast gets a random subsample of the spine, Tally is timed
+again on exactly those rows, and a per-row ratio against Tally's full-spine
+rate is reported too. Semantics: all take events with time <= t (inclusive,
+like the ASOF join above) and the TTL (ten years) never cuts; but Feast's
+file store *drops* a spine row whose entity has only later events (Tally and
+the DuckDB store keep it, null), so Feast's values are compared with Tally's
+on the rows Feast returned, and the rows it left out are counted.
+
 ``archive``: Tally's last value with the events read from Parquet instead,
 time-sorted (streamed by row group) and unsorted (external sort in spilled
 runs of a tenth of the events), with the peak of numpy allocations
 (tracemalloc; Arrow's own buffers are not counted).
 """
 import argparse
+import json
+import os
+import subprocess
+import tempfile
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
 from tally.core.training import training_set
@@ -40,6 +62,8 @@ HOUR = 3_600_000
 DAY = 24 * HOUR
 SPAN = 30 * DAY
 START = 1_732_780_800_000
+DEFAULT_FEAST_PYTHON = "/tmp/feastenv/bin/python"
+FEAST_STORES = ("file", "duckdb")
 
 user = Entity("user", "int64")
 events_source = Source("bench_events", "bench_events",
@@ -200,11 +224,7 @@ def archive_case(events, spine, repeat, chunk_rows):
     """The last value again, the events read from Parquet: a time-sorted
     archive (streamed by row group) and an unsorted one (sorted externally in
     spilled runs of ``chunk_rows``), with the peak of numpy allocations."""
-    import os
-    import tempfile
     import tracemalloc
-
-    import pyarrow.parquet as pq
     n = spine.num_rows
     figures = {"chunk_rows": chunk_rows}
     with tempfile.TemporaryDirectory() as work:
@@ -230,20 +250,224 @@ def archive_case(events, spine, repeat, chunk_rows):
     return figures
 
 
+# ---- Feast, in its own interpreter ------------------------------------------------
+
+# Run by the Feast venv's python with a job file; imports only Feast and pandas.
+FEAST_DRIVER = """
+import json, os, sys, time
+from datetime import timedelta
+
+import pandas as pd
+from feast import Entity, FeatureStore, FeatureView, Field, FileSource, ValueType
+from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
+from feast.repo_config import RegistryConfig, RepoConfig
+from feast.types import Float64
+
+
+def offline_store(kind):
+    # one thread, like Tally and DuckDB in this benchmark
+    if kind == "file":
+        import dask
+        from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
+        dask.config.set(scheduler="synchronous")
+        return DaskOfflineStoreConfig(type="file")
+    import ibis
+    from feast.infra.offline_stores.duckdb import DuckDBOfflineStoreConfig
+    ibis.get_backend().raw_sql("SET threads = 1")   # the backend Feast's reads use
+    return DuckDBOfflineStoreConfig()
+
+
+def feature_store(job):
+    repo = job["repo"]
+    config = RepoConfig(project="bench", provider="local", repo_path=repo,
+                        registry=RegistryConfig(path=os.path.join(repo, "registry.db")),
+                        online_store=SqliteOnlineStoreConfig(
+                            path=os.path.join(repo, "online.db")),
+                        offline_store=offline_store(job["store"]),
+                        entity_key_serialization_version=3)
+    store = FeatureStore(config=config)
+    user = Entity(name="user", join_keys=["user"], value_type=ValueType.INT64)
+    # a TTL longer than the history, so the value is "the last one as of t"
+    view = FeatureView(name="b_last", entities=[user], ttl=timedelta(days=3650),
+                       schema=[Field(name="last_v", dtype=Float64)], online=False,
+                       source=FileSource(path=job["events"], timestamp_field="event_timestamp",
+                                         field_mapping={"v": "last_v"}))
+    store.apply([user, view])
+    return store
+
+
+def main():
+    job = json.load(open(sys.argv[1]))
+    started = time.perf_counter()
+    store = feature_store(job)
+    spine = pd.read_parquet(job["spine"])
+    setup = time.perf_counter() - started
+    best = None
+    for _ in range(job["repeat"]):
+        started = time.perf_counter()
+        result = store.get_historical_features(entity_df=spine,
+                                               features=["b_last:last_v"]).to_df()
+        seconds = time.perf_counter() - started
+        best = seconds if best is None else min(best, seconds)
+    result[["row", "last_v"]].to_parquet(job["out"])
+    print(json.dumps({"setup_s": round(setup, 2),
+                      "seconds": round(best, 3), "rows": len(result)}))
+
+
+main()
+"""
+
+
+def feast_interpreter(option):
+    """The Feast venv's python, or None when there is none."""
+    path = option if option is not None else os.environ.get(
+        "TALLY_BENCH_FEAST_PYTHON", os.environ.get("TALLY_FEAST_PYTHON", DEFAULT_FEAST_PYTHON))
+    return path if path and os.path.exists(path) else None
+
+
+def feast_version(python):
+    """Feast's version in that interpreter, or None if it cannot import it."""
+    done = subprocess.run([python, "-c", "import feast; print(feast.__version__)"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def write_feast_inputs(workdir, events, spine):
+    """Events and spine as Parquet, in the order Tally gets them, times as UTC
+    timestamps (Feast wants those)."""
+    def with_timestamps(table):
+        stamps = table.column("ts").cast(pa.timestamp("ms", tz="UTC"))
+        return table.append_column("event_timestamp", stamps).drop_columns(["ts"])
+    paths = {"events": os.path.join(workdir, "events.parquet"),
+             "spine": os.path.join(workdir, "spine.parquet")}
+    pq.write_table(with_timestamps(events), paths["events"])
+    pq.write_table(with_timestamps(spine), paths["spine"])
+    return paths
+
+
+def run_feast(python, store, paths, workdir, repeat, timeout):
+    """Feast's figures and result table for one offline store (result None and
+    a reason in the figures when it did not finish)."""
+    repo = tempfile.mkdtemp(prefix=f"feast-{store}-", dir=workdir)
+    job = dict(paths, store=store, repo=repo, repeat=repeat,
+               out=os.path.join(repo, "result.parquet"))
+    job_path = os.path.join(repo, "job.json")
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    script = os.path.join(repo, "driver.py")
+    with open(script, "w") as f:
+        f.write(FEAST_DRIVER)
+    try:
+        done = subprocess.run([python, script, job_path], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"did not finish within {timeout} s"}, None
+    if done.returncode:
+        return {"skipped": f"the Feast driver failed: {done.stderr.strip()[-600:]}"}, None
+    return json.loads(done.stdout.splitlines()[-1]), pq.read_table(job["out"])
+
+
+def compare_returned_rows(reference, result, column):
+    """Feast's values against Tally's on the rows Feast returned (by row id),
+    and which of the spine's rows it left out."""
+    ref_ids = reference.column("row").to_numpy()
+    order = np.argsort(ref_ids)
+    ids = result.column("row").to_numpy()
+    at = order[np.searchsorted(ref_ids, ids, sorter=order)]
+    want = reference.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    got = result.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    same = np.isclose(got, want[at], rtol=1e-9, atol=1e-6, equal_nan=True)
+    missing = np.ones(len(ref_ids), dtype=bool)
+    missing[at] = False
+    return {"rows_matching": int(same.sum()), "rows_differing": int((~same).sum()),
+            "rows_repeated": int(len(ids) - len(np.unique(ids))),
+            "rows_missing": int(missing.sum()),
+            "rows_missing_null_in_tally": int(np.isnan(want[missing]).sum())}
+
+
+def entity_pairs(events, spine):
+    """Pairs (spine row, event of the same entity): what Feast's file store
+    materializes before it filters by time (its merge is on the key alone)."""
+    event_keys, spine_keys = events.column("user").to_numpy(), spine.column("user").to_numpy()
+    per_entity = np.bincount(event_keys, minlength=int(spine_keys.max()) + 1)
+    return int(per_entity[spine_keys].sum())
+
+
+def feast_spine(events, spine, max_pairs):
+    """The whole spine, or a random subsample small enough that Feast's
+    file store materializes about ``max_pairs`` pairs (a hot key's rows pair
+    with all of its events: 30k x 30k for the 3% hot key at full size)."""
+    pairs = entity_pairs(events, spine)
+    n = spine.num_rows if pairs <= max_pairs else max(1, spine.num_rows * max_pairs // pairs)
+    picked = np.sort(np.random.default_rng(2).choice(spine.num_rows, n, replace=False))
+    return spine.take(pa.array(picked)), pairs
+
+
+def feast_store_figures(figures, result, reference, t_tally, tally_full_rows_per_s):
+    """One Feast store's run, with its rate, ratios and value check added
+    (the per-row ratio to Tally's full-spine rate if that is given)."""
+    if result is None:
+        return figures
+    n = reference.num_rows
+    rate = n / figures["seconds"]
+    figures["rows_per_s"] = round(rate)
+    figures["ratio_tally_to_feast"] = round(figures["seconds"] / t_tally, 1)
+    if tally_full_rows_per_s:
+        figures["ratio_per_row_tally_full_spine"] = round(tally_full_rows_per_s / rate, 1)
+    figures.update(compare_returned_rows(reference, result, "last_v"))
+    return figures
+
+
+def feast_case(python, events, spine, tally_full_rows_per_s, args):
+    """Tally against each Feast offline store, same events, same spine rows."""
+    spine, pairs = feast_spine(events, spine, args.feast_pairs)
+    n = spine.num_rows
+    t_tally, reference = best_of(args.repeat, lambda: tally_last(events, spine))
+    figures = {"spine_rows": n, "subsample": n < args.spine, "entity_pairs_full_spine": pairs,
+               "tally_rows_per_s": round(n / t_tally),
+               "tally_null_rows": int(reference.column("last_v").null_count)}
+    # Feast's work grows with the pairs, so linearly in a random subsample,
+    # while Tally's on a subsample is mostly sorting the (all) events: the
+    # per-row ratio takes Tally's rate on the whole spine
+    full_rate = tally_full_rows_per_s if figures["subsample"] else None
+    with tempfile.TemporaryDirectory(prefix="tally-bench-feast-") as workdir:
+        paths = write_feast_inputs(workdir, events, spine)
+        for store in FEAST_STORES:
+            store_figures, result = run_feast(python, store, paths, workdir, args.repeat,
+                                              args.feast_timeout)
+            figures[store] = feast_store_figures(store_figures, result, reference, t_tally,
+                                                 full_rate)
+            print(f"  feast {store}: {figures[store]}", flush=True)
+    return figures
+
+
 def run(quick=False, argv=()):
     parser = argparse.ArgumentParser(prog="python -m tally.bench training")
     parser.add_argument("--events", type=int, default=100_000 if quick else 1_000_000)
     parser.add_argument("--entities", type=int, default=10_000 if quick else 100_000)
     parser.add_argument("--spine", type=int, default=100_000 if quick else 1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--feast-python", default=None,
+                        help="python of a venv with feast (default: $TALLY_BENCH_FEAST_PYTHON, "
+                             f"else {DEFAULT_FEAST_PYTHON}); empty: skip Feast")
+    parser.add_argument("--feast-pairs", type=int, default=30_000_000,
+                        help="Feast gets a random subsample of the spine when its rows "
+                             "pair with more events of their entity than this")
+    parser.add_argument("--feast-timeout", type=float, default=1800,
+                        help="seconds per Feast run before it is abandoned")
     args = parser.parse_args(argv)
     import duckdb
+    feast_python = feast_interpreter(args.feast_python)
+    feast = feast_version(feast_python) if feast_python else None
     figures = {"benchmark": "training", "events": args.events, "entities": args.entities,
                "spine_rows": args.spine, "threads": 1, "duckdb": duckdb.__version__,
-               "feast": "not run"}
+               "feast": feast or ("not run" if args.feast_python == "" else "not installed")}
     for name, hot in (("uniform", 0.0), ("hot_key_3pct", 0.03)):
         events, spine, aligned = make_data(args.events, args.entities, args.spine, hot)
         figures[name] = run_case(name, events, spine, aligned, args.repeat)
+        if feast:
+            figures[name]["feast_last"] = feast_case(
+                feast_python, events, spine, figures[name]["last"]["tally_rows_per_s"], args)
         if not hot:
             figures["archive"] = archive_case(events, spine, args.repeat,
                                               max(args.events // 10, 1))
