@@ -110,10 +110,7 @@ class ViewPipeline:
         """Decode a batch, send its rejects to the dead-letter topic, fold the
         rest into the state and write the touched entities' records."""
         payloads = [m.data() for m in messages]
-        events = decode_payloads(payloads, self.view.source, self.decode_schema)
-        columns, rejects = events.columns, events.rejects
-        if self.view.entity.key_type == "string":
-            columns, rejects = _drop_unstorable_keys(events, self.view.key_column)
+        columns, rejects = decode_events(self.view, self.decode_schema, payloads)
         self._dead_letter(messages, payloads, rejects)
         n_events = len(columns[self.view.source.timestamp_field])
         if n_events:
@@ -156,6 +153,16 @@ class ViewPipeline:
                 payloads[index], None,
                 properties={"reason": reason, "source_topic": messages[index].topic_name(),
                             "message_id": str(messages[index].message_id())})
+
+
+def decode_events(view, decode_schema, payloads):
+    """``(columns, rejects)`` of raw payloads: the events a view folds and the
+    (payload index, reason) of those it refuses. The stream and the bootstrap
+    decode through here, so both accept and refuse the same events."""
+    events = decode_payloads(payloads, view.source, decode_schema)
+    if view.entity.key_type == "string":
+        return _drop_unstorable_keys(events, view.key_column)
+    return events.columns, events.rejects
 
 
 MAX_KEY_BYTES = 511      # LMDB's key size limit; an empty key is refused too

@@ -50,6 +50,10 @@ TARBALL_NAME = f"pulsar-server-distribution-{PULSAR_VERSION}-bin.tar.gz"
 DISTRIBUTION_DIR_NAME = f"apache-pulsar-{PULSAR_VERSION}"
 # Pinned so every machine fetches with the plugin this was verified with.
 MAVEN_COPY_GOAL = "org.apache.maven.plugins:maven-dependency-plugin:2.8:copy"
+# The filesystem offloader: the jar deployed to Central is the NAR itself
+# (classes plus META-INF/bundled-dependencies); the broker only looks for *.nar.
+FILESYSTEM_OFFLOADER_ARTIFACT = f"org.apache.pulsar:tiered-storage-file-system:{PULSAR_VERSION}"
+FILESYSTEM_OFFLOADER_JAR = f"tiered-storage-file-system-{PULSAR_VERSION}.jar"
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_BROKER_PORT = 6650
@@ -120,7 +124,39 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _fetch_with_maven(version_dir: Path) -> None:
+def ensure_filesystem_offloader(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The directory holding the filesystem offloader NAR (fetched once)."""
+    offloaders = cache_dir_for_version(cache_dir) / "offloaders"
+    nar = offloaders / FILESYSTEM_OFFLOADER_JAR.replace(".jar", ".nar")
+    if nar.is_file():
+        return offloaders
+    offloaders.mkdir(parents=True, exist_ok=True)
+    with _file_lock(offloaders / ".lock"):
+        if not nar.is_file():
+            _fetch_with_maven(offloaders, FILESYSTEM_OFFLOADER_ARTIFACT,
+                              FILESYSTEM_OFFLOADER_JAR)
+            os.replace(offloaders / FILESYSTEM_OFFLOADER_JAR, nar)
+    return offloaders
+
+
+def tiered_storage_config(offload_dir: Path, offloaders_dir: Path) -> dict[str, Any]:
+    """Broker keys for the filesystem offloader writing under `offload_dir`.
+
+    In 4.0 the offloader's base path is `fileSystemURI` itself (its
+    constructor reads fs.defaultFS back), so the URI names the directory."""
+    return {
+        "managedLedgerOffloadDriver": "filesystem",
+        "offloadersDirectory": str(offloaders_dir),
+        "fileSystemURI": Path(offload_dir).resolve().as_uri(),
+        # Drop the BookKeeper copy as soon as a ledger is offloaded, and look
+        # for ledgers to drop every second: reads then truly come from the tier.
+        "managedLedgerOffloadDeletionLagMs": 0,
+        "retentionCheckIntervalInSeconds": 1,
+    }
+
+
+def _fetch_with_maven(version_dir: Path, artifact: str = DISTRIBUTION_ARTIFACT,
+                      file_name: str = TARBALL_NAME) -> None:
     mvn = shutil.which("mvn")
     if mvn is None:
         raise PulsarStartError(
@@ -133,18 +169,17 @@ def _fetch_with_maven(version_dir: Path) -> None:
     with tempfile.TemporaryDirectory(dir=version_dir, prefix=".fetch-") as scratch:
         command = [
             mvn, "-q", "-B", MAVEN_COPY_GOAL,
-            f"-Dartifact={DISTRIBUTION_ARTIFACT}",
+            f"-Dartifact={artifact}",
             f"-DoutputDirectory={scratch}",
         ]
         result = subprocess.run(command, capture_output=True, text=True)
-        fetched = Path(scratch) / TARBALL_NAME
+        fetched = Path(scratch) / file_name
         if result.returncode != 0 or not fetched.is_file():
             output = (result.stdout + result.stderr).strip()[-4000:]
             raise PulsarStartError(
-                f"mvn could not fetch {DISTRIBUTION_ARTIFACT} "
-                f"(exit {result.returncode}):\n{output}"
+                f"mvn could not fetch {artifact} (exit {result.returncode}):\n{output}"
             )
-        os.replace(fetched, version_dir / TARBALL_NAME)
+        os.replace(fetched, version_dir / file_name)
 
 
 def _extract_atomically(tarball: Path, destination: Path) -> None:
@@ -436,6 +471,9 @@ class LocalPulsar:
     or bookkeeper.conf key and overrides the defaults in `broker_config`.
     `max_entries_per_ledger` is the rollover size (entries = producer batches).
     `class_data_sharing=False` skips the cached class archive (see below).
+    `tiered_storage=True` adds the filesystem offloader, writing into
+    `<data_dir>/offloaded`, with BookKeeper copies dropped once offloaded
+    (see `offload`).
     """
 
     def __init__(
@@ -451,7 +489,9 @@ class LocalPulsar:
         cache_dir: str | os.PathLike | None = None,
         extra_jvm_options: Sequence[str] = (),
         class_data_sharing: bool = True,
+        tiered_storage: bool = False,
     ):
+        self.tiered_storage = tiered_storage
         self.data_dir = Path(data_dir).resolve() if data_dir else None
         self.max_entries_per_ledger = max_entries_per_ledger
         self.extra_config = dict(extra_config or {})
@@ -481,6 +521,11 @@ class LocalPulsar:
     @property
     def log_file(self) -> Path:
         return self._require_data_dir() / "broker.log"
+
+    @property
+    def offload_dir(self) -> Path:
+        """Where the filesystem offloader writes (with `tiered_storage=True`)."""
+        return self._require_data_dir() / "offloaded"
 
     @property
     def is_running(self) -> bool:
@@ -566,8 +611,12 @@ class LocalPulsar:
     def _write_config_files(self) -> tuple[Path, Path]:
         conf_dir = self._require_data_dir() / "conf"
         conf_dir.mkdir(exist_ok=True)
+        extra = dict(self.extra_config)
+        if self.tiered_storage:
+            offloaders = ensure_filesystem_offloader(self.cache_dir)
+            extra = {**tiered_storage_config(self.offload_dir, offloaders), **extra}
         config = broker_config(self.broker_port, self.web_port,
-                               self.max_entries_per_ledger, self.extra_config)
+                               self.max_entries_per_ledger, extra)
         conf_file = conf_dir / "standalone.conf"
         conf_file.write_text(render_properties(config), encoding="ascii")
         log4j2_file = conf_dir / "log4j2.xml"
@@ -675,19 +724,7 @@ class LocalPulsar:
     def admin(self, method: str, path: str, body: Any = None,
               timeout: float = 30) -> Any:
         """Call the admin REST API; JSON in and out (None for an empty answer)."""
-        url = self.admin_url + path
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        request.add_header("Accept", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as error:
-            raise PulsarAdminError(method, url, error.code,
-                                   error.read().decode(errors="replace")) from None
-        return json.loads(payload) if payload.strip() else None
+        return admin_request(self.admin_url, method, path, body, timeout)
 
     def create_partitioned_topic(self, topic: str, partitions: int) -> None:
         self.admin("PUT", f"{topic_rest_path(topic)}/partitions", int(partitions))
@@ -710,6 +747,34 @@ class LocalPulsar:
         """{'metadata': {...}, 'partitions': {'persistent://...-partition-0': stats}}."""
         return self.admin("GET", f"{topic_rest_path(topic)}/partitioned-internalStats")
 
+    def offload(self, topic: str, before_ledger: int, timeout: float = 60) -> None:
+        """Offload every closed ledger of `topic` (one partition) older than
+        `before_ledger`, and wait until the offload has finished."""
+        path = f"{topic_rest_path(topic)}/offload"
+        self.admin("PUT", path, {"ledgerId": int(before_ledger), "entryId": 0,
+                                 "partitionIndex": -1})
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.admin("GET", path)
+            if status["status"] == "SUCCESS":
+                return
+            if status["status"] == "ERROR":
+                raise PulsarAdminError("PUT", path, 500, status.get("lastError", ""))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"offload of {topic} still {status['status']}")
+            time.sleep(0.2)
+
+    def bookkeeper_deleted_ledgers(self) -> set[int]:
+        """Ledgers whose BookKeeper metadata the broker has deleted, from its
+        log: the admin API does not say whether an offloaded ledger's
+        BookKeeper copy is gone, the metadata store's log does."""
+        deleted = set()
+        if self.data_dir is None or not self.log_file.is_file():
+            return deleted
+        for match in _DELETED_LEDGER.finditer(self.log_file.read_text(errors="replace")):
+            deleted.add(int(match.group(1) + match.group(2) + match.group(3)))
+        return deleted
+
     def delete_topic(self, topic: str, force: bool = True) -> None:
         """Delete a topic, partitioned or not, with its data."""
         query = "?force=true" if force else ""
@@ -717,6 +782,29 @@ class LocalPulsar:
             self.admin("DELETE", f"{topic_rest_path(topic)}/partitions{query}")
         else:
             self.admin("DELETE", f"{topic_rest_path(topic)}{query}")
+
+
+def admin_request(admin_url: str, method: str, path: str, body: Any = None,
+                  timeout: float = 30) -> Any:
+    """One call to a broker's admin REST API (`admin_url` like
+    http://127.0.0.1:8080); JSON in and out (None for an empty answer)."""
+    url = admin_url.rstrip("/") + path
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    request.add_header("Accept", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as error:
+        raise PulsarAdminError(method, url, error.code,
+                               error.read().decode(errors="replace")) from None
+    return json.loads(payload) if payload.strip() else None
+
+
+# BookKeeper's hierarchical ledger path: the id as 10 digits, split 2/4/4.
+_DELETED_LEDGER = re.compile(r"Deleted path: /ledgers/(\d{2})/(\d{4})/L(\d{4})\b")
 
 
 def topic_rest_path(topic: str) -> str:

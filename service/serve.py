@@ -20,6 +20,7 @@ import threading
 import time
 
 from tally.core.definitions import FeatureView, state_hash
+from tally.service.bootstrap import Bootstrap, BootstrapCancelled
 from tally.service.checkpoint import CheckpointStore
 from tally.service.client import connect
 from tally.service.lmdb_store import LmdbStore
@@ -40,24 +41,48 @@ def subscription_for(view):
 
 
 class VersionRunner:
-    """The partition workers computing one version of one view."""
+    """The partition workers computing one version of one view; first, if
+    the service may read ledger lists (``admin_url``) and the version has no
+    checkpoint yet, a bootstrap of its state from history."""
 
     def __init__(self, service, view, version, serving):
         self.view, self.version, self.serving = view, version, serving
         self.stopping = False
+        self.service = service
+        self.workers = []
+        self.bootstrap = None
+        if service.admin_url and self._never_checkpointed():
+            self.bootstrap = Bootstrap(
+                view, service.pulsar_url, service.admin_url, service.store,
+                service.checkpoints, subscription_for(view), version=version,
+                serving=serving, readers=service.bootstrap_readers)
+        else:
+            self.start_workers()
+
+    def _never_checkpointed(self):
+        hashed = state_hash(self.view)
+        partitions = _partition_count(self.service.client, self.view.source.topic)
+        return all(self.service.checkpoints.latest_sequence(self.view.name, hashed, p) == 0
+                   for p in range(partitions))
+
+    def start_workers(self):
+        service = self.service
         self.workers = [
-            PartitionWorker(view, partition, service.client, service.store,
+            PartitionWorker(self.view, partition, service.client, service.store,
                             service.checkpoints, service.consumer_name,
-                            subscription=subscription_for(view), version=version,
-                            serving=serving, checkpoint_interval_s=service.checkpoint_interval_s,
+                            subscription=subscription_for(self.view), version=self.version,
+                            serving=self.serving,
+                            checkpoint_interval_s=service.checkpoint_interval_s,
                             batch_size=service.batch_size)
-            for partition in range(_partition_count(service.client, view.source.topic))]
+            for partition in range(_partition_count(service.client, self.view.source.topic))]
 
     def caught_up_with(self, serving):
         """Whether every partition has read as far as the serving version's
         (or, with none, has found no more messages waiting)."""
+        if not self.workers:
+            return False                  # still bootstrapping
         for partition, worker in enumerate(self.workers):
-            ahead = serving is not None and \
+            ahead = serving is not None and serving.workers and \
                 worker.position >= serving.workers[partition].position
             if not (ahead or worker.idle_batches >= IDLE_BATCHES_CAUGHT_UP):
                 return False
@@ -73,7 +98,12 @@ class StreamingService:
 
     def __init__(self, pulsar_url, store_path, checkpoint_dir, views=(), registry=None,
                  only_views=None, consumer_name=None, checkpoint_interval_s=5.0,
-                 batch_size=1000, metrics_address=None):
+                 batch_size=1000, metrics_address=None, admin_url=None,
+                 bootstrap_readers=None):
+        self.pulsar_url = pulsar_url
+        # With the admin URL, versions without checkpoints are bootstrapped by
+        # parallel readers; without it they read history through their subscription.
+        self.admin_url, self.bootstrap_readers = admin_url, bootstrap_readers
         self.client = connect(pulsar_url)
         self.store = LmdbStore(store_path)
         self.checkpoints = CheckpointStore(checkpoint_dir)
@@ -118,13 +148,38 @@ class StreamingService:
     def _start_tasks(self, key):
         runner = self.runners[key]
         loop = asyncio.get_running_loop()
-        self.tasks[key] = [loop.create_task(self._drive(loop, runner, w))
-                           for w in runner.workers]
+        if runner.bootstrap is not None:
+            self.tasks[key] = [loop.create_task(self._bootstrap_then_drive(loop, runner))]
+        else:
+            self.tasks[key] = [loop.create_task(self._drive(loop, runner, w))
+                               for w in runner.workers]
+
+    async def _bootstrap_then_drive(self, loop, runner):
+        """Bootstrap on a thread (its readers are processes) while the other
+        versions keep serving, then run the partition workers from the cut."""
+        name = f"{runner.view.name}@v{runner.version}"
+        log.info("bootstrapping %s from history", name)
+        try:
+            report = await loop.run_in_executor(None, runner.bootstrap.run)
+            log.info("bootstrapped %s: %s", name, report)
+        except BootstrapCancelled:
+            return
+        except Exception as error:
+            # Exact either way: partitions without a checkpoint read their
+            # history through the subscription instead, only slower.
+            log.error("bootstrap of %s failed (%s); reading history through the "
+                      "subscription instead", name, error)
+        if runner.stopping or self.stopping.is_set():
+            return
+        runner.start_workers()
+        await asyncio.gather(*(self._drive(loop, runner, w) for w in runner.workers))
 
     async def _stop_runner(self, key):
         """Let the runner's workers finish their batch and checkpoint, then close."""
         runner = self.runners.pop(key)
         runner.stopping = True
+        if runner.bootstrap is not None:
+            runner.bootstrap.cancel()
         await asyncio.gather(*self.tasks.pop(key, []))
         for worker in runner.workers:
             worker.close()
@@ -267,6 +322,12 @@ def main(argv=None):
     parser.add_argument("--checkpoints", default=os.path.join(".tally", "checkpoints"))
     parser.add_argument("--name", help="consumer name of this process (default host-pid)")
     parser.add_argument("--checkpoint-interval", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument("--admin", metavar="URL",
+                        help="the broker's admin REST URL (e.g. http://127.0.0.1:8080): "
+                        "versions without a checkpoint are then bootstrapped from history by "
+                        "parallel readers (without it, they read it through their subscription)")
+    parser.add_argument("--bootstrap-readers", type=int, metavar="N",
+                        help="reader processes per bootstrap (default: the number of cores)")
     parser.add_argument("--metrics", default="127.0.0.1:9464", metavar="HOST:PORT",
                         help="Prometheus endpoint (/metrics, /health); 'off' disables it")
     args = parser.parse_args(argv)
@@ -296,7 +357,8 @@ def main(argv=None):
                                registry=registry, only_views=wanted,
                                consumer_name=args.name,
                                checkpoint_interval_s=args.checkpoint_interval,
-                               metrics_address=metrics_address)
+                               metrics_address=metrics_address, admin_url=args.admin,
+                               bootstrap_readers=args.bootstrap_readers)
     log.info("serving %s", [f"{name}@v{version}" for name, version in service.runners]
              if not registry else f"the views of registry {args.registry}")
     uvloop.run(service.run())

@@ -1,0 +1,640 @@
+"""Bootstrap: a view version's state from all of history, then an exact
+handover to the stream.
+
+With infinite retention and tiered storage the topic is the history. The
+bootstrap cuts each partition at its last confirmed entry (``history``),
+splits what lies before the cut (and an optional Parquet archive older than
+the topic) into work units, and lets N reader processes fold the units into
+partial states in parallel: a Pulsar Reader started at the unit's exact first
+entry reads both BookKeeper and offloaded ledgers (the broker opens offloaded
+ones from the tier). The partial states of a partition are merged in log
+order (``ViewState.merge`` folds the state of a later part of a stream into an
+earlier one exactly), the partition's records are written to the online
+store, and the handover is a checkpoint whose position is the cut: the
+partition worker restores it and folds only messages after the cut. No event
+is missed, none counted twice, however much producers write meanwhile. The
+subscription is also moved to the cut so the worker does not re-read history
+(a speed-up only: the checkpoint position alone makes the handover exact).
+
+Work units are saved as they complete under ``<checkpoints>/<view>/<state
+hash>/bootstrap/`` with the plan (and so the cut): an interrupted bootstrap
+resumes from the completed units.
+
+Malformed history events are refused by the same decoder as the stream's and
+counted in the report; they are not dead-lettered again (the stream did that
+when they arrived, and the messages themselves stay in the topic).
+"""
+import concurrent.futures
+import json
+import logging
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from tally.core import snapshot
+from tally.core.decode import Schema
+from tally.core.definitions import state_hash
+from tally.core.view import ViewState
+from tally.service.checkpoint import CheckpointConflict
+from tally.service.history import (HistoryError, TopicUnit, archive_boundary, cut_position,
+                                   last_position, ledger_ranges, open_dataset, plan_archive,
+                                   plan_partition, target_unit_size, unit_from_dict)
+from tally.service.materialize import online_schema, records_for
+from tally.service.pipeline import decode_events
+from tally.service.pulsar_local import admin_request, topic_rest_path
+
+log = logging.getLogger("tally.bootstrap")
+
+RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
+READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
+WRITE_CHUNK = 50_000           # records per online-store transaction at handover
+PLAN_FILE = "plan.json"
+
+
+class BootstrapError(RuntimeError):
+    """The bootstrap could not complete; completed work units are kept."""
+
+
+class BootstrapCancelled(BootstrapError):
+    """``cancel()`` was called; completed work units are kept."""
+
+
+# --------------------------------------------------------------------------
+# Reader processes: one work unit in, one partial state file out.
+
+_clients = {}
+
+
+def _client(pulsar_url):
+    if pulsar_url not in _clients:
+        from tally.service.client import connect
+        _clients[pulsar_url] = connect(pulsar_url)
+    return _clients[pulsar_url]
+
+
+def read_topic_unit(view, pulsar_url, admin_url, unit, out_path, events_from_ms=None):
+    """Fold the messages of ``unit`` into a fresh state and save it."""
+    started = time.monotonic()
+    state, tally = ViewState(view), _UnitTally()
+    decode_schema = Schema(list(view.source.schema))
+    for payloads in _unit_payloads(_client(pulsar_url), admin_url, view.source.topic, unit):
+        tally.fold(state, view, decode_schema, payloads, events_from_ms)
+    _save_states(out_path, {"": state})
+    return tally.summary(time.monotonic() - started)
+
+
+def _unit_payloads(client, admin_url, topic, unit):
+    """The payloads of the unit's messages in log order, in batches.
+
+    A temporary subscription is created at the unit's first entry (admin API)
+    and read by a consumer in batches: about twice the rate of a Reader's one
+    message per call, and no seek. Messages beyond the unit's last entry are
+    dropped by position."""
+    import pulsar
+    topic = f"{topic}-partition-{unit.partition}"
+    subscription = f"tally-bootstrap-{uuid.uuid4().hex[:16]}"
+    admin_request(admin_url, "PUT", f"{topic_rest_path(topic)}/subscription/{subscription}",
+                  {"ledgerId": unit.first[0], "entryId": unit.first[1], "partitionIndex": -1,
+                   "batchIndex": -1, "isExcluded": False})
+    consumer = client.subscribe(
+        topic, subscription, consumer_type=pulsar.ConsumerType.Exclusive,
+        receiver_queue_size=RECEIVE_BATCH,
+        batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(RECEIVE_BATCH, 64 << 20, 10))
+    raw = consumer._consumer
+    try:
+        stop_at = _final_message(raw, unit)
+        first, last, deadline = tuple(unit.first), tuple(unit.last), None
+        while True:
+            messages = raw.batch_receive()
+            payloads, done = [], False
+            for message in messages:
+                mid = message.message_id()
+                at = (mid.ledger_id(), mid.entry_id())
+                if at < first:
+                    raise BootstrapError(f"{topic}: got entry {at} before the unit's first "
+                                         f"{first}")
+                if at > last:
+                    done = True
+                    break
+                payloads.append(message.data())
+                if stop_at is not None and at + (mid.batch_index(),) >= stop_at:
+                    done = True
+                    break
+            yield payloads
+            if done:
+                return
+            deadline = _check_progress(messages, deadline, topic, unit)
+    finally:
+        try:
+            raw.unsubscribe()
+        except Exception:            # the subscription is left over; it holds nothing back
+            raw.close()
+
+
+def _final_message(raw, unit):
+    """The exact id of the unit's last message if the unit ends at the
+    topic's last entry (then no later message will show where it ends), else None."""
+    mid = raw.get_last_message_id()
+    if (mid.ledger_id(), mid.entry_id()) == tuple(unit.last):
+        return (mid.ledger_id(), mid.entry_id(), mid.batch_index())
+    return None
+
+
+def _check_progress(messages, deadline, topic, unit):
+    """Fail a unit that stops receiving; returns the new deadline."""
+    if messages:
+        return None
+    now = time.monotonic()
+    deadline = deadline or now + READ_TIMEOUT_S
+    if now > deadline:
+        raise BootstrapError(f"{topic}: no message for {READ_TIMEOUT_S:.0f} s while reading "
+                             f"entries {unit.first}..{unit.last}")
+    return deadline
+
+
+def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_before_ms):
+    """Fold the rows of ``unit`` into one fresh state per partition and save them."""
+    import pyarrow.parquet as pq
+
+    from tally.core.training import arrow_event_columns
+    from tally.service.producer import partitions_of
+    started = time.monotonic()
+    _, filesystem = open_dataset(archive_uri)
+    columns = [name for name, _ in view.source.schema]
+    with filesystem.open_input_file(unit.path) as handle:
+        parquet = pq.ParquetFile(handle)
+        columns = [c for c in columns if c in parquet.schema_arrow.names]
+        table = parquet.read_row_groups(list(unit.row_groups), columns=columns)
+    events = arrow_event_columns(table, view.source, columns)
+    ts = events[view.source.timestamp_field]
+    tally = _UnitTally(messages=table.num_rows, rejected=table.num_rows - len(ts))
+    keep = ts < events_before_ms
+    events = {name: values[keep] for name, values in events.items()}
+    tally.outside_cut = int((~keep).sum())
+    partitions = partitions_of(events[view.key_column], n_partitions)
+    states = {}
+    for partition in np.unique(partitions):
+        mine = partitions == partition
+        state = states[str(int(partition))] = ViewState(view)
+        state.apply({name: values[mine] for name, values in events.items()})
+        tally.events += int(mine.sum())
+    _save_states(out_path, states)
+    return tally.summary(time.monotonic() - started)
+
+
+class _UnitTally:
+    def __init__(self, messages=0, rejected=0):
+        self.messages, self.events, self.rejected = messages, 0, rejected
+        self.reasons, self.outside_cut = {}, 0
+
+    def fold(self, state, view, decode_schema, payloads, events_from_ms):
+        if not payloads:
+            return
+        columns, rejects = decode_events(view, decode_schema, payloads)
+        self.messages += len(payloads)
+        self.rejected += len(rejects)
+        for _, reason in rejects:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if events_from_ms is not None:
+            keep = columns[view.source.timestamp_field] >= events_from_ms
+            self.outside_cut += int((~keep).sum())
+            columns = {name: values[keep] for name, values in columns.items()}
+        self.events += len(columns[view.source.timestamp_field])
+        state.apply(columns)
+
+    def summary(self, seconds):
+        return {"messages": self.messages, "events": self.events, "rejected": self.rejected,
+                "reject_reasons": self.reasons, "outside_cut": self.outside_cut,
+                "seconds": seconds}
+
+
+def _save_states(path, states):
+    """Partial states, keyed by partition ('' for a topic unit's one state),
+    published atomically: a unit file exists only once complete."""
+    arrays, params = {}, {}
+    for key, state in states.items():
+        params[key] = state.describe()
+        arrays.update({f"{key}/{name}": a for name, a in state.export_arrays().items()})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(snapshot.dumps(arrays, {"states": params}))
+    os.replace(tmp, path)
+
+
+def _load_state(view, path, key):
+    """One partial state saved by ``_save_states``, or None if it has none for ``key``."""
+    arrays, meta = snapshot.load(path)
+    if key not in meta["states"]:
+        return None
+    prefix = f"{key}/"
+    own = {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
+    return ViewState.from_arrays(view, meta["states"][key], own)
+
+
+class ReaderPool:
+    """N reader processes, each a fresh interpreter (``python -m
+    tally.service.bootstrap --reader``) fed pickled tasks over a pipe.
+
+    Not multiprocessing: fork would copy the caller's Pulsar client threads,
+    and spawn re-imports the caller's main script, which a user's script
+    without a ``__main__`` guard does not survive."""
+
+    def __init__(self, n):
+        self.processes = []
+        self.idle = []
+        self.threads = concurrent.futures.ThreadPoolExecutor(n, "tally-bootstrap")
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.threads.shutdown(cancel_futures=True)
+        for process in self.processes:
+            process.stdin.close()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def submit(self, function, *args):
+        return self.threads.submit(self._call, function, args)
+
+    def _call(self, function, args):
+        process = self._take()
+        try:
+            _send(process.stdin, (function, args))
+            ok, value = _receive(process.stdout)
+        except (EOFError, OSError):
+            raise BootstrapError(f"a reader process died (exit {process.poll()}); completed "
+                                 "units are kept for a resume") from None
+        self.idle.append(process)
+        if not ok:
+            raise BootstrapError(value)
+        return value
+
+    def _take(self):
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+            process = subprocess.Popen([sys.executable, "-m", "tally.service.bootstrap",
+                                        "--reader"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE)
+            self.processes.append(process)
+            return process
+
+
+def _send(stream, value):
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        raise EOFError
+    (size,) = struct.unpack("<Q", header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def reader_process_main():
+    """Serve tasks from the pool until stdin closes. The protocol owns the
+    original stdout; anything else printing there (the Pulsar client's
+    logger) is redirected to stderr."""
+    requests = sys.stdin.buffer
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    while True:
+        try:
+            function, args = _receive(requests)
+        except EOFError:
+            return 0
+        try:
+            reply = (True, function(*args))
+        except Exception as error:          # reported to the coordinator, named
+            reply = (False, f"{type(error).__name__}: {error}")
+        _send(replies, reply)
+
+
+# --------------------------------------------------------------------------
+# The coordinator
+
+
+class Bootstrap:
+    """Bootstraps the partitions of one view version that have no checkpoint."""
+
+    def __init__(self, view, pulsar_url, admin_url, store, checkpoints, subscription,
+                 version=1, serving=True, readers=None, archive=None, progress=None,
+                 units_per_reader=6):
+        self.view, self.pulsar_url, self.admin_url = view, pulsar_url, admin_url
+        self.store, self.checkpoints, self.subscription = store, checkpoints, subscription
+        self.version, self.serving = version, serving
+        self.readers = readers or os.cpu_count() or 1
+        self.archive = archive if archive is not None else view.source.archive
+        self.progress = progress
+        self.units_per_reader = units_per_reader
+        self.state_hash = state_hash(view)
+        self.workdir = os.path.join(checkpoints.root, view.name, self.state_hash, "bootstrap")
+        self.cancelled = threading.Event()
+
+    def cancel(self):
+        """Stop after the units being read (from any thread); run() raises
+        BootstrapCancelled and a later run resumes."""
+        self.cancelled.set()
+
+    def pending_partitions(self):
+        n_partitions = self._partition_count()
+        return [p for p in range(n_partitions)
+                if self.checkpoints.latest_sequence(self.view.name, self.state_hash, p) == 0]
+
+    def run(self):
+        """Bootstrap, hand over, and return a report (events, rates, units)."""
+        started = time.monotonic()
+        pending = self.pending_partitions()
+        if not pending:
+            return {"view": self.view.name, "partitions": [], "note": "already bootstrapped"}
+        plan = self._load_or_make_plan(pending)
+        results = self._read_units(plan)
+        read_seconds = time.monotonic() - started
+        handed_over = [p for p in pending if self._hand_over(plan, p)]
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return self._report(plan, results, handed_over, read_seconds,
+                            time.monotonic() - started)
+
+    # -- plan ----------------------------------------------------------------
+
+    def _partition_count(self):
+        path = f"{topic_rest_path(self.view.source.topic)}/partitions"
+        partitions = admin_request(self.admin_url, "GET", path)["partitions"]
+        if partitions < 1:
+            raise BootstrapError(f"topic {self.view.source.topic!r} is not partitioned")
+        return partitions
+
+    def _load_or_make_plan(self, pending):
+        path = os.path.join(self.workdir, PLAN_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                plan = json.load(f)
+            if plan["partitions_pending"] == pending and plan["archive"] == self.archive:
+                log.info("%s: resuming the bootstrap planned at %s", self.view.name,
+                         time.ctime(plan["planned_at"]))
+                return plan
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        os.makedirs(self.workdir)
+        plan = self._make_plan(pending)
+        with open(path + ".tmp", "w") as f:
+            json.dump(plan, f)
+        os.replace(path + ".tmp", path)
+        return plan
+
+    def _make_plan(self, pending):
+        stats = {p: admin_request(self.admin_url, "GET", topic_rest_path(
+            f"{self.view.source.topic}-partition-{p}") + "/internalStats") for p in pending}
+        total_entries = sum(e for s in stats.values() for _, e, _, _ in ledger_ranges(s))
+        target = target_unit_size(total_entries, self.readers, self.units_per_reader)
+        units, partitions = [], {}
+        for p in pending:
+            mine = plan_partition(p, stats[p], target)
+            units += mine
+            partitions[str(p)] = {"cut": list(cut_position(stats[p])),
+                                  "seek": last_position(mine)}
+        boundary = None
+        if self.archive:
+            boundary = archive_boundary(self.archive, self.view.source.timestamp_field)
+            rows = sum(u.rows for u in plan_archive(self.archive, 1 << 62))
+            units = plan_archive(self.archive, target_unit_size(
+                rows, self.readers, self.units_per_reader, minimum=10_000)) + units
+        return {"planned_at": time.time(), "partitions_pending": pending,
+                "n_partitions": self._partition_count(), "archive": self.archive,
+                "events_before_ms": boundary, "partitions": partitions,
+                "units": [u.to_dict() for u in units]}
+
+    # -- read ----------------------------------------------------------------
+
+    def _unit_path(self, index):
+        return os.path.join(self.workdir, f"unit-{index:06d}.state")
+
+    def _read_units(self, plan):
+        units = [unit_from_dict(u) for u in plan["units"]]
+        todo = [i for i in range(len(units)) if not os.path.exists(self._unit_path(i))]
+        results, done_before = {}, len(units) - len(todo)
+        progress = _Progress(len(units), done_before, self.progress)
+        if not todo:
+            return results
+        with ReaderPool(min(self.readers, len(todo))) as pool:
+            futures = {pool.submit(*self._task(plan, units[i], i)): i for i in todo}
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    index = futures[future]
+                    results[index] = future.result()
+                    progress.unit_done(results[index])
+                    if self.cancelled.is_set():
+                        raise BootstrapCancelled(f"{self.view.name}: bootstrap cancelled")
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+        return results
+
+    def _task(self, plan, unit, index):
+        if isinstance(unit, TopicUnit):
+            return (read_topic_unit, self.view, self.pulsar_url, self.admin_url, unit,
+                    self._unit_path(index), plan["events_before_ms"])
+        return (read_archive_unit, self.view, self.archive, unit, plan["n_partitions"],
+                self._unit_path(index), plan["events_before_ms"])
+
+    # -- merge and hand over -------------------------------------------------
+
+    def _merged_state(self, plan, partition):
+        """The partition's state: its partial states folded in log order
+        (archive units first, then the topic's)."""
+        state = ViewState(self.view)
+        for index, data in enumerate(plan["units"]):
+            if data["kind"] == "topic" and data["partition"] != partition:
+                continue
+            key = "" if data["kind"] == "topic" else str(partition)
+            part = _load_state(self.view, self._unit_path(index), key)
+            if part is not None:
+                state.merge(part)
+        return state
+
+    def _hand_over(self, plan, partition):
+        """Write the partition's records, then publish its checkpoint at the
+        cut; False if another process published one first."""
+        state = self._merged_state(plan, partition)
+        self._write_records(state)
+        cut = plan["partitions"][str(partition)]["cut"]
+        try:
+            self.checkpoints.save(
+                self.view.name, self.state_hash, partition, 1, state.export_arrays(),
+                {"params": state.describe(), "position": cut, "view": self.view.name,
+                 "partition": partition, "bootstrap": True})
+        except CheckpointConflict:
+            log.warning("%s partition %d: another process bootstrapped it first",
+                        self.view.name, partition)
+            return False
+        seek = plan["partitions"][str(partition)]["seek"]
+        if seek is not None:
+            self._seek_subscription(partition, seek)
+        return True
+
+    def _write_records(self, state):
+        schema = online_schema(self.view, self.version)
+        self.store.register_view(schema, current=self.serving)
+        now = int(time.time() * 1000)
+        slots = np.arange(len(state))
+        for start in range(0, len(slots), WRITE_CHUNK):
+            chunk = slots[start:start + WRITE_CHUNK]
+            self.store.write(self.view.name, state.index.keys_of(chunk),
+                             records_for(state, schema, chunk, now, now),
+                             version=self.version)
+        self.store.flush()
+
+    def _seek_subscription(self, partition, position):
+        """Move the version's subscription to the cut so its worker starts
+        there. Whether the broker then redelivers the cut message itself or
+        the next one, the worker skips what the checkpoint covers."""
+        import pulsar
+        client = _client(self.pulsar_url)
+        consumer = client.subscribe(
+            f"{self.view.source.topic}-partition-{partition}", self.subscription,
+            consumer_type=pulsar.ConsumerType.Failover,
+            initial_position=pulsar.InitialPosition.Earliest)
+        try:
+            consumer.seek(pulsar.MessageId(-1, position[0], position[1], -1))
+        finally:
+            consumer.close()
+
+    def _report(self, plan, results, handed_over, read_seconds, total_seconds):
+        units = [unit_from_dict(u) for u in plan["units"]]
+        report = {"view": self.view.name, "version": self.version, "readers": self.readers,
+                  "partitions": handed_over, "units": len(units),
+                  "units_resumed": len(units) - len(results),
+                  "events_before_ms": plan["events_before_ms"],
+                  "read_seconds": round(read_seconds, 3),
+                  "total_seconds": round(total_seconds, 3)}
+        for name, chosen in (("offloaded", lambda u: u.kind == "topic" and u.offloaded),
+                             ("bookkeeper", lambda u: u.kind == "topic" and not u.offloaded),
+                             ("archive", lambda u: u.kind == "archive")):
+            mine = [results[i] for i, u in enumerate(units) if chosen(u) and i in results]
+            report[name] = {
+                "units": sum(1 for u in units if chosen(u)),
+                "events": sum(r["events"] for r in mine),
+                "reader_seconds": round(sum(r["seconds"] for r in mine), 3)}
+        report["events"] = sum(r["events"] for r in results.values())
+        report["rejected"] = sum(r["rejected"] for r in results.values())
+        reasons = {}
+        for r in results.values():
+            for reason, count in r["reject_reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        report["reject_reasons"] = reasons
+        report["events_per_s"] = round(report["events"] / read_seconds) if read_seconds else 0
+        return report
+
+
+class _Progress:
+    """Counts finished units and calls ``callback(done, total, events, eta_s)``."""
+
+    def __init__(self, total, done, callback):
+        self.total, self.done, self.callback = total, done, callback
+        self.initial, self.events, self.started = done, 0, time.monotonic()
+
+    def unit_done(self, result):
+        self.done += 1
+        self.events += result["events"]
+        if self.callback:
+            elapsed = time.monotonic() - self.started
+            fresh = self.done - self.initial
+            eta = elapsed / fresh * (self.total - self.done) if fresh else None
+            self.callback(self.done, self.total, self.events, eta)
+
+
+def progress_bar(stream=sys.stderr):
+    """A ``progress`` callback drawing one line: units, events, rate, ETA."""
+    started = time.monotonic()
+
+    def draw(done, total, events, eta):
+        width = 30
+        filled = width * done // max(total, 1)
+        rate = events / max(time.monotonic() - started, 1e-9)
+        eta_text = "--" if eta is None else f"{eta:5.1f} s"
+        print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} units  "
+              f"{events:,} events  {rate:,.0f}/s  ETA {eta_text}   ", end="", file=stream,
+              flush=True)
+        if done == total:
+            print(file=stream)
+    return draw
+
+
+# --------------------------------------------------------------------------
+# tally bootstrap
+
+
+def main(argv=None):
+    import argparse
+    if argv is None and sys.argv[1:] == ["--reader"]:
+        return reader_process_main()
+
+    from tally.core.definitions import FeatureView
+    from tally.service.checkpoint import CheckpointStore
+    from tally.service.lmdb_store import LmdbStore
+    from tally.service.registry import load_file
+    from tally.service.serve import subscription_for
+
+    parser = argparse.ArgumentParser(
+        prog="tally bootstrap", description="Compute a view's state from all of its "
+        "history (archive, offloaded and BookKeeper ledgers) with parallel readers, and hand "
+        "it over to `tally serve` at an exact cut.")
+    parser.add_argument("definitions", help="a .py or .sql file of feature views")
+    parser.add_argument("--view", help="the view to bootstrap (needed if the file has several)")
+    parser.add_argument("--version", type=int, default=1,
+                        help="the version number its records are written under")
+    parser.add_argument("--candidate", action="store_true",
+                        help="write the records as a candidate (not served until promoted)")
+    parser.add_argument("--readers", type=int, default=os.cpu_count(),
+                        help="reader processes (default: the number of cores)")
+    parser.add_argument("--archive", help="a Parquet archive older than the topic "
+                        "(default: the source's archive)")
+    parser.add_argument("--pulsar", default="pulsar://127.0.0.1:6650")
+    parser.add_argument("--admin", default="http://127.0.0.1:8080",
+                        help="the broker's admin REST URL (for ledger lists)")
+    parser.add_argument("--store", default=os.path.join(".tally", "store"))
+    parser.add_argument("--checkpoints", default=os.path.join(".tally", "checkpoints"))
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    views = [d for d in load_file(args.definitions) if isinstance(d, FeatureView)]
+    if args.view:
+        views = [v for v in views if v.name == args.view]
+    if len(views) != 1:
+        parser.error(f"name one view with --view (found {[v.name for v in views]})")
+    view = views[0]
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+    with LmdbStore(args.store) as store:
+        job = Bootstrap(view, args.pulsar, args.admin, store, CheckpointStore(args.checkpoints),
+                        subscription_for(view), version=args.version,
+                        serving=not args.candidate, readers=args.readers,
+                        archive=args.archive, progress=None if args.quiet else progress_bar())
+        try:
+            report = job.run()
+        except (BootstrapError, HistoryError, OSError) as error:
+            print(f"\ntally bootstrap: {error}", file=sys.stderr)
+            return 2
+    print(json.dumps(report, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

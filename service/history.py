@@ -1,0 +1,259 @@
+"""A view's history, cut into work units that readers can fold in parallel.
+
+**Topic.** For each partition the broker's internal stats list the ledgers
+(id, entry count, offloaded or not) and the last confirmed entry. The cut is
+that entry at plan time: the bootstrap folds every message at or before it,
+the stream everything after it. Ledgers are split into units of about
+``target_entries`` contiguous entries (a unit may span small ledgers, a large
+ledger gives several units); a unit never mixes offloaded and BookKeeper
+ledgers, so the two tiers' read speeds can be told apart.
+
+**Archive.** A Parquet dataset (a local path or any pyarrow filesystem URI)
+holding the events older than the topic's history, cut into units of whole
+row groups. An archive declares the event time it stops at,
+``events_before_ms`` = T, in ``_tally_archive.json`` at its root: it holds
+the events with time < T, the topic supplies those with time >= T, so an
+event at the boundary is counted once whichever side also stored it. Without
+the file, T is one past the newest event time in the archive (from the row
+group statistics): then write archives at a time boundary.
+
+Positions are (ledger, entry, batch index) triples, compared as tuples like
+``partition.message_position``; ``END_OF_ENTRY`` as a batch index sorts after
+every message of an entry.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass
+
+END_OF_ENTRY = (1 << 31) - 1
+ARCHIVE_MANIFEST = "_tally_archive.json"
+
+
+class HistoryError(RuntimeError):
+    """The history cannot be planned or read as asked."""
+
+
+@dataclass(frozen=True)
+class TopicUnit:
+    """Entries ``first``..``last`` (each a (ledger, entry) pair, inclusive) of
+    one partition."""
+    partition: int
+    first: tuple
+    last: tuple
+    entries: int
+    bytes: int
+    offloaded: bool
+
+    kind = "topic"
+
+    def to_dict(self):
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class ArchiveUnit:
+    """Row groups ``row_groups`` of one Parquet file of the archive."""
+    path: str
+    row_groups: tuple
+    rows: int
+
+    kind = "archive"
+
+    def to_dict(self):
+        return {"kind": self.kind, **asdict(self)}
+
+
+def unit_from_dict(data):
+    data = dict(data)
+    kind = data.pop("kind")
+    if kind == "topic":
+        return TopicUnit(data["partition"], tuple(data["first"]), tuple(data["last"]),
+                         data["entries"], data["bytes"], data["offloaded"])
+    return ArchiveUnit(data["path"], tuple(data["row_groups"]), data["rows"])
+
+
+# --------------------------------------------------------------------------
+# Topic
+
+
+def partition_cut(stats):
+    """The (ledger, entry) of the last confirmed entry in a partition's
+    internal stats; entry -1 when its current ledger is still empty."""
+    ledger, entry = stats["lastConfirmedEntry"].split(":")
+    return int(ledger), int(entry)
+
+
+def ledger_ranges(stats):
+    """``(ledger, entries, bytes, offloaded)`` of every ledger holding entries
+    at or before the cut, oldest first. The open ledger reports no entries in
+    ``ledgers``; its count comes from the cut."""
+    cut_ledger, cut_entry = partition_cut(stats)
+    ranges = []
+    for info in stats["ledgers"]:
+        ledger = info["ledgerId"]
+        if ledger > cut_ledger:
+            break
+        entries = info["entries"] if ledger < cut_ledger else cut_entry + 1
+        if ledger == cut_ledger and info["entries"]:
+            entries = min(info["entries"], cut_entry + 1)
+        if entries > 0:
+            size = info.get("size") or 0
+            ranges.append((ledger, entries, size, bool(info.get("offloaded"))))
+    return ranges
+
+
+def plan_partition(partition, stats, target_entries):
+    """The work units of one partition, in log order."""
+    units, pending = [], None           # pending: [first, last, entries, bytes, offloaded]
+    for ledger, entries, size, offloaded in ledger_ranges(stats):
+        bytes_per_entry = size / entries if entries else 0
+        start = 0
+        while start < entries:
+            if pending and pending[4] != offloaded:
+                units.append(_topic_unit(partition, pending))
+                pending = None
+            room = target_entries - (pending[2] if pending else 0)
+            take = min(room, entries - start)
+            if pending is None:
+                pending = [(ledger, start), None, 0, 0, offloaded]
+            pending[1] = (ledger, start + take - 1)
+            pending[2] += take
+            pending[3] += int(take * bytes_per_entry)
+            start += take
+            if pending[2] >= target_entries:
+                units.append(_topic_unit(partition, pending))
+                pending = None
+    if pending:
+        units.append(_topic_unit(partition, pending))
+    return units
+
+
+def _topic_unit(partition, pending):
+    first, last, entries, size, offloaded = pending
+    return TopicUnit(partition, first, last, entries, size, offloaded)
+
+
+def target_unit_size(total, readers, units_per_reader=6, minimum=1):
+    """Units small enough that ``readers`` stay busy to the end (and a resumed
+    run loses little), large enough that a unit's setup cost is noise."""
+    return max(minimum, math.ceil(total / max(1, readers * units_per_reader)))
+
+
+def cut_position(stats):
+    """The checkpoint position that covers everything up to the cut."""
+    ledger, entry = partition_cut(stats)
+    return (ledger, entry, END_OF_ENTRY)
+
+
+def last_position(units):
+    """The (ledger, entry) of the newest entry the units cover, or None."""
+    return units[-1].last if units else None
+
+
+# --------------------------------------------------------------------------
+# Archive
+
+
+def open_dataset(uri):
+    """``(dataset, filesystem)`` of a Parquet path or URI."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError):
+        filesystem, path = pafs.LocalFileSystem(), uri
+    try:
+        return ds.dataset(path, format="parquet", filesystem=filesystem), filesystem
+    except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
+        raise HistoryError(f"archive {uri!r}: {error}") from None
+
+
+def plan_archive(uri, target_rows):
+    """The archive's work units: runs of row groups of one file, in file order."""
+    dataset, _ = open_dataset(uri)
+    units = []
+    for fragment in dataset.get_fragments():
+        groups, rows = [], 0
+        for index, n_rows in _row_group_sizes(fragment):
+            groups.append(index)
+            rows += n_rows
+            if rows >= target_rows:
+                units.append(ArchiveUnit(fragment.path, tuple(groups), rows))
+                groups, rows = [], 0
+        if groups:
+            units.append(ArchiveUnit(fragment.path, tuple(groups), rows))
+    return units
+
+
+def _row_group_sizes(fragment):
+    metadata = fragment.metadata
+    return [(i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
+
+
+def archive_rows(uri):
+    dataset, _ = open_dataset(uri)
+    return sum(f.metadata.num_rows for f in dataset.get_fragments())
+
+
+def archive_boundary(uri, timestamp_field):
+    """T: the archive holds the events with time < T (see the module doc)."""
+    dataset, filesystem = open_dataset(uri)
+    manifest = _read_manifest(dataset, filesystem)
+    if manifest is not None:
+        try:
+            return int(manifest["events_before_ms"])
+        except (KeyError, TypeError, ValueError):
+            raise HistoryError(f"archive {uri!r}: {ARCHIVE_MANIFEST} must hold "
+                               '{"events_before_ms": <epoch ms>}') from None
+    newest = None
+    for fragment in dataset.get_fragments():
+        metadata = fragment.metadata
+        column = metadata.schema.names.index(timestamp_field) \
+            if timestamp_field in metadata.schema.names else None
+        if column is None:
+            raise HistoryError(f"archive {uri!r} has no column {timestamp_field!r}")
+        for i in range(metadata.num_row_groups):
+            stats = metadata.row_group(i).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                raise HistoryError(
+                    f"archive {uri!r}: row groups without time statistics; declare the "
+                    f"boundary in {ARCHIVE_MANIFEST} ({{\"events_before_ms\": ...}})")
+            high = stats.max
+            high = int(high.timestamp() * 1000) if hasattr(high, "timestamp") else int(high)
+            newest = high if newest is None else max(newest, high)
+    return None if newest is None else newest + 1
+
+
+def _read_manifest(dataset, filesystem):
+    import pyarrow.fs as pafs
+    files = dataset.files
+    if not files:
+        return None
+    root = _common_directory(files)
+    path = f"{root}/{ARCHIVE_MANIFEST}" if root else ARCHIVE_MANIFEST
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode())
+
+
+def _common_directory(files):
+    parts = [f.split("/")[:-1] for f in files]
+    common = parts[0]
+    for other in parts[1:]:
+        while other[:len(common)] != common:
+            common = common[:-1]
+    return "/".join(common)
+
+
+def write_archive(table, path, events_before_ms, row_group_size=64_000,
+                  file_name="part-0.parquet"):
+    """Write events (an Arrow table) as an archive that declares its boundary."""
+    import os
+
+    import pyarrow.parquet as pq
+    os.makedirs(path, exist_ok=True)
+    pq.write_table(table, os.path.join(path, file_name), row_group_size=row_group_size)
+    with open(os.path.join(path, ARCHIVE_MANIFEST), "w") as manifest:
+        json.dump({"events_before_ms": int(events_before_ms)}, manifest)
