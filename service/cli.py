@@ -72,6 +72,11 @@ def _cmd_serve(args):
     return serve.main(args.rest)
 
 
+def _cmd_bootstrap(args):
+    from tally.service import bootstrap
+    return bootstrap.main(args.rest)
+
+
 def _cmd_training_set(args):
     """Build a point-in-time training set (tally.core.training) into a Parquet file."""
     import time
@@ -420,6 +425,12 @@ def build_parser():
                                 "ingestion into the online store)", add_help=False)
     serve.set_defaults(run=_cmd_serve)
 
+    bootstrap = commands.add_parser(
+        "bootstrap", help="compute a view's state from all of history with parallel readers "
+        "(archive, offloaded and BookKeeper ledgers) and hand it over to tally serve",
+        add_help=False)
+    bootstrap.set_defaults(run=_cmd_bootstrap)
+
     training = commands.add_parser(
         "training-set", help="point-in-time training data: the spine's rows joined with "
         "feature values as of each row's time, replayed by the online engine")
@@ -445,7 +456,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("quickstart", "dev", "serve"):
+    if rest and args.command not in ("quickstart", "dev", "serve", "bootstrap"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     if args.command in REGISTRY_COMMANDS:

@@ -50,8 +50,12 @@ def wait_for(condition, timeout_s, what):
     raise AssertionError(f"{what} within {timeout_s} s")
 
 
+@pytest.mark.parametrize("bootstrap", [False, True], ids=["subscription", "bootstrap"])
 def test_new_version_is_computed_alongside_and_promoted_without_restart(
-        pulsar_broker, pulsar_client, topic_name, tmp_path):
+        pulsar_broker, pulsar_client, topic_name, tmp_path, bootstrap):
+    """Without the admin URL a new version reads history through its own
+    subscription; with it, parallel readers bootstrap it, then it streams."""
+    topic_name = f"{topic_name[:50]}-{'b' if bootstrap else 's'}"
     pulsar_broker.create_partitioned_topic(topic_name, 4)
     registry_path = tmp_path / "registry.db"
     store_path = tmp_path / "store"
@@ -65,7 +69,8 @@ def test_new_version_is_computed_alongside_and_promoted_without_restart(
         [sys.executable, "-m", "tally", "serve", "--registry", str(registry_path),
          "--pulsar", pulsar_broker.service_url, "--store", str(store_path),
          "--checkpoints", str(tmp_path / "ckpt"), "--checkpoint-interval", "0.5",
-         "--metrics", "off"],
+         "--metrics", "off"]
+        + (["--admin", pulsar_broker.admin_url, "--bootstrap-readers", "2"] if bootstrap else []),
         stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT)
     try:
         first = pd.DataFrame({k: v[:len(v)] for k, v in events.items()}).iloc[:20_000]
@@ -93,6 +98,8 @@ def test_new_version_is_computed_alongside_and_promoted_without_restart(
         got = records(store_path, expected.index.to_numpy())
         assert all(r["_view_version"] == 2 for r in got)
         np.testing.assert_allclose([r["total"] for r in got], expected["sum"], rtol=1e-9)
+        log = (tmp_path / "serve.log").read_text()
+        assert ("bootstrapped deployed@v2" in log) == bootstrap
     finally:
         service.send_signal(signal.SIGTERM)
         assert service.wait(timeout=60) == 0
