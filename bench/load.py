@@ -115,7 +115,7 @@ class Plan:
 
     @property
     def probes(self):
-        return int(self.duration_s / self.probe_interval_s)
+        return int(self.duration_s / self.probe_interval_s + 1e-9)   # 12 / 0.1 is 119.99...
 
     def probe_user(self, probe):
         return self.probe_base + probe % PROBE_USERS
@@ -134,62 +134,84 @@ MAX_BURST = 2_000
 
 
 def produce(plan, pulsar_url, probe_sent, conn):
-    """Send events and probes on their schedules; report per-second counts."""
+    """The producer process: events and probes on their schedules."""
     from tally.service.client import connect
     from tally.service.producer import EventProducer
 
     client = connect(pulsar_url)
     producer = EventProducer(client, plan.topic, "user")
     conn.send("ready")
-    start = conn.recv()
-    rng = np.random.default_rng(plan.seed)
-    total = int(plan.events_per_s * plan.duration_s)
-    sent_per_second = np.zeros(plan.seconds, np.int64)
-    behind_per_second = np.zeros(plan.seconds)      # worst lateness of a due event, s
-    sent = probes = 0
-    users = articles = readtimes = []
-    chunk_at = 0
-    while True:
-        now = time.perf_counter()
-        elapsed = now - start
-        if elapsed >= plan.duration_s:
-            break
-        second = max(0, int(elapsed))
-        due = min(total, int(elapsed * plan.events_per_s) + 1) if elapsed >= 0 else 0
-        if sent < due:
-            behind_per_second[second] = max(behind_per_second[second],
-                                            elapsed - sent / plan.events_per_s)
-            n = min(due - sent, MAX_BURST)
-            ts = int(time.time() * 1000)
-            for _ in range(n):
-                if chunk_at == len(users):
-                    users, articles, readtimes = _event_chunk(rng, plan.entities)
-                    chunk_at = 0
-                user = users[chunk_at]
-                producer.send_payload(msgpack.packb({
-                    "user": user, "article": articles[chunk_at],
-                    "readtime": readtimes[chunk_at], "ts": ts}), user)
-                chunk_at += 1
-            sent += n
-            sent_per_second[second] += n
-        if probes < plan.probes and elapsed >= probes * plan.probe_interval_s:
-            producer.send({"user": plan.probe_user(probes), "article": probes,
-                           "readtime": 1.0, "ts": int(time.time() * 1000)})
-            probe_sent[probes] = time.perf_counter()
-            probes += 1
-        next_due = start + min(sent / plan.events_per_s if sent < total else math.inf,
-                               probes * plan.probe_interval_s)
-        pause = next_due - time.perf_counter()
-        if pause > 0:
-            time.sleep(min(pause, 0.002))
+    schedule = ScheduledProducer(plan, producer, probe_sent, start=conn.recv())
+    schedule.run()
     error = None
     try:
         producer.close()          # flushes: every event sent is persisted, or we say so
     except Exception as failure:  # noqa: BLE001 -- reported, not hidden
         error = repr(failure)
     client.close()
-    conn.send({"sent": sent, "probes": probes, "error": error,
-               "sent_per_second": sent_per_second, "behind_per_second": behind_per_second})
+    conn.send(dict(schedule.report(), error=error))
+
+
+class ScheduledProducer:
+    """Event i is due at start + i / rate and probe j at start + j * interval;
+    each is sent once due -- at once if the loop is late, which is recorded."""
+
+    def __init__(self, plan, producer, probe_sent, start):
+        self.plan, self.producer, self.probe_sent, self.start = plan, producer, probe_sent, start
+        self.rng = np.random.default_rng(plan.seed)
+        self.total = int(plan.events_per_s * plan.duration_s)
+        self.sent = self.probes = 0
+        self.sent_per_second = np.zeros(plan.seconds, np.int64)
+        self.behind_per_second = np.zeros(plan.seconds)    # worst lateness of a due event, s
+        self.events = iter(())
+
+    def run(self):
+        while (elapsed := time.perf_counter() - self.start) < self.plan.duration_s:
+            if elapsed >= 0:
+                self.send_due_events(elapsed)
+                self.send_due_probe(elapsed)
+            self.sleep_until_next_due()
+
+    def send_due_events(self, elapsed):
+        due = min(self.total, int(elapsed * self.plan.events_per_s) + 1)
+        if self.sent >= due:
+            return
+        second = int(elapsed)
+        self.behind_per_second[second] = max(self.behind_per_second[second],
+                                             elapsed - self.sent / self.plan.events_per_s)
+        n = min(due - self.sent, MAX_BURST)
+        ts = int(time.time() * 1000)
+        for _ in range(n):
+            user, article, readtime = self.next_event()
+            self.producer.send_payload(msgpack.packb(
+                {"user": user, "article": article, "readtime": readtime, "ts": ts}), user)
+        self.sent += n
+        self.sent_per_second[second] += n
+
+    def send_due_probe(self, elapsed):
+        if self.probes < self.plan.probes and elapsed >= self.probes * self.plan.probe_interval_s:
+            self.producer.send({"user": self.plan.probe_user(self.probes), "article": self.probes,
+                                "readtime": 1.0, "ts": int(time.time() * 1000)})
+            self.probe_sent[self.probes] = time.perf_counter()
+            self.probes += 1
+
+    def sleep_until_next_due(self):
+        next_event = self.sent / self.plan.events_per_s if self.sent < self.total else math.inf
+        next_due = self.start + min(next_event, self.probes * self.plan.probe_interval_s)
+        pause = next_due - time.perf_counter()
+        if pause > 0:
+            time.sleep(min(pause, 0.002))     # wake often: a probe may fall due meanwhile
+
+    def next_event(self):
+        try:
+            return next(self.events)
+        except StopIteration:
+            self.events = zip(*_event_chunk(self.rng, self.plan.entities))
+            return next(self.events)
+
+    def report(self):
+        return {"sent": self.sent, "probes": self.probes, "sent_per_second": self.sent_per_second,
+                "behind_per_second": self.behind_per_second}
 
 
 def _event_chunk(rng, entities, size=1 << 16):
@@ -583,8 +605,11 @@ def parse_args(argv, quick):
         parser.error("--serve needs --pulsar: the producer writes to that broker")
     if args.warmup is None:
         args.warmup = min(15.0, args.duration / 10)
-    if args.c_api and not (args.store or not args.serve):
+    if args.c_api and args.serve and not args.store:
         parser.error("--c-api with --serve needs --store")
+    if min(args.events_per_s, args.lookups_per_s, args.duration, args.probe_interval_ms,
+           args.probe_poll_ms) <= 0:
+        parser.error("rates, durations and intervals must be positive")
     return args
 
 
@@ -863,8 +888,9 @@ def sample_series(samples, seconds):
             series[f"{name}_cpu_percent"].append(cpu)
             if f"{name}_rss_mb" in series:
                 series[f"{name}_rss_mb"].append(rss)
+        # busy share of all cores, in the processes' unit (100 = one core)
         series["machine_cpu_percent"].append(
-            round(100 * (after["machine_busy_s"] - before["machine_busy_s"]) /
+            round(100 * os.cpu_count() * (after["machine_busy_s"] - before["machine_busy_s"]) /
                   (after["machine_total_s"] - before["machine_total_s"]), 1) if span else None)
         stalled = span and before["cpu_stall_s"] is not None and after["cpu_stall_s"] is not None
         series["cpu_wait_share"].append(

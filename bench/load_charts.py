@@ -26,9 +26,21 @@ def plot(document, path):
                  f"{plan['lookups_per_s']:,.0f} lookups/s, {plan['entities']:,} users "
                  f"(achieved {overall['events_achieved_per_s']:,.0f} events/s)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    _save_small(fig, path)
     plt.close(fig)
     return path
+
+
+def _save_small(fig, path):
+    """A line chart needs few colours: a 64-colour palette PNG is a third of
+    the size of the RGBA one matplotlib writes (results are committed)."""
+    from io import BytesIO
+
+    from PIL import Image
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=72)
+    image = Image.open(buffer).convert("RGB").quantize(colors=64)
+    image.save(path, format="PNG", optimize=True)
 
 
 def _values(series, name):
@@ -83,7 +95,7 @@ def _resources(ax, t, series):
     ax.plot(t, _values(series, "harness_cpu_percent"), lw=1,
             label="load generators CPU %")
     ax.plot(t, _values(series, "machine_cpu_percent"), "k:", lw=1,
-            label="machine CPU % (of all cores)")
+            label="whole machine CPU %")
     ax.set_ylabel("CPU % (100 = a core)")
     twin = ax.twinx()
     twin.plot(t, _values(series, "service_rss_mb"), color="C5", label="tally serve RSS (MB)")
