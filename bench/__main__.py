@@ -12,6 +12,7 @@ BENCHMARKS = {
     "core": "tally.bench.core",
     "training": "tally.bench.training",
     "lookup": "tally.bench.lookup",
+    "bootstrap": "tally.bench.bootstrap",
     "load": "tally.bench.load",
 }
 

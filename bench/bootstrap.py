@@ -1,0 +1,172 @@
+"""Bootstrap from history: events/s with 1 and 2 reader processes, side by
+side with the naive way (one Reader per partition, earliest to the head, one
+after the other, folding in this process).
+
+A 4-partition topic in small ledgers (the filesystem offloader on, as in
+tests/test_bootstrap.py) holds the quick-start's reading events; the older
+half of every partition's ledgers is offloaded and deleted from BookKeeper.
+Each approach builds the same state (checked: equal reads per user) from a
+fresh start; the figures are medians of ``--repeat`` runs, and the offloaded
+and BookKeeper tiers are reported separately (events per reader-second of
+the units read from each).
+"""
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from tally.core.decode import Schema
+from tally.core.definitions import Entity, Feature, FeatureView, Source
+from tally.core.view import ViewState
+from tally.service.bootstrap import Bootstrap
+from tally.service.checkpoint import CheckpointStore
+from tally.service.client import connect
+from tally.service.history import partition_cut
+from tally.service.lmdb_store import LmdbStore
+from tally.service.pipeline import decode_events
+from tally.service.producer import EventProducer
+from tally.service.pulsar_local import LocalPulsar
+from tally.service.quickstart import generate_events
+from tally.service.serve import subscription_for
+
+TOPIC = "bench_bootstrap"
+PARTITIONS = 4
+
+
+def view_named(name):
+    source = Source("reads", TOPIC, schema={"user": "int64", "article": "int64",
+                                            "readtime": "float64", "ts": "int64"})
+    return FeatureView(name, Entity("user"), source, [
+        Feature("reads", "count"), Feature("total_readtime", "sum", "readtime"),
+        Feature("last_article", "last", "article")])
+
+
+def run(quick=False, argv=()):
+    parser = argparse.ArgumentParser(prog="python -m tally.bench bootstrap")
+    parser.add_argument("--events", type=int, default=600_000 if quick else 3_000_000)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=1 if quick else 3)
+    parser.add_argument("--entries-per-ledger", type=int, default=100)
+    args = parser.parse_args(argv)
+    with LocalPulsar(max_entries_per_ledger=args.entries_per_ledger,
+                     tiered_storage=True) as broker:
+        client = connect(broker.service_url)
+        try:
+            history = write_history(broker, client, args)
+            figures = measure(broker, client, args)
+        finally:
+            client.close()
+    return {"benchmark": "bootstrap", **history, **figures}
+
+
+def write_history(broker, client, args):
+    broker.create_partitioned_topic(TOPIC, PARTITIONS)
+    payloads, keys, _ = generate_events(args.events, args.users, seed=3)
+    producer = EventProducer(client, TOPIC, "user")
+    for payload, key in zip(payloads, keys):
+        producer.send_payload(payload, key)
+    producer.close()
+    ledgers, offloaded = 0, set()
+    for partition in range(PARTITIONS):
+        name = f"{TOPIC}-partition-{partition}"
+        listed = broker.internal_stats(name)["ledgers"]
+        ledgers += len(listed)
+        broker.offload(name, listed[len(listed) // 2]["ledgerId"])
+        offloaded |= {e["ledgerId"] for e in broker.internal_stats(name)["ledgers"]
+                      if e["offloaded"]}
+    deadline = time.monotonic() + 120
+    while not offloaded <= broker.bookkeeper_deleted_ledgers():
+        if time.monotonic() > deadline:
+            raise RuntimeError("offloaded ledgers were not deleted from BookKeeper")
+        time.sleep(0.5)
+    return {"events": args.events, "ledgers": ledgers, "offloaded_ledgers": len(offloaded)}
+
+
+def measure(broker, client, args):
+    runs = {"naive": [], "readers_1": [], "readers_2": []}
+    tiers = {"offloaded": [], "bookkeeper": []}
+    reads = {}
+    for attempt in range(args.repeat):
+        seconds, state_reads = naive(broker, client, view_named("naive"))
+        runs["naive"].append(args.events / seconds)
+        reads["naive"] = state_reads
+        for readers in (1, 2):
+            report, state_reads = parallel(broker, view_named(f"r{readers}_{attempt}"),
+                                           readers)
+            runs[f"readers_{readers}"].append(report["events"] / report["read_seconds"])
+            reads[f"readers_{readers}"] = state_reads
+            for tier in tiers:
+                done = report[tier]
+                tiers[tier].append(done["events"] / done["reader_seconds"])
+    if not all(np.array_equal(reads["naive"], other) for other in reads.values()):
+        raise AssertionError("the approaches built different states")
+    rates = {name: round(statistics.median(values)) for name, values in runs.items()}
+    return {
+        "events_per_s": rates,
+        "ratio_2_readers_vs_1": round(rates["readers_2"] / rates["readers_1"], 2),
+        "ratio_2_readers_vs_naive": round(rates["readers_2"] / rates["naive"], 2),
+        "ratio_1_reader_vs_naive": round(rates["readers_1"] / rates["naive"], 2),
+        "events_per_reader_second": {t: round(statistics.median(v)) for t, v in tiers.items()},
+        "goal_ratio_2_readers_vs_1": 1.7, "repeat": args.repeat}
+
+
+def naive(broker, client, view):
+    """One Reader per partition from the earliest message to the head as it
+    was at the start, folding in this process."""
+    import pulsar
+    state, schema = ViewState(view), Schema(list(view.source.schema))
+    started = time.monotonic()
+    for partition in range(PARTITIONS):
+        name = f"{TOPIC}-partition-{partition}"
+        head = partition_cut(broker.internal_stats(name))
+        reader = client.create_reader(name, pulsar.MessageId.earliest,
+                                      receiver_queue_size=10_000)
+        raw, payloads = reader._reader, []
+        while True:
+            message = raw.read_next(30_000)
+            payloads.append(message.data())
+            mid = message.message_id()
+            finished = (mid.ledger_id(), mid.entry_id()) >= head \
+                and not raw.has_message_available()
+            if len(payloads) == 10_000 or finished:
+                columns, _ = decode_events(view, schema, payloads)
+                state.apply(columns)
+                payloads = []
+            if finished:
+                break
+        reader.close()
+    seconds = time.monotonic() - started
+    return seconds, reads_by_user(state)
+
+
+def parallel(broker, view, readers):
+    with tempfile.TemporaryDirectory() as work:
+        store = LmdbStore(f"{work}/store")
+        checkpoints = CheckpointStore(f"{work}/ckpt")
+        try:
+            report = Bootstrap(view, broker.service_url, broker.admin_url, store, checkpoints,
+                               subscription_for(view), readers=readers).run()
+            state_reads = reads_from_checkpoints(view, checkpoints)
+        finally:
+            store.close()
+    return report, state_reads
+
+
+def reads_from_checkpoints(view, checkpoints):
+    from tally.core.definitions import state_hash
+    parts = []
+    for partition in range(PARTITIONS):
+        arrays, meta = checkpoints.load(view.name, state_hash(view), partition, 1)
+        parts.append(ViewState.from_arrays(view, meta["params"], arrays))
+    merged = ViewState(view)
+    for part in parts:                     # partitions hold disjoint users
+        merged.merge(part)
+    return reads_by_user(merged)
+
+
+def reads_by_user(state):
+    keys = np.sort(state.index.all_keys())
+    values, _ = state.read_keys(keys, int(time.time() * 1000))["reads"]
+    return np.stack([keys, values.astype(np.int64)])
