@@ -81,7 +81,9 @@ def training_set(spine, features, sources=None, *, views=None, registry=None,
     ``"pulsar://..."`` URL, or a list of these (merged in event-time order).
     By default a view reads its source's ``archive`` (if set) and, if
     ``pulsar`` (a service URL or client) is given, its topic from the
-    earliest message to the end at call time.
+    earliest message to the end at call time; with both, the archive's
+    events before its declared boundary and the topic's from it on (the
+    bootstrap's rule, ``tally.service.history``).
 
     ``keys`` maps an entity (or view) name to the spine column holding its
     keys; by default the column named after the entity, else the view's
@@ -834,6 +836,10 @@ def _source_spec(sources, source, views, pulsar):
         for name in names:
             if name in sources:
                 return sources[name]
+    if source.archive and pulsar is not None:
+        from importlib import import_module
+        sources_module = import_module("tally.service.training_sources")
+        return sources_module.archive_and_topic(source.archive, _pulsar_spec(pulsar), source)
     defaults = []
     if source.archive:
         defaults.append(source.archive)

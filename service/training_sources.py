@@ -52,7 +52,7 @@ def open_events(spec, source, columns, chunk_rows=DEFAULT_CHUNK_ROWS, spill_dir=
     if isinstance(spec, (list, tuple)):
         return merge_sorted([open_events(s, source, columns, chunk_rows, spill_dir)
                              for s in spec], source.timestamp_field, chunk_rows)
-    if isinstance(spec, PulsarTopic):
+    if isinstance(spec, (PulsarTopic, TimeSlice)):
         return spec.sorted_chunks(source, columns, chunk_rows=chunk_rows, spill_dir=spill_dir)
     if isinstance(spec, str) and spec.startswith(("pulsar://", "pulsar+ssl://")):
         return PulsarTopic(spec).sorted_chunks(source, columns, chunk_rows=chunk_rows,
@@ -206,6 +206,41 @@ def _stream_row_groups(row_groups, source, columns, chunk_rows):
 
 
 # --------------------------------------------------------------------------
+# Archive and topic together
+
+
+class TimeSlice:
+    """The events of ``spec`` (anything ``open_events`` reads) with event time
+    in [start_ms, end_ms): how an archive and its topic meet without overlap."""
+
+    def __init__(self, spec, start_ms=None, end_ms=None):
+        self.spec, self.start_ms, self.end_ms = spec, start_ms, end_ms
+
+    def __repr__(self):
+        return f"TimeSlice({self.spec!r}, {self.start_ms}, {self.end_ms})"
+
+    def sorted_chunks(self, source, columns, chunk_rows=DEFAULT_CHUNK_ROWS, spill_dir=None):
+        ts_field = source.timestamp_field
+        for chunk in open_events(self.spec, source, columns, chunk_rows, spill_dir):
+            ts = chunk[ts_field]
+            keep = np.ones(len(ts), dtype=bool)
+            if self.start_ms is not None:
+                keep &= ts >= self.start_ms
+            if self.end_ms is not None:
+                keep &= ts < self.end_ms
+            if keep.any():
+                yield chunk if keep.all() else {k: v[keep] for k, v in chunk.items()}
+
+
+def archive_and_topic(archive, topic, source):
+    """The archive's events before its declared boundary, then the topic's
+    from it on (``tally.service.history``: the same rule as the bootstrap)."""
+    from tally.service.history import archive_boundary
+    boundary = archive_boundary(archive, source.timestamp_field)
+    return [TimeSlice(archive, end_ms=boundary), TimeSlice(topic, start_ms=boundary)]
+
+
+# --------------------------------------------------------------------------
 # Pulsar topic
 
 
@@ -312,4 +347,5 @@ def decode_payloads(payloads, source):
     return batch.columns, len(batch.rejects)
 
 
-__all__ = ["PulsarTopic", "archive_events", "decode_payloads", "external_sort", "open_events"]
+__all__ = ["PulsarTopic", "TimeSlice", "archive_and_topic", "archive_events", "decode_payloads",
+           "external_sort", "open_events"]

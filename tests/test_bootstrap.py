@@ -329,6 +329,15 @@ def test_archive_and_topic_meet_at_the_boundary_without_overlap(
     assert report["events"] == len(frame)
     assert_served_equals_oracle(tmp_path / "store", view, frame)
 
+    # training data reads the same archive and topic by the same rule
+    from tally.core.training import training_set
+    expected = expected_lifetime(frame)
+    spine = pd.DataFrame({"user": expected.index, "ts": int(frame["ts"].max()) + 1})
+    table = training_set(spine, [view], views=[view], pulsar=tiered_broker.service_url)
+    trained = table.to_pandas().set_index("user").loc[expected.index]
+    np.testing.assert_array_equal(trained["reads"], expected["reads"])
+    np.testing.assert_allclose(trained["total"], expected["total"], rtol=1e-9)
+
 
 def _pack(row):
     import msgpack
