@@ -372,6 +372,7 @@ class Deployment:
         self.checkpoints = args.checkpoints
         self.metrics_url = args.metrics
         self.service_pid = args.service_pid
+        self.lookup_server_pid = args.lookup_server_pid
 
     def __enter__(self):
         try:
@@ -397,6 +398,7 @@ class Deployment:
         else:
             self._start_service()
             self.lookup_server, port, _ = start_lookup_server(self.store)
+            self.lookup_server_pid = self.lookup_server.pid
             self.lookup_address = ("127.0.0.1", port)
 
     def _ensure_topic(self):
@@ -434,7 +436,7 @@ class Deployment:
         import psutil
         found = {}
         for name, pid in (("service", self.service_pid),
-                          ("lookup_server", self.lookup_server and self.lookup_server.pid),
+                          ("lookup_server", self.lookup_server_pid),
                           ("broker", self.broker and self.broker._process.pid)):
             if pid:
                 try:
@@ -588,7 +590,10 @@ def parse_args(argv, quick):
                              "tally serve behind it, instead of starting both; needs "
                              "--pulsar")
     parser.add_argument("--metrics", help="with --serve: the service's /metrics URL")
-    parser.add_argument("--service-pid", type=int, help="with --serve: its PID, for CPU/RSS")
+    parser.add_argument("--service-pid", type=int,
+                        help="with --serve: the tally serve PID, for CPU/RSS")
+    parser.add_argument("--lookup-server-pid", type=int,
+                        help="with --serve: the lookup server's PID, for lookups per core")
     parser.add_argument("--store", help="with --serve: the store path (for --c-api and sizes)")
     parser.add_argument("--checkpoints", help="with --serve: the checkpoint directory")
     parser.add_argument("--topic", default="read_events")
@@ -798,7 +803,11 @@ def assemble(plan, args, argv, raw, storage, drained_s, started):
                                "lookup_server": args.serve or "tally lookup-server"},
                 "overall": overall, "series": series, "storage": storage}
     measured = scale_measurements(overall, storage)
-    if all(measured.get(k) is not None for k in scale_model.required_measurements()):
+    missing = [k for k in scale_model.required_measurements() if measured.get(k) is None]
+    if missing:
+        document["scale_model_skipped"] = f"not measured in this run: {missing}"
+        print(f"no scale model: {document['scale_model_skipped']}", file=sys.stderr)
+    else:
         document["scale_model"] = scale_model.build(measured)
     return document
 
