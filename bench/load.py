@@ -657,36 +657,45 @@ def drive(plan, deployment, with_c_api):
                "service": (issue_lookups, (plan, "service", deployment.lookup_address))}
     if with_c_api:
         workers["c_api"] = (issue_lookups, (plan, "c_api", deployment.store))
-    pipes, processes = {}, []
+    pipes, processes = {}, {}
     for name, (target, arguments) in workers.items():
         parent_end, child_end = context.Pipe()
-        process = context.Process(target=target, args=(*arguments, child_end), name=name)
-        process.start()
+        processes[name] = context.Process(target=target, args=(*arguments, child_end),
+                                          name=f"tally-load-{name}")
+        processes[name].start()
         pipes[name] = parent_end
-        processes.append(process)
     try:
         for name, pipe in pipes.items():
-            if not pipe.poll(120) or pipe.recv() != "ready":
+            if _receive(name, pipe, processes[name], timeout_s=120) != "ready":
                 raise RuntimeError(f"the {name} process did not start")
         deployment.backlog()          # the broker's first stats call is slow: not at t=0
         start = time.perf_counter() + 0.5
         for pipe in pipes.values():
             pipe.send(start)
-        sampler = Sampler(deployment, start, [p.pid for p in processes])
+        sampler = Sampler(deployment, start, [p.pid for p in processes.values()])
         sampler.start()
-        reports = {}
-        for name, pipe in pipes.items():
-            if not pipe.poll(plan.duration_s + PROBE_GRACE_S + 120):
-                raise RuntimeError(f"the {name} process did not report")
-            reports[name] = pipe.recv()
+        reports = {name: _receive(name, pipe, processes[name],
+                                  timeout_s=plan.duration_s + PROBE_GRACE_S + 120)
+                   for name, pipe in pipes.items()}
         sampler.stopping.set()
         sampler.join()
     finally:
-        for process in processes:
+        for process in processes.values():
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
     return {"start": start, "reports": reports, "samples": sampler.samples}
+
+
+def _receive(name, pipe, process, timeout_s):
+    """The process's next message; fails at once if the process died."""
+    deadline = time.monotonic() + timeout_s
+    while not pipe.poll(1.0):
+        if not process.is_alive():
+            raise RuntimeError(f"the {name} load process died (exit {process.exitcode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {name} load process sent nothing in {timeout_s:.0f} s")
+    return pipe.recv()
 
 
 def wait_for_drain(deployment, timeout_s=120):
