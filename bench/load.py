@@ -17,11 +17,13 @@ What runs, each in its own process:
   server at ``--lookups-per-s``, open loop: request *i* is due at
   ``start + i / Q`` and its latency runs from that due time, not from when it
   was sent, so a slow answer is also charged to the requests it delayed (no
-  coordinated omission). Between due times the process polls the users of
-  the probes not yet seen (``get_batch`` of their ``reads``, every
-  ``--probe-poll-ms``); a probe's freshness is the time from its send to the
-  reply that first shows it. ``--c-api`` adds a second lookup process reading
+  coordinated omission). ``--c-api`` adds a second lookup process reading
   the store in process through libtally (``EmbeddedReader``).
+* **prober** -- polls the users of the probes sent and not yet seen
+  (``get_batch`` of their ``reads`` through the lookup server, every
+  ``--probe-poll-ms``); a probe's freshness is the time from its send to the
+  reply that first shows it, so its resolution is the poll interval. A
+  process of its own, so that polls never delay the measured lookups.
 * **the deployment** -- unless ``--pulsar``/``--serve`` name running ones: a
   ``LocalPulsar`` broker, ``tally serve`` of the example view
   ``user_reading`` (lifetime ``SUM(readtime)`` and ``COUNT(*)`` per user) on
@@ -39,7 +41,9 @@ What runs, each in its own process:
 
 All processes time with ``time.perf_counter`` (CLOCK_MONOTONIC on Linux,
 one clock for every process of the machine), so a probe's send time in the
-producer and its visibility in the lookup process compare directly.
+producer and its visibility in the prober compare directly. Run from a
+script, ``run()`` needs the ``if __name__ == "__main__":`` guard, since the
+load processes are spawned (a fork of a process holding threads is unsafe).
 
 The result is one JSON document (``--out``, default
 ``bench/results/load-<UTC timestamp>.json``) with the per-second series and
