@@ -9,8 +9,14 @@ Each approach builds the same state (checked: equal reads per user) from a
 fresh start; the figures are medians of ``--repeat`` runs, and the offloaded
 and BookKeeper tiers are reported separately (events per reader-second of
 the units read from each).
+
+The broker runs on the same two cores as the readers, so the CPU each side
+spends per million events is reported too: it bounds what more readers can
+gain on this machine, and what they gain where the broker has its own.
 """
 import argparse
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -86,17 +92,20 @@ def write_history(broker, client, args):
 
 def measure(broker, client, args):
     runs = {"naive": [], "readers_1": [], "readers_2": []}
+    cpu = {name: [] for name in runs}
     tiers = {"offloaded": [], "bookkeeper": []}
     reads = {}
     for attempt in range(args.repeat):
-        seconds, state_reads = naive(broker, client, view_named("naive"))
+        before = cpu_seconds(broker)
+        seconds, reads["naive"] = naive(broker, client, view_named("naive"))
         runs["naive"].append(args.events / seconds)
-        reads["naive"] = state_reads
+        cpu["naive"].append(cpu_per_million(before, cpu_seconds(broker), args.events))
         for readers in (1, 2):
-            report, state_reads = parallel(broker, view_named(f"r{readers}_{attempt}"),
-                                           readers)
-            runs[f"readers_{readers}"].append(report["events"] / report["read_seconds"])
-            reads[f"readers_{readers}"] = state_reads
+            name = f"readers_{readers}"
+            before = cpu_seconds(broker)
+            report, reads[name] = parallel(broker, view_named(f"r{readers}_{attempt}"), readers)
+            cpu[name].append(cpu_per_million(before, cpu_seconds(broker), report["events"]))
+            runs[name].append(report["events"] / report["read_seconds"])
             for tier in tiers:
                 done = report[tier]
                 tiers[tier].append(done["events"] / done["reader_seconds"])
@@ -109,7 +118,27 @@ def measure(broker, client, args):
         "ratio_2_readers_vs_naive": round(rates["readers_2"] / rates["naive"], 2),
         "ratio_1_reader_vs_naive": round(rates["readers_1"] / rates["naive"], 2),
         "events_per_reader_second": {t: round(statistics.median(v)) for t, v in tiers.items()},
-        "goal_ratio_2_readers_vs_1": 1.7, "repeat": args.repeat}
+        "cpu_seconds_per_million_events": {
+            name: {side: round(statistics.median(r[side] for r in runs_), 2)
+                   for side in ("broker", "tally")} for name, runs_ in cpu.items()},
+        "goal_ratio_2_readers_vs_1": 1.7, "repeat": args.repeat, "cores": os.cpu_count()}
+
+
+def cpu_seconds(broker):
+    """CPU seconds so far of the broker (JVM and watchdog) and of Tally: this
+    process plus its finished children (the reader processes)."""
+    import psutil
+    watchdog = psutil.Process(broker.pid)
+    broker_seconds = sum(sum(p.cpu_times()[:2])
+                         for p in [watchdog] + watchdog.children(recursive=True))
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"broker": broker_seconds, "tally": own.ru_utime + own.ru_stime
+            + children.ru_utime + children.ru_stime}
+
+
+def cpu_per_million(before, after, events):
+    return {side: (after[side] - before[side]) * 1e6 / events for side in before}
 
 
 def naive(broker, client, view):

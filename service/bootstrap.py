@@ -57,6 +57,11 @@ log = logging.getLogger("tally.bootstrap")
 RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
 READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
 WRITE_CHUNK = 50_000           # records per online-store transaction at handover
+# A unit costs ~60 ms to set up (subscription, first batch): keep units large
+# enough (~1 s of reading) for that to be noise, yet several per reader so the
+# readers finish together.
+MIN_UNIT_BYTES = 16 << 20
+UNITS_PER_READER = 3
 PLAN_FILE = "plan.json"
 
 
@@ -350,14 +355,14 @@ class Bootstrap:
 
     def __init__(self, view, pulsar_url, admin_url, store, checkpoints, subscription,
                  version=1, serving=True, readers=None, archive=None, progress=None,
-                 units_per_reader=6):
+                 units_per_reader=UNITS_PER_READER, min_unit_bytes=MIN_UNIT_BYTES):
         self.view, self.pulsar_url, self.admin_url = view, pulsar_url, admin_url
         self.store, self.checkpoints, self.subscription = store, checkpoints, subscription
         self.version, self.serving = version, serving
         self.readers = readers or os.cpu_count() or 1
         self.archive = archive if archive is not None else view.source.archive
         self.progress = progress
-        self.units_per_reader = units_per_reader
+        self.units_per_reader, self.min_unit_bytes = units_per_reader, min_unit_bytes
         self.state_hash = state_hash(view)
         self.workdir = os.path.join(checkpoints.root, view.name, self.state_hash, "bootstrap")
         self.cancelled = threading.Event()
@@ -415,8 +420,9 @@ class Bootstrap:
     def _make_plan(self, pending):
         stats = {p: admin_request(self.admin_url, "GET", topic_rest_path(
             f"{self.view.source.topic}-partition-{p}") + "/internalStats") for p in pending}
-        total_entries = sum(e for s in stats.values() for _, e, _, _ in ledger_ranges(s))
-        target = target_unit_size(total_entries, self.readers, self.units_per_reader)
+        total_bytes = sum(b for s in stats.values() for _, _, b, _ in ledger_ranges(s))
+        target = target_unit_size(total_bytes, self.readers, self.units_per_reader,
+                                  minimum=self.min_unit_bytes)
         units, partitions = [], {}
         for p in pending:
             mine = plan_partition(p, stats[p], target)

@@ -4,7 +4,7 @@
 (id, entry count, offloaded or not) and the last confirmed entry. The cut is
 that entry at plan time: the bootstrap folds every message at or before it,
 the stream everything after it. Ledgers are split into units of about
-``target_entries`` contiguous entries (a unit may span small ledgers, a large
+``target_bytes`` of contiguous entries (a unit may span small ledgers, a large
 ledger gives several units); a unit never mixes offloaded and BookKeeper
 ledgers, so the two tiers' read speeds can be told apart.
 
@@ -85,42 +85,46 @@ def partition_cut(stats):
 
 def ledger_ranges(stats):
     """``(ledger, entries, bytes, offloaded)`` of every ledger holding entries
-    at or before the cut, oldest first. The open ledger reports no entries in
-    ``ledgers``; its count comes from the cut."""
+    at or before the cut, oldest first. The open ledger reports no entries or
+    size in ``ledgers``; its share comes from the cut and ``currentLedger*``."""
     cut_ledger, cut_entry = partition_cut(stats)
     ranges = []
     for info in stats["ledgers"]:
         ledger = info["ledgerId"]
         if ledger > cut_ledger:
             break
-        entries = info["entries"] if ledger < cut_ledger else cut_entry + 1
-        if ledger == cut_ledger and info["entries"]:
-            entries = min(info["entries"], cut_entry + 1)
+        entries, size = info["entries"], info.get("size") or 0
+        if entries == 0 and ledger == cut_ledger:          # the open ledger
+            entries = stats.get("currentLedgerEntries") or 0
+            size = stats.get("currentLedgerSize") or 0
+        if ledger == cut_ledger and entries > cut_entry + 1:
+            size = size * (cut_entry + 1) // entries
+            entries = cut_entry + 1
         if entries > 0:
-            size = info.get("size") or 0
             ranges.append((ledger, entries, size, bool(info.get("offloaded"))))
     return ranges
 
 
-def plan_partition(partition, stats, target_entries):
-    """The work units of one partition, in log order."""
+def plan_partition(partition, stats, target_bytes):
+    """The work units of one partition, in log order: about ``target_bytes``
+    each (entries hold varying numbers of messages; bytes track events)."""
     units, pending = [], None           # pending: [first, last, entries, bytes, offloaded]
     for ledger, entries, size, offloaded in ledger_ranges(stats):
-        bytes_per_entry = size / entries if entries else 0
+        bytes_per_entry = max(size / entries, 1.0)
         start = 0
         while start < entries:
             if pending and pending[4] != offloaded:
                 units.append(_topic_unit(partition, pending))
                 pending = None
-            room = target_entries - (pending[2] if pending else 0)
-            take = min(room, entries - start)
+            room = target_bytes - (pending[3] if pending else 0)
+            take = min(entries - start, max(1, int(room // bytes_per_entry)))
             if pending is None:
                 pending = [(ledger, start), None, 0, 0, offloaded]
             pending[1] = (ledger, start + take - 1)
             pending[2] += take
             pending[3] += int(take * bytes_per_entry)
             start += take
-            if pending[2] >= target_entries:
+            if pending[3] + bytes_per_entry > target_bytes:
                 units.append(_topic_unit(partition, pending))
                 pending = None
     if pending:

@@ -523,6 +523,11 @@ class LocalPulsar:
         return self._require_data_dir() / "broker.log"
 
     @property
+    def pid(self) -> int | None:
+        """The broker's watchdog process (the JVM is its child), if running."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def offload_dir(self) -> Path:
         """Where the filesystem offloader writes (with `tiered_storage=True`)."""
         return self._require_data_dir() / "offloaded"

@@ -51,17 +51,19 @@ def expand(units, ledger_sizes):
     return entries
 
 
-@pytest.mark.parametrize("target", [1, 3, 7, 50, 1000])
-def test_plan_covers_every_entry_up_to_the_cut_once_in_order(target):
+@pytest.mark.parametrize("target_entries", [1, 3, 7, 50, 1000])
+def test_plan_covers_every_entry_up_to_the_cut_once_in_order(target_entries):
     ledgers = [(3, 10, True), (4, 0, True), (7, 25, True), (9, 5, False), (12, 0, False)]
-    stats = stats_of(ledgers, "12:6")           # the open ledger 12 holds entries 0..6
-    units = plan_partition(2, stats, target)
+    stats = stats_of(ledgers, "12:6")          # the open ledger 12 holds entries 0..6
+    stats.update(currentLedgerEntries=7, currentLedgerSize=700)
+    units = plan_partition(2, stats, target_entries * 100)     # 100 bytes an entry
     sizes = {3: 10, 7: 25, 9: 5, 12: 7}
     expected = [(ledger, e) for ledger, n in sizes.items() for e in range(n)]
     assert expand(units, sizes) == expected
     assert all(u.partition == 2 for u in units)
-    assert all(u.entries <= target for u in units)
+    assert all(u.entries <= target_entries for u in units)
     assert sum(u.entries for u in units) == len(expected)
+    assert sum(u.bytes for u in units) == 100 * len(expected)
     # a unit never mixes the tiers: the offloaded ledgers come first, whole
     offloaded = [u for u in units if u.offloaded]
     assert sum(u.entries for u in offloaded) == 35
@@ -70,15 +72,16 @@ def test_plan_covers_every_entry_up_to_the_cut_once_in_order(target):
 
 def test_plan_of_an_empty_open_ledger_and_of_an_empty_topic():
     stats = stats_of([(5, 4, False), (6, 0, False)], "6:-1")
+    stats.update(currentLedgerEntries=0, currentLedgerSize=0)
     assert ledger_ranges(stats) == [(5, 4, 400, False)]
-    assert [u.last for u in plan_partition(0, stats, 100)] == [(5, 3)]
-    assert plan_partition(0, stats_of([(8, 0, False)], "8:-1"), 100) == []
+    assert [u.last for u in plan_partition(0, stats, 10**6)] == [(5, 3)]
+    assert plan_partition(0, stats_of([(8, 0, False)], "8:-1"), 10**6) == []
 
 
 def test_entries_written_after_the_cut_are_not_planned():
     # the broker closed ledger 5 with 9 entries after the stats said 5:3
     stats = stats_of([(5, 9, False)], "5:3")
-    assert [(u.first, u.last) for u in plan_partition(0, stats, 100)] == [((5, 0), (5, 3))]
+    assert [(u.first, u.last) for u in plan_partition(0, stats, 10**6)] == [((5, 0), (5, 3))]
 
 
 # --------------------------------------------------------------------------
@@ -245,9 +248,12 @@ def test_bootstrap_with_producers_writing_equals_batch_recomputation(
     store, checkpoints = LmdbStore(str(tmp_path / "store")), CheckpointStore(tmp_path / "ckpt")
     try:
         writer.start()
+        # small units: several per partition and tier, some splitting ledgers
         report = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
-                           checkpoints, subscription_for(view), readers=readers).run()
+                           checkpoints, subscription_for(view), readers=readers,
+                           min_unit_bytes=1 << 20).run()
         writer.join()
+        assert report["units"] > 2 * 2 * N_PARTITIONS
         assert report["partitions"] == list(range(N_PARTITIONS))
         assert report["offloaded"]["events"] > 100_000, report
         assert report["bookkeeper"]["events"] > 100_000, report
