@@ -80,7 +80,8 @@ def training_set(spine, features, sources=None, *, views=None, registry=None,
     DataFrame, Arrow Table), a Parquet path/URI, a ``PulsarTopic`` or
     ``"pulsar://..."`` URL, or a list of these (merged in event-time order).
     By default a view reads its source's ``archive`` (if set) and, if
-    ``pulsar`` (a service URL or client) is given, its topic from the
+    ``pulsar`` (a service URL, a client, or a ``PulsarTopic`` — with an
+    ``admin_url`` it reads in parallel like a bootstrap) is given, its topic from the
     earliest message to the end at call time; with both, the archive's
     events before its declared boundary and the topic's from it on (the
     bootstrap's rule, ``tally.service.history``).
@@ -854,6 +855,9 @@ def _source_spec(sources, source, views, pulsar):
 
 
 def _pulsar_spec(pulsar):
+    """A PulsarTopic as given, or one for a service URL or client."""
+    if hasattr(pulsar, "sorted_chunks"):
+        return pulsar
     from importlib import import_module
     return import_module("tally.service.training_sources").PulsarTopic(pulsar)
 

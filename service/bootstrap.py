@@ -256,6 +256,50 @@ def _load_state(view, path, key):
     return ViewState.from_arrays(view, meta["states"][key], own)
 
 
+# --------------------------------------------------------------------------
+# Planning and running units (also used by training sets' topic reads)
+
+
+def partition_count(admin_url, topic):
+    path = f"{topic_rest_path(topic)}/partitions"
+    partitions = admin_request(admin_url, "GET", path)["partitions"]
+    if partitions < 1:
+        raise BootstrapError(f"topic {topic!r} is not partitioned")
+    return partitions
+
+
+def partition_stats(admin_url, topic, partitions):
+    """Each partition's internal stats: its ledgers and last confirmed entry."""
+    return {p: admin_request(admin_url, "GET", topic_rest_path(f"{topic}-partition-{p}")
+                             + "/internalStats") for p in partitions}
+
+
+def plan_units(stats, readers, units_per_reader=UNITS_PER_READER,
+               min_unit_bytes=MIN_UNIT_BYTES):
+    """Work units over every partition in ``stats``, partition by partition."""
+    total_bytes = sum(b for s in stats.values() for _, _, b, _ in ledger_ranges(s))
+    target = target_unit_size(total_bytes, readers, units_per_reader, minimum=min_unit_bytes)
+    return [u for p in sorted(stats) for u in plan_partition(p, stats[p], target)]
+
+
+def plan_topic_units(admin_url, topic, readers=None):
+    """Work units over the whole topic, cut at each partition's last entry now."""
+    readers = readers or os.cpu_count() or 1
+    stats = partition_stats(admin_url, topic, range(partition_count(admin_url, topic)))
+    return plan_units(stats, readers)
+
+
+def read_units(tasks, readers=None):
+    """Run ``(function, *args)`` tasks on reader processes; their results in
+    task order."""
+    if not tasks:
+        return []
+    readers = readers or os.cpu_count() or 1
+    with ReaderPool(min(readers, len(tasks))) as pool:
+        futures = [pool.submit(*task) for task in tasks]
+        return [future.result() for future in futures]
+
+
 class ReaderPool:
     """N reader processes, each a fresh interpreter (``python -m
     tally.service.bootstrap --reader``) fed pickled tasks over a pipe.
@@ -394,11 +438,7 @@ class Bootstrap:
     # -- plan ----------------------------------------------------------------
 
     def _partition_count(self):
-        path = f"{topic_rest_path(self.view.source.topic)}/partitions"
-        partitions = admin_request(self.admin_url, "GET", path)["partitions"]
-        if partitions < 1:
-            raise BootstrapError(f"topic {self.view.source.topic!r} is not partitioned")
-        return partitions
+        return partition_count(self.admin_url, self.view.source.topic)
 
     def _load_or_make_plan(self, pending):
         path = os.path.join(self.workdir, PLAN_FILE)
@@ -418,17 +458,12 @@ class Bootstrap:
         return plan
 
     def _make_plan(self, pending):
-        stats = {p: admin_request(self.admin_url, "GET", topic_rest_path(
-            f"{self.view.source.topic}-partition-{p}") + "/internalStats") for p in pending}
-        total_bytes = sum(b for s in stats.values() for _, _, b, _ in ledger_ranges(s))
-        target = target_unit_size(total_bytes, self.readers, self.units_per_reader,
-                                  minimum=self.min_unit_bytes)
-        units, partitions = [], {}
-        for p in pending:
-            mine = plan_partition(p, stats[p], target)
-            units += mine
-            partitions[str(p)] = {"cut": list(cut_position(stats[p])),
-                                  "seek": last_position(mine)}
+        stats = partition_stats(self.admin_url, self.view.source.topic, pending)
+        units = plan_units(stats, self.readers, self.units_per_reader, self.min_unit_bytes)
+        partitions = {
+            str(p): {"cut": list(cut_position(stats[p])),
+                     "seek": last_position([u for u in units if u.partition == p])}
+            for p in pending}
         boundary = None
         if self.archive:
             boundary = archive_boundary(self.archive, self.view.source.timestamp_field)

@@ -97,8 +97,12 @@ def _cmd_training_set(args):
         views = [d for path in args.definitions or () for d in load_file(path)
                  if isinstance(d, FeatureView)]
         keys = dict(item.split("=", 1) for item in args.key or ())
+        pulsar = args.pulsar
+        if pulsar and args.admin:
+            from tally.service.training_sources import PulsarTopic
+            pulsar = PulsarTopic(pulsar, admin_url=args.admin, readers=args.readers)
         table = training_set(args.spine, [f for f in args.features.split(",") if f],
-                             views=views, registry=args.registry, pulsar=args.pulsar,
+                             views=views, registry=args.registry, pulsar=pulsar,
                              timestamp_column=args.timestamp_column, keys=keys,
                              spill_dir=args.spill_dir, progress=bar)
         pq.write_table(table, args.out)
@@ -443,6 +447,10 @@ def build_parser():
     training.add_argument("--registry", metavar="PATH", help="resolve views in this registry")
     training.add_argument("--pulsar", metavar="URL", help="read each source's topic from this "
                           "broker (earliest to now); without it, sources need an archive")
+    training.add_argument("--admin", metavar="URL", help="the broker's admin REST URL: read "
+                          "the topics with parallel reader processes, as a bootstrap does")
+    training.add_argument("--readers", type=int, help="reader processes with --admin "
+                          "(default: the number of cores)")
     training.add_argument("--out", required=True, help="the Parquet file to write")
     training.add_argument("--timestamp-column", help="spine time column (default ts)")
     training.add_argument("--key", action="append", metavar="ENTITY=COLUMN",

@@ -248,13 +248,19 @@ class PulsarTopic:
     """A source's topic, read from the earliest message to the end at call time.
 
     ``pulsar`` is a service URL (``pulsar://127.0.0.1:6650``) or a
-    ``pulsar.Client``; ``topic`` overrides the source's topic."""
+    ``pulsar.Client``; ``topic`` overrides the source's topic. With
+    ``admin_url`` (the broker's admin REST URL) and a service URL, the topic
+    is read like a bootstrap: cut at its last entries, split into work units
+    that ``readers`` processes (default: the cores) decode and sort in
+    parallel, the sorted runs merged in log order."""
 
-    def __init__(self, pulsar, topic=None, batch_messages=10_000, timeout_ms=30_000):
+    def __init__(self, pulsar, topic=None, batch_messages=10_000, timeout_ms=30_000,
+                 admin_url=None, readers=None):
         self.pulsar = pulsar
         self.topic = topic
         self.batch_messages = batch_messages
         self.timeout_ms = timeout_ms
+        self.admin_url, self.readers = admin_url, readers
         self.messages = 0
         self.rejected = 0
 
@@ -262,8 +268,28 @@ class PulsarTopic:
         return f"PulsarTopic({self.pulsar if isinstance(self.pulsar, str) else 'client'!r})"
 
     def sorted_chunks(self, source, columns, chunk_rows=DEFAULT_CHUNK_ROWS, spill_dir=None):
+        if self.admin_url and isinstance(self.pulsar, str):
+            return self._parallel_sorted_chunks(source, columns, chunk_rows, spill_dir)
         return external_sort(self.batches(source, columns), source.timestamp_field,
                              chunk_rows, spill_dir)
+
+    def _parallel_sorted_chunks(self, source, columns, chunk_rows, spill_dir):
+        from tally.service.bootstrap import plan_topic_units, read_units
+        topic = self.topic or source.topic
+        directory = tempfile.mkdtemp(prefix="tally-topic-", dir=spill_dir)
+        try:
+            units = plan_topic_units(self.admin_url, topic, self.readers)
+            paths = [os.path.join(directory, f"unit-{i}.arrow") for i in range(len(units))]
+            tasks = [(sorted_unit_run, source, columns, self.pulsar, self.admin_url, topic,
+                      unit, path) for unit, path in zip(units, paths)]
+            for counts in read_units(tasks, self.readers):
+                self.messages += counts["messages"]
+                self.rejected += counts["rejected"]
+            # log order among equal times: units of a partition are in log order
+            yield from merge_sorted([_read_run(path) for path in paths],
+                                    source.timestamp_field, chunk_rows)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def batches(self, source, columns):
         """Decoded batches (dicts of numpy columns) in log order, partition by
@@ -303,13 +329,48 @@ class PulsarTopic:
 
     def _decode(self, payloads, source, columns):
         self.messages += len(payloads)
-        decoded, rejects = decode_payloads(payloads, source)
-        ts = decoded[source.timestamp_field]
-        bad = (ts < MIN_EVENT_TIME) | (ts > MAX_EVENT_TIME)
-        self.rejected += rejects + int(bad.sum())
-        if bad.any():
-            decoded = {name: values[~bad] for name, values in decoded.items()}
-        return {name: decoded[name] for name in columns}
+        decoded, rejected = _decode_checked(payloads, source, columns)
+        self.rejected += rejected
+        return decoded
+
+
+def sorted_unit_run(source, columns, pulsar_url, admin_url, topic, unit, path):
+    """In a reader process: decode one work unit's messages, sort them by
+    time (stably: log order among equal times) and spill them as a run."""
+    from tally.service.bootstrap import _client, _unit_payloads
+    counts = {"messages": 0, "rejected": 0}
+    parts = []
+    for payloads in _unit_payloads(_client(pulsar_url), admin_url, topic, unit):
+        if payloads:
+            decoded, rejected = _decode_checked(payloads, source, columns)
+            counts["messages"] += len(payloads)
+            counts["rejected"] += rejected
+            parts.append(decoded)
+    parts = [p for p in parts if n_events(p)]
+    if parts:
+        _spill(sort_columns(concat_columns(parts), source.timestamp_field), path)
+    else:
+        _spill_empty(source, columns, path)
+    return counts
+
+
+def _decode_checked(payloads, source, columns):
+    """Decoded columns of payloads without impossible times, and the number
+    of payloads and events refused (as the pipeline refuses them)."""
+    decoded, rejects = decode_payloads(payloads, source)
+    ts = decoded[source.timestamp_field]
+    bad = (ts < MIN_EVENT_TIME) | (ts > MAX_EVENT_TIME)
+    if bad.any():
+        decoded = {name: values[~bad] for name, values in decoded.items()}
+    return {name: decoded[name] for name in columns}, rejects + int(bad.sum())
+
+
+def _spill_empty(source, columns, path):
+    types = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(),
+             "string": pa.string()}
+    schema = pa.schema([(c, types.get(source.field_type(c), pa.float64())) for c in columns])
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema):
+        pass
 
 
 def _last_message_position(client, topic):

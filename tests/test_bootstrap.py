@@ -339,10 +339,16 @@ def test_archive_and_topic_meet_at_the_boundary_without_overlap(
     from tally.core.training import training_set
     expected = expected_lifetime(frame)
     spine = pd.DataFrame({"user": expected.index, "ts": int(frame["ts"].max()) + 1})
-    table = training_set(spine, [view], views=[view], pulsar=tiered_broker.service_url)
-    trained = table.to_pandas().set_index("user").loc[expected.index]
-    np.testing.assert_array_equal(trained["reads"], expected["reads"])
-    np.testing.assert_allclose(trained["total"], expected["total"], rtol=1e-9)
+    from tally.service.training_sources import PulsarTopic
+    parallel = PulsarTopic(tiered_broker.service_url, admin_url=tiered_broker.admin_url,
+                           readers=2)
+    for pulsar in (tiered_broker.service_url, parallel):
+        table = training_set(spine, [view], views=[view], pulsar=pulsar)
+        trained = table.to_pandas().set_index("user").loc[expected.index]
+        np.testing.assert_array_equal(trained["reads"], expected["reads"])
+        np.testing.assert_allclose(trained["total"], expected["total"], rtol=1e-9)
+        np.testing.assert_array_equal(trained["last_article"], expected["last_article"])
+    assert parallel.messages == len(on_topic)
 
 
 def _pack(row):
