@@ -62,6 +62,7 @@ def run(quick=False, argv=()):
         try:
             history = write_history(broker, client, args)
             figures = measure(broker, client, args)
+            figures["training_topic_read_events_per_s"] = training_reads(broker, args.events)
         finally:
             client.close()
     return {"benchmark": "bootstrap", **history, **figures}
@@ -139,6 +140,24 @@ def cpu_seconds(broker):
 
 def cpu_per_million(before, after, events):
     return {side: (after[side] - before[side]) * 1e6 / events for side in before}
+
+
+def training_reads(broker, events):
+    """Training sets read a topic into time-sorted chunks: one Reader per
+    partition in turn vs the bootstrap's reader processes."""
+    from tally.service.training_sources import PulsarTopic
+    source, columns = view_named("t").source, ["user", "readtime", "ts"]
+    rates = {}
+    for name, topic in (("sequential", PulsarTopic(broker.service_url)),
+                        ("readers_2", PulsarTopic(broker.service_url,
+                                                  admin_url=broker.admin_url, readers=2))):
+        started = time.monotonic()
+        rows = sum(len(chunk["ts"]) for chunk in topic.sorted_chunks(source, columns))
+        rates[name] = round(rows / (time.monotonic() - started))
+        if rows != events:
+            raise AssertionError(f"{name} read {rows} events of {events}")
+    rates["ratio"] = round(rates["readers_2"] / rates["sequential"], 2)
+    return rates
 
 
 def naive(broker, client, view):

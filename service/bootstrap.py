@@ -641,22 +641,24 @@ def main(argv=None):
     if argv is None and sys.argv[1:] == ["--reader"]:
         return reader_process_main()
 
-    from tally.core.definitions import FeatureView
     from tally.service.checkpoint import CheckpointStore
     from tally.service.lmdb_store import LmdbStore
-    from tally.service.registry import load_file
     from tally.service.serve import subscription_for
 
     parser = argparse.ArgumentParser(
         prog="tally bootstrap", description="Compute a view's state from all of its "
         "history (archive, offloaded and BookKeeper ledgers) with parallel readers, and hand "
         "it over to `tally serve` at an exact cut.")
-    parser.add_argument("definitions", help="a .py or .sql file of feature views")
-    parser.add_argument("--view", help="the view to bootstrap (needed if the file has several)")
-    parser.add_argument("--version", type=int, default=1,
-                        help="the version number its records are written under")
+    parser.add_argument("target", help="a view name in the registry (its candidate, else its "
+                        "current version), or a .py/.sql file of feature views")
+    parser.add_argument("--view", help="with a file: the view (needed if it has several)")
+    parser.add_argument("--registry", help="the registry (default: $TALLY_REGISTRY or "
+                        ".tally/registry.db)")
+    parser.add_argument("--version", type=int, help="with a file: the version number its "
+                        "records are written under (default 1)")
     parser.add_argument("--candidate", action="store_true",
-                        help="write the records as a candidate (not served until promoted)")
+                        help="with a file: write the records as a candidate (not served "
+                        "until promoted)")
     parser.add_argument("--readers", type=int, default=os.cpu_count(),
                         help="reader processes (default: the number of cores)")
     parser.add_argument("--archive", help="a Parquet archive older than the topic "
@@ -668,18 +670,16 @@ def main(argv=None):
     parser.add_argument("--checkpoints", default=os.path.join(".tally", "checkpoints"))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    views = [d for d in load_file(args.definitions) if isinstance(d, FeatureView)]
-    if args.view:
-        views = [v for v in views if v.name == args.view]
-    if len(views) != 1:
-        parser.error(f"name one view with --view (found {[v.name for v in views]})")
-    view = views[0]
+    try:
+        view, version, serving = _chosen_view(args)
+    except LookupError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
     with LmdbStore(args.store) as store:
         job = Bootstrap(view, args.pulsar, args.admin, store, CheckpointStore(args.checkpoints),
-                        subscription_for(view), version=args.version,
-                        serving=not args.candidate, readers=args.readers,
-                        archive=args.archive, progress=None if args.quiet else progress_bar())
+                        subscription_for(view), version=version, serving=serving,
+                        readers=args.readers, archive=args.archive,
+                        progress=None if args.quiet else progress_bar())
         try:
             report = job.run()
         except (BootstrapError, HistoryError, OSError) as error:
@@ -687,6 +687,29 @@ def main(argv=None):
             return 2
     print(json.dumps(report, sort_keys=True))
     return 0
+
+
+def _chosen_view(args):
+    """(view, version, serving) named by the command line."""
+    from tally.core.definitions import FeatureView
+    from tally.service.registry import Registry, default_path, load_file
+    if os.path.isfile(args.target):
+        views = [d for d in load_file(args.target) if isinstance(d, FeatureView)]
+        if args.view:
+            views = [v for v in views if v.name == args.view]
+        if len(views) != 1:
+            raise LookupError(f"name one view with --view (found {[v.name for v in views]})")
+        return views[0], args.version or 1, not args.candidate
+    path = args.registry or default_path()
+    if not os.path.exists(path):
+        raise LookupError(f"{args.target!r} is neither a file nor, with no registry at {path}, "
+                          "a view name; apply definitions first or name --registry")
+    with Registry(path) as registry:
+        for deployment in registry.deployments():
+            if deployment.name == args.target:
+                chosen = deployment.candidate or deployment.current
+                return chosen.definition, chosen.version, chosen is deployment.current
+    raise LookupError(f"no deployed view named {args.target!r} in {path}")
 
 
 if __name__ == "__main__":

@@ -297,6 +297,33 @@ def test_an_interrupted_bootstrap_resumes_from_completed_units(
 
 
 @pytest.mark.pulsar
+def test_tally_bootstrap_command_bootstraps_a_registry_view(
+        tiered_broker, offloaded_history, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tally.service.registry import Registry
+    history, _ = offloaded_history
+    view = reading_view(history.topic, "reading_cli")
+    registry = str(tmp_path / "registry.db")
+    with Registry(registry) as handle:
+        handle.apply([view])
+    done = subprocess.run(
+        [sys.executable, "-m", "tally", "bootstrap", "reading_cli", "--registry", registry,
+         "--pulsar", tiered_broker.service_url, "--admin", tiered_broker.admin_url,
+         "--store", str(tmp_path / "store"), "--checkpoints", str(tmp_path / "ckpt"),
+         "--readers", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert "units" in done.stderr and "ETA" in done.stderr          # the progress bar
+    assert report["partitions"] == list(range(N_PARTITIONS))
+    frame = history.frame()
+    assert report["events"] == len(frame)       # no producer writes during this test
+    assert_served_equals_oracle(tmp_path / "store", view, frame)
+
+
+@pytest.mark.pulsar
 def test_archive_and_topic_meet_at_the_boundary_without_overlap(
         tiered_broker, client, tmp_path):
     """The archive holds the events before T, the topic those from T on, and
