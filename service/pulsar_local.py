@@ -875,7 +875,8 @@ def main_dev(argv: list[str] | None = None) -> int:
     web_port = args.web_port or _default_port_if_free(DEFAULT_WEB_PORT)
     pulsar = LocalPulsar(data_dir=args.data_dir, broker_port=broker_port,
                          web_port=web_port, heap=args.heap,
-                         max_entries_per_ledger=args.max_entries_per_ledger)
+                         max_entries_per_ledger=args.max_entries_per_ledger,
+                         tiered_storage=args.tiered_storage)
     stop_requested = threading.Event()
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     try:
@@ -887,6 +888,7 @@ def main_dev(argv: list[str] | None = None) -> int:
               f"  data dir:    {pulsar.data_dir}"
               f"{'' if args.data_dir else ' (removed on exit)'}\n"
               f"  broker log:  {pulsar.log_file}\n"
+              + (f"  offloaded:   {pulsar.offload_dir}\n" if args.tiered_storage else "") +
               "Ctrl-C to stop.", flush=True)
         while not stop_requested.wait(1.0):
             if not pulsar.is_running:
@@ -916,6 +918,9 @@ def _dev_argument_parser() -> argparse.ArgumentParser:
                         help="keep data here across runs (default: a temp dir, removed)")
     parser.add_argument("--heap", default="512m", help="JVM heap (default 512m)")
     parser.add_argument("--max-entries-per-ledger", type=int, default=50000)
+    parser.add_argument("--tiered-storage", action="store_true",
+                        help="offload ledgers to <data dir>/offloaded with the filesystem "
+                        "offloader (PUT .../offload), dropping their BookKeeper copies")
     parser.add_argument("--timeout", type=float, default=180,
                         help="seconds to wait for the broker to become ready")
     return parser
