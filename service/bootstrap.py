@@ -28,14 +28,10 @@ import concurrent.futures
 import json
 import logging
 import os
-import pickle
 import shutil
-import struct
-import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import numpy as np
 
@@ -44,24 +40,18 @@ from tally.core.decode import Schema
 from tally.core.definitions import state_hash
 from tally.core.view import ViewState
 from tally.service.checkpoint import CheckpointConflict
-from tally.service.history import (END_OF_ENTRY, HistoryError, TopicUnit, archive_boundary,
-                                   cut_position,
-                                   last_position, ledger_ranges, open_dataset, plan_archive,
-                                   plan_partition, target_unit_size, unit_from_dict)
+from tally.service.history import (HistoryError, TopicUnit, archive_boundary, cut_position,
+                                   last_position, open_dataset, plan_archive,
+                                   target_unit_size, unit_from_dict)
 from tally.service.materialize import online_schema, records_for
 from tally.service.pipeline import decode_events
-from tally.service.pulsar_local import admin_request, topic_rest_path
+from tally.service.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, ReaderError, ReaderPool,
+                                   client_for, partition_count, partition_stats, plan_units,
+                                   unit_payloads)
 
 log = logging.getLogger("tally.bootstrap")
 
-RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
-READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
 WRITE_CHUNK = 50_000           # records per online-store transaction at handover
-# A unit costs ~60 ms to set up (subscription, first batch): keep units large
-# enough (~1 s of reading) for that to be noise, yet several per reader so the
-# readers finish together.
-MIN_UNIT_BYTES = 16 << 20
-UNITS_PER_READER = 3
 PLAN_FILE = "plan.json"
 
 
@@ -76,105 +66,15 @@ class BootstrapCancelled(BootstrapError):
 # --------------------------------------------------------------------------
 # Reader processes: one work unit in, one partial state file out.
 
-_clients = {}
-
-
-def _client(pulsar_url):
-    if pulsar_url not in _clients:
-        from tally.service.client import connect
-        _clients[pulsar_url] = connect(pulsar_url)
-    return _clients[pulsar_url]
-
-
 def read_topic_unit(view, pulsar_url, admin_url, unit, out_path, events_from_ms=None):
     """Fold the messages of ``unit`` into a fresh state and save it."""
     started = time.monotonic()
     state, tally = ViewState(view), _UnitTally()
     decode_schema = Schema(list(view.source.schema))
-    for payloads in _unit_payloads(_client(pulsar_url), admin_url, view.source.topic, unit):
+    for payloads in unit_payloads(client_for(pulsar_url), admin_url, view.source.topic, unit):
         tally.fold(state, view, decode_schema, payloads, events_from_ms)
     _save_states(out_path, {"": state})
     return tally.summary(time.monotonic() - started)
-
-
-def _unit_payloads(client, admin_url, topic, unit):
-    """The payloads of the unit's messages in log order, in batches.
-
-    A temporary subscription is created at the unit's first entry (admin API)
-    and read by a consumer in batches: about twice the rate of a Reader's one
-    message per call, and no seek. Messages beyond the unit's last entry are
-    dropped by position.
-
-    Python touches each message once (its payload): per-message position
-    checks cost more than decoding and folding together."""
-    import pulsar
-    topic = f"{topic}-partition-{unit.partition}"
-    subscription = f"tally-bootstrap-{uuid.uuid4().hex[:16]}"
-    admin_request(admin_url, "PUT", f"{topic_rest_path(topic)}/subscription/{subscription}",
-                  {"ledgerId": unit.first[0], "entryId": unit.first[1], "partitionIndex": -1,
-                   "batchIndex": -1, "isExcluded": False})
-    consumer = client.subscribe(
-        topic, subscription, consumer_type=pulsar.ConsumerType.Exclusive,
-        receiver_queue_size=RECEIVE_BATCH,
-        batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(RECEIVE_BATCH, 64 << 20, 10))
-    raw = consumer._consumer
-    try:
-        end = _final_message(raw, unit) or tuple(unit.last) + (END_OF_ENTRY,)
-        deadline = None
-        while True:
-            messages = raw.batch_receive()
-            if messages and _position(messages[0])[:2] < tuple(unit.first):
-                raise BootstrapError(f"{topic}: got entry {_position(messages[0])} before "
-                                     f"the unit's first {unit.first}")
-            # Positions increase along a batch: look at a few messages, not all.
-            within = _count_within(messages, end)
-            yield [message.data() for message in messages[:within]]
-            if within < len(messages) or (within and _position(messages[within - 1]) >= end):
-                return
-            deadline = _check_progress(messages, deadline, topic, unit)
-    finally:
-        try:
-            raw.unsubscribe()
-        except Exception:            # the subscription is left over; it holds nothing back
-            raw.close()
-
-
-def _position(message):
-    mid = message.message_id()
-    return (mid.ledger_id(), mid.entry_id(), mid.batch_index())
-
-
-def _count_within(messages, end):
-    """How many leading messages are at or before position ``end``."""
-    low, high = 0, len(messages)
-    while low < high:
-        middle = (low + high) // 2
-        if _position(messages[middle]) <= end:
-            low = middle + 1
-        else:
-            high = middle
-    return low
-
-
-def _final_message(raw, unit):
-    """The exact position of the unit's last message if the unit ends at the
-    topic's last entry (then no later message will show where it ends), else None."""
-    mid = raw.get_last_message_id()
-    if (mid.ledger_id(), mid.entry_id()) == tuple(unit.last):
-        return (mid.ledger_id(), mid.entry_id(), mid.batch_index())
-    return None
-
-
-def _check_progress(messages, deadline, topic, unit):
-    """Fail a unit that stops receiving; returns the new deadline."""
-    if messages:
-        return None
-    now = time.monotonic()
-    deadline = deadline or now + READ_TIMEOUT_S
-    if now > deadline:
-        raise BootstrapError(f"{topic}: no message for {READ_TIMEOUT_S:.0f} s while reading "
-                             f"entries {unit.first}..{unit.last}")
-    return deadline
 
 
 def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_before_ms):
@@ -254,140 +154,6 @@ def _load_state(view, path, key):
     prefix = f"{key}/"
     own = {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
     return ViewState.from_arrays(view, meta["states"][key], own)
-
-
-# --------------------------------------------------------------------------
-# Planning and running units (also used by training sets' topic reads)
-
-
-def partition_count(admin_url, topic):
-    path = f"{topic_rest_path(topic)}/partitions"
-    partitions = admin_request(admin_url, "GET", path)["partitions"]
-    if partitions < 1:
-        raise BootstrapError(f"topic {topic!r} is not partitioned")
-    return partitions
-
-
-def partition_stats(admin_url, topic, partitions):
-    """Each partition's internal stats: its ledgers and last confirmed entry."""
-    return {p: admin_request(admin_url, "GET", topic_rest_path(f"{topic}-partition-{p}")
-                             + "/internalStats") for p in partitions}
-
-
-def plan_units(stats, readers, units_per_reader=UNITS_PER_READER,
-               min_unit_bytes=MIN_UNIT_BYTES):
-    """Work units over every partition in ``stats``, partition by partition."""
-    total_bytes = sum(b for s in stats.values() for _, _, b, _ in ledger_ranges(s))
-    target = target_unit_size(total_bytes, readers, units_per_reader, minimum=min_unit_bytes)
-    return [u for p in sorted(stats) for u in plan_partition(p, stats[p], target)]
-
-
-def plan_topic_units(admin_url, topic, readers=None):
-    """Work units over the whole topic, cut at each partition's last entry now."""
-    readers = readers or os.cpu_count() or 1
-    stats = partition_stats(admin_url, topic, range(partition_count(admin_url, topic)))
-    return plan_units(stats, readers)
-
-
-def read_units(tasks, readers=None):
-    """Run ``(function, *args)`` tasks on reader processes; their results in
-    task order."""
-    if not tasks:
-        return []
-    readers = readers or os.cpu_count() or 1
-    with ReaderPool(min(readers, len(tasks))) as pool:
-        futures = [pool.submit(*task) for task in tasks]
-        return [future.result() for future in futures]
-
-
-class ReaderPool:
-    """N reader processes, each a fresh interpreter (``python -m
-    tally.service.bootstrap --reader``) fed pickled tasks over a pipe.
-
-    Not multiprocessing: fork would copy the caller's Pulsar client threads,
-    and spawn re-imports the caller's main script, which a user's script
-    without a ``__main__`` guard does not survive."""
-
-    def __init__(self, n):
-        self.processes = []
-        self.idle = []
-        self.threads = concurrent.futures.ThreadPoolExecutor(n, "tally-bootstrap")
-        self.lock = threading.Lock()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.threads.shutdown(cancel_futures=True)
-        for process in self.processes:
-            process.stdin.close()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-    def submit(self, function, *args):
-        return self.threads.submit(self._call, function, args)
-
-    def _call(self, function, args):
-        process = self._take()
-        try:
-            _send(process.stdin, (function, args))
-            ok, value = _receive(process.stdout)
-        except (EOFError, OSError):
-            raise BootstrapError(f"a reader process died (exit {process.poll()}); completed "
-                                 "units are kept for a resume") from None
-        self.idle.append(process)
-        if not ok:
-            raise BootstrapError(value)
-        return value
-
-    def _take(self):
-        with self.lock:
-            if self.idle:
-                return self.idle.pop()
-            process = subprocess.Popen([sys.executable, "-m", "tally.service.bootstrap",
-                                        "--reader"], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE)
-            self.processes.append(process)
-            return process
-
-
-def _send(stream, value):
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)) + data)
-    stream.flush()
-
-
-def _receive(stream):
-    header = stream.read(8)
-    if len(header) < 8:
-        raise EOFError
-    (size,) = struct.unpack("<Q", header)
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError
-    return pickle.loads(data)
-
-
-def reader_process_main():
-    """Serve tasks from the pool until stdin closes. The protocol owns the
-    original stdout; anything else printing there (the Pulsar client's
-    logger) is redirected to stderr."""
-    requests = sys.stdin.buffer
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    while True:
-        try:
-            function, args = _receive(requests)
-        except EOFError:
-            return 0
-        try:
-            reply = (True, function(*args))
-        except Exception as error:          # reported to the coordinator, named
-            reply = (False, f"{type(error).__name__}: {error}")
-        _send(replies, reply)
 
 
 # --------------------------------------------------------------------------
@@ -561,7 +327,7 @@ class Bootstrap:
         there. Whether the broker then redelivers the cut message itself or
         the next one, the worker skips what the checkpoint covers."""
         import pulsar
-        client = _client(self.pulsar_url)
+        client = client_for(self.pulsar_url)
         consumer = client.subscribe(
             f"{self.view.source.topic}-partition-{partition}", self.subscription,
             consumer_type=pulsar.ConsumerType.Failover,
@@ -588,6 +354,8 @@ class Bootstrap:
                 "events": sum(r["events"] for r in mine),
                 "reader_seconds": round(sum(r["seconds"] for r in mine), 3)}
         report["events"] = sum(r["events"] for r in results.values())
+        # events left to the other side of the archive boundary
+        report["outside_boundary"] = sum(r["outside_cut"] for r in results.values())
         report["rejected"] = sum(r["rejected"] for r in results.values())
         reasons = {}
         for r in results.values():
@@ -638,8 +406,6 @@ def progress_bar(stream=sys.stderr):
 
 def main(argv=None):
     import argparse
-    if argv is None and sys.argv[1:] == ["--reader"]:
-        return reader_process_main()
 
     from tally.service.checkpoint import CheckpointStore
     from tally.service.lmdb_store import LmdbStore
@@ -682,7 +448,7 @@ def main(argv=None):
                         progress=None if args.quiet else progress_bar())
         try:
             report = job.run()
-        except (BootstrapError, HistoryError, OSError) as error:
+        except (BootstrapError, HistoryError, ReaderError, OSError) as error:
             print(f"\ntally bootstrap: {error}", file=sys.stderr)
             return 2
     print(json.dumps(report, sort_keys=True))

@@ -195,11 +195,6 @@ def _row_group_sizes(fragment):
     return [(i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
 
 
-def archive_rows(uri):
-    dataset, _ = open_dataset(uri)
-    return sum(f.metadata.num_rows for f in dataset.get_fragments())
-
-
 def archive_boundary(uri, timestamp_field):
     """T: the archive holds the events with time < T (see the module doc)."""
     dataset, filesystem = open_dataset(uri)

@@ -274,7 +274,7 @@ class PulsarTopic:
                              chunk_rows, spill_dir)
 
     def _parallel_sorted_chunks(self, source, columns, chunk_rows, spill_dir):
-        from tally.service.bootstrap import plan_topic_units, read_units
+        from tally.service.readers import plan_topic_units, read_units
         topic = self.topic or source.topic
         directory = tempfile.mkdtemp(prefix="tally-topic-", dir=spill_dir)
         try:
@@ -337,10 +337,10 @@ class PulsarTopic:
 def sorted_unit_run(source, columns, pulsar_url, admin_url, topic, unit, path):
     """In a reader process: decode one work unit's messages, sort them by
     time (stably: log order among equal times) and spill them as a run."""
-    from tally.service.bootstrap import _client, _unit_payloads
+    from tally.service.readers import client_for, unit_payloads
     counts = {"messages": 0, "rejected": 0}
     parts = []
-    for payloads in _unit_payloads(_client(pulsar_url), admin_url, topic, unit):
+    for payloads in unit_payloads(client_for(pulsar_url), admin_url, topic, unit):
         if payloads:
             decoded, rejected = _decode_checked(payloads, source, columns)
             counts["messages"] += len(payloads)

@@ -360,6 +360,7 @@ def test_archive_and_topic_meet_at_the_boundary_without_overlap(
     assert report["events_before_ms"] == boundary
     assert report["archive"]["events"] == len(before)
     assert report["events"] == len(frame)
+    assert report["outside_boundary"] == len(overlap) + len(late_export)
     assert_served_equals_oracle(tmp_path / "store", view, frame)
 
     # training data reads the same archive and topic by the same rule

@@ -1,0 +1,266 @@
+"""Reader processes, and reading a work unit of a topic (``history``) exactly.
+
+The bootstrap and training sets' topic reads hand work units to a
+``ReaderPool``: N fresh interpreters (``python -m tally.service.readers``)
+fed pickled ``(function, *args)`` tasks over a pipe. Not multiprocessing:
+fork would copy the caller's Pulsar client threads, and spawn re-imports the
+caller's main script, which a user's script without a ``__main__`` guard does
+not survive.
+
+A unit is read through a temporary subscription created at its first entry
+(``unit_payloads``).
+"""
+import concurrent.futures
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+from tally.service.history import END_OF_ENTRY, ledger_ranges, plan_partition, target_unit_size
+from tally.service.pulsar_local import admin_request, topic_rest_path
+
+RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
+READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
+# A unit costs ~60 ms to set up (subscription, first batch): keep units large
+# enough (~1 s of reading) for that to be noise, yet several per reader so the
+# readers finish together.
+MIN_UNIT_BYTES = 16 << 20
+UNITS_PER_READER = 3
+
+
+class ReaderError(RuntimeError):
+    """A reader process failed or a unit could not be read."""
+
+
+# --------------------------------------------------------------------------
+# Planning a topic's units
+
+
+def partition_count(admin_url, topic):
+    path = f"{topic_rest_path(topic)}/partitions"
+    partitions = admin_request(admin_url, "GET", path)["partitions"]
+    if partitions < 1:
+        raise ReaderError(f"topic {topic!r} is not partitioned")
+    return partitions
+
+
+def partition_stats(admin_url, topic, partitions):
+    """Each partition's internal stats: its ledgers and last confirmed entry."""
+    return {p: admin_request(admin_url, "GET", topic_rest_path(f"{topic}-partition-{p}")
+                             + "/internalStats") for p in partitions}
+
+
+def plan_units(stats, readers, units_per_reader=UNITS_PER_READER,
+               min_unit_bytes=MIN_UNIT_BYTES):
+    """Work units over every partition in ``stats``, partition by partition."""
+    total_bytes = sum(b for s in stats.values() for _, _, b, _ in ledger_ranges(s))
+    target = target_unit_size(total_bytes, readers, units_per_reader, minimum=min_unit_bytes)
+    return [u for p in sorted(stats) for u in plan_partition(p, stats[p], target)]
+
+
+def plan_topic_units(admin_url, topic, readers=None):
+    """Work units over the whole topic, cut at each partition's last entry now."""
+    readers = readers or os.cpu_count() or 1
+    stats = partition_stats(admin_url, topic, range(partition_count(admin_url, topic)))
+    return plan_units(stats, readers)
+
+
+# --------------------------------------------------------------------------
+# Running tasks on reader processes
+
+
+def read_units(tasks, readers=None):
+    """Run ``(function, *args)`` tasks on reader processes; their results in
+    task order."""
+    if not tasks:
+        return []
+    readers = readers or os.cpu_count() or 1
+    with ReaderPool(min(readers, len(tasks))) as pool:
+        futures = [pool.submit(*task) for task in tasks]
+        return [future.result() for future in futures]
+
+
+class ReaderPool:
+    """N reader processes fed pickled tasks over pipes (see the module doc)."""
+
+    def __init__(self, n):
+        self.processes = []
+        self.idle = []
+        self.threads = concurrent.futures.ThreadPoolExecutor(n, "tally-bootstrap")
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.threads.shutdown(cancel_futures=True)
+        for process in self.processes:
+            process.stdin.close()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def submit(self, function, *args):
+        return self.threads.submit(self._call, function, args)
+
+    def _call(self, function, args):
+        process = self._take()
+        try:
+            _send(process.stdin, (function, args))
+            ok, value = _receive(process.stdout)
+        except (EOFError, OSError):
+            raise ReaderError(f"a reader process died (exit {process.poll()}); completed "
+                                 "units are kept for a resume") from None
+        self.idle.append(process)
+        if not ok:
+            raise ReaderError(value)
+        return value
+
+    def _take(self):
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+            process = subprocess.Popen([sys.executable, "-m", "tally.service.readers"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self.processes.append(process)
+            return process
+
+
+def _send(stream, value):
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        raise EOFError
+    (size,) = struct.unpack("<Q", header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def reader_process_main():
+    """Serve tasks from the pool until stdin closes. The protocol owns the
+    original stdout; anything else printing there (the Pulsar client's
+    logger) is redirected to stderr."""
+    requests = sys.stdin.buffer
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    while True:
+        try:
+            function, args = _receive(requests)
+        except EOFError:
+            return 0
+        try:
+            reply = (True, function(*args))
+        except Exception as error:          # reported to the coordinator, named
+            reply = (False, f"{type(error).__name__}: {error}")
+        _send(replies, reply)
+
+
+# --------------------------------------------------------------------------
+# Reading one unit (in a reader process)
+
+
+_clients = {}
+
+
+def client_for(pulsar_url):
+    if pulsar_url not in _clients:
+        from tally.service.client import connect
+        _clients[pulsar_url] = connect(pulsar_url)
+    return _clients[pulsar_url]
+
+
+def unit_payloads(client, admin_url, topic, unit):
+    """The payloads of the unit's messages in log order, in batches.
+
+    A temporary subscription is created at the unit's first entry (admin API)
+    and read by a consumer in batches: about twice the rate of a Reader's one
+    message per call, and no seek. Messages beyond the unit's last entry are
+    dropped by position.
+
+    Python touches each message once (its payload): per-message position
+    checks cost more than decoding and folding together."""
+    import pulsar
+    topic = f"{topic}-partition-{unit.partition}"
+    subscription = f"tally-bootstrap-{uuid.uuid4().hex[:16]}"
+    admin_request(admin_url, "PUT", f"{topic_rest_path(topic)}/subscription/{subscription}",
+                  {"ledgerId": unit.first[0], "entryId": unit.first[1], "partitionIndex": -1,
+                   "batchIndex": -1, "isExcluded": False})
+    consumer = client.subscribe(
+        topic, subscription, consumer_type=pulsar.ConsumerType.Exclusive,
+        receiver_queue_size=RECEIVE_BATCH,
+        batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(RECEIVE_BATCH, 64 << 20, 10))
+    raw = consumer._consumer
+    try:
+        end = _final_message(raw, unit) or tuple(unit.last) + (END_OF_ENTRY,)
+        deadline = None
+        while True:
+            messages = raw.batch_receive()
+            if messages and _position(messages[0])[:2] < tuple(unit.first):
+                raise ReaderError(f"{topic}: got entry {_position(messages[0])} before "
+                                     f"the unit's first {unit.first}")
+            # Positions increase along a batch: look at a few messages, not all.
+            within = _count_within(messages, end)
+            yield [message.data() for message in messages[:within]]
+            if within < len(messages) or (within and _position(messages[within - 1]) >= end):
+                return
+            deadline = _check_progress(messages, deadline, topic, unit)
+    finally:
+        try:
+            raw.unsubscribe()
+        except Exception:            # the subscription is left over; it holds nothing back
+            raw.close()
+
+
+def _position(message):
+    mid = message.message_id()
+    return (mid.ledger_id(), mid.entry_id(), mid.batch_index())
+
+
+def _count_within(messages, end):
+    """How many leading messages are at or before position ``end``."""
+    low, high = 0, len(messages)
+    while low < high:
+        middle = (low + high) // 2
+        if _position(messages[middle]) <= end:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def _final_message(raw, unit):
+    """The exact position of the unit's last message if the unit ends at the
+    topic's last entry (then no later message will show where it ends), else None."""
+    mid = raw.get_last_message_id()
+    if (mid.ledger_id(), mid.entry_id()) == tuple(unit.last):
+        return (mid.ledger_id(), mid.entry_id(), mid.batch_index())
+    return None
+
+
+def _check_progress(messages, deadline, topic, unit):
+    """Fail a unit that stops receiving; returns the new deadline."""
+    if messages:
+        return None
+    now = time.monotonic()
+    deadline = deadline or now + READ_TIMEOUT_S
+    if now > deadline:
+        raise ReaderError(f"{topic}: no message for {READ_TIMEOUT_S:.0f} s while reading "
+                             f"entries {unit.first}..{unit.last}")
+    return deadline
+
+
+if __name__ == "__main__":
+    sys.exit(reader_process_main())
