@@ -95,7 +95,7 @@ def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_be
     tally = _UnitTally(messages=table.num_rows, rejected=table.num_rows - len(ts))
     keep = ts < events_before_ms
     events = {name: values[keep] for name, values in events.items()}
-    tally.outside_cut = int((~keep).sum())
+    tally.outside_boundary = int((~keep).sum())
     partitions = partitions_of(events[view.key_column], n_partitions)
     states = {}
     for partition in np.unique(partitions):
@@ -110,7 +110,7 @@ def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_be
 class _UnitTally:
     def __init__(self, messages=0, rejected=0):
         self.messages, self.events, self.rejected = messages, 0, rejected
-        self.reasons, self.outside_cut = {}, 0
+        self.reasons, self.outside_boundary = {}, 0
 
     def fold(self, state, view, decode_schema, payloads, events_from_ms):
         if not payloads:
@@ -122,14 +122,14 @@ class _UnitTally:
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
         if events_from_ms is not None:
             keep = columns[view.source.timestamp_field] >= events_from_ms
-            self.outside_cut += int((~keep).sum())
+            self.outside_boundary += int((~keep).sum())
             columns = {name: values[keep] for name, values in columns.items()}
         self.events += len(columns[view.source.timestamp_field])
         state.apply(columns)
 
     def summary(self, seconds):
         return {"messages": self.messages, "events": self.events, "rejected": self.rejected,
-                "reject_reasons": self.reasons, "outside_cut": self.outside_cut,
+                "reject_reasons": self.reasons, "outside_boundary": self.outside_boundary,
                 "seconds": seconds}
 
 
@@ -355,7 +355,7 @@ class Bootstrap:
                 "reader_seconds": round(sum(r["seconds"] for r in mine), 3)}
         report["events"] = sum(r["events"] for r in results.values())
         # events left to the other side of the archive boundary
-        report["outside_boundary"] = sum(r["outside_cut"] for r in results.values())
+        report["outside_boundary"] = sum(r["outside_boundary"] for r in results.values())
         report["rejected"] = sum(r["rejected"] for r in results.values())
         reasons = {}
         for r in results.values():
