@@ -379,6 +379,43 @@ def test_archive_and_topic_meet_at_the_boundary_without_overlap(
     assert parallel.messages == len(on_topic)
 
 
+@pytest.mark.pulsar
+def test_string_keys_and_an_archive_split_across_partitions(tiered_broker, client, tmp_path):
+    """String entity keys: the archive's rows are routed to partitions by the
+    producers' hash, so each partition's state meets its own topic events."""
+    topic = "bootstrap-strings"
+    tiered_broker.create_partitioned_topic(topic, N_PARTITIONS)
+    rng = np.random.default_rng(4)
+    n = 40_000
+    frame = pd.DataFrame({"user": [f"reader-{k}" for k in rng.integers(0, 3_000, n)],
+                          "article": rng.integers(0, 100, n),
+                          "readtime": np.round(rng.random(n) * 60, 3),
+                          "ts": np.sort(rng.integers(0, 10**9, n)) + 1_700_000_000_000})
+    boundary = int(frame["ts"].iloc[n // 2])
+    write_archive(pa.Table.from_pandas(frame[frame["ts"] < boundary], preserve_index=False),
+                  str(tmp_path / "archive"), events_before_ms=boundary, row_group_size=4_000)
+    on_topic = frame[frame["ts"] >= boundary]
+    producer = EventProducer(client, topic, "user")
+    for row in on_topic.itertuples(index=False):
+        producer.send({"user": row.user, "article": int(row.article),
+                       "readtime": float(row.readtime), "ts": int(row.ts)})
+    producer.close()
+    source = Source("reads", topic, schema={**SCHEMA, "user": "string"},
+                    archive=str(tmp_path / "archive"))
+    view = FeatureView("reading_strings", Entity("reader", key_type="string"), source, [
+        Feature("total", "sum", "readtime"), Feature("reads", "count"),
+        Feature("last_article", "last", "article")], key_column="user")
+    store, checkpoints = LmdbStore(str(tmp_path / "store")), CheckpointStore(tmp_path / "ckpt")
+    try:
+        report = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
+                           checkpoints, subscription_for(view), readers=2).run()
+        stream_until_drained(tiered_broker, view, client, store, checkpoints)
+    finally:
+        store.close()
+    assert report["events"] == n and report["archive"]["units"] > 1
+    assert_served_equals_oracle(tmp_path / "store", view, frame)
+
+
 def _pack(row):
     import msgpack
     return msgpack.packb({"user": int(row.user), "article": int(row.article),
