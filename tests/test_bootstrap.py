@@ -175,6 +175,18 @@ def stream_until_drained(broker, view, client, store, checkpoints, version=1):
             worker.close()
 
 
+def bootstrap_and_stream(broker, client, view, tmp_path, readers=2):
+    """Bootstrap ``view`` into ``tmp_path``'s store, then stream to the end."""
+    store, checkpoints = LmdbStore(str(tmp_path / "store")), CheckpointStore(tmp_path / "ckpt")
+    try:
+        report = Bootstrap(view, broker.service_url, broker.admin_url, store, checkpoints,
+                           subscription_for(view), readers=readers).run()
+        stream_until_drained(broker, view, client, store, checkpoints)
+    finally:
+        store.close()
+    return report
+
+
 def expected_lifetime(frame):
     """pandas over every event; ``last`` is the newest event time's value, the
     later arrival among equal times (``frame`` is in arrival order)."""
@@ -350,13 +362,7 @@ def test_archive_and_topic_meet_at_the_boundary_without_overlap(
     view = reading_view(topic, "reading_archived")
     view = dataclasses.replace(view, source=dataclasses.replace(view.source,
                                                                 archive=str(archive)))
-    store, checkpoints = LmdbStore(str(tmp_path / "store")), CheckpointStore(tmp_path / "ckpt")
-    try:
-        report = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
-                           checkpoints, subscription_for(view), readers=2).run()
-        stream_until_drained(tiered_broker, view, client, store, checkpoints)
-    finally:
-        store.close()
+    report = bootstrap_and_stream(tiered_broker, client, view, tmp_path)
     assert report["events_before_ms"] == boundary
     assert report["archive"]["events"] == len(before)
     assert report["events"] == len(frame)
@@ -405,13 +411,7 @@ def test_string_keys_and_an_archive_split_across_partitions(tiered_broker, clien
     view = FeatureView("reading_strings", Entity("reader", key_type="string"), source, [
         Feature("total", "sum", "readtime"), Feature("reads", "count"),
         Feature("last_article", "last", "article")], key_column="user")
-    store, checkpoints = LmdbStore(str(tmp_path / "store")), CheckpointStore(tmp_path / "ckpt")
-    try:
-        report = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
-                           checkpoints, subscription_for(view), readers=2).run()
-        stream_until_drained(tiered_broker, view, client, store, checkpoints)
-    finally:
-        store.close()
+    report = bootstrap_and_stream(tiered_broker, client, view, tmp_path)
     assert report["events"] == n and report["archive"]["units"] > 1
     assert_served_equals_oracle(tmp_path / "store", view, frame)
 
