@@ -51,7 +51,11 @@ def service_metrics():
             ("tally_unacknowledged", "gauge",
              "1 if the partition has folded messages awaiting a checkpoint"),
             ("tally_store_write_retries_total", "counter",
-             "Online store writes retried after an error")):
+             "Online store writes retried after an error"),
+            ("tally_bootstrap_units", "gauge",
+             "Work units of a running bootstrap from history (state: done or total)"),
+            ("tally_bootstrap_events_total", "counter",
+             "Events folded by a running bootstrap's finished units")):
         metrics.declare(name, kind, text)
     return metrics
 

@@ -51,13 +51,18 @@ class VersionRunner:
         self.service = service
         self.workers = []
         self.bootstrap = None
+        self.bootstrap_progress = None        # (units done, units, events), for /metrics
         if service.admin_url and self._never_checkpointed():
             self.bootstrap = Bootstrap(
                 view, service.pulsar_url, service.admin_url, service.store,
                 service.checkpoints, subscription_for(view), version=version,
-                serving=serving, readers=service.bootstrap_readers)
+                serving=serving, readers=service.bootstrap_readers,
+                progress=self._bootstrap_progressed)
         else:
             self.start_workers()
+
+    def _bootstrap_progressed(self, done, total, events, eta_s):
+        self.bootstrap_progress = (done, total, events)
 
     def _never_checkpointed(self):
         hashed = state_hash(self.view)
@@ -212,6 +217,13 @@ class StreamingService:
     def refresh_metrics(self):
         """Copy every worker's counters into the metrics, just before a scrape."""
         now_ms = time.time() * 1000
+        for runner in self.runners.values():
+            if runner.bootstrap_progress is not None:
+                done, total, events = runner.bootstrap_progress
+                labels = {"view": runner.view.name, "version": runner.version}
+                self.metrics.set("tally_bootstrap_units", done, state="done", **labels)
+                self.metrics.set("tally_bootstrap_units", total, state="total", **labels)
+                self.metrics.set("tally_bootstrap_events_total", events, **labels)
         for worker in self.workers:
             labels = {"view": worker.view.name, "version": worker.schema.version,
                       "partition": worker.partition}

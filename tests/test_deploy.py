@@ -14,6 +14,7 @@ import pytest
 from tally.core.definitions import Entity, Feature, FeatureView, Source
 from tally.service.lmdb_store import LmdbStore
 from tally.service.producer import EventProducer
+from tally.service.pulsar_local import free_loopback_ports
 from tally.service.quickstart import generate_events
 from tally.service.registry import Registry
 
@@ -38,6 +39,16 @@ def records(store_path, users):
         return store.get_many("deployed", users)
 
 
+def bootstrap_units(port, version):
+    """{'done': n, 'total': n} of a version's bootstrap, from /metrics."""
+    import re
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    pattern = rf'tally_bootstrap_units{{state="(\w+)",version="{version}",view="deployed"}} (\d+)'
+    return {state: int(value) for state, value in re.findall(pattern, text)}
+
+
 def wait_for(condition, timeout_s, what):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -56,6 +67,7 @@ def test_new_version_is_computed_alongside_and_promoted_without_restart(
     """Without the admin URL a new version reads history through its own
     subscription; with it, parallel readers bootstrap it, then it streams."""
     topic_name = f"{topic_name[:50]}-{'b' if bootstrap else 's'}"
+    metrics_port = free_loopback_ports(1)[0]
     pulsar_broker.create_partitioned_topic(topic_name, 4)
     registry_path = tmp_path / "registry.db"
     store_path = tmp_path / "store"
@@ -69,7 +81,7 @@ def test_new_version_is_computed_alongside_and_promoted_without_restart(
         [sys.executable, "-m", "tally", "serve", "--registry", str(registry_path),
          "--pulsar", pulsar_broker.service_url, "--store", str(store_path),
          "--checkpoints", str(tmp_path / "ckpt"), "--checkpoint-interval", "0.5",
-         "--metrics", "off"]
+         "--metrics", f"127.0.0.1:{metrics_port}" if bootstrap else "off"]
         + (["--admin", pulsar_broker.admin_url, "--bootstrap-readers", "2"] if bootstrap else []),
         stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT)
     try:
@@ -100,6 +112,9 @@ def test_new_version_is_computed_alongside_and_promoted_without_restart(
         np.testing.assert_allclose([r["total"] for r in got], expected["sum"], rtol=1e-9)
         log = (tmp_path / "serve.log").read_text()
         assert ("bootstrapped deployed@v2" in log) == bootstrap
+        if bootstrap:
+            units = bootstrap_units(metrics_port, version=2)
+            assert units["done"] == units["total"] > 0
     finally:
         service.send_signal(signal.SIGTERM)
         assert service.wait(timeout=60) == 0
