@@ -101,25 +101,24 @@ def filter_columns(text_or_node) -> frozenset:
     return frozenset(c.name for c in node.find_all(exp.Column))
 
 
+def _map_children(node, rewrite):
+    """Replace each child expression of ``node`` (also in lists) by ``rewrite(child)``."""
+    for key, value in list(node.args.items()):
+        if isinstance(value, exp.Expression):
+            node.set(key, rewrite(value))
+        elif isinstance(value, list):
+            node.set(key, [rewrite(v) if isinstance(v, exp.Expression) else v for v in value])
+
+
 def _strip_parens(node):
     while isinstance(node, exp.Paren):
         node = node.this
-    for key, value in list(node.args.items()):
-        if isinstance(value, exp.Expression):
-            node.set(key, _strip_parens(value))
-        elif isinstance(value, list):
-            node.set(key, [_strip_parens(v) if isinstance(v, exp.Expression) else v
-                           for v in value])
+    _map_children(node, _strip_parens)
     return node
 
 
 def _reparenthesize(node):
-    for key, value in list(node.args.items()):
-        if isinstance(value, exp.Expression):
-            node.set(key, _reparenthesize(value))
-        elif isinstance(value, list):
-            node.set(key, [_reparenthesize(v) if isinstance(v, exp.Expression) else v
-                           for v in value])
+    _map_children(node, _reparenthesize)
     level = _precedence(node)
     if isinstance(node, (exp.And, exp.Or)):
         # associative: only a looser operand needs parentheses
