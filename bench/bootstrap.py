@@ -23,15 +23,12 @@ import time
 
 import numpy as np
 
-from tally.core.decode import Schema
 from tally.core.definitions import Entity, Feature, FeatureView, Source
 from tally.core.view import ViewState
 from tally.service.bootstrap import Bootstrap
 from tally.service.checkpoint import CheckpointStore
 from tally.service.client import connect
-from tally.service.history import partition_cut
 from tally.service.lmdb_store import LmdbStore
-from tally.service.pipeline import decode_events
 from tally.service.producer import EventProducer
 from tally.service.pulsar_local import LocalPulsar
 from tally.service.quickstart import generate_events
@@ -98,7 +95,7 @@ def measure(broker, client, args):
     reads = {}
     for attempt in range(args.repeat):
         before = cpu_seconds(broker)
-        seconds, reads["naive"] = naive(broker, client, view_named("naive"))
+        seconds, reads["naive"] = naive(client, view_named("naive"))
         runs["naive"].append(args.events / seconds)
         cpu["naive"].append(cpu_per_million(before, cpu_seconds(broker), args.events))
         for readers in (1, 2):
@@ -160,33 +157,17 @@ def training_reads(broker, events):
     return rates
 
 
-def naive(broker, client, view):
-    """One Reader per partition from the earliest message to the head as it
-    was at the start, folding in this process."""
-    import pulsar
-    state, schema = ViewState(view), Schema(list(view.source.schema))
+def naive(client, view):
+    """One Reader per partition from the earliest message to the last one at
+    the start, partition after partition, folding in this process (the
+    training sets' sequential topic read)."""
+    from tally.service.training_sources import PulsarTopic
+    state = ViewState(view)
+    columns = [name for name, _ in view.source.schema]
     started = time.monotonic()
-    for partition in range(PARTITIONS):
-        name = f"{TOPIC}-partition-{partition}"
-        head = partition_cut(broker.internal_stats(name))
-        reader = client.create_reader(name, pulsar.MessageId.earliest,
-                                      receiver_queue_size=10_000)
-        raw, payloads = reader._reader, []
-        while True:
-            message = raw.read_next(30_000)
-            payloads.append(message.data())
-            mid = message.message_id()
-            finished = (mid.ledger_id(), mid.entry_id()) >= head \
-                and not raw.has_message_available()
-            if len(payloads) == 10_000 or finished:
-                columns, _ = decode_events(view, schema, payloads)
-                state.apply(columns)
-                payloads = []
-            if finished:
-                break
-        reader.close()
-    seconds = time.monotonic() - started
-    return seconds, reads_by_user(state)
+    for batch in PulsarTopic(client).batches(view.source, columns):
+        state.apply(batch)
+    return time.monotonic() - started, reads_by_user(state)
 
 
 def parallel(broker, view, readers):

@@ -24,7 +24,6 @@ Malformed history events are refused by the same decoder as the stream's and
 counted in the report; they are not dead-lettered again (the stream did that
 when they arrived, and the messages themselves stay in the topic).
 """
-import concurrent.futures
 import json
 import logging
 import os
@@ -41,13 +40,12 @@ from tally.core.definitions import state_hash
 from tally.core.view import ViewState
 from tally.service.checkpoint import CheckpointConflict
 from tally.service.history import (HistoryError, TopicUnit, archive_boundary, cut_position,
-                                   last_position, open_dataset, plan_archive,
-                                   target_unit_size, unit_from_dict)
+                                   last_position, open_dataset, plan_archive, unit_from_dict)
 from tally.service.materialize import online_schema, records_for
 from tally.service.pipeline import decode_events
-from tally.service.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, ReaderError, ReaderPool,
+from tally.service.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, ReaderError,
                                    client_for, partition_count, partition_stats, plan_units,
-                                   unit_payloads)
+                                   read_units, unit_payloads)
 
 log = logging.getLogger("tally.bootstrap")
 
@@ -182,18 +180,19 @@ class Bootstrap:
         BootstrapCancelled and a later run resumes."""
         self.cancelled.set()
 
-    def pending_partitions(self):
-        n_partitions = self._partition_count()
+    def pending_partitions(self, n_partitions):
+        """The partitions without a checkpoint: those to bootstrap."""
         return [p for p in range(n_partitions)
                 if self.checkpoints.latest_sequence(self.view.name, self.state_hash, p) == 0]
 
     def run(self):
         """Bootstrap, hand over, and return a report (events, rates, units)."""
         started = time.monotonic()
-        pending = self.pending_partitions()
+        n_partitions = partition_count(self.admin_url, self.view.source.topic)
+        pending = self.pending_partitions(n_partitions)
         if not pending:
             return {"view": self.view.name, "partitions": [], "note": "already bootstrapped"}
-        plan = self._load_or_make_plan(pending)
+        plan = self._load_or_make_plan(pending, n_partitions)
         results = self._read_units(plan)
         read_seconds = time.monotonic() - started
         handed_over = [p for p in pending if self._hand_over(plan, p)]
@@ -203,10 +202,7 @@ class Bootstrap:
 
     # -- plan ----------------------------------------------------------------
 
-    def _partition_count(self):
-        return partition_count(self.admin_url, self.view.source.topic)
-
-    def _load_or_make_plan(self, pending):
+    def _load_or_make_plan(self, pending, n_partitions):
         path = os.path.join(self.workdir, PLAN_FILE)
         if os.path.exists(path):
             with open(path) as f:
@@ -217,13 +213,13 @@ class Bootstrap:
                 return plan
         shutil.rmtree(self.workdir, ignore_errors=True)
         os.makedirs(self.workdir)
-        plan = self._make_plan(pending)
+        plan = self._make_plan(pending, n_partitions)
         with open(path + ".tmp", "w") as f:
             json.dump(plan, f)
         os.replace(path + ".tmp", path)
         return plan
 
-    def _make_plan(self, pending):
+    def _make_plan(self, pending, n_partitions):
         stats = partition_stats(self.admin_url, self.view.source.topic, pending)
         units = plan_units(stats, self.readers, self.units_per_reader, self.min_unit_bytes)
         partitions = {
@@ -233,11 +229,9 @@ class Bootstrap:
         boundary = None
         if self.archive:
             boundary = archive_boundary(self.archive, self.view.source.timestamp_field)
-            rows = sum(u.rows for u in plan_archive(self.archive, 1 << 62))
-            units = plan_archive(self.archive, target_unit_size(
-                rows, self.readers, self.units_per_reader, minimum=10_000)) + units
+            units = plan_archive(self.archive, self.readers, self.units_per_reader) + units
         return {"planned_at": time.time(), "partitions_pending": pending,
-                "n_partitions": self._partition_count(), "archive": self.archive,
+                "n_partitions": n_partitions, "archive": self.archive,
                 "events_before_ms": boundary, "partitions": partitions,
                 "units": [u.to_dict() for u in units]}
 
@@ -247,26 +241,18 @@ class Bootstrap:
         return os.path.join(self.workdir, f"unit-{index:06d}.state")
 
     def _read_units(self, plan):
+        """Read the units not read before; their results by unit index."""
         units = [unit_from_dict(u) for u in plan["units"]]
         todo = [i for i in range(len(units)) if not os.path.exists(self._unit_path(i))]
-        results, done_before = {}, len(units) - len(todo)
-        progress = _Progress(len(units), done_before, self.progress)
-        if not todo:
-            return results
-        with ReaderPool(min(self.readers, len(todo))) as pool:
-            futures = {pool.submit(*self._task(plan, units[i], i)): i for i in todo}
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    index = futures[future]
-                    results[index] = future.result()
-                    progress.unit_done(results[index])
-                    if self.cancelled.is_set():
-                        raise BootstrapCancelled(f"{self.view.name}: bootstrap cancelled")
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-        return results
+        progress = _Progress(len(units), len(units) - len(todo), self.progress)
+
+        def unit_done(_, result):
+            progress.unit_done(result)
+            if self.cancelled.is_set():
+                raise BootstrapCancelled(f"{self.view.name}: bootstrap cancelled")
+        results = read_units([self._task(plan, units[i], i) for i in todo], self.readers,
+                             unit_done)
+        return {todo[position]: result for position, result in results.items()}
 
     def _task(self, plan, unit, index):
         if isinstance(unit, TopicUnit):

@@ -173,20 +173,24 @@ def open_dataset(uri):
         raise HistoryError(f"archive {uri!r}: {error}") from None
 
 
-def plan_archive(uri, target_rows):
-    """The archive's work units: runs of row groups of one file, in file order."""
+def plan_archive(uri, readers, units_per_reader, minimum_rows=10_000):
+    """The archive's work units: runs of row groups of one file, in file order,
+    sized like the topic's (``target_unit_size``) by rows."""
     dataset, _ = open_dataset(uri)
+    files = [(fragment.path, _row_group_sizes(fragment)) for fragment in dataset.get_fragments()]
+    total = sum(rows for _, groups in files for _, rows in groups)
+    target = target_unit_size(total, readers, units_per_reader, minimum=minimum_rows)
     units = []
-    for fragment in dataset.get_fragments():
-        groups, rows = [], 0
-        for index, n_rows in _row_group_sizes(fragment):
-            groups.append(index)
+    for path, groups in files:
+        indexes, rows = [], 0
+        for index, n_rows in groups:
+            indexes.append(index)
             rows += n_rows
-            if rows >= target_rows:
-                units.append(ArchiveUnit(fragment.path, tuple(groups), rows))
-                groups, rows = [], 0
-        if groups:
-            units.append(ArchiveUnit(fragment.path, tuple(groups), rows))
+            if rows >= target:
+                units.append(ArchiveUnit(path, tuple(indexes), rows))
+                indexes, rows = [], 0
+        if indexes:
+            units.append(ArchiveUnit(path, tuple(indexes), rows))
     return units
 
 

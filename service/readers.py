@@ -73,15 +73,23 @@ def plan_topic_units(admin_url, topic, readers=None):
 # Running tasks on reader processes
 
 
-def read_units(tasks, readers=None):
-    """Run ``(function, *args)`` tasks on reader processes; their results in
-    task order."""
+def read_units(tasks, readers=None, on_result=None):
+    """Run ``(function, *args)`` tasks on reader processes and return their
+    results by task index. ``on_result(index, result)`` is called as each
+    task completes; if it raises, the tasks not yet started are cancelled and
+    the error propagates."""
+    results = {}
     if not tasks:
-        return []
+        return results
     readers = readers or os.cpu_count() or 1
     with ReaderPool(min(readers, len(tasks))) as pool:
-        futures = [pool.submit(*task) for task in tasks]
-        return [future.result() for future in futures]
+        futures = {pool.submit(*task): index for index, task in enumerate(tasks)}
+        for future in concurrent.futures.as_completed(futures):
+            index = futures[future]
+            results[index] = future.result()
+            if on_result is not None:
+                on_result(index, results[index])
+    return results
 
 
 class ReaderPool:
@@ -115,8 +123,9 @@ class ReaderPool:
             ok, value = _receive(process.stdout)
         except (EOFError, OSError):
             raise ReaderError(f"a reader process died (exit {process.poll()}); completed "
-                                 "units are kept for a resume") from None
-        self.idle.append(process)
+                              "units are kept for a resume") from None
+        with self.lock:
+            self.idle.append(process)
         if not ok:
             raise ReaderError(value)
         return value

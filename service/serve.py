@@ -42,8 +42,8 @@ def subscription_for(view):
 
 class VersionRunner:
     """The partition workers computing one version of one view; first, if
-    the service may read ledger lists (``admin_url``) and the version has no
-    checkpoint yet, a bootstrap of its state from history."""
+    the service may read ledger lists (``admin_url``) and some partition has
+    no checkpoint yet, a bootstrap of those partitions from history."""
 
     def __init__(self, service, view, version, serving):
         self.view, self.version, self.serving = view, version, serving
@@ -52,23 +52,20 @@ class VersionRunner:
         self.workers = []
         self.bootstrap = None
         self.bootstrap_progress = None        # (units done, units, events), for /metrics
-        if service.admin_url and self._never_checkpointed():
+        if service.admin_url:
             self.bootstrap = Bootstrap(
                 view, service.pulsar_url, service.admin_url, service.store,
                 service.checkpoints, subscription_for(view), version=version,
                 serving=serving, readers=service.bootstrap_readers,
                 progress=self._bootstrap_progressed)
-        else:
+            partitions = _partition_count(service.client, view.source.topic)
+            if not self.bootstrap.pending_partitions(partitions):
+                self.bootstrap = None         # every partition resumes from its checkpoint
+        if self.bootstrap is None:
             self.start_workers()
 
     def _bootstrap_progressed(self, done, total, events, eta_s):
         self.bootstrap_progress = (done, total, events)
-
-    def _never_checkpointed(self):
-        hashed = state_hash(self.view)
-        partitions = _partition_count(self.service.client, self.view.source.topic)
-        return all(self.service.checkpoints.latest_sequence(self.view.name, hashed, p) == 0
-                   for p in range(partitions))
 
     def start_workers(self):
         service = self.service

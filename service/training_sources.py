@@ -282,7 +282,7 @@ class PulsarTopic:
             paths = [os.path.join(directory, f"unit-{i}.arrow") for i in range(len(units))]
             tasks = [(sorted_unit_run, source, columns, self.pulsar, self.admin_url, topic,
                       unit, path) for unit, path in zip(units, paths)]
-            for counts in read_units(tasks, self.readers):
+            for counts in read_units(tasks, self.readers).values():
                 self.messages += counts["messages"]
                 self.rejected += counts["rejected"]
             # log order among equal times: units of a partition are in log order
