@@ -11,12 +11,21 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-PACKAGE_DIRS = {
-    "tally": "tally",
-    "tally.core": "core",
-    "tally.service": "service",
-    "tally.bench": "bench",
-}
+TOP_LEVEL = {"tally": "tally", "tally.core": "core", "tally.service": "service",
+             "tally.bench": "bench"}
+
+
+def package_dirs():
+    """Every package under the top-level folders, mapped into ``tally``."""
+    dirs = {}
+    for package, folder in TOP_LEVEL.items():
+        for root, _, files in os.walk(folder):
+            if "__init__.py" in files:
+                dirs[package + root[len(folder):].replace(os.sep, ".")] = root
+    return dirs
+
+
+PACKAGE_DIRS = package_dirs()
 
 # TALLY_DEBUG=1 builds with assertions and bounds checks, for chasing a bug.
 DEBUG = os.environ.get("TALLY_DEBUG") == "1"
@@ -49,7 +58,7 @@ def cython_extensions():
 # --- libtally (cext/, the embedded C reader) ---------------------------------
 # Built as an Extension only to reuse setuptools' compiler plumbing: the result,
 # tally/_libtally.<abi tag>.so, is a plain C shared library with no PyInit, never
-# imported; tally.service.embedded loads it with ctypes. cext/Makefile builds the
+# imported; tally.service.store.embedded loads it with ctypes. cext/Makefile builds the
 # same library (and the C tests) outside Python.
 def libtally_extension():
     return Extension(

@@ -25,14 +25,14 @@ import numpy as np
 
 from tally.core.definitions import Entity, Feature, FeatureView, Source
 from tally.core.view import ViewState
-from tally.service.bootstrap import Bootstrap
-from tally.service.checkpoint import CheckpointStore
-from tally.service.client import connect
-from tally.service.lmdb_store import LmdbStore
-from tally.service.producer import EventProducer
-from tally.service.pulsar_local import LocalPulsar
+from tally.service.history.bootstrap import Bootstrap
+from tally.service.ingest.checkpoint import CheckpointStore
+from tally.service.pulsar.client import connect
+from tally.service.store.lmdb import LmdbStore
+from tally.service.pulsar.producer import EventProducer
+from tally.service.pulsar.local import LocalPulsar
 from tally.service.quickstart import generate_events
-from tally.service.serve import subscription_for
+from tally.service.ingest.service import subscription_for
 
 TOPIC = "bench_bootstrap"
 PARTITIONS = 4
@@ -142,7 +142,7 @@ def cpu_per_million(before, after, events):
 def training_reads(broker, events):
     """Training sets read a topic into time-sorted chunks: one Reader per
     partition in turn vs the bootstrap's reader processes."""
-    from tally.service.training_sources import PulsarTopic
+    from tally.service.history.topic import PulsarTopic
     source, columns = view_named("t").source, ["user", "readtime", "ts"]
     rates = {}
     for name, topic in (("sequential", PulsarTopic(broker.service_url)),
@@ -161,7 +161,7 @@ def naive(client, view):
     """One Reader per partition from the earliest message to the last one at
     the start, partition after partition, folding in this process (the
     training sets' sequential topic read)."""
-    from tally.service.training_sources import PulsarTopic
+    from tally.service.history.topic import PulsarTopic
     state = ViewState(view)
     columns = [name for name, _ in view.source.schema]
     started = time.monotonic()

@@ -4,7 +4,7 @@ import argparse
 import statistics
 import time
 
-from tally.service.pulsar_local import LocalPulsar, ensure_distribution
+from tally.service.pulsar.local import LocalPulsar, ensure_distribution
 
 
 def run(quick=False, argv=()):

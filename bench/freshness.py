@@ -20,10 +20,10 @@ import time
 import msgpack
 import numpy as np
 
-from tally.service.client import connect
-from tally.service.embedded import EmbeddedReader
-from tally.service.producer import EventProducer
-from tally.service.pulsar_local import LocalPulsar
+from tally.service.pulsar.client import connect
+from tally.service.store.embedded import EmbeddedReader
+from tally.service.pulsar.producer import EventProducer
+from tally.service.pulsar.local import LocalPulsar
 
 TOPIC = "bench_freshness"
 PROBE_USERS = 1_000_000_000 + np.arange(100)

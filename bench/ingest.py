@@ -29,11 +29,11 @@ import numpy as np
 import pulsar
 
 from tally.core.formats import decode_payloads, encode_columns
-from tally.service import pipeline
-from tally.service.client import connect
-from tally.service.lmdb_store import LmdbStore
-from tally.service.producer import ColumnarProducer, EventProducer
-from tally.service.pulsar_local import LocalPulsar
+from tally.service.ingest import pipeline
+from tally.service.pulsar.client import connect
+from tally.service.store.lmdb import LmdbStore
+from tally.service.pulsar.producer import ColumnarProducer, EventProducer
+from tally.service.pulsar.local import LocalPulsar
 from tally.service.quickstart import START_MS, generate_events, read_events, user_reading
 
 TOPIC = "bench_ingest"

@@ -139,8 +139,8 @@ MAX_BURST = 2_000
 
 def produce(plan, pulsar_url, probe_sent, conn):
     """The producer process: events and probes on their schedules."""
-    from tally.service.client import connect
-    from tally.service.producer import EventProducer
+    from tally.service.pulsar.client import connect
+    from tally.service.pulsar.producer import EventProducer
 
     client = connect(pulsar_url)
     producer = EventProducer(client, plan.topic, "user")
@@ -236,7 +236,7 @@ class ServiceReader:
     """Lookups through the service client (msgpack over TCP)."""
 
     def __init__(self, host, port):
-        from tally.service.lookup_client import LookupClient
+        from tally.service.lookup.client import LookupClient
         self.address, self.connect = (host, port), LookupClient
         self.client = LookupClient(host, port)
 
@@ -260,7 +260,7 @@ class CApiReader:
     """Lookups in process through libtally (the embedded C API)."""
 
     def __init__(self, store):
-        from tally.service.embedded import EmbeddedReader
+        from tally.service.store.embedded import EmbeddedReader
         self.reader = EmbeddedReader(store)
 
     def get(self, key):
@@ -391,7 +391,7 @@ class Deployment:
             self.pulsar_url = self.args.pulsar
             self.admin_url = self.args.admin or _default_admin_url(self.args.pulsar)
         else:
-            from tally.service.pulsar_local import LocalPulsar
+            from tally.service.pulsar.local import LocalPulsar
             self.broker = LocalPulsar()
             self.broker.start(timeout=180)
             self.pulsar_url, self.admin_url = self.broker.service_url, self.broker.admin_url
@@ -451,7 +451,7 @@ class Deployment:
 
     def backlog(self):
         """Messages of the topic the service's subscription has not acknowledged."""
-        from tally.service.serve import subscription_for
+        from tally.service.ingest.service import subscription_for
         stats = _admin(self.admin_url, "GET", f"{_topic_path(self.args.topic)}/partitioned-stats")
         subscription = stats.get("subscriptions", {}).get(subscription_for(self.view()))
         return None if subscription is None else subscription["msgBacklog"]
@@ -505,7 +505,7 @@ def _default_admin_url(pulsar_url):
 
 
 def _topic_path(topic):
-    from tally.service.pulsar_local import topic_rest_path
+    from tally.service.pulsar.local import topic_rest_path
     return topic_rest_path(topic)
 
 
@@ -733,7 +733,7 @@ def measure_storage(deployment):
 def state_sizes(view, checkpoint_root):
     from tally.core.definitions import state_hash
     from tally.core.view import ViewState
-    from tally.service.checkpoint import CheckpointStore
+    from tally.service.ingest.checkpoint import CheckpointStore
     checkpoints = CheckpointStore(checkpoint_root)
     digest = state_hash(view)
     features = [f.name for f in view.features]
@@ -768,7 +768,7 @@ def state_sizes(view, checkpoint_root):
 
 
 def store_sizes(store_path):
-    from tally.service.lmdb_store import LmdbStore
+    from tally.service.store.lmdb import LmdbStore
     with LmdbStore(store_path, readonly=True) as store:
         schema = store.schema(VIEW)
         db = store._db(VIEW, schema.version)

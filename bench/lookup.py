@@ -46,8 +46,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from tally.service.lmdb_store import LmdbStore
-from tally.service.record import INT64_MAX, ViewSchema, encode_records
+from tally.service.store.lmdb import LmdbStore
+from tally.core.record import INT64_MAX, ViewSchema, encode_records
 
 VIEW = "user_reading"
 INT_FEATURES = ("reads_1h", "reads_1d", "reads_7d", "reads_total")
@@ -553,8 +553,8 @@ def c_candidates(binary, store, args):
 
 
 def python_candidates(store, workdir, args, batches):
-    from tally.service.embedded import EmbeddedReader
-    from tally.service.lookup_client import LookupClient
+    from tally.service.store.embedded import EmbeddedReader
+    from tally.service.lookup.client import LookupClient
     figures = {}
 
     def each_size(call):

@@ -38,7 +38,7 @@
  * (an LMDB rule): share one #tally_store instead. The Python ``LmdbStore`` in
  * the same process counts as an open.
  *
- * Record layout version 1 (``tally.service.record`` is the source of truth;
+ * Record layout version 1 (``tally.core.record`` is the source of truth;
  * this copy must match it). Little-endian, all offsets in bytes:
  *
  *     offset  size    field

@@ -19,7 +19,7 @@ for last_n/top_k.
 Memory: O(state + spine + one event chunk), never spine x events. Events are
 streamed in time-sorted chunks (``chunk_rows``, default 1M) with one chunk of
 lookahead; sources that are not time-sorted are sorted externally
-(``tally.service.training_sources``: sorted runs spilled to disk, merged by
+(``tally.service.history.topic``: sorted runs spilled to disk, merged by
 chunks). The spine is held in memory (its key and time columns plus, for the
 result, the feature columns); :func:`iter_training_batches` with
 ``order="time"`` yields results as the replay advances instead of holding them.
@@ -31,7 +31,7 @@ stream whose events arrive in order (or within the allowed lateness) the two
 agree exactly; a training set never drops a late event.
 
 This module needs only numpy and pyarrow. Reading a Parquet archive or a Pulsar
-topic is ``tally.service.training_sources``'s job; it is loaded on demand
+topic is ``tally.service.history.topic``'s job; it is loaded on demand
 when a source is not an in-memory table.
 """
 import os
@@ -84,7 +84,7 @@ def training_set(spine, features, sources=None, *, views=None, registry=None,
     ``admin_url`` it reads in parallel like a bootstrap) is given, its topic from the
     earliest message to the end at call time; with both, the archive's
     events before its declared boundary and the topic's from it on (the
-    bootstrap's rule, ``tally.service.history``).
+    bootstrap's rule, ``tally.service.history.plan``).
 
     ``keys`` maps an entity (or view) name to the spine column holding its
     keys; by default the column named after the entity, else the view's
@@ -234,7 +234,7 @@ def _open_registry(registry):
     if registry is None or hasattr(registry, "get"):
         return registry
     from importlib import import_module      # a path: the service's registry reads it
-    return import_module("tally.service.registry").Registry(os.fspath(registry))
+    return import_module("tally.service.registry.db").Registry(os.fspath(registry))
 
 
 # --------------------------------------------------------------------------
@@ -839,7 +839,7 @@ def _source_spec(sources, source, views, pulsar):
                 return sources[name]
     if source.archive and pulsar is not None:
         from importlib import import_module
-        sources_module = import_module("tally.service.training_sources")
+        sources_module = import_module("tally.service.history.topic")
         return sources_module.archive_and_topic(source.archive, _pulsar_spec(pulsar), source)
     defaults = []
     if source.archive:
@@ -859,7 +859,7 @@ def _pulsar_spec(pulsar):
     if hasattr(pulsar, "sorted_chunks"):
         return pulsar
     from importlib import import_module
-    return import_module("tally.service.training_sources").PulsarTopic(pulsar)
+    return import_module("tally.service.history.topic").PulsarTopic(pulsar)
 
 
 def _is_columns(value, source=None, names=()):
@@ -880,7 +880,7 @@ def _is_table(value):
 def open_events(spec, source, columns, chunk_rows=DEFAULT_CHUNK_ROWS, spill_dir=None):
     """Time-sorted chunks (dicts of numpy columns) of ``source``'s events from
     ``spec``: an in-memory table here, anything else through
-    ``tally.service.training_sources``."""
+    ``tally.service.history.topic``."""
     if isinstance(spec, (list, tuple)):
         streams = [open_events(s, source, columns, chunk_rows, spill_dir) for s in spec]
         return merge_sorted(streams, source.timestamp_field, chunk_rows)
@@ -890,6 +890,6 @@ def open_events(spec, source, columns, chunk_rows=DEFAULT_CHUNK_ROWS, spill_dir=
     if hasattr(spec, "sorted_chunks"):
         return spec.sorted_chunks(source, columns, chunk_rows=chunk_rows, spill_dir=spill_dir)
     from importlib import import_module          # archives and topics: the service reads them
-    sources = import_module("tally.service.training_sources")
+    sources = import_module("tally.service.history.topic")
     return sources.open_events(spec, source, columns, chunk_rows, spill_dir)
 

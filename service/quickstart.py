@@ -56,11 +56,11 @@ def main(argv=None):
     import argparse
     import tempfile
 
-    from tally.service import pipeline
-    from tally.service.client import connect
-    from tally.service.lmdb_store import LmdbStore
-    from tally.service.producer import EventProducer
-    from tally.service.pulsar_local import LocalPulsar
+    from tally.service.ingest import pipeline
+    from tally.service.pulsar.client import connect
+    from tally.service.store.lmdb import LmdbStore
+    from tally.service.pulsar.producer import EventProducer
+    from tally.service.pulsar.local import LocalPulsar
 
     parser = argparse.ArgumentParser(prog="tally quickstart", description=main.__doc__)
     parser.add_argument("--events", type=int, default=500_000)

@@ -16,7 +16,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(scope="session")
 def pulsar_broker(tmp_path_factory):
     """A real Apache Pulsar standalone on loopback, shared by the whole run."""
-    from tally.service.pulsar_local import LocalPulsar
+    from tally.service.pulsar.local import LocalPulsar
     broker = LocalPulsar(data_dir=tmp_path_factory.mktemp("pulsar"))
     broker.start(timeout=180)
     yield broker
@@ -25,7 +25,7 @@ def pulsar_broker(tmp_path_factory):
 
 @pytest.fixture
 def pulsar_client(pulsar_broker):
-    from tally.service.client import connect
+    from tally.service.pulsar.client import connect
     client = connect(pulsar_broker.service_url, operation_timeout_seconds=30)
     yield client
     client.close()

@@ -32,11 +32,11 @@ import aerospike
 from aerospike_helpers.batch.records import BatchRecord, BatchRecords, Write
 from aerospike_helpers.operations import operations as as_ops
 
-from tally.service.aerospike_store import (
+from tally.service.store.aerospike import (
     RETRYABLE, TTL_NEVER_EXPIRE, AerospikeReadError, AerospikeStore, AerospikeStoreError,
     AerospikeWriteError, parse_hosts, records_to_columns, ttl_seconds, user_key)
-from tally.service.lmdb_store import LmdbStore, StoreError
-from tally.service.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
+from tally.service.store.lmdb import LmdbStore, StoreError
+from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
 
 INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
 BASE_POLICY_KEYS = {"total_timeout", "socket_timeout", "max_retries", "sleep_between_retries",

@@ -12,16 +12,16 @@ import pytest
 
 from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
 from tally.core.view import ViewState
-from tally.service.bootstrap import Bootstrap, BootstrapCancelled
-from tally.service.checkpoint import CheckpointStore
-from tally.service.client import connect
-from tally.service.history import (END_OF_ENTRY, ledger_ranges, partition_cut,
+from tally.service.history.bootstrap import Bootstrap, BootstrapCancelled
+from tally.service.ingest.checkpoint import CheckpointStore
+from tally.service.pulsar.client import connect
+from tally.service.history.plan import (END_OF_ENTRY, ledger_ranges, partition_cut,
                                    plan_partition, write_archive)
-from tally.service.lmdb_store import LmdbStore
-from tally.service.partition import PartitionWorker
-from tally.service.producer import EventProducer, partitions_of
+from tally.service.store.lmdb import LmdbStore
+from tally.service.ingest.partition import PartitionWorker
+from tally.service.pulsar.producer import EventProducer, partitions_of
 from tally.service.quickstart import generate_events
-from tally.service.serve import subscription_for
+from tally.service.ingest.service import subscription_for
 
 N_PARTITIONS = 4
 SCHEMA = {"user": "int64", "article": "int64", "readtime": "float64", "ts": "int64"}
@@ -90,7 +90,7 @@ def test_entries_written_after_the_cut_are_not_planned():
 
 @pytest.fixture(scope="module")
 def tiered_broker(tmp_path_factory):
-    from tally.service.pulsar_local import LocalPulsar
+    from tally.service.pulsar.local import LocalPulsar
     broker = LocalPulsar(data_dir=tmp_path_factory.mktemp("tiered"), max_entries_per_ledger=20,
                          tiered_storage=True)
     broker.start(timeout=180)
@@ -315,7 +315,7 @@ def test_tally_bootstrap_command_bootstraps_a_registry_view(
     import subprocess
     import sys
 
-    from tally.service.registry import Registry
+    from tally.service.registry.db import Registry
     history, _ = offloaded_history
     view = reading_view(history.topic, "reading_cli")
     registry = str(tmp_path / "registry.db")
@@ -373,7 +373,7 @@ def test_archive_and_topic_meet_at_the_boundary_without_overlap(
     from tally.core.training import training_set
     expected = expected_lifetime(frame)
     spine = pd.DataFrame({"user": expected.index, "ts": int(frame["ts"].max()) + 1})
-    from tally.service.training_sources import PulsarTopic
+    from tally.service.history.topic import PulsarTopic
     parallel = PulsarTopic(tiered_broker.service_url, admin_url=tiered_broker.admin_url,
                            readers=2)
     for pulsar in (tiered_broker.service_url, parallel):
@@ -423,7 +423,7 @@ def _pack(row):
 
 
 def test_cut_position_covers_every_message_of_the_cut_entry():
-    from tally.service.history import cut_position
+    from tally.service.history.plan import cut_position
     cut = cut_position({"lastConfirmedEntry": "7:12", "ledgers": []})
     assert (7, 12, 999) <= cut and (7, 12, -1) <= cut and (7, 13, -1) > cut
     assert cut[2] == END_OF_ENTRY

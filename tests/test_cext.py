@@ -1,7 +1,7 @@
 """The C API (cext/, libtally) against the Python reader of the same store.
 
 A Python writer (LmdbStore) makes the store; the C test program
-(cext/test_tally.c) and the ctypes twin (tally.service.embedded) read it,
+(cext/test_tally.c) and the ctypes twin (tally.service.store.embedded) read it,
 and every answer must equal LmdbStore.get's. LMDB allows one open of an
 environment per process, so the C program runs in its own process and the
 EmbeddedReader is only opened here once the LmdbStore is closed (or from a
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tally.service.lmdb_store import LmdbStore, StoreError, _db_name
-from tally.service.record import encode_keys
-from tally.service.record import (INT64_MAX, INT64_MIN, RecordError, ViewSchema,
+from tally.service.store.lmdb import LmdbStore, StoreError, _db_name
+from tally.core.record import encode_keys
+from tally.core.record import (INT64_MAX, INT64_MIN, RecordError, ViewSchema,
                                   encode_records)
 
 CEXT = Path(__file__).resolve().parent.parent / "cext"
@@ -58,9 +58,9 @@ def c_build():
 
 @pytest.fixture(scope="module")
 def embedded(c_build):
-    """tally.service.embedded, on the library setup.py built, else on the
+    """tally.service.store.embedded, on the library setup.py built, else on the
     one `make -C cext` built."""
-    from tally.service import embedded
+    from tally.service.store import embedded
     try:
         embedded.library_path()
     except ImportError:
@@ -167,7 +167,7 @@ def test_header_compiles_as_c_and_cpp_with_every_warning():
 
 def test_header_documents_the_layout_of_record_py():
     """tally.h copies the layout tables of record.py: they must not drift."""
-    import tally.service.record as record
+    import tally.core.record as record
     header = (CEXT / "tally.h").read_text()
     for row in ("0       1       layout version (1)", "2       2       feature count N (uint16)",
                 "4       4       view version (uint32)", "16      8       write time",
@@ -340,8 +340,8 @@ def test_embedded_reader_refuses_bad_records_and_schemas(tmp_path, rng, embedded
 WRITER = textwrap.dedent("""
     import os, sys, time
     import numpy as np
-    from tally.service.lmdb_store import LmdbStore
-    from tally.service.record import INT64_MAX, encode_records
+    from tally.service.store.lmdb import LmdbStore
+    from tally.core.record import INT64_MAX, encode_records
     path, view, n_keys, stop, map_size, pad = sys.argv[1:7]
     n_keys, map_size, pad = int(n_keys), int(map_size), int(pad)
     keys = np.arange(n_keys) - n_keys // 2
@@ -349,7 +349,7 @@ WRITER = textwrap.dedent("""
     with LmdbStore(path, map_size=map_size) as store:
         schema = store.schema(view)
         if pad:     # grow the file well past the reader's map first
-            from tally.service.record import ViewSchema
+            from tally.core.record import ViewSchema
             filler = ViewSchema("filler", 1, "int64", ())
             store.register_view(filler)
             for start in range(0, pad, 20000):

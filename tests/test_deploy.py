@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 
 from tally.core.definitions import Entity, Feature, FeatureView, Source
-from tally.service.lmdb_store import LmdbStore
-from tally.service.producer import EventProducer
-from tally.service.pulsar_local import free_loopback_ports
+from tally.service.store.lmdb import LmdbStore
+from tally.service.pulsar.producer import EventProducer
+from tally.service.pulsar.local import free_loopback_ports
 from tally.service.quickstart import generate_events
-from tally.service.registry import Registry
+from tally.service.registry.db import Registry
 
 pytestmark = pytest.mark.pulsar
 

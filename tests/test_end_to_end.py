@@ -7,9 +7,9 @@ import pandas as pd
 import pulsar
 import pytest
 
-from tally.service import pipeline
-from tally.service.lmdb_store import LmdbStore
-from tally.service.producer import EventProducer
+from tally.service.ingest import pipeline
+from tally.service.store.lmdb import LmdbStore
+from tally.service.pulsar.producer import EventProducer
 from tally.service.quickstart import generate_events, read_events, user_reading
 
 pytestmark = pytest.mark.pulsar

@@ -22,7 +22,7 @@ from tally.core.decode import Schema, decode_msgpack_maps
 from tally.core.definitions import PAYLOAD_FORMATS, DefinitionError, Source
 from tally.core.formats import (DecodedEvents, decode_payloads, encode_arrow, encode_columns,
                                 encode_json, encode_msgpack_columnar)
-from tally.service.producer import (ColumnarProducer, murmur3_32, murmur3_32_many,
+from tally.service.pulsar.producer import (ColumnarProducer, murmur3_32, murmur3_32_many,
                                     partition_of, partitions_of)
 
 SETTINGS = settings(max_examples=40, deadline=None,
@@ -681,7 +681,7 @@ def test_columnar_producer_splits_by_partition_in_order(fmt, monkeypatch):
             built.append(self)
             return self
 
-    monkeypatch.setattr("tally.service.producer._pulsar.MessageBuilder", Builder)
+    monkeypatch.setattr("tally.service.pulsar.producer._pulsar.MessageBuilder", Builder)
     client = FakeClient(4)
     rng = np.random.default_rng(3)
     n = 2500
@@ -791,7 +791,7 @@ def test_murmur3_equals_the_brokers_murmur3_32hash(pulsar_client, topic_name):
 @pytest.mark.parametrize("key_type", ["int64", "string"])
 def test_event_and_columnar_producers_agree_on_routing(
         pulsar_broker, pulsar_client, topic_name, key_type):
-    from tally.service.producer import EventProducer
+    from tally.service.pulsar.producer import EventProducer
     one, many, packed = f"{topic_name}-one", f"{topic_name}-arrow", f"{topic_name}-mc"
     for topic in (one, many, packed):
         pulsar_broker.create_partitioned_topic(topic, 4)
@@ -831,8 +831,8 @@ def test_pipeline_on_columnar_source_equals_pandas(pulsar_broker, pulsar_client,
                                                   tmp_path, fmt):
     import pulsar
 
-    from tally.service import pipeline
-    from tally.service.lmdb_store import LmdbStore
+    from tally.service.ingest import pipeline
+    from tally.service.store.lmdb import LmdbStore
     from tally.service.quickstart import read_events, user_reading
 
     pulsar_broker.create_partitioned_topic(topic_name, 4)

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from tally.service.lmdb_store import LmdbStore, StoreError
-from tally.service.record import (HEADER, INT64_MAX, INT64_MIN, RecordError, ViewSchema,
+from tally.service.store.lmdb import LmdbStore, StoreError
+from tally.core.record import (HEADER, INT64_MAX, INT64_MIN, RecordError, ViewSchema,
                                   decode_key, decode_record, encode_keys, encode_records)
 
 SCHEMA = ViewSchema("v", 3, "int64", (("n", "int64"), ("total", "float64"), ("avg", "float64")))

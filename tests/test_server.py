@@ -1,4 +1,4 @@
-"""The lookup server (tally.service.server) and its clients, against
+"""The lookup server (tally.service.lookup.server) and its clients, against
 LmdbStore.get_many as the oracle.
 
 A Python writer makes the store and computes the expected records, then
@@ -24,10 +24,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from tally.service.lmdb_store import LmdbStore
-from tally.service.lookup_client import (AsyncLookupClient, LookupClient, LookupServerError,
+from tally.service.store.lmdb import LmdbStore
+from tally.service.lookup.client import (AsyncLookupClient, LookupClient, LookupServerError,
                                          encode_frame)
-from tally.service.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
+from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
 
 CEXT = Path(__file__).resolve().parent.parent / "cext"
 MAX_BATCH = 50
@@ -45,7 +45,7 @@ META = ("_event_time", "_write_time", "_valid_until", "_view_version")
 def libtally():
     """The server reads through libtally: the one setup.py built, else
     cext/'s (as tests/test_cext.py does)."""
-    from tally.service import embedded
+    from tally.service.store import embedded
     try:
         embedded.library_path()
     except ImportError:
@@ -98,7 +98,7 @@ def store(tmp_path_factory, libtally):
 
 @pytest.fixture(scope="module")
 def server(store):
-    from tally.service.server import serve_in_background
+    from tally.service.lookup.server import serve_in_background
     with serve_in_background(store[0], port=0, http_port=0, max_batch=MAX_BATCH,
                              max_frame_bytes=MAX_FRAME, catalog_refresh=0.2) as running:
         yield running
@@ -466,8 +466,8 @@ def test_cli_server_stops_cleanly_on_sigterm(token_server):
 WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from tally.service.lmdb_store import LmdbStore
-    from tally.service.record import INT64_MAX, ViewSchema, encode_records
+    from tally.service.store.lmdb import LmdbStore
+    from tally.core.record import INT64_MAX, ViewSchema, encode_records
     schema = ViewSchema("live", 1, "int64", (("gen", "int64"), ("copy", "int64"),
                                              ("half", "float64")))
     keys = np.arange(200)
@@ -512,7 +512,7 @@ def test_reads_during_writes_by_another_process(store, server):
 def test_server_in_the_writers_process(tmp_path, libtally):
     """A server beside its writer reads through the writer's own LmdbStore
     (LMDB allows one open per process), and sees each write at once."""
-    from tally.service.server import serve_in_background
+    from tally.service.lookup.server import serve_in_background
     rng = np.random.default_rng(5)
     with LmdbStore(tmp_path) as writer:
         writer.register_view(USERS)
@@ -531,8 +531,8 @@ def test_server_in_the_writers_process(tmp_path, libtally):
 PROMOTER = textwrap.dedent("""
     import sys
     import numpy as np
-    from tally.service.lmdb_store import LmdbStore
-    from tally.service.record import INT64_MAX, ViewSchema, encode_records
+    from tally.service.store.lmdb import LmdbStore
+    from tally.core.record import INT64_MAX, ViewSchema, encode_records
     version = int(sys.argv[2])
     names = ("a", "b")[:version]                  # version 2 adds feature "b"
     schema = ViewSchema("promoted", version, "int64", tuple((n, "int64") for n in names))

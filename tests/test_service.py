@@ -19,12 +19,12 @@ import pytest
 
 from tally.core.definitions import FeatureView
 from tally.core.view import ViewState
-from tally.service.checkpoint import CheckpointStore
-from tally.service.lmdb_store import LmdbStore
-from tally.service.producer import EventProducer
+from tally.service.ingest.checkpoint import CheckpointStore
+from tally.service.store.lmdb import LmdbStore
+from tally.service.pulsar.producer import EventProducer
 from tally.service.quickstart import generate_events
-from tally.service.registry import load_file
-from tally.service.serve import subscription_for
+from tally.service.registry.db import load_file
+from tally.service.ingest.service import subscription_for
 
 pytestmark = pytest.mark.pulsar
 

@@ -163,7 +163,7 @@ def test_several_views_entities_and_sources_in_one_call():
 
 
 def test_features_resolve_against_a_registry(tmp_path):
-    from tally.service.registry import Registry
+    from tally.service.registry.db import Registry
     view = view_of(Feature("n", "count"), name="user_clicks")
     with Registry(str(tmp_path / "registry.db")) as registry:
         registry.apply([view])
@@ -479,10 +479,10 @@ def test_cli_training_set(tmp_path, capsys):
 @pytest.mark.pulsar
 def test_online_lookups_equal_the_training_set_from_the_topic(
         pulsar_broker, pulsar_client, topic_name, tmp_path):
-    from tally.service import pipeline
-    from tally.service.lmdb_store import LmdbStore
-    from tally.service.producer import EventProducer
-    from tally.service.training_sources import PulsarTopic
+    from tally.service.ingest import pipeline
+    from tally.service.store.lmdb import LmdbStore
+    from tally.service.pulsar.producer import EventProducer
+    from tally.service.history.topic import PulsarTopic
 
     source = Source("reads", topic_name,
                     schema={"user": "int64", "item": "int64", "x": "float64", "ts": "int64"})

@@ -38,12 +38,12 @@ from tally.core import snapshot
 from tally.core.decode import Schema
 from tally.core.definitions import state_hash
 from tally.core.view import ViewState
-from tally.service.checkpoint import CheckpointConflict
-from tally.service.history import (HistoryError, TopicUnit, archive_boundary, cut_position,
+from tally.service.ingest.checkpoint import CheckpointConflict
+from tally.service.history.plan import (HistoryError, TopicUnit, archive_boundary, cut_position,
                                    last_position, open_dataset, plan_archive, unit_from_dict)
-from tally.service.materialize import online_schema, records_for
-from tally.service.pipeline import decode_events
-from tally.service.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, ReaderError,
+from tally.core.materialize import online_schema, records_for
+from tally.service.ingest.pipeline import decode_events
+from tally.service.history.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, ReaderError,
                                    client_for, partition_count, partition_stats, plan_units,
                                    read_units, unit_payloads)
 
@@ -80,7 +80,7 @@ def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_be
     import pyarrow.parquet as pq
 
     from tally.core.training import arrow_event_columns
-    from tally.service.producer import partitions_of
+    from tally.service.pulsar.producer import partitions_of
     started = time.monotonic()
     _, filesystem = open_dataset(archive_uri)
     columns = [name for name, _ in view.source.schema]
@@ -393,9 +393,9 @@ def progress_bar(stream=sys.stderr):
 def main(argv=None):
     import argparse
 
-    from tally.service.checkpoint import CheckpointStore
-    from tally.service.lmdb_store import LmdbStore
-    from tally.service.serve import subscription_for
+    from tally.service.ingest.checkpoint import CheckpointStore
+    from tally.service.store.lmdb import LmdbStore
+    from tally.service.ingest.service import subscription_for
 
     parser = argparse.ArgumentParser(
         prog="tally bootstrap", description="Compute a view's state from all of its "
@@ -444,7 +444,7 @@ def main(argv=None):
 def _chosen_view(args):
     """(view, version, serving) named by the command line."""
     from tally.core.definitions import FeatureView
-    from tally.service.registry import Registry, default_path, load_file
+    from tally.service.registry.db import Registry, default_path, load_file
     if os.path.isfile(args.target):
         views = [d for d in load_file(args.target) if isinstance(d, FeatureView)]
         if args.view:

@@ -1,7 +1,7 @@
 """Reader processes, and reading a work unit of a topic (``history``) exactly.
 
 The bootstrap and training sets' topic reads hand work units to a
-``ReaderPool``: N fresh interpreters (``python -m tally.service.readers``)
+``ReaderPool``: N fresh interpreters (``python -m tally.service.history.readers``)
 fed pickled ``(function, *args)`` tasks over a pipe. Not multiprocessing:
 fork would copy the caller's Pulsar client threads, and spawn re-imports the
 caller's main script, which a user's script without a ``__main__`` guard does
@@ -20,8 +20,8 @@ import threading
 import time
 import uuid
 
-from tally.service.history import END_OF_ENTRY, ledger_ranges, plan_partition, target_unit_size
-from tally.service.pulsar_local import admin_request, topic_rest_path
+from tally.service.history.plan import END_OF_ENTRY, ledger_ranges, plan_partition, target_unit_size
+from tally.service.pulsar.local import admin_request, topic_rest_path
 
 RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
 READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
@@ -134,7 +134,7 @@ class ReaderPool:
         with self.lock:
             if self.idle:
                 return self.idle.pop()
-            process = subprocess.Popen([sys.executable, "-m", "tally.service.readers"],
+            process = subprocess.Popen([sys.executable, "-m", "tally.service.history.readers"],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             self.processes.append(process)
             return process
@@ -186,7 +186,7 @@ _clients = {}
 
 def client_for(pulsar_url):
     if pulsar_url not in _clients:
-        from tally.service.client import connect
+        from tally.service.pulsar.client import connect
         _clients[pulsar_url] = connect(pulsar_url)
     return _clients[pulsar_url]
 

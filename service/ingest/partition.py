@@ -22,10 +22,10 @@ import numpy as np
 
 from tally.core.definitions import state_hash
 from tally.core.view import EVENT_TIME, ViewState
-from tally.service.checkpoint import CheckpointConflict
-from tally.service.materialize import next_expiry
-from tally.service.pipeline import ViewPipeline
-from tally.service.record import INT64_MAX
+from tally.service.ingest.checkpoint import CheckpointConflict
+from tally.core.materialize import next_expiry
+from tally.service.ingest.pipeline import ViewPipeline
+from tally.core.record import INT64_MAX
 
 NO_POSITION = (-1, -1, -1)
 log = logging.getLogger("tally.partition")

@@ -35,7 +35,7 @@ Layout
 Writes
 ------
 ``write`` takes the same uint8 record matrix as ``LmdbStore.write`` (rows in
-the layout of ``tally.service.record``) and turns it into bins column-wise;
+the layout of ``tally.core.record``) and turns it into bins column-wise;
 ``write_columns`` takes ``encode_records``' arguments and skips the matrix.
 Records go out in ``batch_write`` calls of ``chunk_size`` ``Write`` records.
 A batch call does not raise for single-record failures, so every record's
@@ -74,8 +74,8 @@ from datetime import timedelta
 
 import numpy as np
 
-from tally.service.lmdb_store import StoreError
-from tally.service.record import (HEADER, INT64_MAX, INT64_MIN, LAYOUT_VERSION, RecordError,
+from tally.service.store.lmdb import StoreError
+from tally.core.record import (HEADER, INT64_MAX, INT64_MIN, LAYOUT_VERSION, RecordError,
                                   ViewSchema)
 
 META_SUFFIX = "_meta"
@@ -123,7 +123,7 @@ _HINTS = {
     13: "the record is larger than the namespace's max-record-size (write-block-size)",
 }
 
-# The 32-byte record header as a numpy dtype (see tally.service.record).
+# The 32-byte record header as a numpy dtype (see tally.core.record).
 _HEADER_DTYPE = np.dtype([("layout", "u1"), ("flags", "u1"), ("n_features", "<u2"),
                           ("view_version", "<u4"), ("event_time", "<i8"),
                           ("write_time", "<i8"), ("valid_until", "<i8")])

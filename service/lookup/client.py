@@ -1,4 +1,4 @@
-"""Clients of the lookup server (``tally.service.server``): msgpack frames over TCP.
+"""Clients of the lookup server (``tally.service.lookup.server``): msgpack frames over TCP.
 
 The wire format lives here, so that a client needs nothing but ``msgpack``:
 every message, either way, is one frame::

@@ -25,8 +25,8 @@ import threading
 
 import numpy as np
 
-from tally.service.lmdb_store import StoreError
-from tally.service.record import INT64_MAX, INT64_MIN, RecordError
+from tally.service.store.lmdb import StoreError
+from tally.core.record import INT64_MAX, INT64_MIN, RecordError
 
 # Return codes, as in cext/tally.h.
 TALLY_NOTFOUND = -30500

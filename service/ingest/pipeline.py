@@ -18,7 +18,7 @@ import pulsar
 from tally.core.decode import Schema
 from tally.core.formats import decode_payloads
 from tally.core.view import EVENT_TIME, ViewState
-from tally.service.materialize import online_schema, records_for
+from tally.core.materialize import online_schema, records_for
 
 log = logging.getLogger("tally.pipeline")
 

@@ -234,8 +234,8 @@ class TimeSlice:
 
 def archive_and_topic(archive, topic, source):
     """The archive's events before its declared boundary, then the topic's
-    from it on (``tally.service.history``: the same rule as the bootstrap)."""
-    from tally.service.history import archive_boundary
+    from it on (``tally.service.history.plan``: the same rule as the bootstrap)."""
+    from tally.service.history.plan import archive_boundary
     boundary = archive_boundary(archive, source.timestamp_field)
     return [TimeSlice(archive, end_ms=boundary), TimeSlice(topic, start_ms=boundary)]
 
@@ -274,7 +274,7 @@ class PulsarTopic:
                              chunk_rows, spill_dir)
 
     def _parallel_sorted_chunks(self, source, columns, chunk_rows, spill_dir):
-        from tally.service.readers import plan_topic_units, read_units
+        from tally.service.history.readers import plan_topic_units, read_units
         topic = self.topic or source.topic
         directory = tempfile.mkdtemp(prefix="tally-topic-", dir=spill_dir)
         try:
@@ -296,7 +296,7 @@ class PulsarTopic:
         partition."""
         client, own = self.pulsar, False
         if isinstance(client, str):
-            from tally.service.client import connect
+            from tally.service.pulsar.client import connect
             client, own = connect(client), True
         try:
             topic = self.topic or source.topic
@@ -337,7 +337,7 @@ class PulsarTopic:
 def sorted_unit_run(source, columns, pulsar_url, admin_url, topic, unit, path):
     """In a reader process: decode one work unit's messages, sort them by
     time (stably: log order among equal times) and spill them as a run."""
-    from tally.service.readers import client_for, unit_payloads
+    from tally.service.history.readers import client_for, unit_payloads
     counts = {"messages": 0, "rejected": 0}
     parts = []
     for payloads in unit_payloads(client_for(pulsar_url), admin_url, topic, unit):

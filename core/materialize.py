@@ -3,7 +3,7 @@ import numpy as np
 
 from tally.core.definitions import DefinitionError
 from tally.core.view import EVENT_TIME
-from tally.service.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
+from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
 
 
 INT_AGGREGATIONS = ("count", "distinct_count")

@@ -3,7 +3,7 @@
 Readers in other processes (the C API, ``tally get``) open the environment
 read-only; LMDB's MVCC means they never block the writer and never see a
 half-written record. The ``__schemas__`` database maps a view name to the
-binary ``ViewSchema`` (see ``tally.service.record``) of the version it serves,
+binary ``ViewSchema`` (see ``tally.core.record``) of the version it serves,
 and ``<view>@v<n>`` to version n's; version n's records live in the database
 ``view:<view>@v<n>``. Promoting a version rewrites the one schema entry, so
 readers switch atomically.
@@ -12,7 +12,7 @@ import os
 
 import lmdb
 
-from tally.service.record import ViewSchema, decode_record, encode_keys
+from tally.core.record import ViewSchema, decode_record, encode_keys
 
 SCHEMAS_DB = b"__schemas__"
 DEFAULT_MAP_SIZE = 64 << 30     # address space only; the file grows as written

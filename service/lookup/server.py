@@ -6,7 +6,7 @@ Two ports, one process, one event loop (uvloop):
   is a frame: 4 bytes of payload length (unsigned big-endian), then one
   msgpack map. Requests of a connection are answered in the order they
   arrive, each reply echoing the request's ``id``, so a client may pipeline
-  any number of them (``tally.service.lookup_client``). Ops::
+  any number of them (``tally.service.lookup.client``). Ops::
 
     {"id": 1, "op": "get", "view": "user_reading", "keys": [42, 7],
      "features": ["total_readtime"]}           # features: optional subset
@@ -90,9 +90,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgpack
 
-from tally.service.lmdb_store import LmdbStore, StoreError
-from tally.service.lookup_client import DEFAULT_HOST, DEFAULT_PORT, FRAME_HEADER_BYTES
-from tally.service.record import INT64_MAX, INT64_MIN, RecordError, ViewSchema
+from tally.service.store.lmdb import LmdbStore, StoreError
+from tally.service.lookup.client import DEFAULT_HOST, DEFAULT_PORT, FRAME_HEADER_BYTES
+from tally.core.record import INT64_MAX, INT64_MIN, RecordError, ViewSchema
 
 DEFAULT_HTTP_PORT = 8256
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
@@ -204,7 +204,7 @@ class Metrics:
 # for each line on stdin, prints the served schemas as one JSON line.
 _SCHEMA_HELPER = """
 import json, sys
-from tally.service.lmdb_store import LmdbStore
+from tally.service.store.lmdb import LmdbStore
 with LmdbStore(sys.argv[1], readonly=True) as store:
     for _ in sys.stdin:
         print(json.dumps({view: store.schema(view).to_bytes().hex()
@@ -256,7 +256,7 @@ class EmbeddedStore:
         self.versions = {}                  # view -> version served at the last listing
 
     def _open_reader(self):
-        from tally.service.embedded import EmbeddedReader
+        from tally.service.store.embedded import EmbeddedReader
         return EmbeddedReader(self.path)
 
     def get_many(self, view, keys):

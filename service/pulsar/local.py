@@ -329,7 +329,7 @@ def _config_value(value: Any) -> str:
 
 
 def render_properties(config: Mapping[str, str]) -> str:
-    lines = ["# Written by tally.service.pulsar_local; rewritten on every start."]
+    lines = ["# Written by tally.service.pulsar.local; rewritten on every start."]
     for key, value in config.items():
         lines.append(f"{key}={_escape_property_value(value)}")
     return "\n".join(lines) + "\n"

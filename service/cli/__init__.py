@@ -8,7 +8,7 @@ DEFAULT_STORE = os.environ.get("TALLY_STORE", os.path.join(".tally", "store"))
 
 
 def _cmd_get(args):
-    from tally.service.lmdb_store import LmdbStore, StoreError
+    from tally.service.store.lmdb import LmdbStore, StoreError
     try:
         with LmdbStore(args.store, readonly=True) as store:
             schema = store.schema(args.view)
@@ -25,8 +25,8 @@ def _cmd_get(args):
 
 
 def _cmd_lookup_server(args):
-    from tally.service.lmdb_store import StoreError
-    from tally.service.server import serve_lookups
+    from tally.service.store.lmdb import StoreError
+    from tally.service.lookup.server import serve_lookups
     try:
         return serve_lookups(args.store, args.host, args.port, args.http_port, args.token,
                              args.max_frame_bytes, args.max_batch)
@@ -42,7 +42,7 @@ def _cmd_quickstart(args):
 
 
 def _cmd_dev(args):
-    from tally.service import pulsar_local
+    from tally.service.pulsar import local as pulsar_local
     return pulsar_local.main_dev(args.rest)
 
 
@@ -50,7 +50,7 @@ def _cmd_create_topic(args):
     import urllib.error
     import urllib.request
 
-    from tally.service.pulsar_local import topic_rest_path
+    from tally.service.pulsar.local import topic_rest_path
     url = f"{args.admin.rstrip('/')}{topic_rest_path(args.topic)}/partitions"
     request = urllib.request.Request(url, data=str(args.partitions).encode(), method="PUT",
                                      headers={"Content-Type": "application/json"})
@@ -68,12 +68,12 @@ def _cmd_create_topic(args):
 
 
 def _cmd_serve(args):
-    from tally.service import serve
+    from tally.service.ingest import service as serve
     return serve.main(args.rest)
 
 
 def _cmd_bootstrap(args):
-    from tally.service import bootstrap
+    from tally.service.history import bootstrap
     return bootstrap.main(args.rest)
 
 
@@ -85,7 +85,7 @@ def _cmd_training_set(args):
 
     from tally.core.definitions import DefinitionError, FeatureView
     from tally.core.training import TrainingSetError, training_set
-    from tally.service.registry import RegistryError, load_file
+    from tally.service.registry.db import RegistryError, load_file
     started = time.monotonic()
 
     def bar(done, total):
@@ -99,7 +99,7 @@ def _cmd_training_set(args):
         keys = dict(item.split("=", 1) for item in args.key or ())
         pulsar = args.pulsar
         if pulsar and args.admin:
-            from tally.service.training_sources import PulsarTopic
+            from tally.service.history.topic import PulsarTopic
             pulsar = PulsarTopic(pulsar, admin_url=args.admin, readers=args.readers)
         table = training_set(args.spine, [f for f in args.features.split(",") if f],
                              views=views, registry=args.registry, pulsar=pulsar,
@@ -119,7 +119,7 @@ def _cmd_training_set(args):
 # --- registry commands ------------------------------------------------------
 
 def _registry(args):
-    from tally.service.registry import Registry, RegistryError, default_path
+    from tally.service.registry.db import Registry, RegistryError, default_path
     path = args.registry or default_path()
     if args.command not in ("apply", "plan") and not os.path.exists(path):
         raise RegistryError(f"no registry at {path}; apply definitions first (tally apply "
@@ -136,7 +136,7 @@ def _load_files(registry, paths):
     """Definitions of the files, in order; .sql files may use the sources and
     entities of the registry and of the .py files given before them."""
     from tally.core.definitions import Entity, FeatureView, Source
-    from tally.service.registry import load_file
+    from tally.service.registry.db import load_file
     sources = {s.name: s for s in registry.current_definitions("source")}
     entities = {e.name: e for e in registry.current_definitions("entity")}
     definitions = []
@@ -398,7 +398,7 @@ def build_parser():
     get.set_defaults(run=_cmd_get)
 
     lookups = commands.add_parser("lookup-server", help="serve lookups over msgpack/TCP and "
-                                  "HTTP/JSON (see tally.service.server)")
+                                  "HTTP/JSON (see tally.service.lookup.server)")
     lookups.add_argument("--store", default=DEFAULT_STORE, help=f"store path ({DEFAULT_STORE})")
     lookups.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     lookups.add_argument("--port", type=int, default=8255, help="msgpack/TCP port (8255; 0: any)")
@@ -475,7 +475,7 @@ def main(argv=None):
 def _run_registry_command(args):
     """Run a registry command; refusals and errors become one line on stderr."""
     from tally.core.definitions import DefinitionError
-    from tally.service.registry import RegistryError
+    from tally.service.registry.db import RegistryError
     try:
         return args.run(args)
     except DefinitionError as error:

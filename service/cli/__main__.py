@@ -1,0 +1,5 @@
+import sys
+
+from tally.service.cli import main
+
+sys.exit(main())
