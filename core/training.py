@@ -234,7 +234,7 @@ def _open_registry(registry):
     if registry is None or hasattr(registry, "get"):
         return registry
     from importlib import import_module      # a path: the service's registry reads it
-    return import_module("tally.service.registry.db").Registry(os.fspath(registry))
+    return import_module("tally.service.registry").Registry(os.fspath(registry))
 
 
 # --------------------------------------------------------------------------

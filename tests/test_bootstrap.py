@@ -315,7 +315,7 @@ def test_tally_bootstrap_command_bootstraps_a_registry_view(
     import subprocess
     import sys
 
-    from tally.service.registry.db import Registry
+    from tally.service.registry import Registry
     history, _ = offloaded_history
     view = reading_view(history.topic, "reading_cli")
     registry = str(tmp_path / "registry.db")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tally.service.cli import build_parser, main
-from tally.service.registry.db import Registry
+from tally.service.registry import Registry
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "service", "examples")
 READING_PY = os.path.join(EXAMPLES, "reading.py")

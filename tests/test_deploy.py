@@ -16,7 +16,7 @@ from tally.service.store.lmdb import LmdbStore
 from tally.service.pulsar.producer import EventProducer
 from tally.service.pulsar.local import free_loopback_ports
 from tally.service.quickstart import generate_events
-from tally.service.registry.db import Registry
+from tally.service.registry import Registry
 
 pytestmark = pytest.mark.pulsar
 

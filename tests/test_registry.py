@@ -13,7 +13,7 @@ import pytest
 
 from tally.core.definitions import (DefinitionError, Entity, Feature, FeatureView, Source,
                                     Window, content_hash, duration_ms, state_hash)
-from tally.service.registry.db import (Conflict, NotFound, Registry, RegistryError, collect,
+from tally.service.registry import (Conflict, NotFound, Registry, RegistryError, collect,
                                     load_file)
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "service", "examples")
@@ -545,7 +545,7 @@ def test_default_path(tmp_path, monkeypatch):
 
 APPLIER = textwrap.dedent("""
     import dataclasses, json, os, random, sys, time
-    from tally.service.registry.db import Registry
+    from tally.service.registry import Registry
     from tally.service.quickstart import user_reading
 
     path, me, rounds, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]

@@ -23,7 +23,7 @@ from tally.service.ingest.checkpoint import CheckpointStore
 from tally.service.store.lmdb import LmdbStore
 from tally.service.pulsar.producer import EventProducer
 from tally.service.quickstart import generate_events
-from tally.service.registry.db import load_file
+from tally.service.registry import load_file
 from tally.service.ingest.service import subscription_for
 
 pytestmark = pytest.mark.pulsar

@@ -8,7 +8,7 @@ import sqlglot
 from tally.core.definitions import (DefinitionError, Entity, Feature, FeatureView, Source,
                                     Window, content_hash)
 from tally.core.sql import Tally, load_sql, source_to_sql, view_from_sql, view_to_sql
-from tally.service.registry.db import load_file
+from tally.service.registry import load_file
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "service", "examples")
 

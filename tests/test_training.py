@@ -163,7 +163,7 @@ def test_several_views_entities_and_sources_in_one_call():
 
 
 def test_features_resolve_against_a_registry(tmp_path):
-    from tally.service.registry.db import Registry
+    from tally.service.registry import Registry
     view = view_of(Feature("n", "count"), name="user_clicks")
     with Registry(str(tmp_path / "registry.db")) as registry:
         registry.apply([view])

@@ -85,7 +85,7 @@ def _cmd_training_set(args):
 
     from tally.core.definitions import DefinitionError, FeatureView
     from tally.core.training import TrainingSetError, training_set
-    from tally.service.registry.db import RegistryError, load_file
+    from tally.service.registry import RegistryError, load_file
     started = time.monotonic()
 
     def bar(done, total):
@@ -119,7 +119,7 @@ def _cmd_training_set(args):
 # --- registry commands ------------------------------------------------------
 
 def _registry(args):
-    from tally.service.registry.db import Registry, RegistryError, default_path
+    from tally.service.registry import Registry, RegistryError, default_path
     path = args.registry or default_path()
     if args.command not in ("apply", "plan") and not os.path.exists(path):
         raise RegistryError(f"no registry at {path}; apply definitions first (tally apply "
@@ -136,7 +136,7 @@ def _load_files(registry, paths):
     """Definitions of the files, in order; .sql files may use the sources and
     entities of the registry and of the .py files given before them."""
     from tally.core.definitions import Entity, FeatureView, Source
-    from tally.service.registry.db import load_file
+    from tally.service.registry import load_file
     sources = {s.name: s for s in registry.current_definitions("source")}
     entities = {e.name: e for e in registry.current_definitions("entity")}
     definitions = []
@@ -475,7 +475,7 @@ def main(argv=None):
 def _run_registry_command(args):
     """Run a registry command; refusals and errors become one line on stderr."""
     from tally.core.definitions import DefinitionError
-    from tally.service.registry.db import RegistryError
+    from tally.service.registry import RegistryError
     try:
         return args.run(args)
     except DefinitionError as error:

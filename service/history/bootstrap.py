@@ -444,7 +444,7 @@ def main(argv=None):
 def _chosen_view(args):
     """(view, version, serving) named by the command line."""
     from tally.core.definitions import FeatureView
-    from tally.service.registry.db import Registry, default_path, load_file
+    from tally.service.registry import Registry, default_path, load_file
     if os.path.isfile(args.target):
         views = [d for d in load_file(args.target) if isinstance(d, FeatureView)]
         if args.view:

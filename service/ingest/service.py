@@ -26,7 +26,7 @@ from tally.service.pulsar.client import connect
 from tally.service.store.lmdb import LmdbStore
 from tally.service.metrics import seconds_since, serve_metrics, service_metrics
 from tally.service.ingest.partition import PartitionWorker
-from tally.service.registry.db import Conflict
+from tally.service.registry import Conflict
 
 REGISTRY_POLL_S = 1.0
 # set by a SIGTERM that arrives while the service is still connecting
@@ -318,7 +318,7 @@ def main(argv=None):
 
     import uvloop
 
-    from tally.service.registry.db import load_file
+    from tally.service.registry import load_file
 
     parser = argparse.ArgumentParser(prog="tally serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("definitions", nargs="?",
@@ -352,7 +352,7 @@ def main(argv=None):
     wanted = args.views.split(",") if args.views else None
     views, registry = [], None
     if args.registry:
-        from tally.service.registry.db import Registry
+        from tally.service.registry import Registry
         registry = Registry(args.registry)
     else:
         views = [d for d in load_file(args.definitions) if isinstance(d, FeatureView)]
