@@ -62,6 +62,8 @@ Reject reasons (``N`` is a byte offset into the payload)::
 
 import numpy as np
 
+from tally.core.errors import TallyError
+
 cimport numpy as cnp
 from cpython.memoryview cimport PyMemoryView_GET_BUFFER
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
@@ -105,7 +107,7 @@ cdef extern from *:
     void _prefetch "tally_decode_prefetch" (const void* p) nogil
 
 
-class DecodeError(ValueError):
+class DecodeError(TallyError, ValueError):
     """Misuse of the decoder (e.g. a bad schema).
 
     Never raised for bad payloads: those become ``DecodedBatch.rejects``.

@@ -18,95 +18,17 @@ import difflib
 import hashlib
 import html
 import json
-import re
 from dataclasses import dataclass, field
+
+from tally.core import filters
+from tally.core.aggregations import AGGREGATIONS
+from tally.core.durations import duration_ms, format_duration
+from tally.core.errors import DefinitionError, FilterError
 
 KEY_TYPES = ("int64", "string")
 FIELD_TYPES = ("int64", "float64", "string", "bool")
-NUMERIC_TYPES = ("int64", "float64", "bool")
 PAYLOAD_FORMATS = ("msgpack", "json", "arrow", "msgpack-columnar")
-NUMERIC_AGGREGATIONS = ("sum", "mean", "min", "max", "first", "last", "last_n")
 CANONICAL_FORMAT = 1          # bump only with a migration of stored hashes
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    """What an aggregation needs: a column (of which types) and a parameter."""
-    name: str
-    takes_column: bool
-    column_types: tuple = ()
-    param: str = None          # "n" or "k": the integer parameter it requires
-    max_param: int = None
-    summary: str = ""
-
-
-# The aggregations and what the core's arenas (tally.core.arena) can compute.
-# The arenas hold float64 values, so every aggregated column is numeric for
-# now; distinct_count and top_k of string columns need the view state to hash
-# (and, for top_k, to map back) strings first: then add "string" here.
-AGGREGATIONS = {a.name: a for a in (
-    Aggregation("count", False, summary="number of events"),
-    Aggregation("sum", True, NUMERIC_TYPES, summary="sum of the column"),
-    Aggregation("mean", True, NUMERIC_TYPES, summary="arithmetic mean of the column"),
-    Aggregation("min", True, NUMERIC_TYPES, summary="smallest value"),
-    Aggregation("max", True, NUMERIC_TYPES, summary="largest value"),
-    Aggregation("first", True, NUMERIC_TYPES, summary="value of the earliest event"),
-    Aggregation("last", True, NUMERIC_TYPES, summary="value of the latest event"),
-    Aggregation("last_n", True, NUMERIC_TYPES, "n", 4096,
-                summary="the n latest values, newest first"),
-    Aggregation("distinct_count", True, NUMERIC_TYPES,
-                summary="approximate number of distinct values (HyperLogLog)"),
-    Aggregation("top_k", True, NUMERIC_TYPES, "k", 1024,
-                summary="approximate k most frequent values (Misra-Gries)"),
-)}
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([a-zA-Z]+)\s*$")
-UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
-           "w": 7 * 86_400_000}
-# Unit words (singular and plural, any case), as SQL writes them: 7 DAYS.
-UNIT_WORDS = {}
-for _short, _words in (("ms", ("millisecond", "milli")), ("s", ("second", "sec")),
-                       ("m", ("minute", "min")), ("h", ("hour", "hr")),
-                       ("d", ("day",)), ("w", ("week",))):
-    for _word in _words:
-        UNIT_WORDS[_word] = UNIT_WORDS[_word + "s"] = _short
-    UNIT_WORDS[_short] = _short
-
-
-class DefinitionError(ValueError):
-    """A definition is invalid; the message names the definition, the field and a fix."""
-
-
-def unit_ms(unit):
-    """Milliseconds in one ``unit`` ('h', 'hour', 'HOURS', ...), or None."""
-    short = UNIT_WORDS.get(str(unit).lower())
-    return None if short is None else UNIT_MS[short]
-
-
-def duration_ms(value) -> int:
-    """``"7d"``, ``"1h"``, ``"250ms"``, ``"7 days"`` or an int of milliseconds ->
-    milliseconds."""
-    if isinstance(value, bool):
-        raise DefinitionError(f"duration {value!r}: write a number and a unit "
-                              "(ms, s, m, h, d or w), e.g. '7d' or '1h'")
-    if isinstance(value, int):
-        return value
-    match = _DURATION.match(str(value))
-    ms = match and unit_ms(match.group(2))
-    if not ms:
-        raise DefinitionError(f"duration {value!r}: write a number and a unit "
-                              "(ms, s, m, h, d or w), e.g. '7d' or '1h'")
-    return int(match.group(1)) * ms
-
-
-def format_duration(ms) -> str:
-    """Milliseconds -> the shortest exact text: 604800000 -> '7d', 5400000 -> '90m'."""
-    if ms == 0:
-        return "0"
-    for unit in ("d", "h", "m", "s"):
-        if ms % UNIT_MS[unit] == 0:
-            return f"{ms // UNIT_MS[unit]}{unit}"
-    return f"{ms}ms"
 
 
 def _is_name(name):
@@ -337,9 +259,8 @@ class Feature:
         if not isinstance(self.lateness_ms, int) or isinstance(self.lateness_ms, bool):
             object.__setattr__(self, "lateness_ms", duration_ms(self.lateness_ms))
         if self.filter is not None:
-            from tally.core.filters import FilterError, normalize_filter
             try:
-                object.__setattr__(self, "filter", normalize_filter(self.filter))
+                object.__setattr__(self, "filter", filters.normalize_filter(self.filter))
             except FilterError as error:
                 raise DefinitionError(f"feature {self.name!r}: filter {self.filter!r}: "
                                       f"{error}") from None
@@ -450,9 +371,8 @@ class Feature:
                                   "accepts events of any age; drop lateness_ms, or give the "
                                   "feature a window")
         if self.filter is not None:
-            from tally.core.filters import FilterError, check_filter
             try:
-                check_filter(self.filter, source.schema)
+                filters.check_filter(self.filter, source.schema)
             except FilterError as error:
                 raise DefinitionError(f"{where}: filter {self.filter!r}: {error}") from None
 
@@ -643,12 +563,6 @@ class FeatureView:
         return (_html_table(f"feature view <b>{_e(self.name)}</b>", head)
                 + "<table><tr><th>feature</th><th>aggregation</th><th>column</th>"
                   f"<th>window</th><th>filter</th></tr>{rows}</table>")
-
-    @classmethod
-    def from_sql(cls, text, sources=(), entities=(), name=None, **metadata):
-        """The view defined by one SQL statement (see :mod:`tally.core.sql`)."""
-        from tally.core.sql import view_from_sql
-        return view_from_sql(text, sources=sources, entities=entities, name=name, **metadata)
 
 
 # --------------------------------------------------------------------------

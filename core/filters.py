@@ -1,8 +1,8 @@
 """Feature filters: SQL boolean expressions over a source's columns.
 
 A filter such as ``readtime > 0 AND article IN (1, 2, 3)`` selects the events a
-feature aggregates. It is parsed with sqlglot (the Tally dialect of
-:mod:`tally.core.sql`), never with regular expressions or ``eval``, and
+feature aggregates. It is parsed with sqlglot (the Tally dialect,
+:mod:`tally.core.dialect`), never with regular expressions or ``eval``, and
 
 * normalised to a canonical text (:func:`normalize_filter`: sqlglot's
   formatting, redundant parentheses removed, needed ones restored), so equal
@@ -30,9 +30,14 @@ three-valued logic: a comparison with a null is unknown,
 selected only when the filter is true. Division (``/``) is true division; a
 division or modulo by zero is null.
 """
+import difflib
+
 import numpy as np
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
+
+from tally.core.dialect import Tally, format_parse_error, needs_quotes
+from tally.core.errors import FilterError
 
 SUPPORTED = ("comparisons (= <> < <= > >=), AND, OR, NOT, IN (...), BETWEEN, IS [NOT] NULL "
              "and arithmetic (+ - * / %) over columns and literals")
@@ -40,16 +45,11 @@ SUPPORTED = ("comparisons (= <> < <= > >=), AND, OR, NOT, IN (...), BETWEEN, IS 
 _TYPE_OF_FIELD = {"int64": "number", "float64": "number", "bool": "bool", "string": "string"}
 
 
-class FilterError(ValueError):
-    """A filter is not valid; the message says what and how to fix it."""
-
-
 # --------------------------------------------------------------------------
 # Parsing and canonical text
 
 def parse_filter(text) -> exp.Expression:
     """The sqlglot AST of a filter (refuses anything but one expression)."""
-    from tally.core.sql import Tally, format_parse_error
     if not isinstance(text, str) or not text.strip():
         raise FilterError("the filter is empty; write a SQL boolean expression such as "
                           "'readtime > 0'")
@@ -84,7 +84,6 @@ def _precedence(node):
 def canonical_sql(node) -> str:
     """The canonical text of a filter AST: sqlglot formatting, with exactly the
     parentheses the precedence needs and identifiers quoted only when needed."""
-    from tally.core.sql import Tally, needs_quotes
     node = _reparenthesize(_strip_parens(node.copy()))
     for identifier in node.find_all(exp.Identifier):
         identifier.set("quoted", needs_quotes(identifier.name))
@@ -222,7 +221,6 @@ def _type(node, types):
     if isinstance(node, exp.Column):
         name = node.name
         if name not in types:
-            import difflib
             close = difflib.get_close_matches(name, list(types), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise FilterError(f"column {name!r} is not a field of the source; {hint}use "

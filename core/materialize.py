@@ -1,24 +1,22 @@
 """From view state to online records: what the pipeline writes after each batch."""
 import numpy as np
 
-from tally.core.definitions import DefinitionError
-from tally.core.view import EVENT_TIME
+from tally.core.aggregations import AGGREGATIONS
+from tally.core.errors import DefinitionError
 from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
-
-
-INT_AGGREGATIONS = ("count", "distinct_count")
-# Record layout 1 holds one 8-byte number per feature; lists need layout 2.
-LIST_AGGREGATIONS = ("last_n", "top_k")
+from tally.core.view import EVENT_TIME
 
 
 def online_schema(view, version=1) -> ViewSchema:
-    lists = [f.name for f in view.features if f.aggregation in LIST_AGGREGATIONS]
+    # Record layout 1 holds one 8-byte number per feature; lists need layout 2.
+    lists = [f.name for f in view.features
+             if AGGREGATIONS[f.aggregation].online_type == "list"]
     if lists:
         raise DefinitionError(
             f"view {view.name!r}: features {lists} hold lists, which online record "
             "layout 1 cannot store yet; serve them from a view without them, or use "
             "them offline (ViewState.read)")
-    features = tuple((f.name, "int64" if f.aggregation in INT_AGGREGATIONS else "float64")
+    features = tuple((f.name, AGGREGATIONS[f.aggregation].online_type)
                      for f in view.features)
     return ViewSchema(view.name, version, view.entity.key_type, features)
 

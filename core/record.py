@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tally.core.errors import RecordError
+
 LAYOUT_VERSION = 1
 HEADER = struct.Struct("<BBHIqqq")
 SCHEMA_LAYOUT_VERSION = 1
@@ -49,10 +51,6 @@ _SIGN_BIT = np.uint64(1 << 63)
 _HEADER_DTYPE = np.dtype([("layout", "u1"), ("flags", "u1"), ("n_features", "<u2"),
                           ("view_version", "<u4"), ("event_time", "<i8"),
                           ("write_time", "<i8"), ("valid_until", "<i8")])
-
-
-class RecordError(ValueError):
-    """A stored record does not match the layout or the view's schema."""
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,14 @@ import zlib
 
 import numpy as np
 
+from tally.core.errors import SnapshotError
+
 MAGIC = b"TALLYSNP"
 END_MAGIC = b"TALLYEND"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sII")
 _SUFFIX = struct.Struct("<II8s")
 _ALIGN = 64
-
-
-class SnapshotError(ValueError):
-    """A snapshot is truncated, corrupted or of an unknown format version."""
 
 
 def dumps(arrays, meta=None) -> bytes:

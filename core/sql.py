@@ -1,10 +1,10 @@
 """Tally SQL: feature views in a small SQL dialect, parsed by sqlglot.
 
-The dialect (:class:`Tally`) subclasses sqlglot's ``Dialect``, ``Tokenizer``,
-``Parser`` and ``Generator``: it adds the ``WINDOW SLIDING | TUMBLING |
-LIFETIME`` clause and ``CREATE SOURCE``; everything else is sqlglot's own SQL
-parser. No text is pre-processed, and no regular expression touches SQL.
-Parsed statements are translated into the same definition objects as the
+The dialect (:class:`tally.core.dialect.Tally`) subclasses sqlglot's
+``Dialect``, ``Tokenizer``, ``Parser`` and ``Generator``: it adds the ``WINDOW
+SLIDING | TUMBLING | LIFETIME`` clause and ``CREATE SOURCE``; everything else
+is sqlglot's own SQL parser. No text is pre-processed, and no regular
+expression touches SQL. This module translates: parsed statements are translated into the same definition objects as the
 Python DSL (:mod:`tally.core.definitions`), so a view written in SQL equals
 the view written in Python.
 
@@ -56,7 +56,7 @@ Meaning:
 * A feature without alias is named ``<aggregation>_<column>`` (``sum_readtime``,
   ``distinct_count_article``), or ``count`` for ``COUNT(*)``.
 * Aggregated columns are numeric (BIGINT, DOUBLE, BOOLEAN): the core's arenas
-  hold float64 values (see ``AGGREGATIONS`` in :mod:`tally.core.definitions`).
+  hold float64 values (see :mod:`tally.core.aggregations`).
   ``n`` of LAST_N is 1..4096, ``k`` of APPROX_TOP_K 1..1024.
 * ``FROM`` names a source declared earlier in the same text with CREATE
   SOURCE, or one passed in the catalog (``sources=``; the CLI passes the
@@ -67,158 +67,15 @@ DISTINCT, window functions ``OVER (...)``, non-aggregate select items other
 than the key, expressions inside aggregates, other statements) is refused
 with a message naming the construct and a fix.
 """
-from sqlglot import exp, generator, parser, tokens
-from sqlglot.dialects.dialect import Dialect
+from sqlglot import exp, generator
 from sqlglot.errors import ParseError, TokenError
-from sqlglot.tokens import TokenType
 
 from tally.core import filters
-from tally.core.definitions import (AGGREGATIONS, DefinitionError, Entity, Feature,
-                                    FeatureView, Source, Window, unit_ms)
-
-# --------------------------------------------------------------------------
-# The dialect
-
-
-class WindowSpec(exp.Expression):
-    """``[name AS] SLIDING 7 DAYS HOP 1 HOUR [LATENESS 5 MINUTES]`` (sizes in ms)."""
-    arg_types = {"this": False, "kind": True, "size": False, "hop": False, "lateness": False}
-
-
-_SQL_UNITS = (("DAY", 86_400_000), ("HOUR", 3_600_000),
-              ("MINUTE", 60_000), ("SECOND", 1000), ("MILLISECOND", 1))
-
-
-def sql_duration(ms):
-    """Milliseconds -> SQL text in the largest exact unit up to days: 604800000 -> '7 DAYS',
-    5400000 -> '90 MINUTES'."""
-    for unit, size in _SQL_UNITS:
-        if ms % size == 0:
-            count = ms // size
-            return f"{count} {unit}{'' if count == 1 else 'S'}"
-    raise ValueError(ms)
-
-
-def _window_spec_sql(generator_, spec):
-    name = spec.args.get("this")
-    text = f"{generator_.sql(name)} AS " if name else ""
-    kind = spec.args["kind"]
-    if kind == "LIFETIME":
-        return text + "LIFETIME"
-    size = sql_duration(spec.args["size"])
-    text += f"SLIDING {size} HOP {sql_duration(spec.args['hop'])}" if kind == "SLIDING" \
-        else f"TUMBLING {size}"
-    if spec.args.get("lateness"):
-        text += f" LATENESS {sql_duration(spec.args['lateness'])}"
-    return text
-
-
-class Tally(Dialect):
-    """sqlglot's SQL plus ``WINDOW SLIDING/TUMBLING/LIFETIME`` and ``CREATE SOURCE``."""
-
-    class Tokenizer(tokens.Tokenizer):
-        KEYWORDS = {
-            **tokens.Tokenizer.KEYWORDS,
-            "SOURCE": TokenType.SOURCE,
-            "FLOAT64": TokenType.DOUBLE,
-        }
-
-    class Parser(parser.Parser):
-        # WITH (key = value, ...) stays a list of plain key/value properties:
-        # no key is special (sqlglot would turn e.g. FORMAT into its own node).
-        PROPERTY_PARSERS = {"WITH": parser.Parser.PROPERTY_PARSERS["WITH"]}
-
-        def _parse_window_clause(self):
-            if not self._match(TokenType.WINDOW):
-                return None
-            return self._parse_csv(self._parse_window_spec)
-
-        def _parse_window_spec(self):
-            name = None
-            if not self._window_kind_ahead():
-                name = self._parse_id_var(any_token=False)
-                if name is None or not self._match(TokenType.ALIAS):
-                    self.raise_error("Expected SLIDING, TUMBLING or LIFETIME after WINDOW "
-                                     "(e.g. WINDOW SLIDING 7 DAYS HOP 1 HOUR)")
-                if self._match(TokenType.L_PAREN, advance=False):
-                    self.raise_error("Standard SQL window specifications (WINDOW w AS (...)) "
-                                     "are outside the Tally dialect; write WINDOW w AS "
-                                     "SLIDING 7 DAYS HOP 1 HOUR")
-                if not self._window_kind_ahead():
-                    self.raise_error("Expected SLIDING, TUMBLING or LIFETIME")
-            kind = self._curr.text.upper()
-            self._advance()
-            size = hop = lateness = 0
-            if kind == "SLIDING":
-                size = self._parse_duration()
-                if not self._match_text_seq("HOP"):
-                    self.raise_error("Expected HOP after the window size (SLIDING 7 DAYS "
-                                     "HOP 1 HOUR)")
-                hop = self._parse_duration()
-            elif kind == "TUMBLING":
-                size = hop = self._parse_duration()
-            if kind != "LIFETIME" and self._match_text_seq("LATENESS"):
-                lateness = self._parse_duration()
-            return WindowSpec(this=name, kind=kind, size=size, hop=hop, lateness=lateness)
-
-        def _window_kind_ahead(self):
-            return self._curr is not None and self._curr.token_type == TokenType.VAR and \
-                self._curr.text.upper() in ("SLIDING", "TUMBLING", "LIFETIME")
-
-        def _parse_duration(self):
-            if self._curr is None or self._curr.token_type != TokenType.NUMBER \
-                    or not self._curr.text.isdigit():
-                self.raise_error("Expected a duration: a whole number and a unit, "
-                                 "e.g. 7 DAYS or 30 MINUTES")
-            count = int(self._curr.text)
-            self._advance()
-            ms = unit_ms(self._curr.text) if self._curr else None
-            if not ms or len(self._curr.text) < 3:
-                self.raise_error("Expected a time unit (MILLISECONDS, SECONDS, MINUTES, "
-                                 "HOURS, DAYS or WEEKS)")
-            self._advance()
-            return count * ms
-
-        def _parse_as_command(self, start):
-            while self._curr:
-                self._advance()
-            text = " ".join(self._find_sql(start, self._prev).split())
-            self.raise_error(f"The statement '{_shorten(text)}' is outside the Tally SQL "
-                             "dialect; write CREATE SOURCE ..., CREATE VIEW ... AS SELECT "
-                             "... or SELECT ...", token=start)
-
-    class Generator(generator.Generator):
-        TRANSFORMS = {**generator.Generator.TRANSFORMS, WindowSpec: _window_spec_sql}
-
-        def not_sql(self, expression):
-            # x IS NOT NULL, x NOT IN (...), x NOT BETWEEN ...: as people write them
-            inner = expression.this
-            if isinstance(inner, exp.Is):
-                return f"{self.sql(inner, 'this')} IS NOT {self.sql(inner, 'expression')}"
-            if isinstance(inner, (exp.In, exp.Between)):
-                text = self.sql(inner)
-                operand = self.sql(inner, "this")
-                keyword = " IN " if isinstance(inner, exp.In) else " BETWEEN "
-                if text.startswith(operand + keyword):
-                    return f"{operand} NOT{text[len(operand):]}"
-            return super().not_sql(expression)
-
-
-def _shorten(text, limit=60):
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def format_parse_error(error):
-    """A one-line description of a sqlglot error: 'line 1, col 25: Expecting ('."""
-    details = getattr(error, "errors", None)
-    if details:
-        first = details[0]
-        description = first.get("description") or str(error)
-        if first.get("line") is not None:
-            return f"line {first['line']}, col {first['col']}: {description}"
-        return description
-    return str(error).splitlines()[0]
-
+from tally.core.aggregations import AGGREGATIONS, SQL_NAMES
+from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
+from tally.core.dialect import Tally, WindowSpec, format_parse_error, needs_quotes, window_spec_sql
+from tally.core.durations import format_duration
+from tally.core.errors import DefinitionError
 
 # --------------------------------------------------------------------------
 # Translation to definitions
@@ -239,11 +96,10 @@ VIEW_PROPERTIES = ("owner", "description", "tags", "online_expiry")
 _AGGREGATES = {exp.Sum: "sum", exp.Avg: "mean", exp.Min: "min", exp.Max: "max",
                exp.First: "first", exp.Last: "last", exp.ApproxDistinct: "distinct_count",
                exp.ApproxTopK: "top_k"}
-_ANONYMOUS_AGGREGATES = {"MEAN": "mean", "LAST_N": "last_n", "TOP_K": "top_k",
-                         "DISTINCT_COUNT": "distinct_count",
-                         "APPROX_COUNT_DISTINCT": "distinct_count"}
-AGGREGATE_NAMES = ("COUNT(*), COUNT(col), SUM, AVG, MIN, MAX, FIRST, LAST, LAST_N(col, n), "
-                   "APPROX_COUNT_DISTINCT(col), APPROX_TOP_K(col, k)")
+# Tally's own aggregate names, which SQL writes as calls with their arguments
+AGGREGATE_NAMES = ", ".join(["COUNT(*)", "COUNT(col)"] + [
+    a.sql_call() if "_" in a.sql_names[0] else a.sql_names[0]
+    for a in AGGREGATIONS.values() if a.name != "count"])
 
 # Select clauses outside the dialect: arg name -> (construct, fix)
 _REFUSED_CLAUSES = {
@@ -691,8 +547,8 @@ def _aggregate(node, display, source, aliases, key_column, where):
         args += list(node.expressions or ())
         if aggregation == "last" and len(args) == 2:
             aggregation = "last_n"
-    elif isinstance(node, exp.Anonymous) and node.name.upper() in _ANONYMOUS_AGGREGATES:
-        aggregation = _ANONYMOUS_AGGREGATES[node.name.upper()]
+    elif isinstance(node, exp.Anonymous) and node.name.upper() in SQL_NAMES:
+        aggregation = SQL_NAMES[node.name.upper()]
         args = list(node.expressions)
     elif isinstance(node, (exp.AggFunc, exp.Func)):
         raise DefinitionError(f"{where}: '{display}': {filters.describe_construct(node)} is "
@@ -744,17 +600,6 @@ def _entity(name, key_column, source, catalog, where):
 # Definitions -> SQL text
 
 
-def needs_quotes(name):
-    """Whether an identifier must be quoted to read back as itself (a keyword,
-    a space, ...)."""
-    try:
-        tokens_ = Tally().tokenize(name)
-    except (TokenError, ValueError):
-        return True
-    return not (len(tokens_) == 1 and tokens_[0].token_type == TokenType.VAR
-                and tokens_[0].text == name)
-
-
 def _ident(name):
     """An identifier, quoted when it would not read back as itself."""
     return '"' + name.replace('"', '""') + '"' if needs_quotes(name) else name
@@ -786,7 +631,6 @@ def view_to_sql(view):
     if view.tags:
         props.append(f"tags = {_string(', '.join(view.tags))}")
     if view.online_expiry:
-        from tally.core.definitions import format_duration
         props.append(f"online_expiry = {_string(format_duration(view.online_expiry))}")
     with_ = f" WITH ({', '.join(props)})" if props else ""
 
@@ -807,10 +651,7 @@ def view_to_sql(view):
         args = _ident(feature.column) if feature.column else "*"
         if feature.param is not None:
             args += f", {feature.param}"
-        call = {"mean": "AVG", "distinct_count": "APPROX_COUNT_DISTINCT",
-                "top_k": "APPROX_TOP_K"}.get(feature.aggregation,
-                                             feature.aggregation.upper())
-        text = f"{call}({args})"
+        text = f"{AGGREGATIONS[feature.aggregation].sql_names[0]}({args})"
         if feature.filter and where is None:
             text += f" FILTER (WHERE {feature.filter})"
         spec = (feature.window, feature.lateness_ms)
@@ -834,5 +675,5 @@ def view_to_sql(view):
 
 def _spec_text(window, lateness):
     kind = window.kind.upper()
-    return _window_spec_sql(generator.Generator(), WindowSpec(
+    return window_spec_sql(generator.Generator(), WindowSpec(
         kind=kind, size=window.size_ms, hop=window.hop_ms, lateness=lateness))

@@ -41,17 +41,15 @@ import pyarrow as pa
 
 from tally.core import arena as _arena
 from tally.core.arena import MAX_EVENT_TIME, MIN_EVENT_TIME
+from tally.core.aggregations import arrow_type
 from tally.core.definitions import Feature, FeatureView
+from tally.core.errors import TrainingSetError
 from tally.core.view import EVENT_TIME, ViewState
 
 DEFAULT_CHUNK_ROWS = 1 << 20          # events per replayed chunk
 DEFAULT_QUERY_BLOCK = 1 << 18         # spine rows per kernel call
 TIMESTAMP_CANDIDATES = ("ts", "timestamp", "event_timestamp", "event_time")
 _INF = np.iinfo(np.int64).max
-
-
-class TrainingSetError(ValueError):
-    """A spine, feature reference or source cannot be used; the message says why."""
 
 
 # --------------------------------------------------------------------------
@@ -526,22 +524,12 @@ def replay_generic(arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots, q_ts):
     return np.concatenate(values), np.concatenate(valid)
 
 
-def _output_type(feature):
-    if feature.aggregation in ("count", "distinct_count"):
-        return pa.int64()
-    if feature.aggregation == "last_n":
-        return pa.list_(pa.float64())
-    if feature.aggregation == "top_k":
-        return pa.list_(pa.struct([("value", pa.float64()), ("count", pa.int64())]))
-    return pa.float64()
-
-
 class _Output:
     """One feature's answers, in the spine's time order."""
 
     def __init__(self, requested, n_rows):
         self.requested = requested
-        self.type = _output_type(requested.feature)
+        self.type = arrow_type(requested.feature.aggregation)
         self.is_list = pa.types.is_list(self.type)
         self.valid = np.zeros(n_rows, dtype=bool)
         if not self.is_list:

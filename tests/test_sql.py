@@ -225,7 +225,7 @@ def test_the_dialect_extends_sqlglot_without_patching_it():
 
 
 def test_from_sql_on_feature_view():
-    v = FeatureView.from_sql("SELECT user, COUNT(*) AS n FROM read_events GROUP BY user",
+    v = view_from_sql("SELECT user, COUNT(*) AS n FROM read_events GROUP BY user",
                              sources=[read_events], name="n", owner="me", tags=("t",))
     assert (v.name, v.owner, v.tags) == ("n", "me", ("t",))
 
