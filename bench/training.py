@@ -56,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
-from tally.core.training import training_set
+from tally.service.training import training_set
 
 HOUR = 3_600_000
 DAY = 24 * HOUR

@@ -1,8 +1,9 @@
 """Payload formats: message payloads -> columnar event batches.
 
-:func:`decode_payloads` turns the payloads of one batch of messages into one
+:func:`decode_raw` turns the payloads of one batch of messages into one
 columnar batch of events, whatever the source's payload format
-(``Source.format``)::
+(``Source.format``); ``tally.core.events.decode_payloads`` wraps it with the
+rules every event follows (event time range, storable keys)::
 
     events = decode_payloads(payloads, source)          # -> DecodedEvents
     events.columns["readtime"]      # one entry per good event, in stream order
@@ -108,7 +109,8 @@ In every format, an event whose event time is outside
 [``MIN_EVENT_TIME``, ``MAX_EVENT_TIME``] = [-2**62, 2**62] epoch ms (the range
 the core can represent) rejects its payload, all of its events, with the
 reason ``field 'ts': event time N is outside [-2**62, 2**62] epoch ms``
-(``N``: the payload's first such time).
+(``N``: the payload's first such time): the rule and its reason live in
+``tally.core.events``.
 
 Reject reasons
 --------------
@@ -152,7 +154,6 @@ import msgpack
 import numpy as np
 import pyarrow as pa
 
-from tally.core.arena import MAX_EVENT_TIME, MIN_EVENT_TIME
 from tally.core.decode import Schema, decode_msgpack_maps
 
 MSGPACK = "msgpack"
@@ -205,48 +206,22 @@ def schema_of(source):
     return _schema_of(tuple(source.schema))
 
 
-def decode_payloads(payloads, source, decode_schema=None):
-    """Decode a batch of message payloads of ``source`` (its ``format`` and
-    ``timestamp_field``) into :class:`DecodedEvents`.
-
-    ``decode_schema`` (a :class:`tally.core.decode.Schema`) defaults to the
-    source's schema with every field required. Never raises for a bad
-    payload; raises ``ValueError`` for an unknown format."""
-    schema = decode_schema if decode_schema is not None else schema_of(source)
-    fmt = source.format
+def decode_raw(payloads, fmt, schema):
+    """Decode a batch of message payloads of format ``fmt`` with the decode
+    :class:`Schema` ``schema`` into :class:`DecodedEvents`. Never raises for a
+    bad payload; raises ``ValueError`` for an unknown format. The rules every
+    event must also follow (event time range, keys) are applied by
+    ``tally.core.events.decode_payloads``, the entry point of every path."""
     if fmt == MSGPACK:
         batch = decode_msgpack_maps(payloads, schema)
-        events = DecodedEvents(batch.columns, batch.valid, batch.rejects, batch.source_index)
-    else:
-        decoder = _DECODERS.get(fmt)
-        if decoder is None:
-            raise ValueError(f"payload format {fmt!r} is not supported; use one of "
-                             f"{', '.join(FORMATS)}")
-        if not isinstance(payloads, (list, tuple)):
-            payloads = list(payloads)
-        events = decoder(payloads, schema)
-    return reject_impossible_times(events, source.timestamp_field)
-
-
-def reject_impossible_times(events, timestamp_field):
-    """Reject every payload holding an event time the core cannot represent
-    (outside [MIN_EVENT_TIME, MAX_EVENT_TIME]), with all of its events."""
-    ts = events.columns.get(timestamp_field)
-    if ts is None or not len(ts):
-        return events
-    bad = (ts < MIN_EVENT_TIME) | (ts > MAX_EVENT_TIME)
-    if not bad.any():
-        return events
-    bad_rows = np.flatnonzero(bad)
-    bad_payloads, first = np.unique(events.payload_of_event[bad_rows], return_index=True)
-    new = [(int(p), f"field '{timestamp_field}': event time {int(ts[bad_rows[i]])} is "
-                    "outside [-2**62, 2**62] epoch ms")
-           for p, i in zip(bad_payloads, first)]
-    keep = ~np.isin(events.payload_of_event, bad_payloads)
-    rejects = sorted(list(events.rejects) + new, key=lambda r: r[0])
-    return DecodedEvents({name: column[keep] for name, column in events.columns.items()},
-                         {name: mask[keep] for name, mask in events.valid.items()},
-                         rejects, events.payload_of_event[keep])
+        return DecodedEvents(batch.columns, batch.valid, batch.rejects, batch.source_index)
+    decoder = _DECODERS.get(fmt)
+    if decoder is None:
+        raise ValueError(f"payload format {fmt!r} is not supported; use one of "
+                         f"{', '.join(FORMATS)}")
+    if not isinstance(payloads, (list, tuple)):
+        payloads = list(payloads)
+    return decoder(payloads, schema)
 
 
 # --------------------------------------------------------------------------

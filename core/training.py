@@ -19,7 +19,7 @@ for last_n/top_k.
 Memory: O(state + spine + one event chunk), never spine x events. Events are
 streamed in time-sorted chunks (``chunk_rows``, default 1M) with one chunk of
 lookahead; sources that are not time-sorted are sorted externally
-(``tally.service.history.topic``: sorted runs spilled to disk, merged by
+(``tally.core.event_sources``: sorted runs spilled to disk, merged by
 chunks). The spine is held in memory (its key and time columns plus, for the
 result, the feature columns); :func:`iter_training_batches` with
 ``order="time"`` yields results as the replay advances instead of holding them.
@@ -30,9 +30,11 @@ arrives after its entity's ring has moved past it (``late_dropped``). For a
 stream whose events arrive in order (or within the allowed lateness) the two
 agree exactly; a training set never drops a late event.
 
-This module needs only numpy and pyarrow. Reading a Parquet archive or a Pulsar
-topic is ``tally.service.history.topic``'s job; it is loaded on demand
-when a source is not an in-memory table.
+This module needs only numpy and pyarrow. Events come from event sources
+(``tally.core.event_sources``: tables, Parquet archives, and anything with
+``sorted_chunks``, such as ``tally.service.history.topic.PulsarTopic``);
+``tally.training_set`` (``tally.service.training``) also accepts a broker URL
+and a registry path, and opens them.
 """
 import os
 
@@ -40,13 +42,14 @@ import numpy as np
 import pyarrow as pa
 
 from tally.core import arena as _arena
-from tally.core.arena import MAX_EVENT_TIME, MIN_EVENT_TIME
 from tally.core.aggregations import arrow_type
 from tally.core.definitions import Feature, FeatureView
 from tally.core.errors import TrainingSetError
+from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, archive_and_topic, is_columns,
+                                      n_events, open_events, slice_columns, stable_order)
+from tally.core.events import valid_keys
 from tally.core.view import EVENT_TIME, ViewState
 
-DEFAULT_CHUNK_ROWS = 1 << 20          # events per replayed chunk
 DEFAULT_QUERY_BLOCK = 1 << 18         # spine rows per kernel call
 TIMESTAMP_CANDIDATES = ("ts", "timestamp", "event_timestamp", "event_time")
 _INF = np.iinfo(np.int64).max
@@ -154,13 +157,10 @@ def resolve_features(features, views=None, registry=None):
         if not isinstance(view, FeatureView):
             raise TrainingSetError(f"views: {view!r} is not a FeatureView")
         by_name.setdefault(view.name, view)
-    opened = registry is not None and not hasattr(registry, "get")
-    registry = _open_registry(registry)
-    try:
-        return _resolve(features, views, by_name, registry)
-    finally:
-        if opened:
-            registry.close()
+    if registry is not None and not hasattr(registry, "get"):
+        raise TrainingSetError(f"registry={registry!r}: pass an open registry (a path is "
+                               "opened by tally.training_set)")
+    return _resolve(features, views, by_name, registry)
 
 
 def _resolve(features, views, by_name, registry):
@@ -228,11 +228,6 @@ def _split_ref(ref):
     return name + pin, feature or None
 
 
-def _open_registry(registry):
-    if registry is None or hasattr(registry, "get"):
-        return registry
-    from importlib import import_module      # a path: the service's registry reads it
-    return import_module("tally.service.registry").Registry(os.fspath(registry))
 
 
 # --------------------------------------------------------------------------
@@ -314,182 +309,26 @@ def _spine_keys(table, column, key_type, where):
 # Event chunks: in memory, and merging time-sorted streams
 
 
-def event_columns(data, source, columns):
-    """A dict of numpy columns (the ones named, converted as the decoder does)
-    from an in-memory table: dict of arrays, DataFrame, Arrow Table/RecordBatch.
-    Rows with a null key or time, or an impossible time, are dropped (the
-    online path sends them to the dead-letter topic)."""
-    if isinstance(data, dict) and not any(isinstance(v, (pa.Array, pa.ChunkedArray))
-                                          for v in data.values()):
-        missing = [c for c in columns if c not in data]
-        if missing:
-            raise TrainingSetError(f"source {source.name!r}: the events lack columns "
-                                   f"{missing}")
-        return _clean({c: _numpy_column(np.asarray(data[c]), source.field_type(c))
-                       for c in columns}, source)
-    table = read_spine(data) if not isinstance(data, pa.Table) else data
-    return arrow_event_columns(table, source, columns)
 
 
-def arrow_event_columns(table, source, columns):
-    """``event_columns`` of an Arrow table or record batch."""
-    missing = [c for c in columns if c not in table.schema.names]
-    if missing:
-        raise TrainingSetError(f"source {source.name!r}: the events lack columns {missing} "
-                               f"(they have {table.schema.names})")
-    out = {}
-    for name in columns:
-        column = table.column(name)
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks()
-        out[name] = _numpy_column(column, source.field_type(name))
-    return _clean(out, source)
 
 
-def _numpy_column(values, field_type):
-    """One column as the msgpack decoder would give it: int64, float64 (NaN =
-    null), bool, or object arrays of str (None = null). An int column with
-    nulls becomes float64 with NaN; key and time nulls are dropped by _clean."""
-    if isinstance(values, np.ndarray) and values.dtype == object and field_type != "string":
-        values = pa.array(values, from_pandas=True)
-    if isinstance(values, np.ndarray):
-        if field_type == "string":
-            return values.astype(object)
-        if field_type == "int64" and values.dtype.kind in "iub":
-            return values.astype(np.int64, copy=False)
-        if field_type == "bool":
-            return values.astype(bool, copy=False)
-        return values.astype(np.float64, copy=False)
-    if pa.types.is_timestamp(values.type):
-        values = pa.array(epoch_ms(values))
-    if field_type == "string":
-        return np.asarray(values.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object)
-    if values.null_count:
-        if field_type == "bool" and not pa.types.is_floating(values.type):
-            return np.asarray(values.to_numpy(zero_copy_only=False), dtype=object)
-        return values.cast(pa.float64()).fill_null(np.nan).to_numpy()
-    if field_type == "int64":
-        return values.cast(pa.int64()).to_numpy()
-    if field_type == "bool":
-        return values.cast(pa.bool_()).to_numpy(zero_copy_only=False)
-    return values.cast(pa.float64()).to_numpy()
 
 
-def _clean(columns, source):
-    """Drop the rows whose time is null or impossible: the online path
-    rejects them to the dead-letter topic."""
-    ts = columns[source.timestamp_field]
-    keep = None
-    if ts.dtype.kind == "f":
-        keep = ~np.isnan(ts)
-        columns[source.timestamp_field] = ts = np.where(keep, ts, 0).astype(np.int64)
-    bad_time = (ts < MIN_EVENT_TIME) | (ts > MAX_EVENT_TIME)
-    if bad_time.any():
-        keep = ~bad_time if keep is None else keep & ~bad_time
-    if keep is not None and not keep.all():
-        columns = {name: values[keep] for name, values in columns.items()}
-    return columns
 
 
-def stable_order(ts):
-    """``np.argsort(ts, kind="stable")``, faster: when the time range leaves
-    room, each time is packed with its index into one int64 (time in the high
-    bits, so ties order by index) and the packed values are sorted in place."""
-    ts = np.asarray(ts, dtype=np.int64)
-    n = len(ts)
-    if n < 2:
-        return np.arange(n)
-    bits = int(n - 1).bit_length()
-    low, high = int(ts.min()), int(ts.max())
-    if high - low >= 1 << (62 - bits):
-        return np.argsort(ts, kind="stable")
-    packed = ((ts - low) << bits) | np.arange(n, dtype=np.int64)
-    packed.sort()
-    return packed & ((1 << bits) - 1)
 
 
-def sort_columns(columns, ts_field):
-    """The columns sorted by time, stable (ties keep their order)."""
-    ts = columns[ts_field]
-    if len(ts) < 2 or not np.any(np.diff(ts) < 0):
-        return columns
-    order = stable_order(ts)
-    return {name: values[order] for name, values in columns.items()}
 
 
-def slice_columns(columns, start, stop=None):
-    return {name: values[start:stop] for name, values in columns.items()}
 
 
-def concat_columns(parts):
-    parts = [p for p in parts if p is not None]
-    if len(parts) == 1:
-        return parts[0]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def n_events(columns):
-    return len(next(iter(columns.values()))) if columns else 0
 
 
-def in_memory_chunks(columns, ts_field, chunk_rows=DEFAULT_CHUNK_ROWS):
-    """Time-sorted chunks of an in-memory table (sorted once, stably)."""
-    columns = sort_columns(columns, ts_field)
-    n = n_events(columns)
-    for start in range(0, n, chunk_rows):
-        yield slice_columns(columns, start, start + chunk_rows)
 
 
-def merge_sorted(streams, ts_field, chunk_rows=DEFAULT_CHUNK_ROWS):
-    """Merge time-sorted chunk streams into one, in time order; among equal
-    times, the earlier stream's events first (so pass streams in log order:
-    the archive before the topic). Holds about ``chunk_rows`` plus one chunk
-    per stream (more only while one stream repeats a single time)."""
-    streams = [iter(s) for s in streams]
-    if len(streams) == 1:
-        yield from streams[0]
-        return
-    k = len(streams)
-    buffers = [None] * k              # loaded, not yet emitted rows of each stream
-    done = [False] * k
-    lowest = np.iinfo(np.int64).min
-
-    def size(i):
-        return 0 if buffers[i] is None else n_events(buffers[i])
-
-    def frontier(i):
-        """No row of stream i that is not loaded yet is earlier than this."""
-        if done[i]:
-            return _INF
-        return lowest if size(i) == 0 else int(buffers[i][ts_field][-1])
-
-    def load_lagging():
-        i = min((j for j in range(k) if not done[j]), key=lambda j: (frontier(j), j))
-        chunk = next(streams[i], None)
-        if chunk is None:
-            done[i] = True
-        elif n_events(chunk):
-            buffers[i] = chunk if size(i) == 0 else concat_columns([buffers[i], chunk])
-
-    while True:
-        while sum(size(i) for i in range(k)) < chunk_rows and not all(done):
-            load_lagging()
-        bound = min(frontier(i) for i in range(k))
-        parts = []
-        for i in range(k):
-            if size(i) == 0:
-                continue
-            cut = size(i) if bound == _INF else \
-                int(np.searchsorted(buffers[i][ts_field], bound, "left"))
-            if cut:
-                parts.append(slice_columns(buffers[i], 0, cut))
-                buffers[i] = slice_columns(buffers[i], cut)
-        if parts:
-            yield sort_columns(concat_columns(parts), ts_field)
-        elif all(done):
-            return
-        else:
-            load_lagging()        # nothing is surely earlier than the lagging stream yet
 
 
 # --------------------------------------------------------------------------
@@ -605,14 +444,13 @@ class _ViewReplay:
         q_slots = self.q_slots[q_start:q_stop]
         if events is not None and n_events(events):
             keys = events[self.view.key_column]
-            if keys.dtype.kind in "fO":          # nulls: such events have no entity
-                present = ~np.isnan(keys) if keys.dtype.kind == "f" else \
-                    np.not_equal(keys, None)
-                if not present.all():
-                    events = {name: values[present] for name, values in events.items()}
-                    keys = events[self.view.key_column]
-                if keys.dtype.kind == "f":
-                    keys = keys.astype(np.int64)
+            # events without a storable key have no entity: the stream refuses them
+            present = valid_keys(keys, self.view.entity.key_type)
+            if not present.all():
+                events = {name: values[present] for name, values in events.items()}
+                keys = events[self.view.key_column]
+            if keys.dtype.kind == "f":
+                keys = keys.astype(np.int64)
             slots = self.state.index.slots(keys)
             ts = events[self.ts_field]
         else:
@@ -820,20 +658,14 @@ def _source_spec(sources, source, views, pulsar):
     """Where ``source``'s events come from (see training_set)."""
     if sources is not None:
         names = [source.name] + [v.name for v in views] + [source.topic]
-        if not isinstance(sources, dict) or _is_columns(sources, source, names):
+        if not isinstance(sources, dict) or is_columns(sources, source, names):
             return sources
         for name in names:
             if name in sources:
                 return sources[name]
     if source.archive and pulsar is not None:
-        from importlib import import_module
-        sources_module = import_module("tally.service.history.topic")
-        return sources_module.archive_and_topic(source.archive, _pulsar_spec(pulsar), source)
-    defaults = []
-    if source.archive:
-        defaults.append(source.archive)
-    if pulsar is not None:
-        defaults.append(_pulsar_spec(pulsar))
+        return archive_and_topic(source.archive, pulsar, source)
+    defaults = [spec for spec in (source.archive, pulsar) if spec is not None]
     if not defaults:
         raise TrainingSetError(
             f"source {source.name!r}: no events; pass sources={{{source.name!r}: ...}} (a "
@@ -842,42 +674,10 @@ def _source_spec(sources, source, views, pulsar):
     return defaults if len(defaults) > 1 else defaults[0]
 
 
-def _pulsar_spec(pulsar):
-    """A PulsarTopic as given, or one for a service URL or client."""
-    if hasattr(pulsar, "sorted_chunks"):
-        return pulsar
-    from importlib import import_module
-    return import_module("tally.service.history.topic").PulsarTopic(pulsar)
 
 
-def _is_columns(value, source=None, names=()):
-    """A dict of event columns (rather than a dict of sources by name)."""
-    if not isinstance(value, dict) or not value or any(n in value for n in names):
-        return False
-    if source is not None and source.timestamp_field in value:
-        return True
-    return all(isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray)) for v in value.values())
 
 
-def _is_table(value):
-    if isinstance(value, (pa.Table, pa.RecordBatch)) or _is_columns(value):
-        return True
-    return type(value).__name__ == "DataFrame"
 
 
-def open_events(spec, source, columns, chunk_rows=DEFAULT_CHUNK_ROWS, spill_dir=None):
-    """Time-sorted chunks (dicts of numpy columns) of ``source``'s events from
-    ``spec``: an in-memory table here, anything else through
-    ``tally.service.history.topic``."""
-    if isinstance(spec, (list, tuple)):
-        streams = [open_events(s, source, columns, chunk_rows, spill_dir) for s in spec]
-        return merge_sorted(streams, source.timestamp_field, chunk_rows)
-    if _is_table(spec):
-        return in_memory_chunks(event_columns(spec, source, columns), source.timestamp_field,
-                                chunk_rows)
-    if hasattr(spec, "sorted_chunks"):
-        return spec.sorted_chunks(source, columns, chunk_rows=chunk_rows, spill_dir=spill_dir)
-    from importlib import import_module          # archives and topics: the service reads them
-    sources = import_module("tally.service.history.topic")
-    return sources.open_events(spec, source, columns, chunk_rows, spill_dir)
 

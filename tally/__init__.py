@@ -1,21 +1,47 @@
 """Tally: a streaming feature store for machine learning, built on Apache Pulsar.
 
-The implementation lives in ``tally.core`` (definitions and the compiled
-aggregation core) and ``tally.service`` (the runtime). This module re-exports
-the small public surface, lazily: ``import tally`` stays cheap for the CLI.
+The public surface, in one import::
+
+    from tally import Entity, Source, Window, Feature, FeatureView, training_set
+
+Definitions (``Entity``, ``Source``, ``Window``, ``Feature``, ``FeatureView``,
+``sql``, ``load_sql``) come from ``tally.core``; point-in-time training sets,
+the registry, the lookup clients and the online stores from
+``tally.service``. Names are loaded lazily, so ``import tally`` stays cheap
+for the command line.
 """
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "training_set": "tally.core.training",
-    "iter_training_batches": "tally.core.training",
+    "Entity": "tally.core.definitions",
+    "Source": "tally.core.definitions",
+    "Window": "tally.core.definitions",
+    "Feature": "tally.core.definitions",
+    "FeatureView": "tally.core.definitions",
+    "sql": "tally.core.sql",
+    "load_sql": "tally.core.sql",
+    "TallyError": "tally.core.errors",
+    "DefinitionError": "tally.core.errors",
+    "TrainingSetError": "tally.core.errors",
+    "training_set": "tally.service.training",
+    "iter_training_batches": "tally.service.training",
+    "PulsarTopic": "tally.service.training",
+    "Registry": "tally.service.registry",
+    "LookupClient": "tally.service.lookup.client",
+    "AsyncLookupClient": "tally.service.lookup.client",
+    "LookupServerError": "tally.service.lookup.client",
+    "open_store": "tally.service.store",
 }
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         import importlib
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'tally' has no attribute {name!r}")
 
 

@@ -15,8 +15,9 @@ from tally.core.view import ViewState
 from tally.service.history.bootstrap import Bootstrap, BootstrapCancelled
 from tally.service.ingest.checkpoint import CheckpointStore
 from tally.service.pulsar.client import connect
-from tally.service.history.plan import (END_OF_ENTRY, ledger_ranges, partition_cut,
-                                   plan_partition, write_archive)
+from tally.core.archive import write_archive
+from tally.service.history.plan import ledger_ranges, partition_cut, plan_partition
+from tally.service.pulsar.topics import END_OF_ENTRY
 from tally.service.store.lmdb import LmdbStore
 from tally.service.ingest.partition import PartitionWorker
 from tally.service.pulsar.producer import EventProducer, partitions_of
@@ -370,10 +371,10 @@ def test_archive_and_topic_meet_at_the_boundary_without_overlap(
     assert_served_equals_oracle(tmp_path / "store", view, frame)
 
     # training data reads the same archive and topic by the same rule
-    from tally.core.training import training_set
+    from tally.service.training import training_set
     expected = expected_lifetime(frame)
     spine = pd.DataFrame({"user": expected.index, "ts": int(frame["ts"].max()) + 1})
-    from tally.service.history.topic import PulsarTopic
+    from tally.service.training import PulsarTopic
     parallel = PulsarTopic(tiered_broker.service_url, admin_url=tiered_broker.admin_url,
                            readers=2)
     for pulsar in (tiered_broker.service_url, parallel):

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from tally.core.arena import MAX_EVENT_TIME, MIN_EVENT_TIME
 from tally.core.decode import Schema, decode_msgpack_maps
 from tally.core.definitions import PAYLOAD_FORMATS, DefinitionError, Source
-from tally.core.formats import (DecodedEvents, decode_payloads, encode_arrow, encode_columns,
+from tally.core.events import decode_payloads
+from tally.core.formats import (DecodedEvents, encode_arrow, encode_columns,
                                 encode_json, encode_msgpack_columnar)
 from tally.service.pulsar.producer import (ColumnarProducer, murmur3_32, murmur3_32_many,
                                     partition_of, partitions_of)

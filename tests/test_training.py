@@ -24,8 +24,8 @@ import tally
 from tally.core import arena as arena_module
 from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
 from tally.core.reference import ReferenceFeature
-from tally.core.training import (TrainingSetError, iter_training_batches, replay_generic,
-                                 training_set)
+from tally.core.training import TrainingSetError, replay_generic
+from tally.service.training import iter_training_batches, training_set
 
 HOUR = 3_600_000
 

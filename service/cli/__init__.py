@@ -84,7 +84,8 @@ def _cmd_training_set(args):
     import pyarrow.parquet as pq
 
     from tally.core.definitions import DefinitionError, FeatureView
-    from tally.core.training import TrainingSetError, training_set
+    from tally.core.errors import TrainingSetError
+    from tally.service.training import training_set
     from tally.service.registry import RegistryError, load_file
     started = time.monotonic()
 
@@ -99,7 +100,7 @@ def _cmd_training_set(args):
         keys = dict(item.split("=", 1) for item in args.key or ())
         pulsar = args.pulsar
         if pulsar and args.admin:
-            from tally.service.history.topic import PulsarTopic
+            from tally.service.training import PulsarTopic
             pulsar = PulsarTopic(pulsar, admin_url=args.admin, readers=args.readers)
         table = training_set(args.spine, [f for f in args.features.split(",") if f],
                              views=views, registry=args.registry, pulsar=pulsar,

@@ -34,18 +34,25 @@ import time
 
 import numpy as np
 
+import pyarrow.parquet as pq
+
+from tally.core import events as rules
 from tally.core import snapshot
+from tally.core.archive import archive_boundary, open_dataset
 from tally.core.decode import Schema
 from tally.core.definitions import state_hash
-from tally.core.view import ViewState
-from tally.service.ingest.checkpoint import CheckpointConflict
-from tally.service.history.plan import (HistoryError, TopicUnit, archive_boundary, cut_position,
-                                   last_position, open_dataset, plan_archive, unit_from_dict)
+from tally.core.errors import TallyError
 from tally.core.materialize import online_schema, records_for
-from tally.service.ingest.pipeline import decode_events
-from tally.service.history.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, ReaderError,
-                                   client_for, partition_count, partition_stats, plan_units,
-                                   read_units, unit_payloads)
+from tally.core.view import ViewState
+from tally.service.history.plan import (TopicUnit, cut_position, last_position, plan_archive,
+                                        unit_from_dict)
+from tally.service.history.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, client_for,
+                                           partition_count, plan_units, read_units,
+                                           unit_payloads)
+from tally.service.ingest.checkpoint import CheckpointConflict
+from tally.service.pulsar.admin import Admin
+from tally.service.pulsar.producer import partitions_of
+from tally.service.pulsar.topics import partition_topic
 
 log = logging.getLogger("tally.bootstrap")
 
@@ -53,7 +60,7 @@ WRITE_CHUNK = 50_000           # records per online-store transaction at handove
 PLAN_FILE = "plan.json"
 
 
-class BootstrapError(RuntimeError):
+class BootstrapError(TallyError, RuntimeError):
     """The bootstrap could not complete; completed work units are kept."""
 
 
@@ -77,10 +84,6 @@ def read_topic_unit(view, pulsar_url, admin_url, unit, out_path, events_from_ms=
 
 def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_before_ms):
     """Fold the rows of ``unit`` into one fresh state per partition and save them."""
-    import pyarrow.parquet as pq
-
-    from tally.core.training import arrow_event_columns
-    from tally.service.pulsar.producer import partitions_of
     started = time.monotonic()
     _, filesystem = open_dataset(archive_uri)
     columns = [name for name, _ in view.source.schema]
@@ -88,9 +91,11 @@ def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_be
         parquet = pq.ParquetFile(handle)
         columns = [c for c in columns if c in parquet.schema_arrow.names]
         table = parquet.read_row_groups(list(unit.row_groups), columns=columns)
-    events = arrow_event_columns(table, view.source, columns)
+    events, dropped = rules.drop_invalid(rules.table_columns(table, view.source, columns),
+                                         view.source, view.key_column, view.entity.key_type)
     ts = events[view.source.timestamp_field]
-    tally = _UnitTally(messages=table.num_rows, rejected=table.num_rows - len(ts))
+    tally = _UnitTally(messages=table.num_rows)
+    tally.refused(dropped)
     keep = ts < events_before_ms
     events = {name: values[keep] for name, values in events.items()}
     tally.outside_boundary = int((~keep).sum())
@@ -106,18 +111,27 @@ def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_be
 
 
 class _UnitTally:
-    def __init__(self, messages=0, rejected=0):
-        self.messages, self.events, self.rejected = messages, 0, rejected
+    def __init__(self, messages=0):
+        self.messages, self.events, self.rejected = messages, 0, 0
         self.reasons, self.outside_boundary = {}, 0
+
+    def refused(self, reasons):
+        """Count refused events or payloads: ``{reason: how many}``."""
+        for reason, count in reasons.items():
+            self.rejected += count
+            self.reasons[reason] = self.reasons.get(reason, 0) + count
 
     def fold(self, state, view, decode_schema, payloads, events_from_ms):
         if not payloads:
             return
-        columns, rejects = decode_events(view, decode_schema, payloads)
+        events = rules.decode_payloads(payloads, view.source, decode_schema, view.key_column,
+                                       view.entity.key_type)
+        columns = events.columns
         self.messages += len(payloads)
-        self.rejected += len(rejects)
-        for _, reason in rejects:
-            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        reasons = {}
+        for _, reason in events.rejects:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        self.refused(reasons)
         if events_from_ms is not None:
             keep = columns[view.source.timestamp_field] >= events_from_ms
             self.outside_boundary += int((~keep).sum())
@@ -220,7 +234,7 @@ class Bootstrap:
         return plan
 
     def _make_plan(self, pending, n_partitions):
-        stats = partition_stats(self.admin_url, self.view.source.topic, pending)
+        stats = Admin(self.admin_url).partition_stats(self.view.source.topic, pending)
         units = plan_units(stats, self.readers, self.units_per_reader, self.min_unit_bytes)
         partitions = {
             str(p): {"cut": list(cut_position(stats[p])),
@@ -315,7 +329,7 @@ class Bootstrap:
         import pulsar
         client = client_for(self.pulsar_url)
         consumer = client.subscribe(
-            f"{self.view.source.topic}-partition-{partition}", self.subscription,
+            partition_topic(self.view.source.topic, partition), self.subscription,
             consumer_type=pulsar.ConsumerType.Failover,
             initial_position=pulsar.InitialPosition.Earliest)
         try:
@@ -434,7 +448,7 @@ def main(argv=None):
                         progress=None if args.quiet else progress_bar())
         try:
             report = job.run()
-        except (BootstrapError, HistoryError, ReaderError, OSError) as error:
+        except (TallyError, OSError) as error:
             print(f"\ntally bootstrap: {error}", file=sys.stderr)
             return 2
     print(json.dumps(report, sort_keys=True))

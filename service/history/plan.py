@@ -8,28 +8,24 @@ the stream everything after it. Ledgers are split into units of about
 ledger gives several units); a unit never mixes offloaded and BookKeeper
 ledgers, so the two tiers' read speeds can be told apart.
 
-**Archive.** A Parquet dataset (a local path or any pyarrow filesystem URI)
-holding the events older than the topic's history, cut into units of whole
-row groups. An archive declares the event time it stops at,
-``events_before_ms`` = T, in ``_tally_archive.json`` at its root: it holds
-the events with time < T, the topic supplies those with time >= T, so an
-event at the boundary is counted once whichever side also stored it. Without
-the file, T is one past the newest event time in the archive (from the row
-group statistics): then write archives at a time boundary.
+**Archive.** A Parquet dataset holding the events older than the topic's
+history (``tally.core.archive``: where it stops and how it meets the topic),
+cut into units of whole row groups.
 
 Positions are (ledger, entry, batch index) triples, compared as tuples like
-``partition.message_position``; ``END_OF_ENTRY`` as a batch index sorts after
+``tally.service.pulsar.topics.message_position``; ``END_OF_ENTRY`` as a batch index sorts after
 every message of an entry.
 """
-import json
 import math
 from dataclasses import asdict, dataclass
 
-END_OF_ENTRY = (1 << 31) - 1
-ARCHIVE_MANIFEST = "_tally_archive.json"
+from tally.core.archive import open_dataset
+from tally.core.errors import TallyError
+from tally.service.pulsar.topics import END_OF_ENTRY
 
 
-class HistoryError(RuntimeError):
+
+class HistoryError(TallyError, RuntimeError):
     """The history cannot be planned or read as asked."""
 
 
@@ -158,19 +154,6 @@ def last_position(units):
 # Archive
 
 
-def open_dataset(uri):
-    """``(dataset, filesystem)`` of a Parquet path or URI."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-    import pyarrow.fs as pafs
-    try:
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, ValueError):
-        filesystem, path = pafs.LocalFileSystem(), uri
-    try:
-        return ds.dataset(path, format="parquet", filesystem=filesystem), filesystem
-    except (FileNotFoundError, pa.ArrowInvalid, OSError) as error:
-        raise HistoryError(f"archive {uri!r}: {error}") from None
 
 
 def plan_archive(uri, readers, units_per_reader, minimum_rows=10_000):
@@ -199,64 +182,9 @@ def _row_group_sizes(fragment):
     return [(i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
 
 
-def archive_boundary(uri, timestamp_field):
-    """T: the archive holds the events with time < T (see the module doc)."""
-    dataset, filesystem = open_dataset(uri)
-    manifest = _read_manifest(dataset, filesystem)
-    if manifest is not None:
-        try:
-            return int(manifest["events_before_ms"])
-        except (KeyError, TypeError, ValueError):
-            raise HistoryError(f"archive {uri!r}: {ARCHIVE_MANIFEST} must hold "
-                               '{"events_before_ms": <epoch ms>}') from None
-    newest = None
-    for fragment in dataset.get_fragments():
-        metadata = fragment.metadata
-        column = metadata.schema.names.index(timestamp_field) \
-            if timestamp_field in metadata.schema.names else None
-        if column is None:
-            raise HistoryError(f"archive {uri!r} has no column {timestamp_field!r}")
-        for i in range(metadata.num_row_groups):
-            stats = metadata.row_group(i).column(column).statistics
-            if stats is None or not stats.has_min_max:
-                raise HistoryError(
-                    f"archive {uri!r}: row groups without time statistics; declare the "
-                    f"boundary in {ARCHIVE_MANIFEST} ({{\"events_before_ms\": ...}})")
-            high = stats.max
-            high = int(high.timestamp() * 1000) if hasattr(high, "timestamp") else int(high)
-            newest = high if newest is None else max(newest, high)
-    return None if newest is None else newest + 1
 
 
-def _read_manifest(dataset, filesystem):
-    import pyarrow.fs as pafs
-    files = dataset.files
-    if not files:
-        return None
-    root = _common_directory(files)
-    path = f"{root}/{ARCHIVE_MANIFEST}" if root else ARCHIVE_MANIFEST
-    if filesystem.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read().decode())
 
 
-def _common_directory(files):
-    parts = [f.split("/")[:-1] for f in files]
-    common = parts[0]
-    for other in parts[1:]:
-        while other[:len(common)] != common:
-            common = common[:-1]
-    return "/".join(common)
 
 
-def write_archive(table, path, events_before_ms, row_group_size=64_000,
-                  file_name="part-0.parquet"):
-    """Write events (an Arrow table) as an archive that declares its boundary."""
-    import os
-
-    import pyarrow.parquet as pq
-    os.makedirs(path, exist_ok=True)
-    pq.write_table(table, os.path.join(path, file_name), row_group_size=row_group_size)
-    with open(os.path.join(path, ARCHIVE_MANIFEST), "w") as manifest:
-        json.dump({"events_before_ms": int(events_before_ms)}, manifest)

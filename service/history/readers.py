@@ -20,8 +20,11 @@ import threading
 import time
 import uuid
 
-from tally.service.history.plan import END_OF_ENTRY, ledger_ranges, plan_partition, target_unit_size
-from tally.service.pulsar.local import admin_request, topic_rest_path
+from tally.core.errors import TallyError
+from tally.service.history.plan import ledger_ranges, plan_partition, target_unit_size
+from tally.service.pulsar.admin import Admin
+from tally.service.pulsar.client import connect, raw
+from tally.service.pulsar.topics import END_OF_ENTRY, message_position, partition_topic, position
 
 RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
 READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
@@ -32,7 +35,7 @@ MIN_UNIT_BYTES = 16 << 20
 UNITS_PER_READER = 3
 
 
-class ReaderError(RuntimeError):
+class ReaderError(TallyError, RuntimeError):
     """A reader process failed or a unit could not be read."""
 
 
@@ -41,17 +44,10 @@ class ReaderError(RuntimeError):
 
 
 def partition_count(admin_url, topic):
-    path = f"{topic_rest_path(topic)}/partitions"
-    partitions = admin_request(admin_url, "GET", path)["partitions"]
+    partitions = Admin(admin_url).partition_count(topic)
     if partitions < 1:
         raise ReaderError(f"topic {topic!r} is not partitioned")
     return partitions
-
-
-def partition_stats(admin_url, topic, partitions):
-    """Each partition's internal stats: its ledgers and last confirmed entry."""
-    return {p: admin_request(admin_url, "GET", topic_rest_path(f"{topic}-partition-{p}")
-                             + "/internalStats") for p in partitions}
 
 
 def plan_units(stats, readers, units_per_reader=UNITS_PER_READER,
@@ -65,7 +61,7 @@ def plan_units(stats, readers, units_per_reader=UNITS_PER_READER,
 def plan_topic_units(admin_url, topic, readers=None):
     """Work units over the whole topic, cut at each partition's last entry now."""
     readers = readers or os.cpu_count() or 1
-    stats = partition_stats(admin_url, topic, range(partition_count(admin_url, topic)))
+    stats = Admin(admin_url).partition_stats(topic, range(partition_count(admin_url, topic)))
     return plan_units(stats, readers)
 
 
@@ -186,7 +182,6 @@ _clients = {}
 
 def client_for(pulsar_url):
     if pulsar_url not in _clients:
-        from tally.service.pulsar.client import connect
         _clients[pulsar_url] = connect(pulsar_url)
     return _clients[pulsar_url]
 
@@ -202,40 +197,33 @@ def unit_payloads(client, admin_url, topic, unit):
     Python touches each message once (its payload): per-message position
     checks cost more than decoding and folding together."""
     import pulsar
-    topic = f"{topic}-partition-{unit.partition}"
+    topic = partition_topic(topic, unit.partition)
     subscription = f"tally-bootstrap-{uuid.uuid4().hex[:16]}"
-    admin_request(admin_url, "PUT", f"{topic_rest_path(topic)}/subscription/{subscription}",
-                  {"ledgerId": unit.first[0], "entryId": unit.first[1], "partitionIndex": -1,
-                   "batchIndex": -1, "isExcluded": False})
+    Admin(admin_url).create_subscription(topic, subscription, *unit.first)
     consumer = client.subscribe(
         topic, subscription, consumer_type=pulsar.ConsumerType.Exclusive,
         receiver_queue_size=RECEIVE_BATCH,
         batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(RECEIVE_BATCH, 64 << 20, 10))
-    raw = consumer._consumer
+    receiver = raw(consumer)
     try:
-        end = _final_message(raw, unit) or tuple(unit.last) + (END_OF_ENTRY,)
+        end = _final_message(receiver, unit) or tuple(unit.last) + (END_OF_ENTRY,)
         deadline = None
         while True:
-            messages = raw.batch_receive()
-            if messages and _position(messages[0])[:2] < tuple(unit.first):
-                raise ReaderError(f"{topic}: got entry {_position(messages[0])} before "
+            messages = receiver.batch_receive()
+            if messages and message_position(messages[0])[:2] < tuple(unit.first):
+                raise ReaderError(f"{topic}: got entry {message_position(messages[0])} before "
                                      f"the unit's first {unit.first}")
             # Positions increase along a batch: look at a few messages, not all.
             within = _count_within(messages, end)
             yield [message.data() for message in messages[:within]]
-            if within < len(messages) or (within and _position(messages[within - 1]) >= end):
+            if within < len(messages) or (within and message_position(messages[within - 1]) >= end):
                 return
             deadline = _check_progress(messages, deadline, topic, unit)
     finally:
         try:
-            raw.unsubscribe()
+            receiver.unsubscribe()
         except Exception:            # the subscription is left over; it holds nothing back
-            raw.close()
-
-
-def _position(message):
-    mid = message.message_id()
-    return (mid.ledger_id(), mid.entry_id(), mid.batch_index())
+            receiver.close()
 
 
 def _count_within(messages, end):
@@ -243,20 +231,18 @@ def _count_within(messages, end):
     low, high = 0, len(messages)
     while low < high:
         middle = (low + high) // 2
-        if _position(messages[middle]) <= end:
+        if message_position(messages[middle]) <= end:
             low = middle + 1
         else:
             high = middle
     return low
 
 
-def _final_message(raw, unit):
+def _final_message(receiver, unit):
     """The exact position of the unit's last message if the unit ends at the
     topic's last entry (then no later message will show where it ends), else None."""
-    mid = raw.get_last_message_id()
-    if (mid.ledger_id(), mid.entry_id()) == tuple(unit.last):
-        return (mid.ledger_id(), mid.entry_id(), mid.batch_index())
-    return None
+    last = position(receiver.get_last_message_id())
+    return last if last[:2] == tuple(unit.last) else None
 
 
 def _check_progress(messages, deadline, topic, unit):

@@ -16,7 +16,7 @@ import numpy as np
 import pulsar
 
 from tally.core.decode import Schema
-from tally.core.formats import decode_payloads
+from tally.core import events as rules
 from tally.core.view import EVENT_TIME, ViewState
 from tally.core.materialize import online_schema, records_for
 
@@ -110,7 +110,9 @@ class ViewPipeline:
         """Decode a batch, send its rejects to the dead-letter topic, fold the
         rest into the state and write the touched entities' records."""
         payloads = [m.data() for m in messages]
-        columns, rejects = decode_events(self.view, self.decode_schema, payloads)
+        events = rules.decode_payloads(payloads, self.view.source, self.decode_schema,
+                                       self.view.key_column, self.view.entity.key_type)
+        columns, rejects = events.columns, events.rejects
         self._dead_letter(messages, payloads, rejects)
         n_events = len(columns[self.view.source.timestamp_field])
         if n_events:
@@ -153,33 +155,6 @@ class ViewPipeline:
                 payloads[index], None,
                 properties={"reason": reason, "source_topic": messages[index].topic_name(),
                             "message_id": str(messages[index].message_id())})
-
-
-def decode_events(view, decode_schema, payloads):
-    """``(columns, rejects)`` of raw payloads: the events a view folds and the
-    (payload index, reason) of those it refuses. The stream and the bootstrap
-    decode through here, so both accept and refuse the same events."""
-    events = decode_payloads(payloads, view.source, decode_schema)
-    if view.entity.key_type == "string":
-        return _drop_unstorable_keys(events, view.key_column)
-    return events.columns, events.rejects
-
-
-MAX_KEY_BYTES = 511      # LMDB's key size limit; an empty key is refused too
-
-
-def _drop_unstorable_keys(events, key_column):
-    """Reject the payloads of events whose string key the online store cannot hold."""
-    lengths = np.array([len(k.encode()) for k in events.columns[key_column]], dtype=np.int64)
-    bad = (lengths == 0) | (lengths > MAX_KEY_BYTES)
-    if not bad.any():
-        return events.columns, events.rejects
-    bad_payloads = sorted(set(events.payload_of_event[bad].tolist()))
-    keep = ~np.isin(events.payload_of_event, bad_payloads)
-    rejects = list(events.rejects) + [
-        (index, f"field {key_column!r}: an entity key must be 1 to {MAX_KEY_BYTES} bytes of "
-                "UTF-8") for index in bad_payloads]
-    return {name: column[keep] for name, column in events.columns.items()}, rejects
 
 
 def _last_per_partition(messages, n_partitions):

@@ -20,7 +20,6 @@ import argparse
 import atexit
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -32,13 +31,13 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 from xml.sax.saxutils import escape as xml_escape
+
+from tally.core.errors import TallyError
+from tally.service.pulsar.admin import Admin, PulsarAdminError
 
 # 4.0 is the LTS line; 4.0.8 is the newest patch whose server tarball resolves
 # from Maven Central here (4.0.9 and later do not).
@@ -64,17 +63,8 @@ LOG_TAIL_LINES = 60
 LOG_LINE_MAX_CHARS = 1000
 
 
-class PulsarStartError(RuntimeError):
+class PulsarStartError(TallyError, RuntimeError):
     """The broker could not be fetched or did not become ready."""
-
-
-class PulsarAdminError(RuntimeError):
-    """An admin REST call answered with an HTTP error."""
-
-    def __init__(self, method: str, url: str, status: int, body: str):
-        super().__init__(f"{method} {url} -> HTTP {status}: {body.strip()[:500]}")
-        self.status = status
-        self.body = body
 
 
 # --------------------------------------------------------------------------
@@ -726,48 +716,26 @@ class LocalPulsar:
 
     # -- admin REST ----------------------------------------------------------
 
+    @property
+    def admin_client(self) -> Admin:
+        return Admin(self.admin_url)
+
     def admin(self, method: str, path: str, body: Any = None,
               timeout: float = 30) -> Any:
         """Call the admin REST API; JSON in and out (None for an empty answer)."""
-        return admin_request(self.admin_url, method, path, body, timeout)
+        return self.admin_client.request(method, path, body, timeout)
 
     def create_partitioned_topic(self, topic: str, partitions: int) -> None:
-        self.admin("PUT", f"{topic_rest_path(topic)}/partitions", int(partitions))
-
-    def partition_count(self, topic: str) -> int:
-        """0 for a non-partitioned or missing topic."""
-        try:
-            metadata = self.admin("GET", f"{topic_rest_path(topic)}/partitions")
-        except PulsarAdminError as error:
-            if error.status == 404:  # 4.0 answers 404 where older brokers said 0
-                return 0
-            raise
-        return metadata["partitions"]
+        self.admin_client.create_partitioned_topic(topic, partitions)
 
     def internal_stats(self, topic: str) -> dict:
         """Managed-ledger stats: `ledgers` [{ledgerId, entries, size, offloaded}], ..."""
-        return self.admin("GET", f"{topic_rest_path(topic)}/internalStats")
-
-    def partitioned_internal_stats(self, topic: str) -> dict:
-        """{'metadata': {...}, 'partitions': {'persistent://...-partition-0': stats}}."""
-        return self.admin("GET", f"{topic_rest_path(topic)}/partitioned-internalStats")
+        return self.admin_client.internal_stats(topic)
 
     def offload(self, topic: str, before_ledger: int, timeout: float = 60) -> None:
         """Offload every closed ledger of `topic` (one partition) older than
         `before_ledger`, and wait until the offload has finished."""
-        path = f"{topic_rest_path(topic)}/offload"
-        self.admin("PUT", path, {"ledgerId": int(before_ledger), "entryId": 0,
-                                 "partitionIndex": -1})
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.admin("GET", path)
-            if status["status"] == "SUCCESS":
-                return
-            if status["status"] == "ERROR":
-                raise PulsarAdminError("PUT", path, 500, status.get("lastError", ""))
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"offload of {topic} still {status['status']}")
-            time.sleep(0.2)
+        self.admin_client.offload(topic, before_ledger, timeout)
 
     def bookkeeper_deleted_ledgers(self) -> set[int]:
         """Ledgers whose BookKeeper metadata the broker has deleted, from its
@@ -780,52 +748,9 @@ class LocalPulsar:
             deleted.add(int(match.group(1) + match.group(2) + match.group(3)))
         return deleted
 
-    def delete_topic(self, topic: str, force: bool = True) -> None:
-        """Delete a topic, partitioned or not, with its data."""
-        query = "?force=true" if force else ""
-        if self.partition_count(topic) > 0:
-            self.admin("DELETE", f"{topic_rest_path(topic)}/partitions{query}")
-        else:
-            self.admin("DELETE", f"{topic_rest_path(topic)}{query}")
-
-
-def admin_request(admin_url: str, method: str, path: str, body: Any = None,
-                  timeout: float = 30) -> Any:
-    """One call to a broker's admin REST API (`admin_url` like
-    http://127.0.0.1:8080); JSON in and out (None for an empty answer)."""
-    url = admin_url.rstrip("/") + path
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    request.add_header("Accept", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = response.read()
-    except urllib.error.HTTPError as error:
-        raise PulsarAdminError(method, url, error.code,
-                               error.read().decode(errors="replace")) from None
-    return json.loads(payload) if payload.strip() else None
-
 
 # BookKeeper's hierarchical ledger path: the id as 10 digits, split 2/4/4.
 _DELETED_LEDGER = re.compile(r"Deleted path: /ledgers/(\d{2})/(\d{4})/L(\d{4})\b")
-
-
-def topic_rest_path(topic: str) -> str:
-    """`/admin/v2/persistent/<tenant>/<ns>/<name>` for "name",
-    "tenant/ns/name" or "persistent://tenant/ns/name"."""
-    scheme, separator, rest = topic.partition("://")
-    if not separator:
-        scheme, rest = "persistent", topic
-    if scheme != "persistent":
-        raise ValueError(f"only persistent topics are supported: {topic!r}")
-    parts = rest.split("/")
-    if len(parts) == 1:
-        parts = ["public", "default", parts[0]]
-    if len(parts) != 3 or not all(parts):
-        raise ValueError(f"not a topic name: {topic!r}")
-    return "/admin/v2/persistent/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
 
 
 def bookie_port_from_cookie(data_dir: Path) -> int | None:

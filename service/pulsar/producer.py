@@ -48,7 +48,9 @@ import pulsar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tally.core.errors import TallyError
 from tally.core.formats import ARROW, COLUMNAR_FORMATS, encode_columns
+from tally.service.pulsar.client import partition_topics, raw
 
 # A Python callback per message costs a GIL hand-off from the client's I/O
 # thread: it cut the send rate ~5x here (25k/s against 128k/s without). The
@@ -59,7 +61,7 @@ from tally.core.formats import ARROW, COLUMNAR_FORMATS, encode_columns
 CALLBACK_EVERY = 256
 
 
-class ProduceError(RuntimeError):
+class ProduceError(TallyError, RuntimeError):
     """The broker did not persist some events."""
 
 
@@ -171,16 +173,9 @@ class PartitionProducers:
 
     def __init__(self, client, topic, **options):
         self.topic = topic
-        names = client.get_topic_partitions(topic)
-        index = {}
-        for name in names:
-            head, sep, tail = name.rpartition("-partition-")
-            index[int(tail) if sep and tail.isdigit() else 0] = name
-        if sorted(index) != list(range(len(names))):
-            raise RuntimeError(f"unexpected partitions of {topic!r}: {names}")
-        self.producers = [client.create_producer(index[i], **options)
-                          for i in range(len(names))]
-        self.raw = [p._producer for p in self.producers]
+        names = partition_topics(client, topic)
+        self.producers = [client.create_producer(name, **options) for name in names]
+        self.raw = [raw(p) for p in self.producers]
         self.sent = [0] * len(names)
         self.failure = None
 

@@ -12,11 +12,12 @@ import os
 
 import lmdb
 
+from tally.core.events import MAX_KEY_BYTES   # longer (or empty) keys are never stored
+
 from tally.core.record import ViewSchema, decode_record, encode_keys
 
 SCHEMAS_DB = b"__schemas__"
 DEFAULT_MAP_SIZE = 64 << 30     # address space only; the file grows as written
-MAX_KEY_BYTES = 511             # LMDB's limit; longer (or empty) keys are never stored
 
 
 class StoreError(LookupError):

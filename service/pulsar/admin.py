@@ -1,0 +1,95 @@
+"""The broker's admin REST API: the one client every part of Tally uses.
+
+Tally asks the admin API what the binary protocol cannot tell: a topic's
+partition count without a client, the ledger lists of a partition (internal
+stats, for the bootstrap's plan), subscriptions created at an exact entry,
+topic creation and offloading.
+"""
+import json
+import time
+import urllib.error
+import urllib.request
+
+from tally.core.errors import TallyError
+from tally.service.pulsar.topics import partition_topic, rest_path
+
+
+class PulsarAdminError(TallyError, RuntimeError):
+    """An admin REST call answered with an HTTP error, or the broker is unreachable."""
+
+    def __init__(self, method, url, status, body):
+        super().__init__(f"{method} {url} -> HTTP {status}: {body.strip()[:500]}")
+        self.status = status
+        self.body = body
+
+
+class Admin:
+    """The admin REST API of one broker (``url`` like http://127.0.0.1:8080)."""
+
+    def __init__(self, url, timeout=30.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def request(self, method, path, body=None, timeout=None):
+        """One call; JSON in and out (None for an empty answer)."""
+        url = self.url + path
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        request.add_header("Accept", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as error:
+            raise PulsarAdminError(method, url, error.code,
+                                   error.read().decode(errors="replace")) from None
+        except urllib.error.URLError as error:
+            raise PulsarAdminError(method, url, 0, f"cannot reach the broker: "
+                                   f"{error.reason}") from None
+        return json.loads(payload) if payload.strip() else None
+
+    def partition_count(self, topic):
+        """The partitions of ``topic``; 0 for a non-partitioned or missing topic."""
+        try:
+            metadata = self.request("GET", f"{rest_path(topic)}/partitions")
+        except PulsarAdminError as error:
+            if error.status == 404:          # 4.0 answers 404 where older brokers said 0
+                return 0
+            raise
+        return metadata["partitions"]
+
+    def create_partitioned_topic(self, topic, partitions):
+        self.request("PUT", f"{rest_path(topic)}/partitions", int(partitions))
+
+    def internal_stats(self, topic):
+        """Managed-ledger stats of one (partition) topic: ``ledgers``
+        [{ledgerId, entries, size, offloaded}], ``lastConfirmedEntry``, ..."""
+        return self.request("GET", f"{rest_path(topic)}/internalStats")
+
+    def partition_stats(self, topic, partitions):
+        """Each partition's internal stats: its ledgers and last confirmed entry."""
+        return {p: self.internal_stats(partition_topic(topic, p)) for p in partitions}
+
+    def create_subscription(self, topic, subscription, ledger, entry):
+        """A durable subscription whose first message is the entry (ledger, entry)."""
+        self.request("PUT", f"{rest_path(topic)}/subscription/{subscription}",
+                     {"ledgerId": ledger, "entryId": entry, "partitionIndex": -1,
+                      "batchIndex": -1, "isExcluded": False})
+
+    def offload(self, topic, before_ledger, timeout=60):
+        """Offload every closed ledger of ``topic`` (one partition) older than
+        ``before_ledger``, and wait until the offload has finished."""
+        path = f"{rest_path(topic)}/offload"
+        self.request("PUT", path, {"ledgerId": int(before_ledger), "entryId": 0,
+                                   "partitionIndex": -1})
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.request("GET", path)
+            if status["status"] == "SUCCESS":
+                return
+            if status["status"] == "ERROR":
+                raise PulsarAdminError("PUT", path, 500, status.get("lastError", ""))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"offload of {topic} still {status['status']}")
+            time.sleep(0.2)

@@ -1,0 +1,53 @@
+"""Topic names and message positions: how Tally names what it reads.
+
+A partitioned topic ``read_events`` has partition topics
+``read_events-partition-<i>``; Tally shards state by partition, so every
+module that opens one names it with :func:`partition_topic`. A message's
+position within its partition is the triple (ledger, entry, batch index),
+compared as a tuple: :func:`position` builds it from a message id (raw ids
+and the client's wrapper class do not compare with each other).
+"""
+import urllib.parse
+
+PARTITION_SEPARATOR = "-partition-"
+# A batch index that sorts after every message of an entry.
+END_OF_ENTRY = (1 << 31) - 1
+NO_POSITION = (-1, -1, -1)
+
+
+def partition_topic(topic, partition):
+    """The name of partition ``partition`` of ``topic``."""
+    return f"{topic}{PARTITION_SEPARATOR}{partition}"
+
+
+def partition_index(name):
+    """The partition number in a partition topic's name, or None for a topic
+    that is not a partition."""
+    _, separator, tail = name.rpartition(PARTITION_SEPARATOR)
+    return int(tail) if separator and tail.isdigit() else None
+
+
+def position(message_id):
+    """(ledger, entry, batch index) of a message id."""
+    return (message_id.ledger_id(), message_id.entry_id(), message_id.batch_index())
+
+
+def message_position(message):
+    """(ledger, entry, batch index): the order of messages within a partition."""
+    return position(message.message_id())
+
+
+def rest_path(topic):
+    """``/admin/v2/persistent/<tenant>/<ns>/<name>`` for "name",
+    "tenant/ns/name" or "persistent://tenant/ns/name"."""
+    scheme, separator, rest = topic.partition("://")
+    if not separator:
+        scheme, rest = "persistent", topic
+    if scheme != "persistent":
+        raise ValueError(f"only persistent topics are supported: {topic!r}")
+    parts = rest.split("/")
+    if len(parts) == 1:
+        parts = ["public", "default", parts[0]]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"not a topic name: {topic!r}")
+    return "/admin/v2/persistent/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
