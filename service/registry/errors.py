@@ -1,7 +1,7 @@
 """The registry's errors; every message says what went wrong and what to do."""
 
 
-class RegistryError(Exception):
+class RegistryError(RuntimeError):
     """A registry operation failed; the message says why and what to do."""
 
 
