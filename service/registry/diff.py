@@ -7,7 +7,8 @@ absent.
 """
 import json
 
-from tally.core.definitions import Feature, format_duration
+from tally.core.definitions import Feature
+from tally.core.durations import format_duration
 
 
 def diff_specs(kind, old, new):

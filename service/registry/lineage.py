@@ -7,13 +7,13 @@ is stored, its rows go into the ``lineage`` table (:func:`index_rows`);
 source, topic and fields) and :func:`find_readers` downstream ones (a topic,
 source or field -> the features that read it).
 """
+from tally.core.filters import filter_columns
 from tally.service.registry.errors import NotFound
 from tally.service.registry.results import Lineage, LineageRow
 
 
 def view_lineage(view):
     """Per feature of ``view``: the source fields it reads, with their roles."""
-    from tally.core.filters import filter_columns
     result = []
     for feature in view.features:
         fields = []

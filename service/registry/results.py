@@ -9,7 +9,8 @@ import json
 from dataclasses import dataclass, field
 
 from tally.core.definitions import (Entity, FeatureView, Source, canonical_document,
-                                    format_duration, from_document)
+                                    from_document)
+from tally.core.durations import format_duration
 from tally.service.registry.diff import change_line
 
 
