@@ -296,6 +296,13 @@ def test_lookup_errors(registry):
     assert registry.get("entity:user") == user
 
 
+def test_error_hierarchy():
+    assert issubclass(RegistryError, RuntimeError)
+    assert issubclass(NotFound, RegistryError) and issubclass(NotFound, KeyError)
+    assert issubclass(Conflict, RegistryError)
+    assert str(NotFound("view 'v' has no version v9")) == "view 'v' has no version v9"
+
+
 # --------------------------------------------------------------------------
 # the deployment cycle
 
