@@ -1,7 +1,8 @@
 """The registry's errors; every message says what went wrong and what to do."""
+from tally.core.errors import TallyError
 
 
-class RegistryError(RuntimeError):
+class RegistryError(TallyError, RuntimeError):
     """A registry operation failed; the message says why and what to do."""
 
 
