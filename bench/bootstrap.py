@@ -32,7 +32,7 @@ from tally.service.store.lmdb import LmdbStore
 from tally.service.pulsar.producer import EventProducer
 from tally.service.pulsar.local import LocalPulsar
 from tally.service.quickstart import generate_events
-from tally.service.ingest.service import subscription_for
+from tally.service.pulsar.topics import subscription_for
 
 TOPIC = "bench_bootstrap"
 PARTITIONS = 4

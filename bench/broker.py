@@ -4,7 +4,8 @@ import argparse
 import statistics
 import time
 
-from tally.service.pulsar.local import LocalPulsar, ensure_distribution
+from tally.service.pulsar.distribution import ensure_distribution
+from tally.service.pulsar.local import LocalPulsar
 
 
 def run(quick=False, argv=()):

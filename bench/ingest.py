@@ -28,9 +28,10 @@ import time
 import numpy as np
 import pulsar
 
-from tally.core.formats import decode_payloads, encode_columns
-from tally.service.ingest import pipeline
-from tally.service.pulsar.client import connect
+from tally.core.events import decode_payloads
+from tally.core.formats import encode_columns
+from tally.service.ingest.run import Ingestion
+from tally.service.pulsar.client import connect, raw
 from tally.service.store.lmdb import LmdbStore
 from tally.service.pulsar.producer import ColumnarProducer, EventProducer
 from tally.service.pulsar.local import LocalPulsar
@@ -51,54 +52,51 @@ def bare_client_rate(client, n_messages, subscription, topic=TOPIC):
         initial_position=pulsar.InitialPosition.Earliest, receiver_queue_size=1000,
         # the settings that received fastest here, and the pipeline's defaults
         batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(1000, 64 << 20, 10))
-    raw = consumer._consumer
+    receiver = raw(consumer)
     received = 0
     start = time.perf_counter()
     while received < n_messages:
-        messages = raw.batch_receive()
+        messages = receiver.batch_receive()
         for message in messages:
             message.data()
         last = {}
         for message in messages:
             last[message.topic_name()] = message
         for message in last.values():
-            raw.acknowledge_cumulative(message)
+            receiver.acknowledge_cumulative(message)
         received += len(messages)
     elapsed = time.perf_counter() - start
     consumer.close()
     return received / elapsed
 
 
-class TimedPipeline(pipeline.ViewPipeline):
-    """Notes when its first batch is done, for the steady-state rate."""
-    first_batch_done = None
-    events_in_first_batch = 0
-
-    def process(self, messages):
-        n_events = super().process(messages)
-        if messages and self.first_batch_done is None:
-            self.first_batch_done = time.perf_counter()
-            self.events_in_first_batch = self.stats.events
-        return n_events
-
-
 def tally_rates(client, n_messages, store_dir, topic=TOPIC, fmt="msgpack", subscription=None):
-    """{end_to_end, steady, events_per_cpu_s} of the pipeline over a backlog."""
+    """{end_to_end, steady, events_per_cpu_s} of the production partition
+    workers (``Ingestion``: the path ``tally serve`` runs, checkpoints
+    included) over a backlog."""
     view = dataclasses.replace(user_reading, source=dataclasses.replace(
         read_events, topic=topic, format=fmt))
-    with LmdbStore(store_dir) as store:
-        reader = TimedPipeline(view, client, store, subscription=subscription or "tally-bench")
+    first = {}
+
+    def until(ingestion):
+        stats = ingestion.stats
+        if "at" not in first and stats.events:       # the end of the first batch
+            first["at"], first["events"] = time.perf_counter(), stats.events
+        return stats.messages >= n_messages
+
+    with LmdbStore(store_dir) as store, \
+            Ingestion(view, client, store, subscription=subscription or "tally-bench") as reader:
         start, cpu = time.perf_counter(), time.process_time()
-        pipeline.run([reader], until=lambda ps: ps[0].stats.messages >= n_messages)
+        reader.run(until=until)
         end, cpu = time.perf_counter(), time.process_time() - cpu
-        reader.close()
-    events = reader.stats.events
-    steady_events = events - reader.events_in_first_batch
-    steady_time = end - (reader.first_batch_done or start)
-    return {"events": events, "rejected": reader.stats.rejected,
+        stats = reader.stats
+    events = stats.events
+    steady_events = events - first.get("events", 0)
+    steady_time = end - first.get("at", start)
+    return {"events": events, "rejected": stats.rejected,
             "end_to_end": events / (end - start),
             "steady": steady_events / steady_time if steady_events else 0.0,
-            "events_per_cpu_s": events / cpu, "batches": reader.stats.batches}
+            "events_per_cpu_s": events / cpu, "batches": stats.batches}
 
 
 def generate_columns(n_events, n_users, seed=0):

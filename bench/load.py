@@ -451,7 +451,7 @@ class Deployment:
 
     def backlog(self):
         """Messages of the topic the service's subscription has not acknowledged."""
-        from tally.service.ingest.service import subscription_for
+        from tally.service.pulsar.topics import subscription_for
         stats = _admin(self.admin_url, "GET", f"{_topic_path(self.args.topic)}/partitioned-stats")
         subscription = stats.get("subscriptions", {}).get(subscription_for(self.view()))
         return None if subscription is None else subscription["msgBacklog"]

@@ -47,7 +47,7 @@ import msgpack
 import numpy as np
 
 from tally.service.store.lmdb import LmdbStore
-from tally.core.record import INT64_MAX, ViewSchema, encode_records
+from tally.core.record import INT64_MAX, Records, ViewSchema
 
 VIEW = "user_reading"
 INT_FEATURES = ("reads_1h", "reads_1d", "reads_7d", "reads_total")
@@ -158,8 +158,8 @@ def write_store(path, columns, n_entities):
         for start in range(0, n_entities, 100_000):
             part = slice(start, start + 100_000)
             values = {f: (columns[f][part], valid[part]) for f, _ in SCHEMA.features}
-            store.write(VIEW, keys[part], encode_records(
-                SCHEMA, values, event_time[part], 1_700_000_000_000,
+            store.write(VIEW, keys[part], Records(
+                values, event_time[part], 1_700_000_000_000,
                 np.full(len(keys[part]), INT64_MAX)))
 
 

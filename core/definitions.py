@@ -13,6 +13,9 @@ that rule for any field added in the future.
 Validation errors (:class:`DefinitionError`) name the definition, the field
 and a fix, e.g. ``view 'user_reading', feature 'total': column 'readtme' is
 not a field of source 'read_events'; did you mean 'readtime'? ...``.
+
+Long because each definition carries its own validation, whose
+messages name the definition, the field and the fix.
 """
 import difflib
 import hashlib

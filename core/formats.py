@@ -145,6 +145,9 @@ Besides those of ``tally.core.decode`` (``msgpack``)::
 
 Errors are reported for the first problem met, checking fields in schema
 order (except ``msgpack``, which reports them in map order).
+
+Long because its docstring is the specification of every payload format
+(the contract with producers) beside the decoders that implement it.
 """
 import functools
 import json

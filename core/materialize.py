@@ -3,7 +3,7 @@ import numpy as np
 
 from tally.core.aggregations import AGGREGATIONS
 from tally.core.errors import DefinitionError
-from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
+from tally.core.record import INT64_MAX, INT64_MIN, Records, ViewSchema
 from tally.core.view import EVENT_TIME
 
 
@@ -31,10 +31,10 @@ def next_expiry(view, as_of):
 
 
 def records_for(state, schema, slots, as_of, write_time):
-    """Online records of ``slots`` as of ``as_of``: a (len(slots), size) uint8 array."""
+    """The online :class:`Records` of ``slots`` as of ``as_of``."""
     values = state.read(slots, as_of)
     event_time, has_event = values.pop(EVENT_TIME)
     event_time = np.where(has_event, event_time, 0).astype(np.int64)
     event_time[~has_event] = INT64_MIN
     valid_until = np.full(len(slots), next_expiry(state.view, as_of), dtype=np.int64)
-    return encode_records(schema, values, event_time, write_time, valid_until)
+    return Records(values, event_time, write_time, valid_until)

@@ -116,6 +116,39 @@ def decode_key(key_type, raw):
     return bytes(raw).decode()
 
 
+@dataclass
+class Records:
+    """The online records of n entities, as columns: what every store writes.
+
+    ``values`` maps each feature name to ``(values, valid)`` arrays of length
+    n; ``event_time`` and ``valid_until`` are int64 arrays of length n (or
+    scalars), ``write_time`` an int64 scalar or array. Each store lays them
+    out its own way: LMDB as :func:`encode_records` bytes, Aerospike as bins."""
+    values: dict
+    event_time: object
+    write_time: object
+    valid_until: object
+
+    def __len__(self):
+        return len(np.atleast_1d(self.event_time))
+
+    def __getitem__(self, rows):
+        """The records of ``rows`` (a slice or an index array)."""
+        def part(column):
+            return column[rows] if np.ndim(column) else column
+        return Records({name: (part(values), part(valid))
+                        for name, (values, valid) in self.values.items()},
+                       part(self.event_time), part(self.write_time), part(self.valid_until))
+
+    def encode(self, schema):
+        """The (n, record_size) uint8 matrix of the records in this layout."""
+        n = len(self)
+        return encode_records(schema, self.values,
+                              np.broadcast_to(np.asarray(self.event_time, np.int64), (n,)),
+                              self.write_time,
+                              np.broadcast_to(np.asarray(self.valid_until, np.int64), (n,)))
+
+
 def encode_records(schema, values, event_time, write_time, valid_until):
     """Records for n entities as one (n, record_size) uint8 array.
 

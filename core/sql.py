@@ -66,6 +66,9 @@ Anything else (JOIN, subqueries, WITH, UNION, HAVING, ORDER BY, LIMIT,
 DISTINCT, window functions ``OVER (...)``, non-aggregate select items other
 than the key, expressions inside aggregates, other statements) is refused
 with a message naming the construct and a fix.
+
+Long because it translates every construct of the dialect and refuses,
+with a message naming the fix, each one outside it.
 """
 from sqlglot import exp, generator
 from sqlglot.errors import ParseError, TokenError

@@ -35,6 +35,9 @@ This module needs only numpy and pyarrow. Events come from event sources
 ``sorted_chunks``, such as ``tally.service.history.topic.PulsarTopic``);
 ``tally.training_set`` (``tally.service.training``) also accepts a broker URL
 and a registry path, and opens them.
+
+Long because the replay's orchestration (spine, requested features,
+per-source event streams, outputs) reads best in one place.
 """
 import os
 

@@ -26,4 +26,4 @@ echo "==> pip install -e .[test] (builds the Cython core and libtally)"
 "$PYTHON" -m pip install -q --no-build-isolation -e ".[test]"
 
 echo "==> Apache Pulsar distribution (Maven Central, cached under ~/.cache/tally)"
-"$PYTHON" -c "from tally.service.pulsar.local import ensure_distribution; print(ensure_distribution())"
+"$PYTHON" -c "from tally.service.pulsar.distribution import ensure_distribution; print(ensure_distribution())"

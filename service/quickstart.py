@@ -56,7 +56,7 @@ def main(argv=None):
     import argparse
     import tempfile
 
-    from tally.service.ingest import pipeline
+    from tally.service.ingest.run import Ingestion
     from tally.service.pulsar.client import connect
     from tally.service.store.lmdb import LmdbStore
     from tally.service.pulsar.producer import EventProducer
@@ -84,14 +84,14 @@ def main(argv=None):
         print(f"Produced {args.events:,} reading events in {time.monotonic() - t0:.1f} s")
 
         store = LmdbStore(store_path)
-        reader = pipeline.ViewPipeline(user_reading, client, store)
-        pipeline.run([reader], until=lambda ps: ps[0].stats.messages >= args.events,
-                     idle_timeout_s=30)
-        summary = reader.stats.summary()
-        reader.close()
+        # the partition workers tally serve runs, checkpoints and all
+        with Ingestion(user_reading, client, store) as reader:
+            reader.run(until=lambda ingestion: ingestion.stats.messages >= args.events,
+                       idle_timeout_s=30)
+            summary, users = reader.stats.summary(), reader.entities
         client.close()
     print(f"Computed {[f.name for f in user_reading.features]} for "
-          f"{len(reader.state):,} users: {summary['events']:,} events in "
+          f"{users:,} users: {summary['events']:,} events in "
           f"{summary['seconds']} s = {summary['events_per_s']:,} events/s")
     for key in (0, 1, 2, 42):
         print(f"  tally get user_reading {key} --store {store_path} ->",

@@ -34,9 +34,9 @@ from aerospike_helpers.operations import operations as as_ops
 
 from tally.service.store.aerospike import (
     RETRYABLE, TTL_NEVER_EXPIRE, AerospikeReadError, AerospikeStore, AerospikeStoreError,
-    AerospikeWriteError, parse_hosts, records_to_columns, ttl_seconds, user_key)
+    AerospikeWriteError, parse_hosts, ttl_seconds, user_key)
 from tally.service.store.lmdb import LmdbStore, StoreError
-from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
+from tally.core.record import INT64_MAX, INT64_MIN, Records, ViewSchema
 
 INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
 BASE_POLICY_KEYS = {"total_timeout", "socket_timeout", "max_retries", "sleep_between_retries",
@@ -333,7 +333,7 @@ STR_SCHEMA = ViewSchema("users", 1, "string", (("n", "int64"),))
 
 
 def sample(schema, n, seed=0):
-    """encode_records arguments with nulls, no-event and no-expiry sentinels."""
+    """Records arguments with nulls, no-event and no-expiry sentinels."""
     rng = np.random.default_rng(seed)
     values = {}
     for i, (name, dtype) in enumerate(schema.features):
@@ -372,7 +372,7 @@ def fake_store():
 def test_records_decode_exactly_like_lmdb(fake_store, tmp_path):
     store, _ = fake_store
     keys = np.arange(-20, 20, dtype=np.int64) * 7919
-    records = encode_records(SCHEMA, *sample(SCHEMA, len(keys)))
+    records = Records(*sample(SCHEMA, len(keys)))
     store.write("clicks", keys, records)
     with LmdbStore(tmp_path / "lmdb") as lmdb:
         lmdb.register_view(SCHEMA)
@@ -386,34 +386,20 @@ def test_records_decode_exactly_like_lmdb(fake_store, tmp_path):
     assert store.get("clicks", int(keys[3])) == expected[3]
 
 
-def test_records_to_columns_inverts_encode_records():
-    args = sample(SCHEMA, 17)
-    values, event_time, write_time, valid_until, version = records_to_columns(
-        SCHEMA, encode_records(SCHEMA, *args))
-    for name, dtype in SCHEMA.features:
-        column, valid = args[0][name]
-        np.testing.assert_array_equal(values[name][1], valid)
-        np.testing.assert_array_equal(values[name][0][valid], np.asarray(column, dtype)[valid])
-    np.testing.assert_array_equal(event_time, args[1])
-    assert (write_time == write_time[0]).all() and write_time[0] == args[2]
-    np.testing.assert_array_equal(valid_until, args[3])
-    assert (version == SCHEMA.version).all()
-
-
 def test_write_columns_equals_write(fake_store):
     store, fake = fake_store
     args = sample(SCHEMA, 12, seed=3)
-    store.write("clicks", list(range(12)), encode_records(SCHEMA, *args))
-    by_matrix = {k: fake.stored("test", "tally_clicks", k) for k in range(12)}
+    store.write("clicks", list(range(12)), Records(*args))
+    by_records = {k: fake.stored("test", "tally_clicks", k) for k in range(12)}
     fake.data.clear()
     store.register_view(SCHEMA)
     store.write_columns("clicks", np.arange(12), *args)
-    assert {k: fake.stored("test", "tally_clicks", k) for k in range(12)} == by_matrix
+    assert {k: fake.stored("test", "tally_clicks", k) for k in range(12)} == by_records
 
 
 def test_bin_names_are_short_and_mapped_and_schema_is_stored(fake_store):
     store, fake = fake_store
-    store.write("clicks", [5], encode_records(SCHEMA, *sample(SCHEMA, 1, seed=1)))
+    store.write("clicks", [5], Records(*sample(SCHEMA, 1, seed=1)))
     assert store.bin_names("clicks") == {"n": "f0", "avg": "f1",
                                          "a_much_longer_feature_name": "f2"}
     stored = fake.stored("test", "tally_clicks", 5)
@@ -439,7 +425,7 @@ def test_ops_are_the_clients_own_write_operations(fake_store):
         return real_batch_write(batch, policy)
 
     fake.batch_write = spy
-    store.write("clicks", [1], encode_records(SCHEMA, *sample(SCHEMA, 1, seed=2)))
+    store.write("clicks", [1], Records(*sample(SCHEMA, 1, seed=2)))
     (record,) = writes
     assert isinstance(record, Write) and record.key == ("test", "tally_clicks", 1)
     for op in record.ops:
@@ -474,7 +460,7 @@ def test_nulls_are_missing_bins_never_zero(fake_store):
 
 def test_missing_keys_are_none(fake_store):
     store, _ = fake_store
-    store.write("clicks", [1, 3], encode_records(SCHEMA, *sample(SCHEMA, 2)))
+    store.write("clicks", [1, 3], Records(*sample(SCHEMA, 2)))
     got = store.get_many("clicks", [0, 1, 2, 3, 4])
     assert [g is None for g in got] == [True, False, True, False, True]
     assert store.get_many("clicks", []) == []
@@ -506,7 +492,7 @@ def test_writes_are_chunked(fake_store):
     store, fake = fake_store
     store.chunk_size = 1000
     n = 2500
-    store.write("clicks", np.arange(n), encode_records(SCHEMA, *sample(SCHEMA, n)))
+    store.write("clicks", np.arange(n), Records(*sample(SCHEMA, n)))
     sizes = [len(keys) for method, keys, _, _ in fake.calls if method == "batch_write"]
     assert sizes == [1000, 1000, 500]
     assert store.count("clicks") == n
@@ -529,7 +515,7 @@ def test_duplicate_keys_in_one_write_last_row_wins(fake_store):
 
 def test_policies_carry_timeouts(fake_store):
     store, fake = fake_store
-    store.write("clicks", [1], encode_records(SCHEMA, *sample(SCHEMA, 1)))
+    store.write("clicks", [1], Records(*sample(SCHEMA, 1)))
     store.get("clicks", 1)
     policies = {method: policy for method, _, policy, _ in fake.calls}
     assert policies["batch_write"] == {"total_timeout": 2000, "socket_timeout": 500,
@@ -573,7 +559,7 @@ def test_ttl_without_nsup_is_refused_with_a_hint():
     store, fake = make_store(FakeAerospikeClient(nsup_period=0), ttl_by_view={"clicks": 60})
     store.register_view(SCHEMA)      # the metadata record never expires: allowed
     with pytest.raises(AerospikeWriteError, match="nsup-period") as error:
-        store.write("clicks", [1, 2], encode_records(SCHEMA, *sample(SCHEMA, 2)))
+        store.write("clicks", [1, 2], Records(*sample(SCHEMA, 2)))
     assert {code for _, code, _ in error.value.failures} == {22}
     assert store.sleeps == []        # not retried: it would never succeed
 
@@ -585,7 +571,7 @@ def test_timeouts_are_retried_and_nothing_is_lost(fake_store):
     fake.write_failures[7] = [9, -15, 0]
     fake.applied_in_doubt.add(3)     # its first attempt landed although it timed out
     keys = np.arange(20)
-    records = encode_records(SCHEMA, *sample(SCHEMA, 20))
+    records = Records(*sample(SCHEMA, 20))
     store.write("clicks", keys, records)
     batches = [k for method, k, _, _ in fake.calls if method == "batch_write"]
     assert batches[1:] == [[3, 7, 11], [7]]          # only the failed records go again
@@ -600,7 +586,7 @@ def test_retries_are_bounded(fake_store):
     store.max_attempts = 4
     fake.write_failures[5] = [9] * 10
     with pytest.raises(AerospikeWriteError) as error:
-        store.write("clicks", np.arange(10), encode_records(SCHEMA, *sample(SCHEMA, 10)))
+        store.write("clicks", np.arange(10), Records(*sample(SCHEMA, 10)))
     assert error.value.failures == [(5, 9, True)]
     assert error.value.written == 9
     assert len(store.sleeps) == 3
@@ -612,7 +598,7 @@ def test_backoff_grows_and_is_capped():
     store, fake = make_store(backoff_ms=100, backoff_max_ms=300, max_attempts=5)
     store.register_view(SCHEMA)
     fake.write_failures[1] = [9, 9, 9, 9]
-    store.write("clicks", [1], encode_records(SCHEMA, *sample(SCHEMA, 1)))
+    store.write("clicks", [1], Records(*sample(SCHEMA, 1)))
     assert len(store.sleeps) == 4
     for sleep, cap in zip(store.sleeps, (0.1, 0.2, 0.3, 0.3)):
         assert cap / 2 <= sleep <= cap
@@ -623,7 +609,7 @@ def test_a_permanent_failure_fails_only_its_record(fake_store):
     fake.permanent_write_failures[4] = 13                 # record too big
     keys = np.arange(8)
     with pytest.raises(AerospikeWriteError, match="RECORD_TOO_BIG") as error:
-        store.write("clicks", keys, encode_records(SCHEMA, *sample(SCHEMA, 8)))
+        store.write("clicks", keys, Records(*sample(SCHEMA, 8)))
     assert error.value.failures == [(4, 13, False)] and error.value.code == 13
     assert store.sleeps == []                              # never retried
     got = store.get_many("clicks", keys)
@@ -646,7 +632,7 @@ def test_a_record_too_big_for_the_fake_server():
 
 def test_exceptions_from_the_call_itself(fake_store):
     store, fake = fake_store
-    records = encode_records(SCHEMA, *sample(SCHEMA, 3))
+    records = Records(*sample(SCHEMA, 3))
     fake.batch_write_raises.append(FakeAerospikeError(11, "No connection to aerospike cluster"))
     store.write("clicks", [1, 2, 3], records)                # retried as a whole
     assert len(store.sleeps) == 1 and store.get("clicks", 3) is not None
@@ -679,7 +665,7 @@ def test_metadata_commands_are_retried_or_explained():
 
 def test_read_failures_are_retried_or_raised(fake_store):
     store, fake = fake_store
-    store.write("clicks", [1, 2], encode_records(SCHEMA, *sample(SCHEMA, 2)))
+    store.write("clicks", [1, 2], Records(*sample(SCHEMA, 2)))
     fake.read_failures[2] = [9]
     assert store.get_many("clicks", [1, 2])[1] is not None
     fake.batch_read_truncated = 1                             # call failed before results
@@ -702,7 +688,7 @@ def test_unknown_and_invalid_views(fake_store):
 
 def test_schema_versions_keep_bins_and_drop_retired_ones(fake_store):
     store, fake = fake_store
-    store.write("clicks", [1, 2], encode_records(SCHEMA, *sample(SCHEMA, 2, seed=5)))
+    store.write("clicks", [1, 2], Records(*sample(SCHEMA, 2, seed=5)))
     old = store.get("clicks", 2)
     v4 = ViewSchema("clicks", 4, "int64", (("avg", "float64"), ("fresh", "int64")))
     store.register_view(v4)
@@ -713,7 +699,7 @@ def test_schema_versions_keep_bins_and_drop_retired_ones(fake_store):
                                       "_event_time": old["_event_time"],
                                       "_write_time": old["_write_time"],
                                       "_valid_until": old["_valid_until"], "_view_version": 3}
-    store.write("clicks", [1], encode_records(v4, *sample(v4, 1)))
+    store.write("clicks", [1], Records(*sample(v4, 1)))
     assert set(fake.stored("test", "tally_clicks", 1)) <= {"f1", "f3", "_et", "_wt", "_vu", "_vv"}
     assert store.get("clicks", 1)["_view_version"] == 4
 
@@ -722,7 +708,7 @@ def test_views_count_truncate_and_drop(fake_store):
     store, _ = fake_store
     store.register_view(STR_SCHEMA)
     assert store.views() == ["clicks", "users"]
-    store.write("clicks", np.arange(5), encode_records(SCHEMA, *sample(SCHEMA, 5)))
+    store.write("clicks", np.arange(5), Records(*sample(SCHEMA, 5)))
     assert store.count("clicks") == 5 and store.count("users") == 0
     store.truncate("clicks")
     assert store.count("clicks") == 0 and store.schema("clicks") == SCHEMA
@@ -733,7 +719,7 @@ def test_views_count_truncate_and_drop(fake_store):
 def test_async_wrappers_run_off_the_event_loop(fake_store):
     store, fake = fake_store
     keys = np.arange(50)
-    records = encode_records(SCHEMA, *sample(SCHEMA, 50))
+    records = Records(*sample(SCHEMA, 50))
 
     async def main():
         loop_thread = threading.get_ident()
@@ -805,7 +791,7 @@ def test_server_write_read_matches_lmdb(server_store, tmp_path):
     server_store.register_view(SCHEMA)
     n = 3000
     keys = np.arange(n, dtype=np.int64) * 104729 - 10**9
-    records = encode_records(SCHEMA, *sample(SCHEMA, n))
+    records = Records(*sample(SCHEMA, n))
     server_store.write("clicks", keys, records)
     with LmdbStore(tmp_path / "lmdb") as lmdb:
         lmdb.register_view(SCHEMA)
@@ -858,7 +844,7 @@ def test_server_ttl_expiry(server_store):
 @needs_server
 def test_server_per_record_failure_is_reported_and_others_written(server_store):
     server_store.register_view(SCHEMA)
-    records = encode_records(SCHEMA, *sample(SCHEMA, 3))
+    records = Records(*sample(SCHEMA, 3))
     server_store.write("clicks", [1, 2, 3], records)
     # larger than any namespace's max-record-size (the write block is at most 8 MiB)
     big = [as_ops.write("pad", b"x" * (10 << 20))]
@@ -892,7 +878,7 @@ def test_server_restart_mid_writes_loses_nothing(server_store):
         try:
             for r in range(rounds):
                 values, event_time, _, valid_until = sample(SCHEMA, n, seed=r)
-                records = encode_records(SCHEMA, values, event_time, r, valid_until)
+                records = Records(values, event_time, r, valid_until)
                 server_store.write("clicks", keys, records)
                 last["round"] = r
                 time.sleep(0.2)

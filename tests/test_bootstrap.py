@@ -1,6 +1,7 @@
 """Bootstrap from history: parallel reads of BookKeeper and offloaded ledgers
 (and a Parquet archive), merged, then an exact handover to the stream —
 against a real broker with a real filesystem offloader."""
+import asyncio
 import dataclasses
 import threading
 import time
@@ -22,7 +23,7 @@ from tally.service.store.lmdb import LmdbStore
 from tally.service.ingest.partition import PartitionWorker
 from tally.service.pulsar.producer import EventProducer, partitions_of
 from tally.service.quickstart import generate_events
-from tally.service.ingest.service import subscription_for
+from tally.service.pulsar.topics import subscription_for
 
 N_PARTITIONS = 4
 SCHEMA = {"user": "int64", "article": "int64", "readtime": "float64", "ts": "int64"}
@@ -167,7 +168,7 @@ def stream_until_drained(broker, view, client, store, checkpoints, version=1):
             deadline = time.monotonic() + 60
             while worker.position[:2] < last:
                 assert time.monotonic() < deadline, f"{name} not drained"
-                worker.process(worker.receive())
+                asyncio.run(worker.process(worker.receive()))
             if worker.unacknowledged is not None:
                 worker.checkpoint()
         return workers

@@ -7,7 +7,8 @@ import pandas as pd
 import pulsar
 import pytest
 
-from tally.service.ingest import pipeline
+from tally.service.ingest.dead_letters import dead_letter_topic
+from tally.service.ingest.run import Ingestion
 from tally.service.store.lmdb import LmdbStore
 from tally.service.pulsar.producer import EventProducer
 from tally.service.quickstart import generate_events, read_events, user_reading
@@ -31,10 +32,9 @@ def produce(client, topic, payloads, keys):
 
 
 def consume_all(view, client, store, n_messages):
-    reader = pipeline.ViewPipeline(view, client, store, batch_timeout_ms=20)
-    pipeline.run([reader], until=lambda ps: ps[0].stats.messages >= n_messages,
-                 idle_timeout_s=60)
-    reader.close()
+    with Ingestion(view, client, store, batch_timeout_ms=20) as reader:
+        reader.run(until=lambda ingestion: ingestion.stats.messages >= n_messages,
+                   idle_timeout_s=60)
     return reader
 
 
@@ -72,7 +72,7 @@ def test_malformed_events_are_counted_dead_lettered_and_harmless(
     n_bad = N_EVENTS - len(events["user"])
     assert 1500 < n_bad < 2500
     dead_letters = pulsar_client.subscribe(
-        pipeline.dead_letter_topic(topic_name), "check",
+        dead_letter_topic(topic_name), "check",
         initial_position=pulsar.InitialPosition.Earliest)
     produce(pulsar_client, topic_name, payloads, keys)
 
@@ -103,11 +103,11 @@ class FlakyStore:
     def __init__(self, store, failures):
         self.store, self.failures = store, failures
 
-    def write(self, *args):
+    def write(self, *args, **options):
         if self.failures:
             self.failures -= 1
             raise OSError("store unavailable")
-        return self.store.write(*args)
+        return self.store.write(*args, **options)
 
     def __getattr__(self, name):
         return getattr(self.store, name)

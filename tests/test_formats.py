@@ -832,7 +832,8 @@ def test_pipeline_on_columnar_source_equals_pandas(pulsar_broker, pulsar_client,
                                                   tmp_path, fmt):
     import pulsar
 
-    from tally.service.ingest import pipeline
+    from tally.service.ingest.dead_letters import dead_letter_topic
+    from tally.service.ingest.run import Ingestion
     from tally.service.store.lmdb import LmdbStore
     from tally.service.quickstart import read_events, user_reading
 
@@ -844,7 +845,7 @@ def test_pipeline_on_columnar_source_equals_pandas(pulsar_broker, pulsar_client,
               "ts": 1_732_780_800_000 + np.sort(rng.integers(0, 86_400_000, n))}
     view = dataclasses.replace(user_reading, source=dataclasses.replace(
         read_events, topic=topic_name, format=fmt))
-    dead_letters = pulsar_client.subscribe(pipeline.dead_letter_topic(topic_name), "check",
+    dead_letters = pulsar_client.subscribe(dead_letter_topic(topic_name), "check",
                                            initial_position=pulsar.InitialPosition.Earliest)
 
     producer = ColumnarProducer(pulsar_client, topic_name, "user", format=fmt,
@@ -860,11 +861,10 @@ def test_pipeline_on_columnar_source_equals_pandas(pulsar_broker, pulsar_client,
     n_messages += 2
 
     with LmdbStore(tmp_path / "store") as store:
-        reader = pipeline.ViewPipeline(view, pulsar_client, store, batch_size=64,
-                                       batch_timeout_ms=20)
-        pipeline.run([reader], until=lambda ps: ps[0].stats.messages >= n_messages,
-                     idle_timeout_s=60)
-        reader.close()
+        with Ingestion(view, pulsar_client, store, batch_size=64,
+                       batch_timeout_ms=20) as reader:
+            reader.run(until=lambda ingestion: ingestion.stats.messages >= n_messages,
+                       idle_timeout_s=60)
         assert reader.stats.messages == n_messages
         assert reader.stats.events == n and reader.stats.rejected == 2
         oracle = pd.DataFrame(events).groupby("user").agg(

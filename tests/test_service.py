@@ -24,7 +24,7 @@ from tally.service.store.lmdb import LmdbStore
 from tally.service.pulsar.producer import EventProducer
 from tally.service.quickstart import generate_events
 from tally.service.registry import load_file
-from tally.service.ingest.service import subscription_for
+from tally.service.pulsar.topics import subscription_for
 
 pytestmark = pytest.mark.pulsar
 

@@ -479,7 +479,9 @@ def test_cli_training_set(tmp_path, capsys):
 @pytest.mark.pulsar
 def test_online_lookups_equal_the_training_set_from_the_topic(
         pulsar_broker, pulsar_client, topic_name, tmp_path):
-    from tally.service.ingest import pipeline
+    import asyncio
+
+    from tally.service.ingest.run import Ingestion
     from tally.service.store.lmdb import LmdbStore
     from tally.service.pulsar.producer import EventProducer
     from tally.service.history.topic import PulsarTopic
@@ -499,8 +501,8 @@ def test_online_lookups_equal_the_training_set_from_the_topic(
     start = 1_732_780_800_000
     now = {"ms": start}
     store = LmdbStore(tmp_path / "store")
-    reader = pipeline.ViewPipeline(view, pulsar_client, store, batch_timeout_ms=20,
-                                   clock=lambda: now["ms"])
+    reader = Ingestion(view, pulsar_client, store, batch_timeout_ms=20,
+                       clock=lambda: now["ms"])
     producer = EventProducer(pulsar_client, topic_name, "user")
     lookups, produced = [], 0
     phase_start = start
@@ -518,11 +520,12 @@ def test_online_lookups_equal_the_training_set_from_the_topic(
             produced += per_phase
             t_phase = int(ts[-1])
             now["ms"] = t_phase
-            pipeline.run([reader], until=lambda ps: ps[0].stats.messages >= produced,
-                         idle_timeout_s=60)
+            reader.run(until=lambda ingestion: ingestion.stats.messages >= produced,
+                       idle_timeout_s=60)
             # what tally serve's expiry rewrite does at each hop boundary: rewrite
             # every record as of now (so idle entities' windows move too)
-            reader.write_records(np.arange(len(reader.state)))
+            for worker in reader.workers:
+                asyncio.run(worker.writer.write(worker.state, np.arange(len(worker.state))))
             keys = np.arange(n_users + 5)
             for key, record in zip(keys, store.get_many(view.name, keys)):
                 lookups.append((int(key), t_phase, record))

@@ -409,7 +409,7 @@ def main(argv=None):
 
     from tally.service.ingest.checkpoint import CheckpointStore
     from tally.service.store.lmdb import LmdbStore
-    from tally.service.ingest.service import subscription_for
+    from tally.service.pulsar.topics import subscription_for
 
     parser = argparse.ArgumentParser(
         prog="tally bootstrap", description="Compute a view's state from all of its "

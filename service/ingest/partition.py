@@ -6,14 +6,17 @@ through a Failover subscription shared by every ``tally serve`` process:
 Pulsar makes one consumer active per partition and moves the partition to
 another when its owner dies. Before folding a batch the worker makes sure its
 state is the partition's latest checkpoint (restoring it on first use, or when
-another process has checkpointed since — it owned the partition meanwhile),
+another process has checkpointed since -- it owned the partition meanwhile),
 skips messages at or before the checkpoint's position (Pulsar redelivers
 everything after the last acknowledgement, which can be older than the
 checkpoint if a crash came between the two), and folds the rest.
 
-The online store is written after every batch; records are a function of the
+A worker is composed of the steps of ingestion: ``Fold`` (decode + apply),
+``RecordWriter`` (the online store, with asynchronous backoff),
+``DeadLetters`` and the ``CheckpointStore``. Records are a function of the
 state, so rewriting them after a replay converges to the same values.
 """
+import asyncio
 import bisect
 import logging
 import time
@@ -21,29 +24,44 @@ import time
 import numpy as np
 
 from tally.core.definitions import state_hash
+from tally.core.materialize import next_expiry, online_schema
+from tally.core.record import INT64_MAX
 from tally.core.view import EVENT_TIME, ViewState
 from tally.service.ingest.checkpoint import CheckpointConflict
-from tally.core.materialize import next_expiry
-from tally.service.ingest.pipeline import ViewPipeline
-from tally.core.record import INT64_MAX
+from tally.service.ingest.dead_letters import DeadLetters
+from tally.service.ingest.fold import Fold, IngestStats
+from tally.service.ingest.writer import RecordWriter, WriteAbandoned
+from tally.service.pulsar.client import raw, subscribe_failover
+from tally.service.pulsar.topics import NO_POSITION, message_position, partition_topic
 
-NO_POSITION = (-1, -1, -1)
 log = logging.getLogger("tally.partition")
 
 
-def message_position(message):
-    """(ledger, entry, batch index): the order of messages within a partition."""
-    mid = message.message_id()
-    return (mid.ledger_id(), mid.entry_id(), mid.batch_index())
+def wall_clock_ms():
+    return int(time.time() * 1000)
 
 
-class PartitionWorker(ViewPipeline):
+class PartitionWorker:
+    """Folds one partition of one view version into its state and records."""
+
     def __init__(self, view, partition, client, store, checkpoints, consumer_name,
-                 subscription="tally", checkpoint_interval_s=5.0, **options):
-        self.partition = partition
-        self.checkpoints = checkpoints
+                 subscription="tally", version=1, serving=True, checkpoint_interval_s=5.0,
+                 batch_size=1000, batch_timeout_ms=10, clock=None, topic=None):
+        self.view, self.partition = view, partition
+        self.store, self.checkpoints = store, checkpoints
         self.state_hash = state_hash(view)
         self.checkpoint_interval_s = checkpoint_interval_s
+        self.clock = clock or wall_clock_ms
+        self.stats = IngestStats()
+        self.state = ViewState(view)
+        self.schema = online_schema(view, version)
+        self.fold = Fold(view, self.stats)
+        self.writer = RecordWriter(view, store, self.schema, serving, self.clock, self.stats)
+        self.dead_letters = DeadLetters(client, view.source.topic)
+        self.consumer = subscribe_failover(
+            client, topic or partition_topic(view.source.topic, partition), subscription,
+            consumer_name, batch_size, batch_timeout_ms)
+        self.receiver = raw(self.consumer)
         self.sequence = None            # the checkpoint our state stands on; None: not loaded
         self.position = NO_POSITION
         self.checkpointed_position = NO_POSITION
@@ -56,33 +74,56 @@ class PartitionWorker(ViewPipeline):
             max((f.lateness_ms for f in view.features), default=0)
         self.next_rewrite = INT64_MAX if not windows else 0
         self.rewritten_once = False
-        super().__init__(view, client, store, subscription=subscription,
-                         topic=f"{view.source.topic}-partition-{partition}",
-                         consumer_name=consumer_name, **options)
 
-    def process(self, messages):
+    def close(self):
+        self.consumer.close()
+        self.dead_letters.close()
+
+    def receive(self):
+        """One batch of raw messages (blocking up to the batch timeout; run on
+        a thread: the client releases the GIL while it waits)."""
+        return self.receiver.batch_receive()
+
+    async def process(self, messages, stopping=None):
+        """Fold, write and (every checkpoint interval) checkpoint one batch;
+        returns the number of messages. ``stopping()`` true abandons a write
+        the store keeps refusing (then nothing is acknowledged)."""
         started = time.monotonic()
         self.idle_batches = 0 if messages else self.idle_batches + 1
-        if messages:
-            self.adopt_latest_checkpoint()
-            # a batch is in log order: bisect instead of a position per message
-            split = bisect.bisect_right(messages, self.position, key=message_position)
-            replayed, fresh = messages[:split], messages[split:]
-            if replayed:
-                self.acknowledge_replayed(replayed[-1])
-            if fresh:
-                self.fold(fresh)
-                self.position = message_position(fresh[-1])
-                self.unacknowledged = fresh[-1]
-        if self.sequence is not None:
-            self.rewrite_expired_windows()
+        try:
+            if messages:
+                await self._fold_fresh(messages, stopping)
+            if self.sequence is not None:
+                await self.rewrite_expired_windows(stopping)
+        except WriteAbandoned as error:
+            log.warning("%s partition %d: stopping with the store failing (%s); the last "
+                        "batch is not acknowledged", self.view.name, self.partition, error)
+            self.sequence, self.unacknowledged = None, None
+            return len(messages)
         if self.unacknowledged is not None and \
                 time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s:
             self.checkpoint()
         self.stats.busy_seconds += time.monotonic() - started
         return len(messages)
 
-    def rewrite_expired_windows(self):
+    async def _fold_fresh(self, messages, stopping):
+        self.adopt_latest_checkpoint()
+        # a batch is in log order: bisect instead of a position per message
+        split = bisect.bisect_right(messages, self.position, key=message_position)
+        replayed, fresh = messages[:split], messages[split:]
+        if replayed:
+            self.acknowledge_replayed(replayed[-1])
+        if not fresh:
+            return
+        payloads = [m.data() for m in fresh]
+        touched, rejects = self.fold(self.state, payloads)
+        self.dead_letters.send(fresh, payloads, rejects)
+        if touched is not None:
+            await self.writer.write(self.state, touched, stopping)
+        self.position = message_position(fresh[-1])
+        self.unacknowledged = fresh[-1]
+
+    async def rewrite_expired_windows(self, stopping=None):
         """Windows expire with time, also for entities with no new event: at
         each hop boundary rewrite the records whose windows may have changed
         (after a restart, all of them once)."""
@@ -94,7 +135,7 @@ class PartitionWorker(ViewPipeline):
             newest, seen = self.state.arenas[EVENT_TIME].read(slots, now)
             slots = slots[seen & (newest > now - self.expiry_horizon_ms)]
         if len(slots):
-            self.write_records(slots)
+            await self.writer.write(self.state, slots, stopping)
         self.rewritten_once = True
         self.next_rewrite = next_expiry(self.view, now)
 
@@ -104,7 +145,7 @@ class PartitionWorker(ViewPipeline):
         skipped; acknowledge them now, or with no newer message to follow they
         would stay in the backlog for ever."""
         if message_position(last_replayed) <= self.checkpointed_position:
-            self.consumer._consumer.acknowledge_cumulative(last_replayed)
+            self.receiver.acknowledge_cumulative(last_replayed)
 
     def adopt_latest_checkpoint(self):
         """Restore the newest checkpoint unless our state already is it."""
@@ -145,6 +186,25 @@ class PartitionWorker(ViewPipeline):
         self.stats.checkpoints += 1
         self.last_checkpoint = time.monotonic()
         if self.unacknowledged is not None:
-            self.consumer._consumer.acknowledge_cumulative(self.unacknowledged)
+            self.receiver.acknowledge_cumulative(self.unacknowledged)
             self.unacknowledged = None
         return True
+
+
+async def drive(worker, pool, keep_going, stopping=None, fold_last=False):
+    """Run a worker while ``keep_going()``: receive the next batch on a thread
+    of ``pool`` while this one is folded; checkpoint at the end. The batch
+    received when ``keep_going()`` turns false is folded if ``fold_last``
+    (the consumer lives on), else dropped unacknowledged: Pulsar delivers it
+    again to whoever owns the partition next."""
+    loop = asyncio.get_running_loop()
+    receiving = loop.run_in_executor(pool, worker.receive)
+    while keep_going():
+        messages = await receiving
+        receiving = loop.run_in_executor(pool, worker.receive)
+        await worker.process(messages, stopping)
+    last = await receiving
+    if fold_last and last:
+        await worker.process(last, stopping)
+    if worker.unacknowledged is not None:
+        worker.checkpoint()

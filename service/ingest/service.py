@@ -19,25 +19,21 @@ import socket
 import threading
 import time
 
-from tally.core.definitions import FeatureView, state_hash
+from tally.core.definitions import FeatureView
 from tally.service.history.bootstrap import Bootstrap, BootstrapCancelled
 from tally.service.ingest.checkpoint import CheckpointStore
-from tally.service.pulsar.client import connect
-from tally.service.store.lmdb import LmdbStore
+from tally.service.ingest.partition import PartitionWorker, drive
 from tally.service.metrics import seconds_since, serve_metrics, service_metrics
-from tally.service.ingest.partition import PartitionWorker
+from tally.service.pulsar.client import connect, partition_topics
+from tally.service.pulsar.topics import subscription_for
 from tally.service.registry import Conflict
+from tally.service.store import open_store
 
 REGISTRY_POLL_S = 1.0
 # set by a SIGTERM that arrives while the service is still connecting
 _STOP_REQUESTED_DURING_STARTUP = threading.Event()
 
 log = logging.getLogger("tally.serve")
-
-
-def subscription_for(view):
-    """One subscription per view state: a new version computes alongside the old."""
-    return f"tally.{view.name}.{state_hash(view)[:16]}"
 
 
 class VersionRunner:
@@ -58,7 +54,7 @@ class VersionRunner:
                 service.checkpoints, subscription_for(view), version=version,
                 serving=serving, readers=service.bootstrap_readers,
                 progress=self._bootstrap_progressed)
-            partitions = _partition_count(service.client, view.source.topic)
+            partitions = len(partition_topics(service.client, view.source.topic, True))
             if not self.bootstrap.pending_partitions(partitions):
                 self.bootstrap = None         # every partition resumes from its checkpoint
         if self.bootstrap is None:
@@ -76,7 +72,8 @@ class VersionRunner:
                             serving=self.serving,
                             checkpoint_interval_s=service.checkpoint_interval_s,
                             batch_size=service.batch_size)
-            for partition in range(_partition_count(service.client, self.view.source.topic))]
+            for partition in range(len(partition_topics(service.client, self.view.source.topic,
+                                                        require_partitioned=True)))]
 
     def caught_up_with(self, serving):
         """Whether every partition has read as far as the serving version's
@@ -107,7 +104,7 @@ class StreamingService:
         # parallel readers; without it they read history through their subscription.
         self.admin_url, self.bootstrap_readers = admin_url, bootstrap_readers
         self.client = connect(pulsar_url)
-        self.store = LmdbStore(store_path)
+        self.store = open_store(store_path)
         self.checkpoints = CheckpointStore(checkpoint_dir)
         self.consumer_name = consumer_name or f"{socket.gethostname()}-{os.getpid()}"
         self.checkpoint_interval_s, self.batch_size = checkpoint_interval_s, batch_size
@@ -187,17 +184,9 @@ class StreamingService:
             worker.close()
 
     async def _drive(self, loop, runner, worker):
-        """Receive the next batch on a thread while this one is folded."""
-        receiving = loop.run_in_executor(self.pool, worker.receive)
-        while not (self.stopping.is_set() or runner.stopping):
-            messages = await receiving
-            receiving = loop.run_in_executor(self.pool, worker.receive)
-            worker.process(messages)
-        # The batch received last is not folded, so never acknowledged: Pulsar
-        # delivers it again to whoever owns the partition next.
-        await receiving
-        if worker.unacknowledged is not None:
-            worker.checkpoint()
+        def stopping():
+            return self.stopping.is_set() or runner.stopping
+        await drive(worker, self.pool, lambda: not stopping(), stopping)
 
     def _start_metrics(self):
         if not self.metrics_address:
@@ -304,14 +293,6 @@ class StreamingService:
             self.store.promote(name, version)
             runner.serving = True
             log.info("promoted %s@v%d: it has caught up", name, version)
-
-def _partition_count(client, topic):
-    partitions = client.get_topic_partitions(topic)
-    if len(partitions) <= 1 and not partitions[0].rsplit("-partition-", 1)[-1].isdigit():
-        raise ValueError(f"topic {topic!r} is not partitioned; tally serve shards state by "
-                         "partition: create it with partitions (e.g. 4)")
-    return len(partitions)
-
 
 def main(argv=None):
     import argparse

@@ -57,3 +57,18 @@ def last_message_position(client, topic):
         return position(raw(reader).read_next(30_000).message_id())
     finally:
         reader.close()
+
+
+def subscribe_failover(client, topic, subscription, consumer_name=None, batch_size=1000,
+                       batch_timeout_ms=10):
+    """A Failover consumer of one (partition) topic that receives in batches of
+    up to ``batch_size`` messages or ``batch_timeout_ms``, from the earliest
+    message when the subscription is new."""
+    return client.subscribe(
+        topic, subscription, consumer_name=consumer_name,
+        consumer_type=pulsar.ConsumerType.Failover,
+        initial_position=pulsar.InitialPosition.Earliest,
+        # the client caps a batch at the receiver queue size
+        receiver_queue_size=batch_size,
+        batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
+            batch_size, 64 << 20, batch_timeout_ms))

@@ -9,6 +9,8 @@ and the client's wrapper class do not compare with each other).
 """
 import urllib.parse
 
+from tally.core.definitions import state_hash
+
 PARTITION_SEPARATOR = "-partition-"
 # A batch index that sorts after every message of an entry.
 END_OF_ENTRY = (1 << 31) - 1
@@ -51,3 +53,8 @@ def rest_path(topic):
     if len(parts) != 3 or not all(parts):
         raise ValueError(f"not a topic name: {topic!r}")
     return "/admin/v2/persistent/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
+
+
+def subscription_for(view):
+    """One subscription per view state: a new version computes alongside the old."""
+    return f"tally.{view.name}.{state_hash(view)[:16]}"

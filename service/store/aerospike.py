@@ -34,9 +34,8 @@ Layout
 
 Writes
 ------
-``write`` takes the same uint8 record matrix as ``LmdbStore.write`` (rows in
-the layout of ``tally.core.record``) and turns it into bins column-wise;
-``write_columns`` takes ``encode_records``' arguments and skips the matrix.
+``write`` takes the same ``Records`` (columns) as every store
+(``tally.core.record``) and turns them into bins column-wise.
 Records go out in ``batch_write`` calls of ``chunk_size`` ``Write`` records.
 A batch call does not raise for single-record failures, so every record's
 result code is checked: retryable codes (timeouts, no response, connection
@@ -64,6 +63,9 @@ record's ``result``/``in_doubt`` and raises only for errors before the call
 ``None`` converts to a nil value (``src/main/conversions.c``) and a nil write
 deletes the bin on the server; the blocking calls release the GIL, so the
 async wrappers run them in a thread pool.
+
+Long because the client's behaviour it relies on is written down
+beside the code (result codes, policies, key types).
 """
 import asyncio
 import concurrent.futures
@@ -74,9 +76,9 @@ from datetime import timedelta
 
 import numpy as np
 
-from tally.service.store.lmdb import StoreError
-from tally.core.record import (HEADER, INT64_MAX, INT64_MIN, LAYOUT_VERSION, RecordError,
-                                  ViewSchema)
+from tally.service.store import StoreError
+from tally.core.errors import RecordError
+from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema
 
 META_SUFFIX = "_meta"
 META_LAYOUT = 1
@@ -122,13 +124,6 @@ _HINTS = {
                     "(or allow-ttl-without-nsup true)",
     13: "the record is larger than the namespace's max-record-size (write-block-size)",
 }
-
-# The 32-byte record header as a numpy dtype (see tally.core.record).
-_HEADER_DTYPE = np.dtype([("layout", "u1"), ("flags", "u1"), ("n_features", "<u2"),
-                          ("view_version", "<u4"), ("event_time", "<i8"),
-                          ("write_time", "<i8"), ("valid_until", "<i8")])
-assert _HEADER_DTYPE.itemsize == HEADER.size
-
 
 def code_name(code):
     return CODE_NAMES.get(code, str(code))
@@ -216,35 +211,6 @@ def user_key(key_type, key):
         return value
     text = str(key)
     return bytearray(text.encode()) if "\x00" in text else text
-
-
-def records_to_columns(schema, records):
-    """The inverse of ``encode_records`` for a (n, record_size) uint8 matrix:
-    ``(values, event_time, write_time, valid_until, view_version)`` where
-    ``values`` maps each feature to ``(values, valid)`` arrays."""
-    records = np.asarray(records)
-    n = len(records)
-    if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != schema.record_size:
-        raise RecordError(f"view {schema.view!r}: records must be a uint8 array of shape "
-                          f"(n, {schema.record_size}); got {records.dtype} {records.shape}")
-    n_features = len(schema.features)
-    header = np.ascontiguousarray(records[:, :HEADER.size]).view(_HEADER_DTYPE).reshape(n)
-    bad = (header["layout"] != LAYOUT_VERSION) | (header["n_features"] != n_features)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise RecordError(f"view {schema.view!r}: record {row} has layout "
-                          f"{header['layout'][row]} and {header['n_features'][row]} features; "
-                          f"expected layout {LAYOUT_VERSION} and {n_features}")
-    values_at = HEADER.size + schema.bitmap_bytes
-    nulls = np.unpackbits(records[:, HEADER.size:values_at], axis=1,
-                          bitorder="little")[:, :n_features].astype(bool)
-    raw = np.ascontiguousarray(records[:, values_at:]).view("<i8")
-    values = {}
-    for i, (name, dtype) in enumerate(schema.features):
-        column = raw[:, i] if dtype == "int64" else raw[:, i].view("<f8")
-        values[name] = (column, ~nulls[:, i])
-    return (values, header["event_time"], header["write_time"], header["valid_until"],
-            header["view_version"])
 
 
 def _nullable(column, valid):
@@ -371,9 +337,14 @@ class AerospikeStore:
     def set_name(self, view):
         return self.set_prefix + view
 
-    def register_view(self, schema: ViewSchema):
+    def register_view(self, schema: ViewSchema, current=True):
         """Record the view's schema and bin-name map (merged with the map of
-        an earlier version, so a feature keeps its bin)."""
+        an earlier version, so a feature keeps its bin). This backend serves
+        one version per view: a candidate (``current=False``) is refused."""
+        if not current:
+            raise StoreError(f"view {schema.view!r} v{schema.version}: the Aerospike store "
+                             "serves one version per view; compute candidates on the "
+                             "embedded store")
         if not schema.view or schema.view.startswith("_"):
             raise ValueError(f"view name {schema.view!r}: names starting with '_' are reserved")
         _check_set_name(self.set_name(schema.view))
@@ -387,8 +358,19 @@ class AerospikeStore:
         with self._lock:
             self._meta[schema.view] = _ViewMeta(schema, names)
 
-    def schema(self, view) -> ViewSchema:
+    def schema(self, view, version=None) -> ViewSchema:
+        self._check_version(view, version)
         return self._view_meta(view).schema
+
+    def promote(self, view, version):
+        """Serve ``version``: only the version registered last can be (one
+        version per view on this backend)."""
+        self._check_version(view, version)
+
+    def _check_version(self, view, version):
+        if version is not None and version != self._view_meta(view).schema.version:
+            raise StoreError(f"view {view!r} has no version {version} in this store (the "
+                             "Aerospike store serves one version per view)")
 
     def bin_names(self, view):
         """Feature name -> bin name for the view (every version's features)."""
@@ -407,10 +389,10 @@ class AerospikeStore:
         self._retry_single(run, "list views")
         return sorted(v for v in found if v)
 
-    def count(self, view):
+    def count(self, view, version=None):
         """Records in the view's set (a query that streams record metadata;
         expired records that the server has not removed yet are not counted)."""
-        self._view_meta(view)
+        self._check_version(view, version)
         counter = [0]
 
         def one(record):
@@ -443,22 +425,16 @@ class AerospikeStore:
 
     # -- writes -----------------------------------------------------------
 
-    def write(self, view, keys, records):
-        """Put one record (row of ``records``, the uint8 matrix of
-        ``encode_records``) per key. Raises AerospikeWriteError if some
-        records still fail after the retries (the others are written)."""
-        meta = self._view_meta(view)
-        if len(keys) != len(records):
-            raise ValueError(f"{len(keys)} keys but {len(records)} records")
-        if not len(keys):
-            return
-        values, event_time, write_time, valid_until, version = records_to_columns(
-            meta.schema, records)
-        self._write_columns(view, meta, keys, values, event_time, write_time, valid_until,
-                            version)
+    def write(self, view, keys, records, version=None):
+        """Put one record per key (:class:`tally.core.record.Records`). Raises
+        AerospikeWriteError if some records still fail after the retries (the
+        others are written)."""
+        self._check_version(view, version)
+        self.write_columns(view, keys, records.values, records.event_time,
+                           records.write_time, records.valid_until)
 
     def write_columns(self, view, keys, values, event_time, write_time, valid_until):
-        """Like ``write``, from the arguments of ``encode_records`` (no matrix)."""
+        """``write`` from the columns themselves."""
         meta = self._view_meta(view)
         n = len(keys)
         if not n:
@@ -538,9 +514,10 @@ class AerospikeStore:
 
     # -- reads ------------------------------------------------------------
 
-    def get_many(self, view, keys):
+    def get_many(self, view, keys, version=None):
         """Decoded records for ``keys`` (the same dicts as ``LmdbStore.get``);
         None for entities with no record (or an expired one)."""
+        self._check_version(view, version)
         meta = self._view_meta(view)
         key_list = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         if not key_list:
@@ -573,8 +550,8 @@ class AerospikeStore:
                 f"(first: key {key_list[min(failures)]!r}, {code_name(code)} ({code}))", code=code)
         return results
 
-    def get(self, view, key):
-        return self.get_many(view, [key])[0]
+    def get(self, view, key, version=None):
+        return self.get_many(view, [key], version)[0]
 
     async def get_many_async(self, view, keys):
         loop = asyncio.get_running_loop()

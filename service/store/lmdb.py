@@ -13,15 +13,12 @@ import os
 import lmdb
 
 from tally.core.events import MAX_KEY_BYTES   # longer (or empty) keys are never stored
+from tally.service.store import StoreError
 
 from tally.core.record import ViewSchema, decode_record, encode_keys
 
 SCHEMAS_DB = b"__schemas__"
 DEFAULT_MAP_SIZE = 64 << 30     # address space only; the file grows as written
-
-
-class StoreError(LookupError):
-    """An unknown view or a store that cannot be opened."""
 
 
 class LmdbStore:
@@ -91,10 +88,10 @@ class LmdbStore:
         return self._dbs[name]
 
     def write(self, view, keys, records, version=None):
-        """Put one record (row of ``records``, a uint8 array) per key, in one
+        """Put one record per key (:class:`tally.core.record.Records`), in one
         write transaction, into the served version or the given one."""
         schema = self.schema(view, version)
-        blob = records.tobytes()
+        blob = records.encode(schema).tobytes()
         size = schema.record_size
         items = zip(encode_keys(schema.key_type, keys),
                     (blob[i * size:(i + 1) * size] for i in range(len(records))))

@@ -1,0 +1,74 @@
+"""Fold: a batch of payloads -> valid events -> the view state.
+
+The one step between receiving messages and writing records, shared by the
+partition workers and the bootstrap's readers: payloads are decoded by the
+stream's rules (``tally.core.events``: a payload holding an invalid event is
+refused whole, with the reason), the valid events applied to the state.
+"""
+import time
+from dataclasses import dataclass, field
+
+from tally.core import events as rules
+from tally.core.decode import Schema
+
+
+@dataclass
+class IngestStats:
+    """Counters of one partition's ingestion, read by ``/metrics``."""
+    messages: int = 0
+    events: int = 0
+    rejected: int = 0
+    batches: int = 0
+    reject_reasons: dict = field(default_factory=dict)    # reason -> count
+    started: float = field(default_factory=time.monotonic)
+    watermark_ms: int = None          # newest event time written so far
+    freshness_ms: int = None          # last write time minus its newest event time
+    store_retries: int = 0
+    checkpoints: int = 0
+    busy_seconds: float = 0.0
+
+    def record_rejects(self, rejects):
+        self.rejected += len(rejects)
+        for _, reason in rejects:
+            self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + 1
+
+    def add(self, other):
+        """Fold another partition's counters into these (for a whole view)."""
+        for name in ("messages", "events", "rejected", "batches", "store_retries",
+                     "checkpoints"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for reason, count in other.reject_reasons.items():
+            self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + count
+        self.busy_seconds += other.busy_seconds
+        self.started = min(self.started, other.started)
+        if other.watermark_ms is not None:
+            self.watermark_ms = max(self.watermark_ms or other.watermark_ms, other.watermark_ms)
+        return self
+
+    def summary(self):
+        elapsed = time.monotonic() - self.started
+        return {"messages": self.messages, "events": self.events, "rejected": self.rejected,
+                "batches": self.batches, "seconds": round(elapsed, 3),
+                "events_per_s": round(self.events / elapsed) if elapsed else 0}
+
+
+class Fold:
+    """Decodes payloads of one view's source and folds the valid events."""
+
+    def __init__(self, view, stats):
+        self.view = view
+        self.stats = stats
+        self.decode_schema = Schema(list(view.source.schema))
+
+    def __call__(self, state, payloads):
+        """``(touched slots or None, rejects)``: apply the batch's valid events
+        to ``state``; ``rejects`` are ``(payload index, reason)``."""
+        events = rules.decode_payloads(payloads, self.view.source, self.decode_schema,
+                                       self.view.key_column, self.view.entity.key_type)
+        n_events = events.n_events
+        touched = state.apply(events.columns) if n_events else None
+        self.stats.messages += len(payloads)
+        self.stats.events += n_events
+        self.stats.batches += 1
+        self.stats.record_rejects(events.rejects)
+        return touched, events.rejects

@@ -1,0 +1,117 @@
+"""The OnlineStore contract: one suite, run over every store backend.
+
+Each backend must give back exactly what was written (an independent oracle:
+the columns themselves, decoded by hand here), None for an unknown entity
+and for a null feature, and the header fields with their sentinels. LMDB runs
+always; Aerospike runs on the fake client of test_aerospike_store and, with
+``TALLY_AEROSPIKE=host:port``, on a real server.
+"""
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+from tally.core.record import INT64_MAX, INT64_MIN, Records, ViewSchema
+from tally.service.store import OnlineStore, StoreError, open_store
+
+SCHEMA = ViewSchema("contract", 1, "int64", (("n", "int64"), ("avg", "float64")))
+STRING_SCHEMA = ViewSchema("contract_s", 1, "string", (("n", "int64"),))
+
+
+def _lmdb(tmp_path):
+    return open_store(f"lmdb://{tmp_path / 'store'}")
+
+
+def _aerospike_fake(tmp_path):
+    from test_aerospike_store import make_store
+    return make_store()[0]
+
+
+def _aerospike_server(tmp_path):
+    address = os.environ.get("TALLY_AEROSPIKE")
+    if not address:
+        pytest.skip("set TALLY_AEROSPIKE=host:port")
+    return open_store(f"aerospike://{address}/test?set_prefix=c{uuid.uuid4().hex[:8]}_")
+
+
+BACKENDS = {"lmdb": _lmdb, "aerospike-fake": _aerospike_fake,
+            "aerospike-server": _aerospike_server}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def store(request, tmp_path):
+    store = BACKENDS[request.param](tmp_path)
+    yield store
+    store.close()
+
+
+def _records(n, seed=0):
+    rng = np.random.default_rng(seed)
+    counts, avgs = rng.integers(-10**12, 10**12, n), rng.normal(size=n)
+    valid = rng.random(n) > 0.3
+    event_time = rng.integers(1, 10**12, n)
+    event_time[::5] = INT64_MIN
+    valid_until = rng.integers(1, 10**12, n)
+    valid_until[1::5] = INT64_MAX
+    values = {"n": (counts, np.ones(n, bool)), "avg": (avgs, valid)}
+    return Records(values, event_time, 1_700_000_000_000, valid_until)
+
+
+def _expected(records, i):
+    """What a lookup of entity i must return: by hand, from the columns."""
+    n_values, _ = records.values["n"]
+    avg_values, avg_valid = records.values["avg"]
+    event_time, valid_until = int(records.event_time[i]), int(records.valid_until[i])
+    return {"n": int(n_values[i]), "avg": float(avg_values[i]) if avg_valid[i] else None,
+            "_event_time": None if event_time == INT64_MIN else event_time,
+            "_write_time": 1_700_000_000_000,
+            "_valid_until": None if valid_until == INT64_MAX else valid_until,
+            "_view_version": 1}
+
+
+def test_is_an_online_store(store):
+    assert isinstance(store, OnlineStore)
+
+
+def test_written_records_read_back_exactly(store):
+    store.register_view(SCHEMA)
+    keys = np.arange(-50, 150, 2)
+    records = _records(len(keys))
+    store.write("contract", keys, records)
+    got = store.get_many("contract", [int(k) for k in keys])
+    assert got == [_expected(records, i) for i in range(len(keys))]
+    assert store.get("contract", int(keys[7])) == _expected(records, 7)
+
+
+def test_unknown_entities_are_none_and_rewrites_win(store):
+    store.register_view(SCHEMA)
+    store.write("contract", [1, 2], _records(2, seed=1))
+    newer = _records(2, seed=2)
+    store.write("contract", [2, 3], newer)
+    assert store.get("contract", 4) is None
+    assert store.get_many("contract", [3, 2]) == [_expected(newer, 1), _expected(newer, 0)]
+
+
+def test_string_keys(store):
+    store.register_view(STRING_SCHEMA)
+    keys = ["a", "é", "with space", "x" * 300]
+    n = len(keys)
+    store.write("contract_s", keys, Records({"n": (np.arange(n), np.ones(n, bool))},
+                                            np.arange(n), 5, np.full(n, INT64_MAX)))
+    got = store.get_many("contract_s", keys + ["missing"])
+    assert [r and r["n"] for r in got] == [0, 1, 2, 3, None]
+
+
+def test_schema_views_and_count(store):
+    store.register_view(SCHEMA)
+    store.write("contract", np.arange(10), _records(10))
+    assert store.schema("contract") == SCHEMA
+    assert "contract" in store.views()
+    assert store.count("contract") == 10
+
+
+def test_unknown_views_are_store_errors(store):
+    with pytest.raises(StoreError):
+        store.schema("no_such_view")
+    store.flush()                                # a no-op or a sync: never an error
