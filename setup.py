@@ -75,7 +75,7 @@ def libtally_extension():
 setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"tally.core": ["*.pyi", "*.pxi", "includes/*"],
+    package_data={"tally": ["*.pyi", "py.typed"], "tally.core": ["*.pyi", "*.pxi", "includes/*"],
                   "tally.service": ["examples/*.py", "examples/*.sql"]},
     ext_modules=cython_extensions() + [libtally_extension()],
 )

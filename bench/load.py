@@ -406,11 +406,11 @@ class Deployment:
             self.lookup_address = ("127.0.0.1", port)
 
     def _ensure_topic(self):
+        from tally.service.pulsar.admin import Admin, PulsarAdminError
         try:
-            _admin(self.admin_url, "PUT", f"{_topic_path(self.args.topic)}/partitions",
-                   PARTITIONS)
-        except urllib.error.HTTPError as error:
-            if error.code != 409:             # 409: it exists already, fine
+            Admin(self.admin_url).create_partitioned_topic(self.args.topic, PARTITIONS)
+        except PulsarAdminError as error:
+            if error.status != 409:           # 409: it exists already, fine
                 raise
 
     def _start_service(self):
@@ -452,7 +452,10 @@ class Deployment:
     def backlog(self):
         """Messages of the topic the service's subscription has not acknowledged."""
         from tally.service.pulsar.topics import subscription_for
-        stats = _admin(self.admin_url, "GET", f"{_topic_path(self.args.topic)}/partitioned-stats")
+        from tally.service.pulsar.admin import Admin
+        from tally.service.pulsar.topics import rest_path
+        stats = Admin(self.admin_url, timeout=10).request(
+            "GET", f"{rest_path(self.args.topic)}/partitioned-stats")
         subscription = stats.get("subscriptions", {}).get(subscription_for(self.view()))
         return None if subscription is None else subscription["msgBacklog"]
 
@@ -502,20 +505,6 @@ class Deployment:
 def _default_admin_url(pulsar_url):
     host = urllib.parse.urlparse(pulsar_url).hostname or "127.0.0.1"
     return f"http://{host}:8080"
-
-
-def _topic_path(topic):
-    from tally.service.pulsar.local import topic_rest_path
-    return topic_rest_path(topic)
-
-
-def _admin(admin_url, method, path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(admin_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        payload = response.read()
-    return json.loads(payload) if payload.strip() else None
 
 
 # ---- sampling this machine once a second ------------------------------------------

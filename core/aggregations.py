@@ -14,7 +14,7 @@ back) strings first: then add "string" to ``column_types``.
 """
 from dataclasses import dataclass
 
-NUMERIC_TYPES = ("int64", "float64", "bool")
+from tally.core.types import NUMERIC_TYPES
 
 
 @dataclass(frozen=True)

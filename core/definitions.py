@@ -27,10 +27,8 @@ from tally.core import filters
 from tally.core.aggregations import AGGREGATIONS
 from tally.core.durations import duration_ms, format_duration
 from tally.core.errors import DefinitionError, FilterError
+from tally.core.types import FIELD_TYPES, KEY_TYPES, PAYLOAD_FORMATS
 
-KEY_TYPES = ("int64", "string")
-FIELD_TYPES = ("int64", "float64", "string", "bool")
-PAYLOAD_FORMATS = ("msgpack", "json", "arrow", "msgpack-columnar")
 CANONICAL_FORMAT = 1          # bump only with a migration of stored hashes
 
 

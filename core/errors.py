@@ -31,3 +31,8 @@ class SnapshotError(TallyError, ValueError):
 
 class TrainingSetError(TallyError, ValueError):
     """A spine, feature reference or source cannot be used; the message says why."""
+
+
+class UsageError(TallyError, ValueError):
+    """A command or request that cannot be carried out as given (a bad key, a
+    missing argument); the message says what to give instead."""

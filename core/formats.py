@@ -158,13 +158,12 @@ import numpy as np
 import pyarrow as pa
 
 from tally.core.decode import Schema, decode_msgpack_maps
+from tally.core.types import COLUMNAR_FORMATS, PAYLOAD_FORMATS as FORMATS
 
 MSGPACK = "msgpack"
 MSGPACK_COLUMNAR = "msgpack-columnar"
 ARROW = "arrow"
 JSON = "json"
-FORMATS = (MSGPACK, MSGPACK_COLUMNAR, ARROW, JSON)
-COLUMNAR_FORMATS = (MSGPACK_COLUMNAR, ARROW)
 
 INT64_MAX = (1 << 63) - 1
 INT64_MIN = -(1 << 63)

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from tally.core.errors import RecordError
+from tally.core.types import KEY_TYPES
 
 LAYOUT_VERSION = 1
 HEADER = struct.Struct("<BBHIqqq")
 SCHEMA_LAYOUT_VERSION = 1
 SCHEMA_HEADER = struct.Struct("<BBHI")
-KEY_TYPES = ("int64", "string")
 VALUE_TYPES = ("int64", "float64")
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1

@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 
 # The definitions live in the shipped example (also in SQL: reading.sql).
-from tally.service.examples.reading import read_events, user, user_reading  # noqa: F401
+from tally.service.examples.reading import read_events, user_reading
 
 START_MS = 1_732_780_800_000       # 2024-11-28T08:00:00Z
 
@@ -51,42 +51,34 @@ def _malformed(event, i):
     return msgpack.packb({**event, "ts": (1 << 63) - 1})
 
 
-def main(argv=None):
+def run(n_events=500_000, n_users=10_000, n_partitions=4, store_path=None):
     """Start a broker, produce reads, compute the features, print lookups."""
-    import argparse
     import tempfile
 
     from tally.service.ingest.run import Ingestion
     from tally.service.pulsar.client import connect
-    from tally.service.store.lmdb import LmdbStore
-    from tally.service.pulsar.producer import EventProducer
     from tally.service.pulsar.local import LocalPulsar
+    from tally.service.pulsar.producer import EventProducer
+    from tally.service.store.lmdb import LmdbStore
 
-    parser = argparse.ArgumentParser(prog="tally quickstart", description=main.__doc__)
-    parser.add_argument("--events", type=int, default=500_000)
-    parser.add_argument("--users", type=int, default=10_000)
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--store", help="online store directory (default: a temp dir)")
-    args = parser.parse_args(argv)
-
-    store_path = args.store or tempfile.mkdtemp(prefix="tally-store-")
+    store_path = store_path or tempfile.mkdtemp(prefix="tally-store-")
     print("Starting a local Apache Pulsar broker (first run downloads it from Maven Central)...")
     with LocalPulsar() as broker:
         print(f"  broker ready in {broker.startup_seconds:.1f} s at {broker.service_url}")
-        broker.create_partitioned_topic(read_events.topic, args.partitions)
+        broker.create_partitioned_topic(read_events.topic, n_partitions)
         client = connect(broker.service_url)
-        payloads, keys, events = generate_events(args.events, args.users, seed=7)
+        payloads, keys, events = generate_events(n_events, n_users, seed=7)
         t0 = time.monotonic()
         producer = EventProducer(client, read_events.topic, "user")
         for payload, key in zip(payloads, keys):
             producer.send_payload(payload, key)
         producer.close()
-        print(f"Produced {args.events:,} reading events in {time.monotonic() - t0:.1f} s")
+        print(f"Produced {n_events:,} reading events in {time.monotonic() - t0:.1f} s")
 
         store = LmdbStore(store_path)
         # the partition workers tally serve runs, checkpoints and all
         with Ingestion(user_reading, client, store) as reader:
-            reader.run(until=lambda ingestion: ingestion.stats.messages >= args.events,
+            reader.run(until=lambda ingestion: ingestion.stats.messages >= n_events,
                        idle_timeout_s=30)
             summary, users = reader.stats.summary(), reader.entities
         client.close()

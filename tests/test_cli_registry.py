@@ -217,10 +217,15 @@ def test_the_other_commands_still_parse():
     parser = build_parser()
     args = parser.parse_args(["get", "user_reading", "1", "2"])
     assert (args.command, args.keys) == ("get", ["1", "2"])
-    args, rest = parser.parse_known_args(["quickstart", "--events", "1000"])
-    assert args.command == "quickstart" and rest == ["--events", "1000"]
-    args, rest = parser.parse_known_args(["dev", "--port", "6650"])
-    assert args.command == "dev" and rest == ["--port", "6650"]
+    # one parser tree: every command's own options parse with it (no hand-off)
+    args = parser.parse_args(["quickstart", "--events", "1000"])
+    assert args.command == "quickstart" and args.events == 1000
+    args = parser.parse_args(["dev", "--port", "6650"])
+    assert args.command == "dev" and args.port == 6650
+    args = parser.parse_args(["serve", "defs.py", "--checkpoint-interval", "2"])
+    assert args.command == "serve" and args.checkpoint_interval == 2.0
+    args = parser.parse_args(["bootstrap", "user_reading", "--readers", "3"])
+    assert args.command == "bootstrap" and args.readers == 3
 
 
 def test_the_installed_command(tmp_path):
@@ -237,3 +242,30 @@ def test_the_installed_command(tmp_path):
     done = subprocess.run([sys.executable, "-m", "tally.service.cli", "list", "--registry",
                            registry, "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and len(json.loads(done.stdout)) == 6
+
+
+def test_every_command_reads_the_same_defaults_from_the_environment(monkeypatch):
+    """Once, `tally get` honoured $TALLY_STORE while `tally serve` and
+    `tally bootstrap` did not: they wrote one store and read another."""
+    monkeypatch.setenv("TALLY_STORE", "/srv/tally/store")
+    monkeypatch.setenv("TALLY_CHECKPOINTS", "/srv/tally/ckpt")
+    monkeypatch.setenv("TALLY_PULSAR", "pulsar://broker:6650")
+    parser = build_parser()
+    for argv in (["get", "v", "1"], ["lookup-server"], ["serve", "defs.py"],
+                 ["bootstrap", "v"], ["quickstart"]):
+        assert parser.parse_args(argv).store == "/srv/tally/store", argv
+    for argv in (["serve", "defs.py"], ["bootstrap", "v"]):
+        args = parser.parse_args(argv)
+        assert (args.checkpoints, args.pulsar) == ("/srv/tally/ckpt", "pulsar://broker:6650")
+
+
+def test_user_errors_are_one_line_never_a_traceback(tmp_path):
+    for argv in (["get", "user_reading", "1", "--store", str(tmp_path / "none")],
+                 ["serve"],
+                 ["bootstrap", "no_such_view", "--registry", str(tmp_path / "none.db")]):
+        done = subprocess.run([sys.executable, "-m", "tally", *argv], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2, (argv, done.stderr)
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, \
+            (argv, done.stderr)
+        assert done.stderr.startswith(f"tally {argv[0]}: ")

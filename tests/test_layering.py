@@ -170,3 +170,11 @@ def test_no_module_over_600_lines_without_a_reason(folder):
         if len(lines) > 600 and "Long because" not in (ast.get_docstring(ast.parse(text)) or ""):
             long.append(f"{os.path.relpath(path, ROOT)}: {len(lines)} lines")
     assert long == []
+
+
+def test_the_public_face_exports_what_it_declares():
+    import tally
+    stubs = (ROOT / "tally" / "__init__.pyi").read_text()
+    for name in tally.__all__:
+        assert getattr(tally, name) is not None
+        assert f"as {name}\n" in stubs, f"{name} has no type stub"

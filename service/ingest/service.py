@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 
-from tally.core.definitions import FeatureView
 from tally.service.history.bootstrap import Bootstrap, BootstrapCancelled
 from tally.service.ingest.checkpoint import CheckpointStore
 from tally.service.ingest.partition import PartitionWorker, drive
@@ -31,7 +30,7 @@ from tally.service.store import open_store
 
 REGISTRY_POLL_S = 1.0
 # set by a SIGTERM that arrives while the service is still connecting
-_STOP_REQUESTED_DURING_STARTUP = threading.Event()
+STOP_REQUESTED_DURING_STARTUP = threading.Event()
 
 log = logging.getLogger("tally.serve")
 
@@ -126,7 +125,7 @@ class StreamingService:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
-        if _STOP_REQUESTED_DURING_STARTUP.is_set():
+        if STOP_REQUESTED_DURING_STARTUP.is_set():
             self.stopping.set()
         metrics_task = self._start_metrics()
         # receives block for at most a batch timeout, so threads cycle quickly
@@ -293,63 +292,3 @@ class StreamingService:
             self.store.promote(name, version)
             runner.serving = True
             log.info("promoted %s@v%d: it has caught up", name, version)
-
-def main(argv=None):
-    import argparse
-
-    import uvloop
-
-    from tally.service.registry import load_file
-
-    parser = argparse.ArgumentParser(prog="tally serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("definitions", nargs="?",
-                        help="a .py or .sql file of feature views (or use --registry)")
-    parser.add_argument("--registry", help="follow the views applied to this registry: new "
-                        "versions are computed alongside and promoted once caught up")
-    parser.add_argument("--views", help="comma-separated view names (default: all)")
-    parser.add_argument("--pulsar", default="pulsar://127.0.0.1:6650")
-    parser.add_argument("--store", default=os.path.join(".tally", "store"))
-    parser.add_argument("--checkpoints", default=os.path.join(".tally", "checkpoints"))
-    parser.add_argument("--name", help="consumer name of this process (default host-pid)")
-    parser.add_argument("--checkpoint-interval", type=float, default=5.0, metavar="SECONDS")
-    parser.add_argument("--admin", metavar="URL",
-                        help="the broker's admin REST URL (e.g. http://127.0.0.1:8080): "
-                        "versions without a checkpoint are then bootstrapped from history by "
-                        "parallel readers (without it, they read it through their subscription)")
-    parser.add_argument("--bootstrap-readers", type=int, metavar="N",
-                        help="reader processes per bootstrap (default: the number of cores)")
-    parser.add_argument("--metrics", default="127.0.0.1:9464", metavar="HOST:PORT",
-                        help="Prometheus endpoint (/metrics, /health); 'off' disables it")
-    args = parser.parse_args(argv)
-    metrics_address = None
-    if args.metrics != "off":
-        host, _, port = args.metrics.rpartition(":")
-        metrics_address = (host or "127.0.0.1", int(port))
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: _STOP_REQUESTED_DURING_STARTUP.set())
-    if bool(args.definitions) == bool(args.registry):
-        parser.error("give a definitions file or --registry (one of them)")
-    wanted = args.views.split(",") if args.views else None
-    views, registry = [], None
-    if args.registry:
-        from tally.service.registry import Registry
-        registry = Registry(args.registry)
-    else:
-        views = [d for d in load_file(args.definitions) if isinstance(d, FeatureView)]
-        if wanted:
-            views = [v for v in views if v.name in wanted]
-            missing = set(wanted) - {v.name for v in views}
-            if missing:
-                parser.error(f"no view named {sorted(missing)} in {args.definitions}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    service = StreamingService(args.pulsar, args.store, args.checkpoints, views=views,
-                               registry=registry, only_views=wanted,
-                               consumer_name=args.name,
-                               checkpoint_interval_s=args.checkpoint_interval,
-                               metrics_address=metrics_address, admin_url=args.admin,
-                               bootstrap_readers=args.bootstrap_readers)
-    log.info("serving %s", [f"{name}@v{version}" for name, version in service.runners]
-             if not registry else f"the views of registry {args.registry}")
-    uvloop.run(service.run())
-    return 0

@@ -19,7 +19,6 @@ the JVM and its watchdog, readiness, stop, and ``tally dev``.
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import hashlib
 import os
@@ -38,7 +37,7 @@ from typing import Any, Mapping, Sequence
 from xml.sax.saxutils import escape as xml_escape
 
 from tally.service.pulsar.admin import Admin, PulsarAdminError
-from tally.service.pulsar.distribution import (PULSAR_VERSION, PulsarStartError,
+from tally.service.pulsar.distribution import (PulsarStartError,
                                                cache_dir_for_version, ensure_distribution,
                                                ensure_filesystem_offloader,
                                                tiered_storage_config)
@@ -646,77 +645,3 @@ def _terminate_process_group(process: subprocess.Popen, grace_seconds: float) ->
     if process.stdin is not None:
         process.stdin.close()
     return graceful
-
-
-# --------------------------------------------------------------------------
-# `tally dev`
-# --------------------------------------------------------------------------
-
-def main_dev(argv: list[str] | None = None) -> int:
-    """Run a broker in the foreground until Ctrl-C or SIGTERM."""
-    parser = _dev_argument_parser()
-    args = parser.parse_args(argv)
-    for flag, port in (("--port", args.port), ("--web-port", args.web_port)):
-        if port is not None and not is_port_free(port):
-            parser.error(f"{flag} {port}: port is already in use")
-    broker_port = args.port or _default_port_if_free(DEFAULT_BROKER_PORT)
-    web_port = args.web_port or _default_port_if_free(DEFAULT_WEB_PORT)
-    pulsar = LocalPulsar(data_dir=args.data_dir, broker_port=broker_port,
-                         web_port=web_port, heap=args.heap,
-                         max_entries_per_ledger=args.max_entries_per_ledger,
-                         tiered_storage=args.tiered_storage)
-    stop_requested = threading.Event()
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
-    try:
-        print(f"starting Pulsar {PULSAR_VERSION} ...", flush=True)
-        pulsar.start(timeout=args.timeout)
-        print(f"Pulsar is ready in {pulsar.startup_seconds:.1f} s\n"
-              f"  service URL: {pulsar.service_url}\n"
-              f"  admin URL:   {pulsar.admin_url}\n"
-              f"  data dir:    {pulsar.data_dir}"
-              f"{'' if args.data_dir else ' (removed on exit)'}\n"
-              f"  broker log:  {pulsar.log_file}\n"
-              + (f"  offloaded:   {pulsar.offload_dir}\n" if args.tiered_storage else "") +
-              "Ctrl-C to stop.", flush=True)
-        while not stop_requested.wait(1.0):
-            if not pulsar.is_running:
-                print("the Pulsar JVM exited\n" + pulsar.log_tail(), file=sys.stderr)
-                return 1
-    except KeyboardInterrupt:
-        pass
-    except PulsarStartError as error:
-        print(error, file=sys.stderr)
-        return 1
-    finally:
-        print("stopping Pulsar ...", flush=True)
-        pulsar.stop()
-        signal.signal(signal.SIGTERM, previous_handler)
-    return 0
-
-
-def _dev_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tally dev",
-        description="Run a local Apache Pulsar standalone broker on 127.0.0.1.")
-    parser.add_argument("--port", type=int, default=None,
-                        help=f"broker port (default {DEFAULT_BROKER_PORT} if free)")
-    parser.add_argument("--web-port", type=int, default=None,
-                        help=f"admin/HTTP port (default {DEFAULT_WEB_PORT} if free)")
-    parser.add_argument("--data-dir", default=None,
-                        help="keep data here across runs (default: a temp dir, removed)")
-    parser.add_argument("--heap", default="512m", help="JVM heap (default 512m)")
-    parser.add_argument("--max-entries-per-ledger", type=int, default=50000)
-    parser.add_argument("--tiered-storage", action="store_true",
-                        help="offload ledgers to <data dir>/offloaded with the filesystem "
-                        "offloader (PUT .../offload), dropping their BookKeeper copies")
-    parser.add_argument("--timeout", type=float, default=180,
-                        help="seconds to wait for the broker to become ready")
-    return parser
-
-
-def _default_port_if_free(default: int) -> int | None:
-    """`default` if free, else None (LocalPulsar then picks any free port)."""
-    if is_port_free(default):
-        return default
-    print(f"port {default} is busy; picking a free one", file=sys.stderr)
-    return None

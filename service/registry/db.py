@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 
 from tally.core.definitions import canonical_document, canonical_json, content_hash, state_hash
+from tally.service import config
 from tally.service.registry import deploy
 from tally.service.registry.deploy import CANDIDATE, CURRENT, IMMEDIATE, MANAGED
 from tally.service.registry.diff import diff_specs
@@ -31,14 +32,13 @@ from tally.service.registry.results import (Change, Deployment, Description, Dif
 from tally.service.registry.schema import MIGRATIONS, SCHEMA_VERSION
 from tally.service.registry.search import facets_of, find_definitions
 
-DEFAULT_PATH = os.path.join(".tally", "registry.db")
 KINDS = ("view", "source", "entity")          # lookup order of a bare name
 
 
 def default_path():
     """The registry file used when none is named: ``$TALLY_REGISTRY``, else
     ``.tally/registry.db``."""
-    return os.environ.get("TALLY_REGISTRY") or DEFAULT_PATH
+    return config.default("registry")
 
 
 class Registry:

@@ -1,0 +1,100 @@
+"""Commands on this machine: ``tally dev`` (a local broker) and ``tally quickstart``."""
+import signal
+import sys
+import threading
+
+from tally.core.errors import UsageError
+from tally.service import config
+
+
+def add_commands(commands):
+    dev = commands.add_parser("dev", help="run a local Pulsar broker in the foreground",
+                              description="Run a local Apache Pulsar standalone broker on "
+                              "127.0.0.1 until Ctrl-C or SIGTERM.")
+    dev.add_argument("--port", type=int, default=None,
+                     help="broker port (default: 6650 if free)")
+    dev.add_argument("--web-port", type=int, default=None,
+                     help="admin/HTTP port (default: 8080 if free)")
+    dev.add_argument("--data-dir", default=None,
+                     help="keep data here across runs (default: a temp dir, removed)")
+    dev.add_argument("--heap", default="512m", help="JVM heap (default: 512m)")
+    dev.add_argument("--max-entries-per-ledger", type=int, default=50000,
+                     help="ledger rollover, in entries (default: 50000)")
+    dev.add_argument("--tiered-storage", action="store_true",
+                     help="offload ledgers to <data dir>/offloaded with the filesystem "
+                     "offloader (PUT .../offload), dropping their BookKeeper copies")
+    dev.add_argument("--timeout", type=float, default=180,
+                     help="seconds to wait for the broker to become ready (default: 180)")
+    dev.set_defaults(run=cmd_dev)
+
+    quick = commands.add_parser("quickstart", help="run the news-reading example end to end "
+                                "on a local broker", description="Start a local broker, "
+                                "produce reading events, compute the example's features with "
+                                "the production partition workers, print lookups and the "
+                                "events/s reached.")
+    quick.add_argument("--events", type=int, default=500_000,
+                       help="reading events to produce (default: 500,000)")
+    quick.add_argument("--users", type=int, default=10_000,
+                       help="distinct users (default: 10,000)")
+    quick.add_argument("--partitions", type=int, default=4,
+                       help="partitions of the topic (default: 4)")
+    quick.add_argument("--store", default=config.default("store"),
+                       help=f"online store directory (default: {config.describe('store')})")
+    quick.set_defaults(run=cmd_quickstart)
+
+
+def cmd_quickstart(args):
+    from tally.service import quickstart
+    quickstart.run(args.events, args.users, args.partitions, args.store)
+    return 0
+
+
+def cmd_dev(args):
+    from tally.service.pulsar.distribution import PULSAR_VERSION, PulsarStartError
+    from tally.service.pulsar.local import (DEFAULT_BROKER_PORT, DEFAULT_WEB_PORT, LocalPulsar,
+                                            is_port_free)
+    for flag, port in (("--port", args.port), ("--web-port", args.web_port)):
+        if port is not None and not is_port_free(port):
+            raise UsageError(f"{flag} {port}: port is already in use")
+    broker_port = args.port or _default_port_if_free(DEFAULT_BROKER_PORT)
+    web_port = args.web_port or _default_port_if_free(DEFAULT_WEB_PORT)
+    pulsar = LocalPulsar(data_dir=args.data_dir, broker_port=broker_port,
+                         web_port=web_port, heap=args.heap,
+                         max_entries_per_ledger=args.max_entries_per_ledger,
+                         tiered_storage=args.tiered_storage)
+    stop_requested = threading.Event()
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    try:
+        print(f"starting Pulsar {PULSAR_VERSION} ...", flush=True)
+        pulsar.start(timeout=args.timeout)
+        print(f"Pulsar is ready in {pulsar.startup_seconds:.1f} s\n"
+              f"  service URL: {pulsar.service_url}\n"
+              f"  admin URL:   {pulsar.admin_url}\n"
+              f"  data dir:    {pulsar.data_dir}"
+              f"{'' if args.data_dir else ' (removed on exit)'}\n"
+              f"  broker log:  {pulsar.log_file}\n"
+              + (f"  offloaded:   {pulsar.offload_dir}\n" if args.tiered_storage else "") +
+              "Ctrl-C to stop.", flush=True)
+        while not stop_requested.wait(1.0):
+            if not pulsar.is_running:
+                print("the Pulsar JVM exited\n" + pulsar.log_tail(), file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        pass
+    except PulsarStartError as error:
+        print(error, file=sys.stderr)
+        return 1
+    finally:
+        print("stopping Pulsar ...", flush=True)
+        pulsar.stop()
+        signal.signal(signal.SIGTERM, previous_handler)
+    return 0
+
+
+def _default_port_if_free(default: int) -> int | None:
+    """`default` if free, else None (LocalPulsar then picks any free port)."""
+    from tally.service.pulsar.local import is_port_free
+    if is_port_free(default):
+        return default
+    print(f"port {default} is busy; picking a free one", file=sys.stderr)
+    return None

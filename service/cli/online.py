@@ -1,0 +1,51 @@
+"""Commands over the online store: ``tally get`` and ``tally lookup-server``."""
+import json
+
+from tally.core.errors import UsageError
+from tally.service import config
+
+
+def add_commands(commands):
+    get = commands.add_parser("get", help="look up features of entities in the online store")
+    get.add_argument("view")
+    get.add_argument("keys", nargs="+", metavar="key")
+    get.add_argument("--store", default=config.default("store"),
+                     help=f"store path or URL (default: {config.describe('store')})")
+    get.set_defaults(run=cmd_get)
+
+    lookups = commands.add_parser("lookup-server", help="serve lookups over msgpack/TCP and "
+                                  "HTTP/JSON (see tally.service.lookup.server)")
+    lookups.add_argument("--store", default=config.default("store"),
+                         help=f"store path or URL (default: {config.describe('store')})")
+    lookups.add_argument("--host", default=config.LOOKUP_HOST,
+                         help=f"address to bind (default: {config.LOOKUP_HOST})")
+    lookups.add_argument("--port", type=int, default=config.LOOKUP_PORT,
+                         help=f"msgpack/TCP port (default: {config.LOOKUP_PORT}; 0: any)")
+    lookups.add_argument("--http-port", type=int, default=config.LOOKUP_HTTP_PORT,
+                         help=f"HTTP port (default: {config.LOOKUP_HTTP_PORT}; 0: any)")
+    lookups.add_argument("--token", default=None, help="bearer token both ports require "
+                         "(default: $TALLY_TOKEN, which keeps it out of `ps`)")
+    lookups.add_argument("--max-frame-bytes", type=int, default=1 << 20,
+                         help="largest request frame or body (default: 1 MiB)")
+    lookups.add_argument("--max-batch", type=int, default=1000,
+                         help="keys per request (default: 1000)")
+    lookups.set_defaults(run=cmd_lookup_server)
+
+
+def cmd_get(args):
+    from tally.service.store import open_store
+    with open_store(args.store, readonly=True) as store:
+        schema = store.schema(args.view)
+        try:
+            keys = [int(k) if schema.key_type == "int64" else k for k in args.keys]
+        except ValueError as error:
+            raise UsageError(f"bad key: {error}") from None
+        for key, record in zip(keys, store.get_many(args.view, keys)):
+            print(json.dumps({"key": key, "features": record}))
+    return 0
+
+
+def cmd_lookup_server(args):
+    from tally.service.lookup.server import serve_lookups
+    return serve_lookups(args.store, args.host, args.port, args.http_port, args.token,
+                         args.max_frame_bytes, args.max_batch)
