@@ -30,6 +30,10 @@ from tally.core.errors import DefinitionError, FilterError
 from tally.core.types import FIELD_TYPES, KEY_TYPES, PAYLOAD_FORMATS
 
 CANONICAL_FORMAT = 1          # bump only with a migration of stored hashes
+MAX_NAME_LENGTH = 48
+# One tile per hop per entity and feature: a window (with its lateness) of
+# more hops than this is a mistake long before it is a memory bill.
+MAX_TILES = 10_000
 
 
 def _is_name(name):
@@ -39,12 +43,23 @@ def _is_name(name):
 
 def _check_name(what, name, where=None):
     """Names are identifiers: refs such as ``view@v2`` and ``view.feature``
-    depend on it, and names starting with '_' are reserved for Tally."""
-    where = where or f"{what} {name!r}"
+    depend on it, and names starting with '_' are reserved for Tally. They
+    are short enough for every store to hold them in its own names (an LMDB
+    database, an Aerospike set of at most 63 bytes with its prefix)."""
+    where = where or f"{what} {_shown(name)}"
     if not _is_name(name) or name.startswith("_"):
         raise DefinitionError(
-            f"{where}: name {name!r} is not a valid name; use letters, digits and "
+            f"{where}: name {_shown(name)} is not a valid name; use letters, digits and "
             "underscores, starting with a letter (e.g. 'user_reading')")
+    if len(name) > MAX_NAME_LENGTH:
+        raise DefinitionError(
+            f"{where}: name {_shown(name)} has {len(name)} characters; the limit is "
+            f"{MAX_NAME_LENGTH} (stores hold names in their own keys): shorten it")
+
+
+def _shown(name):
+    text = repr(name)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _suggest(name, choices):
@@ -187,6 +202,13 @@ class Source:
 # Window and Feature
 
 
+def _positive(ms, what, example):
+    if ms <= 0:
+        raise DefinitionError(f"{what} is {format_duration(ms)}; give a positive duration, e.g. "
+                              f"{example}, or use Window.lifetime()")
+    return ms
+
+
 @dataclass(frozen=True)
 class Window:
     """lifetime, tumbling(size) or sliding(size, hop); sizes in milliseconds."""
@@ -199,12 +221,16 @@ class Window:
 
     @classmethod
     def tumbling(cls, size):
-        size = duration_ms(size)
+        size = _positive(duration_ms(size), "a tumbling window's size",
+                         "Window.tumbling('1h')")
         return cls(size, size)
 
     @classmethod
     def sliding(cls, size, hop):
-        return cls(duration_ms(size), duration_ms(hop))
+        return cls(_positive(duration_ms(size), "a sliding window's size",
+                             "Window.sliding('7d', '1h')"),
+                   _positive(duration_ms(hop), "a sliding window's hop",
+                             "Window.sliding('7d', '1h')"))
 
     @property
     def kind(self):
@@ -371,6 +397,14 @@ class Feature:
             raise DefinitionError(f"{where}: lateness_ms is set, but a lifetime window "
                                   "accepts events of any age; drop lateness_ms, or give the "
                                   "feature a window")
+        if self.window.size_ms:
+            hop = self.window.hop_ms
+            tiles = self.window.size_ms // hop + -(-self.lateness_ms // hop)
+            if tiles > MAX_TILES:
+                raise DefinitionError(
+                    f"{where}: the window ({self.window.describe()}) with lateness "
+                    f"{format_duration(self.lateness_ms)} keeps {tiles:,} tiles per entity; "
+                    f"the limit is {MAX_TILES:,}: use a larger hop or less lateness")
         if self.filter is not None:
             try:
                 filters.check_filter(self.filter, source.schema)

@@ -457,6 +457,11 @@ def _windows(select, where):
             what = f"window {name!r}" if name else "the unnamed window"
             raise DefinitionError(f"{where}: {what} is defined twice in WINDOW; name each "
                                   "extra window: WINDOW SLIDING ..., w2 AS TUMBLING ...")
+        kind = spec.args["kind"]
+        if kind != "LIFETIME" and not (spec.args["size"] and spec.args["hop"]):
+            raise DefinitionError(f"{where}: WINDOW {spec.sql(dialect=Tally)} has a zero size "
+                                  "or hop; give positive durations (SLIDING 7 DAYS HOP 1 HOUR), "
+                                  "or write LIFETIME")
         windows[name] = (Window(spec.args["size"], spec.args["hop"]), spec.args["lateness"])
     return windows
 

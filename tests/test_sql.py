@@ -396,3 +396,33 @@ def test_errors_name_the_file():
 ])
 def test_validation_errors_through_sql(text, message):
     assert message in refused(text)
+
+
+@pytest.mark.parametrize("text, message", [
+    # a window of zero size once became a lifetime window, silently
+    ("SELECT user, COUNT(*) AS n FROM read_events GROUP BY user "
+     "WINDOW SLIDING 0 DAYS HOP 0 HOURS", "zero size or hop"),
+    ("SELECT user, COUNT(*) AS n FROM read_events GROUP BY user WINDOW TUMBLING 0 HOURS",
+     "zero size or hop"),
+    # 1 hour tiles kept for 100 weeks of lateness: 16,801 tiles per entity and feature
+    ("SELECT user, COUNT(*) AS n FROM read_events GROUP BY user "
+     "WINDOW TUMBLING 1 HOUR LATENESS 100 WEEKS", "keeps 16,801 tiles per entity; the limit "
+     "is 10,000: use a larger hop or less lateness"),
+])
+def test_windows_that_cannot_be_meant_are_refused(text, message):
+    with pytest.raises(DefinitionError, match=message):
+        view_from_sql(text, sources=[SOURCE_FOR_LIMITS], name="v")
+
+
+SOURCE_FOR_LIMITS = Source("read_events", "read_events",
+                           {"user": "int64", "readtime": "float64", "ts": "int64"})
+
+
+def test_names_too_long_for_the_stores_are_refused():
+    """A 601-character view name once passed apply and killed serve with
+    MDB_BAD_VALSIZE."""
+    with pytest.raises(DefinitionError, match="has 601 characters; the limit is 48"):
+        view_from_sql("SELECT user, COUNT(*) AS n FROM read_events GROUP BY user",
+                      sources=[SOURCE_FOR_LIMITS], name="v" * 601)
+    with pytest.raises(DefinitionError, match="a sliding window's size is 0"):
+        Window.sliding("0d", "0h")

@@ -49,6 +49,7 @@ STOP_GRACE_SECONDS = 30.0
 PORT_CONFLICT_ATTEMPTS = 3
 LOG_TAIL_LINES = 60
 LOG_LINE_MAX_CHARS = 1000
+MAX_MESSAGE_BYTES = 5 * 1024 * 1024          # the broker's default maxMessageSize
 
 
 # --------------------------------------------------------------------------
@@ -156,6 +157,11 @@ def broker_config(
         "functionsWorkerEnabled": False,
         "webSocketServiceEnabled": False,
         "transactionCoordinatorEnabled": False,
+        # One limit for both sides, as the stock standalone.conf has it: a
+        # bookie frame smaller than the broker's largest message made the
+        # broker roll ledgers for ever on one message near the limit.
+        "maxMessageSize": MAX_MESSAGE_BYTES,
+        "nettyMaxFrameSizeBytes": MAX_MESSAGE_BYTES + 10 * 1024,
         "allowAutoTopicCreation": True,
         "allowAutoTopicCreationType": "non-partitioned",
         # Default is ./offloaders style paths relative to the broker's cwd
