@@ -31,6 +31,10 @@ from tally.core.types import FIELD_TYPES, KEY_TYPES, PAYLOAD_FORMATS
 
 CANONICAL_FORMAT = 1          # bump only with a migration of stored hashes
 MAX_NAME_LENGTH = 48
+# Plausible event times (see Source): in ms since 1973-03-03 (a time in seconds
+# of this century is below it), and at most a day ahead of the clock.
+DEFAULT_EARLIEST_EVENT_TIME = 100_000_000_000
+DEFAULT_MAX_EVENT_TIME_AHEAD = 86_400_000
 # One tile per hop per entity and feature: a window (with its lateness) of
 # more hops than this is a mistake long before it is a memory bill.
 MAX_TILES = 10_000
@@ -111,13 +115,21 @@ class Source:
     json (one object per message) or arrow (Arrow IPC stream of record
     batches per message). ``archive`` optionally names a Parquet dataset of
     events older than the topic (a local path or a pyarrow filesystem URI,
-    e.g. ``s3://bucket/read_events/``), with the same schema."""
+    e.g. ``s3://bucket/read_events/``), with the same schema.
+
+    Event times outside the plausible range are refused (dead-lettered, left
+    out of bootstraps and training sets): before ``earliest_event_time``
+    (epoch ms; default 1973-03-03, below which a time is most likely in
+    seconds) or more than ``max_event_time_ahead`` (a duration; default one
+    day) ahead of the clock that reads them."""
     name: str
     topic: str
     schema: tuple            # ((field name, field type), ...)
     timestamp_field: str = "ts"
     format: str = "msgpack"
     archive: str = None
+    earliest_event_time: int = None
+    max_event_time_ahead: int = None
 
     kind = "source"
 
@@ -161,6 +173,36 @@ class Source:
                                          or not self.archive.strip()):
             raise DefinitionError(f"{where}: archive must be a Parquet path or URI such as "
                                   "'s3://bucket/read_events/', or None")
+        self._check_event_time_range(where)
+
+    def _check_event_time_range(self, where):
+        if self.earliest_event_time is not None and (
+                not isinstance(self.earliest_event_time, int)
+                or isinstance(self.earliest_event_time, bool)):
+            raise DefinitionError(f"{where}: earliest_event_time must be epoch milliseconds "
+                                  "(an int), e.g. 946684800000 for 2000-01-01, or None")
+        if self.max_event_time_ahead is not None:
+            ahead = self.max_event_time_ahead
+            if not isinstance(ahead, int) or isinstance(ahead, bool):
+                try:
+                    object.__setattr__(self, "max_event_time_ahead", duration_ms(ahead))
+                except DefinitionError as error:
+                    raise DefinitionError(f"{where}: max_event_time_ahead: {error}") from None
+            if self.max_event_time_ahead < 0:
+                raise DefinitionError(f"{where}: max_event_time_ahead is negative; give a "
+                                      "duration such as '1d'")
+
+    @property
+    def event_time_floor(self):
+        """The earliest plausible event time (epoch ms)."""
+        return DEFAULT_EARLIEST_EVENT_TIME if self.earliest_event_time is None \
+            else self.earliest_event_time
+
+    @property
+    def event_time_ahead_ms(self):
+        """How far ahead of the clock an event time may be (ms)."""
+        return DEFAULT_MAX_EVENT_TIME_AHEAD if self.max_event_time_ahead is None \
+            else self.max_event_time_ahead
 
     @property
     def fields(self):
@@ -173,19 +215,23 @@ class Source:
         data = {"name": self.name, "topic": self.topic, "format": self.format,
                 "schema": [[n, t] for n, t in self.schema],
                 "timestamp_field": self.timestamp_field}
-        if self.archive is not None:
-            data["archive"] = self.archive
+        for key in ("archive", "earliest_event_time", "max_event_time_ahead"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
         return data
 
     @classmethod
     def from_dict(cls, data):
         return cls(data["name"], data["topic"], tuple(map(tuple, data["schema"])),
-                   data["timestamp_field"], data["format"], data.get("archive"))
+                   data["timestamp_field"], data["format"], data.get("archive"),
+                   data.get("earliest_event_time"), data.get("max_event_time_ahead"))
 
     def __repr__(self):
         schema = ", ".join(f"{n!r}: {t!r}" for n, t in self.schema)
         extra = "" if self.format == "msgpack" else f", format={self.format!r}"
-        extra += "" if self.archive is None else f", archive={self.archive!r}"
+        for key in ("archive", "earliest_event_time", "max_event_time_ahead"):
+            if getattr(self, key) is not None:
+                extra += f", {key}={getattr(self, key)!r}"
         return (f"Source({self.name!r}, topic={self.topic!r}, schema={{{schema}}}, "
                 f"timestamp_field={self.timestamp_field!r}{extra})")
 

@@ -10,6 +10,12 @@ The rules (:func:`violations`), each with the reason a dead letter carries:
 * the event time lies in [``MIN_EVENT_TIME``, ``MAX_EVENT_TIME``] =
   [-2**62, 2**62] epoch ms, the range the core can represent:
   ``field 'ts': event time N is outside [-2**62, 2**62] epoch ms``;
+* the event time is plausible: not before the source's
+  ``earliest_event_time`` (default 1973-03-03: a time in seconds is far
+  below it) and at most ``max_event_time_ahead`` (default one day) ahead of
+  the clock: a far-future time would freeze its entity's windows;
+* float values are not infinite (a sum that met inf stays inf for ever;
+  NaN is a null);
 * the event time and the entity key are present (a table can hold nulls;
   a payload's required fields cannot): ``field 'ts' is null``;
 * a string entity key is 1 to ``MAX_KEY_BYTES`` bytes of UTF-8, what every
@@ -23,6 +29,8 @@ rather than as a payload with holes in it. Table rows (:func:`table_columns`,
 follows the decoders' rules (``tally.core.formats``): int64, float64 (NaN for
 a null), bool, object arrays of ``str`` (None for a null).
 """
+import time
+
 import numpy as np
 import pyarrow as pa
 
@@ -40,10 +48,12 @@ __all__ = ["MAX_EVENT_TIME", "MAX_KEY_BYTES", "MIN_EVENT_TIME", "decode_payloads
 # The rules
 
 
-def violations(columns, source, key_column=None, key_type=None):
+def violations(columns, source, key_column=None, key_type=None, valid=None, now_ms=None):
     """``[(bad, reason_of)]``, in rule order, for each rule some event breaks:
     a boolean mask of the events breaking it, and ``reason_of(i)``, the
-    reason for event ``i``."""
+    reason for event ``i``. ``valid`` masks nulls of optional fields (a
+    null float is NaN and breaks no rule); ``now_ms`` is the clock the
+    plausibility of event times is judged by (default: the wall clock)."""
     found = []
     ts_field = source.timestamp_field
     ts = columns[ts_field]
@@ -52,10 +62,8 @@ def violations(columns, source, key_column=None, key_type=None):
         if null.any():
             found.append((null, lambda i: f"field '{ts_field}' is null"))
         ts = np.where(null, 0, ts).astype(np.int64)
-    outside = (ts < MIN_EVENT_TIME) | (ts > MAX_EVENT_TIME)
-    if outside.any():
-        found.append((outside, lambda i: f"field '{ts_field}': event time {int(ts[i])} is "
-                                         "outside [-2**62, 2**62] epoch ms"))
+    found += _time_violations(ts, ts_field, source, now_ms)
+    found += _value_violations(columns, source, valid or {})
     if key_column is not None:
         keys = columns[key_column]
         bad = ~valid_keys(keys, key_type)
@@ -63,6 +71,46 @@ def violations(columns, source, key_column=None, key_type=None):
             found.append((bad, lambda i: f"field {key_column!r} is null" if _is_null(keys[i])
                           else f"field {key_column!r}: an entity key must be 1 to "
                                f"{MAX_KEY_BYTES} bytes of UTF-8"))
+    return found
+
+
+def _time_violations(ts, ts_field, source, now_ms):
+    found = []
+    outside = (ts < MIN_EVENT_TIME) | (ts > MAX_EVENT_TIME)
+    if outside.any():
+        found.append((outside, lambda i: f"field '{ts_field}': event time {int(ts[i])} is "
+                                         "outside [-2**62, 2**62] epoch ms"))
+    floor = source.event_time_floor
+    early = (ts < floor) & ~outside
+    if early.any():
+        found.append((early, lambda i: f"field '{ts_field}': event time {int(ts[i])} is before "
+                                       f"the source's earliest_event_time {floor} (epoch ms; "
+                                       "a time in seconds? send milliseconds)"))
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    latest = now_ms + source.event_time_ahead_ms
+    ahead = (ts > latest) & ~outside
+    if ahead.any():
+        found.append((ahead, lambda i: f"field '{ts_field}': event time {int(ts[i])} is "
+                                       f"{(int(ts[i]) - now_ms) / 3_600_000:,.1f} h ahead of the "
+                                       "clock; the source's max_event_time_ahead is "
+                                       f"{source.event_time_ahead_ms / 3_600_000:g} h"))
+    return found
+
+
+def _value_violations(columns, source, valid):
+    """Infinite numbers: a sum that met inf is inf for ever (NaN is Tally's
+    null in a float column, as the decoders write it and the arenas skip it)."""
+    found = []
+    for name, dtype in source.schema:
+        values = columns.get(name)
+        if dtype != "float64" or values is None or values.dtype.kind != "f":
+            continue
+        bad = np.isinf(values)
+        if name in valid:
+            bad &= valid[name]
+        if bad.any():
+            found.append((bad, lambda i, name=name, values=values:
+                          f"field '{name}' value {float(values[i])} is not a finite number"))
     return found
 
 
@@ -93,7 +141,8 @@ def _is_null(value):
 # Payloads: refused whole
 
 
-def decode_payloads(payloads, source, decode_schema=None, key_column=None, key_type=None):
+def decode_payloads(payloads, source, decode_schema=None, key_column=None, key_type=None,
+                    now_ms=None):
     """The events of a batch of message payloads in ``source``'s format, with
     every payload that holds an invalid event refused (see the module doc).
     Never raises for a bad payload."""
@@ -101,7 +150,7 @@ def decode_payloads(payloads, source, decode_schema=None, key_column=None, key_t
                         decode_schema if decode_schema is not None else schema_of(source))
     if not events.n_events:
         return events
-    broken = violations(events.columns, source, key_column, key_type)
+    broken = violations(events.columns, source, key_column, key_type, events.valid, now_ms)
     if not broken:
         return events
     rejected = {}                        # payload -> reason: its first broken rule's
@@ -147,10 +196,10 @@ def table_columns(data, source, columns):
     return out
 
 
-def drop_invalid(columns, source, key_column=None, key_type=None):
+def drop_invalid(columns, source, key_column=None, key_type=None, now_ms=None):
     """``(columns, dropped)``: the rows that break no rule, and per reason the
     number of rows dropped. The time column comes back as int64."""
-    broken = violations(columns, source, key_column, key_type)
+    broken = violations(columns, source, key_column, key_type, now_ms=now_ms)
     ts_field = source.timestamp_field
     if columns[ts_field].dtype.kind == "f":
         ts = columns[ts_field]

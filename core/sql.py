@@ -92,7 +92,8 @@ _TYPES = {
     "bool": (exp.DataType.Type.BOOLEAN,),
 }
 _SQL_TYPE = {"int64": "BIGINT", "float64": "DOUBLE", "string": "VARCHAR", "bool": "BOOLEAN"}
-SOURCE_PROPERTIES = ("topic", "format", "event_time", "archive")
+SOURCE_PROPERTIES = ("topic", "format", "event_time", "archive", "earliest_event_time",
+                     "max_event_time_ahead")
 VIEW_PROPERTIES = ("owner", "description", "tags", "online_expiry")
 
 # sqlglot classes of the aggregates of the dialect -> Tally aggregation
@@ -302,9 +303,19 @@ def _source_from_create(create):
                                   "outside the Tally SQL dialect; drop them")
         fields.append((column.name, _field_type(column, where)))
     props = _properties(create, SOURCE_PROPERTIES, where)
+    earliest = props.get("earliest_event_time")
+    if earliest is not None:
+        try:
+            earliest = int(earliest)
+        except ValueError:
+            raise DefinitionError(f"{where}: earliest_event_time = {earliest!r} is not epoch "
+                                  "milliseconds; write e.g. earliest_event_time = "
+                                  "'946684800000'") from None
     return Source(name, props.get("topic", name), tuple(fields),
                   timestamp_field=props.get("event_time", "ts"),
-                  format=props.get("format", "msgpack"), archive=props.get("archive"))
+                  format=props.get("format", "msgpack"), archive=props.get("archive"),
+                  earliest_event_time=earliest,
+                  max_event_time_ahead=props.get("max_event_time_ahead"))
 
 
 def _field_type(column, where):
@@ -626,6 +637,11 @@ def source_to_sql(source):
         props.append(f"event_time = {_string(source.timestamp_field)}")
     if source.archive:
         props.append(f"archive = {_string(source.archive)}")
+    if source.earliest_event_time is not None:
+        props.append(f"earliest_event_time = '{source.earliest_event_time}'")
+    if source.max_event_time_ahead is not None:
+        props.append("max_event_time_ahead = "
+                     f"{_string(format_duration(source.max_event_time_ahead))}")
     return f"CREATE SOURCE {_ident(source.name)} ({fields}) WITH ({', '.join(props)})"
 
 

@@ -15,7 +15,9 @@ from tally.core.definitions import Entity, Feature, FeatureView, Source
 from tally.core.events import MAX_KEY_BYTES
 from tally.core.snapshot import load
 
-SOURCE = Source("reads", "reads", {"user": "string", "readtime": "float64", "ts": "int64"})
+# small synthetic times: the range rules are tested apart, below
+SOURCE = Source("reads", "reads", {"user": "string", "readtime": "float64", "ts": "int64"},
+                earliest_event_time=-2**62, max_event_time_ahead=2**62)
 VIEW = FeatureView("by_user", Entity("user", "string"), SOURCE,
                    [Feature("n", "count"), Feature("total", "sum", "readtime")])
 
@@ -93,3 +95,44 @@ def test_valid_keys(key_type):
     else:
         keys = np.array(["a", "", None, "é" * 255, "é" * 256], dtype=object)
         assert rules.valid_keys(keys, "string").tolist() == [True, False, False, True, False]
+
+
+# --------------------------------------------------------------------------
+# Plausible values: the defaults of a Source
+
+DEFAULT = Source("plain", "plain", {"user": "int64", "readtime": "float64", "ts": "int64"})
+NOW = 1_764_000_000_000                     # 2025-11-24
+
+
+@pytest.mark.parametrize("event, reason", [
+    # readtime +inf made sums +Infinity for ever (+inf then -inf served NaN)
+    ({"user": 1, "readtime": float("inf"), "ts": NOW}, "field 'readtime' value inf is not a "
+                                                       "finite number"),
+    ({"user": 1, "readtime": float("-inf"), "ts": NOW}, "value -inf is not a finite number"),
+    # year 3000 froze the entity's windows and moved _event_time
+    ({"user": 1, "readtime": 1.0, "ts": 32_503_680_000_000}, "h ahead of the clock"),
+    ({"user": 1, "readtime": 1.0, "ts": 2**62}, "h ahead of the clock"),
+    # seconds, and negative times, were folded into lifetime sums
+    ({"user": 1, "readtime": 1.0, "ts": NOW // 1000}, "a time in seconds? send milliseconds"),
+    ({"user": 1, "readtime": 1.0, "ts": -5}, "before the source's earliest_event_time"),
+])
+def test_implausible_values_are_refused_with_the_reason(event, reason):
+    got = rules.decode_payloads([msgpack.packb(event)], DEFAULT, now_ms=NOW)
+    assert len(got.rejects) == 1 and reason in got.rejects[0][1], got.rejects
+    assert got.n_events == 0
+
+
+def test_plausible_values_pass_and_the_bounds_are_the_sources():
+    events = [{"user": 1, "readtime": 1.0, "ts": NOW + 86_400_000},      # a day ahead: fine
+              {"user": 1, "readtime": float("nan"), "ts": 100_000_000_000}]   # NaN is a null
+    got = rules.decode_payloads([msgpack.packb(e) for e in events], DEFAULT, now_ms=NOW)
+    assert got.rejects == [] and got.n_events == 2
+    loose = Source("loose", "loose", {"user": "int64", "readtime": "float64", "ts": "int64"},
+                   earliest_event_time=0, max_event_time_ahead="7d")
+    late = {"user": 1, "readtime": 1.0, "ts": NOW + 3 * 86_400_000}
+    assert rules.decode_payloads([msgpack.packb(late)], loose, now_ms=NOW).rejects == []
+    table = pa.table({"user": [1, 2], "readtime": [float("inf"), 1.0], "ts": [NOW, NOW]})
+    columns, dropped = rules.drop_invalid(
+        rules.table_columns(table, DEFAULT, ["user", "readtime", "ts"]), DEFAULT, now_ms=NOW)
+    assert columns["user"].tolist() == [2]
+    assert list(dropped.values()) == [1]

@@ -30,8 +30,12 @@ from tally.service.training import iter_training_batches, training_set
 HOUR = 3_600_000
 
 user = Entity("user", "int64")
+# Training sets are tested with small synthetic times: accept every time the
+# core can represent (the plausibility rules are tested in test_events.py).
+ANY_TIME = {"earliest_event_time": -2**62, "max_event_time_ahead": 2**62}
 events_source = Source("clicks", "clicks",
-                       schema={"user": "int64", "item": "int64", "x": "float64", "ts": "int64"})
+                       schema={"user": "int64", "item": "int64", "x": "float64", "ts": "int64"},
+                       **ANY_TIME)
 
 
 def view_of(*features, name="v", entity=user, source=events_source):
@@ -110,7 +114,7 @@ def test_unsorted_and_duplicated_spine_rows_keep_spine_order():
 def test_string_keys_and_timestamp_types():
     account = Entity("account", "string")
     source = Source("payments", "payments",
-                    schema={"account": "string", "amount": "float64", "ts": "int64"})
+                    schema={"account": "string", "amount": "float64", "ts": "int64"}, **ANY_TIME)
     view = FeatureView("spend", account, source, features=[
         Feature("spent", "sum", "amount"), Feature("payments", "count")])
     events = pd.DataFrame({"account": ["a", "b", "a", "é", "a"],
@@ -143,7 +147,7 @@ def test_int_keys_from_arrow_and_parquet_spine(tmp_path):
 def test_several_views_entities_and_sources_in_one_call():
     item = Entity("item", "int64")
     impressions = Source("impressions", "impressions",
-                         schema={"item": "int64", "user": "int64", "ts": "int64"})
+                         schema={"item": "int64", "user": "int64", "ts": "int64"}, **ANY_TIME)
     by_user = view_of(Feature("n", "count"), Feature("total", "sum", "x"), name="by_user")
     by_item = FeatureView("by_item", item, impressions, features=[
         Feature("n", "count"), Feature("viewers", "distinct_count", "user")])
@@ -457,7 +461,8 @@ def test_cli_training_set(tmp_path, capsys):
         "from tally.core.definitions import Entity, Feature, FeatureView, Source\n"
         "user = Entity('user', 'int64')\n"
         "clicks = Source('clicks', 'clicks', schema={'user': 'int64', 'item': 'int64', "
-        f"'x': 'float64', 'ts': 'int64'}}, archive={str(archive)!r})\n"
+        f"'x': 'float64', 'ts': 'int64'}}, archive={str(archive)!r}, "
+        "earliest_event_time=-2**62, max_event_time_ahead=2**62)\n"
         "v = FeatureView('v', user, clicks, features=[Feature('total', 'sum', 'x'), "
         "Feature('n', 'count')])\n")
     out = tmp_path / "train.parquet"
