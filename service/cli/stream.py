@@ -94,8 +94,7 @@ def cmd_serve(args):
     logging.getLogger("tally.serve").info(
         "serving %s", [f"{name}@v{version}" for name, version in service.runners]
         if not registry else f"the views of registry {args.registry}")
-    uvloop.run(service.run())
-    return 0
+    return uvloop.run(service.run())
 
 
 def _address(text):

@@ -20,20 +20,35 @@ still mid-batch) exactly one wins, and the loser learns it lost the partition
 Fault injection for tests: ``TALLY_CRASH_IN_CHECKPOINT=<probability>`` makes
 the process SIGKILL itself at a random step of a checkpoint.
 """
+import logging
 import os
 import random
 import re
 import signal
+from dataclasses import dataclass, field
 
 from tally.core import snapshot
+from tally.core.errors import SnapshotError, TallyError
+
+log = logging.getLogger("tally.checkpoint")
 
 _NAME = re.compile(r"^(\d{12})\.ckpt$")
 _TEMPORARY = re.compile(r"^(\d{12})\.ckpt\.tmp-\d+$")
 KEEP = 3          # older checkpoints are deleted once a newer one is published
 
 
-class CheckpointConflict(RuntimeError):
+class CheckpointConflict(TallyError, RuntimeError):
     """Another process published a newer checkpoint: this one lost the partition."""
+
+
+@dataclass
+class Restored:
+    """The newest valid checkpoint of a partition (``sequence`` 0: none) and
+    the newer ones found corrupt, set aside as ``<sequence>.ckpt.corrupt``."""
+    sequence: int = 0
+    arrays: dict = None
+    meta: dict = None
+    corrupt: list = field(default_factory=list)      # [(sequence, reason)]
 
 
 class CheckpointStore:
@@ -45,19 +60,50 @@ class CheckpointStore:
 
     def latest_sequence(self, view_name, state_hash, partition):
         """The newest published sequence number, or 0 if there is none."""
-        directory = self.directory(view_name, state_hash, partition)
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return 0
-        sequences = [int(m.group(1)) for m in map(_NAME.match, names) if m]
-        return max(sequences, default=0)
+        return max(self._sequences(self.directory(view_name, state_hash, partition)),
+                   default=0)
 
     def load(self, view_name, state_hash, partition, sequence):
         """``(arrays, meta)`` of a published checkpoint."""
         path = os.path.join(self.directory(view_name, state_hash, partition),
                             f"{sequence:012d}.ckpt")
         return snapshot.load(path)
+
+    def restore(self, view_name, state_hash, partition):
+        """The newest checkpoint that loads. A corrupt one (truncated, a
+        flipped byte: the snapshot's CRC catches it) is logged, set aside and
+        passed over for the one before it: restoring an older checkpoint with
+        its own position loses nothing, its messages are read again."""
+        directory = self.directory(view_name, state_hash, partition)
+        restored = Restored()
+        for sequence in sorted(self._sequences(directory), reverse=True):
+            try:
+                restored.arrays, restored.meta = self.load(view_name, state_hash, partition,
+                                                           sequence)
+                restored.sequence = sequence
+                return restored
+            except (SnapshotError, OSError, ValueError, KeyError) as error:
+                restored.corrupt.append((sequence, f"{type(error).__name__}: {error}"))
+                log.error("%s partition %d: checkpoint %d is corrupt (%s); set aside, "
+                          "restoring the one before it", view_name, partition, sequence, error)
+                self._set_aside(directory, sequence)
+        return restored
+
+    @staticmethod
+    def _sequences(directory):
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        return [int(m.group(1)) for m in map(_NAME.match, names) if m]
+
+    @staticmethod
+    def _set_aside(directory, sequence):
+        path = os.path.join(directory, f"{sequence:012d}.ckpt")
+        try:
+            os.replace(path, f"{path}.corrupt")
+        except FileNotFoundError:
+            pass                          # another process set it aside first
 
     def save(self, view_name, state_hash, partition, sequence, arrays, meta):
         """Publish checkpoint ``sequence``; raise CheckpointConflict if it exists."""

@@ -25,6 +25,9 @@ class IngestStats:
     freshness_ms: int = None          # last write time minus its newest event time
     store_retries: int = 0
     checkpoints: int = 0
+    corrupt_checkpoints: int = 0     # found corrupt, set aside, the one before restored
+    dead_letter_failures: int = 0    # flushes that left dead letters unsent
+    store_refused: int = 0           # entities whose records the store refused for good
     busy_seconds: float = 0.0
 
     def record_rejects(self, rejects):
@@ -35,7 +38,8 @@ class IngestStats:
     def add(self, other):
         """Fold another partition's counters into these (for a whole view)."""
         for name in ("messages", "events", "rejected", "batches", "store_retries",
-                     "checkpoints"):
+                     "checkpoints", "corrupt_checkpoints", "dead_letter_failures",
+                     "store_refused"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, count in other.reject_reasons.items():
             self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + count

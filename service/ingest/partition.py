@@ -28,7 +28,7 @@ from tally.core.materialize import next_expiry, online_schema
 from tally.core.record import INT64_MAX
 from tally.core.view import EVENT_TIME, ViewState
 from tally.service.ingest.checkpoint import CheckpointConflict
-from tally.service.ingest.dead_letters import DeadLetters
+from tally.service.ingest.dead_letters import DeadLetterError, DeadLetters
 from tally.service.ingest.fold import Fold, IngestStats
 from tally.service.ingest.writer import RecordWriter, WriteAbandoned
 from tally.service.pulsar.client import raw, subscribe_failover
@@ -56,13 +56,15 @@ class PartitionWorker:
         self.state = ViewState(view)
         self.schema = online_schema(view, version)
         self.fold = Fold(view, self.stats)
-        self.writer = RecordWriter(view, store, self.schema, serving, self.clock, self.stats)
-        self.dead_letters = DeadLetters(client, view.source.topic)
+        self.dead_letters = DeadLetters(client, view.source.topic, view.name)
+        self.writer = RecordWriter(view, store, self.schema, serving, self.clock, self.stats,
+                                   on_refused=self.dead_letters.send_refused_record)
         self.consumer = subscribe_failover(
             client, topic or partition_topic(view.source.topic, partition), subscription,
             consumer_name, batch_size, batch_timeout_ms)
         self.receiver = raw(self.consumer)
         self.sequence = None            # the checkpoint our state stands on; None: not loaded
+        self.seek_bound = None          # after a seek under way: batches starting later are stale
         self.position = NO_POSITION
         self.checkpointed_position = NO_POSITION
         self.unacknowledged = None      # newest folded message, acked at the next checkpoint
@@ -107,7 +109,17 @@ class PartitionWorker:
         return len(messages)
 
     async def _fold_fresh(self, messages, stopping):
-        self.adopt_latest_checkpoint()
+        moved = self.adopt_latest_checkpoint()     # another process owned it meanwhile
+        if moved:
+            self.seek_to_position()
+            # a receive under way may still return messages from before the
+            # seek: they follow this batch, the re-read ones precede it
+            self.seek_bound = message_position(messages[0])
+            return
+        if self.seek_bound is not None:
+            if message_position(messages[0]) > self.seek_bound:
+                return                     # sent before the seek took effect: dropped
+            self.seek_bound = None
         # a batch is in log order: bisect instead of a position per message
         split = bisect.bisect_right(messages, self.position, key=message_position)
         replayed, fresh = messages[:split], messages[split:]
@@ -147,28 +159,61 @@ class PartitionWorker:
         if message_position(last_replayed) <= self.checkpointed_position:
             self.receiver.acknowledge_cumulative(last_replayed)
 
+    def start(self):
+        """Restore the partition's newest valid checkpoint and move the
+        subscription to its position, before anything is received: state and
+        position always agree, whatever the subscription's acknowledgements
+        say (a lost, corrupt or older checkpoint is read forward from its own
+        position, an empty checkpoint directory from the earliest message).
+        Also what makes every owned partition's windows expire from the start."""
+        self.adopt_latest_checkpoint()
+        self.seek_to_position()
+
     def adopt_latest_checkpoint(self):
-        """Restore the newest checkpoint unless our state already is it."""
+        """Restore the newest valid checkpoint unless our state already is it.
+        Returns None if nothing changed, else whether the subscription must be
+        moved: when the newest checkpoint was corrupt, the one restored is older
+        than the acknowledgements (its messages must be read again)."""
         latest = self.checkpoints.latest_sequence(self.view.name, self.state_hash,
                                                   self.partition)
         if latest == self.sequence:
-            return
-        if latest == 0:
+            return None
+        restored = self.checkpoints.restore(self.view.name, self.state_hash, self.partition)
+        self.stats.corrupt_checkpoints += len(restored.corrupt)
+        if restored.sequence == 0:
             self.state, self.position = ViewState(self.view), NO_POSITION
         else:
-            arrays, meta = self.checkpoints.load(self.view.name, self.state_hash,
-                                                 self.partition, latest)
-            self.state = ViewState.from_arrays(self.view, meta["params"], arrays)
+            meta = restored.meta
+            self.state = ViewState.from_arrays(self.view, meta["params"], restored.arrays)
             self.position = tuple(meta["position"])
             log.info("%s partition %d: restored checkpoint %d at position %s",
-                     self.view.name, self.partition, latest, self.position)
-        self.sequence = latest
+                     self.view.name, self.partition, restored.sequence, self.position)
+        self.sequence = restored.sequence
         self.checkpointed_position = self.position
         self.unacknowledged = None
+        self.rewritten_once = False
+        return restored.sequence != latest
+
+    def seek_to_position(self):
+        """Make the subscription deliver from our position on (from the
+        earliest message with none); messages at or before it are skipped."""
+        import pulsar
+        if self.position == NO_POSITION:
+            target = pulsar.MessageId.earliest
+        else:
+            target = pulsar.MessageId(-1, self.position[0], self.position[1], -1)
+        self.consumer.seek(target)
 
     def checkpoint(self):
-        """Save state and position, then acknowledge everything they cover."""
-        self.dead_letters.flush()        # dead letters are durable before their ack
+        """Save state and position, then acknowledge everything they cover;
+        False if no checkpoint was taken (it is tried again later)."""
+        try:
+            self.dead_letters.flush()    # dead letters are durable before their ack
+        except DeadLetterError as error:
+            self.stats.dead_letter_failures += 1
+            log.error("%s partition %d: %s; the checkpoint waits", self.view.name,
+                      self.partition, error)
+            return False
         self.store.flush()
         try:
             self.checkpoints.save(
@@ -198,6 +243,7 @@ async def drive(worker, pool, keep_going, stopping=None, fold_last=False):
     (the consumer lives on), else dropped unacknowledged: Pulsar delivers it
     again to whoever owns the partition next."""
     loop = asyncio.get_running_loop()
+    await loop.run_in_executor(pool, worker.start)
     receiving = loop.run_in_executor(pool, worker.receive)
     while keep_going():
         messages = await receiving

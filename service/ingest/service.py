@@ -88,6 +88,7 @@ class VersionRunner:
 
 
 IDLE_BATCHES_CAUGHT_UP = 5
+STALE_CHECKPOINT_S = 60.0
 
 
 class StreamingService:
@@ -113,6 +114,7 @@ class StreamingService:
         for view in views:
             self.runners[(view.name, 1)] = VersionRunner(self, view, 1, serving=True)
         self.stopping = None
+        self.failures = []                    # partitions that could not go on
         self.metrics = service_metrics()
         self.metrics_address = metrics_address
 
@@ -142,6 +144,7 @@ class StreamingService:
             metrics_task.cancel()
         self.pool.shutdown()
         self.close()
+        return 1 if self.failures else 0
 
     def _start_tasks(self, key):
         runner = self.runners[key]
@@ -185,7 +188,31 @@ class StreamingService:
     async def _drive(self, loop, runner, worker):
         def stopping():
             return self.stopping.is_set() or runner.stopping
-        await drive(worker, self.pool, lambda: not stopping(), stopping)
+        try:
+            await drive(worker, self.pool, lambda: not stopping(), stopping)
+        except Exception as error:
+            # Never silent: a partition that cannot make progress fails the
+            # process (logged, on /health and /metrics, a non-zero exit), so
+            # that a supervisor restarts it and Pulsar hands the partition on.
+            name = f"{runner.view.name}@v{runner.version} partition {worker.partition}"
+            log.exception("%s failed: %s; stopping the service", name, error)
+            self.failures.append(f"{name}: {type(error).__name__}: {error}")
+            self.stopping.set()
+
+    def health(self):
+        """``(healthy, details)`` for /health: unhealthy once a partition
+        failed, or while a partition's folded messages wait far longer than
+        the checkpoint interval for a checkpoint (a store or the dead-letter
+        topic failing)."""
+        problems = list(self.failures)
+        limit = max(STALE_CHECKPOINT_S, 10 * self.checkpoint_interval_s)
+        for worker in self.workers:
+            age = seconds_since(worker.last_checkpoint)
+            if worker.unacknowledged is not None and age > limit:
+                problems.append(f"{worker.view.name} partition {worker.partition}: no "
+                                f"checkpoint for {age:.0f} s")
+        return not problems, {"status": "ok" if not problems else "failing",
+                              "problems": problems}
 
     def _start_metrics(self):
         if not self.metrics_address:
@@ -220,10 +247,19 @@ class StreamingService:
                                 ("tally_batch_seconds_total", round(stats.busy_seconds, 6)),
                                 ("tally_checkpoints_total", stats.checkpoints),
                                 ("tally_store_write_retries_total", stats.store_retries),
+                                ("tally_store_refused_total", stats.store_refused),
+                                ("tally_corrupt_checkpoints_total", stats.corrupt_checkpoints),
+                                ("tally_dead_letter_failures_total",
+                                 stats.dead_letter_failures),
                                 ("tally_checkpoint_age_seconds",
                                  seconds_since(worker.last_checkpoint)),
                                 ("tally_unacknowledged", int(worker.unacknowledged is not None))):
                 self.metrics.set(name, value, **labels)
+        self.metrics.set("tally_partition_failures", len(self.failures))
+        for worker in self.workers:
+            labels = {"view": worker.view.name, "version": worker.schema.version,
+                      "partition": worker.partition}
+            stats = worker.stats
             if stats.watermark_ms is not None:
                 self.metrics.set("tally_event_time_lag_seconds",
                                  round((now_ms - stats.watermark_ms) / 1000, 3), **labels)

@@ -12,6 +12,7 @@ import numpy as np
 
 from tally.core.materialize import records_for
 from tally.core.view import EVENT_TIME
+from tally.service.store import is_permanent
 
 log = logging.getLogger("tally.ingest")
 
@@ -25,11 +26,19 @@ class WriteAbandoned(Exception):
 
 
 class RecordWriter:
-    """Writes one view version's records into the online store."""
+    """Writes one view version's records into the online store.
 
-    def __init__(self, view, store, schema, serving, clock, stats):
+    A store error is transient unless the store says it is permanent
+    (``tally.service.store.is_permanent``: a record too large, a TTL the
+    namespace forbids): transient ones are waited out, a permanent one is
+    narrowed to the entities it concerns, each of which is reported to
+    ``on_refused(key, error)`` (a metric, a log line, a dead letter) and
+    never written again -- the others are."""
+
+    def __init__(self, view, store, schema, serving, clock, stats, on_refused=None):
         self.view, self.store, self.schema = view, store, schema
         self.clock, self.stats = clock, stats
+        self.on_refused = on_refused
         # A candidate writes into its own records, served once promoted.
         self.version = None if serving else schema.version
         store.register_view(schema, current=serving)
@@ -37,6 +46,15 @@ class RecordWriter:
     async def write(self, state, slots, stopping=None):
         """Write the records of ``slots``, retrying with backoff while the
         store fails; raises WriteAbandoned if ``stopping()`` becomes true."""
+        try:
+            now = await self._write_retrying(state, slots, stopping)
+        except Exception as error:
+            if not is_permanent(error):
+                raise
+            now = await self._write_one_by_one(state, slots, stopping)
+        self._observe(state, slots, now)
+
+    async def _write_retrying(self, state, slots, stopping):
         keys = state.index.keys_of(slots)
         delay = FIRST_RETRY_S
         while True:
@@ -45,8 +63,10 @@ class RecordWriter:
                 self.store.write(self.view.name, keys,
                                  records_for(state, self.schema, slots, now, now),
                                  version=self.version)
-                break
-            except Exception as error:          # any store failure: wait, then retry
+                return now
+            except Exception as error:          # a store failure: wait, unless permanent
+                if is_permanent(error):
+                    raise
                 self.stats.store_retries += 1
                 log.warning("%s: online store write failed (%s); retrying in %.2f s",
                             self.view.name, error, delay)
@@ -54,7 +74,27 @@ class RecordWriter:
                     raise WriteAbandoned(str(error)) from error
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_S)
-        self._observe(state, slots, now)
+
+    async def _write_one_by_one(self, state, slots, stopping):
+        """After a permanent refusal: each entity alone, so only the records
+        the store refuses are left out."""
+        now = self.clock()
+        for slot in slots:
+            one = np.array([slot])
+            try:
+                now = await self._write_retrying(state, one, stopping)
+            except Exception as error:
+                if not is_permanent(error):
+                    raise
+                self._refused(state.index.keys_of(one)[0], error)
+        return now
+
+    def _refused(self, key, error):
+        self.stats.store_refused += 1
+        log.error("%s: the online store refused the record of entity %r for good (%s); "
+                  "it is dead-lettered and not written", self.view.name, key, error)
+        if self.on_refused is not None:
+            self.on_refused(key, error)
 
     def _observe(self, state, slots, now):
         if not len(slots):

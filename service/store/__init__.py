@@ -20,6 +20,17 @@ class StoreError(TallyError, LookupError):
     """An unknown view or version, or a store that cannot be opened."""
 
 
+class RecordRefused(StoreError):
+    """The store refuses these records for good (too large, an invalid key,
+    a TTL the namespace forbids): writing them again cannot succeed."""
+    permanent = True
+
+
+def is_permanent(error):
+    """Whether retrying a failed write cannot mend it."""
+    return bool(getattr(error, "permanent", False))
+
+
 @runtime_checkable
 class OnlineStore(Protocol):
     """What the pipeline, the bootstrap and the readers need of a store."""

@@ -129,7 +129,7 @@ def code_name(code):
     return CODE_NAMES.get(code, str(code))
 
 
-class AerospikeStoreError(RuntimeError):
+class AerospikeStoreError(StoreError, RuntimeError):
     """The server or client refused a command for good (``code`` says why)."""
 
     def __init__(self, message, code=None):
@@ -143,6 +143,9 @@ class AerospikeWriteError(AerospikeStoreError):
 
     def __init__(self, view, failures, written):
         self.view, self.failures, self.written = view, failures, written
+        # retrying cannot mend a write refused for a code the server keeps giving
+        self.permanent = bool(failures) and all(code not in RETRYABLE
+                                                for _, code, _ in failures)
         codes = {}
         for _, code, _ in failures:
             codes[code] = codes.get(code, 0) + 1

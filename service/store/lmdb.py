@@ -13,7 +13,7 @@ import os
 import lmdb
 
 from tally.core.events import MAX_KEY_BYTES   # longer (or empty) keys are never stored
-from tally.service.store import StoreError
+from tally.service.store import RecordRefused, StoreError
 
 from tally.core.record import ViewSchema, decode_record, encode_keys
 
@@ -95,8 +95,12 @@ class LmdbStore:
         size = schema.record_size
         items = zip(encode_keys(schema.key_type, keys),
                     (blob[i * size:(i + 1) * size] for i in range(len(records))))
-        with self.env.begin(write=True, db=self._db(view, schema.version)) as txn:
-            txn.cursor().putmulti(items)
+        try:
+            with self.env.begin(write=True, db=self._db(view, schema.version)) as txn:
+                txn.cursor().putmulti(items)
+        except lmdb.BadValsizeError as error:
+            raise RecordRefused(f"view {view!r}: LMDB refused a key or record ({error})") \
+                from error
 
     def get_many(self, view, keys, version=None):
         """Decoded records for ``keys``; None for entities with no record. The
