@@ -22,8 +22,7 @@ import pytest
 
 from tally.service.store.lmdb import LmdbStore, StoreError, _db_name
 from tally.core.record import encode_keys
-from tally.core.record import (INT64_MAX, INT64_MIN, RecordError, ViewSchema,
-                                  encode_records)
+from tally.core.record import INT64_MAX, INT64_MIN, RecordError, Records, ViewSchema
 
 CEXT = Path(__file__).resolve().parent.parent / "cext"
 BUILD = CEXT / "build"
@@ -96,7 +95,7 @@ def random_records(schema, n, rng):
     valid_until = rng.integers(0, 1 << 45, size=n)
     valid_until[rng.random(n) < 0.3] = INT64_MAX
     write_time = int(rng.integers(0, 1 << 45))
-    return encode_records(schema, values, event_time, write_time, valid_until)
+    return Records(values, event_time, write_time, valid_until)
 
 
 def int_keys(rng, n):
@@ -297,7 +296,7 @@ def test_embedded_reader_refuses_bad_records_and_schemas(tmp_path, rng, embedded
     old = schema_of("v", "int64", 3)
     with LmdbStore(tmp_path) as store:
         store.register_view(old)
-        old_records = random_records(old, 2, rng)
+        old_records = random_records(old, 2, rng).encode(old)
         # the view is redefined; records of the old shape in the new version's
         # database (they must never be there) are refused, not misread
         store.register_view(schema_of("v", "int64", 4, version=2))
@@ -308,7 +307,8 @@ def test_embedded_reader_refuses_bad_records_and_schemas(tmp_path, rng, embedded
         for key, row in zip((1, 2), old_records):
             txn.put(encode_keys("int64", [key])[0], row.tobytes(), db=redefined)
         views = env.open_db(_db_name("bad", 1), txn=txn)
-        record = bytearray(random_records(schema_of("bad", "int64", 2), 1, rng)[0].tobytes())
+        bad = schema_of("bad", "int64", 2)
+        record = bytearray(random_records(bad, 1, rng).encode(bad)[0].tobytes())
         record[0] = 2                                           # a future layout
         txn.put(b"\x80" + b"\0" * 6 + b"\x01", bytes(record), db=views)
         txn.put(b"\x80" + b"\0" * 6 + b"\x02", bytes(record[:40]), db=views)
@@ -341,7 +341,7 @@ WRITER = textwrap.dedent("""
     import os, sys, time
     import numpy as np
     from tally.service.store.lmdb import LmdbStore
-    from tally.core.record import INT64_MAX, encode_records
+    from tally.core.record import INT64_MAX, Records
     path, view, n_keys, stop, map_size, pad = sys.argv[1:7]
     n_keys, map_size, pad = int(n_keys), int(map_size), int(pad)
     keys = np.arange(n_keys) - n_keys // 2
@@ -355,15 +355,14 @@ WRITER = textwrap.dedent("""
             for start in range(0, pad, 20000):
                 ks = np.arange(start, min(start + 20000, pad))
                 t = np.zeros(len(ks), dtype=np.int64)
-                store.write("filler", ks, encode_records(filler, {}, t, 0, t))
+                store.write("filler", ks, Records({}, t, 0, t))
         c = 0
         while not os.path.exists(stop) and time.monotonic() < deadline:
             c += 1
             n = np.full(n_keys, c, dtype=np.int64)
             values = {"c": (n, np.ones(n_keys, bool)), "minus_c": (-n, np.ones(n_keys, bool)),
                       "half_c": (n / 2.0, np.ones(n_keys, bool))}
-            store.write(view, keys, encode_records(schema, values, n, c,
-                                                   np.full(n_keys, INT64_MAX)))
+            store.write(view, keys, Records(values, n, c, np.full(n_keys, INT64_MAX)))
             if c == 1:
                 print("writing", flush=True)
     print(c, flush=True)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tally.service.store.lmdb import LmdbStore, StoreError
-from tally.core.record import (HEADER, INT64_MAX, INT64_MIN, RecordError, ViewSchema,
-                                  decode_key, decode_record, encode_keys, encode_records)
+from tally.core.record import (HEADER, INT64_MAX, INT64_MIN, RecordError, Records, ViewSchema,
+                               decode_key, decode_record, encode_keys, encode_records)
 
 SCHEMA = ViewSchema("v", 3, "int64", (("n", "int64"), ("total", "float64"), ("avg", "float64")))
 
@@ -55,7 +55,8 @@ def test_lmdb_store_round_trip_and_reader_in_another_process(tmp_path):
               "avg": (np.array([3.0, 2.0]), np.array([True, True]))}
     with LmdbStore(tmp_path) as store:
         store.register_view(SCHEMA)
-        store.write("v", np.array([10, -10]), records(values, (1, 2), (INT64_MAX, INT64_MAX)))
+        store.write("v", np.array([10, -10]),
+                    Records(values, np.array([1, 2]), 77, np.array([INT64_MAX, INT64_MAX])))
         assert store.get("v", 10)["total"] == 3.0
         assert store.get("v", 11) is None
         with pytest.raises(StoreError, match="unknown view 'w'"):
@@ -97,10 +98,9 @@ def test_a_candidate_version_is_served_only_after_promotion(tmp_path):
     two = {"n": (np.array([7]), np.array([True])), "total": (np.array([1.5]), np.array([True]))}
     with LmdbStore(tmp_path) as store:
         store.register_view(v1)
-        store.write("v", [1], encode_records(v1, one, np.array([1]), 0, np.array([INT64_MAX])))
+        store.write("v", [1], Records(one, np.array([1]), 0, np.array([INT64_MAX])))
         store.register_view(v2, current=False)
-        store.write("v", [1], encode_records(v2, two, np.array([1]), 0, np.array([INT64_MAX])),
-                    version=2)
+        store.write("v", [1], Records(two, np.array([1]), 0, np.array([INT64_MAX])), version=2)
         assert store.get("v", 1)["n"] == 5 and store.schema("v").version == 1
         assert store.get("v", 1, version=2)["total"] == 1.5
         assert store.views() == ["v"]

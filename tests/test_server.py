@@ -27,7 +27,7 @@ import pytest
 from tally.service.store.lmdb import LmdbStore
 from tally.service.lookup.client import (AsyncLookupClient, LookupClient, LookupServerError,
                                          encode_frame)
-from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema, encode_records
+from tally.core.record import INT64_MAX, INT64_MIN, Records, ViewSchema
 
 CEXT = Path(__file__).resolve().parent.parent / "cext"
 MAX_BATCH = 50
@@ -68,7 +68,7 @@ def random_records(schema, n, rng):
     event_time = rng.integers(0, 1 << 45, size=n)
     event_time[rng.random(n) < 0.2] = INT64_MIN
     valid_until = np.full(n, INT64_MAX)
-    return encode_records(schema, values, event_time, 1_700_000_000_000, valid_until)
+    return Records(values, event_time, 1_700_000_000_000, valid_until)
 
 
 @pytest.fixture(scope="module")
@@ -467,7 +467,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
     from tally.service.store.lmdb import LmdbStore
-    from tally.core.record import INT64_MAX, ViewSchema, encode_records
+    from tally.core.record import INT64_MAX, Records, ViewSchema
     schema = ViewSchema("live", 1, "int64", (("gen", "int64"), ("copy", "int64"),
                                              ("half", "float64")))
     keys = np.arange(200)
@@ -479,8 +479,8 @@ WRITER = textwrap.dedent("""
             generation += 1
             g = np.full(200, generation)
             # one write transaction per generation: a reader sees all or none of it
-            store.write("live", keys, encode_records(
-                schema, {"gen": (g, valid), "copy": (g, valid), "half": (g / 2, valid)},
+            store.write("live", keys, Records(
+                {"gen": (g, valid), "copy": (g, valid), "half": (g / 2, valid)},
                 g, 0, np.full(200, INT64_MAX)))
             if generation == 1:
                 print("writing", flush=True)
@@ -532,16 +532,15 @@ PROMOTER = textwrap.dedent("""
     import sys
     import numpy as np
     from tally.service.store.lmdb import LmdbStore
-    from tally.core.record import INT64_MAX, ViewSchema, encode_records
+    from tally.core.record import INT64_MAX, Records, ViewSchema
     version = int(sys.argv[2])
     names = ("a", "b")[:version]                  # version 2 adds feature "b"
     schema = ViewSchema("promoted", version, "int64", tuple((n, "int64") for n in names))
     values = {n: (np.full(3, 10 * version), np.ones(3, dtype=bool)) for n in names}
     with LmdbStore(sys.argv[1]) as store:
         store.register_view(schema, current=version == 1)
-        store.write("promoted", [0, 1, 2], encode_records(
-            schema, values, np.zeros(3, dtype=np.int64), 0, np.full(3, INT64_MAX)),
-            version=version)
+        store.write("promoted", [0, 1, 2], Records(
+            values, np.zeros(3, dtype=np.int64), 0, np.full(3, INT64_MAX)), version=version)
         if version > 1:
             store.promote("promoted", version)
 """)
