@@ -1,7 +1,8 @@
 """The online record: one per (feature view, entity), shared by every store
-and by the C reader in ``cext/`` (which documents the same layout in tally.h).
-
-Layout version 1, little-endian, all offsets in bytes:
+and by the C reader in ``cext/``. ``cext/tally.h`` defines the layout (its
+``TALLY_RECORD_*`` and ``TALLY_SCHEMA_*`` macros); the structures below follow
+it, and tests/test_cext.py compares the two. In short, layout version 1,
+little-endian, all offsets in bytes:
 
     offset  size    field
     0       1       layout version (1)
@@ -32,6 +33,7 @@ too, so the C reader needs no JSON parser:
 Keys: an int64 entity key is 8 bytes big-endian of ``key XOR 2**63`` (byte
 order matches numeric order); a string key is its UTF-8 bytes.
 """
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -48,7 +50,7 @@ VALUE_TYPES = ("int64", "float64")
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 _SIGN_BIT = np.uint64(1 << 63)
-_HEADER_DTYPE = np.dtype([("layout", "u1"), ("flags", "u1"), ("n_features", "<u2"),
+HEADER_DTYPE = np.dtype([("layout", "u1"), ("flags", "u1"), ("n_features", "<u2"),
                           ("view_version", "<u4"), ("event_time", "<i8"),
                           ("write_time", "<i8"), ("valid_until", "<i8")])
 
@@ -155,7 +157,7 @@ def encode_records(schema, values, event_time, write_time, valid_until):
     ``values`` maps each feature name to ``(values, valid)`` arrays of length n;
     ``event_time`` and ``valid_until`` are int64 arrays of length n."""
     n = len(event_time)
-    header = np.zeros(n, dtype=_HEADER_DTYPE)
+    header = np.zeros(n, dtype=HEADER_DTYPE)
     header["layout"] = LAYOUT_VERSION
     header["n_features"] = len(schema.features)
     header["view_version"] = schema.version
@@ -176,27 +178,75 @@ def encode_records(schema, values, event_time, write_time, valid_until):
 
 def decode_record(schema, raw):
     """One record's bytes -> dict of feature values (None for nulls) plus the
-    ``_event_time``, ``_write_time`` and ``_valid_until`` header fields."""
-    if len(raw) < HEADER.size:
-        raise RecordError(f"record of {len(raw)} bytes is shorter than its header")
-    layout, _, n_features, version, event_time, write_time, valid_until = \
-        HEADER.unpack_from(raw, 0)
-    if layout != LAYOUT_VERSION:
-        raise RecordError(f"record layout version {layout} is not supported")
-    if n_features != len(schema.features) or len(raw) != schema.record_size:
-        raise RecordError(f"record has {n_features} features and {len(raw)} bytes; "
-                          f"view {schema.view!r} v{schema.version} expects "
-                          f"{len(schema.features)} and {schema.record_size}")
-    bitmap = np.frombuffer(raw, dtype=np.uint8, count=schema.bitmap_bytes, offset=HEADER.size)
-    nulls = np.unpackbits(bitmap, bitorder="little")
-    values_at = HEADER.size + schema.bitmap_bytes
-    result = {}
-    for i, (name, dtype) in enumerate(schema.features):
-        value = np.frombuffer(raw, dtype="<" + np.dtype(dtype).str[1:], count=1,
-                              offset=values_at + 8 * i)[0]
-        result[name] = None if nulls[i] else value.item()
-    result["_event_time"] = None if event_time == INT64_MIN else event_time
-    result["_write_time"] = write_time
-    result["_valid_until"] = None if valid_until == INT64_MAX else valid_until
-    result["_view_version"] = version
-    return result
+    ``_event_time``, ``_write_time``, ``_valid_until`` and ``_view_version``
+    header fields."""
+    return record_decoder(schema).decode(raw)
+
+
+def decode_records(schema, raws):
+    """``decode_record`` of each of ``raws``, None staying None."""
+    decode = record_decoder(schema).decode
+    return [None if raw is None else decode(raw) for raw in raws]
+
+
+@functools.lru_cache(maxsize=1024)
+def record_decoder(schema):
+    """The decoder of ``schema``'s records, compiled once per schema: stores
+    build a new (equal) ViewSchema on every read."""
+    return RecordDecoder(schema)
+
+
+class RecordDecoder:
+    """Decodes the records of one view version with a single ``struct``
+    unpack of header, bitmap and values; nulls cost work only when there
+    are some, and then per null rather than per feature."""
+
+    def __init__(self, schema):
+        self.schema = schema
+        self.names = tuple(name for name, _ in schema.features)
+        codes = "".join("q" if dtype == "int64" else "d" for _, dtype in schema.features)
+        # HEADER with its flags byte skipped, the bitmap as bytes, the values
+        self._unpack = struct.Struct(f"<BxHIqqq{schema.bitmap_bytes}s{codes}").unpack
+        self._bitmap_words = struct.Struct(f"<{schema.bitmap_bytes // 8}Q").unpack
+        self._no_nulls = bytes(schema.bitmap_bytes)
+
+    def decode(self, raw):
+        try:
+            fields = self._unpack(raw)
+        except struct.error:                # not the record size
+            raise self._mismatch(raw) from None
+        if fields[0] != LAYOUT_VERSION or fields[1] != len(self.names):
+            raise self._mismatch(raw)
+        result = dict(zip(self.names, fields[7:]))
+        if fields[6] != self._no_nulls:
+            self._set_nulls(result, fields[6])
+        event_time, valid_until = fields[3], fields[5]
+        result["_event_time"] = None if event_time == INT64_MIN else event_time
+        result["_write_time"] = fields[4]
+        result["_valid_until"] = None if valid_until == INT64_MAX else valid_until
+        result["_view_version"] = fields[2]
+        return result
+
+    def _set_nulls(self, result, bitmap):
+        """None for each feature whose bit is set, one bitmap word at a time;
+        bits past the last feature (padding) are ignored."""
+        names = self.names
+        for w, word in enumerate(self._bitmap_words(bitmap)):
+            while word:
+                lowest = word & -word
+                i = 64 * w + lowest.bit_length() - 1
+                if i < len(names):
+                    result[names[i]] = None
+                word ^= lowest
+
+    def _mismatch(self, raw):
+        """The RecordError saying how ``raw`` fails the layout or the schema."""
+        schema = self.schema
+        if len(raw) < HEADER.size:
+            return RecordError(f"record of {len(raw)} bytes is shorter than its header")
+        layout, _, n_features = HEADER.unpack_from(raw, 0)[:3]
+        if layout != LAYOUT_VERSION:
+            return RecordError(f"record layout version {layout} is not supported")
+        return RecordError(f"record has {n_features} features and {len(raw)} bytes; "
+                           f"view {schema.view!r} v{schema.version} expects "
+                           f"{len(schema.features)} and {schema.record_size}")

@@ -9,7 +9,8 @@ import pytest
 
 from tally.service.store.lmdb import LmdbStore, StoreError
 from tally.core.record import (HEADER, INT64_MAX, INT64_MIN, RecordError, Records, ViewSchema,
-                               decode_key, decode_record, encode_keys, encode_records)
+                               decode_key, decode_record, decode_records, encode_keys,
+                               encode_records)
 
 SCHEMA = ViewSchema("v", 3, "int64", (("n", "int64"), ("total", "float64"), ("avg", "float64")))
 
@@ -47,6 +48,47 @@ def test_wrong_record_is_refused():
         decode_record(SCHEMA, b"\x09" + b"\0" * 63)
     with pytest.raises(RecordError, match="expects 3 and 64"):
         decode_record(SCHEMA, b"\x01\0\x02" + b"\0" * 50)
+
+
+def test_wrong_record_of_the_right_size_is_refused():
+    size = SCHEMA.record_size
+    with pytest.raises(RecordError, match="layout version 2"):
+        decode_record(SCHEMA, b"\x02\0\x03" + b"\0" * (size - 3))
+    with pytest.raises(RecordError, match="record has 4 features and 64 bytes"):
+        decode_record(SCHEMA, b"\x01\0\x04" + b"\0" * (size - 3))
+    with pytest.raises(RecordError, match="shorter than its header"):
+        decode_record(SCHEMA, b"\x01\0\x03")
+
+
+def test_nulls_in_every_bitmap_word():
+    """130 features take three bitmap words; nulls on both sides of each
+    word boundary, and bits past the last feature (padding) ignored."""
+    n = 130
+    wide = ViewSchema("w", 1, "int64", tuple((f"f{i}", ("int64", "float64")[i % 2])
+                                             for i in range(n)))
+    nulls = {0, 1, 63, 64, 65, 127, 128, 129}
+    values = {name: (np.array([i], dtype=dtype), np.array([i not in nulls]))
+              for i, (name, dtype) in enumerate(wide.features)}
+    raw = bytearray(encode_records(wide, values, np.array([INT64_MIN]), 3,
+                                   np.array([INT64_MAX])).tobytes())
+    raw[HEADER.size + 16] |= 0b100                       # bit 130: padding
+    want = {name: None if i in nulls else (i if dtype == "int64" else float(i))
+            for i, (name, dtype) in enumerate(wide.features)}
+    want.update(_event_time=None, _write_time=3, _valid_until=None, _view_version=1)
+    got = decode_record(wide, bytes(raw))
+    assert got == want and list(got) == list(want)
+    assert all(type(got[name]) is type(want[name]) for name in want)
+
+
+def test_decode_records_keeps_absent_ones():
+    rows = records({"n": (np.array([2, 0]), np.array([True, False])),
+                    "total": (np.array([1.5, 0.0]), np.array([True, True])),
+                    "avg": (np.array([0.75, 1.0]), np.array([False, True]))})
+    raws = [rows[0].tobytes(), None, memoryview(rows[1].tobytes())]
+    assert decode_records(SCHEMA, raws) == [decode_record(SCHEMA, raws[0]), None,
+                                            decode_record(SCHEMA, rows[1].tobytes())]
+    assert decode_records(SCHEMA, raws)[2]["n"] is None
+    assert decode_records(SCHEMA, []) == []
 
 
 def test_lmdb_store_round_trip_and_reader_in_another_process(tmp_path):

@@ -15,7 +15,7 @@ import lmdb
 from tally.core.events import MAX_KEY_BYTES   # longer (or empty) keys are never stored
 from tally.service.store import RecordRefused, StoreError
 
-from tally.core.record import ViewSchema, decode_record, encode_keys
+from tally.core.record import ViewSchema, decode_records, encode_keys
 
 SCHEMAS_DB = b"__schemas__"
 DEFAULT_MAP_SIZE = 64 << 30     # address space only; the file grows as written
@@ -118,7 +118,7 @@ class LmdbStore:
                 db = self._dbs[_db_name(view, schema.version)]
                 raws = [txn.get(k, db=db) if 0 < len(k) <= MAX_KEY_BYTES else None
                         for k in encode_keys(schema.key_type, keys)]
-                return [None if raw is None else decode_record(schema, raw) for raw in raws]
+                return decode_records(schema, raws)
 
     def get(self, view, key, version=None):
         return self.get_many(view, [key], version)[0]
