@@ -10,8 +10,6 @@
 
 #include <lmdb.h>
 
-#define HEADER_SIZE 32
-#define SCHEMA_HEADER_SIZE 8
 #define SCHEMAS_DB "__schemas__"
 #define VIEW_DB_PREFIX "view:"
 
@@ -166,6 +164,76 @@ void tally_store_close(tally_store *store)
     free(store);
 }
 
+/* ---- listing views ---- */
+
+/* "<view>@v<version>" keys name view versions, not views. */
+static int is_version_key(const MDB_val *key)
+{
+    const unsigned char *p = (const unsigned char *)key->mv_data;
+    size_t i;
+    for (i = 0; i + 1 < key->mv_size; i++)
+        if (p[i] == '@' && p[i + 1] == 'v') return 1;
+    return 0;
+}
+
+/* Open "__schemas__" in a transaction of its own, committed so that the
+ * handle is usable in every transaction begun afterwards. */
+static int open_schemas(tally_store *store, MDB_dbi *out)
+{
+    MDB_txn *txn;
+    int rc;
+    pthread_mutex_lock(&store->lock);           /* serialises dbi opens */
+    rc = mdb_txn_begin(store->env, NULL, MDB_RDONLY, &txn);
+    if (rc == 0) {
+        rc = mdb_dbi_open(txn, SCHEMAS_DB, 0, out);
+        if (rc == 0) rc = mdb_txn_commit(txn);
+        else mdb_txn_abort(txn);
+    }
+    pthread_mutex_unlock(&store->lock);
+    return rc;
+}
+
+/* Call fn for each view name under the cursor, each copied into name (room
+ * for the longest key) to add the NUL. */
+static int each_view(MDB_cursor *cursor, char *name, tally_view_name_fn *fn, void *ctx)
+{
+    MDB_val key, data;
+    MDB_cursor_op op = MDB_FIRST;
+    int rc;
+    while ((rc = mdb_cursor_get(cursor, &key, &data, op)) == 0) {
+        op = MDB_NEXT;
+        if (is_version_key(&key) || memchr(key.mv_data, '\0', key.mv_size)) continue;
+        memcpy(name, key.mv_data, key.mv_size);
+        name[key.mv_size] = '\0';
+        rc = fn(name, key.mv_size, ctx);
+        if (rc) return rc;
+    }
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+int tally_store_views(tally_store *store, tally_view_name_fn *fn, void *ctx)
+{
+    tally_txn *txn = NULL;
+    MDB_cursor *cursor = NULL;
+    MDB_dbi schemas;
+    char *name;
+    int rc;
+
+    if (!store || !fn) return TALLY_EINVAL;
+    rc = open_schemas(store, &schemas);
+    if (rc == MDB_NOTFOUND) return 0;           /* not a Tally store yet: no views */
+    if (rc) return rc;
+    name = (char *)malloc((size_t)mdb_env_get_maxkeysize(store->env) + 1);
+    if (!name) return ENOMEM;
+    rc = tally_txn_begin(store, &txn);
+    if (rc == 0) rc = mdb_cursor_open(txn->txn, schemas, &cursor);
+    if (rc == 0) rc = each_view(cursor, name, fn, ctx);
+    if (cursor) mdb_cursor_close(cursor);
+    tally_txn_end(txn);
+    free(name);
+    return rc;
+}
+
 /* ---- view ---- */
 
 static void view_free(tally_view *view)
@@ -195,31 +263,34 @@ static int parse_schema(tally_view *view, const unsigned char *p, size_t size)
 {
     size_t i, at, n;
 
-    if (size < SCHEMA_HEADER_SIZE) return TALLY_ECORRUPT;
-    if (p[0] != TALLY_SCHEMA_LAYOUT_VERSION) return TALLY_ELAYOUT;
-    if (p[1] != TALLY_KEY_INT64 && p[1] != TALLY_KEY_STRING) return TALLY_ECORRUPT;
-    view->key_type = p[1];
-    n = load_le16(p + 2);
-    view->version = load_le32(p + 4);
+    if (size < TALLY_SCHEMA_HEADER_SIZE) return TALLY_ECORRUPT;
+    if (p[TALLY_SCHEMA_LAYOUT_OFFSET] != TALLY_SCHEMA_LAYOUT_VERSION) return TALLY_ELAYOUT;
+    view->key_type = p[TALLY_SCHEMA_KEY_TYPE_OFFSET];
+    if (view->key_type != TALLY_KEY_INT64 && view->key_type != TALLY_KEY_STRING)
+        return TALLY_ECORRUPT;
+    n = load_le16(p + TALLY_SCHEMA_FEATURE_COUNT_OFFSET);
+    view->version = load_le32(p + TALLY_SCHEMA_VIEW_VERSION_OFFSET);
     view->n_features = 0;                       /* grows as names are copied */
-    view->bitmap_bytes = (n + 63) / 64 * 8;
-    view->record_size = HEADER_SIZE + view->bitmap_bytes + 8 * n;
+    view->bitmap_bytes = TALLY_RECORD_BITMAP_SIZE(n);
+    view->record_size = TALLY_RECORD_SIZE(n);
     view->types = (unsigned char *)malloc(n ? n : 1);
     view->names = (char **)calloc(n ? n : 1, sizeof *view->names);
     if (!view->types || !view->names) return ENOMEM;
-    at = SCHEMA_HEADER_SIZE;
+    at = TALLY_SCHEMA_HEADER_SIZE;
     for (i = 0; i < n; i++) {
+        const unsigned char *name;
         size_t len;
-        if (size - at < 2) return TALLY_ECORRUPT;
+        if (size - at < TALLY_SCHEMA_ENTRY_HEADER_SIZE) return TALLY_ECORRUPT;
         if (p[at] != TALLY_INT64 && p[at] != TALLY_FLOAT64) return TALLY_ECORRUPT;
         len = p[at + 1];
-        if (size - at - 2 < len) return TALLY_ECORRUPT;
-        if (memchr(p + at + 2, '\0', len)) return TALLY_ECORRUPT;  /* C strings */
+        if (size - at - TALLY_SCHEMA_ENTRY_HEADER_SIZE < len) return TALLY_ECORRUPT;
+        name = p + at + TALLY_SCHEMA_ENTRY_HEADER_SIZE;
+        if (memchr(name, '\0', len)) return TALLY_ECORRUPT;  /* C strings */
         view->types[i] = p[at];
-        view->names[i] = copy_bytes(p + at + 2, len);
+        view->names[i] = copy_bytes(name, len);
         if (!view->names[i]) return ENOMEM;
         view->n_features = i + 1;
-        at += 2 + len;
+        at += TALLY_SCHEMA_ENTRY_HEADER_SIZE + len;
     }
     if (at != size) return TALLY_ECORRUPT;      /* trailing bytes */
     return 0;
@@ -413,9 +484,10 @@ void tally_txn_end(tally_txn *t)
 static int check_record(const tally_view *view, const MDB_val *data, tally_record *out)
 {
     const unsigned char *p = (const unsigned char *)data->mv_data;
-    if (data->mv_size < HEADER_SIZE) return TALLY_ECORRUPT;
-    if (p[0] != TALLY_RECORD_LAYOUT_VERSION) return TALLY_ELAYOUT;
-    if (load_le16(p + 2) != view->n_features || data->mv_size != view->record_size)
+    if (data->mv_size < TALLY_RECORD_HEADER_SIZE) return TALLY_ECORRUPT;
+    if (p[TALLY_RECORD_LAYOUT_OFFSET] != TALLY_RECORD_LAYOUT_VERSION) return TALLY_ELAYOUT;
+    if (load_le16(p + TALLY_RECORD_FEATURE_COUNT_OFFSET) != view->n_features ||
+        data->mv_size != view->record_size)
         return TALLY_ESCHEMA;
     out->priv_data = p;
     out->priv_view = view;
@@ -512,13 +584,14 @@ int tally_get_many_string(tally_txn *t, const tally_view *view, const char *cons
 
 static const unsigned char *value_at(const tally_record *rec, size_t i)
 {
-    return rec->priv_data + HEADER_SIZE + rec->priv_view->bitmap_bytes + 8 * i;
+    return rec->priv_data + TALLY_RECORD_HEADER_SIZE + rec->priv_view->bitmap_bytes +
+           TALLY_RECORD_VALUE_SIZE * i;
 }
 
 int tally_record_is_null(const tally_record *rec, size_t i)
 {
     if (i >= rec->priv_view->n_features) return 1;
-    return (rec->priv_data[HEADER_SIZE + i / 8] >> (i % 8)) & 1;
+    return (rec->priv_data[TALLY_RECORD_HEADER_SIZE + i / 8] >> (i % 8)) & 1;
 }
 
 int64_t tally_record_int64(const tally_record *rec, size_t i)
@@ -539,22 +612,22 @@ double tally_record_float64(const tally_record *rec, size_t i)
 
 int64_t tally_record_event_time(const tally_record *rec)
 {
-    return as_int64(load_le64(rec->priv_data + 8));
+    return as_int64(load_le64(rec->priv_data + TALLY_RECORD_EVENT_TIME_OFFSET));
 }
 
 int64_t tally_record_write_time(const tally_record *rec)
 {
-    return as_int64(load_le64(rec->priv_data + 16));
+    return as_int64(load_le64(rec->priv_data + TALLY_RECORD_WRITE_TIME_OFFSET));
 }
 
 int64_t tally_record_valid_until(const tally_record *rec)
 {
-    return as_int64(load_le64(rec->priv_data + 24));
+    return as_int64(load_le64(rec->priv_data + TALLY_RECORD_VALID_UNTIL_OFFSET));
 }
 
 uint32_t tally_record_view_version(const tally_record *rec)
 {
-    return load_le32(rec->priv_data + 4);
+    return load_le32(rec->priv_data + TALLY_RECORD_VIEW_VERSION_OFFSET);
 }
 
 const void *tally_record_data(const tally_record *rec, size_t *size)

@@ -2,7 +2,7 @@
  * @brief libtally: read Tally's online store from C or C++, with no copy.
  *
  * Tally keeps one record per (feature view, entity) in an LMDB environment
- * that a Python writer (``tally.service.lmdb_store.LmdbStore``) updates.
+ * that a Python writer (``tally.service.store.lmdb.LmdbStore``) updates.
  * This library opens that environment read-only and hands out pointers into
  * the memory map: a lookup costs one B-tree search and a few comparisons.
  * LMDB readers never block the writer and never see a half-written record;
@@ -38,8 +38,10 @@
  * (an LMDB rule): share one #tally_store instead. The Python ``LmdbStore`` in
  * the same process counts as an open.
  *
- * Record layout version 1 (``tally.core.record`` is the source of truth;
- * this copy must match it). Little-endian, all offsets in bytes:
+ * This header defines the stored layout: the TALLY_RECORD_* and
+ * TALLY_SCHEMA_* macros below give every offset and size, and the Python
+ * side (``tally.core.record``) follows them (tests/test_cext.py compares the
+ * two). Record layout version 1, little-endian, all offsets in bytes:
  *
  *     offset  size    field
  *     0       1       layout version (1)
@@ -61,8 +63,9 @@
  * A record is therefore exactly 32 + B + 8 * N bytes. The value slot of a
  * null feature holds unspecified bytes.
  *
- * The view schema, stored in the LMDB database "__schemas__" under the view
- * name (UTF-8 bytes), schema layout version 1:
+ * The LMDB database "__schemas__" maps each view name (UTF-8 bytes) to the
+ * schema of the version it serves, and "<view name>@v<version>" to that
+ * version's schema. Schema layout version 1:
  *
  *     0       1       schema layout version (1)
  *     1       1       key type: 0 int64, 1 string
@@ -71,9 +74,10 @@
  *     8       ...     N entries: value type (1 byte: 0 int64, 1 float64),
  *                     name length L (1 byte), L bytes of UTF-8 name
  *
- * Records live in the LMDB database "view:<view name>". Keys: an int64
- * entity key is 8 bytes big-endian of (key XOR 2^63), so byte order matches
- * numeric order; a string key is its UTF-8 bytes.
+ * The records of a view version live in the LMDB database
+ * "view:<view name>@v<version>". Keys: an int64 entity key is 8 bytes
+ * big-endian of (key XOR 2^63), so byte order matches numeric order; a
+ * string key is its UTF-8 bytes.
  */
 #ifndef TALLY_H
 #define TALLY_H
@@ -97,6 +101,51 @@ extern "C" {
 /** The record and schema layout versions this library reads. */
 #define TALLY_RECORD_LAYOUT_VERSION 1
 #define TALLY_SCHEMA_LAYOUT_VERSION 1
+/** @} */
+
+/** @defgroup layout Stored layout
+ * Offsets and sizes in bytes of the record and schema layouts described at
+ * the top of this header. #tally_record_data gives a record's bytes.
+ * @{ */
+#define TALLY_RECORD_LAYOUT_OFFSET          0   /**< uint8 */
+#define TALLY_RECORD_LAYOUT_SIZE            1
+#define TALLY_RECORD_FLAGS_OFFSET           1   /**< uint8, reserved (0) */
+#define TALLY_RECORD_FLAGS_SIZE             1
+#define TALLY_RECORD_FEATURE_COUNT_OFFSET   2   /**< uint16 */
+#define TALLY_RECORD_FEATURE_COUNT_SIZE     2
+#define TALLY_RECORD_VIEW_VERSION_OFFSET    4   /**< uint32 */
+#define TALLY_RECORD_VIEW_VERSION_SIZE      4
+#define TALLY_RECORD_EVENT_TIME_OFFSET      8   /**< int64 */
+#define TALLY_RECORD_EVENT_TIME_SIZE        8
+#define TALLY_RECORD_WRITE_TIME_OFFSET      16  /**< int64 */
+#define TALLY_RECORD_WRITE_TIME_SIZE        8
+#define TALLY_RECORD_VALID_UNTIL_OFFSET     24  /**< int64 */
+#define TALLY_RECORD_VALID_UNTIL_SIZE       8
+#define TALLY_RECORD_HEADER_SIZE            32
+/** The null bitmap follows the header, in whole 64-bit words. */
+#define TALLY_RECORD_BITMAP_WORD_SIZE       8
+/** Every feature value (int64 or float64) takes 8 bytes. */
+#define TALLY_RECORD_VALUE_SIZE             8
+/** The bitmap's size B for n features: ceil(n / 64) words. */
+#define TALLY_RECORD_BITMAP_SIZE(n) \
+    (((n) + 8 * TALLY_RECORD_BITMAP_WORD_SIZE - 1) / (8 * TALLY_RECORD_BITMAP_WORD_SIZE) * \
+     TALLY_RECORD_BITMAP_WORD_SIZE)
+/** The size of a record of n features: header, bitmap, values. */
+#define TALLY_RECORD_SIZE(n) \
+    (TALLY_RECORD_HEADER_SIZE + TALLY_RECORD_BITMAP_SIZE(n) + TALLY_RECORD_VALUE_SIZE * (n))
+
+#define TALLY_SCHEMA_LAYOUT_OFFSET          0   /**< uint8 */
+#define TALLY_SCHEMA_LAYOUT_SIZE            1
+#define TALLY_SCHEMA_KEY_TYPE_OFFSET        1   /**< uint8: a TALLY_KEY_* */
+#define TALLY_SCHEMA_KEY_TYPE_SIZE          1
+#define TALLY_SCHEMA_FEATURE_COUNT_OFFSET   2   /**< uint16 */
+#define TALLY_SCHEMA_FEATURE_COUNT_SIZE     2
+#define TALLY_SCHEMA_VIEW_VERSION_OFFSET    4   /**< uint32 */
+#define TALLY_SCHEMA_VIEW_VERSION_SIZE      4
+#define TALLY_SCHEMA_HEADER_SIZE            8
+/** Each feature entry: value type (a TALLY_INT64 or TALLY_FLOAT64 byte),
+ * name length L (one byte), then L bytes of name. */
+#define TALLY_SCHEMA_ENTRY_HEADER_SIZE      2
 /** @} */
 
 /** Symbol visibility: the library is built with -fvisibility=hidden. */
@@ -194,6 +243,33 @@ TALLY_API int tally_store_open(const char *path, tally_store **out);
  * it must be closed or ended first; every record read from it becomes
  * invalid. NULL is ignored. */
 TALLY_API void tally_store_close(tally_store *store);
+
+/** @brief A callback of #tally_store_views, called once per view.
+ * @param[in] name The view's name, NUL-terminated UTF-8. Owned by the
+ *     library and valid only until the callback returns: copy it to keep it.
+ * @param[in] len The name's length in bytes, without the NUL.
+ * @param[in] ctx The ctx passed to #tally_store_views, unchanged.
+ * @return 0 to go on; any other value stops the listing, and
+ *     #tally_store_views returns it. */
+typedef int (tally_view_name_fn)(const char *name, size_t len, void *ctx);
+
+/** @brief List the views the store serves, in the byte order of their names.
+ *
+ * The views are the names #tally_view_open accepts: the keys of
+ * "__schemas__" except the "<view>@v<version>" entries (and except names
+ * holding a NUL byte, which no C string can pass). The listing reads one
+ * snapshot, through a read transaction of its own that stays live while the
+ * callbacks run: keep them short. A callback may open views and read through
+ * other transactions; it must not close the store. Thread-safe.
+ *
+ * @param[in] store An open store.
+ * @param[in] fn Called with each view's name, in the calling thread.
+ * @param[in] ctx Passed to fn.
+ * @return 0 (also for a store with no view yet), fn's first non-zero return
+ *     value, TALLY_EINVAL (a NULL store or fn), ENOMEM, or an LMDB code
+ *     (such as MDB_READERS_FULL or MDB_MAP_RESIZED, see #tally_txn_begin).
+ */
+TALLY_API int tally_store_views(tally_store *store, tally_view_name_fn *fn, void *ctx);
 
 /** @} */
 

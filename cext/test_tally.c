@@ -13,6 +13,12 @@
  *       Floats print as %.17g, NaN as "nan"; _event_time INT64_MIN and
  *       _valid_until INT64_MAX print as "null", as the Python reader's None.
  *
+ *   test_tally STORE --views
+ *       Checks tally_store_views' error paths and that a callback's non-zero
+ *       return stops the listing, then lists the views, one line each, with
+ *       what opening the view from inside the callback gave:
+ *           listed   NAME VERSION          (or: listed NAME error CODE)
+ *
  *   test_tally STORE VIEW --watch SNAPSHOTS   < keys
  *       For a writer that keeps rewriting every key, in one transaction,
  *       with a counter c: features (c, -c, c / 2.0) and event time c.
@@ -290,6 +296,57 @@ static int dump(const char *path, const char *view_name)
     return 0;
 }
 
+/* Listing callbacks: ctx is a counter, or the store for print_view. */
+static int count_views(const char *name, size_t len, void *ctx)
+{
+    int rc = 0;
+    CHECK(strlen(name) == len && len > 0, "listed name is NUL-terminated, len bytes");
+    ++*(int *)ctx;
+    return 0;
+}
+
+#define STOP_LISTING 424242
+
+static int stop_at_first(const char *name, size_t len, void *ctx)
+{
+    (void)name;
+    (void)len;
+    ++*(int *)ctx;
+    return STOP_LISTING;
+}
+
+static int print_view(const char *name, size_t len, void *ctx)
+{
+    tally_view *view;
+    int rc = tally_view_open((tally_store *)ctx, name, &view);  /* while listing */
+    (void)len;
+    if (rc) {
+        printf("listed\t%s\terror %d\n", name, rc);
+        return 0;
+    }
+    CHECK(strcmp(tally_view_name(view), name) == 0, "a listed view opens by its name");
+    printf("listed\t%s\t%" PRIu32 "\n", name, tally_view_version(view));
+    tally_view_close(view);
+    return 0;
+}
+
+static int list_views(const char *path)
+{
+    tally_store *store;
+    int rc = 0, calls = 0, n_views = 0;
+
+    E(tally_store_open(path, &store));
+    R(TALLY_EINVAL, tally_store_views(NULL, count_views, store));
+    R(TALLY_EINVAL, tally_store_views(store, NULL, store));
+    E(tally_store_views(store, count_views, &n_views));
+    rc = tally_store_views(store, stop_at_first, &calls);
+    CHECK(n_views == 0 ? rc == 0 && calls == 0 : rc == STOP_LISTING && calls == 1,
+          "a non-zero callback return stops the listing and is returned");
+    E(tally_store_views(store, print_view, store));
+    tally_store_close(store);
+    return 0;
+}
+
 static int watch(const char *path, const char *view_name, long snapshots)
 {
     tally_store *store;
@@ -347,9 +404,11 @@ static int watch(const char *path, const char *view_name, long snapshots)
 
 int main(int argc, char **argv)
 {
+    if (argc == 3 && strcmp(argv[2], "--views") == 0) return list_views(argv[1]);
     if (argc == 3) return dump(argv[1], argv[2]);
     if (argc == 5 && strcmp(argv[3], "--watch") == 0)
         return watch(argv[1], argv[2], atol(argv[4]));
-    fprintf(stderr, "usage: %s STORE VIEW [--watch SNAPSHOTS] < keys\n", argv[0]);
+    fprintf(stderr, "usage: %s STORE VIEW [--watch SNAPSHOTS] < keys | %s STORE --views\n",
+            argv[0], argv[0]);
     return 2;
 }

@@ -10,7 +10,9 @@ writer in a subprocess).
 import math
 import os
 import random
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -20,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tally.core.record as record
 from tally.service.store.lmdb import LmdbStore, StoreError, _db_name
-from tally.core.record import encode_keys
-from tally.core.record import INT64_MAX, INT64_MIN, RecordError, Records, ViewSchema
+from tally.core.record import (INT64_MAX, INT64_MIN, RecordError, Records, ViewSchema,
+                               encode_keys, encode_records)
 
 CEXT = Path(__file__).resolve().parent.parent / "cext"
 BUILD = CEXT / "build"
@@ -145,6 +148,26 @@ def show(value):
     return str(value)
 
 
+def c_test_program(c_build, sanitized):
+    """cext's test_tally, or its ASan + UBSan build (skipped without ASan)."""
+    if not sanitized:
+        return c_build / "test_tally"
+    done = subprocess.run(["make", "-C", str(CEXT), "sanitize"], capture_output=True, text=True)
+    if done.returncode != 0 and "asan" in done.stderr.lower():
+        pytest.skip(f"no ASan runtime: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr
+    return c_build / "sanitize" / "test_tally"
+
+
+def plant_schema(path, key, raw):
+    """Put a schema entry the Python writer would never write."""
+    import lmdb
+    env = lmdb.open(str(path), max_dbs=10)
+    with env.begin(write=True) as txn:
+        txn.put(key, raw, db=env.open_db(b"__schemas__", txn=txn))
+    env.close()
+
+
 def run_c(program, store_path, view, keys, *extra, timeout=120):
     stdin = "".join(f"{k}\n" for k in keys)
     return subprocess.run([str(program), str(store_path), view, *extra], input=stdin.encode(),
@@ -164,25 +187,84 @@ def test_header_compiles_as_c_and_cpp_with_every_warning():
                         str(CEXT / "header_check.cpp")], check=True)
 
 
-def test_header_documents_the_layout_of_record_py():
-    """tally.h copies the layout tables of record.py: they must not drift."""
-    import tally.core.record as record
-    header = (CEXT / "tally.h").read_text()
-    for row in ("0       1       layout version (1)", "2       2       feature count N (uint16)",
-                "4       4       view version (uint32)", "16      8       write time",
-                "24      8       valid until", "32 + B  8 * N   feature values in schema order",
-                "1       1       key type: 0 int64, 1 string",
-                "8       ...     N entries: value type (1 byte: 0 int64, 1 float64),"):
-        assert row in header and row in record.__doc__, row
-    assert record.HEADER.size == 32 and record.LAYOUT_VERSION == 1
-    assert record.SCHEMA_HEADER.size == 8 and record.SCHEMA_LAYOUT_VERSION == 1
+def header_macros():
+    """{name: value} of every ``#define TALLY_...`` in tally.h that is an integer."""
+    text = (CEXT / "tally.h").read_text()
+    pattern = re.compile(r"^#define\s+(TALLY_\w+)\s+\(?(-?\d+)\)?(?:\s|$)", re.MULTILINE)
+    return {name: int(value) for name, value in pattern.findall(text)}
+
+
+def struct_fields(layout):
+    """[(offset, size)] of each field of a struct.Struct (one code per field)."""
+    byte_order, fields, at = layout.format[0], [], 0
+    for code in layout.format[1:]:
+        fields.append((at, struct.calcsize(byte_order + code)))
+        at += fields[-1][1]
+    return fields
+
+
+# tally.h's field names -> record.py's (HEADER_DTYPE's), in layout order
+RECORD_FIELDS = {"LAYOUT": "layout", "FLAGS": "flags", "FEATURE_COUNT": "n_features",
+                 "VIEW_VERSION": "view_version", "EVENT_TIME": "event_time",
+                 "WRITE_TIME": "write_time", "VALID_UNTIL": "valid_until"}
+SCHEMA_FIELDS = ("LAYOUT", "KEY_TYPE", "FEATURE_COUNT", "VIEW_VERSION")    # SCHEMA_HEADER's
+
+
+def test_record_header_of_record_py_follows_tally_h():
+    macros, dtype = header_macros(), record.HEADER_DTYPE
+    assert list(dtype.names) == list(RECORD_FIELDS.values())
+    for (c_name, name), (offset, size) in zip(RECORD_FIELDS.items(),
+                                              struct_fields(record.HEADER), strict=True):
+        assert macros[f"TALLY_RECORD_{c_name}_OFFSET"] == dtype.fields[name][1] == offset
+        assert macros[f"TALLY_RECORD_{c_name}_SIZE"] == dtype.fields[name][0].itemsize == size
+    assert macros["TALLY_RECORD_HEADER_SIZE"] == record.HEADER.size == dtype.itemsize == 32
+    assert macros["TALLY_RECORD_LAYOUT_VERSION"] == record.LAYOUT_VERSION == 1
+    # and the encoder puts each header field where tally.h says
+    schema = ViewSchema("v", 7, "int64", (("a", "int64"), ("b", "float64")))
+    values = {"a": (np.array([1]), np.array([True])), "b": (np.array([2.0]), np.array([False]))}
+    raw = encode_records(schema, values, np.array([-5]), 77, np.array([INT64_MAX])).tobytes()
+
+    def field(c_name):
+        at, size = macros[f"TALLY_RECORD_{c_name}_OFFSET"], macros[f"TALLY_RECORD_{c_name}_SIZE"]
+        return int.from_bytes(raw[at:at + size], "little", signed=True)
+    assert [field(c_name) for c_name in RECORD_FIELDS] == [1, 0, 2, 7, -5, 77, INT64_MAX]
+
+
+def test_record_size_of_record_py_follows_tally_h():
+    macros = header_macros()
+    word, value = macros["TALLY_RECORD_BITMAP_WORD_SIZE"], macros["TALLY_RECORD_VALUE_SIZE"]
+    for n in (0, 1, 63, 64, 65, 128, 129, 65535):
+        schema = ViewSchema("v", 1, "int64", (("f", "int64"),) * n)
+        bitmap = -(-n // (8 * word)) * word                 # whole words of 8 * word bits
+        assert schema.bitmap_bytes == bitmap, n
+        assert schema.record_size == macros["TALLY_RECORD_HEADER_SIZE"] + bitmap + value * n
+
+
+def test_schema_layout_of_record_py_follows_tally_h():
+    macros = header_macros()
+    for c_name, (offset, size) in zip(SCHEMA_FIELDS, struct_fields(record.SCHEMA_HEADER),
+                                      strict=True):
+        assert macros[f"TALLY_SCHEMA_{c_name}_OFFSET"] == offset, c_name
+        assert macros[f"TALLY_SCHEMA_{c_name}_SIZE"] == size, c_name
+    assert macros["TALLY_SCHEMA_HEADER_SIZE"] == record.SCHEMA_HEADER.size == 8
+    assert macros["TALLY_SCHEMA_LAYOUT_VERSION"] == record.SCHEMA_LAYOUT_VERSION == 1
+    assert {t: macros[f"TALLY_KEY_{t.upper()}"] for t in record.KEY_TYPES} == \
+        {t: i for i, t in enumerate(record.KEY_TYPES)}
+    assert {t: macros[f"TALLY_{t.upper()}"] for t in record.VALUE_TYPES} == \
+        {t: i for i, t in enumerate(record.VALUE_TYPES)}
+    raw = ViewSchema("v", 9, "string", (("abc", "float64"),)).to_bytes()
+    at = macros["TALLY_SCHEMA_HEADER_SIZE"]
+    assert raw[macros["TALLY_SCHEMA_KEY_TYPE_OFFSET"]] == macros["TALLY_KEY_STRING"]
+    assert raw[at] == macros["TALLY_FLOAT64"]
+    assert raw[at + macros["TALLY_SCHEMA_ENTRY_HEADER_SIZE"]:] == b"abc"
 
 
 def test_python_constants_match_the_header(embedded):
-    header = (CEXT / "tally.h").read_text()
+    macros = header_macros()
     for name in ("TALLY_NOTFOUND", "TALLY_ENOVIEW", "TALLY_EINVAL", "TALLY_ECORRUPT",
-                 "TALLY_ESCHEMA", "TALLY_ELAYOUT", "TALLY_EVIEWS"):
-        assert f"#define {name:<15} ({getattr(embedded, name)})" in header, name
+                 "TALLY_ESCHEMA", "TALLY_ELAYOUT", "TALLY_EVIEWS", "TALLY_KEY_INT64",
+                 "TALLY_KEY_STRING"):
+        assert macros[name] == getattr(embedded, name), name
     assert embedded.library_version() == "libtally 0.1.0"
     assert "TALLY_NOTFOUND" in embedded.strerror(embedded.TALLY_NOTFOUND)
     assert embedded.strerror(2) == os.strerror(2)
@@ -199,14 +281,7 @@ def test_c_reader_prints_what_the_python_reader_reads(tmp_path, rng, c_build, sa
         (schema_of("names", "string", 5), string_keys(rng, 100)),
         (schema_of("bare", "int64", 0), int_keys(rng, 10)),
     ], rng)
-    program = c_build / "test_tally"
-    if sanitized:
-        done = subprocess.run(["make", "-C", str(CEXT), "sanitize"], capture_output=True,
-                              text=True)
-        if done.returncode != 0 and "asan" in done.stderr.lower():
-            pytest.skip(f"no ASan runtime: {done.stderr[-300:]}")
-        assert done.returncode == 0, done.stderr
-        program = c_build / "sanitize" / "test_tally"
+    program = c_test_program(c_build, sanitized)
     with LmdbStore(tmp_path, readonly=True) as store:
         for view, keys in written.items():
             if view == "names":
@@ -223,6 +298,45 @@ def test_c_reader_prints_what_the_python_reader_reads(tmp_path, rng, c_build, sa
             for g, w in zip(got, want):
                 assert g == w
             assert sum("notfound" in line for line in got) >= 1
+
+
+@pytest.mark.parametrize("sanitized", [False, True], ids=["O2", "asan-ubsan"])
+def test_c_reader_lists_the_views(tmp_path, rng, c_build, sanitized):
+    """tally_store_views lists what LmdbStore.views does: served views, not
+    their "@v<n>" versions; each opens (inside the listing) at its served
+    version, or fails as tally_view_open does."""
+    wide = ViewSchema("wide", 1, "int64", tuple((f"feature_{i:05d}_{'x' * 40}", "float64")
+                                                for i in range(2000)))      # 100 KB schema
+    write_store(tmp_path, [(schema_of("ints", "int64", 3), int_keys(rng, 10)),
+                           (schema_of("ключ 🙂", "string", 2), string_keys(rng, 10)),
+                           (wide, int_keys(rng, 5))], rng)
+    with LmdbStore(tmp_path) as store:
+        store.register_view(schema_of("ints", "int64", 4, version=2), current=False)
+        store.register_view(schema_of("promoted", "int64", 1))
+        store.register_view(schema_of("promoted", "int64", 2, version=5), current=False)
+        store.promote("promoted", 5)
+    plant_schema(tmp_path, b"orphan", schema_of("orphan", "int64", 2).to_bytes())  # no records
+    plant_schema(tmp_path, b"future", b"\x02" + schema_of("f", "int64", 1).to_bytes()[1:])
+    with LmdbStore(tmp_path, readonly=True) as store:
+        views = store.views()
+        versions = {view: store.schema(view).version for view in views
+                    if view not in ("orphan", "future")}
+    assert len(views) == 6 and not any("@v" in view for view in views)
+    macros = header_macros()
+    errors = {"orphan": f"error {macros['TALLY_ENOVIEW']}",
+              "future": f"error {macros['TALLY_ELAYOUT']}"}
+    want = [f"listed\t{view}\t{errors.get(view) or versions[view]}" for view in views]
+    done = run_c(c_test_program(c_build, sanitized), tmp_path, "--views", [])
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().splitlines() == want
+    assert versions["promoted"] == 5 and versions["ints"] == 1
+
+
+def test_c_reader_lists_no_views_before_the_writer_made_any(tmp_path, c_build):
+    import lmdb
+    lmdb.open(str(tmp_path)).close()                    # an LMDB file, no __schemas__ yet
+    done = run_c(c_build / "test_tally", tmp_path, "--views", [])
+    assert done.returncode == 0 and done.stdout == b"", done.stderr.decode()
 
 
 def test_c_reader_reports_a_missing_view_and_store(tmp_path, c_build):
