@@ -395,6 +395,56 @@ def test_embedded_reader_equals_lmdb_store(tmp_path, rng, embedded):
         embedded.EmbeddedReader(tmp_path / "absent")
 
 
+# A writer in another process: LMDB allows one open per process, and the reader has it.
+CHANGE_VIEWS = textwrap.dedent("""
+    import sys
+    from tally.service.store.lmdb import LmdbStore
+    from tally.core.record import ViewSchema
+    path, action, view, version = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    with LmdbStore(path) as store:
+        if action == "promote":
+            store.promote(view, version)
+        else:
+            schema = ViewSchema(view, version, "int64", (("n", "int64"),))
+            store.register_view(schema, current=action == "serve")
+""")
+
+
+def change_views(path, action, view, version):
+    subprocess.run([sys.executable, "-c", CHANGE_VIEWS, str(path), action, view, str(version)],
+                   check=True, timeout=60)
+
+
+def test_embedded_reader_lists_views_and_follows_promotions(tmp_path, rng, embedded):
+    write_store(tmp_path, [(schema_of("a", "int64", 2), int_keys(rng, 5)),
+                           (schema_of("ключ", "string", 1), string_keys(rng, 10))], rng)
+    with LmdbStore(tmp_path) as store:
+        listed = store.views()
+    with embedded.EmbeddedReader(tmp_path) as reader:
+        assert reader.views() == listed == ["a", "ключ"]
+        assert reader.schema("a") == schema_of("a", "int64", 2)
+        change_views(tmp_path, "register", "a", 2)          # a candidate: not served yet
+        assert reader.views() == listed and reader.served_version("a") == 1
+        change_views(tmp_path, "promote", "a", 2)
+        assert reader.served_version("a") == 2
+        assert reader.schema("a").version == 1              # bound when it was opened
+        change_views(tmp_path, "serve", "b", 1)
+        assert reader.views() == ["a", "b", "ключ"]
+        with pytest.raises(StoreError, match="unknown view 'nope'"):
+            reader.served_version("nope")
+    with pytest.raises(ValueError, match="closed"):
+        reader.views()
+    with embedded.EmbeddedReader(tmp_path) as reopened:
+        assert reopened.schema("a").version == 2
+
+
+def test_embedded_reader_lists_no_views_of_an_empty_store(tmp_path, embedded):
+    import lmdb
+    lmdb.open(str(tmp_path)).close()
+    with embedded.EmbeddedReader(tmp_path) as reader:
+        assert reader.views() == []
+
+
 def same(got, want):
     """Equality of record lists where NaN equals NaN."""
     def norm(record):

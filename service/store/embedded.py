@@ -7,7 +7,13 @@ binding, and as the Python twin that tests the C library.
 lookup, the key encoding and the record checks run in libtally: each call
 takes a fresh snapshot (``tally_txn_renew``), finds the record, copies its
 bytes out of the memory map and releases the snapshot (``tally_txn_reset``)
-before decoding them here.
+before decoding them with ``tally.core.record``'s decoder, as LmdbStore does.
+``views()`` lists the store's views (``tally_store_views``).
+
+libtally binds an open view to the version served when it was opened, and
+so does a reader: ``schema(view)`` is that version's, ``served_version(view)``
+the one served now. A reader that must follow promotions compares the two
+and reopens (the lookup server does, between requests).
 
 The library is built by ``setup.py`` as ``tally/_libtally.<abi>.so`` (a plain
 C shared library, never imported); ``TALLY_LIBTALLY=/path/to/libtally.so``
@@ -20,13 +26,14 @@ process (another process may write meanwhile, that is the point).
 import ctypes
 import importlib.util
 import os
-import struct
 import threading
 
 import numpy as np
 
-from tally.service.store.lmdb import StoreError
-from tally.core.record import INT64_MAX, INT64_MIN, RecordError
+from tally.core.errors import RecordError
+from tally.core.record import (INT64_MAX, INT64_MIN, KEY_TYPES, VALUE_TYPES, RecordDecoder,
+                               ViewSchema)
+from tally.service.store import StoreError
 
 # Return codes, as in cext/tally.h.
 TALLY_NOTFOUND = -30500
@@ -37,8 +44,10 @@ TALLY_ESCHEMA = -30504
 TALLY_ELAYOUT = -30505
 TALLY_EVIEWS = -30506
 TALLY_KEY_INT64, TALLY_KEY_STRING = 0, 1
-_VALUE_CODES = {0: "q", 1: "d"}          # TALLY_INT64, TALLY_FLOAT64
 _ENOENT = 2
+# tally_view_name_fn; the name as a pointer, since string_at(name, len) reads
+# it whole where c_char_p would stop at a NUL.
+_VIEW_NAME_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 
 
 class LibtallyError(OSError):
@@ -85,6 +94,7 @@ def _declare(lib):
         "tally_strerror": (ctypes.c_char_p, [i]),
         "tally_store_open": (i, [ctypes.c_char_p, out]),
         "tally_store_close": (None, [p]),
+        "tally_store_views": (i, [p, _VIEW_NAME_FN, p]),
         "tally_view_open": (i, [p, ctypes.c_char_p, out]),
         "tally_view_close": (None, [p]),
         "tally_view_version": (ctypes.c_uint32, [p]),
@@ -131,36 +141,21 @@ def _error(code, what):
 
 
 class _View:
-    """An open tally_view and what Python needs to decode its records."""
+    """An open tally_view, its schema as libtally read it, and its decoder."""
 
     def __init__(self, lib, handle, name):
         self.handle = handle
-        self.name = name
         self.key_type = lib.tally_view_key_type(handle)
-        self.version = lib.tally_view_version(handle)
-        n = lib.tally_view_feature_count(handle)
-        self.names = [lib.tally_view_feature_name(handle, i).decode() for i in range(n)]
-        types = [lib.tally_view_feature_type(handle, i) for i in range(n)]
+        features = tuple((lib.tally_view_feature_name(handle, i).decode(),
+                          VALUE_TYPES[lib.tally_view_feature_type(handle, i)])
+                         for i in range(lib.tally_view_feature_count(handle)))
+        self.schema = ViewSchema(name, lib.tally_view_version(handle), KEY_TYPES[self.key_type],
+                                 features)
         self.size = lib.tally_view_record_size(handle)
-        bitmap = (n + 63) // 64 * 8
-        # header fields we return, the bitmap, then the values
-        self.layout = struct.Struct(f"<4xIqqq{bitmap}s" + "".join(_VALUE_CODES[t] for t in types))
-        assert self.layout.size == self.size
-
-    def decode(self, raw):
-        fields = self.layout.unpack(raw)
-        nulls = int.from_bytes(fields[4], "little")
-        if nulls:
-            result = {name: None if nulls >> i & 1 else value
-                      for i, (name, value) in enumerate(zip(self.names, fields[5:]))}
-        else:
-            result = dict(zip(self.names, fields[5:]))
-        event_time, valid_until = fields[1], fields[3]
-        result["_event_time"] = None if event_time == INT64_MIN else event_time
-        result["_write_time"] = fields[2]
-        result["_valid_until"] = None if valid_until == INT64_MAX else valid_until
-        result["_view_version"] = fields[0]
-        return result
+        if self.size != self.schema.record_size:       # libtally and record.py disagree
+            raise RecordError(f"view {name!r}: libtally's records are {self.size} bytes, "
+                              f"tally.core.record's {self.schema.record_size}")
+        self.decode = RecordDecoder(self.schema).decode
 
 
 class EmbeddedReader:
@@ -213,18 +208,27 @@ class EmbeddedReader:
         view = self._views.get(name)
         if view is not None:
             return view
-        if self._store is None:
-            raise ValueError("EmbeddedReader is closed")
         with self._lock:
             if name not in self._views:
-                handle = ctypes.c_void_p()
-                rc = self._lib.tally_view_open(self._store, name.encode(), ctypes.byref(handle))
-                if rc == TALLY_ENOVIEW:
-                    raise StoreError(f"unknown view {name!r} in {self.path!r}")
-                if rc:
-                    raise _error(rc, f"tally_view_open({name!r})")
-                self._views[name] = _View(self._lib, handle.value, name)
+                handle = self._open_view(name)
+                try:
+                    self._views[name] = _View(self._lib, handle, name)
+                except Exception:
+                    self._lib.tally_view_close(handle)
+                    raise
             return self._views[name]
+
+    def _open_view(self, name):
+        """A new tally_view handle on ``name``: the caller closes it."""
+        if self._store is None:
+            raise ValueError("EmbeddedReader is closed")
+        handle = ctypes.c_void_p()
+        rc = self._lib.tally_view_open(self._store, name.encode(), ctypes.byref(handle))
+        if rc == TALLY_ENOVIEW:
+            raise StoreError(f"unknown view {name!r} in {self.path!r}")
+        if rc:
+            raise _error(rc, f"tally_view_open({name!r})")
+        return handle.value
 
     def _snapshot(self):
         """This thread's transaction and record, renewed: a fresh snapshot."""
@@ -246,9 +250,40 @@ class EmbeddedReader:
             raise _error(rc, "tally_txn_renew")
         return state
 
+    def views(self):
+        """The names of the views the store serves, in the store's order (as
+        ``LmdbStore.views``)."""
+        names = []
+
+        def collect(name, length, _ctx):
+            names.append(ctypes.string_at(name, length))
+            return 0
+        with self._lock:                # not closed under the listing's feet
+            if self._store is None:
+                raise ValueError("EmbeddedReader is closed")
+            rc = self._lib.tally_store_views(self._store, _VIEW_NAME_FN(collect), None)
+        if rc:
+            raise _error(rc, "tally_store_views")
+        return [name.decode() for name in names]
+
     def schema_names(self, view):
         """The view's feature names, in schema order."""
-        return list(self._view(view).names)
+        return [name for name, _ in self._view(view).schema.features]
+
+    def schema(self, view):
+        """The ViewSchema this reader decodes ``view`` with: that of the
+        version served when the reader first opened the view."""
+        return self._view(view).schema
+
+    def served_version(self, view):
+        """The version of ``view`` the store serves now (read afresh, unlike
+        ``schema``)."""
+        with self._lock:
+            handle = self._open_view(view)
+        try:
+            return self._lib.tally_view_version(handle)
+        finally:
+            self._lib.tally_view_close(handle)
 
     def get(self, view, key):
         """The decoded record for ``key``, or None if the entity has none."""
