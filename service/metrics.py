@@ -1,37 +1,119 @@
-"""Prometheus metrics of the streaming service, in the text exposition format,
-served on a small HTTP endpoint (``GET /metrics``, ``GET /health``)."""
+"""Prometheus metrics, for the streaming service and the lookup server alike:
+counters, gauges and histograms keyed by name and labels, rendered in the
+text exposition format, and a small HTTP endpoint serving them
+(``GET /metrics``, ``GET /health``)."""
 import asyncio
+import math
 import time
+from bisect import bisect_left
+
+KINDS = ("counter", "gauge", "histogram")
+
+
+def series(name, **labels):
+    """The key of one series: its name and its labels, sorted."""
+    return name, tuple(sorted(labels.items()))
+
+
+class Histogram:
+    """Counts of observed values per bucket (``value <= bound``, the last
+    bucket unbounded), and their sum."""
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0
+
+    def observe(self, value):
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
 
 class Metrics:
-    """Counters and gauges keyed by (name, labels); rendered on demand."""
+    """Series keyed by (name, labels); rendered on demand.
+
+    ``add``, ``set`` and ``observe`` take the labels as keywords. A hot path
+    builds its keys once with :func:`series` and calls ``add_at`` and
+    ``observe_at``, which are plain dict updates."""
 
     def __init__(self):
         self.help = {}
         self.kinds = {}
-        self.values = {}
+        self.buckets = {}               # histogram name -> sorted bucket bounds
+        self.values = {}                # series key -> number, or a Histogram
 
-    def declare(self, name, kind, help_text):
+    def declare(self, name, kind, help_text, buckets=None):
+        if kind not in KINDS:
+            raise ValueError(f"metric kind {kind!r} is not one of {KINDS}")
+        if (kind == "histogram") != (buckets is not None):
+            raise ValueError(f"{name}: buckets are for histograms, and histograms need them")
         self.kinds[name], self.help[name] = kind, help_text
+        if buckets is not None:
+            self.buckets[name] = tuple(sorted(buckets))
 
     def add(self, name, amount, **labels):
-        key = (name, tuple(sorted(labels.items())))
-        self.values[key] = self.values.get(key, 0) + amount
+        self.add_at(series(name, **labels), amount)
 
     def set(self, name, value, **labels):
-        self.values[(name, tuple(sorted(labels.items())))] = value
+        self.values[series(name, **labels)] = value
+
+    def observe(self, name, value, **labels):
+        self.observe_at(series(name, **labels), value)
+
+    def add_at(self, key, amount):
+        self.values[key] = self.values.get(key, 0) + amount
+
+    def observe_at(self, key, value):
+        histogram = self.values.get(key)
+        if histogram is None:
+            histogram = self.values[key] = Histogram(self.buckets[key[0]])
+        histogram.observe(value)
 
     def render(self):
+        """Every declared metric, its series sorted by labels."""
+        by_name = {}
+        for (name, labels), value in self.values.items():
+            by_name.setdefault(name, []).append((labels, value))
         lines = []
         for name in sorted(self.kinds):
             lines.append(f"# HELP {name} {self.help[name]}")
             lines.append(f"# TYPE {name} {self.kinds[name]}")
-            for (metric, labels), value in sorted(self.values.items()):
-                if metric == name:
-                    label_text = ",".join(f'{k}="{v}"' for k, v in labels)
-                    lines.append(f"{name}{{{label_text}}} {value}")
+            for labels, value in sorted(by_name.get(name, ()), key=lambda item: item[0]):
+                if isinstance(value, Histogram):
+                    lines += _histogram_lines(name, labels, value)
+                else:
+                    lines.append(f"{name}{_label_text(labels)} {_number(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _histogram_lines(name, labels, histogram):
+    lines, cumulative = [], 0
+    for bound, count in zip(histogram.bounds + (math.inf,), histogram.counts):
+        cumulative += count
+        lines.append(f"{name}_bucket{_label_text(labels + (('le', _number(bound)),))} "
+                     f"{cumulative}")
+    lines.append(f"{name}_sum{_label_text(labels)} {_number(histogram.sum)}")
+    lines.append(f"{name}_count{_label_text(labels)} {cumulative}")
+    return lines
+
+
+def _label_text(labels):
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels) + "}"
+
+
+def _escape(value):
+    """A label value as the exposition format quotes it."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value):
+    """A sample value: Prometheus spells the non-finite floats +Inf, -Inf, NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    return str(value)
 
 
 def service_metrics():
