@@ -564,3 +564,71 @@ def test_a_promoted_version_is_served(store, server):
             time.sleep(0.05)
         assert client.get("promoted", 1, features=["b"])["b"] == 20
         assert client.views()["promoted"]["features"] == {"a": "int64", "b": "int64"}
+
+
+WIDE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from tally.service.store.lmdb import LmdbStore
+    from tally.core.record import INT64_MAX, Records, ViewSchema
+    schema = ViewSchema("wide", 1, "int64", tuple((f"feature_{i:05d}_" + "x" * 40, "float64")
+                                                  for i in range(int(sys.argv[2]))))
+    values = {name: (np.full(2, float(i)), np.array([True, i % 7 != 0]))
+              for i, (name, _) in enumerate(schema.features)}
+    with LmdbStore(sys.argv[1]) as store:
+        store.register_view(schema)
+        store.write("wide", [1, 2], Records(values, np.zeros(2, dtype=np.int64), 0,
+                                            np.full(2, INT64_MAX)))
+""")
+
+
+def test_a_view_with_thousands_of_features(store, server):
+    """Its schema is ~110 KB: the catalog must hold it (the child process
+    that once listed the views wrote each listing as one line of at most
+    64 KiB) and lookups must answer every feature."""
+    n = 2000
+    subprocess.run([sys.executable, "-c", WIDE, str(store[0]), str(n)], check=True)
+    name = "feature_{:05d}_".format
+    with LookupClient(port=server.port) as client:
+        first, second = client.get_batch("wide", [1, 2])       # a view new to the catalog
+        assert len(first) == len(second) == n + len(META)
+        assert first[name(7) + "x" * 40] == 7.0 and second[name(7) + "x" * 40] is None
+        assert second[name(n - 1) + "x" * 40] == float(n - 1)
+        features = client.views()["wide"]["features"]
+        assert len(features) == n and set(features.values()) == {"float64"}
+        subset = client.get("wide", 2, features=[name(1) + "x" * 40])
+        assert subset == {name(1) + "x" * 40: 1.0, "_event_time": 0, "_write_time": 0,
+                          "_valid_until": None, "_view_version": 1}
+
+
+ORPHAN = textwrap.dedent("""
+    import sys
+    import lmdb
+    from tally.core.record import ViewSchema
+    from tally.service.store.lmdb import LmdbStore
+    env = lmdb.open(sys.argv[1], max_dbs=10)
+    with env.begin(write=True) as txn:     # a schema without its records' database
+        schemas = env.open_db(b"__schemas__", txn=txn)
+        txn.put(b"orphan", ViewSchema("orphan", 1, "int64", (("n", "int64"),)).to_bytes(),
+                db=schemas)
+    env.close()
+    with LmdbStore(sys.argv[1]) as store:
+        store.register_view(ViewSchema("after_orphan", 1, "int64", (("n", "int64"),)))
+""")
+
+
+def test_a_view_that_cannot_be_opened_leaves_the_others_served(store, server):
+    """The periodic reload (not a lookup) must find a view created beside one
+    it cannot open."""
+    subprocess.run([sys.executable, "-c", ORPHAN, str(store[0])], check=True)
+    with LookupClient(port=server.port) as client:
+        deadline = time.monotonic() + 10
+        while "after_orphan" not in client.views():
+            assert time.monotonic() < deadline, "the catalog never reloaded"
+            time.sleep(0.05)
+        views = client.views()
+        assert "orphan" not in views and {"users", "pages"} <= set(views)
+        with pytest.raises(LookupServerError) as refused:
+            client.get("orphan", 1)
+        assert refused.value.code == "unknown_view"
+        assert client.get("users", 0) == store[1]["users"][0]

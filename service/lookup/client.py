@@ -8,8 +8,8 @@ every message, either way, is one frame::
 
 Requests carry an integer ``id`` that the reply echoes; the server answers
 the requests of one connection in the order they arrived, so a client may
-send many before reading any reply (pipelining). See the server's module
-docstring for the ops and the error codes.
+send many before reading any reply (pipelining). The ops and the error
+codes are in ``tally.service.lookup.protocol``.
 
 ``LookupClient`` blocks; ``AsyncLookupClient`` is for asyncio. Both raise
 ``LookupServerError`` (a ``LookupError``) with the server's error ``code``

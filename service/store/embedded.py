@@ -266,10 +266,6 @@ class EmbeddedReader:
             raise _error(rc, "tally_store_views")
         return [name.decode() for name in names]
 
-    def schema_names(self, view):
-        """The view's feature names, in schema order."""
-        return [name for name, _ in self._view(view).schema.features]
-
     def schema(self, view):
         """The ViewSchema this reader decodes ``view`` with: that of the
         version served when the reader first opened the view."""

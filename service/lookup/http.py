@@ -1,0 +1,247 @@
+"""The HTTP/1.1 + JSON front end, for humans and tools:
+
+``GET /v1/features/{view}/{key}[?features=a,b]``,
+``POST /v1/features/{view}`` with ``{"keys": [...], "features": [...]}``,
+``GET /v1/views``, ``GET /health`` and ``GET /metrics`` (Prometheus text
+format). Keep-alive; ``Content-Length`` bodies only (no chunked uploads).
+Errors are ``{"ok": false, "error": {"code", "message"}}`` with a matching
+status (400, 401, 404, 405, 413, 431, 500, 501): the codes of
+``tally.service.lookup.protocol`` plus ``not_found``, ``method_not_allowed``,
+``headers_too_big`` and ``not_implemented``. Non-finite floats are written
+as ``NaN``/``Infinity``, as Python's json does. With a token, requests need
+``Authorization: Bearer <token>`` (else 401), except ``/health``.
+"""
+import asyncio
+import json
+import logging
+import time
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from tally.service.lookup.frontend import Connections, count_request
+from tally.service.lookup.protocol import DEFAULT_MAX_FRAME_BYTES, RequestError, describe_all
+
+DEFAULT_HTTP_PORT = 8256
+MAX_HTTP_HEAD_BYTES = 64 << 10
+HTTP_STATUS = {"bad_frame": 400, "not_a_map": 400, "bad_request": 400, "unknown_op": 400,
+               "unauthorized": 401, "unknown_view": 404, "unknown_feature": 400,
+               "bad_key": 400, "batch_too_big": 413, "frame_too_big": 413,
+               "store_error": 500, "internal": 500, "not_found": 404,
+               "method_not_allowed": 405, "headers_too_big": 431,
+               "not_implemented": 501}
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+                405: "Method Not Allowed", 413: "Content Too Large",
+                431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                501: "Not Implemented"}
+
+log = logging.getLogger("tally.server")
+
+
+# ---- requests and responses ----------------------------------------------------
+
+class HttpError(Exception):
+    """An HTTP request that cannot be parsed: answered, then the connection closes."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class HttpRequest:
+    __slots__ = ("method", "path", "query", "headers", "body", "keep_alive")
+
+    def __init__(self, method, target, version, headers, body):
+        parts = urlsplit(target)
+        self.method = method
+        self.path = parts.path
+        self.query = parse_qs(parts.query)
+        self.headers = headers
+        self.body = body
+        connection = headers.get("connection", "").lower()
+        self.keep_alive = (connection != "close" if version == "HTTP/1.1"
+                           else connection == "keep-alive")
+
+
+async def read_http_request(reader, writer, max_body):
+    """The next request on the connection, or None at a clean end of stream."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as error:
+        if error.partial.strip():
+            raise HttpError("bad_request", "the request ended inside its head")
+        return None
+    except asyncio.LimitOverrunError:
+        raise HttpError("headers_too_big", f"request head over {MAX_HTTP_HEAD_BYTES} bytes")
+    lines = head[:-4].decode("latin-1").split("\r\n")
+    request_line = lines[0].split(" ")
+    if len(request_line) != 3 or not request_line[2].startswith("HTTP/1."):
+        raise HttpError("bad_request", f"not an HTTP/1.x request line: {lines[0][:100]!r}")
+    headers = parse_headers(lines[1:])
+    body = await read_body(reader, writer, headers, max_body)
+    return HttpRequest(*request_line, headers, body)
+
+
+def parse_headers(lines):
+    headers = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise HttpError("bad_request", f"malformed header line {line[:100]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+async def read_body(reader, writer, headers, max_body):
+    if "transfer-encoding" in headers:
+        raise HttpError("not_implemented", "chunked request bodies are not supported; "
+                        "send Content-Length")
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise HttpError("bad_request", "Content-Length is not a number")
+    if length < 0:
+        raise HttpError("bad_request", "Content-Length is negative")
+    if length > max_body:
+        raise HttpError("frame_too_big", f"body of {length} bytes exceeds {max_body}")
+    if length and headers.get("expect", "").lower() == "100-continue":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")     # curl waits for it
+    return await reader.readexactly(length) if length else b""
+
+
+def http_response(status, body, keep_alive, content_type="application/json",
+                  extra_headers=""):
+    head = (f"HTTP/1.1 {status} {HTTP_REASONS.get(status, '')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n{extra_headers}\r\n")
+    return head.encode("latin-1") + body
+
+
+def json_body(value):
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def error_json(code, message):
+    return json_body({"ok": False, "error": {"code": code, "message": message}})
+
+
+# ---- the front end ----------------------------------------------------------------
+
+class HttpFrontEnd:
+    FEATURES = "/v1/features/"
+
+    def __init__(self, service, metrics, max_body=DEFAULT_MAX_FRAME_BYTES):
+        self.service = service
+        self.metrics = metrics
+        self.connections = Connections("http", metrics)
+        self.max_body = max_body
+        self.started_at = time.monotonic()
+
+    async def serve_connection(self, reader, writer):
+        async with self.connections.open(writer):
+            while await self._serve_request(reader, writer):
+                pass
+
+    async def _serve_request(self, reader, writer):
+        """Answer one request; False when the connection is to close."""
+        try:
+            request = await read_http_request(reader, writer, self.max_body)
+        except HttpError as error:
+            body = error_json(error.code, error.message)
+            writer.write(http_response(HTTP_STATUS[error.code], body, keep_alive=False))
+            count_request(self.metrics, "http", "invalid", error.code, 0.0)
+            return False
+        if request is None:
+            return False
+        started = time.perf_counter()
+        op, outcome, body, content_type, n_keys = self._respond(request)
+        status = 200 if outcome == "ok" else HTTP_STATUS[outcome]
+        challenge = 'WWW-Authenticate: Bearer realm="tally"\r\n' if status == 401 else ""
+        writer.write(http_response(status, body, request.keep_alive, content_type, challenge))
+        await writer.drain()
+        count_request(self.metrics, "http", op, outcome, time.perf_counter() - started, n_keys)
+        return request.keep_alive
+
+    def _respond(self, request):
+        """-> (op label, "ok" or an error code, body, content type, keys looked up)."""
+        op = "invalid"
+        try:
+            op, handler, args = self._route(request)
+            if op != "health" and not self.service.token_ok(bearer_token(request.headers)):
+                raise RequestError("unauthorized", "send Authorization: Bearer <token>")
+            result = handler(*args)
+        except RequestError as error:
+            return op, error.code, error_json(error.code, error.message), "application/json", 0
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path)
+            body = error_json("internal", "internal server error; see its log")
+            return op, "internal", body, "application/json", 0
+        if op == "metrics":
+            return op, "ok", result.encode(), "text/plain; version=0.0.4; charset=utf-8", 0
+        n_keys = len(result["records"]) if "records" in result else int("record" in result)
+        return op, "ok", json_body(dict({"ok": True}, **result)), "application/json", n_keys
+
+    def _route(self, request):
+        """-> (op label, handler, args), or RequestError not_found / method_not_allowed."""
+        path, method = request.path, request.method
+        if path.startswith(self.FEATURES):
+            parts = path[len(self.FEATURES):].split("/")
+            if len(parts) == 2 and all(parts):
+                expect(method, "GET")
+                return "get", self._get_one, (unquote(parts[0]), unquote(parts[1]),
+                                              request.query)
+            if len(parts) == 1 and parts[0]:
+                expect(method, "POST")
+                return "post", self._post_many, (unquote(parts[0]), request.body)
+        routes = {"/health": ("health", self._health), "/metrics": ("metrics", self._metrics),
+                  "/v1/views": ("views", self._views)}
+        if path in routes:
+            expect(method, "GET")
+            op, handler = routes[path]
+            return op, handler, ()
+        raise RequestError("not_found", f"no route {path!r}; see GET /v1/features/{{view}}/"
+                           "{key}, POST /v1/features/{view}, /v1/views, /health, /metrics")
+
+    def _get_one(self, view, raw_key, query):
+        schema = self.service.catalog.schema(view)
+        key = raw_key
+        if schema.key_type == "int64":
+            try:
+                key = int(raw_key)
+            except ValueError:
+                raise RequestError("bad_key", f"view {view!r} has int64 keys; got {raw_key!r}")
+        features = None
+        if "features" in query:
+            features = [f for value in query["features"] for f in value.split(",") if f]
+        record = self.service.lookup(view, [key], features)[0]
+        return {"view": view, "key": key, "record": record}
+
+    def _post_many(self, view, body):
+        try:
+            request = json.loads(body)
+        except ValueError as error:
+            raise RequestError("bad_request", f"the body is not JSON: {error}")
+        if not isinstance(request, dict) or not isinstance(request.get("keys"), list):
+            raise RequestError("bad_request", 'the body must be {"keys": [...]} (and '
+                               'optionally "features": [...])')
+        records = self.service.lookup(view, request["keys"], request.get("features"))
+        return {"view": view, "records": records}
+
+    def _views(self):
+        return {"views": describe_all(self.service.catalog.schemas)}
+
+    def _health(self):
+        return {"status": "serving", "uptime_seconds": round(time.monotonic() -
+                                                             self.started_at, 3)}
+
+    def _metrics(self):
+        return self.metrics.render()
+
+
+def expect(method, allowed):
+    if method != allowed:
+        raise RequestError("method_not_allowed", f"use {allowed}, not {method}")
+
+
+def bearer_token(headers):
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None

@@ -1,0 +1,139 @@
+"""The lookup protocol: what a request may say and how a refusal reads,
+shared by the msgpack/TCP and the HTTP front ends.
+
+**Frames** (msgpack over TCP): every message is 4 bytes of payload length
+(unsigned big-endian), then one msgpack map. Requests of a connection are
+answered in the order they arrive, each reply echoing the request's ``id``,
+so a client may pipeline any number of them (``tally.service.lookup.client``).
+Ops::
+
+    {"id": 1, "op": "get", "view": "user_reading", "keys": [42, 7],
+     "features": ["total_readtime"]}           # features: optional subset
+      -> {"id": 1, "ok": true, "records": [{"total_readtime": 12.5,
+          "_event_time": ..., "_write_time": ..., "_valid_until": ...,
+          "_view_version": 1}, null]}          # null: the entity has no record
+    {"id": 2, "op": "ping"}               -> {"id": 2, "ok": true}
+    {"id": 3, "op": "views"}              -> {"id": 3, "ok": true, "views":
+          {"user_reading": {"key_type": "int64", "version": 1,
+                            "features": {"total_readtime": "float64", ...}}}}
+    {"id": 4, "op": "auth", "token": "s3cret"} -> {"id": 4, "ok": true}
+
+``id`` is optional (it is echoed as null). Keys must match the view's key
+type exactly: msgpack integers (within int64) for an int64 view, strings for
+a string view. A refused request gets an error frame and the connection goes
+on::
+
+    {"id": 1 | null, "ok": false, "error": {"code": "...", "message": "..."}}
+
+``id`` is null when the request's id could not be read.
+
+**Error codes**: ``bad_frame`` (not msgpack, trailing bytes, non-string map
+keys), ``not_a_map``, ``bad_request`` (a missing field or one of the wrong
+type), ``unknown_op``, ``unauthorized``, ``unknown_view``, ``unknown_feature``,
+``bad_key``, ``batch_too_big`` (more keys than ``max_batch``),
+``frame_too_big``, ``store_error`` (the store could not answer, e.g. a record
+written under a newer schema), ``internal`` (a bug; logged). HTTP adds its
+own (see ``tally.service.lookup.http``).
+
+Frames longer than ``max_frame_bytes`` are read and discarded, then answered
+with ``frame_too_big`` (id null) on the same connection. A length above
+``max(64 MiB, 4 * max_frame_bytes)`` is taken for garbage -- most often an
+HTTP client on the msgpack port ("GET " reads as 1.2 GB) -- and is answered
+with ``frame_too_big`` and the connection closed, since nothing after it can
+be trusted to be in step.
+"""
+import msgpack
+
+from tally.core.record import INT64_MAX, INT64_MIN
+from tally.service.lookup.client import FRAME_HEADER_BYTES
+
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+DEFAULT_MAX_BATCH = 1000
+GARBAGE_FRAME_BYTES = 64 << 20
+OPS = ("get", "ping", "views", "auth")
+OPEN_OPS = ("ping",)                     # answered without a token
+RECORD_META = ("_event_time", "_write_time", "_valid_until", "_view_version")
+
+
+class RequestError(Exception):
+    """A refused request: becomes an error frame, or an HTTP error."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ---- frames --------------------------------------------------------------------
+
+def encode_frame_bytes(payload):
+    return len(payload).to_bytes(FRAME_HEADER_BYTES, "big") + payload
+
+
+def error_reply(request_id, code, message):
+    return msgpack.packb({"id": request_id, "ok": False,
+                          "error": {"code": code, "message": message}})
+
+
+def decode_request(payload):
+    try:
+        request = msgpack.unpackb(payload, raw=False)
+    except Exception as error:              # any decoding failure is the client's
+        raise RequestError("bad_frame", f"the frame is not one msgpack value: {error}")
+    if not isinstance(request, dict):
+        raise RequestError("not_a_map", f"a request is a msgpack map, not "
+                           f"{type(request).__name__}")
+    return request
+
+
+def request_id_of(request):
+    request_id = request.get("id")
+    if request_id is not None and type(request_id) is not int:
+        raise RequestError("bad_request", "'id' must be an integer")
+    return request_id
+
+
+# ---- what a lookup may ask for ---------------------------------------------------
+
+def check_keys(schema, keys):
+    """Keys must have the view's key type exactly: a string "42" is not the
+    integer 42, and a bool is not an integer (msgpack has both)."""
+    if schema.key_type == "int64":
+        if not all(type(k) is int for k in keys):
+            bad = next(k for k in keys if type(k) is not int)
+            raise RequestError("bad_key", f"view {schema.view!r} has int64 keys; got {bad!r}")
+        if keys and (min(keys) < INT64_MIN or max(keys) > INT64_MAX):
+            raise RequestError("bad_key", "a key does not fit in an int64")
+    elif not all(type(k) is str for k in keys):
+        bad = next(k for k in keys if type(k) is not str)
+        raise RequestError("bad_key", f"view {schema.view!r} has string keys; got {bad!r}")
+
+
+def check_features(schema, features):
+    """The record fields to answer with (the features asked for, then the
+    header fields), or None for all of them."""
+    if features is None:
+        return None
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise RequestError("bad_request", "'features' must be an array of feature names")
+    names = {name for name, _ in schema.features}
+    unknown = [f for f in features if f not in names]
+    if unknown:
+        raise RequestError("unknown_feature", f"view {schema.view!r} has no feature "
+                           f"{unknown[0]!r}; its features: {[n for n, _ in schema.features]}")
+    return tuple(features) + RECORD_META
+
+
+def select(record, wanted):
+    try:
+        return {name: record[name] for name in wanted}
+    except KeyError:                        # promoted between catalog and read
+        raise RequestError("store_error", "the view's served version changed during the "
+                           "request; retry")
+
+
+def describe_all(schemas):
+    """The ``views`` answer: each view's key type, served version and features."""
+    return {name: {"key_type": schema.key_type, "version": schema.version,
+                   "features": dict(schema.features)}
+            for name, schema in sorted(schemas.items())}
