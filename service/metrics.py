@@ -3,6 +3,7 @@ counters, gauges and histograms keyed by name and labels, rendered in the
 text exposition format, and a small HTTP endpoint serving them
 (``GET /metrics``, ``GET /health``)."""
 import asyncio
+import json
 import math
 import time
 from bisect import bisect_left
@@ -134,6 +135,14 @@ def service_metrics():
              "1 if the partition has folded messages awaiting a checkpoint"),
             ("tally_store_write_retries_total", "counter",
              "Online store writes retried after an error"),
+            ("tally_store_refused_total", "counter",
+             "Entities whose records the online store refused for good (dead-lettered)"),
+            ("tally_corrupt_checkpoints_total", "counter",
+             "Checkpoints found corrupt, set aside, and the one before restored"),
+            ("tally_dead_letter_failures_total", "counter",
+             "Checkpoints delayed because dead letters could not be persisted"),
+            ("tally_partition_failures", "gauge",
+             "Partitions that failed and stopped the service (it exits 1)"),
             ("tally_bootstrap_units", "gauge",
              "Work units of a running bootstrap from history (state: done or total)"),
             ("tally_bootstrap_events_total", "counter",
@@ -142,9 +151,10 @@ def service_metrics():
     return metrics
 
 
-async def serve_metrics(metrics, host, port, refresh=None):
+async def serve_metrics(metrics, host, port, refresh=None, health=None):
     """Serve ``/metrics`` and ``/health`` until cancelled; ``refresh()`` updates
-    gauges just before each scrape."""
+    gauges just before each scrape, ``health()`` -> ``(healthy, details)``
+    answers /health (200, or 503 with the details saying why)."""
     async def handle(reader, writer):
         try:
             request = await reader.readline()
@@ -156,7 +166,9 @@ async def serve_metrics(metrics, host, port, refresh=None):
                     refresh()
                 status, body, kind = "200 OK", metrics.render(), "text/plain; version=0.0.4"
             elif path == "/health":
-                status, body, kind = "200 OK", '{"status": "ok"}', "application/json"
+                healthy, details = health() if health else (True, {"status": "ok"})
+                status = "200 OK" if healthy else "503 Service Unavailable"
+                body, kind = json.dumps(details), "application/json"
             else:
                 status, body, kind = "404 Not Found", "not found\n", "text/plain"
             payload = body.encode()

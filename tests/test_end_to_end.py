@@ -137,7 +137,7 @@ def test_string_keys_the_store_cannot_hold_are_dead_lettered(
                        [Feature("n", "count")])
     producer = EventProducer(pulsar_client, topic_name, "name")
     for name in ["ann", "", "x" * 600, "ann", "bé"]:
-        producer.send({"name": name, "ts": 1})
+        producer.send({"name": name, "ts": 1_732_780_800_000})
     producer.close()
     with LmdbStore(tmp_path / "store") as store:
         reader = consume_all(view, pulsar_client, store, 5)

@@ -16,7 +16,7 @@ import numpy as np
 import pulsar
 import pytest
 
-from tally.core.definitions import Entity, Feature, FeatureView, Source
+from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
 from tally.core.errors import SnapshotError
 from tally.core.materialize import online_schema
 from tally.core.view import ViewState
@@ -27,7 +27,7 @@ from tally.service.ingest.writer import RecordWriter
 from tally.service.quickstart import START_MS, generate_events
 from tally.service.store import RecordRefused
 from tally.service.store.lmdb import LmdbStore
-from test_service import WINDOWED, deployment, free_port, stop, wait_for  # noqa: F401
+from test_service import WINDOWED, deployment, stop, wait_for  # noqa: F401 (a fixture)
 
 NOW = int(time.time() * 1000)
 
@@ -336,3 +336,57 @@ def test_a_message_at_the_limit_is_stored_once_and_a_larger_one_refused(
     assert size < 1 << 30, f"the bookie holds {size / 1e9:.1f} GB"
     producer.close()
     consumer.close()
+
+
+# --------------------------------------------------------------------------
+# Corrupt files: refused with a clear message, never a crash or a lie
+
+
+def test_a_truncated_store_is_refused_not_a_sigbus(tmp_path):
+    """Once, a truncated data.mdb killed tally get, tally serve and the lookup
+    server with SIGBUS."""
+    from tally.core.record import INT64_MAX, Records, ViewSchema
+    from tally.service.store import StoreError
+    schema = ViewSchema("v", 1, "int64", (("n", "int64"),))
+    with LmdbStore(tmp_path / "store") as store:
+        store.register_view(schema)
+        n = 200_000
+        store.write("v", np.arange(n), Records({"n": (np.arange(n), np.ones(n, bool))},
+                                                np.arange(n), 1, np.full(n, INT64_MAX)))
+    data = tmp_path / "store" / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    with pytest.raises(StoreError, match="is truncated"):
+        LmdbStore(tmp_path / "store", readonly=True)
+    done = subprocess.run([sys.executable, "-m", "tally", "get", "v", "5", "--store",
+                           str(tmp_path / "store")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is truncated" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_corrupt_registry_is_refused_with_a_clear_message(tmp_path):
+    """Once, a corrupt registry gave raw sqlite3.DatabaseError tracebacks, and
+    a same-length edit changed a stored window while describe still showed
+    the old content hash."""
+    import sqlite3
+
+    from tally.service.registry import Registry, RegistryError
+    path = tmp_path / "registry.db"
+    with Registry(str(path)) as registry:
+        registry.apply([VIEW_WINDOWED])
+    with sqlite3.connect(path) as db:
+        body = db.execute("SELECT body FROM versions WHERE kind = 'view'").fetchone()[0]
+        assert '"size_ms":3600000' in body
+        db.execute("UPDATE versions SET body = ? WHERE kind = 'view'",
+                   (body.replace('"size_ms":3600000', '"size_ms":7200000'),))
+    with Registry(str(path)) as registry, pytest.raises(RegistryError, match="content hash"):
+        registry.describe("windowed")
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RegistryError, match="restore it from a backup"):
+        Registry(str(path))
+    done = subprocess.run([sys.executable, "-m", "tally", "list", "--registry", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+
+
+VIEW_WINDOWED = FeatureView("windowed", Entity("user"), VIEW.source, [
+    Feature("n_1h", "count", window=Window.sliding("1h", "1m"))])

@@ -34,15 +34,26 @@ def add_commands(commands):
 
 def cmd_get(args):
     from tally.service.store import open_store
+    if not args.view or "\0" in args.view:
+        raise UsageError(f"{args.view!r} is not a view name; `tally list` shows the views")
     with open_store(args.store, readonly=True) as store:
         schema = store.schema(args.view)
-        try:
-            keys = [int(k) if schema.key_type == "int64" else k for k in args.keys]
-        except ValueError as error:
-            raise UsageError(f"bad key: {error}") from None
+        keys = [_key(k, schema.key_type) for k in args.keys]
         for key, record in zip(keys, store.get_many(args.view, keys)):
             print(json.dumps({"key": key, "features": record}))
     return 0
+
+
+def _key(text, key_type):
+    if key_type == "string":
+        return text
+    try:
+        key = int(text)
+    except ValueError:
+        raise UsageError(f"bad key {text!r}: the view has int64 keys") from None
+    if not -2**63 <= key < 2**63:
+        raise UsageError(f"bad key {text}: it does not fit in an int64")
+    return key
 
 
 def cmd_lookup_server(args):

@@ -32,9 +32,11 @@ from tally.service.ingest.dead_letters import DeadLetterError, DeadLetters
 from tally.service.ingest.fold import Fold, IngestStats
 from tally.service.ingest.writer import RecordWriter, WriteAbandoned
 from tally.service.pulsar.client import raw, subscribe_failover
-from tally.service.pulsar.topics import NO_POSITION, message_position, partition_topic
+from tally.service.pulsar.topics import (END_OF_ENTRY, NO_POSITION, message_position,
+                                         partition_topic)
 
 log = logging.getLogger("tally.partition")
+SEEK_TIMEOUT_S = 30.0
 
 
 def wall_clock_ms():
@@ -64,7 +66,9 @@ class PartitionWorker:
             consumer_name, batch_size, batch_timeout_ms)
         self.receiver = raw(self.consumer)
         self.sequence = None            # the checkpoint our state stands on; None: not loaded
-        self.seek_bound = None          # after a seek under way: batches starting later are stale
+        self.seek_pending = False       # move the subscription to our position first
+        self.seek_bound = None          # after a seek: batches starting later are stale
+        self.seek_done = 0.0
         self.position = NO_POSITION
         self.checkpointed_position = NO_POSITION
         self.unacknowledged = None      # newest folded message, acked at the next checkpoint
@@ -83,8 +87,16 @@ class PartitionWorker:
 
     def receive(self):
         """One batch of raw messages (blocking up to the batch timeout; run on
-        a thread: the client releases the GIL while it waits)."""
-        return self.receiver.batch_receive()
+        a thread: the client releases the GIL while it waits). While the
+        consumer reconnects (a seek, a broker restart) a receive can fail:
+        that is an empty batch, logged, not a failure of the partition."""
+        try:
+            return self.receiver.batch_receive()
+        except Exception as error:              # the client's own: it reconnects
+            log.warning("%s partition %d: receive failed (%s)", self.view.name,
+                        self.partition, error)
+            time.sleep(0.1)
+            return []
 
     async def process(self, messages, stopping=None):
         """Fold, write and (every checkpoint interval) checkpoint one batch;
@@ -109,17 +121,13 @@ class PartitionWorker:
         return len(messages)
 
     async def _fold_fresh(self, messages, stopping):
-        moved = self.adopt_latest_checkpoint()     # another process owned it meanwhile
-        if moved:
-            self.seek_to_position()
-            # a receive under way may still return messages from before the
-            # seek: they follow this batch, the re-read ones precede it
-            self.seek_bound = message_position(messages[0])
+        if self.adopt_latest_checkpoint():         # another process owned it meanwhile
+            self.seek_pending = True
+        if self.seek_pending:
+            await self._seek(messages[0])
             return
-        if self.seek_bound is not None:
-            if message_position(messages[0]) > self.seek_bound:
-                return                     # sent before the seek took effect: dropped
-            self.seek_bound = None
+        if self.seek_bound is not None and self._before_the_seek(messages[0]):
+            return                         # received before the seek took effect: dropped
         # a batch is in log order: bisect instead of a position per message
         split = bisect.bisect_right(messages, self.position, key=message_position)
         replayed, fresh = messages[:split], messages[split:]
@@ -160,14 +168,17 @@ class PartitionWorker:
             self.receiver.acknowledge_cumulative(last_replayed)
 
     def start(self):
-        """Restore the partition's newest valid checkpoint and move the
-        subscription to its position, before anything is received: state and
-        position always agree, whatever the subscription's acknowledgements
-        say (a lost, corrupt or older checkpoint is read forward from its own
+        """Restore the partition's newest valid checkpoint before anything is
+        received (so every owned partition's windows expire from the start),
+        and have the subscription moved to its position by the first batch:
+        state and position always agree, whatever the acknowledgements say
+        (a lost, corrupt or older checkpoint is read forward from its own
         position, an empty checkpoint directory from the earliest message).
-        Also what makes every owned partition's windows expire from the start."""
+        The seek waits for a batch because only the partition's active
+        consumer receives one: a seek by an inactive Failover consumer in
+        another process would disconnect the active one for nothing."""
         self.adopt_latest_checkpoint()
-        self.seek_to_position()
+        self.seek_pending = True
 
     def adopt_latest_checkpoint(self):
         """Restore the newest valid checkpoint unless our state already is it.
@@ -194,15 +205,44 @@ class PartitionWorker:
         self.rewritten_once = False
         return restored.sequence != latest
 
-    def seek_to_position(self):
-        """Make the subscription deliver from our position on (from the
-        earliest message with none); messages at or before it are skipped."""
+    async def _seek(self, first_received):
+        """Move the subscription to our position (the earliest message with
+        none) and drop this batch. A receive under way may still return
+        messages from before the seek: those follow this batch, while the ones
+        read again start at our position, so until a batch starts no later
+        than both, batches are stale."""
         import pulsar
         if self.position == NO_POSITION:
-            target = pulsar.MessageId.earliest
+            target, bound = pulsar.MessageId.earliest, message_position(first_received)
         else:
             target = pulsar.MessageId(-1, self.position[0], self.position[1], -1)
-        self.consumer.seek(target)
+            bound = max(message_position(first_received), self.position[:2] + (END_OF_ENTRY,))
+        deadline = time.monotonic() + SEEK_TIMEOUT_S
+        while True:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.consumer.seek,
+                                                                 target)
+                break
+            except Exception as error:          # the consumer reconnecting: try again
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s partition %d: seek failed (%s); retrying", self.view.name,
+                            self.partition, error)
+                await asyncio.sleep(0.5)
+        self.seek_pending = False
+        self.seek_bound, self.seek_done = bound, time.monotonic()
+
+    def _before_the_seek(self, first):
+        if message_position(first) <= self.seek_bound:
+            self.seek_bound = None
+            return False
+        if time.monotonic() - self.seek_done > SEEK_TIMEOUT_S:
+            log.error("%s partition %d: no message from before %s since the seek %.0f s ago; "
+                      "going on from %s", self.view.name, self.partition, self.seek_bound,
+                      SEEK_TIMEOUT_S, message_position(first))
+            self.seek_bound = None
+            return False
+        return True
 
     def checkpoint(self):
         """Save state and position, then acknowledge everything they cover;

@@ -201,18 +201,23 @@ class StreamingService:
 
     def health(self):
         """``(healthy, details)`` for /health: unhealthy once a partition
-        failed, or while a partition's folded messages wait far longer than
-        the checkpoint interval for a checkpoint (a store or the dead-letter
-        topic failing)."""
+        failed, while the online store fails, or while a partition's folded
+        messages wait far longer than the checkpoint interval for a checkpoint
+        (the dead-letter topic failing)."""
         problems = list(self.failures)
         limit = max(STALE_CHECKPOINT_S, 10 * self.checkpoint_interval_s)
         for worker in self.workers:
+            where = f"{worker.view.name} partition {worker.partition}"
             age = seconds_since(worker.last_checkpoint)
             if worker.unacknowledged is not None and age > limit:
-                problems.append(f"{worker.view.name} partition {worker.partition}: no "
-                                f"checkpoint for {age:.0f} s")
-        return not problems, {"status": "ok" if not problems else "failing",
-                              "problems": problems}
+                problems.append(f"{where}: no checkpoint for {age:.0f} s")
+            if worker.writer.failing is not None:
+                since, error = worker.writer.failing
+                problems.append(f"{where}: the online store has failed for "
+                                f"{seconds_since(since):.0f} s ({error})")
+        if not problems:
+            return True, {"status": "ok"}
+        return False, {"status": "failing", "problems": problems}
 
     def _start_metrics(self):
         if not self.metrics_address:
@@ -221,7 +226,7 @@ class StreamingService:
 
         async def serve():
             try:
-                await serve_metrics(self.metrics, host, port, self.refresh_metrics)
+                await serve_metrics(self.metrics, host, port, self.refresh_metrics, self.health)
             except OSError as error:
                 log.warning("metrics endpoint %s:%s unavailable: %s", host, port, error)
         return asyncio.get_running_loop().create_task(serve())

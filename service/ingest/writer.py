@@ -6,7 +6,10 @@ so one store outage pauses the partitions that write, never the event loop:
 ``/health``, ``/metrics``, the other views and SIGTERM keep being served.
 """
 import asyncio
+import errno
 import logging
+import os
+import time
 
 import numpy as np
 
@@ -18,6 +21,9 @@ log = logging.getLogger("tally.ingest")
 
 FIRST_RETRY_S = 0.05
 MAX_RETRY_S = 30.0
+# Fault injection for tests: while this file exists, every write fails as on
+# a full volume (``TALLY_FAIL_STORE_WHILE=/path/to/flag``).
+_FAIL_WHILE = os.environ.get("TALLY_FAIL_STORE_WHILE")
 
 
 class WriteAbandoned(Exception):
@@ -39,6 +45,7 @@ class RecordWriter:
         self.view, self.store, self.schema = view, store, schema
         self.clock, self.stats = clock, stats
         self.on_refused = on_refused
+        self.failing = None             # (since, error) while the store keeps failing
         # A candidate writes into its own records, served once promoted.
         self.version = None if serving else schema.version
         store.register_view(schema, current=serving)
@@ -60,13 +67,18 @@ class RecordWriter:
         while True:
             now = self.clock()
             try:
+                if _FAIL_WHILE and os.path.exists(_FAIL_WHILE):
+                    raise OSError(errno.ENOSPC, "No space left on device (injected)")
                 self.store.write(self.view.name, keys,
                                  records_for(state, self.schema, slots, now, now),
                                  version=self.version)
+                self.failing = None
                 return now
             except Exception as error:          # a store failure: wait, unless permanent
                 if is_permanent(error):
                     raise
+                if self.failing is None:
+                    self.failing = (time.monotonic(), error)
                 self.stats.store_retries += 1
                 log.warning("%s: online store write failed (%s); retrying in %.2f s",
                             self.view.name, error, delay)

@@ -7,10 +7,11 @@ touched here only (``raw``).
 """
 import pulsar
 
+from tally.core.errors import TallyError
 from tally.service.pulsar.topics import partition_index, position
 
 
-class TopicError(ValueError):
+class TopicError(TallyError, ValueError):
     """A topic is missing or not shaped as Tally needs it (partitioned)."""
 
 

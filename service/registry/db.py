@@ -59,11 +59,30 @@ class Registry:
         os.makedirs(directory, exist_ok=True)
         self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        self._set_wal(timeout)
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self._migrate()
+        with self._sqlite_errors():
+            self._conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self._set_wal(timeout)
+            self._check_integrity()
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+
+    @contextmanager
+    def _sqlite_errors(self):
+        """SQLite's errors as one clear RegistryError (a corrupt file, a file
+        that is no registry, a lock held too long), never a raw traceback."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise RegistryError(f"{self.path}: {error}; if the registry is corrupt, restore "
+                                "it from a backup (tally apply rebuilds one from the "
+                                "definition files, without their history)") from None
+
+    def _check_integrity(self):
+        problems = [row[0] for row in self._conn.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise RegistryError(f"{self.path} is corrupt ({'; '.join(problems[:3])}); "
+                                "restore it from a backup")
 
     def _set_wal(self, timeout):
         deadline = time.monotonic() + timeout
@@ -95,21 +114,23 @@ class Registry:
 
     @contextmanager
     def _write(self):
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        with self._sqlite_errors():
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
 
     @contextmanager
     def _read(self):
-        self._conn.execute("BEGIN")
-        try:
-            yield self._conn
-        finally:
-            self._conn.execute("COMMIT")
+        with self._sqlite_errors():
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
 
     def _migrate(self):
         with self._write() as db:

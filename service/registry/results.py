@@ -9,9 +9,10 @@ import json
 from dataclasses import dataclass, field
 
 from tally.core.definitions import (Entity, FeatureView, Source, canonical_document,
-                                    from_document)
+                                    content_hash, from_document)
 from tally.core.durations import format_duration
 from tally.service.registry.diff import change_line
+from tally.service.registry.errors import RegistryError
 
 
 def _e(text):
@@ -34,10 +35,22 @@ class VersionInfo:
 
     @classmethod
     def from_row(cls, row):
-        """The version a row of the ``versions`` table stores."""
+        """The version a row of the ``versions`` table stores, its content
+        checked against its hash: a stored definition edited in place (or
+        corrupted) is refused, never served under its old hash."""
+        where = f"{row['kind']} {row['name']}@v{row['version']}"
+        try:
+            definition = from_document(json.loads(row["body"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise RegistryError(f"the registry is corrupt: {where} cannot be read ({error}); "
+                                "restore the registry from a backup") from None
+        if content_hash(definition) != row["hash"]:
+            raise RegistryError(f"the registry is corrupt: {where}'s stored definition does "
+                                f"not match its content hash {row['hash'][:12]}; restore the "
+                                "registry from a backup")
         return cls(row["kind"], row["name"], row["version"], row["hash"], row["state"],
-                   row["created_at"], row["created_by"], row["origin"],
-                   from_document(json.loads(row["body"])), row["state_hash"])
+                   row["created_at"], row["created_by"], row["origin"], definition,
+                   row["state_hash"])
 
     @property
     def ref(self):

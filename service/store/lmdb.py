@@ -32,11 +32,29 @@ class LmdbStore:
         # sync=False: a crash can lose the newest writes, never corrupt the file;
         # the checkpoint, not the store, is the durable truth, and records are
         # rewritten idempotently on replay. flush() syncs at checkpoints.
-        self.env = lmdb.open(self.path, map_size=map_size, max_dbs=max_views + 1,
-                             readonly=readonly, sync=False, lock=True)
+        try:
+            self.env = lmdb.open(self.path, map_size=map_size, max_dbs=max_views + 1,
+                                 readonly=readonly, sync=False, lock=True)
+        except lmdb.Error as error:
+            raise StoreError(f"the online store {self.path!r} cannot be opened: {error}; "
+                             "if it is corrupt, delete it with its checkpoints and let tally "
+                             "serve recompute both from the topic") from None
+        self._check_not_truncated()
         self.readonly = readonly
         self._schemas_db = self.env.open_db(SCHEMAS_DB, create=not readonly)
         self._dbs = {}
+
+    def _check_not_truncated(self):
+        """A data file shorter than its own last page: reading past its end
+        through the memory map would kill the process with SIGBUS."""
+        data = os.path.join(self.path, "data.mdb")
+        needed = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        actual = os.path.getsize(data) if os.path.exists(data) else needed
+        if actual < needed:
+            self.env.close()
+            raise StoreError(f"the online store {self.path!r} is truncated: data.mdb has "
+                             f"{actual:,} bytes, its pages need {needed:,}; delete it with its "
+                             "checkpoints and let tally serve recompute both from the topic")
 
     def close(self):
         self.env.close()
