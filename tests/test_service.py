@@ -70,7 +70,7 @@ class Deployment:
         self.log = open(tmp_path / "serve.log", "ab")
         self.processes, self.starts = [], 0
 
-    def start(self, name, crash_in_checkpoint=0.0):
+    def start(self, name, crash_in_checkpoint=0.0, metrics="off"):
         env = dict(os.environ, TALLY_CRASH_IN_CHECKPOINT=str(crash_in_checkpoint))
         self.log.flush()
         self.starts += 1
@@ -78,7 +78,7 @@ class Deployment:
             [sys.executable, "-m", "tally", "serve", str(self.definitions),
              "--pulsar", self.broker.service_url, "--store", str(self.store),
              "--checkpoints", str(self.checkpoints), "--name", name,
-             "--checkpoint-interval", "0.5"],
+             "--checkpoint-interval", "0.5", "--metrics", metrics],
             stdout=self.log, stderr=subprocess.STDOUT, env=env))
         return self.processes[-1]
 

@@ -47,6 +47,7 @@ class DeadLetters:
         self._lock = threading.Lock()
         self._failed = []                 # (payload, properties, result) to send again
         self.sent = 0
+        self.unflushed = 0                # sent since the last flush
         self.failures = 0
 
     def send(self, messages, payloads, rejects):
@@ -74,11 +75,15 @@ class DeadLetters:
                 with self._lock:
                     self._failed.append((payload, properties, result))
         self.sent += 1
+        self.unflushed += 1
         self.producer.send_async(payload, sent, properties=properties)
 
     def flush(self):
         """Wait until every dead letter so far is persisted, sending failed
         ones again; raises DeadLetterError if some still fail."""
+        if not self.unflushed and not self._failed:
+            return                        # nothing in flight: no wait on the broker
+        self.unflushed = 0
         for _ in range(FLUSH_ATTEMPTS):
             self._flush_producer()
             with self._lock:

@@ -165,7 +165,7 @@ class PartitionWorker:
         skipped; acknowledge them now, or with no newer message to follow they
         would stay in the backlog for ever."""
         if message_position(last_replayed) <= self.checkpointed_position:
-            self.receiver.acknowledge_cumulative(last_replayed)
+            self._acknowledge(last_replayed)
 
     def start(self):
         """Restore the partition's newest valid checkpoint before anything is
@@ -271,9 +271,20 @@ class PartitionWorker:
         self.stats.checkpoints += 1
         self.last_checkpoint = time.monotonic()
         if self.unacknowledged is not None:
-            self.receiver.acknowledge_cumulative(self.unacknowledged)
+            self._acknowledge(self.unacknowledged)
             self.unacknowledged = None
         return True
+
+
+    def _acknowledge(self, message):
+        """Acknowledge through ``message``. An acknowledgement lost to a
+        broker restart costs a re-read (the checkpoint's position skips it),
+        never an event: it is logged, not raised."""
+        try:
+            self.receiver.acknowledge_cumulative(message)
+        except Exception as error:               # the client's own: it reconnects
+            log.warning("%s partition %d: acknowledgement failed (%s); the messages are "
+                        "read again and skipped", self.view.name, self.partition, error)
 
 
 async def drive(worker, pool, keep_going, stopping=None, fold_last=False):
