@@ -129,8 +129,22 @@ class Deployment:
             if self.backlog() == 0:
                 return
             time.sleep(0.5)
-        raise AssertionError(f"backlog still {self.backlog()} after {timeout_s} s; "
+        raise AssertionError(f"backlog still {self.backlog()} after {timeout_s} s "
+                             f"(per partition: {self.partition_backlogs()}); "
                              f"see {self.log.name}")
+
+    def partition_backlogs(self):
+        """partition -> (backlog, active consumer, unacked) of the view's subscription."""
+        found = {}
+        for partition in range(4):
+            stats = self.broker.admin(
+                "GET", f"/admin/v2/persistent/public/default/{self.topic}-partition-"
+                       f"{partition}/stats")
+            subscription = stats["subscriptions"].get(subscription_for(self.view), {})
+            found[partition] = (subscription.get("msgBacklog"),
+                                subscription.get("activeConsumerName"),
+                                subscription.get("unackedMessages"))
+        return found
 
     def assert_exact(self, events):
         expected = expected_features(events)

@@ -189,6 +189,15 @@ class PartitionWorker:
                                                   self.partition)
         if latest == self.sequence:
             return None
+        if self.sequence is not None and latest < self.sequence:
+            # Our own newest checkpoint is gone (deleted, or set aside as
+            # corrupt): nobody published since, so our state is still the
+            # truth at our position; the next checkpoint publishes it again.
+            log.warning("%s partition %d: checkpoint %d has disappeared; the state in memory "
+                        "is checkpointed again", self.view.name, self.partition, self.sequence)
+            self.sequence = latest
+            self.last_checkpoint = 0.0
+            return None
         restored = self.checkpoints.restore(self.view.name, self.state_hash, self.partition)
         self.stats.corrupt_checkpoints += len(restored.corrupt)
         if restored.sequence == 0:
