@@ -438,6 +438,20 @@ def test_embedded_reader_lists_views_and_follows_promotions(tmp_path, rng, embed
         assert reopened.schema("a").version == 2
 
 
+def test_embedded_reader_refuses_names_with_a_nul(tmp_path, rng, embedded):
+    """libtally takes view names as C strings: "a\\0x" must not open "a"
+    (and be kept open under a name of its own, one handle per such name)."""
+    write_store(tmp_path, [(schema_of("a", "int64", 2), int_keys(rng, 5))], rng)
+    with embedded.EmbeddedReader(tmp_path) as reader:
+        reader.get("a", 0)                                      # opens "a"
+        for i in range(50):
+            for call in (reader.schema, reader.served_version,
+                         lambda view: reader.get(view, 0), lambda view: reader.get_many(view, [0])):
+                with pytest.raises(StoreError, match="unknown view"):
+                    call(f"a\0{i}")
+        assert list(reader._views) == ["a"]
+
+
 def test_embedded_reader_lists_no_views_of_an_empty_store(tmp_path, embedded):
     import lmdb
     lmdb.open(str(tmp_path)).close()

@@ -632,3 +632,125 @@ def test_a_view_that_cannot_be_opened_leaves_the_others_served(store, server):
             client.get("orphan", 1)
         assert refused.value.code == "unknown_view"
         assert client.get("users", 0) == store[1]["users"][0]
+
+
+# ---- names no view can have: refused before the store is asked -------------------
+
+def small_store(path, *schemas):
+    """A store of its own (with one record, key 1, per view), for a server
+    of its own: a second open of the module's store in this process would
+    break LMDB's locks."""
+    rng = np.random.default_rng(3)
+    with LmdbStore(path) as writer:
+        for schema in schemas:
+            writer.register_view(schema)
+            writer.write(schema.view, [1], random_records(schema, 1, rng))
+    return path
+
+
+class Counted:
+    """Wraps a method of an object and counts its calls."""
+
+    def __init__(self, owner, name):
+        self.calls, self.method = 0, getattr(owner, name)
+        setattr(owner, name, self)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.method(*args)
+
+
+def pipelined_codes(port, requests):
+    """Send every request at once, then read every reply: {error code or "ok": count}."""
+    raw = RawConnection(port)
+    try:
+        raw.send(b"".join(encode_frame(dict(r, id=i)) for i, r in enumerate(requests)))
+        replies = [raw.reply() for _ in requests]
+    finally:
+        raw.close()
+    assert [r["id"] for r in replies] == list(range(len(requests)))
+    codes = {}
+    for reply in replies:
+        code = "ok" if reply["ok"] else reply["error"]["code"]
+        codes[code] = codes.get(code, 0) + 1
+    return codes
+
+
+def test_names_no_view_can_have_never_reach_the_store(tmp_path, libtally):
+    """"users\\0<n>" once passed libtally's C-string check as "users": each
+    such name was cached as a new view handle and triggered a catalog reload
+    (a hostile client grew the server by 58 MB and cut its throughput 7x)."""
+    from tally.service.lookup.server import serve_in_background
+    from tally.core.definitions import MAX_NAME_LENGTH
+    small_store(tmp_path, USERS)
+    with serve_in_background(tmp_path, port=0, http_port=0, catalog_refresh=0.2) as running:
+        reloads = Counted(running.store, "load_schemas")
+        probes = Counted(running.store, "has_view")
+        handles = len(running.store.reader._views)
+        bad = ([{"op": "get", "view": f"users\0{i}", "keys": [1]} for i in range(1500)] +
+               [{"op": "get", "view": "", "keys": [1]},
+                {"op": "get", "view": "u" * (MAX_NAME_LENGTH + 1), "keys": [1]},
+                {"op": "get", "view": "x" * 100_000, "keys": [1]}])
+        assert pipelined_codes(running.port, bad) == {"unknown_view": len(bad)}
+        assert (reloads.calls, probes.calls) == (0, 0)
+        # names that could be views but are not: no handle kept, no reload
+        unknown = [{"op": "get", "view": f"nope_{i}", "keys": [1]} for i in range(1500)]
+        assert pipelined_codes(running.port, unknown) == {"unknown_view": len(unknown)}
+        assert reloads.calls == 0
+        assert len(running.store.reader._views) == handles
+        for path in ("/v1/features/users%00x/1", f"/v1/features/{'u' * 49}/1"):
+            status, answer = json_call(running.http_port, "GET", path)
+            assert (status, answer["error"]["code"]) == (404, "unknown_view"), path
+        assert "users" in json_call(running.http_port, "GET", "/v1/features/users%00x/1")[1][
+            "error"]["message"]                          # the known views are listed
+        with LookupClient(port=running.port) as client:
+            assert client.get("users", 1) is not None
+
+
+def test_a_view_outside_the_listing_reloads_the_catalog_at_most_once_per_refresh(
+        tmp_path, libtally):
+    """A name libtally opens but never lists (it holds "@v", as version
+    entries do) is not in the catalog however often it is reloaded: asking
+    for it must not reload per request."""
+    from tally.service.lookup.server import serve_in_background
+    hidden = ViewSchema("odd@vx", 1, "int64", (("n", "int64"),))
+    small_store(tmp_path, USERS, hidden)
+    with serve_in_background(tmp_path, port=0, http_port=0, catalog_refresh=0.2) as running:
+        reloads = Counted(running.store, "load_schemas")
+        started = time.monotonic()
+        requests = [{"op": "get", "view": "odd@vx", "keys": [1]}] * 2000
+        assert pipelined_codes(running.port, requests) == {"unknown_view": 2000}
+        elapsed = time.monotonic() - started
+        # the periodic reload plus at most one per refresh interval for the misses
+        assert reloads.calls <= 2 * (elapsed / 0.2 + 1) + 1, (reloads.calls, elapsed)
+        assert len(running.store.reader._views) <= 2
+
+
+def test_a_view_created_after_start_is_served_at_once(tmp_path, libtally):
+    """The bound on reloads must not delay a view that really is new."""
+    from tally.service.lookup.server import serve_in_background
+    small_store(tmp_path, USERS)
+    with serve_in_background(tmp_path, port=0, http_port=0, catalog_refresh=60) as running:
+        with LookupClient(port=running.port) as client:
+            with pytest.raises(LookupServerError, match="unknown_view"):
+                client.get("pages", "a")
+            subprocess.run([sys.executable, "-c", WIDE_VIEW, str(tmp_path), "pages", "3"],
+                           check=True)
+            assert client.get("pages", 1)["_view_version"] == 1
+
+
+WIDE_VIEW = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from tally.service.store.lmdb import LmdbStore
+    from tally.core.record import INT64_MAX, Records, ViewSchema
+    view, n = sys.argv[2], int(sys.argv[3])
+    schema = ViewSchema(view, 1, "int64", tuple((f"feature_{i:05d}_" + "x" * 40, "float64")
+                                                for i in range(n)))
+    values = {name: (np.full(2, float(i)), np.array([True, i % 7 != 0]))
+              for i, (name, _) in enumerate(schema.features)}
+    with LmdbStore(sys.argv[1]) as store:
+        store.register_view(schema)
+        store.write(view, [1, 2], Records(values, np.zeros(2, dtype=np.int64), 0,
+                                          np.full(2, INT64_MAX)))
+""")

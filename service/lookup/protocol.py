@@ -44,6 +44,7 @@ be trusted to be in step.
 """
 import msgpack
 
+from tally.core.definitions import MAX_NAME_LENGTH
 from tally.core.record import INT64_MAX, INT64_MIN
 from tally.service.lookup.client import FRAME_HEADER_BYTES
 
@@ -95,18 +96,41 @@ def request_id_of(request):
 
 # ---- what a lookup may ask for ---------------------------------------------------
 
+def check_view_name(view, known):
+    """Refuse a name no view can have before any store is asked: libtally
+    takes C strings, so "users\\0x" would open "users"; and no definition
+    names a view with more than MAX_NAME_LENGTH characters."""
+    if view and len(view) <= MAX_NAME_LENGTH and "\0" not in view:
+        return
+    raise RequestError("unknown_view", f"no view can be named {shorten(view)}: a view name "
+                       f"has 1 to {MAX_NAME_LENGTH} characters and no NUL; known views: "
+                       f"{sorted(known)}")
+
+
+def shorten(value, limit=60):
+    """repr(value), cut to about ``limit`` characters: error messages must
+    not echo a megabyte a client sent. Containers are only named (a repr of
+    JSON nested a thousand deep would exceed the recursion limit)."""
+    if isinstance(value, (list, dict)):
+        return f"a {type(value).__name__}"
+    text = repr(value[:limit + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_keys(schema, keys):
     """Keys must have the view's key type exactly: a string "42" is not the
     integer 42, and a bool is not an integer (msgpack has both)."""
     if schema.key_type == "int64":
         if not all(type(k) is int for k in keys):
             bad = next(k for k in keys if type(k) is not int)
-            raise RequestError("bad_key", f"view {schema.view!r} has int64 keys; got {bad!r}")
+            raise RequestError("bad_key", f"view {schema.view!r} has int64 keys; got "
+                               f"{shorten(bad)}")
         if keys and (min(keys) < INT64_MIN or max(keys) > INT64_MAX):
             raise RequestError("bad_key", "a key does not fit in an int64")
     elif not all(type(k) is str for k in keys):
         bad = next(k for k in keys if type(k) is not str)
-        raise RequestError("bad_key", f"view {schema.view!r} has string keys; got {bad!r}")
+        raise RequestError("bad_key", f"view {schema.view!r} has string keys; got "
+                           f"{shorten(bad)}")
 
 
 def check_features(schema, features):

@@ -49,7 +49,8 @@ class LookupServer:
         self.host = host
         self.port, self.http_port = port, http_port
         self.metrics = lookup_metrics()
-        self.service = LookupService(self.store, token=token, max_batch=max_batch)
+        self.service = LookupService(self.store, token=token, max_batch=max_batch,
+                                     catalog_refresh=catalog_refresh)
         self.tcp = TcpFrontEnd(self.service, self.metrics, max_frame_bytes)
         self.http = HttpFrontEnd(self.service, self.metrics, max_body=max_frame_bytes)
         self.catalog_refresh = catalog_refresh

@@ -222,6 +222,8 @@ class EmbeddedReader:
         """A new tally_view handle on ``name``: the caller closes it."""
         if self._store is None:
             raise ValueError("EmbeddedReader is closed")
+        if "\0" in name:       # a C string would end there: "a\0x" would open "a"
+            raise StoreError(f"unknown view {name!r} in {self.path!r}: no view name holds a NUL")
         handle = ctypes.c_void_p()
         rc = self._lib.tally_view_open(self._store, name.encode(), ctypes.byref(handle))
         if rc == TALLY_ENOVIEW:
