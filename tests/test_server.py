@@ -739,6 +739,8 @@ def test_a_view_created_after_start_is_served_at_once(tmp_path, libtally):
             assert client.get("pages", 1)["_view_version"] == 1
 
 
+# ---- wide views -------------------------------------------------------------------
+
 WIDE_VIEW = textwrap.dedent("""
     import sys
     import numpy as np
@@ -754,3 +756,35 @@ WIDE_VIEW = textwrap.dedent("""
         store.write(view, [1, 2], Records(values, np.zeros(2, dtype=np.int64), 0,
                                           np.full(2, INT64_MAX)))
 """)
+
+
+def check_wide(running, view, n):
+    name = "feature_{:05d}_".format
+    last = name(n - 1) + "x" * 40
+    with LookupClient(port=running.port) as client:
+        first, second = client.get_batch(view, [1, 2])
+        assert len(first) == len(second) == n + len(META)
+        assert first[name(7) + "x" * 40] == 7.0 and second[name(7) + "x" * 40] is None
+        assert second[last] == float(n - 1)
+        features = client.views()[view]["features"]
+        assert len(features) == n and set(features.values()) == {"float64"}
+        assert client.get(view, 2, features=[last])[last] == float(n - 1)
+    status, answer = json_call(running.http_port, "GET", f"/v1/features/{view}/1")
+    assert status == 200 and len(answer["record"]) == n + len(META)
+
+
+def test_a_view_of_10000_features_at_start_and_added_later(tmp_path, libtally):
+    """The schema helper that once listed the views broke at 10,000 features
+    (a 560 KB schema): both the catalog's first load and a view the catalog
+    finds later must hold one."""
+    from tally.service.lookup.server import serve_in_background
+    n = 10_000
+    subprocess.run([sys.executable, "-c", WIDE_VIEW, str(tmp_path), "wide_at_start", str(n)],
+                   check=True)
+    with serve_in_background(tmp_path, port=0, http_port=0, catalog_refresh=0.2) as running:
+        assert len(running.service.catalog.schemas["wide_at_start"].features) == n
+        check_wide(running, "wide_at_start", n)
+        subprocess.run([sys.executable, "-c", WIDE_VIEW, str(tmp_path), "wide_later", str(n)],
+                       check=True)
+        check_wide(running, "wide_later", n)                    # found by the lookup
+        assert {"wide_at_start", "wide_later"} <= set(running.service.catalog.schemas)
