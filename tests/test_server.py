@@ -788,3 +788,66 @@ def test_a_view_of_10000_features_at_start_and_added_later(tmp_path, libtally):
                        check=True)
         check_wide(running, "wide_later", n)                    # found by the lookup
         assert {"wide_at_start", "wide_later"} <= set(running.service.catalog.schemas)
+
+
+# ---- HTTP: what Python's int() and json accept, and HTTP must not ------------------
+
+def raw_http(port, request):
+    """Send raw request bytes; -> (status, JSON body) of the one response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def post_with_headers(headers, body=b'{"keys": [0]}'):
+    return (b"POST /v1/features/users HTTP/1.1\r\nHost: x\r\n" +
+            b"".join(h.encode() + b"\r\n" for h in headers) + b"\r\n" + body)
+
+
+def test_http_content_length_is_digits_only_and_said_once(server, oracle):
+    port = server.http_port
+    status, answer = raw_http(port, post_with_headers(["Content-Length: 13"]))
+    assert status == 200 and answer["records"] == [json_ready(oracle["users"][0])]
+    for headers in (["Content-Length: +13"], ["Content-Length: 1_3"], ["Content-Length: ١٣"],
+                    ["Content-Length: 13, 13"], ["Content-Length: 0x0d"],
+                    ["Content-Length: 13", "Content-Length: 13"],
+                    ["Content-Length: 13", "content-length: 0"]):
+        status, answer = raw_http(port, post_with_headers(headers))
+        assert (status, answer["error"]["code"]) == (400, "bad_request"), headers
+
+
+@pytest.mark.parametrize("body", [b"[" * 60_000, b'{"keys": ' + b"[" * 60_000,
+                                  b'{"keys": ' + b"[" * 900 + b"]" * 900 + b"}"],
+                         ids=["nested", "nested keys", "nested 900 deep"])
+def test_http_deeply_nested_json_is_a_bad_request(server, body):
+    """json.loads raises RecursionError (no ValueError) past ~1000 levels."""
+    got, answer = json_call(server.http_port, "POST", "/v1/features/users", body)
+    assert got == 400 and answer["error"]["code"] in ("bad_request", "bad_key"), answer
+    assert json_call(server.http_port, "GET", "/health")[0] == 200
+
+
+def test_http_a_lone_surrogate_key_is_a_bad_key(server):
+    """JSON can spell a string that UTF-8 cannot encode ("\\ud800")."""
+    for body in (b'{"keys": ["\\ud800"]}', b'{"keys": ["ok", "a\\udfffb"]}'):
+        status, answer = json_call(server.http_port, "POST", "/v1/features/pages", body)
+        assert (status, answer["error"]["code"]) == (400, "bad_key"), answer
+
+
+@pytest.mark.parametrize("key", ["4_2", "+42", "%D9%A4%D9%A2", "%EF%BC%94%EF%BC%92", "%2042",
+                                 "42%20", "42%0A", "--42", "4%C2%B2", "9223372036854775808",
+                                 "-9223372036854775809", "1" * 5000])
+def test_http_int64_keys_in_the_path_are_ascii_digits(server, key):
+    """int() takes '4_2', '+42', Arabic-Indic and fullwidth digits and
+    surrounding spaces; a key in the path is -?[0-9]+, within int64."""
+    status, answer = json_call(server.http_port, "GET", f"/v1/features/users/{key}")
+    assert (status, answer["error"]["code"]) == (400, "bad_key"), answer
+
+
+def test_http_int64_keys_at_the_edges(server, oracle):
+    for key in (INT64_MIN, INT64_MAX, 0, -1):
+        status, answer = json_call(server.http_port, "GET", f"/v1/features/users/{key}")
+        assert status == 200 and answer["key"] == key
+        assert answer["record"] == json_ready(oracle["users"][key])
+    assert json_call(server.http_port, "GET", "/v1/features/users/007")[1]["key"] == 7

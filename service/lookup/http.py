@@ -3,7 +3,9 @@
 ``GET /v1/features/{view}/{key}[?features=a,b]``,
 ``POST /v1/features/{view}`` with ``{"keys": [...], "features": [...]}``,
 ``GET /v1/views``, ``GET /health`` and ``GET /metrics`` (Prometheus text
-format). Keep-alive; ``Content-Length`` bodies only (no chunked uploads).
+format). Keep-alive; ``Content-Length`` bodies only (no chunked uploads),
+the length in decimal digits and said once. A key in the path of an int64
+view is ``-?[0-9]+`` within int64.
 Errors are ``{"ok": false, "error": {"code", "message"}}`` with a matching
 status (400, 401, 404, 405, 413, 431, 500, 501): the codes of
 ``tally.service.lookup.protocol`` plus ``not_found``, ``method_not_allowed``,
@@ -14,14 +16,23 @@ as ``NaN``/``Infinity``, as Python's json does. With a token, requests need
 import asyncio
 import json
 import logging
+import re
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from tally.service.lookup.frontend import Connections, count_request
-from tally.service.lookup.protocol import DEFAULT_MAX_FRAME_BYTES, RequestError, describe_all
+from tally.service.lookup.protocol import (DEFAULT_MAX_FRAME_BYTES, RequestError, describe_all,
+                                           shorten)
 
 DEFAULT_HTTP_PORT = 8256
 MAX_HTTP_HEAD_BYTES = 64 << 10
+# Python's int() also takes "+42", "4_2", " 42" and non-ASCII digits ("٤٢",
+# "４２"): a key in the path is ASCII digits, at most 20 characters (INT64_MIN).
+INT64_KEY = re.compile(r"-?[0-9]{1,19}")
+# Headers a request may carry once: two Content-Lengths are the classic
+# request-smuggling ambiguity (which one frames the body?), two
+# Authorizations leave unclear whose request it is.
+SINGLE_HEADERS = ("content-length", "authorization")
 HTTP_STATUS = {"bad_frame": 400, "not_a_map": 400, "bad_request": 400, "unknown_op": 400,
                "unauthorized": 401, "unknown_view": 404, "unknown_feature": 400,
                "bad_key": 400, "batch_too_big": 413, "frame_too_big": 413,
@@ -87,7 +98,10 @@ def parse_headers(lines):
         name, colon, value = line.partition(":")
         if not colon:
             raise HttpError("bad_request", f"malformed header line {line[:100]!r}")
-        headers[name.strip().lower()] = value.strip()
+        name = name.strip().lower()
+        if name in headers and name in SINGLE_HEADERS:
+            raise HttpError("bad_request", f"header {name!r} is repeated")
+        headers[name] = value.strip()
     return headers
 
 
@@ -95,17 +109,24 @@ async def read_body(reader, writer, headers, max_body):
     if "transfer-encoding" in headers:
         raise HttpError("not_implemented", "chunked request bodies are not supported; "
                         "send Content-Length")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        raise HttpError("bad_request", "Content-Length is not a number")
-    if length < 0:
-        raise HttpError("bad_request", "Content-Length is negative")
+    length = content_length(headers, max_body)
     if length > max_body:
         raise HttpError("frame_too_big", f"body of {length} bytes exceeds {max_body}")
     if length and headers.get("expect", "").lower() == "100-continue":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")     # curl waits for it
     return await reader.readexactly(length) if length else b""
+
+
+def content_length(headers, max_body):
+    """Content-Length is decimal digits only (int() would take "+14", "1_4"
+    and " 14", which other parsers on the way may read otherwise)."""
+    value = headers.get("content-length", "0")
+    if not (value.isascii() and value.isdigit()):
+        raise HttpError("bad_request", f"Content-Length {value[:40]!r} is not decimal digits")
+    try:
+        return int(value)
+    except ValueError:              # more digits than int() converts: no body is that big
+        return max_body + 1
 
 
 def http_response(status, body, keep_alive, content_type="application/json",
@@ -205,10 +226,10 @@ class HttpFrontEnd:
         schema = self.service.catalog.schema(view)
         key = raw_key
         if schema.key_type == "int64":
-            try:
-                key = int(raw_key)
-            except ValueError:
-                raise RequestError("bad_key", f"view {view!r} has int64 keys; got {raw_key!r}")
+            if not INT64_KEY.fullmatch(raw_key):
+                raise RequestError("bad_key", f"view {view!r} has int64 keys, written "
+                                   f"-?[0-9]+; got {shorten(raw_key)}")
+            key = int(raw_key)              # out of int64: check_keys refuses it
         features = None
         if "features" in query:
             features = [f for value in query["features"] for f in value.split(",") if f]
@@ -220,6 +241,8 @@ class HttpFrontEnd:
             request = json.loads(body)
         except ValueError as error:
             raise RequestError("bad_request", f"the body is not JSON: {error}")
+        except RecursionError:
+            raise RequestError("bad_request", "the body's JSON is nested too deeply")
         if not isinstance(request, dict) or not isinstance(request.get("keys"), list):
             raise RequestError("bad_request", 'the body must be {"keys": [...]} (and '
                                'optionally "features": [...])')

@@ -272,6 +272,8 @@ class LookupService:
             return self.store.get_many(view, keys)
         except StoreError as error:         # dropped since the catalog loaded
             raise RequestError("unknown_view", str(error)) from error
+        except UnicodeEncodeError as error:  # JSON can spell a lone surrogate, UTF-8 cannot
+            raise RequestError("bad_key", f"a key is not valid Unicode: {error}") from error
         except (RecordError, OSError, ValueError, OverflowError) as error:
             log.warning("lookup in view %r failed: %s", view, error)
             raise RequestError("store_error", f"{type(error).__name__}: {error}") from error
