@@ -851,3 +851,115 @@ def test_http_int64_keys_at_the_edges(server, oracle):
         assert status == 200 and answer["key"] == key
         assert answer["record"] == json_ready(oracle["users"][key])
     assert json_call(server.http_port, "GET", "/v1/features/users/007")[1]["key"] == 7
+
+
+# ---- idle connections and the connection cap -------------------------------------
+
+DROPPED = "tally_lookup_connections_dropped_total"
+
+
+def dropped(http_port, transport, reason):
+    _, data = http_call(http_port, "GET", "/metrics")
+    samples = parse_prometheus(data.decode())
+    return samples[(DROPPED, (("reason", reason), ("transport", transport)))]
+
+
+def wait_closed(sock, at_most=5.0):
+    """Wait until the server closes ``sock``, reading and dropping any bytes."""
+    sock.settimeout(at_most)
+    while sock.recv(1 << 16):
+        pass
+
+
+def test_idle_connections_are_closed(tmp_path, libtally):
+    from tally.service.lookup.server import serve_in_background
+    small_store(tmp_path, USERS)
+    with serve_in_background(tmp_path, port=0, http_port=0, idle_timeout=0.3) as running:
+        with LookupClient(port=running.port) as busy:      # a request every 0.1 s: kept
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                busy.ping()
+                time.sleep(0.1)
+            time.sleep(0.6)
+            with pytest.raises(ConnectionError):
+                busy.ping()
+        opened = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", running.port))
+        half_frame = socket.create_connection(("127.0.0.1", running.port))
+        half_frame.sendall(b"\0\0")                        # a header cut short
+        http_silent = socket.create_connection(("127.0.0.1", running.http_port))
+        slow_head = socket.create_connection(("127.0.0.1", running.http_port))
+        slow_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        keep_alive = http.client.HTTPConnection("127.0.0.1", running.http_port, timeout=10)
+        assert http_call(None, "GET", "/health", connection=keep_alive)[0].status == 200
+        for sock in (silent, half_frame, http_silent, slow_head, keep_alive.sock):
+            wait_closed(sock)
+            assert 0.25 <= time.monotonic() - opened <= 3.0
+            sock.close()
+        assert dropped(running.http_port, "tcp", "idle_timeout") == 3
+        assert dropped(running.http_port, "http", "idle_timeout") == 3
+
+
+def test_connections_over_the_cap_are_refused(tmp_path, libtally):
+    from tally.service.lookup.server import serve_in_background
+    small_store(tmp_path, USERS)
+    with serve_in_background(tmp_path, port=0, http_port=0, max_connections=2) as running:
+        first, second = LookupClient(port=running.port), LookupClient(port=running.port)
+        first.ping(), second.ping()
+        raw = RawConnection(running.port)                  # refused before it says a word
+        error = raw.reply()
+        assert error["ok"] is False and error["id"] is None
+        assert error["error"]["code"] == "too_many_connections"
+        assert "max_connections=2" in error["error"]["message"]
+        assert raw.reply() is None
+        raw.close()
+        with LookupClient(port=running.port) as refused:
+            with pytest.raises(LookupServerError, match="too_many_connections"):
+                refused.ping()                             # refused after its request
+        # HTTP has its own cap: two open, the third answered 503
+        held = [http.client.HTTPConnection("127.0.0.1", running.http_port, timeout=10)
+                for _ in range(2)]
+        for conn in held:
+            assert http_call(None, "GET", "/health", connection=conn)[0].status == 200
+        status, answer = json_call(running.http_port, "GET", "/health")
+        assert (status, answer["error"]["code"]) == (503, "too_many_connections")
+        held.pop().close()
+        first.close()
+        deadline = time.monotonic() + 5
+        while True:                                         # once the server saw the close
+            try:
+                with LookupClient(port=running.port) as again:
+                    again.ping()
+                if json_call(running.http_port, "GET", "/health")[0] == 200:
+                    break
+            except LookupServerError:
+                pass
+            assert time.monotonic() < deadline, "a closed connection never freed its place"
+            time.sleep(0.05)
+        assert second.get("users", 1) is not None           # the others were left alone
+        assert dropped(running.http_port, "tcp", "too_many_connections") >= 2
+        assert dropped(running.http_port, "http", "too_many_connections") >= 1
+        second.close()
+        held[0].close()
+
+
+def test_cli_sets_the_idle_timeout_and_the_connection_cap(store):
+    command = [sys.executable, "-m", "tally.service.cli", "lookup-server", "--store",
+               str(store[0]), "--port", "0", "--http-port", "0", "--idle-timeout", "0.5",
+               "--max-connections", "1"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(os.environ, TALLY_TOKEN=""))
+    try:
+        line = child.stdout.readline()
+        port = int(re.search(r"msgpack on 127\.0\.0\.1:(\d+)", line).group(1))
+        with LookupClient(port=port) as client, LookupClient(port=port) as refused:
+            client.ping()
+            pinged = time.monotonic()
+            with pytest.raises(LookupServerError, match="too_many_connections"):
+                refused.ping()
+            wait_closed(client._conn.sock)
+            assert 0.45 <= time.monotonic() - pinged <= 3.0
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.communicate(timeout=10)
+    assert child.returncode == 0

@@ -7,9 +7,10 @@ format). Keep-alive; ``Content-Length`` bodies only (no chunked uploads),
 the length in decimal digits and said once. A key in the path of an int64
 view is ``-?[0-9]+`` within int64.
 Errors are ``{"ok": false, "error": {"code", "message"}}`` with a matching
-status (400, 401, 404, 405, 413, 431, 500, 501): the codes of
+status (400, 401, 404, 405, 413, 431, 500, 501, 503): the codes of
 ``tally.service.lookup.protocol`` plus ``not_found``, ``method_not_allowed``,
-``headers_too_big`` and ``not_implemented``. Non-finite floats are written
+``headers_too_big`` and ``not_implemented``; ``too_many_connections`` is a
+503, answered before the request is read. Non-finite floats are written
 as ``NaN``/``Infinity``, as Python's json does. With a token, requests need
 ``Authorization: Bearer <token>`` (else 401), except ``/health``.
 """
@@ -20,7 +21,8 @@ import re
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tally.service.lookup.frontend import Connections, count_request
+from tally.service.lookup.frontend import (DEFAULT_IDLE_TIMEOUT_SECONDS,
+                                           DEFAULT_MAX_CONNECTIONS, Connections, count_request)
 from tally.service.lookup.protocol import (DEFAULT_MAX_FRAME_BYTES, RequestError, describe_all,
                                            shorten)
 
@@ -38,11 +40,11 @@ HTTP_STATUS = {"bad_frame": 400, "not_a_map": 400, "bad_request": 400, "unknown_
                "bad_key": 400, "batch_too_big": 413, "frame_too_big": 413,
                "store_error": 500, "internal": 500, "not_found": 404,
                "method_not_allowed": 405, "headers_too_big": 431,
-               "not_implemented": 501}
+               "not_implemented": 501, "too_many_connections": 503}
 HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
                 405: "Method Not Allowed", 413: "Content Too Large",
                 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-                501: "Not Implemented"}
+                501: "Not Implemented", 503: "Service Unavailable"}
 
 log = logging.getLogger("tally.server")
 
@@ -150,30 +152,41 @@ def error_json(code, message):
 class HttpFrontEnd:
     FEATURES = "/v1/features/"
 
-    def __init__(self, service, metrics, max_body=DEFAULT_MAX_FRAME_BYTES):
+    def __init__(self, service, metrics, max_body=DEFAULT_MAX_FRAME_BYTES,
+                 max_connections=DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS):
         self.service = service
         self.metrics = metrics
-        self.connections = Connections("http", metrics)
+        self.connections = Connections("http", metrics, max_connections, idle_timeout)
         self.max_body = max_body
         self.started_at = time.monotonic()
 
     async def serve_connection(self, reader, writer):
-        async with self.connections.open(writer):
-            while await self._serve_request(reader, writer):
+        if self.connections.full():
+            message = (f"the server has max_connections={self.connections.max_connections} "
+                       "open on this port; retry later, or reuse a connection")
+            reply = http_response(503, error_json("too_many_connections", message),
+                                  keep_alive=False, extra_headers="Retry-After: 1\r\n")
+            await self.connections.refuse(reader, writer, reply)
+            return
+        async with self.connections.open(writer) as connection:
+            while await self._serve_request(reader, writer, connection):
                 pass
 
-    async def _serve_request(self, reader, writer):
+    async def _serve_request(self, reader, writer, connection):
         """Answer one request; False when the connection is to close."""
         try:
             request = await read_http_request(reader, writer, self.max_body)
         except HttpError as error:
+            if writer.is_closing():         # closed while idle: nobody to answer
+                return False
             body = error_json(error.code, error.message)
             writer.write(http_response(HTTP_STATUS[error.code], body, keep_alive=False))
             count_request(self.metrics, "http", "invalid", error.code, 0.0)
             return False
         if request is None:
             return False
-        started = time.perf_counter()
+        started = connection.last_request = time.perf_counter()
         op, outcome, body, content_type, n_keys = self._respond(request)
         status = 200 if outcome == "ok" else HTTP_STATUS[outcome]
         challenge = 'WWW-Authenticate: Bearer realm="tally"\r\n' if status == 401 else ""

@@ -32,8 +32,10 @@ keys), ``not_a_map``, ``bad_request`` (a missing field or one of the wrong
 type), ``unknown_op``, ``unauthorized``, ``unknown_view``, ``unknown_feature``,
 ``bad_key``, ``batch_too_big`` (more keys than ``max_batch``),
 ``frame_too_big``, ``store_error`` (the store could not answer, e.g. a record
-written under a newer schema), ``internal`` (a bug; logged). HTTP adds its
-own (see ``tally.service.lookup.http``).
+written under a newer schema), ``internal`` (a bug; logged),
+``too_many_connections`` (sent with id null to a connection beyond the
+server's ``max_connections``, which is then closed). HTTP adds its own (see
+``tally.service.lookup.http``).
 
 Frames longer than ``max_frame_bytes`` are read and discarded, then answered
 with ``frame_too_big`` (id null) on the same connection. A length above
