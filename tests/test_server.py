@@ -681,7 +681,9 @@ def test_names_no_view_can_have_never_reach_the_store(tmp_path, libtally):
     such name was cached as a new view handle and triggered a catalog reload
     (a hostile client grew the server by 58 MB and cut its throughput 7x)."""
     from tally.service.lookup.server import serve_in_background
+    from tally.service.lookup.protocol import MAX_VIEW_NAME_LENGTH
     from tally.core.definitions import MAX_NAME_LENGTH
+    assert MAX_VIEW_NAME_LENGTH == MAX_NAME_LENGTH          # the definitions' limit
     small_store(tmp_path, USERS)
     with serve_in_background(tmp_path, port=0, http_port=0, catalog_refresh=0.2) as running:
         reloads = Counted(running.store, "load_schemas")

@@ -46,11 +46,13 @@ be trusted to be in step.
 """
 import msgpack
 
-from tally.core.definitions import MAX_NAME_LENGTH
 from tally.core.record import INT64_MAX, INT64_MIN
 from tally.service.lookup.client import FRAME_HEADER_BYTES
 
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
+# tally.core.definitions.MAX_NAME_LENGTH (tests/test_server.py checks they
+# agree): importing it would load the definitions, sqlglot and all, ~12 MB.
+MAX_VIEW_NAME_LENGTH = 48
 DEFAULT_MAX_BATCH = 1000
 GARBAGE_FRAME_BYTES = 64 << 20
 OPS = ("get", "ping", "views", "auth")
@@ -101,11 +103,11 @@ def request_id_of(request):
 def check_view_name(view, known):
     """Refuse a name no view can have before any store is asked: libtally
     takes C strings, so "users\\0x" would open "users"; and no definition
-    names a view with more than MAX_NAME_LENGTH characters."""
-    if view and len(view) <= MAX_NAME_LENGTH and "\0" not in view:
+    names a view with more than MAX_VIEW_NAME_LENGTH characters."""
+    if view and len(view) <= MAX_VIEW_NAME_LENGTH and "\0" not in view:
         return
     raise RequestError("unknown_view", f"no view can be named {shorten(view)}: a view name "
-                       f"has 1 to {MAX_NAME_LENGTH} characters and no NUL; known views: "
+                       f"has 1 to {MAX_VIEW_NAME_LENGTH} characters and no NUL; known views: "
                        f"{sorted(known)}")
 
 
