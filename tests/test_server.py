@@ -771,6 +771,9 @@ def check_wide(running, view, n):
         features = client.views()[view]["features"]
         assert len(features) == n and set(features.values()) == {"float64"}
         assert client.get(view, 2, features=[last])[last] == float(n - 1)
+        with pytest.raises(LookupServerError) as refused:
+            client.get(view, 2, features=["nope"])
+        assert refused.value.code == "unknown_feature" and len(refused.value.message) < 2000
     status, answer = json_call(running.http_port, "GET", f"/v1/features/{view}/1")
     assert status == 200 and len(answer["record"]) == n + len(META)
 

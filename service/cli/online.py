@@ -64,6 +64,8 @@ def _key(text, key_type):
 
 def cmd_lookup_server(args):
     from tally.service.lookup.server import serve_lookups
+    if args.max_connections < 1 or not args.idle_timeout > 0:
+        raise UsageError("--max-connections must be at least 1 and --idle-timeout above 0")
     return serve_lookups(args.store, args.host, args.port, args.http_port, args.token,
                          args.max_frame_bytes, args.max_batch,
                          idle_timeout=args.idle_timeout, max_connections=args.max_connections)

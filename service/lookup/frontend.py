@@ -96,6 +96,9 @@ class Connections:
 
     def __init__(self, transport, metrics, max_connections=DEFAULT_MAX_CONNECTIONS,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS):
+        if max_connections < 1 or not idle_timeout > 0:
+            raise ValueError(f"max_connections ({max_connections}) must be at least 1 and "
+                             f"idle_timeout ({idle_timeout}) above 0 seconds")
         self.transport = transport
         self.metrics = metrics
         self.max_connections = max_connections

@@ -147,8 +147,10 @@ def check_features(schema, features):
     names = {name for name, _ in schema.features}
     unknown = [f for f in features if f not in names]
     if unknown:
+        listed = [n for n, _ in schema.features[:20]]     # a view may have thousands
+        more = f" and {len(schema.features) - 20} more" if len(schema.features) > 20 else ""
         raise RequestError("unknown_feature", f"view {schema.view!r} has no feature "
-                           f"{unknown[0]!r}; its features: {[n for n, _ in schema.features]}")
+                           f"{shorten(unknown[0])}; its features: {listed}{more}")
     return tuple(features) + RECORD_META
 
 
