@@ -108,6 +108,10 @@ class Connections:
     def full(self):
         return len(self.open_ones) >= self.max_connections
 
+    def refusal_message(self):
+        return (f"the server has max_connections={self.max_connections} open on this "
+                "port; retry later, or reuse a connection")
+
     @contextlib.asynccontextmanager
     async def open(self, writer):
         """Register the connection for the handler's lifetime; yields its

@@ -163,10 +163,9 @@ class HttpFrontEnd:
 
     async def serve_connection(self, reader, writer):
         if self.connections.full():
-            message = (f"the server has max_connections={self.connections.max_connections} "
-                       "open on this port; retry later, or reuse a connection")
-            reply = http_response(503, error_json("too_many_connections", message),
-                                  keep_alive=False, extra_headers="Retry-After: 1\r\n")
+            body = error_json("too_many_connections", self.connections.refusal_message())
+            reply = http_response(503, body, keep_alive=False,
+                                  extra_headers="Retry-After: 1\r\n")
             await self.connections.refuse(reader, writer, reply)
             return
         async with self.connections.open(writer) as connection:

@@ -30,9 +30,8 @@ class TcpFrontEnd:
 
     async def serve_connection(self, reader, writer):
         if self.connections.full():
-            message = (f"the server has max_connections={self.connections.max_connections} "
-                       "open on this port; retry later, or reuse a connection")
-            reply = encode_frame_bytes(error_reply(None, "too_many_connections", message))
+            reply = encode_frame_bytes(error_reply(None, "too_many_connections",
+                                                   self.connections.refusal_message()))
             await self.connections.refuse(reader, writer, reply)
             return
         session = Session()
