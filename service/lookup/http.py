@@ -17,7 +17,6 @@ as ``NaN``/``Infinity``, as Python's json does. With a token, requests need
 import asyncio
 import json
 import logging
-import re
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -28,9 +27,6 @@ from tally.service.lookup.protocol import (DEFAULT_MAX_FRAME_BYTES, RequestError
 
 DEFAULT_HTTP_PORT = 8256
 MAX_HTTP_HEAD_BYTES = 64 << 10
-# Python's int() also takes "+42", "4_2", " 42" and non-ASCII digits ("٤٢",
-# "４２"): a key in the path is ASCII digits, at most 20 characters (INT64_MIN).
-INT64_KEY = re.compile(r"-?[0-9]{1,19}")
 # Headers a request may carry once: two Content-Lengths are the classic
 # request-smuggling ambiguity (which one frames the body?), two
 # Authorizations leave unclear whose request it is.
@@ -100,11 +96,17 @@ def parse_headers(lines):
         name, colon, value = line.partition(":")
         if not colon:
             raise HttpError("bad_request", f"malformed header line {line[:100]!r}")
-        name = name.strip().lower()
-        if name in headers and name in SINGLE_HEADERS:
-            raise HttpError("bad_request", f"header {name!r} is repeated")
-        headers[name] = value.strip()
+        headers[name.strip().lower()] = value.strip()
+    if len(headers) < len(lines):           # some header repeated: rare, so checked apart
+        refuse_repeated(lines)
     return headers
+
+
+def refuse_repeated(lines):
+    names = [line.partition(":")[0].strip().lower() for line in lines]
+    for name in SINGLE_HEADERS:
+        if names.count(name) > 1:
+            raise HttpError("bad_request", f"header {name!r} is repeated")
 
 
 async def read_body(reader, writer, headers, max_body):
@@ -122,8 +124,10 @@ async def read_body(reader, writer, headers, max_body):
 def content_length(headers, max_body):
     """Content-Length is decimal digits only (int() would take "+14", "1_4"
     and " 14", which other parsers on the way may read otherwise)."""
-    value = headers.get("content-length", "0")
-    if not (value.isascii() and value.isdigit()):
+    value = headers.get("content-length")
+    if value is None:
+        return 0
+    if not (value.isdigit() and value.isascii()):   # ASCII digits are 0-9, nothing else
         raise HttpError("bad_request", f"Content-Length {value[:40]!r} is not decimal digits")
     try:
         return int(value)
@@ -238,10 +242,7 @@ class HttpFrontEnd:
         schema = self.service.catalog.schema(view)
         key = raw_key
         if schema.key_type == "int64":
-            if not INT64_KEY.fullmatch(raw_key):
-                raise RequestError("bad_key", f"view {view!r} has int64 keys, written "
-                                   f"-?[0-9]+; got {shorten(raw_key)}")
-            key = int(raw_key)              # out of int64: check_keys refuses it
+            key = int64_key(view, raw_key)
         features = None
         if "features" in query:
             features = [f for value in query["features"] for f in value.split(",") if f]
@@ -270,6 +271,17 @@ class HttpFrontEnd:
 
     def _metrics(self):
         return self.metrics.render()
+
+
+def int64_key(view, text):
+    """A key in the path of an int64 view: -?[0-9]+, since Python's int()
+    also takes "+42", "4_2", " 42" and non-ASCII digits ("٤٢", "４２"). Out
+    of int64 (at most 19 digits get this far) is refused by check_keys."""
+    digits = text[1:] if text[:1] == "-" else text
+    if not (digits.isdigit() and digits.isascii() and len(digits) <= 19):
+        raise RequestError("bad_key", f"view {view!r} has int64 keys, written -?[0-9]+; "
+                           f"got {shorten(text)}")
+    return int(text)
 
 
 def expect(method, allowed):
