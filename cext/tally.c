@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <lmdb.h>
 
@@ -113,6 +114,8 @@ const char *tally_strerror(int err)
     case TALLY_ESCHEMA: return "TALLY_ESCHEMA: Record does not match the view's schema; reopen the view";
     case TALLY_ELAYOUT: return "TALLY_ELAYOUT: Unsupported record or schema layout version";
     case TALLY_EVIEWS: return "TALLY_EVIEWS: Too many views open in this store";
+    case TALLY_ETRUNCATED: return "TALLY_ETRUNCATED: The store's data file is shorter than "
+        "its last page (truncated); rebuild the store";
     default: break;
     }
     /* mdb_strerror covers LMDB's codes and falls back to strerror(). */
@@ -121,6 +124,27 @@ const char *tally_strerror(int err)
 }
 
 /* ---- store ---- */
+
+/* A data file shorter than its last used page: LMDB maps the whole file and
+ * trusts its meta page, so a reader touching a page past the end of the file
+ * would die of SIGBUS. The meta page itself lies in the first two pages,
+ * which mdb_env_open has already read. */
+static int check_not_truncated(MDB_env *env)
+{
+    MDB_envinfo info;
+    MDB_stat stat;
+    mdb_filehandle_t fd;
+    struct stat file;
+    int rc = mdb_env_info(env, &info);
+    if (rc == 0) rc = mdb_env_stat(env, &stat);
+    if (rc == 0) rc = mdb_env_get_fd(env, &fd);
+    if (rc) return rc;
+    if (fstat(fd, &file) != 0) return errno;
+    if ((unsigned long long)file.st_size <
+        ((unsigned long long)info.me_last_pgno + 1) * stat.ms_psize)
+        return TALLY_ETRUNCATED;
+    return 0;
+}
 
 int tally_store_open(const char *path, tally_store **out)
 {
@@ -144,6 +168,8 @@ int tally_store_open(const char *path, tally_store **out)
     /* Map size 0 adopts the writer's, recorded in the file. MDB_NOTLS: a
      * reader slot belongs to the tally_txn, not the thread. */
     rc = mdb_env_open(store->env, path, MDB_RDONLY | MDB_NOTLS, 0644);
+    if (rc) goto fail;
+    rc = check_not_truncated(store->env);
     if (rc) goto fail;
     /* Free the slots of readers that died, so the writer can reuse pages. */
     (void)mdb_reader_check(store->env, &dead);

@@ -181,6 +181,12 @@ extern "C" {
 #define TALLY_ELAYOUT   (-30505)
 /** More views opened than the store allows (#TALLY_MAX_VIEWS). */
 #define TALLY_EVIEWS    (-30506)
+/** The data file is shorter than the pages the store says it holds (a disk
+ * that filled up, a partial copy): reading such a page through the memory
+ * map would kill the process with SIGBUS, so #tally_store_open refuses the
+ * store. Rebuild it (for Tally: delete it with its checkpoints, and let the
+ * pipeline recompute both). */
+#define TALLY_ETRUNCATED (-30507)
 /** @} */
 
 /** How many distinct views one #tally_store can open. */
@@ -234,7 +240,8 @@ TALLY_API const char *tally_strerror(int err);
  *     reader does (on a read-only file system the lock file is skipped).
  * @param[out] out Receives the new store; close it with #tally_store_close.
  * @return 0, or ENOENT (no store at path), EACCES, ENOMEM, TALLY_EINVAL,
- *     or an LMDB code such as MDB_INVALID (not an LMDB file) or
+ *     TALLY_ETRUNCATED (data.mdb is shorter than its last used page), or an
+ *     LMDB code such as MDB_INVALID (not an LMDB file) or
  *     MDB_VERSION_MISMATCH. On failure *out is set to NULL.
  */
 TALLY_API int tally_store_open(const char *path, tally_store **out);

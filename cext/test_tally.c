@@ -19,6 +19,10 @@
  *       what opening the view from inside the callback gave:
  *           listed   NAME VERSION          (or: listed NAME error CODE)
  *
+ *   test_tally STORE --open
+ *       Opens the store and prints what tally_store_open returned:
+ *           open     CODE MESSAGE       (CODE 0 for success; *out checked)
+ *
  *   test_tally STORE VIEW --watch SNAPSHOTS   < keys
  *       For a writer that keeps rewriting every key, in one transaction,
  *       with a counter c: features (c, -c, c / 2.0) and event time c.
@@ -138,6 +142,7 @@ static void check_error_paths(const char *path, tally_store *store, tally_view *
 {
     static const int codes[] = {TALLY_SUCCESS, TALLY_NOTFOUND, TALLY_ENOVIEW, TALLY_EINVAL,
                                 TALLY_ECORRUPT, TALLY_ESCHEMA, TALLY_ELAYOUT, TALLY_EVIEWS,
+                                TALLY_ETRUNCATED,
                                 -30798 /* MDB_NOTFOUND */, ENOENT, ENOMEM, 987654};
     tally_store *bad_store = (tally_store *)&bad_store;
     tally_view *bad_view = (tally_view *)&bad_view;
@@ -402,13 +407,26 @@ static int watch(const char *path, const char *view_name, long snapshots)
     return 0;
 }
 
+/* Open the store and report the code: a truncated store must be refused
+ * here, never by a SIGBUS later. */
+static int open_only(const char *path)
+{
+    tally_store *store = (tally_store *)&store;     /* must be overwritten */
+    int rc = tally_store_open(path, &store);
+    CHECK(rc == 0 ? store != NULL : store == NULL, "*out is the store, or NULL on failure");
+    printf("open\t%d\t%s\n", rc, tally_strerror(rc));
+    tally_store_close(store);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 3 && strcmp(argv[2], "--views") == 0) return list_views(argv[1]);
+    if (argc == 3 && strcmp(argv[2], "--open") == 0) return open_only(argv[1]);
     if (argc == 3) return dump(argv[1], argv[2]);
     if (argc == 5 && strcmp(argv[3], "--watch") == 0)
         return watch(argv[1], argv[2], atol(argv[4]));
-    fprintf(stderr, "usage: %s STORE VIEW [--watch SNAPSHOTS] < keys | %s STORE --views\n",
-            argv[0], argv[0]);
+    fprintf(stderr, "usage: %s STORE VIEW [--watch SNAPSHOTS] < keys | %s STORE --views | "
+            "%s STORE --open\n", argv[0], argv[0], argv[0]);
     return 2;
 }

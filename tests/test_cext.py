@@ -262,8 +262,8 @@ def test_schema_layout_of_record_py_follows_tally_h():
 def test_python_constants_match_the_header(embedded):
     macros = header_macros()
     for name in ("TALLY_NOTFOUND", "TALLY_ENOVIEW", "TALLY_EINVAL", "TALLY_ECORRUPT",
-                 "TALLY_ESCHEMA", "TALLY_ELAYOUT", "TALLY_EVIEWS", "TALLY_KEY_INT64",
-                 "TALLY_KEY_STRING"):
+                 "TALLY_ESCHEMA", "TALLY_ELAYOUT", "TALLY_EVIEWS", "TALLY_ETRUNCATED",
+                 "TALLY_KEY_INT64", "TALLY_KEY_STRING"):
         assert macros[name] == getattr(embedded, name), name
     assert embedded.library_version() == "libtally 0.1.0"
     assert "TALLY_NOTFOUND" in embedded.strerror(embedded.TALLY_NOTFOUND)
@@ -436,6 +436,20 @@ def test_embedded_reader_lists_views_and_follows_promotions(tmp_path, rng, embed
         reader.views()
     with embedded.EmbeddedReader(tmp_path) as reopened:
         assert reopened.schema("a").version == 2
+
+
+def test_embedded_reader_refuses_names_with_a_nul(tmp_path, rng, embedded):
+    """libtally takes view names as C strings: "a\\0x" must not open "a"
+    (and be kept open under a name of its own, one handle per such name)."""
+    write_store(tmp_path, [(schema_of("a", "int64", 2), int_keys(rng, 5))], rng)
+    with embedded.EmbeddedReader(tmp_path) as reader:
+        reader.get("a", 0)                                      # opens "a"
+        for i in range(50):
+            for call in (reader.schema, reader.served_version,
+                         lambda view: reader.get(view, 0), lambda view: reader.get_many(view, [0])):
+                with pytest.raises(StoreError, match="unknown view"):
+                    call(f"a\0{i}")
+        assert list(reader._views) == ["a"]
 
 
 def test_embedded_reader_lists_no_views_of_an_empty_store(tmp_path, embedded):
@@ -617,3 +631,61 @@ def test_reader_follows_a_writer_that_grows_the_map(tmp_path, embedded):
         assert (store_path / "data.mdb").stat().st_size > 4 << 20
         last = [0] * 100
         check_snapshot(reader.get_many("counter", list(range(-50, 50))), last)
+
+
+# ---- a truncated data file --------------------------------------------------------
+
+READ_ALL = textwrap.dedent("""
+    import sys
+    from tally.service.store import StoreError
+    from tally.service.store.embedded import EmbeddedReader
+    try:
+        reader = EmbeddedReader(sys.argv[1])
+        for start in range(0, int(sys.argv[2]), 1000):
+            reader.get_many("big", list(range(start, start + 1000)))
+    except StoreError as error:
+        print("refused:", error)
+    else:
+        print("read every record")
+""")
+
+
+@pytest.fixture
+def truncated_store(tmp_path, rng):
+    """A store of 200,000 records whose data.mdb lost its second half (a
+    full disk, a bad copy): LMDB maps the file, and touching a page past its
+    end kills the process with SIGBUS."""
+    n = 200_000
+    write_store(tmp_path, [(schema_of("big", "int64", 4), np.arange(n))], rng)
+    data = tmp_path / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    return tmp_path, n
+
+
+def test_c_reader_refuses_a_truncated_store(truncated_store, c_build):
+    path, n = truncated_store
+    macros = header_macros()
+    done = run_c(c_build / "test_tally", path, "--open", [])
+    assert done.returncode == 0, done.stderr.decode()
+    code, message = done.stdout.decode().rstrip("\n").split("\t")[1:]
+    assert int(code) == macros["TALLY_ETRUNCATED"] and "TALLY_ETRUNCATED" in message
+    done = run_c(c_build / "test_tally", path, "big", range(0, n, 997))   # never a SIGBUS
+    assert done.returncode == 1 and b"TALLY_ETRUNCATED" in done.stderr, done
+
+
+def test_c_reader_opens_an_intact_store(tmp_path, rng, c_build):
+    write_store(tmp_path, [(schema_of("v", "int64", 2), int_keys(rng, 10))], rng)
+    done = run_c(c_build / "test_tally", tmp_path, "--open", [])
+    assert done.returncode == 0 and done.stdout.startswith(b"open\t0\t"), done
+
+
+def test_embedded_reader_refuses_a_truncated_store(truncated_store, embedded):
+    path, n = truncated_store
+    done = subprocess.run([sys.executable, "-c", READ_ALL, str(path), str(n)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"the reader died (signal {-done.returncode}): {done.stderr}"
+    assert done.stdout.startswith("refused:") and "truncated" in done.stdout, done.stdout
+    with pytest.raises(StoreError, match="truncated"):
+        embedded.EmbeddedReader(path)
+    with pytest.raises(StoreError, match="truncated"):
+        LmdbStore(path, readonly=True)             # the Python writer's check, the same

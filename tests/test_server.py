@@ -632,3 +632,339 @@ def test_a_view_that_cannot_be_opened_leaves_the_others_served(store, server):
             client.get("orphan", 1)
         assert refused.value.code == "unknown_view"
         assert client.get("users", 0) == store[1]["users"][0]
+
+
+# ---- names no view can have: refused before the store is asked -------------------
+
+def small_store(path, *schemas):
+    """A store of its own (with one record, key 1, per view), for a server
+    of its own: a second open of the module's store in this process would
+    break LMDB's locks."""
+    rng = np.random.default_rng(3)
+    with LmdbStore(path) as writer:
+        for schema in schemas:
+            writer.register_view(schema)
+            writer.write(schema.view, [1], random_records(schema, 1, rng))
+    return path
+
+
+class Counted:
+    """Wraps a method of an object and counts its calls."""
+
+    def __init__(self, owner, name):
+        self.calls, self.method = 0, getattr(owner, name)
+        setattr(owner, name, self)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.method(*args)
+
+
+def pipelined_codes(port, requests):
+    """Send every request at once, then read every reply: {error code or "ok": count}."""
+    raw = RawConnection(port)
+    try:
+        raw.send(b"".join(encode_frame(dict(r, id=i)) for i, r in enumerate(requests)))
+        replies = [raw.reply() for _ in requests]
+    finally:
+        raw.close()
+    assert [r["id"] for r in replies] == list(range(len(requests)))
+    codes = {}
+    for reply in replies:
+        code = "ok" if reply["ok"] else reply["error"]["code"]
+        codes[code] = codes.get(code, 0) + 1
+    return codes
+
+
+def test_names_no_view_can_have_never_reach_the_store(tmp_path, libtally):
+    """"users\\0<n>" once passed libtally's C-string check as "users": each
+    such name was cached as a new view handle and triggered a catalog reload
+    (a hostile client grew the server by 58 MB and cut its throughput 7x)."""
+    from tally.service.lookup.server import serve_in_background
+    from tally.service.lookup.protocol import MAX_VIEW_NAME_LENGTH
+    from tally.core.definitions import MAX_NAME_LENGTH
+    assert MAX_VIEW_NAME_LENGTH == MAX_NAME_LENGTH          # the definitions' limit
+    small_store(tmp_path, USERS)
+    with serve_in_background(tmp_path, port=0, http_port=0, catalog_refresh=0.2) as running:
+        reloads = Counted(running.store, "load_schemas")
+        probes = Counted(running.store, "has_view")
+        handles = len(running.store.reader._views)
+        bad = ([{"op": "get", "view": f"users\0{i}", "keys": [1]} for i in range(1500)] +
+               [{"op": "get", "view": "", "keys": [1]},
+                {"op": "get", "view": "u" * (MAX_NAME_LENGTH + 1), "keys": [1]},
+                {"op": "get", "view": "x" * 100_000, "keys": [1]}])
+        assert pipelined_codes(running.port, bad) == {"unknown_view": len(bad)}
+        assert (reloads.calls, probes.calls) == (0, 0)
+        # names that could be views but are not: no handle kept, no reload
+        unknown = [{"op": "get", "view": f"nope_{i}", "keys": [1]} for i in range(1500)]
+        assert pipelined_codes(running.port, unknown) == {"unknown_view": len(unknown)}
+        assert reloads.calls == 0
+        assert len(running.store.reader._views) == handles
+        for path in ("/v1/features/users%00x/1", f"/v1/features/{'u' * 49}/1"):
+            status, answer = json_call(running.http_port, "GET", path)
+            assert (status, answer["error"]["code"]) == (404, "unknown_view"), path
+        assert "users" in json_call(running.http_port, "GET", "/v1/features/users%00x/1")[1][
+            "error"]["message"]                          # the known views are listed
+        with LookupClient(port=running.port) as client:
+            assert client.get("users", 1) is not None
+
+
+def test_a_view_outside_the_listing_reloads_the_catalog_at_most_once_per_refresh(
+        tmp_path, libtally):
+    """A name libtally opens but never lists (it holds "@v", as version
+    entries do) is not in the catalog however often it is reloaded: asking
+    for it must not reload per request."""
+    from tally.service.lookup.server import serve_in_background
+    hidden = ViewSchema("odd@vx", 1, "int64", (("n", "int64"),))
+    small_store(tmp_path, USERS, hidden)
+    with serve_in_background(tmp_path, port=0, http_port=0, catalog_refresh=0.2) as running:
+        reloads = Counted(running.store, "load_schemas")
+        started = time.monotonic()
+        requests = [{"op": "get", "view": "odd@vx", "keys": [1]}] * 2000
+        assert pipelined_codes(running.port, requests) == {"unknown_view": 2000}
+        elapsed = time.monotonic() - started
+        # the periodic reload plus at most one per refresh interval for the misses
+        assert reloads.calls <= 2 * (elapsed / 0.2 + 1) + 1, (reloads.calls, elapsed)
+        assert len(running.store.reader._views) <= 2
+
+
+def test_a_view_created_after_start_is_served_at_once(tmp_path, libtally):
+    """The bound on reloads must not delay a view that really is new."""
+    from tally.service.lookup.server import serve_in_background
+    small_store(tmp_path, USERS)
+    with serve_in_background(tmp_path, port=0, http_port=0, catalog_refresh=60) as running:
+        with LookupClient(port=running.port) as client:
+            with pytest.raises(LookupServerError, match="unknown_view"):
+                client.get("pages", "a")
+            subprocess.run([sys.executable, "-c", WIDE_VIEW, str(tmp_path), "pages", "3"],
+                           check=True)
+            assert client.get("pages", 1)["_view_version"] == 1
+
+
+# ---- wide views -------------------------------------------------------------------
+
+WIDE_VIEW = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from tally.service.store.lmdb import LmdbStore
+    from tally.core.record import INT64_MAX, Records, ViewSchema
+    view, n = sys.argv[2], int(sys.argv[3])
+    schema = ViewSchema(view, 1, "int64", tuple((f"feature_{i:05d}_" + "x" * 40, "float64")
+                                                for i in range(n)))
+    values = {name: (np.full(2, float(i)), np.array([True, i % 7 != 0]))
+              for i, (name, _) in enumerate(schema.features)}
+    with LmdbStore(sys.argv[1]) as store:
+        store.register_view(schema)
+        store.write(view, [1, 2], Records(values, np.zeros(2, dtype=np.int64), 0,
+                                          np.full(2, INT64_MAX)))
+""")
+
+
+def check_wide(running, view, n):
+    name = "feature_{:05d}_".format
+    last = name(n - 1) + "x" * 40
+    with LookupClient(port=running.port) as client:
+        first, second = client.get_batch(view, [1, 2])
+        assert len(first) == len(second) == n + len(META)
+        assert first[name(7) + "x" * 40] == 7.0 and second[name(7) + "x" * 40] is None
+        assert second[last] == float(n - 1)
+        features = client.views()[view]["features"]
+        assert len(features) == n and set(features.values()) == {"float64"}
+        assert client.get(view, 2, features=[last])[last] == float(n - 1)
+        with pytest.raises(LookupServerError) as refused:
+            client.get(view, 2, features=["nope"])
+        assert refused.value.code == "unknown_feature" and len(refused.value.message) < 2000
+    status, answer = json_call(running.http_port, "GET", f"/v1/features/{view}/1")
+    assert status == 200 and len(answer["record"]) == n + len(META)
+
+
+def test_a_view_of_10000_features_at_start_and_added_later(tmp_path, libtally):
+    """The schema helper that once listed the views broke at 10,000 features
+    (a 560 KB schema): both the catalog's first load and a view the catalog
+    finds later must hold one."""
+    from tally.service.lookup.server import serve_in_background
+    n = 10_000
+    subprocess.run([sys.executable, "-c", WIDE_VIEW, str(tmp_path), "wide_at_start", str(n)],
+                   check=True)
+    with serve_in_background(tmp_path, port=0, http_port=0, catalog_refresh=0.2) as running:
+        assert len(running.service.catalog.schemas["wide_at_start"].features) == n
+        check_wide(running, "wide_at_start", n)
+        subprocess.run([sys.executable, "-c", WIDE_VIEW, str(tmp_path), "wide_later", str(n)],
+                       check=True)
+        check_wide(running, "wide_later", n)                    # found by the lookup
+        assert {"wide_at_start", "wide_later"} <= set(running.service.catalog.schemas)
+
+
+# ---- HTTP: what Python's int() and json accept, and HTTP must not ------------------
+
+def raw_http(port, request):
+    """Send raw request bytes; -> (status, JSON body) of the one response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def post_with_headers(headers, body=b'{"keys": [0]}'):
+    return (b"POST /v1/features/users HTTP/1.1\r\nHost: x\r\n" +
+            b"".join(h.encode() + b"\r\n" for h in headers) + b"\r\n" + body)
+
+
+def test_http_content_length_is_digits_only_and_said_once(server, oracle):
+    port = server.http_port
+    status, answer = raw_http(port, post_with_headers(["Content-Length: 13"]))
+    assert status == 200 and answer["records"] == [json_ready(oracle["users"][0])]
+    for headers in (["Content-Length: +13"], ["Content-Length: 1_3"], ["Content-Length: ١٣"],
+                    ["Content-Length: 13, 13"], ["Content-Length: 0x0d"],
+                    ["Content-Length: 13", "Content-Length: 13"],
+                    ["Content-Length: 13", "content-length: 0"]):
+        status, answer = raw_http(port, post_with_headers(headers))
+        assert (status, answer["error"]["code"]) == (400, "bad_request"), headers
+
+
+@pytest.mark.parametrize("body", [b"[" * 60_000, b'{"keys": ' + b"[" * 60_000,
+                                  b'{"keys": ' + b"[" * 900 + b"]" * 900 + b"}"],
+                         ids=["nested", "nested keys", "nested 900 deep"])
+def test_http_deeply_nested_json_is_a_bad_request(server, body):
+    """json.loads raises RecursionError (no ValueError) past ~1000 levels."""
+    got, answer = json_call(server.http_port, "POST", "/v1/features/users", body)
+    assert got == 400 and answer["error"]["code"] in ("bad_request", "bad_key"), answer
+    assert json_call(server.http_port, "GET", "/health")[0] == 200
+
+
+def test_http_a_lone_surrogate_key_is_a_bad_key(server):
+    """JSON can spell a string that UTF-8 cannot encode ("\\ud800")."""
+    for body in (b'{"keys": ["\\ud800"]}', b'{"keys": ["ok", "a\\udfffb"]}'):
+        status, answer = json_call(server.http_port, "POST", "/v1/features/pages", body)
+        assert (status, answer["error"]["code"]) == (400, "bad_key"), answer
+
+
+@pytest.mark.parametrize("key", ["4_2", "+42", "%D9%A4%D9%A2", "%EF%BC%94%EF%BC%92", "%2042",
+                                 "42%20", "42%0A", "--42", "4%C2%B2", "9223372036854775808",
+                                 "-9223372036854775809", "1" * 5000])
+def test_http_int64_keys_in_the_path_are_ascii_digits(server, key):
+    """int() takes '4_2', '+42', Arabic-Indic and fullwidth digits and
+    surrounding spaces; a key in the path is -?[0-9]+, within int64."""
+    status, answer = json_call(server.http_port, "GET", f"/v1/features/users/{key}")
+    assert (status, answer["error"]["code"]) == (400, "bad_key"), answer
+
+
+def test_http_int64_keys_at_the_edges(server, oracle):
+    for key in (INT64_MIN, INT64_MAX, 0, -1):
+        status, answer = json_call(server.http_port, "GET", f"/v1/features/users/{key}")
+        assert status == 200 and answer["key"] == key
+        assert answer["record"] == json_ready(oracle["users"][key])
+    assert json_call(server.http_port, "GET", "/v1/features/users/007")[1]["key"] == 7
+
+
+# ---- idle connections and the connection cap -------------------------------------
+
+DROPPED = "tally_lookup_connections_dropped_total"
+
+
+def dropped(http_port, transport, reason):
+    _, data = http_call(http_port, "GET", "/metrics")
+    samples = parse_prometheus(data.decode())
+    return samples[(DROPPED, (("reason", reason), ("transport", transport)))]
+
+
+def wait_closed(sock, at_most=5.0):
+    """Wait until the server closes ``sock``, reading and dropping any bytes."""
+    sock.settimeout(at_most)
+    while sock.recv(1 << 16):
+        pass
+
+
+def test_idle_connections_are_closed(tmp_path, libtally):
+    from tally.service.lookup.server import serve_in_background
+    small_store(tmp_path, USERS)
+    with serve_in_background(tmp_path, port=0, http_port=0, idle_timeout=0.3) as running:
+        with LookupClient(port=running.port) as busy:      # a request every 0.1 s: kept
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                busy.ping()
+                time.sleep(0.1)
+            time.sleep(0.6)
+            with pytest.raises(ConnectionError):
+                busy.ping()
+        opened = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", running.port))
+        half_frame = socket.create_connection(("127.0.0.1", running.port))
+        half_frame.sendall(b"\0\0")                        # a header cut short
+        http_silent = socket.create_connection(("127.0.0.1", running.http_port))
+        slow_head = socket.create_connection(("127.0.0.1", running.http_port))
+        slow_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        keep_alive = http.client.HTTPConnection("127.0.0.1", running.http_port, timeout=10)
+        assert http_call(None, "GET", "/health", connection=keep_alive)[0].status == 200
+        for sock in (silent, half_frame, http_silent, slow_head, keep_alive.sock):
+            wait_closed(sock)
+            assert 0.25 <= time.monotonic() - opened <= 3.0
+            sock.close()
+        assert dropped(running.http_port, "tcp", "idle_timeout") == 3
+        assert dropped(running.http_port, "http", "idle_timeout") == 3
+
+
+def test_connections_over_the_cap_are_refused(tmp_path, libtally):
+    from tally.service.lookup.server import serve_in_background
+    small_store(tmp_path, USERS)
+    with serve_in_background(tmp_path, port=0, http_port=0, max_connections=2) as running:
+        first, second = LookupClient(port=running.port), LookupClient(port=running.port)
+        first.ping(), second.ping()
+        raw = RawConnection(running.port)                  # refused before it says a word
+        error = raw.reply()
+        assert error["ok"] is False and error["id"] is None
+        assert error["error"]["code"] == "too_many_connections"
+        assert "max_connections=2" in error["error"]["message"]
+        assert raw.reply() is None
+        raw.close()
+        with LookupClient(port=running.port) as refused:
+            with pytest.raises(LookupServerError, match="too_many_connections"):
+                refused.ping()                             # refused after its request
+        # HTTP has its own cap: two open, the third answered 503
+        held = [http.client.HTTPConnection("127.0.0.1", running.http_port, timeout=10)
+                for _ in range(2)]
+        for conn in held:
+            assert http_call(None, "GET", "/health", connection=conn)[0].status == 200
+        status, answer = json_call(running.http_port, "GET", "/health")
+        assert (status, answer["error"]["code"]) == (503, "too_many_connections")
+        held.pop().close()
+        first.close()
+        deadline = time.monotonic() + 5
+        while True:                                         # once the server saw the close
+            try:
+                with LookupClient(port=running.port) as again:
+                    again.ping()
+                if json_call(running.http_port, "GET", "/health")[0] == 200:
+                    break
+            except LookupServerError:
+                pass
+            assert time.monotonic() < deadline, "a closed connection never freed its place"
+            time.sleep(0.05)
+        assert second.get("users", 1) is not None           # the others were left alone
+        assert dropped(running.http_port, "tcp", "too_many_connections") >= 2
+        assert dropped(running.http_port, "http", "too_many_connections") >= 1
+        second.close()
+        held[0].close()
+
+
+def test_cli_sets_the_idle_timeout_and_the_connection_cap(store):
+    command = [sys.executable, "-m", "tally.service.cli", "lookup-server", "--store",
+               str(store[0]), "--port", "0", "--http-port", "0", "--idle-timeout", "0.5",
+               "--max-connections", "1"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(os.environ, TALLY_TOKEN=""))
+    try:
+        line = child.stdout.readline()
+        port = int(re.search(r"msgpack on 127\.0\.0\.1:(\d+)", line).group(1))
+        with LookupClient(port=port) as client, LookupClient(port=port) as refused:
+            client.ping()
+            pinged = time.monotonic()
+            with pytest.raises(LookupServerError, match="too_many_connections"):
+                refused.ping()
+            wait_closed(client._conn.sock)
+            assert 0.45 <= time.monotonic() - pinged <= 3.0
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.communicate(timeout=10)
+    assert child.returncode == 0

@@ -29,6 +29,12 @@ def add_commands(commands):
                          help="largest request frame or body (default: 1 MiB)")
     lookups.add_argument("--max-batch", type=int, default=1000,
                          help="keys per request (default: 1000)")
+    lookups.add_argument("--idle-timeout", type=float, default=60.0,
+                         help="close a connection that sends no request for this many "
+                         "seconds (default: 60)")
+    lookups.add_argument("--max-connections", type=int, default=1024,
+                         help="connections each port serves at once; one more is refused "
+                         "(default: 1024)")
     lookups.set_defaults(run=cmd_lookup_server)
 
 
@@ -58,5 +64,8 @@ def _key(text, key_type):
 
 def cmd_lookup_server(args):
     from tally.service.lookup.server import serve_lookups
+    if args.max_connections < 1 or not args.idle_timeout > 0:
+        raise UsageError("--max-connections must be at least 1 and --idle-timeout above 0")
     return serve_lookups(args.store, args.host, args.port, args.http_port, args.token,
-                         args.max_frame_bytes, args.max_batch)
+                         args.max_frame_bytes, args.max_batch,
+                         idle_timeout=args.idle_timeout, max_connections=args.max_connections)

@@ -3,11 +3,14 @@
 ``GET /v1/features/{view}/{key}[?features=a,b]``,
 ``POST /v1/features/{view}`` with ``{"keys": [...], "features": [...]}``,
 ``GET /v1/views``, ``GET /health`` and ``GET /metrics`` (Prometheus text
-format). Keep-alive; ``Content-Length`` bodies only (no chunked uploads).
+format). Keep-alive; ``Content-Length`` bodies only (no chunked uploads),
+the length in decimal digits and said once. A key in the path of an int64
+view is ``-?[0-9]+`` within int64.
 Errors are ``{"ok": false, "error": {"code", "message"}}`` with a matching
-status (400, 401, 404, 405, 413, 431, 500, 501): the codes of
+status (400, 401, 404, 405, 413, 431, 500, 501, 503): the codes of
 ``tally.service.lookup.protocol`` plus ``not_found``, ``method_not_allowed``,
-``headers_too_big`` and ``not_implemented``. Non-finite floats are written
+``headers_too_big`` and ``not_implemented``; ``too_many_connections`` is a
+503, answered before the request is read. Non-finite floats are written
 as ``NaN``/``Infinity``, as Python's json does. With a token, requests need
 ``Authorization: Bearer <token>`` (else 401), except ``/health``.
 """
@@ -17,21 +20,27 @@ import logging
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tally.service.lookup.frontend import Connections, count_request
-from tally.service.lookup.protocol import DEFAULT_MAX_FRAME_BYTES, RequestError, describe_all
+from tally.service.lookup.frontend import (DEFAULT_IDLE_TIMEOUT_SECONDS,
+                                           DEFAULT_MAX_CONNECTIONS, Connections, count_request)
+from tally.service.lookup.protocol import (DEFAULT_MAX_FRAME_BYTES, RequestError, describe_all,
+                                           shorten)
 
 DEFAULT_HTTP_PORT = 8256
 MAX_HTTP_HEAD_BYTES = 64 << 10
+# Headers a request may carry once: two Content-Lengths are the classic
+# request-smuggling ambiguity (which one frames the body?), two
+# Authorizations leave unclear whose request it is.
+SINGLE_HEADERS = ("content-length", "authorization")
 HTTP_STATUS = {"bad_frame": 400, "not_a_map": 400, "bad_request": 400, "unknown_op": 400,
                "unauthorized": 401, "unknown_view": 404, "unknown_feature": 400,
                "bad_key": 400, "batch_too_big": 413, "frame_too_big": 413,
                "store_error": 500, "internal": 500, "not_found": 404,
                "method_not_allowed": 405, "headers_too_big": 431,
-               "not_implemented": 501}
+               "not_implemented": 501, "too_many_connections": 503}
 HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
                 405: "Method Not Allowed", 413: "Content Too Large",
                 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-                501: "Not Implemented"}
+                501: "Not Implemented", 503: "Service Unavailable"}
 
 log = logging.getLogger("tally.server")
 
@@ -88,24 +97,42 @@ def parse_headers(lines):
         if not colon:
             raise HttpError("bad_request", f"malformed header line {line[:100]!r}")
         headers[name.strip().lower()] = value.strip()
+    if len(headers) < len(lines):           # some header repeated: rare, so checked apart
+        refuse_repeated(lines)
     return headers
+
+
+def refuse_repeated(lines):
+    names = [line.partition(":")[0].strip().lower() for line in lines]
+    for name in SINGLE_HEADERS:
+        if names.count(name) > 1:
+            raise HttpError("bad_request", f"header {name!r} is repeated")
 
 
 async def read_body(reader, writer, headers, max_body):
     if "transfer-encoding" in headers:
         raise HttpError("not_implemented", "chunked request bodies are not supported; "
                         "send Content-Length")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        raise HttpError("bad_request", "Content-Length is not a number")
-    if length < 0:
-        raise HttpError("bad_request", "Content-Length is negative")
+    length = content_length(headers, max_body)
     if length > max_body:
         raise HttpError("frame_too_big", f"body of {length} bytes exceeds {max_body}")
     if length and headers.get("expect", "").lower() == "100-continue":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")     # curl waits for it
     return await reader.readexactly(length) if length else b""
+
+
+def content_length(headers, max_body):
+    """Content-Length is decimal digits only (int() would take "+14", "1_4"
+    and " 14", which other parsers on the way may read otherwise)."""
+    value = headers.get("content-length")
+    if value is None:
+        return 0
+    if not (value.isdigit() and value.isascii()):   # ASCII digits are 0-9, nothing else
+        raise HttpError("bad_request", f"Content-Length {value[:40]!r} is not decimal digits")
+    try:
+        return int(value)
+    except ValueError:              # more digits than int() converts: no body is that big
+        return max_body + 1
 
 
 def http_response(status, body, keep_alive, content_type="application/json",
@@ -129,30 +156,40 @@ def error_json(code, message):
 class HttpFrontEnd:
     FEATURES = "/v1/features/"
 
-    def __init__(self, service, metrics, max_body=DEFAULT_MAX_FRAME_BYTES):
+    def __init__(self, service, metrics, max_body=DEFAULT_MAX_FRAME_BYTES,
+                 max_connections=DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS):
         self.service = service
         self.metrics = metrics
-        self.connections = Connections("http", metrics)
+        self.connections = Connections("http", metrics, max_connections, idle_timeout)
         self.max_body = max_body
         self.started_at = time.monotonic()
 
     async def serve_connection(self, reader, writer):
-        async with self.connections.open(writer):
-            while await self._serve_request(reader, writer):
+        if self.connections.full():
+            body = error_json("too_many_connections", self.connections.refusal_message())
+            reply = http_response(503, body, keep_alive=False,
+                                  extra_headers="Retry-After: 1\r\n")
+            await self.connections.refuse(reader, writer, reply)
+            return
+        async with self.connections.open(writer) as connection:
+            while await self._serve_request(reader, writer, connection):
                 pass
 
-    async def _serve_request(self, reader, writer):
+    async def _serve_request(self, reader, writer, connection):
         """Answer one request; False when the connection is to close."""
         try:
             request = await read_http_request(reader, writer, self.max_body)
         except HttpError as error:
+            if writer.is_closing():         # closed while idle: nobody to answer
+                return False
             body = error_json(error.code, error.message)
             writer.write(http_response(HTTP_STATUS[error.code], body, keep_alive=False))
             count_request(self.metrics, "http", "invalid", error.code, 0.0)
             return False
         if request is None:
             return False
-        started = time.perf_counter()
+        started = connection.last_request = time.perf_counter()
         op, outcome, body, content_type, n_keys = self._respond(request)
         status = 200 if outcome == "ok" else HTTP_STATUS[outcome]
         challenge = 'WWW-Authenticate: Bearer realm="tally"\r\n' if status == 401 else ""
@@ -205,10 +242,7 @@ class HttpFrontEnd:
         schema = self.service.catalog.schema(view)
         key = raw_key
         if schema.key_type == "int64":
-            try:
-                key = int(raw_key)
-            except ValueError:
-                raise RequestError("bad_key", f"view {view!r} has int64 keys; got {raw_key!r}")
+            key = int64_key(view, raw_key)
         features = None
         if "features" in query:
             features = [f for value in query["features"] for f in value.split(",") if f]
@@ -220,6 +254,8 @@ class HttpFrontEnd:
             request = json.loads(body)
         except ValueError as error:
             raise RequestError("bad_request", f"the body is not JSON: {error}")
+        except RecursionError:
+            raise RequestError("bad_request", "the body's JSON is nested too deeply")
         if not isinstance(request, dict) or not isinstance(request.get("keys"), list):
             raise RequestError("bad_request", 'the body must be {"keys": [...]} (and '
                                'optionally "features": [...])')
@@ -235,6 +271,17 @@ class HttpFrontEnd:
 
     def _metrics(self):
         return self.metrics.render()
+
+
+def int64_key(view, text):
+    """A key in the path of an int64 view: -?[0-9]+, since Python's int()
+    also takes "+42", "4_2", " 42" and non-ASCII digits ("٤٢", "４２"). Out
+    of int64 (at most 19 digits get this far) is refused by check_keys."""
+    digits = text[1:] if text[:1] == "-" else text
+    if not (digits.isdigit() and digits.isascii() and len(digits) <= 19):
+        raise RequestError("bad_key", f"view {view!r} has int64 keys, written -?[0-9]+; "
+                           f"got {shorten(text)}")
+    return int(text)
 
 
 def expect(method, allowed):

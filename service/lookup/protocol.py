@@ -32,8 +32,10 @@ keys), ``not_a_map``, ``bad_request`` (a missing field or one of the wrong
 type), ``unknown_op``, ``unauthorized``, ``unknown_view``, ``unknown_feature``,
 ``bad_key``, ``batch_too_big`` (more keys than ``max_batch``),
 ``frame_too_big``, ``store_error`` (the store could not answer, e.g. a record
-written under a newer schema), ``internal`` (a bug; logged). HTTP adds its
-own (see ``tally.service.lookup.http``).
+written under a newer schema), ``internal`` (a bug; logged),
+``too_many_connections`` (sent with id null to a connection beyond the
+server's ``max_connections``, which is then closed). HTTP adds its own (see
+``tally.service.lookup.http``).
 
 Frames longer than ``max_frame_bytes`` are read and discarded, then answered
 with ``frame_too_big`` (id null) on the same connection. A length above
@@ -48,6 +50,9 @@ from tally.core.record import INT64_MAX, INT64_MIN
 from tally.service.lookup.client import FRAME_HEADER_BYTES
 
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
+# tally.core.definitions.MAX_NAME_LENGTH (tests/test_server.py checks they
+# agree): importing it would load the definitions, sqlglot and all, ~12 MB.
+MAX_VIEW_NAME_LENGTH = 48
 DEFAULT_MAX_BATCH = 1000
 GARBAGE_FRAME_BYTES = 64 << 20
 OPS = ("get", "ping", "views", "auth")
@@ -95,18 +100,41 @@ def request_id_of(request):
 
 # ---- what a lookup may ask for ---------------------------------------------------
 
+def check_view_name(view, known):
+    """Refuse a name no view can have before any store is asked: libtally
+    takes C strings, so "users\\0x" would open "users"; and no definition
+    names a view with more than MAX_VIEW_NAME_LENGTH characters."""
+    if view and len(view) <= MAX_VIEW_NAME_LENGTH and "\0" not in view:
+        return
+    raise RequestError("unknown_view", f"no view can be named {shorten(view)}: a view name "
+                       f"has 1 to {MAX_VIEW_NAME_LENGTH} characters and no NUL; known views: "
+                       f"{sorted(known)}")
+
+
+def shorten(value, limit=60):
+    """repr(value), cut to about ``limit`` characters: error messages must
+    not echo a megabyte a client sent. Containers are only named (a repr of
+    JSON nested a thousand deep would exceed the recursion limit)."""
+    if isinstance(value, (list, dict)):
+        return f"a {type(value).__name__}"
+    text = repr(value[:limit + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_keys(schema, keys):
     """Keys must have the view's key type exactly: a string "42" is not the
     integer 42, and a bool is not an integer (msgpack has both)."""
     if schema.key_type == "int64":
         if not all(type(k) is int for k in keys):
             bad = next(k for k in keys if type(k) is not int)
-            raise RequestError("bad_key", f"view {schema.view!r} has int64 keys; got {bad!r}")
+            raise RequestError("bad_key", f"view {schema.view!r} has int64 keys; got "
+                               f"{shorten(bad)}")
         if keys and (min(keys) < INT64_MIN or max(keys) > INT64_MAX):
             raise RequestError("bad_key", "a key does not fit in an int64")
     elif not all(type(k) is str for k in keys):
         bad = next(k for k in keys if type(k) is not str)
-        raise RequestError("bad_key", f"view {schema.view!r} has string keys; got {bad!r}")
+        raise RequestError("bad_key", f"view {schema.view!r} has string keys; got "
+                           f"{shorten(bad)}")
 
 
 def check_features(schema, features):
@@ -119,8 +147,10 @@ def check_features(schema, features):
     names = {name for name, _ in schema.features}
     unknown = [f for f in features if f not in names]
     if unknown:
+        listed = [n for n, _ in schema.features[:20]]     # a view may have thousands
+        more = f" and {len(schema.features) - 20} more" if len(schema.features) > 20 else ""
         raise RequestError("unknown_feature", f"view {schema.view!r} has no feature "
-                           f"{unknown[0]!r}; its features: {[n for n, _ in schema.features]}")
+                           f"{shorten(unknown[0])}; its features: {listed}{more}")
     return tuple(features) + RECORD_META
 
 

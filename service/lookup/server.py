@@ -18,6 +18,11 @@ authenticates the connection for its lifetime, a wrong one is answered
 ``unauthorized`` (the connection stays open, unauthenticated). HTTP:
 ``Authorization: Bearer <token>``, else 401. ``ping`` and ``/health`` stay
 open, so that liveness probes need no secret; they reveal nothing.
+
+**Limits.** Each port serves at most ``max_connections`` connections (1024;
+one more is answered ``too_many_connections`` and closed) and closes one that
+sends no request for ``idle_timeout`` seconds (60): see
+``tally.service.lookup.frontend``.
 """
 import asyncio
 import contextlib
@@ -27,7 +32,8 @@ import sys
 import threading
 
 from tally.service.lookup.client import DEFAULT_HOST, DEFAULT_PORT
-from tally.service.lookup.frontend import lookup_metrics
+from tally.service.lookup.frontend import (DEFAULT_IDLE_TIMEOUT_SECONDS,
+                                           DEFAULT_MAX_CONNECTIONS, lookup_metrics)
 from tally.service.lookup.http import DEFAULT_HTTP_PORT, MAX_HTTP_HEAD_BYTES, HttpFrontEnd
 from tally.service.lookup.protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_FRAME_BYTES
 from tally.service.lookup.service import (DEFAULT_CATALOG_REFRESH_SECONDS, LookupService,
@@ -44,14 +50,18 @@ class LookupServer:
     def __init__(self, store, host=DEFAULT_HOST, port=DEFAULT_PORT,
                  http_port=DEFAULT_HTTP_PORT, token=None,
                  max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, max_batch=DEFAULT_MAX_BATCH,
-                 catalog_refresh=DEFAULT_CATALOG_REFRESH_SECONDS):
+                 catalog_refresh=DEFAULT_CATALOG_REFRESH_SECONDS,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS,
+                 max_connections=DEFAULT_MAX_CONNECTIONS):
         self.store = open_store(store)
         self.host = host
         self.port, self.http_port = port, http_port
         self.metrics = lookup_metrics()
-        self.service = LookupService(self.store, token=token, max_batch=max_batch)
-        self.tcp = TcpFrontEnd(self.service, self.metrics, max_frame_bytes)
-        self.http = HttpFrontEnd(self.service, self.metrics, max_body=max_frame_bytes)
+        self.service = LookupService(self.store, token=token, max_batch=max_batch,
+                                     catalog_refresh=catalog_refresh)
+        limits = dict(max_connections=max_connections, idle_timeout=idle_timeout)   # per port
+        self.tcp = TcpFrontEnd(self.service, self.metrics, max_frame_bytes, **limits)
+        self.http = HttpFrontEnd(self.service, self.metrics, max_frame_bytes, **limits)
         self.catalog_refresh = catalog_refresh
         self._servers = []
         self._refresher = None
@@ -98,13 +108,16 @@ def new_event_loop():
 def serve_lookups(store_path, host=DEFAULT_HOST, port=DEFAULT_PORT,
                   http_port=DEFAULT_HTTP_PORT, token=None,
                   max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, max_batch=DEFAULT_MAX_BATCH,
-                  catalog_refresh=DEFAULT_CATALOG_REFRESH_SECONDS):
+                  catalog_refresh=DEFAULT_CATALOG_REFRESH_SECONDS,
+                  idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS,
+                  max_connections=DEFAULT_MAX_CONNECTIONS):
     """Serve until SIGINT or SIGTERM, on uvloop. Prints one line with the
     bound ports once it accepts connections. ``token=None`` reads
     ``$TALLY_TOKEN``; pass ``""`` to serve without one even if it is set."""
     token = os.environ.get("TALLY_TOKEN") if token is None else token
     server = LookupServer(store_path, host, port, http_port, token or None,
-                          max_frame_bytes, max_batch, catalog_refresh)
+                          max_frame_bytes, max_batch, catalog_refresh, idle_timeout,
+                          max_connections)
     loop = new_event_loop()
     try:
         loop.run_until_complete(_serve_until_signalled(server))

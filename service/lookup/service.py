@@ -11,19 +11,23 @@ object rather than a path.
 
 **The view catalog** (names and served schemas, for ``views`` and the key and
 feature checks) is reloaded every ``catalog_refresh`` seconds (1) and when a
-request names a view the catalog lacks but the store has. libtally lists the
-views (``tally_store_views``) and binds an open view to the version served
-when it was opened: when a reload finds a view served at another version
-than the reader's, the reader is reopened, so a promotion is served within
-``catalog_refresh`` seconds.
+request names a view the catalog lacks but the store has -- at most once per
+``catalog_refresh`` for such requests, whatever names they give, and names
+no view can have (see ``check_view_name``) never reach the store. libtally
+lists the views (``tally_store_views``) and binds an open view to the version
+served when it was opened: when a reload finds a view served at another
+version than the reader's, the reader is reopened, so a promotion is served
+within ``catalog_refresh`` seconds.
 """
 import asyncio
 import hmac
 import logging
+import time
 
 from tally.core.errors import RecordError
 from tally.service.lookup.protocol import (DEFAULT_MAX_BATCH, OPEN_OPS, OPS, RequestError,
-                                           check_features, check_keys, describe_all, select)
+                                           check_features, check_keys, check_view_name,
+                                           describe_all, select)
 from tally.service.store import StoreError
 from tally.service.store.lmdb import LmdbStore
 
@@ -51,10 +55,12 @@ class EmbeddedStore:
         return self.reader.get_many(view, keys)
 
     def has_view(self, view):
-        """Cheap (libtally opens the view, or finds none), unlike listing."""
+        """Cheap (libtally opens the view, or finds none), unlike listing. Only
+        a view that opens is kept open, so the handles are bounded by the
+        store's views, not by the names clients send."""
         try:
             self.reader.schema(view)
-        except StoreError:
+        except (StoreError, RecordError):   # none, or one that cannot be served
             return False
         return True
 
@@ -110,7 +116,7 @@ class SharedLmdbStore:
     def has_view(self, view):
         try:
             self.store.schema(view)
-        except StoreError:
+        except (StoreError, RecordError):
             return False
         return True
 
@@ -134,23 +140,36 @@ class ViewCatalog:
     """The store's served view schemas, for key and feature checks and the
     ``views`` op. The server reloads it every ``refresh_seconds`` (a promoted
     version is followed within that time), and at once when a request names
-    a view that the store has but the catalog lacks (one created since)."""
+    a view that the store has but the catalog lacks (one created since) --
+    at most once per ``refresh_seconds`` for such requests: a view the store
+    opens but never lists (a name holding "@v") would otherwise reload the
+    catalog on every request naming it."""
 
-    def __init__(self, store):
+    def __init__(self, store, refresh_seconds=DEFAULT_CATALOG_REFRESH_SECONDS):
         self.store = store
+        self.refresh_seconds = refresh_seconds
         self.schemas = {}
+        self._next_miss_reload = 0.0        # time.monotonic() from which a miss may reload
 
     def reload(self):
         self.schemas = self.store.load_schemas()
 
     def schema(self, view):
         schema = self.schemas.get(view)
-        if schema is None and self.store.has_view(view):
+        if schema is None:
+            schema = self._schema_of_new_view(view)
+        return schema
+
+    def _schema_of_new_view(self, view):
+        """A view the catalog lacks: perhaps one created since the last reload."""
+        check_view_name(view, self.schemas)
+        if self.store.has_view(view) and time.monotonic() >= self._next_miss_reload:
+            self._next_miss_reload = time.monotonic() + self.refresh_seconds
             try:
                 self.reload()
             except StoreError as error:
                 raise RequestError("store_error", str(error)) from error
-            schema = self.schemas.get(view)
+        schema = self.schemas.get(view)
         if schema is None:
             raise RequestError("unknown_view", f"unknown view {view!r}; known views: "
                                f"{sorted(self.schemas)}")
@@ -180,9 +199,10 @@ class LookupService:
     """Checks and answers decoded requests, for both front ends. Everything
     here is synchronous: the reads are too quick to be worth a thread."""
 
-    def __init__(self, store, token=None, max_batch=DEFAULT_MAX_BATCH):
+    def __init__(self, store, token=None, max_batch=DEFAULT_MAX_BATCH,
+                 catalog_refresh=DEFAULT_CATALOG_REFRESH_SECONDS):
         self.store = store
-        self.catalog = ViewCatalog(store)
+        self.catalog = ViewCatalog(store, catalog_refresh)
         self.token = None if token is None else token.encode()
         self.max_batch = max_batch
         self._ops = {"get": self._op_get, "ping": self._op_ping, "views": self._op_views,
@@ -252,6 +272,8 @@ class LookupService:
             return self.store.get_many(view, keys)
         except StoreError as error:         # dropped since the catalog loaded
             raise RequestError("unknown_view", str(error)) from error
+        except UnicodeEncodeError as error:  # JSON can spell a lone surrogate, UTF-8 cannot
+            raise RequestError("bad_key", f"a key is not valid Unicode: {error}") from error
         except (RecordError, OSError, ValueError, OverflowError) as error:
             log.warning("lookup in view %r failed: %s", view, error)
             raise RequestError("store_error", f"{type(error).__name__}: {error}") from error

@@ -7,7 +7,8 @@ import time
 import msgpack
 
 from tally.service.lookup.client import FRAME_HEADER_BYTES
-from tally.service.lookup.frontend import Connections, count_request
+from tally.service.lookup.frontend import (DEFAULT_IDLE_TIMEOUT_SECONDS,
+                                           DEFAULT_MAX_CONNECTIONS, Connections, count_request)
 from tally.service.lookup.protocol import (DEFAULT_MAX_FRAME_BYTES, GARBAGE_FRAME_BYTES, OPS,
                                            RequestError, decode_request, encode_frame_bytes,
                                            error_reply, request_id_of)
@@ -18,27 +19,33 @@ log = logging.getLogger("tally.server")
 
 class TcpFrontEnd:
     def __init__(self, service, metrics, max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
-                 http_port=None):
+                 http_port=None, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS):
         self.service = service
         self.metrics = metrics
-        self.connections = Connections("tcp", metrics)
+        self.connections = Connections("tcp", metrics, max_connections, idle_timeout)
         self.max_frame_bytes = max_frame_bytes
         self.garbage_bytes = max(GARBAGE_FRAME_BYTES, 4 * max_frame_bytes)
         self.http_port = http_port
 
     async def serve_connection(self, reader, writer):
+        if self.connections.full():
+            reply = encode_frame_bytes(error_reply(None, "too_many_connections",
+                                                   self.connections.refusal_message()))
+            await self.connections.refuse(reader, writer, reply)
+            return
         session = Session()
-        async with self.connections.open(writer):
-            while await self._serve_frame(reader, writer, session):
+        async with self.connections.open(writer) as connection:
+            while await self._serve_frame(reader, writer, session, connection):
                 pass
 
-    async def _serve_frame(self, reader, writer, session):
+    async def _serve_frame(self, reader, writer, session, connection):
         """Answer one frame; False when the connection is to close."""
         try:
             header = await reader.readexactly(FRAME_HEADER_BYTES)
         except asyncio.IncompleteReadError:
             return False                    # a clean close between frames
-        started = time.perf_counter()
+        started = connection.last_request = time.perf_counter()
         length = int.from_bytes(header, "big")
         if length > self.max_frame_bytes:
             keep_open = await self._refuse_oversized(reader, writer, length)

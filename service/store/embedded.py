@@ -43,6 +43,7 @@ TALLY_ECORRUPT = -30503
 TALLY_ESCHEMA = -30504
 TALLY_ELAYOUT = -30505
 TALLY_EVIEWS = -30506
+TALLY_ETRUNCATED = -30507
 TALLY_KEY_INT64, TALLY_KEY_STRING = 0, 1
 _ENOENT = 2
 # tally_view_name_fn; the name as a pointer, since string_at(name, len) reads
@@ -170,6 +171,10 @@ class EmbeddedReader:
         if rc == _ENOENT:
             raise StoreError(f"no online store at {self.path!r}; run the pipeline first "
                              "or pass the right --store path")
+        if rc == TALLY_ETRUNCATED:      # as LmdbStore's check says it
+            raise StoreError(f"the online store {self.path!r} is truncated: data.mdb is "
+                             "shorter than its last page; delete it with its checkpoints and "
+                             "let tally serve recompute both from the topic")
         if rc:
             raise _error(rc, f"tally_store_open({self.path!r})")
         self._store = handle.value
@@ -222,6 +227,8 @@ class EmbeddedReader:
         """A new tally_view handle on ``name``: the caller closes it."""
         if self._store is None:
             raise ValueError("EmbeddedReader is closed")
+        if "\0" in name:       # a C string would end there: "a\0x" would open "a"
+            raise StoreError(f"unknown view {name!r} in {self.path!r}: no view name holds a NUL")
         handle = ctypes.c_void_p()
         rc = self._lib.tally_view_open(self._store, name.encode(), ctypes.byref(handle))
         if rc == TALLY_ENOVIEW:
