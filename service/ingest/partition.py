@@ -31,7 +31,7 @@ from tally.service.ingest.checkpoint import CheckpointConflict
 from tally.service.ingest.dead_letters import DeadLetterError, DeadLetters
 from tally.service.ingest.fold import Fold, IngestStats
 from tally.service.ingest.writer import RecordWriter, WriteAbandoned
-from tally.service.pulsar.client import raw, subscribe_failover
+from tally.service.pulsar.client import first_message_position, raw, subscribe_failover
 from tally.service.pulsar.topics import (END_OF_ENTRY, NO_POSITION, message_position,
                                          partition_topic)
 
@@ -62,9 +62,9 @@ class PartitionWorker:
         self.dead_letters = DeadLetters(client, view.source.topic, view.name)
         self.writer = RecordWriter(view, store, self.schema, serving, self.clock, self.stats,
                                    on_refused=self.dead_letters.send_refused_record)
-        self.consumer = subscribe_failover(
-            client, topic or partition_topic(view.source.topic, partition), subscription,
-            consumer_name, batch_size, batch_timeout_ms)
+        self.client, self.topic = client, topic or partition_topic(view.source.topic, partition)
+        self.consumer = subscribe_failover(client, self.topic, subscription, consumer_name,
+                                           batch_size, batch_timeout_ms)
         self.receiver = raw(self.consumer)
         self.sequence = None            # the checkpoint our state stands on; None: not loaded
         self.seek_pending = False       # move the subscription to our position first
@@ -129,8 +129,11 @@ class PartitionWorker:
         if self.adopt_latest_checkpoint():         # another process owned it meanwhile
             self.seek_pending = True
         if self.seek_pending:
-            await self._seek(messages[0])
-            return
+            if await self._follows_our_position(messages[0]):
+                self.seek_pending = False      # nothing missed: no seek, no re-read
+            else:
+                await self._seek(messages[0])
+                return
         if self.seek_bound is not None and self._before_the_seek(messages[0]):
             return                         # received before the seek took effect: dropped
         # a batch is in log order: bisect instead of a position per message
@@ -218,6 +221,19 @@ class PartitionWorker:
         self.unacknowledged = None
         self.rewritten_once = False
         return restored.sequence != latest
+
+    async def _follows_our_position(self, first_received):
+        """Whether the subscription surely delivers everything after our
+        position: its first message is at or before our checkpoint's entry
+        (what comes between is skipped), or, with no checkpoint, is the
+        partition's earliest message. Otherwise (e.g. the next message after
+        a clean stop, which cannot be told from a gap) the worker seeks."""
+        first = message_position(first_received)
+        if self.position != NO_POSITION:
+            return first <= self.position[:2] + (END_OF_ENTRY,)
+        earliest = await asyncio.get_running_loop().run_in_executor(
+            None, first_message_position, self.client, self.topic)
+        return earliest is not None and first[:2] == earliest[:2]
 
     async def _seek(self, first_received):
         """Move the subscription to our position (the earliest message with

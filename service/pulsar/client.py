@@ -46,6 +46,18 @@ def partition_topics(client, topic, require_partitioned=False):
     return [by_index[i] for i in range(len(names))]
 
 
+def first_message_position(client, topic, timeout_ms=10_000):
+    """(ledger, entry, batch index) of a partition's earliest retained
+    message, or None if it has none."""
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    try:
+        if not reader.has_message_available():
+            return None
+        return position(raw(reader).read_next(timeout_ms).message_id())
+    finally:
+        reader.close()
+
+
 def last_message_position(client, topic):
     """(ledger, entry, batch index) of a partition's last message now, or None
     if it is empty: a reader started inclusively at ``latest`` is positioned
