@@ -24,7 +24,7 @@ from tally.core.errors import TallyError
 from tally.service.history.plan import ledger_ranges, plan_partition, target_unit_size
 from tally.service.pulsar.admin import Admin
 from tally.service.pulsar.client import connect, raw
-from tally.service.pulsar.topics import END_OF_ENTRY, message_position, partition_topic, position
+from tally.service.pulsar.topics import END_OF_ENTRY, message_position, partition_topic
 
 RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
 READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
@@ -206,18 +206,26 @@ def unit_payloads(client, admin_url, topic, unit):
         batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(RECEIVE_BATCH, 64 << 20, 10))
     receiver = raw(consumer)
     try:
-        end = _final_message(receiver, unit) or tuple(unit.last) + (END_OF_ENTRY,)
+        end = tuple(unit.last) + (END_OF_ENTRY,)
+        in_last_entry = False
         deadline = None
         while True:
             messages = receiver.batch_receive()
+            if not messages and in_last_entry:
+                # The client unpacks an entry's messages together: once the
+                # last entry has begun, an empty receive means it is complete
+                # (even when no later message exists to show where it ends).
+                return
             if messages and message_position(messages[0])[:2] < tuple(unit.first):
                 raise ReaderError(f"{topic}: got entry {message_position(messages[0])} before "
                                      f"the unit's first {unit.first}")
             # Positions increase along a batch: look at a few messages, not all.
             within = _count_within(messages, end)
             yield [message.data() for message in messages[:within]]
-            if within < len(messages) or (within and message_position(messages[within - 1]) >= end):
+            if within < len(messages):
                 return
+            in_last_entry = in_last_entry or bool(
+                within and message_position(messages[within - 1])[:2] == tuple(unit.last))
             deadline = _check_progress(messages, deadline, topic, unit)
     finally:
         try:
@@ -236,13 +244,6 @@ def _count_within(messages, end):
         else:
             high = middle
     return low
-
-
-def _final_message(receiver, unit):
-    """The exact position of the unit's last message if the unit ends at the
-    topic's last entry (then no later message will show where it ends), else None."""
-    last = position(receiver.get_last_message_id())
-    return last if last[:2] == tuple(unit.last) else None
 
 
 def _check_progress(messages, deadline, topic, unit):
