@@ -75,3 +75,21 @@ def arrow_type(aggregation):
     if kind.startswith("list<struct"):
         return pa.list_(pa.struct([("value", pa.float64()), ("count", pa.int64())]))
     return pa.float64()
+
+
+def value_type(aggregation, column_type=None):
+    """The type of an aggregation's values over a column of ``column_type``
+    (one of ``VALUE_TYPES``): the same online and in training sets. Counts
+    are int64; sums, means, minima and maxima float64; first, last and the
+    items of last_n and top_k keep an int64 or string column's type."""
+    kind = AGGREGATIONS[aggregation]
+    if kind.name in ("count", "distinct_count"):
+        return "int64"
+    item = column_type if column_type in ("int64", "string") else "float64"
+    if kind.name in ("first", "last"):
+        return item
+    if kind.name == "last_n":
+        return f"list<{item}>"
+    if kind.name == "top_k":
+        return f"top_k<{item}>"
+    return "float64"
