@@ -12,6 +12,7 @@
 #include <lmdb.h>
 
 #define SCHEMAS_DB "__schemas__"
+#define SERVICE_PREFIX "_service:"
 #define VIEW_DB_PREFIX "view:"
 
 struct tally_store {
@@ -116,6 +117,8 @@ const char *tally_strerror(int err)
     case TALLY_EVIEWS: return "TALLY_EVIEWS: Too many views open in this store";
     case TALLY_ETRUNCATED: return "TALLY_ETRUNCATED: The store's data file is shorter than "
         "its last page (truncated); rebuild the store";
+    case TALLY_ENOSERVICE: return "TALLY_ENOSERVICE: No feature service of this name in the store";
+    case TALLY_ESPACE: return "TALLY_ESPACE: The buffer is too small; *len tells the size needed";
     default: break;
     }
     /* mdb_strerror covers LMDB's codes and falls back to strerror(). */
@@ -202,6 +205,14 @@ static int is_version_key(const MDB_val *key)
     return 0;
 }
 
+/* "_service:<name>" keys hold feature services, not views (view names never
+ * start with '_'). */
+static int is_service_key(const MDB_val *key)
+{
+    return key->mv_size >= sizeof SERVICE_PREFIX - 1 &&
+        memcmp(key->mv_data, SERVICE_PREFIX, sizeof SERVICE_PREFIX - 1) == 0;
+}
+
 /* Open "__schemas__" in a transaction of its own, committed so that the
  * handle is usable in every transaction begun afterwards. */
 static int open_schemas(tally_store *store, MDB_dbi *out)
@@ -228,7 +239,8 @@ static int each_view(MDB_cursor *cursor, char *name, tally_view_name_fn *fn, voi
     int rc;
     while ((rc = mdb_cursor_get(cursor, &key, &data, op)) == 0) {
         op = MDB_NEXT;
-        if (is_version_key(&key) || memchr(key.mv_data, '\0', key.mv_size)) continue;
+        if (is_version_key(&key) || is_service_key(&key) ||
+            memchr(key.mv_data, '\0', key.mv_size)) continue;
         memcpy(name, key.mv_data, key.mv_size);
         name[key.mv_size] = '\0';
         rc = fn(name, key.mv_size, ctx);
@@ -660,4 +672,45 @@ const void *tally_record_data(const tally_record *rec, size_t *size)
 {
     if (size) *size = rec->priv_view->record_size;
     return rec->priv_data;
+}
+
+/* ---- feature services ---- */
+
+int tally_store_service(tally_store *store, const char *name, char *buf, size_t cap,
+                        size_t *len)
+{
+    tally_txn *txn = NULL;
+    MDB_dbi schemas;
+    MDB_val key, data;
+    char *service_key;
+    size_t name_len;
+    int rc;
+
+    if (!store || !name || !len || (cap && !buf)) return TALLY_EINVAL;
+    name_len = strlen(name);
+    rc = open_schemas(store, &schemas);
+    if (rc == MDB_NOTFOUND) return TALLY_ENOSERVICE;   /* not a Tally store yet */
+    if (rc) return rc;
+    service_key = (char *)malloc(sizeof SERVICE_PREFIX + name_len);
+    if (!service_key) return ENOMEM;
+    memcpy(service_key, SERVICE_PREFIX, sizeof SERVICE_PREFIX - 1);
+    memcpy(service_key + sizeof SERVICE_PREFIX - 1, name, name_len);
+    key.mv_data = service_key;
+    key.mv_size = sizeof SERVICE_PREFIX - 1 + name_len;
+    rc = tally_txn_begin(store, &txn);
+    if (rc == 0) {
+        rc = mdb_get(txn->txn, schemas, &key, &data);
+        if (rc == MDB_NOTFOUND) rc = TALLY_ENOSERVICE;
+    }
+    if (rc == 0) {
+        *len = data.mv_size;
+        if (data.mv_size + 1 > cap) rc = TALLY_ESPACE;
+        else {
+            memcpy(buf, data.mv_data, data.mv_size);
+            buf[data.mv_size] = '\0';
+        }
+    }
+    tally_txn_end(txn);
+    free(service_key);
+    return rc;
 }

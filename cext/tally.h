@@ -187,6 +187,10 @@ extern "C" {
  * store. Rebuild it (for Tally: delete it with its checkpoints, and let the
  * pipeline recompute both). */
 #define TALLY_ETRUNCATED (-30507)
+/** No feature service of this name in the store. */
+#define TALLY_ENOSERVICE (-30508)
+/** The caller's buffer is too small (see #tally_store_service). */
+#define TALLY_ESPACE (-30509)
 /** @} */
 
 /** How many distinct views one #tally_store can open. */
@@ -451,6 +455,33 @@ TALLY_API uint32_t tally_record_view_version(const tally_record *rec);
  * header; *size (if size is not NULL) receives tally_view_record_size().
  * Owned by the store, read-only, valid as the record is. */
 TALLY_API const void *tally_record_data(const tally_record *rec, size_t *size);
+
+/** @} */
+
+/** @defgroup service Feature services
+ * @{ */
+
+/** @brief Copy the stored definition of a feature service.
+ *
+ * A feature service names the features one model reads, across views: its
+ * definition is text, one header line "tally-service 1 <name> <version>"
+ * then one line "<column> <view> <feature> <entity>" per feature, every
+ * field an identifier separated by one space (see tally/core/serving.py).
+ * Read each feature with #tally_view_open of its view and
+ * #tally_view_feature_index, the key from the request's <entity> field.
+ * Thread-safe; reads a snapshot through a transaction of its own.
+ *
+ * @param[in] store An open store.
+ * @param[in] name The service's name, NUL-terminated.
+ * @param[out] buf Receives the text and a NUL; may be NULL when cap is 0.
+ * @param[in] cap The size of buf in bytes.
+ * @param[out] len Receives the text's length without the NUL (also when
+ *     the buffer is too small, so the caller can retry with len + 1).
+ * @return 0, TALLY_ENOSERVICE, TALLY_ESPACE (buf holds less than len + 1
+ *     bytes; nothing is copied), TALLY_EINVAL, ENOMEM, or an LMDB code.
+ */
+TALLY_API int tally_store_service(tally_store *store, const char *name, char *buf,
+                                  size_t cap, size_t *len);
 
 /** @} */
 

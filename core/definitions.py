@@ -705,8 +705,12 @@ class FeatureService:
         if not self.features:
             raise DefinitionError(f"{where}: features is empty; name at least one, e.g. "
                                   "'user_reading:total_readtime'")
-        answered = {}
+        answered, listed = {}, set()
         for f in self.features:
+            if (f.view, f.feature) in listed:
+                raise DefinitionError(f"{where}: {f.view}:{f.feature} is listed twice; "
+                                      "list each feature once")
+            listed.add((f.view, f.feature))
             if f.alias in answered and answered[f.alias] != f:
                 raise DefinitionError(
                     f"{where}: column {f.alias!r} would answer both "

@@ -115,3 +115,21 @@ def test_unknown_views_are_store_errors(store):
     with pytest.raises(StoreError):
         store.schema("no_such_view")
     store.flush()                                # a no-op or a sync: never an error
+
+
+def test_feature_services_are_stored_beside_the_views(store):
+    store.register_view(SCHEMA)
+    first, second = b"tally-service 1 rank 1\nn contract n user\n", \
+        b"tally-service 1 rank 2\navg contract avg user\n"
+    store.put_service("rank", first)
+    store.put_service("other", second)
+    assert store.service("rank") == first
+    store.put_service("rank", second)                 # a new version replaces it
+    assert store.service("rank") == second
+    assert sorted(store.services()) == ["other", "rank"]
+    assert "contract" in store.views() and "rank" not in store.views()
+    store.drop_service("other")
+    store.drop_service("never_stored")                # no error
+    assert store.services() == ["rank"]
+    with pytest.raises(StoreError, match="unknown feature service 'other'"):
+        store.service("other")

@@ -71,6 +71,11 @@ def get_request(request_id, view, keys, features=None):
     return request
 
 
+def service_request(name, rows):
+    rows = [rows] if isinstance(rows, dict) else list(rows)
+    return {"op": "service", "service": name, "rows": rows}
+
+
 def split(keys, batch_size):
     keys = list(keys)
     return [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
@@ -173,6 +178,12 @@ class LookupClient:
         replies = self.pipeline([get_request(None, view, b, features) for b in batches], window)
         return [record for reply in replies for record in reply["records"]]
 
+    def service(self, name, rows):
+        """The feature vector of each row (a dict of entity keys, e.g.
+        ``{"user": 42, "article": 7}``) from feature service ``name``: one
+        request, one dict of the service's columns per row."""
+        return self.request(service_request(name, rows))["vectors"]
+
 
 class AsyncLookupClient:
     """An asyncio client on one connection; any number of coroutines may use
@@ -274,3 +285,7 @@ class AsyncLookupClient:
         batches = split(keys, batch_size)
         replies = await asyncio.gather(*(self.get_batch(view, b, features) for b in batches))
         return [record for records in replies for record in records]
+
+    async def service(self, name, rows):
+        """As :meth:`LookupClient.service`."""
+        return (await self.request(service_request(name, rows)))["vectors"]

@@ -125,6 +125,9 @@ _HINTS = {
     13: "the record is larger than the namespace's max-record-size (write-block-size)",
 }
 
+SERVICE_PREFIX = "_service:"
+
+
 def code_name(code):
     return CODE_NAMES.get(code, str(code))
 
@@ -425,6 +428,42 @@ class AerospikeStore:
                 raise
         with self._lock:
             self._meta.pop(view, None)
+
+    # -- feature services -------------------------------------------------
+    # Stored in the metadata set under "_service:<name>" (view names never
+    # start with "_"), in bins "service" and "service_name"; views() lists
+    # only records with a "view" bin.
+
+    def put_service(self, name, definition):
+        self._retry_single(lambda: self.client.put(
+            self._meta_key(SERVICE_PREFIX + name),
+            {"service": bytearray(definition), "service_name": name},
+            meta={"ttl": TTL_NEVER_EXPIRE}, policy=dict(self.write_policy)),
+            f"store feature service {name!r}")
+
+    def service(self, name):
+        bins = self._get_meta_record(SERVICE_PREFIX + name)
+        if not bins or "service" not in bins:
+            raise StoreError(f"unknown feature service {name!r}; known: {self.services()}")
+        return bytes(bins["service"])
+
+    def services(self):
+        found = []
+
+        def run():
+            found.clear()
+            query = self.client.query(self.namespace, self.meta_set)
+            query.select("service_name")
+            query.foreach(lambda record: found.append((record[2] or {}).get("service_name")))
+        self._retry_single(run, "list feature services")
+        return sorted(name for name in found if name)
+
+    def drop_service(self, name):
+        try:
+            self.client.remove(self._meta_key(SERVICE_PREFIX + name))
+        except Exception as error:       # noqa: BLE001 - client exceptions carry .code
+            if _error_code(error) != RECORD_NOT_FOUND:
+                raise
 
     # -- writes -----------------------------------------------------------
 

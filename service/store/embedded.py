@@ -44,6 +44,8 @@ TALLY_ESCHEMA = -30504
 TALLY_ELAYOUT = -30505
 TALLY_EVIEWS = -30506
 TALLY_ETRUNCATED = -30507
+TALLY_ENOSERVICE = -30508
+TALLY_ESPACE = -30509
 TALLY_KEY_INT64, TALLY_KEY_STRING = 0, 1
 _ENOENT = 2
 # tally_view_name_fn; the name as a pointer, since string_at(name, len) reads
@@ -96,6 +98,8 @@ def _declare(lib):
         "tally_store_open": (i, [ctypes.c_char_p, out]),
         "tally_store_close": (None, [p]),
         "tally_store_views": (i, [p, _VIEW_NAME_FN, p]),
+        "tally_store_service": (i, [p, ctypes.c_char_p, ctypes.c_char_p, sz,
+                                    ctypes.POINTER(sz)]),
         "tally_view_open": (i, [p, ctypes.c_char_p, out]),
         "tally_view_close": (None, [p]),
         "tally_view_version": (ctypes.c_uint32, [p]),
@@ -272,6 +276,26 @@ class EmbeddedReader:
         if rc:
             raise _error(rc, "tally_store_views")
         return [name.decode() for name in names]
+
+    def service(self, name):
+        """The stored definition (bytes) of feature service ``name``; see
+        ``tally.core.serving``."""
+        length, cap = ctypes.c_size_t(), 4096
+        while True:
+            buf = ctypes.create_string_buffer(cap)
+            with self._lock:
+                if self._store is None:
+                    raise ValueError("EmbeddedReader is closed")
+                rc = self._lib.tally_store_service(self._store, name.encode(), buf, cap,
+                                                   ctypes.byref(length))
+            if rc == TALLY_ESPACE:
+                cap = length.value + 1
+                continue
+            if rc == TALLY_ENOSERVICE:
+                raise StoreError(f"unknown feature service {name!r}")
+            if rc:
+                raise _error(rc, "tally_store_service")
+            return buf.raw[:length.value]
 
     def schema(self, view):
         """The ViewSchema this reader decodes ``view`` with: that of the

@@ -18,6 +18,9 @@ from tally.service.store import RecordRefused, StoreError
 from tally.core.record import ViewSchema, decode_records, encode_keys
 
 SCHEMAS_DB = b"__schemas__"
+# feature services live in __schemas__ too, under "_service:<name>" (view names
+# never start with "_"), so that readers switch to a new one atomically
+SERVICE_PREFIX = b"_service:"
 DEFAULT_MAP_SIZE = 64 << 30     # address space only; the file grows as written
 
 
@@ -97,7 +100,34 @@ class LmdbStore:
     def views(self):
         with self.env.begin(db=self._schemas_db) as txn:
             return [bytes(k).decode() for k in txn.cursor().iternext(values=False)
-                    if b"@v" not in bytes(k)]
+                    if b"@v" not in bytes(k) and not bytes(k).startswith(SERVICE_PREFIX)]
+
+    def put_service(self, name, definition):
+        """Store feature service ``name``'s definition (bytes, see
+        ``tally.core.serving``), replacing the one before atomically."""
+        with self.env.begin(write=True, db=self._schemas_db) as txn:
+            txn.put(SERVICE_PREFIX + name.encode(), bytes(definition))
+
+    def service(self, name):
+        """The stored definition of feature service ``name``."""
+        with self.env.begin(db=self._schemas_db) as txn:
+            raw = txn.get(SERVICE_PREFIX + name.encode())
+        if raw is None:
+            raise StoreError(f"unknown feature service {name!r}; known: {self.services()}")
+        return bytes(raw)
+
+    def services(self):
+        with self.env.begin(db=self._schemas_db) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(SERVICE_PREFIX):
+                return []
+            return [bytes(k)[len(SERVICE_PREFIX):].decode()
+                    for k in cursor.iternext(values=False)
+                    if bytes(k).startswith(SERVICE_PREFIX)]
+
+    def drop_service(self, name):
+        with self.env.begin(write=True, db=self._schemas_db) as txn:
+            txn.delete(SERVICE_PREFIX + name.encode())
 
     def _db(self, view, version, create=False):
         name = _db_name(view, version)
