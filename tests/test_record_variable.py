@@ -287,3 +287,22 @@ def test_online_schema_types_every_feature_and_apply_refuses_what_cannot_be_serv
     huge = view(*[Feature(f"recent_{i}", "last_n", "article", n=4096) for i in range(40)])
     with pytest.raises(DefinitionError, match="cannot be served online.*1,048,576"):
         check_servable(huge)
+
+
+def test_plan_and_apply_refuse_a_view_that_cannot_be_served(tmp_path, capsys):
+    """With the reason, at plan and apply time: never a traceback at serve."""
+    from tally.service.cli import main
+    definitions = tmp_path / "huge.py"
+    definitions.write_text(
+        "from tally.core.definitions import Entity, Feature, FeatureView, Source\n"
+        "reads = Source('reads', 'reads', schema={'user': 'int64', 'article': 'int64', "
+        "'ts': 'int64'}, timestamp_field='ts')\n"
+        "huge = FeatureView('huge', Entity('user', 'int64'), reads, features=[\n"
+        "    Feature(f'recent_{i}', 'last_n', 'article', n=4096) for i in range(40)])\n")
+    for command in ("plan", "apply"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, str(definitions), "--registry", str(tmp_path / "registry.db")])
+        _, err = capsys.readouterr()
+        assert exit_.value.code != 0
+        assert "view 'huge' cannot be served online" in err and "lower their n or k" in err
+        assert "Traceback" not in err
