@@ -13,9 +13,17 @@ import numpy as np
 import pytest
 
 from tally.core.record import INT64_MAX, INT64_MIN, Records, ViewSchema
-from tally.service.store import OnlineStore, StoreError, open_store
+from tally.service.store import OnlineStore, RecordRefused, StoreError, open_store
 
 SCHEMA = ViewSchema("contract", 1, "int64", (("n", "int64"), ("avg", "float64")))
+VARIABLE_SCHEMA = ViewSchema("contract_v", 1, "int64", (
+    ("n", "int64"), ("name", "string"), ("recent", "list<int64>"), ("lengths", "list<float64>"),
+    ("tags", "list<string>"), ("top_ids", "top_k<int64>"), ("top_len", "top_k<float64>"),
+    ("top_tags", "top_k<string>")))
+# Backends that store numbers only for now: the variable-type cases are
+# expected to fail there (the Aerospike store's list and string bins are
+# being written; empty this set when they land).
+NUMBERS_ONLY = {"aerospike-fake", "aerospike-server"}
 STRING_SCHEMA = ViewSchema("contract_s", 1, "string", (("n", "int64"),))
 
 
@@ -44,6 +52,17 @@ def store(request, tmp_path):
     store = BACKENDS[request.param](tmp_path)
     yield store
     store.close()
+
+
+@pytest.fixture
+def variable_store(store, request):
+    """``store``, its test expected to fail on a NUMBERS_ONLY backend (strict:
+    once it passes there, empty NUMBERS_ONLY)."""
+    backend = request.node.callspec.params["store"]
+    if backend in NUMBERS_ONLY:
+        request.applymarker(pytest.mark.xfail(
+            reason=f"{backend} stores numbers only (see NUMBERS_ONLY)", strict=True))
+    return store
 
 
 def _records(n, seed=0):
@@ -115,3 +134,75 @@ def test_unknown_views_are_store_errors(store):
     with pytest.raises(StoreError):
         store.schema("no_such_view")
     store.flush()                                # a no-op or a sync: never an error
+
+
+WORDS = ["", "a", "é", "🙂 x", "x" * 200]
+
+
+def _variable_value(dtype, rng):
+    """A random value of a variable type, by an independent recipe: the
+    expected lookup result is this very object."""
+    if dtype == "string":
+        return WORDS[int(rng.integers(len(WORDS)))]
+    count = int(rng.choice([0, 1, 4, 50]))
+    item = dtype[dtype.index("<") + 1:-1]
+    items = {"int64": lambda: rng.integers(-2**63, 2**63 - 1, size=count).tolist(),
+             "float64": lambda: rng.normal(size=count).tolist(),
+             "string": lambda: [WORDS[i] for i in rng.integers(0, len(WORDS), size=count)]}[item]()
+    if dtype.startswith("list<"):
+        return items
+    return list(zip(items, rng.integers(1, 10**9, size=count).tolist()))
+
+
+def _variable_records(n, seed=0):
+    rng = np.random.default_rng(seed)
+    values = {"n": (rng.integers(-10**12, 10**12, n), rng.random(n) > 0.2)}
+    for name, dtype in VARIABLE_SCHEMA.features[1:]:
+        column = np.empty(n, dtype=object)
+        column[:] = [_variable_value(dtype, rng) for _ in range(n)]
+        values[name] = (column, rng.random(n) > 0.2)
+    return Records(values, rng.integers(1, 10**12, n), 1_700_000_000_000, np.full(n, INT64_MAX))
+
+
+def _expected_variable(records, i):
+    result = {}
+    for name, dtype in VARIABLE_SCHEMA.features:
+        values, valid = records.values[name]
+        result[name] = (int(values[i]) if dtype == "int64" else values[i]) if valid[i] else None
+    result.update(_event_time=int(records.event_time[i]), _write_time=1_700_000_000_000,
+                  _valid_until=None, _view_version=1)
+    return result
+
+
+def test_strings_lists_and_top_k_read_back_exactly(variable_store):
+    store = variable_store
+    store.register_view(VARIABLE_SCHEMA)
+    keys = np.arange(-40, 40)
+    records = _variable_records(len(keys))
+    store.write("contract_v", keys, records)
+    got = store.get_many("contract_v", [int(k) for k in keys] + [999])
+    assert got == [_expected_variable(records, i) for i in range(len(keys))] + [None]
+    assert store.schema("contract_v") == VARIABLE_SCHEMA
+
+
+def test_int64_items_handed_as_floats_are_stored_as_int64(variable_store):
+    """Until the view state is typed it hands int64 items as floats: they are
+    stored as int64, and a non-integral one is refused."""
+    store = variable_store
+    schema = ViewSchema("contract_f", 1, "int64", (("recent", "list<int64>"),
+                                                   ("top", "top_k<int64>"), ("last", "int64")))
+    store.register_view(schema)
+    column = np.empty(2, dtype=object)
+    column[:] = [[3.0, -2.0, 2.0 ** 53], []]
+    top = np.empty(2, dtype=object)
+    top[:] = [[(7.0, 4), (1.0, 2)], []]
+    values = {"recent": (column, np.ones(2, bool)), "top": (top, np.ones(2, bool)),
+              "last": (np.array([5.0, np.nan]), np.array([True, False]))}
+    store.write("contract_f", [1, 2], Records(values, np.array([1, 2]), 3, INT64_MAX))
+    first, second = store.get_many("contract_f", [1, 2])
+    assert first["recent"] == [3, -2, 2 ** 53] and all(type(x) is int for x in first["recent"])
+    assert first["top"] == [(7, 4), (1, 2)] and type(first["top"][0][0]) is int
+    assert first["last"] == 5 and type(first["last"]) is int and second["last"] is None
+    column[:] = [[1.5], []]
+    with pytest.raises(RecordRefused, match="recent"):
+        store.write("contract_f", [1, 2], Records(values, np.array([1, 2]), 3, INT64_MAX))

@@ -6,6 +6,9 @@
 format). Keep-alive; ``Content-Length`` bodies only (no chunked uploads),
 the length in decimal digits and said once. A key in the path of an int64
 view is ``-?[0-9]+`` within int64.
+Feature values are the msgpack protocol's, in JSON (strings, arrays for
+lists, ``[[value, count], ...]`` for top_k: see
+``tally.service.lookup.protocol``).
 Errors are ``{"ok": false, "error": {"code", "message"}}`` with a matching
 status (400, 401, 404, 405, 413, 431, 500, 501, 503): the codes of
 ``tally.service.lookup.protocol`` plus ``not_found``, ``method_not_allowed``,

@@ -5,6 +5,7 @@ import os
 import runpy
 
 from tally.core.definitions import DefinitionError, Entity, FeatureView, Source, kind_of
+from tally.core.materialize import check_servable
 from tally.service.registry.errors import RegistryError
 
 
@@ -61,6 +62,7 @@ def collect(definitions, origin=None):
         kind = kind_of(definition)
         if kind == "view":
             definition.validate()
+            check_servable(definition)          # refused at plan/apply, not at serve
             parts = [("entity", definition.entity, f"view {definition.name!r}"),
                      ("source", definition.source, f"view {definition.name!r}"),
                      ("view", definition, "the definitions")]
