@@ -264,3 +264,43 @@ def test_drops_and_truncations_survive_a_cold_restart(prefix):
         assert store.count("reads") == 10
         with pytest.raises(StoreError, match="unknown view"):
             store.get("gone", 1)
+
+
+def test_commands_serve_from_aerospike_with_no_local_files(prefix, tmp_path):
+    """tally get and tally lookup-server read the store URL; the server's
+    working directory stays empty."""
+    import json
+    import re
+    from tally.service.lookup.client import LookupClient
+    store_url = url(prefix=prefix)
+    with open_store(store_url) as store:
+        store.register_view(V1)
+        recs = records(V1, 100)
+        store.write("reads", np.arange(100), recs)
+    env = dict(os.environ, TALLY_TOKEN="", TALLY_STORE=store_url)
+    got = subprocess.run([sys.executable, "-m", "tally", "get", "reads", "3", "500"], env=env,
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    assert [json.loads(line)["features"] for line in got.stdout.splitlines()] == \
+        [expected(V1, recs, 3), None]
+    server = subprocess.Popen([sys.executable, "-m", "tally", "lookup-server", "--port", "0",
+                               "--http-port", "0"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r"msgpack on [\d.]+:(\d+)", server.stdout.readline()).group(1))
+        with LookupClient(port=port) as client:
+            assert client.get_batch("reads", list(range(100))) == \
+                [expected(V1, recs, i) for i in range(100)]
+            with open_store(store_url) as store:                 # a promotion is followed
+                store.register_view(V2)
+                newer = records(V2, 100, seed=4)
+                store.write("reads", np.arange(100), newer)
+            deadline = time.monotonic() + 10
+            while client.get("reads", 1)["_view_version"] != 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.get_batch("reads", list(range(100))) == \
+                [expected(V2, newer, i) for i in range(100)]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert list(tmp_path.iterdir()) == []
