@@ -193,7 +193,7 @@ class HttpFrontEnd:
         if request is None:
             return False
         started = connection.last_request = time.perf_counter()
-        op, outcome, body, content_type, n_keys = self._respond(request)
+        op, outcome, body, content_type, n_keys = await self._respond(request)
         status = 200 if outcome == "ok" else HTTP_STATUS[outcome]
         challenge = 'WWW-Authenticate: Bearer realm="tally"\r\n' if status == 401 else ""
         writer.write(http_response(status, body, request.keep_alive, content_type, challenge))
@@ -201,14 +201,14 @@ class HttpFrontEnd:
         count_request(self.metrics, "http", op, outcome, time.perf_counter() - started, n_keys)
         return request.keep_alive
 
-    def _respond(self, request):
+    async def _respond(self, request):
         """-> (op label, "ok" or an error code, body, content type, keys looked up)."""
         op = "invalid"
         try:
             op, handler, args = self._route(request)
             if op != "health" and not self.service.token_ok(bearer_token(request.headers)):
                 raise RequestError("unauthorized", "send Authorization: Bearer <token>")
-            result = handler(*args)
+            result = await handler(*args)
         except RequestError as error:
             return op, error.code, error_json(error.code, error.message), "application/json", 0
         except Exception:
@@ -241,18 +241,18 @@ class HttpFrontEnd:
         raise RequestError("not_found", f"no route {path!r}; see GET /v1/features/{{view}}/"
                            "{key}, POST /v1/features/{view}, /v1/views, /health, /metrics")
 
-    def _get_one(self, view, raw_key, query):
-        schema = self.service.catalog.schema(view)
+    async def _get_one(self, view, raw_key, query):
+        schema = await self.service.catalog.schema(view)
         key = raw_key
         if schema.key_type == "int64":
             key = int64_key(view, raw_key)
         features = None
         if "features" in query:
             features = [f for value in query["features"] for f in value.split(",") if f]
-        record = self.service.lookup(view, [key], features)[0]
+        record = (await self.service.lookup(view, [key], features))[0]
         return {"view": view, "key": key, "record": record}
 
-    def _post_many(self, view, body):
+    async def _post_many(self, view, body):
         try:
             request = json.loads(body)
         except ValueError as error:
@@ -262,17 +262,17 @@ class HttpFrontEnd:
         if not isinstance(request, dict) or not isinstance(request.get("keys"), list):
             raise RequestError("bad_request", 'the body must be {"keys": [...]} (and '
                                'optionally "features": [...])')
-        records = self.service.lookup(view, request["keys"], request.get("features"))
+        records = await self.service.lookup(view, request["keys"], request.get("features"))
         return {"view": view, "records": records}
 
-    def _views(self):
+    async def _views(self):
         return {"views": describe_all(self.service.catalog.schemas)}
 
-    def _health(self):
+    async def _health(self):
         return {"status": "serving", "uptime_seconds": round(time.monotonic() -
                                                              self.started_at, 3)}
 
-    def _metrics(self):
+    async def _metrics(self):
         return self.metrics.render()
 
 

@@ -66,10 +66,11 @@ class LmdbStore:
     def __exit__(self, *exc):
         self.close()
 
-    def register_view(self, schema: ViewSchema, current=True):
+    def register_view(self, schema: ViewSchema, current=True, expiry_ms=0):
         """Create the database of this view version and record its schema; a
         version registered with ``current=False`` (a candidate being computed
-        beside the serving one) is served only once ``promote``d."""
+        beside the serving one) is served only once ``promote``d. LMDB keeps
+        records until rewritten: ``expiry_ms`` is not used."""
         self._db(schema.view, schema.version, create=True)
         with self.env.begin(write=True, db=self._schemas_db) as txn:
             txn.put(_versioned(schema.view, schema.version), schema.to_bytes())
