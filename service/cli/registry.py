@@ -155,6 +155,7 @@ def _cmd_rollback(args):
         else:
             print(f"{info.kind} {info.name}: current version is now v{info.version} "
                   f"({info.hash[:12]})")
+    _serve_in_store(args, info)
     return 0
 
 
@@ -219,7 +220,29 @@ def _cmd_promote(args):
             raise SystemExit("tally promote: pin the candidate, e.g. user_reading@v3")
         info = registry.promote(name, version, kind=kind or "view")
         print(f"{info.kind} {info.name}: current version is now v{info.version}")
+    _serve_in_store(args, info)
     return 0
+
+
+def _add_store_option(parser):
+    parser.add_argument("--store", default=None, help="also switch this online store (path "
+                        "or URL) to serve that version now, if it holds it (default: the "
+                        "running `tally serve` switches it when it next polls the registry)")
+
+
+def _serve_in_store(args, info):
+    """With --store: point the store's readers at the version at once."""
+    if not args.store or info.kind != "view":
+        return
+    from tally.service.store import StoreError, open_store
+    with open_store(args.store) as store:
+        try:
+            store.promote(info.name, info.version)
+        except StoreError as error:
+            print(f"store {args.store}: not switched ({error}); `tally serve` computes the "
+                  "version and serves it")
+            return
+    print(f"store {args.store}: serves {info.name} v{info.version}")
 
 
 def add_commands(commands):
@@ -261,6 +284,7 @@ def add_commands(commands):
                    "default to the previous one)")
     rollback.add_argument("ref")
     rollback.add_argument("--to", help="the version to make current, e.g. v2")
+    _add_store_option(rollback)
     lineage = add("lineage", _cmd_lineage, "lineage: feature -> view -> source -> topic -> "
                   "fields, or the features reading a topic/source")
     lineage.add_argument("ref", nargs="?", help="view, view.feature or source")
@@ -277,3 +301,4 @@ def add_commands(commands):
     promote = add("promote", _cmd_promote, "make a candidate current (what the service does "
                   "when it has caught up)")
     promote.add_argument("ref", help="the candidate, e.g. user_reading@v3")
+    _add_store_option(promote)

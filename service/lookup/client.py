@@ -11,6 +11,12 @@ the requests of one connection in the order they arrived, so a client may
 send many before reading any reply (pipelining). The ops and the error
 codes are in ``tally.service.lookup.protocol``.
 
+Feature values come back as the stores return them (``LmdbStore.get``):
+int, float, str, lists of items, and top_k values as lists of
+``(value, count)`` tuples -- on the wire ``[[value, count], ...]``, turned
+back into tuples by :func:`decode_reply` (an array whose items are arrays is
+a top_k: no other reply holds one).
+
 ``LookupClient`` blocks; ``AsyncLookupClient`` is for asyncio. Both raise
 ``LookupServerError`` (a ``LookupError``) with the server's error ``code``
 when the server answers with an error frame, and ``ConnectionError`` when the
@@ -48,7 +54,14 @@ def encode_frame(message):
 
 
 def decode_reply(payload):
-    return msgpack.unpackb(payload, raw=False)
+    return msgpack.unpackb(payload, raw=False, list_hook=_top_k_pairs)
+
+
+def _top_k_pairs(items):
+    """A top_k value's [[value, count], ...] -> [(value, count), ...]."""
+    if items and type(items[0]) is list:
+        return [tuple(pair) for pair in items]
+    return items
 
 
 def check_reply(reply, expected_id):

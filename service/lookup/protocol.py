@@ -23,6 +23,14 @@ Ops::
                             "features": {"total_readtime": "float64", ...}}}}
     {"id": 4, "op": "auth", "token": "s3cret"} -> {"id": 4, "ok": true}
 
+**Values** are those of the view's schema (the ``views`` op names each
+feature's type, one of ``tally.core.types.VALUE_TYPES``): int64 and float64
+as msgpack integers and floats; string as a string; list<T> as an array of
+T; top_k<T> as an array of ``[value, count]`` arrays, the most frequent
+first; null for a null feature. HTTP writes the same in JSON. The record
+dicts of the stores are already in this shape (a top_k pair is a tuple,
+which msgpack and JSON write as an array), so replies carry them as they are.
+
 ``id`` is optional (it is echoed as null). Keys must match the view's key
 type exactly: msgpack integers (within int64) for an int64 view, strings for
 a string view. A refused request gets an error frame and the connection goes

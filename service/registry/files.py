@@ -6,6 +6,7 @@ import runpy
 
 from tally.core.definitions import (DefinitionError, Entity, FeatureService, FeatureView, Source,
                                     kind_of)
+from tally.core.materialize import check_servable
 from tally.service.registry.errors import RegistryError
 
 
@@ -63,6 +64,7 @@ def collect(definitions, origin=None):
         kind = kind_of(definition)
         if kind == "view":
             definition.validate()
+            check_servable(definition)          # refused at plan/apply, not at serve
             parts = [("entity", definition.entity, f"view {definition.name!r}"),
                      ("source", definition.source, f"view {definition.name!r}"),
                      ("view", definition, "the definitions")]

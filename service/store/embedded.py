@@ -31,8 +31,8 @@ import threading
 import numpy as np
 
 from tally.core.errors import RecordError
-from tally.core.record import (INT64_MAX, INT64_MIN, KEY_TYPES, VALUE_TYPES, RecordDecoder,
-                               ViewSchema)
+from tally.core.record import INT64_MAX, INT64_MIN, RecordDecoder, ViewSchema
+from tally.core.types import KEY_TYPES, VALUE_TYPES
 from tally.service.store import StoreError
 
 # Return codes, as in cext/tally.h.
@@ -60,7 +60,8 @@ class LibtallyError(OSError):
 
 class _Record(ctypes.Structure):
     """tally_record: never read its fields except to copy the bytes out."""
-    _fields_ = [("data", ctypes.c_void_p), ("view", ctypes.c_void_p)]
+    _fields_ = [("data", ctypes.c_void_p), ("view", ctypes.c_void_p),
+                ("size", ctypes.c_size_t)]
 
 
 def library_path():
@@ -156,10 +157,10 @@ class _View:
                          for i in range(lib.tally_view_feature_count(handle)))
         self.schema = ViewSchema(name, lib.tally_view_version(handle), KEY_TYPES[self.key_type],
                                  features)
-        self.size = lib.tally_view_record_size(handle)
-        if self.size != self.schema.record_size:       # libtally and record.py disagree
-            raise RecordError(f"view {name!r}: libtally's records are {self.size} bytes, "
-                              f"tally.core.record's {self.schema.record_size}")
+        size = lib.tally_view_record_size(handle)
+        if size != self.schema.fixed_size:              # libtally and record.py disagree
+            raise RecordError(f"view {name!r}: libtally's records have {size} fixed bytes, "
+                              f"tally.core.record's {self.schema.fixed_size}")
         self.decode = RecordDecoder(self.schema).decode
 
 
@@ -330,7 +331,7 @@ class EmbeddedReader:
                 return None
             if rc:
                 raise _error(rc, f"get {view!r} {key!r}")
-            raw = ctypes.string_at(record.data, v.size)    # copy before the reset
+            raw = ctypes.string_at(record.data, record.size)   # copy before the reset
         finally:
             self._reset(txn)
         return v.decode(raw)
@@ -358,7 +359,7 @@ class EmbeddedReader:
             rc = call(txn, v.handle, *args, records, status)
             if rc:
                 raise _error(rc, f"get_many {view!r}")
-            raws = [None if status[i] else ctypes.string_at(records[i].data, v.size)
+            raws = [None if status[i] else ctypes.string_at(records[i].data, records[i].size)
                     for i in range(n)]
         finally:
             self._reset(txn)
