@@ -33,6 +33,7 @@ from tally.service.lookup.protocol import (DEFAULT_MAX_BATCH, MAX_VIEW_NAME_LENG
                                            OPS, RequestError, check_features, check_keys,
                                            check_view_name, describe_all, select, shorten)
 from tally.service.store import StoreError
+from tally.service.store import lmdb_path
 from tally.service.store import open_store as open_online_store
 from tally.service.store.lmdb import LmdbStore
 
@@ -191,9 +192,10 @@ def open_store(store):
         return SharedLmdbStore(store)
     if hasattr(store, "get_many_async"):
         return RemoteStore(store, f"{type(store).__name__}", owned=False)
-    if str(store).startswith("aerospike:"):
+    path = lmdb_path(store)
+    if path is None:
         return RemoteStore(open_online_store(str(store)), str(store))
-    return EmbeddedStore(store)
+    return EmbeddedStore(path)
 
 
 # ---- the catalog ----------------------------------------------------------------

@@ -116,20 +116,29 @@ def open_store(url=None, readonly=False, **options):
     """The online store a URL names (see the module docstring); ``None`` is
     the default embedded store. ``options`` go to the backend's constructor."""
     url = url or DEFAULT_PATH
-    parts = urllib.parse.urlsplit(str(url))
-    if parts.scheme in ("", "lmdb", "file"):
+    path = lmdb_path(url)
+    if path is not None:
         from tally.service.store.lmdb import LmdbStore
-        if parts.scheme and parts.netloc:
-            raise StoreError(f"store URL {url!r}: write lmdb:///absolute/path or a plain "
-                             "(relative) path")
-        path = parts.path if parts.scheme else str(url)
         return LmdbStore(path, readonly=readonly, **options)
+    parts = urllib.parse.urlsplit(str(url))
     if parts.scheme == "aerospike":
         from tally.service.store.aerospike import AerospikeStore
         hosts, namespace, url_options = parse_aerospike_url(url)
         return AerospikeStore(hosts, namespace, **{**url_options, **options})
     raise StoreError(f"store URL {url!r}: the scheme {parts.scheme!r} is unknown; use "
                      "lmdb:///path or aerospike://host:port/namespace")
+
+
+def lmdb_path(url):
+    """The directory an embedded-store URL (``lmdb:///path``, ``file:``, or a
+    plain path) names; None for another scheme."""
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme not in ("", "lmdb", "file"):
+        return None
+    if parts.scheme and parts.netloc:
+        raise StoreError(f"store URL {url!r}: write lmdb:///absolute/path or a plain "
+                         "(relative) path")
+    return parts.path if parts.scheme else str(url)
 
 
 def parse_aerospike_url(url):
