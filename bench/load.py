@@ -416,7 +416,8 @@ class Deployment:
     def _start_service(self):
         definitions = self.workdir / "definitions.py"
         definitions.write_text(textwrap.dedent(DEFINITIONS.format(topic=self.args.topic)))
-        self.store = str(self.workdir / "store")
+        # a store URL given (aerospike://...) is the store of the deployment started here
+        self.store = self.args.store or str(self.workdir / "store")
         self.checkpoints = str(self.workdir / "checkpoints")
         metrics_port = free_port()
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -587,7 +588,10 @@ def parse_args(argv, quick):
                         help="with --serve: the tally serve PID, for CPU/RSS")
     parser.add_argument("--lookup-server-pid", type=int,
                         help="with --serve: the lookup server's PID, for lookups per core")
-    parser.add_argument("--store", help="with --serve: the store path (for --c-api and sizes)")
+    parser.add_argument("--store", help="the online store, a path or URL (aerospike://host:"
+                        "port/namespace): with --serve, the running deployment's (a path "
+                        "for --c-api and sizes); without, the one the deployment started "
+                        "here writes and serves (default: a path in its work directory)")
     parser.add_argument("--checkpoints", help="with --serve: the checkpoint directory")
     parser.add_argument("--topic", default="read_events")
     parser.add_argument("--c-api", action="store_true",
@@ -605,6 +609,8 @@ def parse_args(argv, quick):
         args.warmup = min(15.0, args.duration / 10)
     if args.c_api and args.serve and not args.store:
         parser.error("--c-api with --serve needs --store")
+    if args.c_api and args.store and "://" in args.store and not args.store.startswith("lmdb:"):
+        parser.error("--c-api reads an embedded store: --store must be a path")
     if min(args.events_per_s, args.lookups_per_s, args.duration, args.probe_interval_ms,
            args.probe_poll_ms) <= 0:
         parser.error("rates, durations and intervals must be positive")

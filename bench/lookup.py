@@ -31,6 +31,7 @@ some task of the machine waited for a CPU (Linux PSI) during the run: on a
 shared machine, microsecond tails are mostly other tenants' work.
 """
 import argparse
+import asyncio
 import inspect
 import json
 import os
@@ -46,7 +47,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from tally.service.store.lmdb import LmdbStore
+from tally.service.store import open_store
 from tally.core.record import INT64_MAX, Records, ViewSchema
 
 VIEW = "user_reading"
@@ -149,11 +150,12 @@ def feature_columns(n_entities, seed=7):
     return columns
 
 
-def write_store(path, columns, n_entities):
+def write_store(url, columns, n_entities):
+    """The bench's records into the store ``url`` names (a path, or aerospike://)."""
     keys = np.arange(n_entities, dtype=np.int64)
     valid = np.ones(n_entities, dtype=bool)
     event_time = np.full(n_entities, 1_700_000_000_000)
-    with LmdbStore(path) as store:
+    with open_store(str(url)) as store:
         store.register_view(SCHEMA)
         for start in range(0, n_entities, 100_000):
             part = slice(start, start + 100_000)
@@ -524,10 +526,16 @@ def run(quick=False, argv=()):
     parser.add_argument("--feast-python", default=os.environ.get("TALLY_FEAST_PYTHON",
                                                                  DEFAULT_FEAST_PYTHON),
                         help="python of a venv with feast; empty: skip Feast")
+    parser.add_argument("--aerospike", metavar="HOST:PORT", default=None,
+                        help="instead: lookups from this Aerospike server (namespace test): "
+                        "the lookup server on it, and the official client on a thread pool "
+                        "against aerospike-py's asyncio client")
     args = parser.parse_args(argv)
     args.warmup = 0.3 if quick else 1.0
     args.rates = {1: args.rate, 100: args.batch_rate}
     columns = feature_columns(args.entities)
+    if args.aerospike:
+        return aerospike_run(args, columns)
     with tempfile.TemporaryDirectory(prefix="tally-bench-lookup-") as workdir:
         store = Path(workdir) / "store"
         write_store(store, columns, args.entities)
@@ -620,3 +628,103 @@ def print_table(figures):
                 print(f"{name:10} {size:>4} {row['rate']:>7} {row['p50_us']:>9} "
                       f"{row['p99_us']:>9} {row['p999_us']:>9} {row['max_us']:>9} "
                       f"{row['samples']:>8} {row.get('cpu_wait_share', '-'):>8}")
+
+
+# ---- Aerospike ------------------------------------------------------------------
+
+AEROSPIKE_CONCURRENCY = 16          # requests in flight in the closed-loop client rows
+
+
+def aerospike_run(args, columns):
+    """The lookup server serving from Aerospike (open loop, as the other
+    rows), and the two Python clients read raw in a closed loop of
+    ``AEROSPIKE_CONCURRENCY`` requests in flight on one event loop."""
+    import uuid
+    from tally.service.lookup.client import LookupClient
+    url = f"aerospike://{args.aerospike}/test?set_prefix=b{uuid.uuid4().hex[:6]}_"
+    write_store(url, columns, args.entities)
+    batches = {size: key_batches(args.entities, size, 2000, seed=size) for size in BATCH_SIZES}
+    figures = {}
+    server, port, _ = start_lookup_server(url)
+    try:
+        with LookupClient(port=port) as client:
+            figures["service_aerospike"] = {
+                size: repeated(lambda: measure(service_call(client), batches[size],
+                                               args.rates[size], args.seconds, args.warmup),
+                               args.repeats) for size in BATCH_SIZES}
+    finally:
+        server.terminate()
+        server.wait()
+    with open_store(url) as store:
+        target = store._version(VIEW)
+        keys = {size: [[("test", target.set_name, k) for k in batch] for batch in chunk]
+                for size, chunk in batches.items()}
+        clients = aerospike_clients(args.aerospike, store, target.read_bins)
+        for name, call in clients.items():
+            figures[name] = {size: closed_loop(call, keys[size], args.seconds)
+                             for size in BATCH_SIZES}
+    print_table({k: v for k, v in figures.items() if k == "service_aerospike"})
+    for name, rows in figures.items():
+        if name != "service_aerospike":
+            for size, row in rows.items():
+                print(f"{name:22} {size:>4} keys  {row['per_s']:>9,.0f} lookups/s  "
+                      f"p50 {row['p50_us']:>7} us  p99 {row['p99_us']:>7} us")
+    return {"benchmark": "lookup-aerospike", "entities": args.entities, "figures": figures,
+            "concurrency": AEROSPIKE_CONCURRENCY, "seconds": args.seconds}
+
+
+def aerospike_clients(address, store, bins):
+    """name -> async call(keys): the raw clients, and Tally's store over the first."""
+    import concurrent.futures
+    import aerospike
+    import aerospike_py
+    host, port = address.rsplit(":", 1)
+    official = aerospike.client({"hosts": [(host, int(port))]})
+    pool = concurrent.futures.ThreadPoolExecutor(AEROSPIKE_CONCURRENCY)
+    policy = {"concurrent": True, "total_timeout": 1000}
+
+    async def official_pool(keys):
+        loop = asyncio.get_running_loop()
+        batch = await loop.run_in_executor(pool, official.batch_read, keys, bins, policy)
+        return [r.record[2] if r.result == 0 else None for r in batch.batch_records]
+
+    state = {}
+
+    async def native(keys):
+        if "client" not in state:
+            state["client"] = await aerospike_py.AsyncClient(
+                {"hosts": [(host, int(port))]}).connect()
+        batch = await state["client"].batch_read(keys, bins, policy)
+        return [r.record[2] if r.result == 0 else None for r in batch.batch_records]
+
+    async def tally_store(keys):
+        return await store.get_many_async(VIEW, [k[2] for k in keys])
+
+    return {"official_threadpool": official_pool, "aerospike_py_async": native,
+            "tally_store_official": tally_store}
+
+
+def closed_loop(call, batches, seconds):
+    """Lookups/s and latency with AEROSPIKE_CONCURRENCY requests in flight."""
+    latencies = []
+
+    async def worker(offset, until):
+        i = offset
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            await call(batches[i % len(batches)])
+            latencies.append(time.perf_counter() - started)
+            i += AEROSPIKE_CONCURRENCY
+
+    async def main():
+        await call(batches[0])                                   # connect, warm
+        started = time.perf_counter()
+        until = started + seconds
+        await asyncio.gather(*(worker(w, until) for w in range(AEROSPIKE_CONCURRENCY)))
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(main())
+    ordered = sorted(latencies)
+    return {"per_s": round(len(ordered) / elapsed), "samples": len(ordered),
+            "p50_us": round(ordered[len(ordered) // 2] * 1e6, 1),
+            "p99_us": round(ordered[int(len(ordered) * 0.99)] * 1e6, 1)}

@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from tally.core import arena as _arena
 from tally.core.aggregations import arrow_type
-from tally.core.definitions import Feature, FeatureView
+from tally.core.definitions import Feature, FeatureService, FeatureView
 from tally.core.errors import TrainingSetError, TrainingSetWarning
 from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, archive_and_topic, is_columns,
                                       n_events, open_events, slice_columns, stable_order)
@@ -63,8 +63,8 @@ _INF = np.iinfo(np.int64).max
 # Public API
 
 
-def training_set(spine, features, sources=None, *, views=None, registry=None,
-                 timestamp_column=None, keys=None, pulsar=None,
+def training_set(spine, features=None, sources=None, *, service=None, views=None,
+                 registry=None, timestamp_column=None, keys=None, pulsar=None,
                  chunk_rows=DEFAULT_CHUNK_ROWS, spill_dir=None, progress=None) -> pa.Table:
     """The spine with one column per feature: its value as of each row's time.
 
@@ -96,12 +96,16 @@ def training_set(spine, features, sources=None, *, views=None, registry=None,
     ``key_column``. ``timestamp_column`` defaults to the first of
     ``ts``/``timestamp``/``event_timestamp``/``event_time`` present.
 
+    ``service`` (instead of ``features``): a FeatureService, or the name of
+    one in ``registry``: its features, each column named as the service
+    answers it online (a spine column of that name is refused).
+
     A feature column is named after the feature, or ``view__feature`` when
     that name is taken (by a spine column or another requested feature).
     ``progress(done, total)`` is called as spine rows are answered.
     """
     job = _Job(spine, features, sources, views, registry, timestamp_column, keys, pulsar,
-               chunk_rows, spill_dir, progress)
+               chunk_rows, spill_dir, progress, service)
     try:
         job.run(job.n_rows)
         return job.table()
@@ -109,7 +113,7 @@ def training_set(spine, features, sources=None, *, views=None, registry=None,
         job.close()
 
 
-def iter_training_batches(spine, features, sources=None, *, batch_rows=65_536,
+def iter_training_batches(spine, features=None, sources=None, *, batch_rows=65_536,
                           order="spine", **options):
     """Yield the training set as Arrow RecordBatches of up to ``batch_rows``.
 
@@ -128,7 +132,7 @@ def iter_training_batches(spine, features, sources=None, *, batch_rows=65_536,
                options.pop("registry", None), options.pop("timestamp_column", None),
                options.pop("keys", None), options.pop("pulsar", None),
                options.pop("chunk_rows", DEFAULT_CHUNK_ROWS), options.pop("spill_dir", None),
-               options.pop("progress", None))
+               options.pop("progress", None), options.pop("service", None))
     if options:
         raise TypeError(f"unexpected arguments {sorted(options)}")
     try:
@@ -153,6 +157,9 @@ class _Requested:
 
 def resolve_features(features, views=None, registry=None):
     """``[(view, feature)]`` for the feature references, in order."""
+    if features is None:
+        raise TrainingSetError("name the features (e.g. ['user_reading:total_readtime']) or "
+                               "a feature service (service='recommend')")
     if isinstance(features, (str, Feature, FeatureView)):
         features = [features]
     views = list(views or ())
@@ -214,6 +221,23 @@ def _resolve(features, views, by_name, registry):
             seen.add((id(view), feature.name))
             unique.append((view, feature))
     return unique
+
+
+def service_features(service, registry=None):
+    """(the "view:feature" refs, {(view, feature): column}) of a feature
+    service given as a FeatureService or by its name in ``registry``."""
+    if isinstance(service, str):
+        if registry is None or not hasattr(registry, "get"):
+            raise TrainingSetError(f"service={service!r}: name a registry (registry=) to "
+                                   "find it in, or pass the FeatureService")
+        try:
+            service = registry.get(service, kind="service")
+        except Exception as error:                # the registry's own NotFound, etc.
+            raise TrainingSetError(f"service={service!r}: {error}") from None
+    if not isinstance(service, FeatureService):
+        raise TrainingSetError(f"service={service!r}: pass a FeatureService or its name")
+    return ([f"{f.view}:{f.feature}" for f in service.features],
+            {(f.view, f.feature): f.alias for f in service.features})
 
 
 def _split_ref(ref):
@@ -571,10 +595,15 @@ class _SourceReplay:
 
 class _Job:
     def __init__(self, spine, features, sources, views, registry, timestamp_column, keys,
-                 pulsar, chunk_rows, spill_dir, progress):
+                 pulsar, chunk_rows, spill_dir, progress, service=None):
         self.spine = read_spine(spine)
         self.n_rows = self.spine.num_rows
         self.progress = progress
+        columns = None                         # a service names its columns
+        if service is not None:
+            if features is not None:
+                raise TrainingSetError("give features or service=, not both")
+            features, columns = service_features(service, registry)
         pairs = resolve_features(features, views, registry)
         ts_name = timestamp_column or next(
             (c for c in TIMESTAMP_CANDIDATES if c in self.spine.schema.names), None)
@@ -593,6 +622,8 @@ class _Job:
         for r in requested:
             clash = r.feature.name in taken or names.count(r.feature.name) > 1
             r.name = f"{r.view.name}__{r.feature.name}" if clash else r.feature.name
+            if columns is not None:
+                r.name = columns[(r.view.name, r.feature.name)]
             if r.name in taken:
                 raise TrainingSetError(f"feature column {r.name!r} clashes with a spine "
                                        "column; rename the spine column")

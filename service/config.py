@@ -12,6 +12,8 @@ import os
 SETTINGS = {
     "pulsar": ("TALLY_PULSAR", "pulsar://127.0.0.1:6650"),
     "admin": ("TALLY_ADMIN", "http://127.0.0.1:8080"),
+    # a path, lmdb:///path or aerospike://host:port[,host:port]/namespace[?options]
+    # (tally.service.store.open_store)
     "store": ("TALLY_STORE", os.path.join(".tally", "store")),
     "registry": ("TALLY_REGISTRY", os.path.join(".tally", "registry.db")),
     "checkpoints": ("TALLY_CHECKPOINTS", os.path.join(".tally", "checkpoints")),

@@ -6,6 +6,9 @@ import os
 
 from tally.service import config
 
+# the kinds of definitions (tally.service.registry.db.KINDS, without importing it)
+KINDS = ("view", "service", "source", "entity")
+
 def _registry(args):
     from tally.service.registry import Registry, RegistryError
     path = args.registry or config.default("registry")
@@ -81,6 +84,8 @@ def _cmd_list(args):
             d = info.definition
             if info.kind == "view":
                 details = f"{len(d.features)} features of {d.entity.name} from {d.source.name}"
+            elif info.kind == "service":
+                details = f"{len(d.features)} features of {', '.join(d.views)}"
             elif info.kind == "source":
                 details = f"topic {d.topic}, {d.format}, {len(d.schema)} fields"
             else:
@@ -101,7 +106,8 @@ def _print_table(rows):
 def _cmd_search(args):
     with _registry(args) as registry:
         hits = registry.search(args.text, tag=args.tag, owner=args.owner, entity=args.entity,
-                               source=args.source, topic=args.topic, kind=args.kind)
+                               source=args.source, topic=args.topic, kind=args.kind,
+                               view=args.view)
         if args.json:
             _print_json([h.to_dict() for h in hits])
         else:
@@ -115,9 +121,11 @@ def _cmd_describe(args):
         if args.json:
             _print_json(description.to_dict())
         elif args.sql:
-            from tally.core.sql import source_to_sql, view_to_sql
+            from tally.core.sql import service_to_sql, source_to_sql, view_to_sql
             d = description.info.definition
-            if description.info.kind == "view":
+            if description.info.kind == "service":
+                print(service_to_sql(d) + ";")
+            elif description.info.kind == "view":
                 print(source_to_sql(d.source) + ";\n")
                 print(view_to_sql(d) + ";")
             elif description.info.kind == "source":
@@ -147,6 +155,7 @@ def _cmd_rollback(args):
         else:
             print(f"{info.kind} {info.name}: current version is now v{info.version} "
                   f"({info.hash[:12]})")
+    _serve_in_store(args, info)
     return 0
 
 
@@ -167,7 +176,7 @@ def _cmd_lineage(args):
                 rows = registry.lineage(args.ref)
                 title = f"Lineage of {args.ref}"
         else:
-            raise SystemExit("tally lineage: name a view, view.feature or source, or pass "
+            raise SystemExit("tally lineage: name a view, view.feature, service or source, or pass "
                              "--topic/--source")
         if args.json:
             _print_json([r.to_dict() for r in rows])
@@ -211,7 +220,29 @@ def _cmd_promote(args):
             raise SystemExit("tally promote: pin the candidate, e.g. user_reading@v3")
         info = registry.promote(name, version, kind=kind or "view")
         print(f"{info.kind} {info.name}: current version is now v{info.version}")
+    _serve_in_store(args, info)
     return 0
+
+
+def _add_store_option(parser):
+    parser.add_argument("--store", default=None, help="also switch this online store (path "
+                        "or URL) to serve that version now, if it holds it (default: the "
+                        "running `tally serve` switches it when it next polls the registry)")
+
+
+def _serve_in_store(args, info):
+    """With --store: point the store's readers at the version at once."""
+    if not args.store or info.kind != "view":
+        return
+    from tally.service.store import StoreError, open_store
+    with open_store(args.store) as store:
+        try:
+            store.promote(info.name, info.version)
+        except StoreError as error:
+            print(f"store {args.store}: not switched ({error}); `tally serve` computes the "
+                  "version and serves it")
+            return
+    print(f"store {args.store}: serves {info.name} v{info.version}")
 
 
 def add_commands(commands):
@@ -232,17 +263,18 @@ def add_commands(commands):
     plan = add("plan", _cmd_plan, "show what apply would do (a dry run)")
     plan.add_argument("files", nargs="+", metavar="file")
     listing = add("list", _cmd_list, "list the current definitions (and candidates)")
-    listing.add_argument("--kind", choices=("view", "source", "entity"))
+    listing.add_argument("--kind", choices=KINDS)
     search = add("search", _cmd_search, "search definitions by name, tag, owner, entity, "
                  "source or topic")
     search.add_argument("text", nargs="?", help="text in a name, feature name or description")
     for option in ("tag", "owner", "entity", "source", "topic"):
         search.add_argument(f"--{option}")
-    search.add_argument("--kind", choices=("view", "source", "entity"))
+    search.add_argument("--view", help="the feature services reading this view")
+    search.add_argument("--kind", choices=KINDS)
     describe = add("describe", _cmd_describe, "describe a definition (name, name@vN, "
                    "kind:name)")
     describe.add_argument("ref")
-    describe.add_argument("--kind", choices=("view", "source", "entity"))
+    describe.add_argument("--kind", choices=KINDS)
     describe.add_argument("--sql", action="store_true", help="print the definition as SQL")
     diff = add("diff", _cmd_diff, "differences between two versions (name@v1 name@v2), or "
                "of one version against the one before")
@@ -252,6 +284,7 @@ def add_commands(commands):
                    "default to the previous one)")
     rollback.add_argument("ref")
     rollback.add_argument("--to", help="the version to make current, e.g. v2")
+    _add_store_option(rollback)
     lineage = add("lineage", _cmd_lineage, "lineage: feature -> view -> source -> topic -> "
                   "fields, or the features reading a topic/source")
     lineage.add_argument("ref", nargs="?", help="view, view.feature or source")
@@ -268,3 +301,4 @@ def add_commands(commands):
     promote = add("promote", _cmd_promote, "make a candidate current (what the service does "
                   "when it has caught up)")
     promote.add_argument("ref", help="the candidate, e.g. user_reading@v3")
+    _add_store_option(promote)

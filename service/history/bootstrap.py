@@ -315,7 +315,8 @@ class Bootstrap:
 
     def _write_records(self, state):
         schema = online_schema(self.view, self.version)
-        self.store.register_view(schema, current=self.serving)
+        self.store.register_view(schema, current=self.serving,
+                                 expiry_ms=self.view.online_expiry)
         now = int(time.time() * 1000)
         slots = np.arange(len(state))
         for start in range(0, len(slots), WRITE_CHUNK):

@@ -48,7 +48,7 @@ class RecordWriter:
         self.failing = None             # (since, error) while the store keeps failing
         # A candidate writes into its own records, served once promoted.
         self.version = None if serving else schema.version
-        store.register_view(schema, current=serving)
+        store.register_view(schema, current=serving, expiry_ms=view.online_expiry)
 
     async def write(self, state, slots, stopping=None):
         """Write the records of ``slots``, retrying with backoff while the
@@ -69,9 +69,9 @@ class RecordWriter:
             try:
                 if _FAIL_WHILE and os.path.exists(_FAIL_WHILE):
                     raise OSError(errno.ENOSPC, "No space left on device (injected)")
-                self.store.write(self.view.name, keys,
-                                 records_for(state, self.schema, slots, now, now),
-                                 version=self.version)
+                await self._write(self.view.name, keys,
+                                  records_for(state, self.schema, slots, now, now),
+                                  version=self.version)
                 self.failing = None
                 return now
             except Exception as error:          # a store failure: wait, unless permanent
@@ -100,6 +100,16 @@ class RecordWriter:
                     raise
                 self._refused(state.index.keys_of(one)[0], error)
         return now
+
+    async def _write(self, view, keys, records, version):
+        """A store with blocking calls (Aerospike: round trips, retries) offers
+        ``write_async``, which runs them off the event loop; LMDB's writes take
+        microseconds and run inline."""
+        write_async = getattr(self.store, "write_async", None)
+        if write_async is not None:
+            await write_async(view, keys, records, version=version)
+        else:
+            self.store.write(view, keys, records, version=version)
 
     def _refused(self, key, error):
         self.stats.store_refused += 1

@@ -9,7 +9,8 @@ Two ports, one process, one event loop (uvloop):
   ``/metrics`` included: ``tally.service.lookup.http``.
 
 Both ask one ``LookupService`` (``tally.service.lookup.service``), which
-reads the store through libtally and keeps the view catalog.
+reads the store (through libtally, or Aerospike's client off the event loop)
+and keeps the view catalog.
 
 **Token.** With ``token`` set (``--token`` or ``$TALLY_TOKEN``) both ports
 need it. TCP: send ``{"op": "auth", "token": ...}`` first, or put a
@@ -68,7 +69,7 @@ class LookupServer:
 
     async def start(self):
         catalog = self.service.catalog
-        catalog.reload()                        # so the first request is not the one to wait
+        await catalog.reload()                  # so the first request is not the one to wait
         self._refresher = asyncio.ensure_future(catalog.refresh_every(self.catalog_refresh))
         tcp = await asyncio.start_server(self.tcp.serve_connection, self.host, self.port)
         self._servers.append(tcp)

@@ -53,20 +53,20 @@ class TcpFrontEnd:
                           time.perf_counter() - started)
             return keep_open
         payload = await reader.readexactly(length)
-        reply, op, status, n_keys = self._answer(payload, session)
+        reply, op, status, n_keys = await self._answer(payload, session)
         writer.write(encode_frame_bytes(reply))
         await writer.drain()                # waits only if the client stops reading
         count_request(self.metrics, "tcp", op, status, time.perf_counter() - started, n_keys)
         return True
 
-    def _answer(self, payload, session):
+    async def _answer(self, payload, session):
         """-> (reply payload, op label, status label, keys looked up)."""
         request_id, op = None, "invalid"
         try:
             request = decode_request(payload)
             request_id = request_id_of(request)
             op = request.get("op") if request.get("op") in OPS else "invalid"
-            body = self.service.handle(request, session)
+            body = await self.service.handle(request, session)
         except RequestError as error:
             return error_reply(request_id, error.code, error.message), op, error.code, 0
         except Exception:

@@ -1,100 +1,101 @@
 """The distributed online store: Aerospike through the official client
-(PyPI ``aerospike`` >= 19; install with ``pip install tally[aerospike]``).
+(PyPI ``aerospike`` 19.x; install with ``pip install tally[aerospike]``).
 
-Same interface as :class:`tally.service.lmdb_store.LmdbStore`, so the pipeline
-and readers take either: ``register_view``, ``schema``, ``views``, ``write``,
-``get_many``, ``get``, ``count``, ``flush``, ``close``, plus ``write_async``,
-``get_many_async`` and ``get_async`` for asyncio callers.
+Same interface as :class:`tally.service.store.lmdb.LmdbStore` (candidate
+versions and atomic promotion included), plus ``write_async`` and
+``get_many_async`` for asyncio callers: the client has no asyncio API, its
+calls release the GIL, so these run in the store's thread pool and never
+block (nor retry on) the event loop.
 
-Layout
-------
-- Namespace: the one given. Per-view TTLs need the namespace to set
-  ``nsup-period`` > 0 (or ``allow-ttl-without-nsup true``): otherwise the server
-  refuses every write that carries a TTL with result 22 (FAIL_FORBIDDEN).
-- Set: one per view, ``set_prefix + view`` (at most 63 bytes).
+Layout (metadata layout 2)
+--------------------------
+- Namespace: the one given; it must exist (checked when the store opens).
+  Records carry the view's ``online_expiry`` as their TTL, which needs the
+  namespace to set ``nsup-period`` > 0 (else the server refuses such writes
+  with 22 FAIL_FORBIDDEN).
+- **Pointer record**, one per view, in set ``set_prefix + "_meta"`` (no view
+  set can have that name: view names never start with ``_``), key = view
+  name, bins: ``view``; ``cur``, the served version (0: none); ``vers``, a
+  map version -> {``features``, ``key``, ``set``, ``exp``}: each version's
+  schema, the set holding its records and its expiry in ms; ``next``, the
+  next set number; ``layout``. Every change (register, promote, drop,
+  truncate) reads it and writes it back with a generation check
+  (``POLICY_GEN_EQ``; ``POLICY_EXISTS_CREATE`` for a new view), again on a
+  conflict, so concurrent processes never lose each other's changes.
+- **One set per view version**: ``set_prefix + view + "_" + n``. A version's
+  records are never shared with another version, so a promotion is the one
+  write of ``cur`` and a reader, which reads one pointer and then one set,
+  sees the old version or the new one, never a mix. Readers re-read the
+  pointer at most ``meta_refresh_s`` (1 s) after they last did, and at once
+  when asked for a version they do not know.
+- **Drops and truncations are pointer changes**: the view (or version) gets
+  a new set number and the old sets are truncated only to free memory.
+  Community Edition has no durable deletes (a cold restart brings deleted and
+  truncated records back from storage): nothing here relies on a delete, and
+  set numbers are never reused, so records that come back are never read.
 - Record: one per entity, keyed by the entity key as ``int`` (int64 views) or
-  ``str`` (string views). Never ``bytes``: the client copies a ``bytes`` key
-  (and a ``str`` key, through UTF-8) as a C string, so it is cut at the first
-  NUL byte. A string key that contains NUL is therefore sent as a
+  ``str`` (string views) and stored with it (``POLICY_KEY_SEND``), so a set
+  can be listed (:meth:`items`). Never ``bytes``: the client copies a
+  ``bytes`` key (and a ``str`` key, through UTF-8) as a C string, so it is
+  cut at the first NUL byte; a string key that contains NUL is sent as a
   ``bytearray`` of its UTF-8 (a blob key: its digest carries another type
   byte, so it can collide with no ``str`` key).
-- Bins: one per feature through a short-name map (``f0``, ``f1``, ... since
-  bin names are capped at 15 bytes), plus ``_et`` newest event time, ``_wt``
-  write time, ``_vu`` valid until and ``_vv`` view version (epoch ms ints). A
-  null (a null feature, no event time, no expiry) is a missing bin: writing
-  ``None`` deletes the bin on the server; reading a missing bin gives ``None``,
-  never zero.
-- Metadata: set ``set_prefix + "_meta"`` (no view set can have that name:
-  view names never start with ``_``), key = view name, bins ``schema`` (the
-  ``ViewSchema.to_bytes()`` blob, the same bytes LMDB stores), ``names``
-  (map feature name -> bin name), ``view`` and ``layout``. The name map only
-  grows: a feature keeps its bin across view versions, a new feature gets the
-  next free ``fN``, and bins of features a newer version dropped are deleted
-  whenever a record is rewritten.
+- Bins: ``f0``, ``f1``, ... for the version's features in order (bin names
+  are capped at 15 bytes), plus ``_et`` newest event time, ``_wt`` write time,
+  ``_vu`` valid until and ``_vv`` view version (epoch ms ints). Values are
+  native: int, float, str, a list of those (``list<T>``), a list of
+  ``[value, count]`` lists (``top_k<T>``). A null is a missing bin.
 
-Writes
-------
-``write`` takes the same ``Records`` (columns) as every store
-(``tally.core.record``) and turns them into bins column-wise.
-Records go out in ``batch_write`` calls of ``chunk_size`` ``Write`` records.
-A batch call does not raise for single-record failures, so every record's
-result code is checked: retryable codes (timeouts, no response, connection
-and node errors, cluster changes, hot keys, device overload) are retried with
-exponential backoff up to ``max_attempts`` attempts in all; any other code is
-final. Retrying is safe even when a write is *in doubt* (it may have been
-applied): a record is a function of the view state, so writing it again
-gives the same record. It does assume one writer per view at a time (the
-pipeline writes its batches in order); two concurrent ``write`` calls for the
-same entity could land in either order. Records that still fail raise
-:class:`AerospikeWriteError` listing each key and code, after every other
-record of the call has been written.
-
-Reads
------
-``batch_read`` in chunks; result 2 (not found, which includes expired) gives
-``None``; retryable codes are retried like writes; anything else raises
-:class:`AerospikeReadError`.
-
-Client facts this relies on (aerospike-client-python 19.x source):
-``batch_write`` stores the C status in ``BatchRecords.result`` and each
-record's ``result``/``in_doubt`` and raises only for errors before the call
-(``src/main/client/batch_write.c``); ``batch_read`` returns one
-``BatchRecord`` per key in request order (``src/main/client/batch_read.c``);
-``None`` converts to a nil value (``src/main/conversions.c``) and a nil write
-deletes the bin on the server; the blocking calls release the GIL, so the
-async wrappers run them in a thread pool.
-
-Long because the client's behaviour it relies on is written down
-beside the code (result codes, policies, key types).
+Writes and reads
+----------------
+``batch_write``/``batch_read`` in chunks of at most the server's
+``batch-max-requests`` (read when the store opens; 1,000 at most), with the
+parent policy's ``concurrent`` set so that a batch across N nodes is N
+parallel round trips. A batch call does not raise for single-record
+failures, so the call's own result (batch-level codes: a batch too large,
+queues full) and then every record's result code are checked. Retryable
+codes (timeouts, no response, connection and node errors, cluster changes,
+hot keys) are retried with capped exponential backoff until
+``retry_budget_s`` (60 s) has passed since the first failure: longer than a
+node restart. Retrying a write is safe even when it is *in doubt*: a record
+is a function of the view state, so writing it again gives the same record.
+Records that still fail raise :class:`AerospikeWriteError` after every other
+record of the call was written. Every client exception that leaves the store
+is a :class:`AerospikeStoreError` (a ``StoreError``) with the client's code.
 """
 import asyncio
 import concurrent.futures
+import copy
+import math
 import random
 import threading
 import time
-from datetime import timedelta
 
 import numpy as np
 
-from tally.service.store import StoreError
 from tally.core.errors import RecordError
 from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema
+from tally.service.store import StoreError
 
 META_SUFFIX = "_meta"
-META_LAYOUT = 1
+META_LAYOUT = 2
 EVENT_TIME_BIN, WRITE_TIME_BIN, VALID_UNTIL_BIN, VIEW_VERSION_BIN = "_et", "_wt", "_vu", "_vv"
 SYSTEM_BINS = (EVENT_TIME_BIN, WRITE_TIME_BIN, VALID_UNTIL_BIN, VIEW_VERSION_BIN)
 MAX_SET_NAME_BYTES = 63        # AS_SET_MAX_SIZE 64 with the NUL (C client as_key.h)
-MAX_BIN_NAME_BYTES = 15        # AS_BIN_NAME_MAX_LEN (C client as_bin.h)
+MAX_CHUNK = 1000               # records per batch call when the server sets no lower limit
+META_UPDATE_ATTEMPTS = 100     # generation conflicts in a row before giving up
 
-# TTL values of the record metadata (aerospike.TTL_* in 19.x).
-TTL_NAMESPACE_DEFAULT = 0
+# TTL values of the write policy (aerospike.TTL_* in 19.x).
 TTL_NEVER_EXPIRE = 0xFFFFFFFF
 
 # Result codes (as_status.h of the C client the 19.x wheels embed).
 OK = 0
 RECORD_NOT_FOUND = 2
+GENERATION_ERROR = 3
+RECORD_EXISTS = 5
+NAMESPACE_NOT_FOUND = 20
 FAIL_FORBIDDEN = 22
+BATCH_DISABLED, BATCH_MAX_REQUESTS_EXCEEDED, BATCH_QUEUES_FULL = 150, 151, 152
 RETRYABLE = frozenset({
     9,      # TIMEOUT (client or server)
     -15,    # NO_RESPONSE: the record's sub-batch never got an answer
@@ -107,30 +108,34 @@ RETRYABLE = frozenset({
     11,     # CLUSTER: partition unavailable (also "no connection to cluster")
     14,     # RECORD_BUSY: hot key
     18,     # DEVICE_OVERLOAD
-    20,     # NAMESPACE_NOT_FOUND: the client reports "Cluster is empty" so
-            # while every node is gone; a wrong namespace fails after the retries
     32,     # XDR_KEY_BUSY
+    BATCH_QUEUES_FULL,
 })
 CODE_NAMES = {
     -16: "BATCH_FAILED", -15: "NO_RESPONSE", -14: "MAX_ERROR_RATE", -12: "MAX_RETRIES_EXCEEDED",
     -10: "CONNECTION", -8: "INVALID_NODE", -7: "NO_MORE_CONNECTIONS", -2: "PARAM", -1: "CLIENT",
-    1: "SERVER", 2: "RECORD_NOT_FOUND", 4: "REQUEST_INVALID", 7: "CLUSTER_CHANGE",
-    8: "SERVER_FULL", 9: "TIMEOUT", 11: "CLUSTER", 12: "BIN_INCOMPATIBLE_TYPE",
-    13: "RECORD_TOO_BIG", 14: "RECORD_BUSY", 18: "DEVICE_OVERLOAD", 20: "NAMESPACE_NOT_FOUND",
-    21: "BIN_NAME", 22: "FAIL_FORBIDDEN", 32: "XDR_KEY_BUSY",
+    1: "SERVER", 2: "RECORD_NOT_FOUND", 3: "GENERATION", 4: "REQUEST_INVALID",
+    5: "RECORD_EXISTS", 7: "CLUSTER_CHANGE", 8: "SERVER_FULL", 9: "TIMEOUT", 11: "CLUSTER",
+    12: "BIN_INCOMPATIBLE_TYPE", 13: "RECORD_TOO_BIG", 14: "RECORD_BUSY", 18: "DEVICE_OVERLOAD",
+    20: "NAMESPACE_NOT_FOUND", 21: "BIN_NAME", 22: "FAIL_FORBIDDEN", 32: "XDR_KEY_BUSY",
+    150: "BATCH_DISABLED", 151: "BATCH_MAX_REQUESTS_EXCEEDED", 152: "BATCH_QUEUES_FULL",
 }
 _HINTS = {
-    FAIL_FORBIDDEN: "a write with a TTL needs the namespace to set nsup-period > 0 "
+    FAIL_FORBIDDEN: "a view with an online_expiry needs the namespace to set nsup-period > 0 "
                     "(or allow-ttl-without-nsup true)",
-    13: "the record is larger than the namespace's max-record-size (write-block-size)",
+    13: "the record is larger than the namespace's max-record-size",
+    NAMESPACE_NOT_FOUND: "the namespace is not configured on the cluster",
+    BATCH_DISABLED: "the server has batch commands disabled",
 }
+
+SERVICE_PREFIX = "_service:"
 
 def code_name(code):
     return CODE_NAMES.get(code, str(code))
 
 
 class AerospikeStoreError(StoreError, RuntimeError):
-    """The server or client refused a command for good (``code`` says why)."""
+    """The server or client refused a command (``code`` says why)."""
 
     def __init__(self, message, code=None):
         super().__init__(message)
@@ -162,44 +167,42 @@ class AerospikeReadError(AerospikeStoreError):
     """Some records could not be read after the retries."""
 
 
-def parse_hosts(hosts):
+def parse_hosts(hosts, tls_name=None):
     """``"h:p"``, ``"h1:p1,h2:p2"``, ``"[::1]:3000"`` or a list of those or of
-    ``(host, port)`` tuples -> ``[(host, port), ...]`` (port 3000 if none)."""
+    ``(host, port)`` tuples -> ``[(host, port[, tls_name]), ...]`` (port 3000
+    if none)."""
     if isinstance(hosts, str):
         hosts = [h for h in hosts.split(",") if h.strip()]
     result = []
     for host in hosts:
         if isinstance(host, (tuple, list)):
-            result.append((str(host[0]), int(host[1])))
-            continue
-        host = host.strip()
-        if host.startswith("["):                       # [ipv6]:port
-            addr, _, rest = host[1:].partition("]")
-            port = rest.lstrip(":") or "3000"
-        elif host.count(":") == 1:
-            addr, port = host.split(":")
+            addr, port = str(host[0]), int(host[1])
         else:
-            addr, port = host, "3000"
-        result.append((addr, int(port)))
+            host = host.strip()
+            if host.startswith("["):                       # [ipv6]:port
+                addr, _, rest = host[1:].partition("]")
+                port = rest.lstrip(":") or "3000"
+            elif host.count(":") == 1:
+                addr, port = host.split(":")
+            else:
+                addr, port = host, "3000"
+            try:
+                port = int(port)
+            except ValueError:
+                raise StoreError(f"Aerospike host {host!r}: the port must be a number "
+                                 "(write host:port)") from None
+        result.append((addr, port) if tls_name is None else (addr, port, tls_name))
     if not result:
-        raise ValueError("no Aerospike hosts given")
+        raise StoreError("no Aerospike hosts given: write aerospike://host:port/namespace")
     return result
 
 
-def ttl_seconds(ttl):
-    """A view TTL -> the record metadata ``ttl``: None = the namespace's
-    default-ttl, a positive number of seconds (or a timedelta), -1 = never."""
-    if ttl is None:
-        return TTL_NAMESPACE_DEFAULT
-    if isinstance(ttl, timedelta):
-        ttl = ttl.total_seconds()
-    if ttl == -1 or ttl == TTL_NEVER_EXPIRE:
+def ttl_of(expiry_ms):
+    """A view's ``online_expiry`` (ms; 0 = never) -> the records' TTL in whole
+    seconds, rounded up (a record never expires before its expiry)."""
+    if not expiry_ms:
         return TTL_NEVER_EXPIRE
-    seconds = int(ttl)
-    if seconds != ttl or not 0 < seconds < TTL_NEVER_EXPIRE - 3:
-        raise ValueError(f"TTL {ttl!r}: use None (namespace default), whole seconds > 0, "
-                         "or -1 (never expire)")
-    return seconds
+    return max(1, math.ceil(expiry_ms / 1000))
 
 
 def user_key(key_type, key):
@@ -216,40 +219,79 @@ def user_key(key_type, key):
     return bytearray(text.encode()) if "\x00" in text else text
 
 
-def _nullable(column, valid):
-    """A numpy column -> list of Python numbers with None where not valid."""
-    out = column.tolist()
+# ---- values: the Records contract <-> native bins ------------------------------
+
+def _to_bins(dtype, column, valid):
+    """A Records column -> one bin value per row (None where not valid)."""
+    if dtype in ("int64", "float64"):
+        out = np.asarray(column, dtype=dtype).tolist()
+    elif dtype.startswith("top_k<"):
+        out = [None if v is None else [[item, int(count)] for item, count in v]
+               for v in column]
+    elif dtype.startswith("list<"):
+        out = [None if v is None else list(v) for v in column]
+    else:                                            # string
+        out = list(column)
+    valid = np.asarray(valid, dtype=bool)
     if not valid.all():
         for i in np.flatnonzero(~valid).tolist():
             out[i] = None
     return out
 
 
-class _ViewMeta:
-    """A view's schema and its feature -> bin name map (a cache of the metadata record)."""
+def _scalar(dtype):
+    return {"int64": int, "float64": float, "string": str}[dtype]
 
-    def __init__(self, schema, names):
-        self.schema = schema
-        self.names = dict(names)
-        self.bins = [self.names[name] for name, _ in schema.features]
-        current = set(self.bins)
-        self.retired = sorted(b for b in self.names.values() if b not in current)
+
+def _decoder(dtype):
+    """bin value -> the Python value LMDB returns for ``dtype``."""
+    if dtype == "float64":
+        return float
+    if dtype == "int64":
+        return _exact_int
+    if dtype == "string":
+        return str
+    inner = _scalar(dtype[dtype.index("<") + 1:-1])
+    if dtype.startswith("top_k<"):
+        return lambda v: [(inner(item), int(count)) for item, count in v]
+    return lambda v: [inner(item) for item in v]
+
+
+def _exact_int(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise RecordError(f"an int64 bin holds {value!r}")
+
+
+class _Version:
+    """One view version as the pointer record describes it."""
+    __slots__ = ("schema", "set_name", "ttl", "bins", "read_bins", "decoders")
+
+    def __init__(self, schema, set_name, expiry_ms):
+        self.schema, self.set_name, self.ttl = schema, set_name, ttl_of(expiry_ms)
+        self.bins = [f"f{i}" for i in range(len(schema.features))]
         self.read_bins = self.bins + list(SYSTEM_BINS)
+        self.decoders = [(name, b, _decoder(dtype))
+                         for (name, dtype), b in zip(schema.features, self.bins)]
 
 
-def _merge_names(schema, existing):
-    """Keep each known feature's bin; give new features the next free fN."""
-    names = dict(existing or {})
-    used = {int(b[1:]) for b in names.values() if b[:1] == "f" and b[1:].isdigit()}
-    next_free = max(used, default=-1) + 1
-    for name, _ in schema.features:
-        if name not in names:
-            names[name] = f"f{next_free}"
-            next_free += 1
-    for b in names.values():
-        if len(b.encode()) > MAX_BIN_NAME_BYTES:
-            raise ValueError(f"bin name {b!r} is longer than {MAX_BIN_NAME_BYTES} bytes")
-    return names
+class _Pointer:
+    """A cache of a view's pointer record."""
+    __slots__ = ("served", "versions", "read_at")
+
+    def __init__(self, view, bins):
+        self.served = bins.get("cur") or None
+        self.versions = {}
+        for version, entry in (bins.get("vers") or {}).items():
+            schema = ViewSchema(view, int(version), entry["key"],
+                                tuple((str(n), str(t)) for n, t in entry["features"]))
+            self.versions[int(version)] = _Version(schema, entry["set"], entry.get("exp", 0))
+        self.read_at = time.monotonic()
+
+
+def _entry(schema, set_name, expiry_ms):
+    return {"features": [[name, dtype] for name, dtype in schema.features],
+            "key": schema.key_type, "set": set_name, "exp": int(expiry_ms)}
 
 
 def _error_code(error):
@@ -257,66 +299,116 @@ def _error_code(error):
     return code if isinstance(code, int) else None
 
 
+def _wrap(error, what):
+    """A client exception -> AerospikeStoreError naming the command and code."""
+    if isinstance(error, StoreError):
+        return error
+    code = _error_code(error)
+    hint = f" ({_HINTS[code]})" if code in _HINTS else ""
+    return AerospikeStoreError(f"{what}: {error}{hint}", code)
+
+
 class AerospikeStore:
     """The online store on an Aerospike cluster; see the module docstring."""
 
-    def __init__(self, hosts, namespace, set_prefix="tally_", ttl_by_view=None, *,
-                 chunk_size=1000, max_attempts=6, backoff_ms=50, backoff_max_ms=2000,
+    def __init__(self, hosts, namespace, set_prefix="tally_", *, chunk_size=None,
+                 retry_budget_s=60.0, backoff_ms=50, backoff_max_ms=2000,
                  write_timeout_ms=2000, read_timeout_ms=1000, socket_timeout_ms=None,
-                 client_max_retries=None, executor_workers=4, config=None, client=None):
-        """``hosts``: see :func:`parse_hosts`. ``ttl_by_view``: view -> TTL
-        (see :func:`ttl_seconds`); views not listed use the namespace's
-        default-ttl. ``chunk_size``: records per batch call (servers often cap
-        batches with ``batch-max-requests``, e.g. 5000). ``max_attempts``:
-        tries per record, the first included; the sleep before try k is
-        ``backoff_ms * 2**(k-2)`` (with jitter), at most ``backoff_max_ms``.
-        ``write_timeout_ms``/``read_timeout_ms`` are each batch call's
-        ``total_timeout``; ``socket_timeout_ms`` (default: a quarter of it)
-        must be below it for the client's own ``client_max_retries`` (default
-        1 for writes, 2 for reads) to fire. ``config`` is merged into the
-        client config (``user``, ``password``, ``tls``, ``policies``, ...). ``client``: an
+                 meta_refresh_s=1.0, executor_workers=8, config=None, client=None):
+        """``hosts``: see :func:`parse_hosts`. ``chunk_size``: records per
+        batch call (default: the server's ``batch-max-requests``, at most
+        1,000). ``retry_budget_s``: how long retryable failures are retried
+        (the sleeps grow from ``backoff_ms`` to ``backoff_max_ms``).
+        ``write_timeout_ms``/``read_timeout_ms``: each call's ``total_timeout``;
+        ``socket_timeout_ms`` (default: a quarter of it) lets the client retry
+        within a call. ``meta_refresh_s``: how stale a reader's view of the
+        pointer records may be. ``config`` is merged into the client config
+        (``user``, ``password``, ``tls``, ``policies``...). ``client``: an
         already-built client (tests pass a fake one)."""
-        if not 1 <= chunk_size <= 5000:
+        if chunk_size is not None and not 1 <= chunk_size <= 5000:
             raise ValueError("chunk_size must be between 1 and 5000")
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        if not retry_budget_s >= 0:
+            raise ValueError("retry_budget_s must be 0 or more")
         self.namespace = namespace
         self.set_prefix = set_prefix
         self.meta_set = set_prefix + META_SUFFIX
         _check_set_name(self.meta_set)
-        self.ttl_by_view = {view: ttl_seconds(ttl) for view, ttl in (ttl_by_view or {}).items()}
-        self.chunk_size = chunk_size
-        self.max_attempts = max_attempts
-        self.backoff_ms = backoff_ms
-        self.backoff_max_ms = backoff_max_ms
-        self.write_policy = _policy(write_timeout_ms, socket_timeout_ms,
-                                    1 if client_max_retries is None else client_max_retries)
-        self.read_policy = _policy(read_timeout_ms, socket_timeout_ms,
-                                   2 if client_max_retries is None else client_max_retries)
+        self.retry_budget_s = float(retry_budget_s)
+        self.backoff_ms, self.backoff_max_ms = backoff_ms, backoff_max_ms
+        self.meta_refresh_s = meta_refresh_s
         self.stats = {"batch_calls": 0, "retried": 0, "in_doubt": 0, "failed": 0}
         self._sleep = time.sleep
         self._lock = threading.Lock()
-        self._meta = {}
-        aerospike = self._ops_module()    # lazy import: the package is an optional extra
-        if client is None:
-            client_config = {
-                "hosts": parse_hosts(hosts),
-                "policies": {"batch": dict(self.read_policy),
-                             "batch_parent_write": dict(self.write_policy),
-                             "read": dict(self.read_policy),
-                             "write": dict(self.write_policy)},
-                "validate_keys": True,
-            }
-            for name, value in (config or {}).items():
-                if name == "policies":       # merge per policy, keeping our timeouts
-                    for kind, policy in value.items():
-                        client_config["policies"].setdefault(kind, {}).update(policy)
-                else:
-                    client_config[name] = value
-            client = aerospike.client(client_config)    # connects now; raises if it cannot
-        self.client = client
+        self._pointers = {}
+        self._as = aerospike = _client_module()
+        self.write_policy = _policy(write_timeout_ms, socket_timeout_ms, 1)
+        self.write_policy["key"] = aerospike.POLICY_KEY_SEND
+        self.read_policy = _policy(read_timeout_ms, socket_timeout_ms, 2)
+        self.batch_read_policy = dict(self.read_policy, concurrent=True)
+        self.batch_write_policy = dict(_policy(write_timeout_ms, socket_timeout_ms, 1),
+                                       concurrent=True)
+        self.client = client if client is not None else self._connect(hosts, config)
+        try:
+            self._check_namespace()
+            self.chunk_size = chunk_size or self._server_batch_limit()
+        except BaseException:
+            self.client.close()
+            raise
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=executor_workers, thread_name_prefix="tally-aerospike")
+
+    def _connect(self, hosts, config):
+        config = dict(config or {})
+        client_config = {
+            "hosts": parse_hosts(hosts, config.pop("tls_name", None)),
+            "policies": {"batch": dict(self.batch_read_policy),
+                         "batch_parent_write": dict(self.batch_write_policy),
+                         "read": dict(self.read_policy), "write": dict(self.write_policy)},
+            "validate_keys": True,
+        }
+        for name, value in config.items():
+            if name == "policies":       # merge per policy, keeping our timeouts
+                for kind, policy in value.items():
+                    client_config["policies"].setdefault(kind, {}).update(policy)
+            else:
+                client_config[name] = value
+        try:
+            return self._as.client(client_config)    # connects now; raises if it cannot
+        except Exception as error:  # noqa: BLE001 - every client error carries .code
+            hosts_text = ", ".join(f"{h[0]}:{h[1]}" for h in client_config["hosts"])
+            raise _wrap(error, f"cannot connect to Aerospike at {hosts_text} (is the "
+                        "server up, and are the host, port, TLS and user right?)") from error
+
+    def _info(self, command):
+        """{node: answer} of an info command on every node."""
+        try:
+            answers = self.client.info_all(command)
+        except Exception as error:  # noqa: BLE001
+            raise _wrap(error, f"info {command!r}") from error
+        out = {}
+        for node, answer in answers.items():
+            error, text = answer if isinstance(answer, tuple) else (None, answer)
+            if error is None and text is not None:
+                out[node] = text.split("\t", 1)[-1].strip()
+        return out
+
+    def _check_namespace(self):
+        """A wrong namespace fails here, once, rather than as a retried write."""
+        known = set()
+        for text in self._info("namespaces").values():
+            known.update(n for n in text.split(";") if n)
+        if self.namespace not in known:
+            raise AerospikeStoreError(
+                f"Aerospike namespace {self.namespace!r} does not exist; the cluster has "
+                f"{sorted(known)}: name one of them in the store URL", NAMESPACE_NOT_FOUND)
+
+    def _server_batch_limit(self):
+        limits = [MAX_CHUNK]
+        for text in self._info("get-config:context=service").values():
+            value = _info_fields(text).get("batch-max-requests")
+            if value and value.isdigit() and int(value) > 0:
+                limits.append(int(value))
+        return min(limits)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -332,175 +424,279 @@ class AerospikeStore:
 
     def flush(self):
         """Nothing to do: the server has applied a write when it acknowledges
-        it (durability then follows the namespace's storage and commit-level
-        settings)."""
+        it (durability then follows the namespace's storage settings)."""
 
     # -- views ------------------------------------------------------------
 
-    def set_name(self, view):
-        return self.set_prefix + view
-
-    def register_view(self, schema: ViewSchema, current=True):
-        """Record the view's schema and bin-name map (merged with the map of
-        an earlier version, so a feature keeps its bin). This backend serves
-        one version per view: a candidate (``current=False``) is refused."""
-        if not current:
-            raise StoreError(f"view {schema.view!r} v{schema.version}: the Aerospike store "
-                             "serves one version per view; compute candidates on the "
-                             "embedded store")
+    def register_view(self, schema: ViewSchema, current=True, expiry_ms=0):
+        """Record a view version (its schema, its own set, ``expiry_ms`` as its
+        records' TTL); ``current=False`` registers a candidate, served once
+        promoted. Registering a version again with the same features is a
+        no-op (its expiry may change); with other features, an error."""
         if not schema.view or schema.view.startswith("_"):
-            raise ValueError(f"view name {schema.view!r}: names starting with '_' are reserved")
-        _check_set_name(self.set_name(schema.view))
-        existing = self._get_meta_record(schema.view)
-        names = _merge_names(schema, existing["names"] if existing else None)
-        bins = {"schema": schema.to_bytes(), "names": names, "view": schema.view,
-                "layout": META_LAYOUT}
-        self._retry_single(lambda: self.client.put(
-            self._meta_key(schema.view), bins, meta={"ttl": TTL_NEVER_EXPIRE},
-            policy=dict(self.write_policy)), f"register view {schema.view!r}")
-        with self._lock:
-            self._meta[schema.view] = _ViewMeta(schema, names)
+            raise StoreError(f"view name {schema.view!r}: names starting with '_' are "
+                             "reserved")
+        view, version = schema.view, schema.version
 
-    def schema(self, view, version=None) -> ViewSchema:
-        self._check_version(view, version)
-        return self._view_meta(view).schema
+        def change(bins):
+            entry = bins["vers"].get(version)
+            if entry is None:
+                entry = bins["vers"][version] = _entry(schema, self._new_set(view, bins),
+                                                       expiry_ms)
+            elif _Pointer(view, {"vers": {version: entry}}).versions[version].schema != schema:
+                raise StoreError(f"view {view!r} v{version} is already registered with other "
+                                 "features; register the change as a new version")
+            entry["exp"] = int(expiry_ms)
+            if current:
+                bins["cur"] = version
+            return bins
+        self._update_pointer(view, change, create=True)
 
     def promote(self, view, version):
-        """Serve ``version``: only the version registered last can be (one
-        version per view on this backend)."""
-        self._check_version(view, version)
+        """Serve ``version`` of ``view`` from now on: one write of the pointer."""
+        def change(bins):
+            if version not in bins["vers"]:
+                raise StoreError(f"view {view!r} has no version {version} in this store")
+            bins["cur"] = version
+            return bins
+        self._update_pointer(view, change)
 
-    def _check_version(self, view, version):
-        if version is not None and version != self._view_meta(view).schema.version:
-            raise StoreError(f"view {view!r} has no version {version} in this store (the "
-                             "Aerospike store serves one version per view)")
-
-    def bin_names(self, view):
-        """Feature name -> bin name for the view (every version's features)."""
-        return dict(self._view_meta(view).names)
+    def schema(self, view, version=None) -> ViewSchema:
+        return self._version(view, version).schema
 
     def views(self):
+        """The views with a served version (a query of the small pointer set)."""
         found = []
 
         def run():
             found.clear()
             query = self.client.query(self.namespace, self.meta_set)
-            query.select("view")
-            # query policy left at the client's (total_timeout 0: no limit)
-            query.foreach(lambda record: found.append((record[2] or {}).get("view")))
-
+            query.select("view", "cur")
+            query.foreach(lambda record: found.append(record[2] or {}),
+                          {"total_timeout": self.read_policy["total_timeout"] * 10})
         self._retry_single(run, "list views")
-        return sorted(v for v in found if v)
+        return sorted(b["view"] for b in found if b.get("view") and b.get("cur"))
 
     def count(self, view, version=None):
-        """Records in the view's set (a query that streams record metadata;
-        expired records that the server has not removed yet are not counted)."""
-        self._check_version(view, version)
-        counter = [0]
-
-        def one(record):
-            counter[0] += 1
-
-        def run():
-            counter[0] = 0
-            query = self.client.query(self.namespace, self.set_name(view))
-            query.select(WRITE_TIME_BIN)
-            query.foreach(one)      # query policy: the client's (no total timeout)
-
-        self._retry_single(run, f"count view {view!r}")
-        return counter[0]
+        """Records of a view version, from the servers' set statistics (no
+        scan): objects on every node over the replication factor. Records
+        expired but not yet removed by nsup are counted."""
+        set_name = self._version(view, version).set_name
+        objects = sum(int(_info_fields(text, ":").get("objects", 0))
+                      for text in self._info(f"sets/{self.namespace}/{set_name}").values())
+        factors = [int(_info_fields(text).get("effective_replication_factor", 1) or 1)
+                   for text in self._info(f"namespace/{self.namespace}").values()]
+        return objects // max(1, min(factors, default=1))
 
     def truncate(self, view):
-        """Delete every record of the view (keeps its schema)."""
-        self._view_meta(view)
-        self.client.truncate(self.namespace, self.set_name(view), 0)
+        """Empty the served version of ``view``: it moves to a new, empty set
+        (a durable pointer write); the old set is truncated to free memory."""
+        old = []
+
+        def change(bins):
+            version = bins.get("cur")
+            if not version:
+                raise StoreError(f"view {view!r} has no served version")
+            old.append(bins["vers"][version]["set"])
+            bins["vers"][version]["set"] = self._new_set(view, bins)
+            return bins
+        self._update_pointer(view, change)
+        self._free_sets(old)
 
     def drop_view(self, view):
-        """Delete the view's records and its schema."""
-        self.truncate(view)
-        try:
-            self.client.remove(self._meta_key(view))
-        except Exception as error:       # noqa: BLE001 - client exceptions carry .code
-            if _error_code(error) != RECORD_NOT_FOUND:
+        """Forget every version of ``view`` (a durable pointer write; its sets
+        are truncated to free memory and are never read again)."""
+        old = []
+
+        def change(bins):
+            old.extend(entry["set"] for entry in bins["vers"].values())
+            bins["vers"], bins["cur"] = {}, 0
+            return bins
+        self._update_pointer(view, change)
+        self._free_sets(old)
+
+    def _free_sets(self, sets):
+        for set_name in sets:
+            try:
+                self.client.truncate(self.namespace, set_name, 0)
+            except Exception as error:  # noqa: BLE001 - only memory is at stake
+                if _error_code(error) not in RETRYABLE:
+                    raise _wrap(error, f"truncate set {set_name!r}") from error
+
+    def _new_set(self, view, bins):
+        set_name = f"{self.set_prefix}{view}_{bins['next']}"
+        _check_set_name(set_name)
+        bins["next"] += 1
+        return set_name
+
+    # -- the pointer records ----------------------------------------------
+
+    def _meta_key(self, view):
+        return (self.namespace, self.meta_set, view)
+
+    def _read_pointer(self, view):
+        """(bins, generation) of the view's pointer record; (None, 0) if none."""
+        def call():
+            try:
+                _, meta, bins = self.client.get(self._meta_key(view), dict(self.read_policy))
+            except Exception as error:  # noqa: BLE001 - client exceptions carry .code
+                if _error_code(error) == RECORD_NOT_FOUND:
+                    return None, 0
                 raise
-        with self._lock:
-            self._meta.pop(view, None)
+            if bins.get("layout") != META_LAYOUT:
+                raise StoreError(f"view {view!r}: pointer record layout {bins.get('layout')!r} "
+                                 f"is not {META_LAYOUT}; use a new set_prefix")
+            return bins, meta["gen"]
+        return self._retry_single(call, f"read the pointer of view {view!r}")
+
+    def _update_pointer(self, view, change, create=False):
+        """Read, ``change(bins) -> bins``, write back if the record has not
+        changed since (generation check), else again."""
+        aerospike = self._as
+        for _ in range(META_UPDATE_ATTEMPTS):
+            bins, generation = self._read_pointer(view)
+            if bins is None:
+                if not create:
+                    raise StoreError(f"unknown view {view!r}; known views: {self.views()}")
+                bins = {"view": view, "layout": META_LAYOUT, "cur": 0, "vers": {}, "next": 1}
+            bins = change(copy.deepcopy(bins))
+            policy = dict(self.write_policy, ttl=TTL_NEVER_EXPIRE)
+            if generation:
+                policy["gen"] = aerospike.POLICY_GEN_EQ
+            else:
+                policy["exists"] = aerospike.POLICY_EXISTS_CREATE
+            try:
+                self._retry_single(lambda: self.client.put(
+                    self._meta_key(view), bins, meta={"gen": generation}, policy=policy),
+                    f"update the pointer of view {view!r}", passthrough=(GENERATION_ERROR,
+                                                                         RECORD_EXISTS))
+            except Exception as error:  # noqa: BLE001
+                if _error_code(error) in (GENERATION_ERROR, RECORD_EXISTS):
+                    continue                     # another process changed it: again
+                raise
+            with self._lock:
+                self._pointers[view] = _Pointer(view, bins)
+            return
+        raise AerospikeStoreError(f"view {view!r}: the pointer record kept changing under "
+                                  f"{META_UPDATE_ATTEMPTS} updates", GENERATION_ERROR)
+
+    def _pointer(self, view, fresh=False):
+        pointer = self._pointers.get(view)
+        if fresh or pointer is None or time.monotonic() - pointer.read_at > self.meta_refresh_s:
+            bins, _ = self._read_pointer(view)
+            pointer = _Pointer(view, bins or {})
+            with self._lock:
+                self._pointers[view] = pointer
+        return pointer
+
+    def _version(self, view, version=None):
+        """The ``_Version`` served (or ``version``), re-reading the pointer
+        when it is stale or lacks what is asked."""
+        pointer = self._pointer(view)
+        wanted = pointer.served if version is None else version
+        if wanted not in pointer.versions:
+            pointer = self._pointer(view, fresh=True)
+            wanted = pointer.served if version is None else version
+        found = pointer.versions.get(wanted)
+        if found is None:
+            if not pointer.versions:
+                raise StoreError(f"unknown view {view!r}; known views: {self.views()}")
+            raise StoreError(f"view {view!r} has no version {version} in this store"
+                             if version is not None else f"view {view!r} has no served version")
+        return found
+
+    # -- feature services -------------------------------------------------
+    # Stored in the metadata set under "_service:<name>" (view names never
+    # start with "_"), in bins "service" and "service_name"; views() lists
+    # only records with a "view" bin.
+
+    def put_service(self, name, definition):
+        self._retry_single(lambda: self.client.put(
+            self._meta_key(SERVICE_PREFIX + name),
+            {"service": bytearray(definition), "service_name": name},
+            policy=dict(self.write_policy, ttl=TTL_NEVER_EXPIRE)),
+            f"store feature service {name!r}")
+
+    def service(self, name):
+        def call():
+            try:
+                return self.client.get(self._meta_key(SERVICE_PREFIX + name),
+                                       dict(self.read_policy))[2]
+            except Exception as error:  # noqa: BLE001 - client exceptions carry .code
+                if _error_code(error) == RECORD_NOT_FOUND:
+                    return None
+                raise
+        bins = self._retry_single(call, f"read feature service {name!r}")
+        if not bins or "service" not in bins:
+            raise StoreError(f"unknown feature service {name!r}; known: {self.services()}")
+        return bytes(bins["service"])
+
+    def services(self):
+        found = []
+
+        def run():
+            found.clear()
+            query = self.client.query(self.namespace, self.meta_set)
+            query.select("service_name")
+            query.foreach(lambda record: found.append((record[2] or {}).get("service_name")))
+        self._retry_single(run, "list feature services")
+        return sorted(name for name in found if name)
+
+    def drop_service(self, name):
+        def call():
+            try:
+                self.client.remove(self._meta_key(SERVICE_PREFIX + name))
+            except Exception as error:  # noqa: BLE001 - client exceptions carry .code
+                if _error_code(error) != RECORD_NOT_FOUND:
+                    raise
+        self._retry_single(call, f"drop feature service {name!r}")
 
     # -- writes -----------------------------------------------------------
 
     def write(self, view, keys, records, version=None):
-        """Put one record per key (:class:`tally.core.record.Records`). Raises
-        AerospikeWriteError if some records still fail after the retries (the
-        others are written)."""
-        self._check_version(view, version)
-        self.write_columns(view, keys, records.values, records.event_time,
-                           records.write_time, records.valid_until)
-
-    def write_columns(self, view, keys, values, event_time, write_time, valid_until):
-        """``write`` from the columns themselves."""
-        meta = self._view_meta(view)
+        """Put one record per key (:class:`tally.core.record.Records`) into the
+        served version or ``version``. Raises AerospikeWriteError if some
+        records still fail after the retries (the others are written)."""
+        target = self._version(view, version)
         n = len(keys)
         if not n:
             return
-        event_time = np.broadcast_to(np.asarray(event_time, dtype=np.int64), (n,))
-        write_time = np.broadcast_to(np.asarray(write_time, dtype=np.int64), (n,))
-        valid_until = np.broadcast_to(np.asarray(valid_until, dtype=np.int64), (n,))
-        columns = {}
-        for name, dtype in meta.schema.features:
-            column, valid = values[name]
-            columns[name] = (np.asarray(column, dtype=dtype), np.asarray(valid, dtype=bool))
-        version = np.full(n, meta.schema.version, dtype=np.uint32)
-        self._write_columns(view, meta, keys, columns, event_time, write_time, valid_until,
-                            version)
-
-    def _write_columns(self, view, meta, keys, values, event_time, write_time, valid_until,
-                       version):
-        n = len(keys)
+        columns = [_to_bins(dtype, *records.values[name])
+                   for name, dtype in target.schema.features]
+        et = np.broadcast_to(np.asarray(records.event_time, dtype=np.int64), (n,)).tolist()
+        wt = np.broadcast_to(np.asarray(records.write_time, dtype=np.int64), (n,)).tolist()
+        vu = np.broadcast_to(np.asarray(records.valid_until, dtype=np.int64), (n,)).tolist()
         key_list = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
-        feature_values = [_nullable(*values[name]) for name, _ in meta.schema.features]
-        et = event_time.tolist()
-        wt = write_time.tolist()
-        vu = valid_until.tolist()
-        vv = version.tolist()
-        op_write = self._op_write
-        bins = meta.bins
-        retired = [{"op": op_write, "bin": b, "val": None} for b in meta.retired]
-        # later rows win, as with LMDB's putmulti
-        last = {}
+        write_op, key_type = self._as.OPERATOR_WRITE, target.schema.key_type
+        last = {}                         # later rows win, as with LMDB's putmulti
         for i, key in enumerate(key_list):
-            ukey = user_key(meta.schema.key_type, key)
+            ukey = user_key(key_type, key)
             last[(type(ukey), bytes(ukey)) if isinstance(ukey, bytearray) else ukey] = (ukey, i)
         entries = []
         for ukey, i in last.values():
-            ops = [{"op": op_write, "bin": b, "val": column[i]}
-                   for b, column in zip(bins, feature_values)]
-            ops.append({"op": op_write, "bin": EVENT_TIME_BIN,
-                        "val": None if et[i] == INT64_MIN else et[i]})
-            ops.append({"op": op_write, "bin": WRITE_TIME_BIN, "val": wt[i]})
-            ops.append({"op": op_write, "bin": VALID_UNTIL_BIN,
-                        "val": None if vu[i] == INT64_MAX else vu[i]})
-            ops.append({"op": op_write, "bin": VIEW_VERSION_BIN, "val": vv[i]})
-            ops.extend(retired)
+            ops = [{"op": write_op, "bin": b, "val": column[i]}
+                   for b, column in zip(target.bins, columns)]
+            ops += [{"op": write_op, "bin": EVENT_TIME_BIN,
+                     "val": None if et[i] == INT64_MIN else et[i]},
+                    {"op": write_op, "bin": WRITE_TIME_BIN, "val": wt[i]},
+                    {"op": write_op, "bin": VALID_UNTIL_BIN,
+                     "val": None if vu[i] == INT64_MAX else vu[i]},
+                    {"op": write_op, "bin": VIEW_VERSION_BIN, "val": target.schema.version}]
             entries.append((key_list[i], ukey, ops))
-        self.write_bins(view, entries)
-        return n
+        self._write_entries(view, target, entries)
 
-    def write_bins(self, view, entries):
-        """The write path under ``write``: ``entries`` is a list of
-        ``(entity key, user key, ops)`` with operation dicts as made by
-        ``aerospike_helpers.operations.operations.write``. Chunks, retries,
-        checks every record's result; raises AerospikeWriteError."""
-        set_name = self.set_name(view)
-        meta = {"ttl": self.ttl_by_view.get(view, TTL_NAMESPACE_DEFAULT)}
-        records_module = self._records_module()
+    def _write_entries(self, view, target, entries):
+        from aerospike_helpers.batch import records as batch_records
+        policy = {"ttl": target.ttl, "key": self._as.POLICY_KEY_SEND}
 
         def send(chunk):
-            batch = records_module.BatchRecords([
-                records_module.Write((self.namespace, set_name, entries[i][1]), entries[i][2],
-                                     meta=meta) for i in chunk])
+            batch = batch_records.BatchRecords([
+                batch_records.Write((self.namespace, target.set_name, entries[i][1]),
+                                    entries[i][2], policy=policy) for i in chunk])
             self.stats["batch_calls"] += 1
-            self.client.batch_write(batch, dict(self.write_policy))
-            return [(r.result, bool(r.in_doubt)) for r in batch.batch_records]
+            self.client.batch_write(batch, dict(self.batch_write_policy))
+            return _batch_codes(batch, len(chunk)), [bool(r.in_doubt) for r in
+                                                     batch.batch_records]
 
         failures = self._run(len(entries), send, writing=True)
         if failures:
@@ -509,41 +705,35 @@ class AerospikeStore:
                 view, [(entries[i][0], code, doubt) for i, (code, doubt) in sorted(failures.items())],
                 len(entries) - len(failures))
 
-    async def write_async(self, view, keys, records):
-        """``write`` in the store's thread pool (the client has no asyncio API;
-        its calls release the GIL)."""
+    async def write_async(self, view, keys, records, version=None):
+        """``write`` in the store's thread pool, retries included."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.write, view, keys, records)
+        return await loop.run_in_executor(self._executor, self.write, view, keys, records,
+                                          version)
 
     # -- reads ------------------------------------------------------------
 
     def get_many(self, view, keys, version=None):
         """Decoded records for ``keys`` (the same dicts as ``LmdbStore.get``);
         None for entities with no record (or an expired one)."""
-        self._check_version(view, version)
-        meta = self._view_meta(view)
+        target = self._version(view, version)
         key_list = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         if not key_list:
             return []
-        set_name = self.set_name(view)
-        akeys = [(self.namespace, set_name, user_key(meta.schema.key_type, k)) for k in key_list]
+        key_type, set_name = target.schema.key_type, target.set_name
+        akeys = [(self.namespace, set_name, user_key(key_type, k)) for k in key_list]
         results = [None] * len(akeys)
 
         def send(chunk):
             self.stats["batch_calls"] += 1
-            batch = self.client.batch_read([akeys[i] for i in chunk], meta.read_bins,
-                                           dict(self.read_policy))
-            got = batch.batch_records
-            if len(got) != len(chunk):
-                # the client returned before its per-key callback: the whole call failed
-                code = batch.result if batch.result not in (OK, None) else -15
-                return [(code, False)] * len(chunk)
-            codes = []
-            for i, record in zip(chunk, got):
-                codes.append((record.result, False))
-                if record.result == OK:
-                    results[i] = self._decode(meta, record.record[2] if record.record else {})
-            return codes
+            batch = self.client.batch_read([akeys[i] for i in chunk] if len(chunk) < len(akeys)
+                                           else akeys, target.read_bins,
+                                           dict(self.batch_read_policy))
+            codes = _batch_codes(batch, len(chunk))
+            for i, record, code in zip(chunk, batch.batch_records, codes):
+                if code == OK:
+                    results[i] = _decode(target, record.record[2])
+            return codes, None
 
         failures = self._run(len(akeys), send, writing=False, ok_codes=(OK, RECORD_NOT_FOUND))
         if failures:
@@ -556,139 +746,158 @@ class AerospikeStore:
     def get(self, view, key, version=None):
         return self.get_many(view, [key], version)[0]
 
-    async def get_many_async(self, view, keys):
+    async def get_many_async(self, view, keys, version=None):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.get_many, view, keys)
+        return await loop.run_in_executor(self._executor, self.get_many, view, keys, version)
 
-    async def get_async(self, view, key):
-        return (await self.get_many_async(view, [key]))[0]
+    def items(self, view, version=None):
+        """Every (entity key, record) of a view version: a scan of its set,
+        which works because the keys are stored with the records."""
+        target = self._version(view, version)
+        found = []
 
-    @staticmethod
-    def _decode(meta, bins):
-        bins = bins or {}
-        result = {}
-        for (name, dtype), b in zip(meta.schema.features, meta.bins):
-            value = bins.get(b)
-            if value is None:
-                result[name] = None
-            elif dtype == "float64":
-                result[name] = float(value)
-            elif isinstance(value, int) and not isinstance(value, bool):
-                result[name] = value
-            else:
-                raise RecordError(f"view {meta.schema.view!r}: bin {b!r} of int64 feature "
-                                  f"{name!r} holds {value!r}")
-        event_time = bins.get(EVENT_TIME_BIN)
-        valid_until = bins.get(VALID_UNTIL_BIN)
-        result["_event_time"] = None if event_time in (None, INT64_MIN) else event_time
-        result["_write_time"] = bins.get(WRITE_TIME_BIN)
-        result["_valid_until"] = None if valid_until in (None, INT64_MAX) else valid_until
-        result["_view_version"] = bins.get(VIEW_VERSION_BIN)
-        return result
+        def run():
+            found.clear()
+            query = self.client.query(self.namespace, target.set_name)
+            query.select(*target.read_bins)
+            query.foreach(lambda record: found.append((record[0][2], record[2])),
+                          {"total_timeout": 0})
+        self._retry_single(run, f"scan view {view!r}")
+        return [(bytes(k).decode() if isinstance(k, (bytes, bytearray)) else k,
+                 _decode(target, bins)) for k, bins in found]
 
     # -- retries ----------------------------------------------------------
 
     def _run(self, n, send, writing, ok_codes=(OK,)):
-        """Send records 0..n-1 in chunks through ``send(chunk) -> [(code,
-        in_doubt)]``, retrying retryable codes; returns ``{index: (code,
-        in_doubt)}`` of the records that failed for good."""
-        pending = list(range(n))
-        failures = {}
-        for attempt in range(1, self.max_attempts + 1):
-            retry = {}
-            for start in range(0, len(pending), self.chunk_size):
-                chunk = pending[start:start + self.chunk_size]
+        """Send records 0..n-1 in chunks through ``send(chunk) -> (codes,
+        in_doubt flags or None)``, retrying retryable codes within the retry
+        budget; returns ``{index: (code, in_doubt)}`` of the records that
+        failed for good."""
+        pending, failures = list(range(n)), {}
+        deadline, attempt = None, 0
+        while pending:
+            retry, start = {}, 0
+            while start < len(pending):
+                chunk_size = self.chunk_size
+                chunk = pending[start:start + chunk_size]
+                start += len(chunk)
                 try:
-                    codes = send(chunk)
+                    codes, doubts = send(chunk)
                 except Exception as error:  # noqa: BLE001 - client exceptions carry .code
                     code = _error_code(error)
-                    if code not in RETRYABLE:
-                        raise
-                    # the call failed before or around sending: every record is
-                    # pending (and, for writes, maybe applied)
-                    codes = [(code, bool(getattr(error, "in_doubt", False)) and writing)] * len(chunk)
-                for i, (code, doubt) in zip(chunk, codes):
+                    if code != BATCH_MAX_REQUESTS_EXCEEDED and not self._retryable(code):
+                        raise _wrap(error, "batch command") from error
+                    codes = [code] * len(chunk)
+                    doubts = [writing and bool(getattr(error, "in_doubt", False))] * len(chunk)
+                if codes and codes[0] == BATCH_MAX_REQUESTS_EXCEEDED and chunk_size > 1:
+                    self.chunk_size = max(1, chunk_size // 2)   # the server's limit fell
+                    codes = [-15] * len(chunk)                   # so: send again, smaller
+                for j, (i, code) in enumerate(zip(chunk, codes)):
                     if code in ok_codes:
                         continue
-                    if doubt:
-                        self.stats["in_doubt"] += 1
-                    if code in RETRYABLE:
+                    doubt = bool(doubts and doubts[j])
+                    self.stats["in_doubt"] += doubt
+                    if self._retryable(code):
                         retry[i] = (code, doubt)
                     else:
                         failures[i] = (code, doubt)
             if not retry:
                 break
-            if attempt == self.max_attempts:
+            deadline = deadline or time.monotonic() + self.retry_budget_s
+            if time.monotonic() >= deadline:
                 failures.update(retry)
                 break
+            attempt += 1
             self.stats["retried"] += len(retry)
             self._backoff(attempt)
             pending = sorted(retry)
         return failures
+
+    def _retryable(self, code):
+        """Retryable codes; NAMESPACE_NOT_FOUND only while the client has no
+        node at all (a restart: the client then knows no namespace), since the
+        namespace was checked when the store opened."""
+        if code == NAMESPACE_NOT_FOUND:
+            try:
+                return not self.client.get_nodes()
+            except Exception:  # noqa: BLE001 - a client that cannot say has none
+                return True
+        return code in RETRYABLE
 
     def _backoff(self, attempt):
         delay = min(self.backoff_max_ms, self.backoff_ms * 2 ** (attempt - 1))
         if delay > 0:
             self._sleep(delay * random.uniform(0.5, 1.0) / 1000)
 
-    def _retry_single(self, call, what):
-        for attempt in range(1, self.max_attempts + 1):
+    def _retry_single(self, call, what, passthrough=()):
+        """``call()`` retried within the budget; client errors leave wrapped
+        (codes in ``passthrough`` leave as they are, for the caller)."""
+        deadline, attempt = None, 0
+        while True:
             try:
                 return call()
+            except StoreError:
+                raise
             except Exception as error:  # noqa: BLE001 - client exceptions carry .code
                 code = _error_code(error)
-                if code not in RETRYABLE or attempt == self.max_attempts:
-                    if code is not None and code in _HINTS:
-                        raise AerospikeStoreError(f"{what}: {error} ({_HINTS[code]})",
-                                                  code) from error
+                if code in passthrough:
                     raise
+                deadline = deadline or time.monotonic() + self.retry_budget_s
+                if not self._retryable(code) or time.monotonic() >= deadline:
+                    raise _wrap(error, what) from error
+                attempt += 1
                 self._backoff(attempt)
 
-    # -- metadata ---------------------------------------------------------
 
-    def _meta_key(self, view):
-        return (self.namespace, self.meta_set, view)
+def _batch_codes(batch, n):
+    """One result code per record of a batch call: the call's own code for
+    every record when the call failed as a whole (a batch-level code such as
+    BATCH_MAX_REQUESTS_EXCEEDED, or records missing from the answer)."""
+    got = batch.batch_records
+    if batch.result in (BATCH_MAX_REQUESTS_EXCEEDED, BATCH_QUEUES_FULL, BATCH_DISABLED):
+        return [batch.result] * n
+    if len(got) != n:
+        code = batch.result if batch.result not in (OK, None, -16) else -15
+        return [code] * n
+    return [r.result for r in got]
 
-    def _get_meta_record(self, view):
-        def call():
-            try:
-                return self.client.get(self._meta_key(view), dict(self.read_policy))[2]
-            except Exception as error:  # noqa: BLE001 - client exceptions carry .code
-                if _error_code(error) == RECORD_NOT_FOUND:
-                    return None
-                raise
-        return self._retry_single(call, f"read the schema of view {view!r}")
 
-    def _view_meta(self, view):
-        meta = self._meta.get(view)
-        if meta is None:
-            bins = self._get_meta_record(view)
-            if bins is None:
-                raise StoreError(f"unknown view {view!r}; known views: {self.views()}")
-            if bins.get("layout") != META_LAYOUT:
-                raise RecordError(f"view {view!r}: metadata layout {bins.get('layout')!r} "
-                                  "is not supported")
-            schema = ViewSchema.from_bytes(view, bytes(bins["schema"]))
-            meta = _ViewMeta(schema, bins["names"])
-            with self._lock:
-                self._meta[view] = meta
-        return meta
-
-    # -- client helpers (lazy imports) ------------------------------------
-
-    def _ops_module(self):
+def _decode(target, bins):
+    bins = bins or {}
+    result = {}
+    for name, b, decode in target.decoders:
+        value = bins.get(b)
         try:
-            import aerospike
-        except ImportError as error:
-            raise ImportError("the Aerospike store needs the official client: "
-                              "pip install 'tally[aerospike]' (aerospike>=19)") from error
-        self._op_write = aerospike.OPERATOR_WRITE
-        return aerospike
+            result[name] = None if value is None else decode(value)
+        except (RecordError, TypeError, ValueError) as error:
+            raise RecordError(f"view {target.schema.view!r}: bin {b!r} of feature {name!r} "
+                              f"holds {value!r}") from error
+    event_time = bins.get(EVENT_TIME_BIN)
+    valid_until = bins.get(VALID_UNTIL_BIN)
+    result["_event_time"] = None if event_time in (None, INT64_MIN) else event_time
+    result["_write_time"] = bins.get(WRITE_TIME_BIN)
+    result["_valid_until"] = None if valid_until in (None, INT64_MAX) else valid_until
+    result["_view_version"] = bins.get(VIEW_VERSION_BIN)
+    return result
 
-    @staticmethod
-    def _records_module():
-        from aerospike_helpers.batch import records
-        return records
+
+def _info_fields(text, separator=";"):
+    """'a=1;b=2' -> {'a': '1', 'b': '2'}."""
+    fields = {}
+    for part in text.replace(";", separator).split(separator):
+        name, _, value = part.partition("=")
+        if name:
+            fields[name.strip()] = value.strip()
+    return fields
+
+
+def _client_module():
+    try:
+        import aerospike
+    except ImportError as error:
+        raise StoreError("the Aerospike store needs the official client: "
+                         "pip install 'tally[aerospike]' (aerospike 19)") from error
+    return aerospike
 
 
 def _policy(total_ms, socket_ms, max_retries):
@@ -701,5 +910,5 @@ def _policy(total_ms, socket_ms, max_retries):
 def _check_set_name(name):
     encoded = name.encode()
     if len(encoded) > MAX_SET_NAME_BYTES or not name or ":" in name or ";" in name:
-        raise ValueError(f"set name {name!r}: at most {MAX_SET_NAME_BYTES} bytes, "
+        raise StoreError(f"set name {name!r}: at most {MAX_SET_NAME_BYTES} bytes, "
                          "no ':' or ';' (shorten the view name or set_prefix)")
