@@ -412,14 +412,10 @@ class Feature:
             if column_type not in spec.column_types:
                 usable = [a for a, s in AGGREGATIONS.items()
                           if s.takes_column and column_type in s.column_types]
-                hint = (f"use {', '.join(['count'] + usable)} for a {column_type} column"
-                        if usable else
-                        f"count the events with a filter on it (e.g. filter=\"{self.column} "
-                        "= '...'\")")
                 raise DefinitionError(
                     f"{where}: aggregation {self.aggregation} needs a numeric column, but "
                     f"column {self.column!r} is {column_type}; aggregate a numeric column, "
-                    f"or {hint}")
+                    f"or use {', '.join(['count'] + usable)} for a {column_type} column")
         for key in ("n", "k"):
             value = getattr(self, key)
             if spec.param == key:

@@ -259,7 +259,9 @@ def _numpy_column(values, field_type):
     if values.null_count:
         if field_type == "bool" and not pa.types.is_floating(values.type):
             return np.asarray(values.to_numpy(zero_copy_only=False), dtype=object)
-        return values.cast(pa.float64()).fill_null(np.nan).to_numpy()
+        # an int beyond 2**53 is rounded here: features that keep int64 values
+        # refuse such a column (tally.core.view), sums compute in float64 anyway
+        return values.cast(pa.float64(), safe=False).fill_null(np.nan).to_numpy()
     if field_type == "int64":
         return values.cast(pa.int64()).to_numpy()
     if field_type == "bool":

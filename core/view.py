@@ -70,18 +70,14 @@ class ViewState:
                         for f in view.features if f.filter}
         self.arenas[EVENT_TIME] = FeatureArena("max", capacity=max(expected_entities, 1))
         # features whose values are strings, and the string columns that need
-        # the dictionary (the others only need codes: distinct_count)
-        self.string_features = {name for name, kind in self.column_types.items()
-                                if kind == "string" and
-                                view.feature(name).aggregation != "distinct_count"}
-        self.string_columns = {}          # column -> whether it needs the dictionary
-        for name, kind in self.column_types.items():
-            if kind == "string":
-                column = view.feature(name).column
-                self.string_columns[column] = self.string_columns.get(column, False) \
-                    or name in self.string_features
+        # the dictionary (distinct_count only needs codes)
+        over_strings = [f for f in view.features if self.column_types.get(f.name) == "string"]
+        self.string_features = {f.name for f in over_strings if f.aggregation != "distinct_count"}
+        self.string_columns = {f.column: False for f in over_strings}
+        for f in over_strings:
+            self.string_columns[f.column] |= f.name in self.string_features
         self.strings = StringDictionary()
-        self.refused_strings = 0      # events refused: their string's code was taken
+        self.refused_strings = 0      # strings refused: their code was another string's
 
     def _exact(self, feature):
         return feature.column is not None and \
@@ -143,9 +139,7 @@ class ViewState:
             values = batch.columns[feature.column]
         present = batch.valid.get(feature.column)
         if self._exact(feature) and values.dtype.kind == "f":
-            # a table's int column with nulls arrives as float64 with NaN
-            present = ~np.isnan(values) if present is None else present & ~np.isnan(values)
-            values = np.where(present, values, 0).astype(np.int64)
+            values, present = _int64_of_floats(feature, values, present)
         if present is not None:
             keep = present if keep is None else keep & present
         return values, keep
@@ -234,6 +228,18 @@ class ViewState:
         if strings:
             state.strings = StringDictionary.from_arrays(strings)
         return state
+
+
+def _int64_of_floats(feature, values, present):
+    """A table's int64 column with nulls arrives as float64 with NaN (see
+    ``tally.core.events``): int64 values, exact below 2**53, and the mask."""
+    present = ~np.isnan(values) if present is None else present & ~np.isnan(values)
+    if np.any(np.abs(values[present]) >= 2.0 ** 53):
+        raise ValueError(
+            f"feature {feature.name!r}: column {feature.column!r} arrived as float64 (an int64 "
+            "column with nulls, read from a table), which cannot hold its values beyond "
+            "2**53 exactly; fill or drop the nulls so that the column stays int64")
+    return np.where(present, values, 0).astype(np.int64), present
 
 
 def _arena_for(feature, is_exact, expected_entities):

@@ -61,13 +61,13 @@ def view_with(*features, **kwargs):
     # aggregation of the wrong type
     (lambda: view_with(Feature("t", "sum", "country")),
      "view 'v', feature 't': aggregation sum needs a numeric column, but column 'country' is "
-     "string; aggregate a numeric column, or count the events with a filter on it (e.g. "
-     "filter=\"country = '...'\")"),
-    (lambda: view_with(Feature("t", "top_k", "country", k=3)),
-     "view 'v', feature 't': aggregation top_k needs a numeric column, but column 'country' "
+     "string; aggregate a numeric column, or use count, first, last, last_n, distinct_count, "
+     "top_k for a string column"),
+    (lambda: view_with(Feature("t", "mean", "country")),
+     "view 'v', feature 't': aggregation mean needs a numeric column, but column 'country' "
      "is string"),
-    (lambda: view_with(Feature("t", "last_n", "country", n=3)),
-     "view 'v', feature 't': aggregation last_n needs a numeric column, but column 'country' "
+    (lambda: view_with(Feature("t", "max", "country")),
+     "view 'v', feature 't': aggregation max needs a numeric column, but column 'country' "
      "is string"),
     (lambda: view_with(Feature("t", "p99", "readtime")),
      "view 'v', feature 't': aggregation 'p99' is unknown; use one of count, sum, mean, "

@@ -285,24 +285,34 @@ def test_every_aggregation_and_window_equals_the_reference(aggregation, window, 
 # The kernels against the arenas' own update/read
 
 
-ARENAS = [("sum", None), ("count", None), ("first", None), ("last", None), ("min", None),
-          ("mean", None), ("last_n", 4), ("distinct_count", 6), ("top_k", 3)]
+ARENAS = [("sum", None, "float64"), ("count", None, "float64"), ("first", None, "float64"),
+          ("last", None, "float64"), ("min", None, "float64"), ("mean", None, "float64"),
+          ("last_n", 4, "float64"), ("distinct_count", 6, "float64"), ("top_k", 3, "float64")]
+# the arenas that keep int64 values exactly (int64 columns, string codes)
+ARENAS += [(a, p, "int64") for a, p, _ in ARENAS
+           if a in ("first", "last", "last_n", "distinct_count", "top_k")]
 
 
 @pytest.mark.parametrize("window", [(0, 0, 0), (500, 100, 0), (300, 100, 250)])
-@pytest.mark.parametrize("aggregation,param", ARENAS)
-def test_replay_kernels_equal_update_then_read(aggregation, param, window):
-    rng = np.random.default_rng(zlib.crc32(f"{aggregation}{window}".encode()))
+@pytest.mark.parametrize("aggregation,param,value_type", ARENAS)
+def test_replay_kernels_equal_update_then_read(aggregation, param, value_type, window):
+    rng = np.random.default_rng(zlib.crc32(f"{aggregation}{window}{value_type}".encode()))
     n, nq = 5000, 1500
     slots = rng.integers(0, 40, n)
     ts = np.sort(rng.integers(-1000, 3000, n))
-    values = rng.integers(0, 12, n).astype(float)
-    values[rng.random(n) < 0.05] = np.nan
     mask = rng.random(n) < 0.8
+    if value_type == "int64":       # neighbours of +-2**63; nulls are masked out
+        values = np.iinfo(np.int64).max - rng.integers(0, 12, n) * (2 * rng.integers(0, 2, n) - 1)
+        values = values.astype(np.int64)
+    else:
+        values = rng.integers(0, 12, n).astype(float)
+        values[rng.random(n) < 0.05] = np.nan
     q_slots = rng.integers(-1, 45, nq)
     q_ts = np.sort(rng.integers(-1100, 3200, nq))
-    kernel_arena = arena_module.make_arena(aggregation, *window, param=param, capacity=1)
-    generic_arena = arena_module.make_arena(aggregation, *window, param=param, capacity=1)
+    kernel_arena = arena_module.make_arena(aggregation, *window, param=param, capacity=1,
+                                           value_type=value_type)
+    generic_arena = arena_module.make_arena(aggregation, *window, param=param, capacity=1,
+                                            value_type=value_type)
     for a in (kernel_arena, generic_arena):      # slots 0..44 exist (44 never has events)
         a.reserve(45)
     kernel = {"last_n": arena_module.replay_last_n,

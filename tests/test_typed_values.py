@@ -280,8 +280,11 @@ def old_format_snapshot(view, columns):
         state.arenas[feature.name] = make_arena(
             feature.aggregation, feature.window.size_ms, feature.window.hop_ms,
             feature.lateness_ms, getattr(feature, "param", None))
-    float_columns = dict(columns, article=columns["article"].astype(np.float64))
-    state.fold(state.encode(float_columns))
+    slots = state.index.slots(columns["user"])
+    for feature in view.features:
+        state.arenas[feature.name].update(slots, columns["ts"],
+                                          columns[feature.column].astype(np.float64))
+    state.arenas[EVENT_TIME].update(slots, columns["ts"], columns["ts"].astype(np.float64))
     params = state.describe()
     assert all("value_type" not in p for p in params.values())
     return snapshot.loads(snapshot.dumps(state.export_arrays(), {"params": params}))
@@ -429,3 +432,33 @@ def test_training_set_values_and_types_equal_online_reads():
             want = _online_as_arrow(values, ok & seen, feature)
             got = column.filter(pa.array(rows)).to_pylist()
             assert got == want, (feature.name, t)
+
+
+def test_a_table_with_nulls_trains_on_the_values_the_stream_serves():
+    columns, valid = make_events(seed=10)
+    # ids that float64 holds: a table's int column with nulls comes as float64
+    columns["article"] = np.where(valid["article"], columns["article"] % 2**52, 0)
+    table = pa.table({name: pa.array(list(values) if values.dtype == object else values,
+                                     mask=~valid[name] if name in valid else None)
+                      for name, values in columns.items()})
+    users = np.unique(columns["user"])
+    t = int(columns["ts"].max())
+    spine = {"user": users, "ts": np.full(len(users), t)}
+    trained = training_set(spine, ["typed"], table, views=[VIEW])
+    state = ViewState(VIEW)
+    apply_in_batches(state, columns, valid)          # the stream: int64 with a valid mask
+    online = state.read_keys(users, t)
+    for feature in VIEW.features:
+        values, ok = online[feature.name]
+        assert trained.column(feature.name).to_pylist() == \
+            _online_as_arrow(values, ok, feature), feature.name
+
+
+def test_a_table_column_float64_cannot_hold_is_refused_not_rounded():
+    table = pa.table({"user": [1, 1], "article": pa.array([2**60 + 1, None], pa.int64()),
+                      "title": ["a", "b"], "category": ["news", "news"],
+                      "readtime": [1.0, 1.0], "ts": [START, START + 1]})
+    view = FeatureView("ids", user, events_source,
+                       features=[Feature("last_article", "last", "article")])
+    with pytest.raises(ValueError, match="'article' arrived as float64.*fill or drop the nulls"):
+        training_set({"user": [1], "ts": [START + 5]}, ["ids"], table, views=[view])

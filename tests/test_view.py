@@ -38,7 +38,7 @@ def expected_at(events, as_of):
         "long_reads_7d": in_window[in_window["readtime"] >= 60].groupby("user").size(),
         "recent_articles": pd.Series(
             {user: g.sort_values("ts", kind="stable")["article"].iloc[::-1][:10]
-             .astype(float).tolist() for user, g in grouped}, dtype=object)})
+             .tolist() for user, g in grouped}, dtype=object)})
     return result.reindex(np.unique(df["user"])).fillna(
         {"readtime_7d": 0.0, "reads_7d": 0, "long_reads_7d": 0})
 
@@ -53,6 +53,7 @@ def check_state(state, events, as_of):
     for user, articles, want in zip(users, got["recent_articles"][0],
                                     expected["recent_articles"]):
         assert articles == (want if isinstance(want, list) else []), user
+        assert all(type(a) is int for a in articles), user     # int64 ids stay ints
     assert got[EVENT_TIME][1].all()
 
 

@@ -30,6 +30,7 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -137,7 +138,9 @@ class _UnitTally:
             columns = {name: values[keep] for name, values in columns.items()}
             valid = {name: mask[keep] for name, mask in valid.items()}
         self.events += len(columns[view.source.timestamp_field])
-        state.apply(columns, valid)
+        batch = state.encode(columns, valid)       # strings whose code is taken: refused
+        self.refused(Counter(batch.refused.values()))
+        state.fold(batch.accepted())
 
     def summary(self, seconds):
         return {"messages": self.messages, "events": self.events, "rejected": self.rejected,
