@@ -14,6 +14,7 @@ BENCHMARKS = {
     "lookup": "tally.bench.lookup",
     "bootstrap": "tally.bench.bootstrap",
     "load": "tally.bench.load",
+    "record": "tally.bench.record",
 }
 
 

@@ -217,7 +217,7 @@ def encode_records(schema, values, event_time, write_time, valid_until):
     header["write_time"] = write_time
     header["valid_until"] = valid_until
     nulls = np.zeros((n, schema.bitmap_bytes * 8), dtype=bool)
-    columns = np.zeros((n, len(schema.features)), dtype=np.int64)
+    columns = np.empty((n, len(schema.features)), dtype=np.int64)   # every slot is set
     variable = []
     for i, (name, dtype) in enumerate(schema.features):
         column, valid = values[name]
@@ -232,10 +232,10 @@ def encode_records(schema, values, event_time, write_time, valid_until):
     bitmap = np.packbits(nulls, axis=1, bitorder="little")
     blob = np.hstack([header.view(np.uint8).reshape(n, HEADER.size), bitmap,
                       columns.view(np.uint8).reshape(n, 8 * len(schema.features))]).tobytes()
-    size = schema.fixed_size
+    rows = struct.Struct(f"{schema.fixed_size}s").iter_unpack(blob)   # faster than slicing
     if tails is None:
-        return [blob[r * size:(r + 1) * size] for r in range(n)]
-    return [blob[r * size:(r + 1) * size] + tails[r] for r in range(n)]
+        return [row for (row,) in rows]
+    return [row + tail for (row,), tail in zip(rows, tails)]
 
 
 def _fixed_column(schema, name, dtype, column, valid):
@@ -460,11 +460,10 @@ class RecordDecoder:
         if fields[0] != self.layout or fields[1] != len(self.names):
             raise self._mismatch(raw)
         result = dict(zip(self.names, fields[7:]))
-        nulls = () if fields[6] == self._no_nulls else self._null_indexes(fields[6])
         if self._variable:
-            self._decode_variable(raw, fields, nulls, result)
-        for i in nulls:
-            result[self.names[i]] = None
+            self._decode_variable(raw, fields, result)
+        if fields[6] != self._no_nulls:
+            self._set_nulls(result, fields[6])
         event_time, valid_until = fields[3], fields[5]
         result["_event_time"] = None if event_time == INT64_MIN else event_time
         result["_write_time"] = fields[4]
@@ -472,10 +471,12 @@ class RecordDecoder:
         result["_view_version"] = fields[2]
         return result
 
-    def _decode_variable(self, raw, fields, nulls, result):
-        fixed, size = self.schema.fixed_size, len(raw)
+    def _decode_variable(self, raw, fields, result):
+        """Each non-null variable value, from the offset and length in its
+        slot (a null one is set to None by _set_nulls)."""
+        fixed, size, bitmap = self.schema.fixed_size, len(raw), fields[6]
         for i, name, dtype, unpack in self._variable:
-            if i in nulls:
+            if bitmap[i >> 3] >> (i & 7) & 1:
                 continue
             slot = fields[7 + i]
             at, length = slot & 0xFFFFFFFF, slot >> 32
@@ -489,18 +490,17 @@ class RecordDecoder:
                                   f"v{self.schema.version}: feature {name!r} ({dtype}) is "
                                   f"corrupt: {error}") from None
 
-    def _null_indexes(self, bitmap):
-        """The index of each feature whose bit is set, one bitmap word at a
-        time; bits past the last feature (padding) are ignored."""
-        found, n = [], len(self.names)
+    def _set_nulls(self, result, bitmap):
+        """None for each feature whose bit is set, one bitmap word at a time;
+        bits past the last feature (padding) are ignored."""
+        names = self.names
         for w, word in enumerate(self._bitmap_words(bitmap)):
             while word:
                 lowest = word & -word
                 i = 64 * w + lowest.bit_length() - 1
-                if i < n:
-                    found.append(i)
+                if i < len(names):
+                    result[names[i]] = None
                 word ^= lowest
-        return found
 
     def _mismatch(self, raw):
         """The RecordError saying how ``raw`` fails the layout or the schema."""
