@@ -12,6 +12,7 @@
 #include <lmdb.h>
 
 #define SCHEMAS_DB "__schemas__"
+#define SERVICE_PREFIX "_service:"
 #define VIEW_DB_PREFIX "view:"
 
 struct tally_store {
@@ -30,7 +31,8 @@ struct tally_view {
     int key_type;
     size_t n_features;
     size_t bitmap_bytes;
-    size_t record_size;
+    size_t record_size;         /* of the fixed part, with variable features */
+    int variable;               /* any variable feature: records of layout 2 */
     unsigned char *types;       /* n_features value types */
     char **names;               /* n_features NUL-terminated names */
 };
@@ -88,7 +90,7 @@ static void encode_int64_key(int64_t key, unsigned char out[8])
     }
 }
 
-/* ---- version and errors ---- */
+/* ---- version, type names and errors ---- */
 
 #define STR2(x) #x
 #define STR(x) STR2(x)
@@ -100,6 +102,20 @@ const char *tally_version(int *major, int *minor, int *patch)
     if (patch) *patch = TALLY_VERSION_PATCH;
     return "libtally " STR(TALLY_VERSION_MAJOR) "." STR(TALLY_VERSION_MINOR) "."
         STR(TALLY_VERSION_PATCH);
+}
+
+static const char *const TYPE_NAMES[TALLY_VALUE_TYPES] = {
+    "int64", "float64", "string", "list<int64>", "list<float64>", "list<string>",
+    "top_k<int64>", "top_k<float64>", "top_k<string>"};
+
+const char *tally_type_name(int type)
+{
+    return type >= 0 && type < TALLY_VALUE_TYPES ? TYPE_NAMES[type] : NULL;
+}
+
+static int is_fixed(int type)
+{
+    return type == TALLY_INT64 || type == TALLY_FLOAT64;
 }
 
 const char *tally_strerror(int err)
@@ -116,6 +132,8 @@ const char *tally_strerror(int err)
     case TALLY_EVIEWS: return "TALLY_EVIEWS: Too many views open in this store";
     case TALLY_ETRUNCATED: return "TALLY_ETRUNCATED: The store's data file is shorter than "
         "its last page (truncated); rebuild the store";
+    case TALLY_ENOSERVICE: return "TALLY_ENOSERVICE: No feature service of this name in the store";
+    case TALLY_ESPACE: return "TALLY_ESPACE: The buffer is too small; *len tells the size needed";
     default: break;
     }
     /* mdb_strerror covers LMDB's codes and falls back to strerror(). */
@@ -202,6 +220,14 @@ static int is_version_key(const MDB_val *key)
     return 0;
 }
 
+/* "_service:<name>" keys hold feature services, not views (view names never
+ * start with '_'). */
+static int is_service_key(const MDB_val *key)
+{
+    return key->mv_size >= sizeof SERVICE_PREFIX - 1 &&
+        memcmp(key->mv_data, SERVICE_PREFIX, sizeof SERVICE_PREFIX - 1) == 0;
+}
+
 /* Open "__schemas__" in a transaction of its own, committed so that the
  * handle is usable in every transaction begun afterwards. */
 static int open_schemas(tally_store *store, MDB_dbi *out)
@@ -228,7 +254,8 @@ static int each_view(MDB_cursor *cursor, char *name, tally_view_name_fn *fn, voi
     int rc;
     while ((rc = mdb_cursor_get(cursor, &key, &data, op)) == 0) {
         op = MDB_NEXT;
-        if (is_version_key(&key) || memchr(key.mv_data, '\0', key.mv_size)) continue;
+        if (is_version_key(&key) || is_service_key(&key) ||
+            memchr(key.mv_data, '\0', key.mv_size)) continue;
         memcpy(name, key.mv_data, key.mv_size);
         name[key.mv_size] = '\0';
         rc = fn(name, key.mv_size, ctx);
@@ -289,8 +316,14 @@ static int parse_schema(tally_view *view, const unsigned char *p, size_t size)
 {
     size_t i, at, n;
 
+    int layout, n_types;
+
     if (size < TALLY_SCHEMA_HEADER_SIZE) return TALLY_ECORRUPT;
-    if (p[TALLY_SCHEMA_LAYOUT_OFFSET] != TALLY_SCHEMA_LAYOUT_VERSION) return TALLY_ELAYOUT;
+    layout = p[TALLY_SCHEMA_LAYOUT_OFFSET];
+    if (layout != TALLY_SCHEMA_LAYOUT_VERSION && layout != TALLY_SCHEMA_VARIABLE_LAYOUT_VERSION)
+        return TALLY_ELAYOUT;
+    /* layout 1 knows the two numeric types only */
+    n_types = layout == TALLY_SCHEMA_LAYOUT_VERSION ? TALLY_FLOAT64 + 1 : TALLY_VALUE_TYPES;
     view->key_type = p[TALLY_SCHEMA_KEY_TYPE_OFFSET];
     if (view->key_type != TALLY_KEY_INT64 && view->key_type != TALLY_KEY_STRING)
         return TALLY_ECORRUPT;
@@ -307,7 +340,8 @@ static int parse_schema(tally_view *view, const unsigned char *p, size_t size)
         const unsigned char *name;
         size_t len;
         if (size - at < TALLY_SCHEMA_ENTRY_HEADER_SIZE) return TALLY_ECORRUPT;
-        if (p[at] != TALLY_INT64 && p[at] != TALLY_FLOAT64) return TALLY_ECORRUPT;
+        if (p[at] >= n_types) return TALLY_ECORRUPT;
+        if (!is_fixed(p[at])) view->variable = 1;
         len = p[at + 1];
         if (size - at - TALLY_SCHEMA_ENTRY_HEADER_SIZE < len) return TALLY_ECORRUPT;
         name = p + at + TALLY_SCHEMA_ENTRY_HEADER_SIZE;
@@ -507,16 +541,95 @@ void tally_txn_end(tally_txn *t)
 
 /* ---- lookups ---- */
 
+/* Whether len bytes at p follow the list encoding of item type item (an
+ * int64, float64 or string) with count items; 64-bit sums cannot overflow. */
+static int list_ok(const unsigned char *p, uint64_t len, int item, uint64_t *count)
+{
+    uint64_t n, start, j, prev = 0;
+    if (len < TALLY_RECORD_LIST_HEADER_SIZE) return 0;
+    n = load_le32(p);
+    *count = n;
+    if (item != TALLY_STRING) return len == TALLY_RECORD_LIST_HEADER_SIZE + 8 * n;
+    start = 8 + 4 * n;                  /* count, then n + 1 offsets */
+    if (start > len) return 0;
+    for (j = 0; j <= n; j++) {
+        uint64_t end = load_le32(p + 4 + 4 * j);
+        if ((j == 0 && end != 0) || end < prev) return 0;
+        prev = end;
+    }
+    return prev == len - start;
+}
+
+/* The item type of a list or top_k type. */
+static int item_type(int type)
+{
+    switch (type) {
+    case TALLY_LIST_INT64: case TALLY_TOP_K_INT64: return TALLY_INT64;
+    case TALLY_LIST_FLOAT64: case TALLY_TOP_K_FLOAT64: return TALLY_FLOAT64;
+    default: return TALLY_STRING;
+    }
+}
+
+static int is_top_k(int type)
+{
+    return type >= TALLY_TOP_K_INT64;
+}
+
+/* Whether a variable value of type follows its encoding. */
+static int value_ok(int type, const unsigned char *p, uint64_t len)
+{
+    uint64_t k, count;
+    if (type == TALLY_STRING) return 1;
+    if (!is_top_k(type)) return list_ok(p, len, item_type(type), &count);
+    if (len < TALLY_RECORD_LIST_HEADER_SIZE) return 0;
+    k = load_le32(p);
+    if (TALLY_RECORD_LIST_HEADER_SIZE + 8 * k > len) return 0;
+    p += TALLY_RECORD_LIST_HEADER_SIZE + 8 * k;
+    len -= TALLY_RECORD_LIST_HEADER_SIZE + 8 * k;
+    return list_ok(p, len, item_type(type), &count) && count == k;
+}
+
+/* Every non-null variable value of a layout 2 record lies in its variable
+ * area and follows its type's encoding: the accessors then need no checks. */
+static int check_variable(const tally_view *view, const unsigned char *p, size_t size)
+{
+    size_t i;
+    for (i = 0; i < view->n_features; i++) {
+        const unsigned char *slot = p + TALLY_RECORD_HEADER_SIZE + view->bitmap_bytes +
+                                    TALLY_RECORD_VALUE_SIZE * i;
+        uint64_t at, len;
+        if (is_fixed(view->types[i]) || ((p[TALLY_RECORD_HEADER_SIZE + i / 8] >> (i % 8)) & 1))
+            continue;
+        at = load_le32(slot + TALLY_RECORD_SLOT_OFFSET_OFFSET);
+        len = load_le32(slot + TALLY_RECORD_SLOT_LENGTH_OFFSET);
+        if (at < view->record_size || at + len > size || !value_ok(view->types[i], p + at, len))
+            return TALLY_ECORRUPT;
+    }
+    return 0;
+}
+
 static int check_record(const tally_view *view, const MDB_val *data, tally_record *out)
 {
     const unsigned char *p = (const unsigned char *)data->mv_data;
+    int layout, rc;
     if (data->mv_size < TALLY_RECORD_HEADER_SIZE) return TALLY_ECORRUPT;
-    if (p[TALLY_RECORD_LAYOUT_OFFSET] != TALLY_RECORD_LAYOUT_VERSION) return TALLY_ELAYOUT;
+    layout = p[TALLY_RECORD_LAYOUT_OFFSET];
+    if (layout != TALLY_RECORD_LAYOUT_VERSION && layout != TALLY_RECORD_VARIABLE_LAYOUT_VERSION)
+        return TALLY_ELAYOUT;
     if (load_le16(p + TALLY_RECORD_FEATURE_COUNT_OFFSET) != view->n_features ||
-        data->mv_size != view->record_size)
+        layout != (view->variable ? TALLY_RECORD_VARIABLE_LAYOUT_VERSION
+                                  : TALLY_RECORD_LAYOUT_VERSION))
         return TALLY_ESCHEMA;
+    if (!view->variable) {
+        if (data->mv_size != view->record_size) return TALLY_ESCHEMA;
+    } else {
+        if (data->mv_size < view->record_size) return TALLY_ESCHEMA;
+        rc = check_variable(view, p, data->mv_size);
+        if (rc) return rc;
+    }
     out->priv_data = p;
     out->priv_view = view;
+    out->priv_size = data->mv_size;
     return 0;
 }
 
@@ -658,6 +771,147 @@ uint32_t tally_record_view_version(const tally_record *rec)
 
 const void *tally_record_data(const tally_record *rec, size_t *size)
 {
-    if (size) *size = rec->priv_view->record_size;
+    if (size) *size = rec->priv_size;
     return rec->priv_data;
+}
+
+/* ---- feature services ---- */
+
+int tally_store_service(tally_store *store, const char *name, char *buf, size_t cap,
+                        size_t *len)
+{
+    tally_txn *txn = NULL;
+    MDB_dbi schemas;
+    MDB_val key, data;
+    char *service_key;
+    size_t name_len;
+    int rc;
+
+    if (!store || !name || !len || (cap && !buf)) return TALLY_EINVAL;
+    name_len = strlen(name);
+    rc = open_schemas(store, &schemas);
+    if (rc == MDB_NOTFOUND) return TALLY_ENOSERVICE;   /* not a Tally store yet */
+    if (rc) return rc;
+    service_key = (char *)malloc(sizeof SERVICE_PREFIX + name_len);
+    if (!service_key) return ENOMEM;
+    memcpy(service_key, SERVICE_PREFIX, sizeof SERVICE_PREFIX - 1);
+    memcpy(service_key + sizeof SERVICE_PREFIX - 1, name, name_len);
+    key.mv_data = service_key;
+    key.mv_size = sizeof SERVICE_PREFIX - 1 + name_len;
+    rc = tally_txn_begin(store, &txn);
+    if (rc == 0) {
+        rc = mdb_get(txn->txn, schemas, &key, &data);
+        if (rc == MDB_NOTFOUND) rc = TALLY_ENOSERVICE;
+    }
+    if (rc == 0) {
+        *len = data.mv_size;
+        if (data.mv_size + 1 > cap) rc = TALLY_ESPACE;
+        else {
+            memcpy(buf, data.mv_data, data.mv_size);
+            buf[data.mv_size] = '\0';
+        }
+    }
+    tally_txn_end(txn);
+    free(service_key);
+    return rc;
+}
+
+/* ---- variable values (checked by check_variable at lookup) ---- */
+
+/* Feature i's value and its length, if it is a non-null feature of a type
+ * that want accepts; NULL otherwise. */
+static const unsigned char *variable_at(const tally_record *rec, size_t i,
+                                        int (*want)(int), size_t *len)
+{
+    const unsigned char *slot;
+    *len = 0;
+    if (i >= rec->priv_view->n_features || !want(rec->priv_view->types[i]) ||
+        tally_record_is_null(rec, i))
+        return NULL;
+    slot = value_at(rec, i);
+    *len = load_le32(slot + TALLY_RECORD_SLOT_LENGTH_OFFSET);
+    return rec->priv_data + load_le32(slot + TALLY_RECORD_SLOT_OFFSET_OFFSET);
+}
+
+static int is_string(int type) { return type == TALLY_STRING; }
+static int is_list(int type) { return !is_fixed(type) && type != TALLY_STRING; }
+static int has_int64_items(int type) { return is_list(type) && item_type(type) == TALLY_INT64; }
+static int has_float64_items(int type)
+{
+    return is_list(type) && item_type(type) == TALLY_FLOAT64;
+}
+static int has_number_items(int type) { return is_list(type) && item_type(type) != TALLY_STRING; }
+static int has_string_items(int type) { return is_list(type) && item_type(type) == TALLY_STRING; }
+
+/* The list (count, then items) of a list feature, or the values of a top_k. */
+static const unsigned char *list_of(const tally_record *rec, size_t i, int (*want)(int),
+                                    size_t *count)
+{
+    size_t len;
+    const unsigned char *p = variable_at(rec, i, want, &len);
+    *count = 0;
+    if (!p) return NULL;
+    if (is_top_k(rec->priv_view->types[i]))
+        p += TALLY_RECORD_LIST_HEADER_SIZE + 8 * (size_t)load_le32(p);
+    *count = load_le32(p);
+    return p;
+}
+
+const char *tally_record_string(const tally_record *rec, size_t i, size_t *len)
+{
+    size_t n;
+    const unsigned char *p = variable_at(rec, i, is_string, &n);
+    if (len) *len = n;
+    return (const char *)p;
+}
+
+size_t tally_record_list_count(const tally_record *rec, size_t i)
+{
+    size_t count;
+    list_of(rec, i, is_list, &count);
+    return count;
+}
+
+const void *tally_record_list_data(const tally_record *rec, size_t i, size_t *count)
+{
+    size_t n;
+    const unsigned char *p = list_of(rec, i, has_number_items, &n);
+    if (count) *count = n;
+    return p ? p + TALLY_RECORD_LIST_HEADER_SIZE : NULL;
+}
+
+int64_t tally_record_list_int64(const tally_record *rec, size_t i, size_t j)
+{
+    size_t count;
+    const unsigned char *p = list_of(rec, i, has_int64_items, &count);
+    if (!p || j >= count) return 0;
+    return as_int64(load_le64(p + TALLY_RECORD_LIST_HEADER_SIZE + 8 * j));
+}
+
+double tally_record_list_float64(const tally_record *rec, size_t i, size_t j)
+{
+    size_t count;
+    const unsigned char *p = list_of(rec, i, has_float64_items, &count);
+    if (!p || j >= count) return NAN;
+    return as_double(load_le64(p + TALLY_RECORD_LIST_HEADER_SIZE + 8 * j));
+}
+
+const char *tally_record_list_string(const tally_record *rec, size_t i, size_t j, size_t *len)
+{
+    size_t count, start, begin;
+    const unsigned char *p = list_of(rec, i, has_string_items, &count);
+    if (len) *len = 0;
+    if (!p || j >= count) return NULL;
+    start = 8 + 4 * count;
+    begin = load_le32(p + 4 + 4 * j);
+    if (len) *len = load_le32(p + 4 + 4 * (j + 1)) - begin;
+    return (const char *)p + start + begin;
+}
+
+int64_t tally_record_top_k_count(const tally_record *rec, size_t i, size_t j)
+{
+    size_t len;
+    const unsigned char *p = variable_at(rec, i, is_top_k, &len);
+    if (!p || j >= load_le32(p)) return 0;
+    return as_int64(load_le64(p + TALLY_RECORD_LIST_HEADER_SIZE + 8 * j));
 }

@@ -41,10 +41,13 @@
  * This header defines the stored layout: the TALLY_RECORD_* and
  * TALLY_SCHEMA_* macros below give every offset and size, and the Python
  * side (``tally.core.record``) follows them (tests/test_cext.py compares the
- * two). Record layout version 1, little-endian, all offsets in bytes:
+ * two). Little-endian, all offsets in bytes. A view whose features are all
+ * numbers (int64, float64) has records of layout 1; a view with any string,
+ * list or top_k feature has records of layout 2: layout 1 plus a variable
+ * area.
  *
  *     offset  size    field
- *     0       1       layout version (1)
+ *     0       1       layout version (1, or 2 with a variable area)
  *     1       1       flags (0; reserved)
  *     2       2       feature count N (uint16)
  *     4       4       view version (uint32)
@@ -57,22 +60,38 @@
  *     32      B       null bitmap, B = ceil(N / 64) * 8: bit i (byte i / 8,
  *                     bit i % 8, least significant first) set means feature
  *                     i is null
- *     32 + B  8 * N   feature values in schema order: int64 or float64
- *                     (IEEE 754 binary64) as the view's schema says
+ *     32 + B  8 * N   one 8-byte slot per feature, in schema order: an int64
+ *                     or float64 (IEEE 754 binary64) value; for a variable
+ *                     feature a uint32 offset (from the record's start) then
+ *                     a uint32 length of its value in the variable area
+ *     F       ...     layout 2 only, F = 32 + B + 8 * N: the variable
+ *                     values, each starting at a multiple of 8
  *
- * A record is therefore exactly 32 + B + 8 * N bytes. The value slot of a
- * null feature holds unspecified bytes.
+ * A record of layout 1 is therefore exactly F bytes; one of layout 2 at
+ * least F. The slot of a null feature holds unspecified bytes. The variable
+ * values, by type:
+ *
+ *     TALLY_STRING        its UTF-8 bytes (no NUL)
+ *     TALLY_LIST_INT64, TALLY_LIST_FLOAT64
+ *                         uint32 count n, uint32 0, n 8-byte items
+ *     TALLY_LIST_STRING   uint32 count n, n + 1 uint32 offsets into the
+ *                         bytes that follow (the first 0, the last their
+ *                         length), the UTF-8 bytes of the n strings
+ *     TALLY_TOP_K_*       uint32 k, uint32 0, k int64 counts, then the k
+ *                         values as the matching list (largest count first)
  *
  * The LMDB database "__schemas__" maps each view name (UTF-8 bytes) to the
  * schema of the version it serves, and "<view name>@v<version>" to that
- * version's schema. Schema layout version 1:
+ * version's schema. Schema layout 1 (numbers-only views) or 2:
  *
- *     0       1       schema layout version (1)
+ *     0       1       schema layout version (1 or 2)
  *     1       1       key type: 0 int64, 1 string
  *     2       2       feature count N (uint16)
  *     4       4       view version (uint32)
- *     8       ...     N entries: value type (1 byte: 0 int64, 1 float64),
- *                     name length L (1 byte), L bytes of UTF-8 name
+ *     8       ...     N entries: value type (1 byte: a TALLY_INT64 ...
+ *                     TALLY_TOP_K_STRING code; layout 1 has only
+ *                     TALLY_INT64 and TALLY_FLOAT64), name length L
+ *                     (1 byte), L bytes of UTF-8 name
  *
  * The records of a view version live in the LMDB database
  * "view:<view name>@v<version>". Keys: an int64 entity key is 8 bytes
@@ -93,14 +112,17 @@ extern "C" {
  * The header's version; #tally_version gives the library's at run time.
  * @{ */
 #define TALLY_VERSION_MAJOR 0
-#define TALLY_VERSION_MINOR 1
+#define TALLY_VERSION_MINOR 2
 #define TALLY_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH, for preprocessor comparisons. */
 #define TALLY_VERSION_NUMBER \
     (TALLY_VERSION_MAJOR * 10000 + TALLY_VERSION_MINOR * 100 + TALLY_VERSION_PATCH)
-/** The record and schema layout versions this library reads. */
+/** The record and schema layout versions this library reads: 1 for views of
+ * numbers only, 2 for views with a variable feature. */
 #define TALLY_RECORD_LAYOUT_VERSION 1
+#define TALLY_RECORD_VARIABLE_LAYOUT_VERSION 2
 #define TALLY_SCHEMA_LAYOUT_VERSION 1
+#define TALLY_SCHEMA_VARIABLE_LAYOUT_VERSION 2
 /** @} */
 
 /** @defgroup layout Stored layout
@@ -124,13 +146,23 @@ extern "C" {
 #define TALLY_RECORD_HEADER_SIZE            32
 /** The null bitmap follows the header, in whole 64-bit words. */
 #define TALLY_RECORD_BITMAP_WORD_SIZE       8
-/** Every feature value (int64 or float64) takes 8 bytes. */
+/** Every feature's slot (an int64 or float64 value, or a variable value's
+ * offset and length) takes 8 bytes. */
 #define TALLY_RECORD_VALUE_SIZE             8
+/** In a variable feature's slot: the uint32 offset, then the uint32 length. */
+#define TALLY_RECORD_SLOT_OFFSET_OFFSET     0
+#define TALLY_RECORD_SLOT_LENGTH_OFFSET     4
+/** Variable values start at multiples of this. */
+#define TALLY_RECORD_VARIABLE_ALIGN         8
+/** A list's header: uint32 count, uint32 reserved (for a list of strings,
+ * the count and the first offset); a top_k's: uint32 k, uint32 reserved. */
+#define TALLY_RECORD_LIST_HEADER_SIZE       8
 /** The bitmap's size B for n features: ceil(n / 64) words. */
 #define TALLY_RECORD_BITMAP_SIZE(n) \
     (((n) + 8 * TALLY_RECORD_BITMAP_WORD_SIZE - 1) / (8 * TALLY_RECORD_BITMAP_WORD_SIZE) * \
      TALLY_RECORD_BITMAP_WORD_SIZE)
-/** The size of a record of n features: header, bitmap, values. */
+/** The size of a record of n features in layout 1 (of the fixed part in
+ * layout 2): header, bitmap, slots. */
 #define TALLY_RECORD_SIZE(n) \
     (TALLY_RECORD_HEADER_SIZE + TALLY_RECORD_BITMAP_SIZE(n) + TALLY_RECORD_VALUE_SIZE * (n))
 
@@ -143,7 +175,7 @@ extern "C" {
 #define TALLY_SCHEMA_VIEW_VERSION_OFFSET    4   /**< uint32 */
 #define TALLY_SCHEMA_VIEW_VERSION_SIZE      4
 #define TALLY_SCHEMA_HEADER_SIZE            8
-/** Each feature entry: value type (a TALLY_INT64 or TALLY_FLOAT64 byte),
+/** Each feature entry: value type (a TALLY_INT64 ... TALLY_TOP_K_STRING byte),
  * name length L (one byte), then L bytes of name. */
 #define TALLY_SCHEMA_ENTRY_HEADER_SIZE      2
 /** @} */
@@ -170,7 +202,8 @@ extern "C" {
  * view (tally_get_int64 on a string-keyed view, and the reverse). */
 #define TALLY_EINVAL    (-30502)
 /** Stored bytes do not follow the layout: a truncated record or schema, an
- * unknown key or value type. */
+ * unknown key or value type, a variable value out of the record's bounds or
+ * inconsistent with its type's encoding. */
 #define TALLY_ECORRUPT  (-30503)
 /** A well-formed record that disagrees with the view's schema as read by
  * #tally_view_open (feature count or size): the view was most likely
@@ -187,6 +220,10 @@ extern "C" {
  * store. Rebuild it (for Tally: delete it with its checkpoints, and let the
  * pipeline recompute both). */
 #define TALLY_ETRUNCATED (-30507)
+/** No feature service of this name in the store. */
+#define TALLY_ENOSERVICE (-30508)
+/** The caller's buffer is too small (see #tally_store_service). */
+#define TALLY_ESPACE (-30509)
 /** @} */
 
 /** How many distinct views one #tally_store can open. */
@@ -196,9 +233,20 @@ extern "C" {
 #define TALLY_KEY_INT64  0
 #define TALLY_KEY_STRING 1
 
-/** Value types of a feature (the schema's value type byte). */
-#define TALLY_INT64   0
-#define TALLY_FLOAT64 1
+/** Value types of a feature (the schema's value type byte), in the order of
+ * ``tally.core.types.VALUE_TYPES``. A top_k feature holds up to k (value,
+ * count) pairs, the most frequent value first. */
+#define TALLY_INT64          0
+#define TALLY_FLOAT64        1
+#define TALLY_STRING         2
+#define TALLY_LIST_INT64     3
+#define TALLY_LIST_FLOAT64   4
+#define TALLY_LIST_STRING    5
+#define TALLY_TOP_K_INT64    6
+#define TALLY_TOP_K_FLOAT64  7
+#define TALLY_TOP_K_STRING   8
+/** The number of value types. */
+#define TALLY_VALUE_TYPES    9
 
 /** Header values meaning "none" (see the record layout). */
 #define TALLY_EVENT_TIME_NONE  INT64_MIN
@@ -219,12 +267,18 @@ typedef struct tally_txn tally_txn;
 typedef struct tally_record {
     const unsigned char *priv_data;
     const tally_view *priv_view;
+    size_t priv_size;
 } tally_record;
 
 /** @brief The library's version, which may differ from the header's.
  * @param[out] major, minor, patch Filled with the version if not NULL.
  * @return A static string such as "libtally 0.1.0"; never free it. */
 TALLY_API const char *tally_version(int *major, int *minor, int *patch);
+
+/** @brief A value type's name as Tally writes it ("int64", "list<string>",
+ * "top_k<int64>", ...).
+ * @return A static string, or NULL for a code that is no TALLY_* value type. */
+TALLY_API const char *tally_type_name(int type);
 
 /** @brief A description of a return code: Tally's, LMDB's or an errno value.
  * @return A static, never NULL, non-empty string; never free it. */
@@ -317,15 +371,17 @@ TALLY_API int tally_view_key_type(const tally_view *view);
 /** @brief The number of features N (0..65535). */
 TALLY_API size_t tally_view_feature_count(const tally_view *view);
 
-/** @brief The size in bytes of every record of this view, 32 + B + 8 * N. */
+/** @brief The size in bytes of the fixed part of the view's records, 32 + B
+ * + 8 * N: of every record if the view has no variable feature (layout 1);
+ * records with a variable area are longer (see #tally_record_data). */
 TALLY_API size_t tally_view_record_size(const tally_view *view);
 
 /** @brief Feature i's name, NUL-terminated UTF-8, owned by the view and
  * valid until it is closed; NULL if i >= N. */
 TALLY_API const char *tally_view_feature_name(const tally_view *view, size_t i);
 
-/** @brief Feature i's type: #TALLY_INT64 or #TALLY_FLOAT64; TALLY_EINVAL
- * if i >= N. */
+/** @brief Feature i's type: #TALLY_INT64 ... #TALLY_TOP_K_STRING;
+ * TALLY_EINVAL if i >= N. */
 TALLY_API int tally_view_feature_type(const tally_view *view, size_t i);
 
 /** @brief The index of the first feature called name, or TALLY_NOTFOUND.
@@ -374,7 +430,9 @@ TALLY_API void tally_txn_end(tally_txn *txn);
  * bytes belong to the store; do not modify them (the map is read-only: a
  * write faults). They stay valid until the transaction is reset, renewed
  * or ended. Each record is checked against the view before it is returned:
- * layout version (TALLY_ELAYOUT), feature count and size (TALLY_ESCHEMA).
+ * layout version (TALLY_ELAYOUT), feature count and size (TALLY_ESCHEMA),
+ * and every variable value's bounds and encoding (TALLY_ECORRUPT; the UTF-8
+ * of strings is not checked), so the accessors never read outside it.
  * The record's view version is not checked; read it with
  * #tally_record_view_version.
  * @{ */
@@ -448,9 +506,84 @@ TALLY_API int64_t tally_record_valid_until(const tally_record *rec);
 TALLY_API uint32_t tally_record_view_version(const tally_record *rec);
 
 /** @brief The record's bytes, laid out as described at the top of this
- * header; *size (if size is not NULL) receives tally_view_record_size().
- * Owned by the store, read-only, valid as the record is. */
+ * header; *size (if size is not NULL) receives their number:
+ * tally_view_record_size() for a view of numbers only, at least that with
+ * a variable area. Owned by the store, read-only, valid as the record is. */
 TALLY_API const void *tally_record_data(const tally_record *rec, size_t *size);
+
+/** @} */
+
+/** @defgroup service Feature services
+ * @{ */
+
+/** @brief Copy the stored definition of a feature service.
+ *
+ * A feature service names the features one model reads, across views: its
+ * definition is text, one header line "tally-service 1 <name> <version>"
+ * then one line "<column> <view> <feature> <entity>" per feature, every
+ * field an identifier separated by one space (see tally/core/serving.py).
+ * Read each feature with #tally_view_open of its view and
+ * #tally_view_feature_index, the key from the request's <entity> field.
+ * Thread-safe; reads a snapshot through a transaction of its own.
+ *
+ * @param[in] store An open store.
+ * @param[in] name The service's name, NUL-terminated.
+ * @param[out] buf Receives the text and a NUL; may be NULL when cap is 0.
+ * @param[in] cap The size of buf in bytes.
+ * @param[out] len Receives the text's length without the NUL (also when
+ *     the buffer is too small, so the caller can retry with len + 1).
+ * @return 0, TALLY_ENOSERVICE, TALLY_ESPACE (buf holds less than len + 1
+ *     bytes; nothing is copied), TALLY_EINVAL, ENOMEM, or an LMDB code.
+ */
+TALLY_API int tally_store_service(tally_store *store, const char *name, char *buf,
+                                  size_t cap, size_t *len);
+
+/** @} */
+
+/** @defgroup variable Strings, lists and top_k
+ * Accessors of variable features, under the rules of the record accessors.
+ * Returned pointers point into the record (no copy): owned by the store,
+ * read-only, valid as the record is. Strings are not NUL-terminated: use
+ * the length. Items of a top_k feature are its values, read with the list
+ * accessors of their type; #tally_record_top_k_count gives their counts.
+ * @{ */
+
+/** @brief Feature i's string, if it is a #TALLY_STRING feature: a pointer
+ * to *len bytes of UTF-8 (len may be NULL). NULL (and *len 0) if the
+ * feature is null, of another type, or i >= N; an empty string is a
+ * non-NULL pointer with *len 0. */
+TALLY_API const char *tally_record_string(const tally_record *rec, size_t i, size_t *len);
+
+/** @brief The number of items of a list feature, or of (value, count)
+ * pairs of a top_k feature; 0 if it is null, of another type, or i >= N. */
+TALLY_API size_t tally_record_list_count(const tally_record *rec, size_t i);
+
+/** @brief Item j of a #TALLY_LIST_INT64 or #TALLY_TOP_K_INT64 feature; 0 if
+ * j >= tally_record_list_count() or the feature is of another type. */
+TALLY_API int64_t tally_record_list_int64(const tally_record *rec, size_t i, size_t j);
+
+/** @brief Item j of a #TALLY_LIST_FLOAT64 or #TALLY_TOP_K_FLOAT64 feature;
+ * NaN if j >= tally_record_list_count() or the feature is of another type. */
+TALLY_API double tally_record_list_float64(const tally_record *rec, size_t i, size_t j);
+
+/** @brief Item j of a #TALLY_LIST_STRING or #TALLY_TOP_K_STRING feature: a
+ * pointer to *len bytes of UTF-8 (len may be NULL); NULL (and *len 0) if j
+ * is out of range or the feature is of another type. */
+TALLY_API const char *tally_record_list_string(const tally_record *rec, size_t i, size_t j,
+                                               size_t *len);
+
+/** @brief The items of a list or top_k feature of int64 or float64 values
+ * at once: a pointer to *count (count may be NULL) little-endian 8-byte
+ * items, 8-aligned within the record but not necessarily in memory (LMDB
+ * aligns values to 2 bytes only): copy them with memcpy rather than
+ * casting the pointer. NULL (and *count 0) for a null feature, one of
+ * another type, or i >= N. */
+TALLY_API const void *tally_record_list_data(const tally_record *rec, size_t i, size_t *count);
+
+/** @brief The count of pair j of a top_k feature (how often its value was
+ * seen, as estimated); 0 if j is out of range or the feature is not a
+ * top_k. */
+TALLY_API int64_t tally_record_top_k_count(const tally_record *rec, size_t i, size_t j);
 
 /** @} */
 

@@ -6,12 +6,17 @@
  *       and prints, tab-separated, for the Python test to compare with the
  *       Python reader:
  *           view     NAME VERSION int64|string N RECORD_SIZE
- *           feature  I NAME int64|float64                        (N lines)
+ *           feature  I NAME TYPE                   (N lines; TYPE as
+ *                    tally_type_name gives it)
  *           record   KEY notfound
  *           record   KEY FIELD VALUE|null      (_event_time, _write_time,
  *                    _valid_until, _view_version, then every feature)
  *       Floats print as %.17g, NaN as "nan"; _event_time INT64_MIN and
  *       _valid_until INT64_MAX print as "null", as the Python reader's None.
+ *       A string prints as "..." with every byte outside printable ASCII,
+ *       and \ " , : [ ], as \xHH; a list as [ITEM,ITEM]; a top_k as
+ *       [VALUE:COUNT,...]. Every accessor of another type is checked to
+ *       give its documented "nothing" on every feature.
  *
  *   test_tally STORE --views
  *       Checks tally_store_views' error paths and that a callback's non-zero
@@ -115,6 +120,97 @@ static void print_float(double v)
     else printf("%.17g", v);
 }
 
+static void print_string(const char *p, size_t len)
+{
+    size_t i;
+    putchar('"');
+    for (i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c < 0x20 || c > 0x7e || strchr("\\\",:[]", c)) printf("\\x%02x", c);
+        else putchar(c);
+    }
+    putchar('"');
+}
+
+/* Item j of list (or top_k) feature i, read with the accessor of its type;
+ * checks that the raw items pointer agrees. */
+static void print_item(const tally_record *rec, size_t i, size_t j, int item)
+{
+    int rc = 0;
+    size_t len, count;
+    const unsigned char *data = (const unsigned char *)tally_record_list_data(rec, i, &count);
+    if (item == TALLY_STRING) {
+        const char *s = tally_record_list_string(rec, i, j, &len);
+        CHECK(s != NULL && data == NULL && count == 0, "list_string / list_data");
+        print_string(s, len);
+    } else if (item == TALLY_INT64) {
+        int64_t v = tally_record_list_int64(rec, i, j), raw;
+        memcpy(&raw, data + 8 * j, sizeof raw);     /* little-endian host assumed */
+        CHECK(raw == v && count == tally_record_list_count(rec, i), "list_data int64");
+        printf("%" PRId64, v);
+    } else {
+        double v = tally_record_list_float64(rec, i, j), raw;
+        memcpy(&raw, data + 8 * j, sizeof raw);
+        CHECK(memcmp(&raw, &v, sizeof v) == 0, "list_data float64");
+        print_float(v);
+    }
+}
+
+static int item_of(int type)
+{
+    switch (type) {
+    case TALLY_LIST_INT64: case TALLY_TOP_K_INT64: return TALLY_INT64;
+    case TALLY_LIST_FLOAT64: case TALLY_TOP_K_FLOAT64: return TALLY_FLOAT64;
+    default: return TALLY_STRING;
+    }
+}
+
+/* What the accessors of the other types give for feature i: nothing. */
+static void check_other_accessors(const tally_record *rec, size_t i, int type)
+{
+    int rc = 0, item = item_of(type);
+    int list = type >= TALLY_LIST_INT64, top_k = type >= TALLY_TOP_K_INT64;
+    size_t len = 99, count = tally_record_list_count(rec, i);
+    if (type != TALLY_INT64) CHECK(tally_record_int64(rec, i) == 0, "int64 of another type");
+    if (type != TALLY_FLOAT64) CHECK(isnan(tally_record_float64(rec, i)), "float64 of other");
+    if (type != TALLY_STRING)
+        CHECK(tally_record_string(rec, i, &len) == NULL && len == 0, "string of another type");
+    if (!list) CHECK(count == 0 && tally_record_list_data(rec, i, NULL) == NULL, "list of other");
+    if (!list || item != TALLY_INT64) CHECK(tally_record_list_int64(rec, i, 0) == 0, "li64");
+    if (!list || item != TALLY_FLOAT64) CHECK(isnan(tally_record_list_float64(rec, i, 0)), "lf");
+    if (!list || item != TALLY_STRING)
+        CHECK(tally_record_list_string(rec, i, 0, NULL) == NULL, "list_string of other");
+    if (!top_k) CHECK(tally_record_top_k_count(rec, i, 0) == 0, "top_k_count of other");
+    /* one past the end */
+    CHECK(tally_record_list_int64(rec, i, count) == 0 &&
+          isnan(tally_record_list_float64(rec, i, count)) &&
+          tally_record_list_string(rec, i, count, NULL) == NULL &&
+          tally_record_top_k_count(rec, i, count) == 0, "item past the end");
+}
+
+static void print_value(const tally_record *rec, size_t i, int type)
+{
+    size_t j, len, count = tally_record_list_count(rec, i);
+    const char *s;
+    check_other_accessors(rec, i, type);
+    switch (type) {
+    case TALLY_INT64: printf("%" PRId64, tally_record_int64(rec, i)); return;
+    case TALLY_FLOAT64: print_float(tally_record_float64(rec, i)); return;
+    case TALLY_STRING:
+        s = tally_record_string(rec, i, &len);
+        print_string(s, len);
+        return;
+    default: break;
+    }
+    putchar('[');
+    for (j = 0; j < count; j++) {
+        if (j) putchar(',');
+        print_item(rec, i, j, item_of(type));
+        if (type >= TALLY_TOP_K_INT64) printf(":%" PRId64, tally_record_top_k_count(rec, i, j));
+    }
+    putchar(']');
+}
+
 static void print_record(const tally_view *view, const char *key, const tally_record *rec)
 {
     size_t i, n = tally_view_feature_count(view);
@@ -130,9 +226,7 @@ static void print_record(const tally_view *view, const char *key, const tally_re
     for (i = 0; i < n; i++) {
         printf("record\t%s\t%s\t", key, tally_view_feature_name(view, i));
         if (tally_record_is_null(rec, i)) printf("null");
-        else if (tally_view_feature_type(view, i) == TALLY_INT64)
-            printf("%" PRId64, tally_record_int64(rec, i));
-        else print_float(tally_record_float64(rec, i));
+        else print_value(rec, i, tally_view_feature_type(view, i));
         printf("\n");
     }
 }
@@ -182,10 +276,12 @@ static void check_error_paths(const char *path, tally_store *store, tally_view *
         CHECK(strcmp(tally_view_feature_name(view, (size_t)at),
                      tally_view_feature_name(view, i)) == 0, "feature_index name");
         rc = tally_view_feature_type(view, i);
-        CHECK(rc == TALLY_INT64 || rc == TALLY_FLOAT64, "feature type");
+        CHECK(tally_type_name(rc) != NULL, "feature type");
     }
     CHECK(tally_view_record_size(view) == 32 + (n + 63) / 64 * 8 + 8 * n, "record size");
     CHECK(strcmp(tally_view_name(view), tally_view_name(view)) == 0, "view name");
+    CHECK(tally_type_name(-1) == NULL && tally_type_name(TALLY_VALUE_TYPES) == NULL &&
+          strcmp(tally_type_name(TALLY_TOP_K_STRING), "top_k<string>") == 0, "type names");
 
     /* lookups with wrong arguments */
     E(tally_txn_begin(store, &txn));
@@ -240,7 +336,7 @@ static int dump(const char *path, const char *view_name)
            (unsigned long)n, (unsigned long)tally_view_record_size(view));
     for (i = 0; i < n; i++)
         printf("feature\t%lu\t%s\t%s\n", (unsigned long)i, tally_view_feature_name(view, i),
-               tally_view_feature_type(view, i) == TALLY_INT64 ? "int64" : "float64");
+               tally_type_name(tally_view_feature_type(view, i)));
 
     read_keys(stdin, tally_view_key_type(view), &kl);
     many = (tally_record *)calloc(kl.n + 1, sizeof *many);
@@ -270,7 +366,7 @@ static int dump(const char *path, const char *view_name)
         }
         CHECK(tally_record_data(&rec, &size) == tally_record_data(&many[i], NULL),
               "get_many points at the same bytes (zero copy)");
-        CHECK(size == tally_view_record_size(view), "record_data size");
+        CHECK(size >= tally_view_record_size(view), "record_data size");
         CHECK(tally_record_is_null(&rec, n) == 1, "is_null(N) is 1");
         CHECK(tally_record_int64(&rec, n) == 0, "int64(N) is 0");
         CHECK(isnan(tally_record_float64(&rec, n)), "float64(N) is NaN");

@@ -1,20 +1,26 @@
 """The aggregations: everything Tally knows about each one, in one table.
 
-Per aggregation: whether it takes a column and of which types, its integer
-parameter (``n`` of last_n, ``k`` of top_k) and that parameter's bound, the
-type its value has online (in the record) and in a training set (Arrow), and
+Per aggregation: whether it takes a column and of which types, whether it
+keeps the column's values (rather than computing with them), its integer
+parameter (``n`` of last_n, ``k`` of top_k) and that parameter's bound, and
 the names SQL calls it by (the first is the one Tally writes). Definitions
 validate against this table, the SQL dialect parses and writes with it, the
-online record and training sets take their types from it; the compiled
-kernels behind each aggregation are chosen by ``tally.core.arena.make_arena``.
+online record and training sets take their types from it (``value_type``,
+``arrow_type``); the compiled kernels behind each aggregation are chosen by
+``tally.core.arena.make_arena``.
 
-The arenas hold float64 values, so every aggregated column is numeric for
-now; string columns need the view state to hash (and, for top_k, to map
-back) strings first: then add "string" to ``column_types``.
+An aggregation that keeps values (first, last, last_n, top_k, and
+distinct_count, which tells them apart) keeps an int64 column's values
+exactly and takes string columns: the view state gives each string a 64-bit
+code (``tally.core.strings``) and the arena keeps codes as it keeps int64s.
 """
 from dataclasses import dataclass
 
-from tally.core.types import NUMERIC_TYPES
+from tally.core.types import FIELD_TYPES, NUMERIC_TYPES
+
+# The column types whose values an aggregation that keeps values keeps as
+# 64-bit integers (string: its code); other columns are folded as float64.
+EXACT_TYPES = ("int64", "string")
 
 
 @dataclass(frozen=True)
@@ -22,10 +28,10 @@ class Aggregation:
     name: str
     takes_column: bool
     column_types: tuple = ()
+    keeps_values: bool = False
     param: str = None          # "n" or "k": the integer parameter it requires
     max_param: int = None
     online_type: str = "float64"   # "int64" | "float64" | "list" (not in record layout 1)
-    training_type: str = "float64"  # see arrow_type()
     sql_names: tuple = ()
     summary: str = ""
 
@@ -36,25 +42,22 @@ class Aggregation:
 
 
 AGGREGATIONS = {a.name: a for a in (
-    Aggregation("count", False, online_type="int64", training_type="int64",
-                sql_names=("COUNT",), summary="number of events"),
+    Aggregation("count", False, online_type="int64", sql_names=("COUNT",), summary="number of events"),
     Aggregation("sum", True, NUMERIC_TYPES, sql_names=("SUM",), summary="sum of the column"),
     Aggregation("mean", True, NUMERIC_TYPES, sql_names=("AVG", "MEAN"),
                 summary="arithmetic mean of the column"),
     Aggregation("min", True, NUMERIC_TYPES, sql_names=("MIN",), summary="smallest value"),
     Aggregation("max", True, NUMERIC_TYPES, sql_names=("MAX",), summary="largest value"),
-    Aggregation("first", True, NUMERIC_TYPES, sql_names=("FIRST",),
+    Aggregation("first", True, FIELD_TYPES, True, sql_names=("FIRST",),
                 summary="value of the earliest event"),
-    Aggregation("last", True, NUMERIC_TYPES, sql_names=("LAST",),
+    Aggregation("last", True, FIELD_TYPES, True, sql_names=("LAST",),
                 summary="value of the latest event"),
-    Aggregation("last_n", True, NUMERIC_TYPES, "n", 4096, online_type="list",
-                training_type="list<float64>", sql_names=("LAST_N",),
-                summary="the n latest values, newest first"),
-    Aggregation("distinct_count", True, NUMERIC_TYPES, online_type="int64",
-                training_type="int64", sql_names=("APPROX_COUNT_DISTINCT", "DISTINCT_COUNT"),
+    Aggregation("last_n", True, FIELD_TYPES, True, "n", 4096, online_type="list",
+                sql_names=("LAST_N",), summary="the n latest values, newest first"),
+    Aggregation("distinct_count", True, FIELD_TYPES, True, online_type="int64",
+                sql_names=("APPROX_COUNT_DISTINCT", "DISTINCT_COUNT"),
                 summary="approximate number of distinct values (HyperLogLog)"),
-    Aggregation("top_k", True, NUMERIC_TYPES, "k", 1024, online_type="list",
-                training_type="list<struct<value: float64, count: int64>>",
+    Aggregation("top_k", True, FIELD_TYPES, True, "k", 1024, online_type="list",
                 sql_names=("APPROX_TOP_K", "TOP_K"),
                 summary="approximate k most frequent values (Misra-Gries)"),
 )}
@@ -64,17 +67,10 @@ AGGREGATIONS = {a.name: a for a in (
 SQL_NAMES = {name: a.name for a in AGGREGATIONS.values() for name in a.sql_names}
 
 
-def arrow_type(aggregation):
-    """The Arrow type of an aggregation's values in a training set."""
-    import pyarrow as pa          # only training sets need it: keep definitions light
-    kind = AGGREGATIONS[aggregation].training_type
-    if kind == "int64":
-        return pa.int64()
-    if kind == "list<float64>":
-        return pa.list_(pa.float64())
-    if kind.startswith("list<struct"):
-        return pa.list_(pa.struct([("value", pa.float64()), ("count", pa.int64())]))
-    return pa.float64()
+def exact(aggregation, column_type):
+    """Whether the arena of ``aggregation`` over a ``column_type`` column keeps
+    64-bit integers (int64 values, string codes) instead of float64."""
+    return AGGREGATIONS[aggregation].keeps_values and column_type in EXACT_TYPES
 
 
 def value_type(aggregation, column_type=None):
@@ -85,7 +81,7 @@ def value_type(aggregation, column_type=None):
     kind = AGGREGATIONS[aggregation]
     if kind.name in ("count", "distinct_count"):
         return "int64"
-    item = column_type if column_type in ("int64", "string") else "float64"
+    item = column_type if exact(aggregation, column_type) else "float64"
     if kind.name in ("first", "last"):
         return item
     if kind.name == "last_n":
@@ -93,3 +89,16 @@ def value_type(aggregation, column_type=None):
     if kind.name == "top_k":
         return f"top_k<{item}>"
     return "float64"
+
+
+def arrow_type(aggregation, column_type=None):
+    """The Arrow type of an aggregation's values in a training set: its
+    ``value_type`` (top_k<T> is a list of struct<value: T, count: int64>)."""
+    import pyarrow as pa          # only training sets need it: keep definitions light
+    scalars = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
+    kind = value_type(aggregation, column_type)
+    if kind.startswith("list<"):
+        return pa.list_(scalars[kind[5:-1]])
+    if kind.startswith("top_k<"):
+        return pa.list_(pa.struct([("value", scalars[kind[6:-1]]), ("count", pa.int64())]))
+    return scalars[kind]

@@ -25,6 +25,14 @@ A value read as of time ``t`` combines the tiles with epochs in
 ``(t // hop - window_tiles, t // hop]``, so a window is accurate to its hop and
 expires by time, not only when the entity's next event arrives.
 
+Value types: an arena keeps float64 values (NaN is a null and is skipped)
+unless it is made with ``value_type="int64"`` (first, last, last_n, top_k,
+distinct_count): then it takes int64 values -- an int64 column's, or a
+string column's 64-bit codes -- and keeps them exactly, as bit patterns in
+the same float64 cells (the kernels only copy and compare them, never
+compute with them), so the float path is unchanged. Such an arena has no
+in-band null: its nulls are left out by the mask. Reads return int64 values.
+
 Every arena has the same contract: ``update`` (a batch of slots, event times,
 values and an optional mask), ``merge`` (fold the state of the later part of a
 stream), ``read`` (finalised values as of a time), and ``describe`` /
@@ -77,21 +85,25 @@ MIN_EVENT_TIME = -(1 << 62)
 MAX_EVENT_TIME = 1 << 62
 
 
+VALUE_TYPES = ("float64", "int64")
+
+
 def make_arena(str aggregation, int64_t window_ms=0, int64_t hop_ms=0, int64_t lateness_ms=0,
-               param=None, int64_t capacity=1024):
+               param=None, int64_t capacity=1024, str value_type="float64"):
     """The arena of an aggregation; ``param`` is N of last_n, K of top_k or the
-    precision (log2 of the register count) of distinct_count."""
+    precision (log2 of the register count) of distinct_count; ``value_type``
+    "int64" keeps int64 values exactly (see the module doc)."""
     if aggregation in SCALAR_KINDS:
         if param is not None:
             raise ValueError(f"{aggregation} takes no parameter (got {param!r})")
-        return FeatureArena(aggregation, window_ms, hop_ms, lateness_ms, capacity)
+        return FeatureArena(aggregation, window_ms, hop_ms, lateness_ms, capacity, value_type)
     if aggregation not in PARAMETERS:
         raise ValueError(f"unknown aggregation {aggregation!r}; "
                          f"expected one of {', '.join(KINDS)}")
     param = PARAMETERS[aggregation][1] if param is None else param
     cls = {"last_n": LastNArena, "distinct_count": DistinctCountArena,
            "top_k": TopKArena}[aggregation]
-    return cls(param, window_ms, hop_ms, lateness_ms, capacity)
+    return cls(param, window_ms, hop_ms, lateness_ms, capacity, value_type)
 
 
 cdef inline int64_t floor_div(int64_t a, int64_t b) noexcept nogil:
@@ -106,6 +118,25 @@ cdef inline int64_t floor_mod(int64_t a, int64_t b) noexcept nogil:
     if r < 0:
         r += b
     return r
+
+
+def _values_array(values, Py_ssize_t n, bint bits, bint needs_values, str name):
+    """An update's values as contiguous float64 cells: float64 values, or (an
+    int64 arena) int64 values as their bit patterns."""
+    if values is None:
+        if needs_values:
+            raise ValueError(f"{name} needs values")
+        values = np.zeros(n, dtype=np.float64)
+    elif bits:
+        values = np.asarray(values)
+        if values.dtype.kind not in "iu":
+            raise TypeError(f"{name} keeps int64 values, but got {values.dtype} values; "
+                            "pass int64 values (a string column's codes)")
+        values = np.ascontiguousarray(values, dtype=np.int64).view(np.float64)
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    if values.shape[0] != n:
+        raise ValueError(f"{name}: values and slots differ in length")
+    return values
 
 
 def _grown(array, Py_ssize_t size, fill):
@@ -126,7 +157,8 @@ cdef class Batch:
     cdef Py_ssize_t n
     cdef int64_t max_slot
 
-    def __init__(self, slots, timestamps, values, mask, bint needs_values, str name):
+    def __init__(self, slots, timestamps, values, mask, bint needs_values, str name,
+                 bint bits=False):
         self.slots = np.ascontiguousarray(slots, dtype=np.int64)
         self.ts = np.ascontiguousarray(timestamps, dtype=np.int64)
         self.n = self.slots.shape[0]
@@ -137,13 +169,7 @@ cdef class Batch:
             raise ValueError(f"event times must lie within [-2**62, 2**62] epoch ms; "
                              f"this batch spans [{np.min(np.asarray(self.ts))}, "
                              f"{np.max(np.asarray(self.ts))}]")
-        if values is None:
-            if needs_values:
-                raise ValueError(f"{name} needs values")
-            values = np.zeros(self.n, dtype=np.float64)
-        self.values = np.ascontiguousarray(values, dtype=np.float64)
-        if self.values.shape[0] != self.n:
-            raise ValueError("values and slots differ in length")
+        self.values = _values_array(values, self.n, bits, needs_values, name)
         self.has_mask = mask is not None
         if self.has_mask:
             self.mask = np.ascontiguousarray(mask, dtype=np.bool_).view(np.uint8)
@@ -170,6 +196,8 @@ cdef class TiledArena:
     cdef readonly int64_t ring_tiles
     cdef readonly int64_t capacity          # slots allocated
     cdef readonly int64_t late_dropped
+    cdef readonly str value_type
+    cdef bint bits                          # value_type int64: cells hold int64 bits
     cdef dict _arrays, _widths, _fills
     cdef int64_t* head
 
@@ -188,9 +216,33 @@ cdef class TiledArena:
             self.ring_tiles = self.window_tiles + (lateness_ms + hop_ms - 1) // hop_ms
         self.capacity = 0
         self.late_dropped = 0
+        self.value_type, self.bits = "float64", False
         self._arrays, self._widths, self._fills = {}, {}, {}
         if self.hop_ms:
             self._declare("head", np.int64, 1, NO_TILE)
+
+    def _set_value_type(self, str value_type, str name):
+        if value_type not in VALUE_TYPES:
+            raise ValueError(f"{name}: value_type {value_type!r} is unknown; use one of "
+                             f"{', '.join(VALUE_TYPES)}")
+        self.value_type, self.bits = value_type, value_type == "int64"
+
+    def _typed(self, values, valid):
+        """Read values from float64 cells as the arena's value type: an int64
+        arena's cells hold int64 bit patterns (0 where invalid)."""
+        if not self.bits:
+            return values
+        values = values.view(np.int64)
+        values[~np.asarray(valid, dtype=bool)] = 0
+        return values
+
+    def _describe_value_type(self, dict params):
+        # only int64 arenas name their value type: float64 arenas describe
+        # themselves as they did before there were value types, so their
+        # snapshots stay loadable unchanged
+        if self.bits:
+            params["value_type"] = self.value_type
+        return params
 
     def _declare(self, name, dtype, width, fill):
         self._arrays[name] = np.empty(0, dtype)
@@ -381,13 +433,17 @@ cdef class FeatureArena(TiledArena):
     cdef int64_t i64_empty
 
     def __init__(self, str aggregation, int64_t window_ms=0, int64_t hop_ms=0,
-                 int64_t lateness_ms=0, int64_t capacity=1024):
+                 int64_t lateness_ms=0, int64_t capacity=1024, str value_type="float64"):
         if aggregation not in SCALAR_KINDS:
             raise ValueError(f"unknown aggregation {aggregation!r}; "
                              f"expected one of {', '.join(SCALAR_KINDS)}")
         super().__init__(window_ms, hop_ms, lateness_ms)
         self.aggregation = aggregation
         self.kind = SCALAR_KINDS[aggregation]
+        self._set_value_type(value_type, aggregation)
+        if self.bits and self.kind != FIRST and self.kind != LAST:
+            raise ValueError(f"{aggregation} computes with its values: only first and last "
+                             "keep int64 values")
         layout = _SCALAR_LAYOUT[self.kind]
         self.f64_empty = layout.get("f64", NAN)
         self.i64_empty = layout.get("i64", 0)
@@ -404,22 +460,24 @@ cdef class FeatureArena(TiledArena):
     @property
     def dtype(self):
         """The dtype of finalised values."""
-        return np.dtype(np.int64) if self.kind == COUNT else np.dtype(np.float64)
+        return np.dtype(np.int64) if self.kind == COUNT or self.bits else np.dtype(np.float64)
 
     def describe(self):
-        return {"aggregation": self.aggregation, "window_ms": self.window_ms,
-                "hop_ms": self.hop_ms, "lateness_ms": self.lateness_ms}
+        return self._describe_value_type(
+            {"aggregation": self.aggregation, "window_ms": self.window_ms,
+             "hop_ms": self.hop_ms, "lateness_ms": self.lateness_ms})
 
     def update(self, slots, timestamps, values=None, mask=None):
         """Fold a batch of events into the arena.
 
         ``slots`` and ``timestamps`` (event time, epoch ms) are int64 arrays;
         ``values`` a float64 array (NaN is a null and is skipped; unused by
-        count); ``mask`` an optional bool array of the events to apply (a
-        feature's filter). Events are applied in array order.
+        count), int64 for an int64 arena; ``mask`` an optional bool array of
+        the events to apply (a feature's filter, and the nulls of an int64
+        arena). Events are applied in array order.
         """
         cdef Batch b = Batch(slots, timestamps, values, mask, self.kind != COUNT,
-                             self.aggregation)
+                             self.aggregation, self.bits)
         self.reserve(b.max_slot + 1)
         if b.n == 0:
             return
@@ -429,7 +487,7 @@ cdef class FeatureArena(TiledArena):
         cdef Py_ssize_t i
         cdef int64_t cell, hop = self.hop_ms, ring = self.ring_tiles
         cdef int64_t epoch = 0, tile = 0, epoch_lo = 1, epoch_hi = 0
-        cdef bint nulls_skip = self.kind != COUNT
+        cdef bint nulls_skip = self.kind != COUNT and not self.bits
         with nogil:
             for i in range(b.n):
                 if i + 16 < b.n:
@@ -512,7 +570,7 @@ cdef class FeatureArena(TiledArena):
         cdef Py_ssize_t n = s.shape[0]
         cdef const int64_t[::1] t = np.ascontiguousarray(
             np.broadcast_to(np.asarray(as_of, dtype=np.int64), (n,)))
-        values = np.empty(n, dtype=self.dtype)
+        values = np.empty(n, dtype=np.int64 if self.kind == COUNT else np.float64)
         valid = np.empty(n, dtype=np.bool_)
         cdef uint8_t[::1] ok = valid.view(np.uint8)
         cdef double[::1] out_f
@@ -539,7 +597,7 @@ cdef class FeatureArena(TiledArena):
                     ok[k] = 1
                 else:
                     out_f[k] = self._finalize(f, i, &ok[k])
-        return values, valid
+        return self._typed(values, valid), valid
 
     cdef inline void _window_state(self, int64_t slot, int64_t as_of, double* f,
                                    int64_t* i) noexcept nogil:

@@ -647,18 +647,169 @@ class FeatureView:
 
 
 # --------------------------------------------------------------------------
+# FeatureService
+
+
+@dataclass(frozen=True)
+class ServiceFeature:
+    """One feature of a service: ``view:feature``, answered as column ``alias``."""
+    view: str
+    feature: str
+    alias: str
+
+    def ref(self):
+        text = f"{self.view}:{self.feature}"
+        return text if self.alias == self.feature else f"{text} as {self.alias}"
+
+
+@dataclass(frozen=True)
+class FeatureService:
+    """The features one model reads, across views and entities, answered in
+    one call: a lookup with every entity's key returns the whole vector, and
+    ``training_set(spine, service=...)`` the same columns offline.
+
+    ``features`` are ``"view:feature"`` or ``"view:feature as alias"``
+    strings, or FeatureView objects (all their features). Each answer column is named after its feature (or
+    alias); two features answering under one name are refused. Views are
+    named, not pinned: the service reads the version each view serves."""
+    name: str
+    features: tuple
+    owner: str = ""
+    description: str = ""
+    tags: tuple = ()
+
+    kind = "service"
+
+    def __post_init__(self):
+        _check_name("feature service", self.name)
+        where = f"feature service {self.name!r}"
+        items = (self.features,) if isinstance(self.features, (str, FeatureView)) \
+            else tuple(self.features or ())
+        object.__setattr__(self, "features",
+                           tuple(f for item in items for f in _service_features(item, where)))
+        tags = (self.tags,) if isinstance(self.tags, str) else self.tags
+        object.__setattr__(self, "tags", tuple(sorted(set(tags or ()))))
+        object.__setattr__(self, "owner", self.owner or "")
+        object.__setattr__(self, "description", self.description or "")
+        self.validate()
+
+    @property
+    def views(self):
+        """The names of the views it reads, in order of first use."""
+        return tuple(dict.fromkeys(f.view for f in self.features))
+
+    def validate(self, views=None):
+        """Check the service; with ``views`` ({name: FeatureView}, the views
+        it will be served with), also that every feature exists there."""
+        where = f"feature service {self.name!r}"
+        if not self.features:
+            raise DefinitionError(f"{where}: features is empty; name at least one, e.g. "
+                                  "'user_reading:total_readtime'")
+        answered, listed = {}, set()
+        for f in self.features:
+            if (f.view, f.feature) in listed:
+                raise DefinitionError(f"{where}: {f.view}:{f.feature} is listed twice; "
+                                      "list each feature once")
+            listed.add((f.view, f.feature))
+            if f.alias in answered and answered[f.alias] != f:
+                raise DefinitionError(
+                    f"{where}: column {f.alias!r} would answer both "
+                    f"{answered[f.alias].view}:{answered[f.alias].feature} and "
+                    f"{f.view}:{f.feature}; rename one, e.g. "
+                    f"'{f.view}:{f.feature} as {f.view}_{f.feature}'")
+            answered[f.alias] = f
+        for key in ("owner", "description"):
+            if not isinstance(getattr(self, key), str):
+                raise DefinitionError(f"{where}: {key} must be a string")
+        if views is not None:
+            self._check_against(views, where)
+
+    def _check_against(self, views, where):
+        keys = {}
+        for f in self.features:
+            view = views.get(f.view)
+            if view is None:
+                raise DefinitionError(
+                    f"{where}: feature {f.ref()!r}: no view {f.view!r}; "
+                    f"{_suggest(f.view, views)}apply the view first or with the service")
+            if f.feature not in {x.name for x in view.features}:
+                names = [x.name for x in view.features]
+                raise DefinitionError(
+                    f"{where}: feature {f.ref()!r}: view {f.view!r} has no feature "
+                    f"{f.feature!r}; {_suggest(f.feature, names)}it has {', '.join(names)}")
+            entity = view.entity
+            if keys.setdefault(entity.name, entity.key_type) != entity.key_type:
+                raise DefinitionError(
+                    f"{where}: views read entity {entity.name!r} with {keys[entity.name]} "
+                    f"and {entity.key_type} keys; one request row cannot hold both")
+
+    def to_dict(self):
+        return {"name": self.name,
+                "features": [{"view": f.view, "feature": f.feature, "alias": f.alias}
+                             for f in self.features],
+                "owner": self.owner, "description": self.description,
+                "tags": list(self.tags)}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["name"], tuple(ServiceFeature(f["view"], f["feature"], f["alias"])
+                                       for f in data["features"]),
+                   data.get("owner", ""), data.get("description", ""),
+                   tuple(data.get("tags", ())))
+
+    def __repr__(self):
+        lines = [f"FeatureService({self.name!r},"]
+        lines += [f"    {f.ref()}" for f in self.features]
+        return "\n".join(lines) + ")"
+
+    def _repr_html_(self):
+        rows = "".join(f"<tr><td><b>{_e(f.alias)}</b></td><td>{_e(f.view)}</td>"
+                       f"<td>{_e(f.feature)}</td></tr>" for f in self.features)
+        return (f"<div>feature service <b>{_e(self.name)}</b></div><table><tr>"
+                f"<th>column</th><th>view</th><th>feature</th></tr>{rows}</table>")
+
+
+def _service_features(item, where):
+    """The ServiceFeatures one entry of ``FeatureService.features`` names."""
+    if isinstance(item, ServiceFeature):
+        return [item]
+    if isinstance(item, FeatureView):
+        return [ServiceFeature(item.name, f.name, f.name) for f in item.features]
+    if not isinstance(item, str):
+        raise DefinitionError(f"{where}: {item!r} is not a feature; write 'view:feature' "
+                              "(or 'view:feature as name'), or pass a FeatureView")
+    text, alias = item.strip(), None
+    words = text.split()
+    if len(words) == 3 and words[1].lower() == "as":
+        text, alias = words[0], words[2]
+    elif len(words) != 1:
+        raise DefinitionError(f"{where}: {item!r}: write 'view:feature' or "
+                              "'view:feature as name'")
+    view, _, feature = text.partition(":")
+    for what, name in (("view", view), ("feature", feature or "x"), ("column", alias or "x")):
+        if not _is_name(name):
+            raise DefinitionError(f"{where}: {item!r}: {what} {name!r} is not a name; "
+                                  "write 'view:feature' or 'view:feature as name'")
+    if not feature:
+        raise DefinitionError(f"{where}: {item!r} names a view; write 'view:feature', or "
+                              "pass the FeatureView object for all of its features")
+    return [ServiceFeature(view, feature, alias or feature)]
+
+
+# --------------------------------------------------------------------------
 # Canonical form and content hash
 
-DEFINITION_CLASSES = {"entity": Entity, "source": Source, "view": FeatureView}
+DEFINITION_CLASSES = {"entity": Entity, "source": Source, "view": FeatureView,
+                      "service": FeatureService}
 
 
 def kind_of(definition):
-    """'entity', 'source' or 'view'."""
+    """'entity', 'source', 'view' or 'service'."""
     for kind, cls in DEFINITION_CLASSES.items():
         if isinstance(definition, cls):
             return kind
-    raise DefinitionError(f"{definition!r} is not a definition; expected an Entity, a Source "
-                          "or a FeatureView")
+    raise DefinitionError(f"{definition!r} is not a definition; expected an Entity, a Source, "
+                          "a FeatureView or a FeatureService")
 
 
 def canonical_json(data) -> str:

@@ -1,5 +1,5 @@
 """The Tally SQL dialect: sqlglot's SQL plus ``WINDOW SLIDING | TUMBLING |
-LIFETIME`` and ``CREATE SOURCE``, by subclassing sqlglot's ``Dialect``,
+LIFETIME``, ``CREATE SOURCE`` and ``CREATE FEATURE SERVICE``, by subclassing sqlglot's ``Dialect``,
 ``Tokenizer``, ``Parser`` and ``Generator`` (no text is pre-processed).
 
 A leaf: it knows SQL syntax, not definitions. :mod:`tally.core.sql`
@@ -54,6 +54,9 @@ class Tally(Dialect):
         KEYWORDS = {
             **tokens.Tokenizer.KEYWORDS,
             "SOURCE": TokenType.SOURCE,
+            # CREATE FEATURE SERVICE: any creatable token sqlglot leaves unused
+            # here will do; its kind reads back as the keyword's own text
+            "FEATURE SERVICE": TokenType.SEMANTIC_VIEW,
             "FLOAT64": TokenType.DOUBLE,
         }
 
@@ -119,7 +122,8 @@ class Tally(Dialect):
             text = " ".join(self._find_sql(start, self._prev).split())
             self.raise_error(f"The statement '{_shorten(text)}' is outside the Tally SQL "
                              "dialect; write CREATE SOURCE ..., CREATE VIEW ... AS SELECT "
-                             "... or SELECT ...", token=start)
+                             "..., CREATE FEATURE SERVICE ... AS SELECT ... or SELECT ...",
+                             token=start)
 
     class Generator(generator.Generator):
         TRANSFORMS = {**generator.Generator.TRANSFORMS, WindowSpec: window_spec_sql}

@@ -36,3 +36,7 @@ class TrainingSetError(TallyError, ValueError):
 class UsageError(TallyError, ValueError):
     """A command or request that cannot be carried out as given (a bad key, a
     missing argument); the message says what to give instead."""
+
+
+class TrainingSetWarning(UserWarning):
+    """A training set was built, but without some events; the message says which and why."""

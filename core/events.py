@@ -41,7 +41,7 @@ from tally.core.formats import DecodedEvents, decode_raw, schema_of
 MAX_KEY_BYTES = 511          # LMDB's key size limit, the smallest of the stores'
 
 __all__ = ["MAX_EVENT_TIME", "MAX_KEY_BYTES", "MIN_EVENT_TIME", "decode_payloads",
-           "drop_invalid", "table_columns", "valid_keys", "violations"]
+           "drop_invalid", "refuse_events", "table_columns", "valid_keys", "violations"]
 
 
 # --------------------------------------------------------------------------
@@ -159,11 +159,26 @@ def decode_payloads(payloads, source, decode_schema=None, key_column=None, key_t
         payloads, first = np.unique(events.payload_of_event[rows], return_index=True)
         for payload, row in zip(payloads.tolist(), rows[first].tolist()):
             rejected.setdefault(payload, reason_of(row))
+    return _without_payloads(events, rejected)[0]
+
+
+def refuse_events(events, reasons):
+    """``(events, keep)``: decoded ``events`` without the payloads holding an
+    event that the view state refused (``reasons``: event row -> reason, see
+    ``ViewState.encode``), each refused whole with its first event's reason;
+    ``keep`` masks the events left."""
+    rejected = {}
+    for row in sorted(reasons):
+        rejected.setdefault(int(events.payload_of_event[row]), reasons[row])
+    return _without_payloads(events, rejected)
+
+
+def _without_payloads(events, rejected):
     keep = ~np.isin(events.payload_of_event, list(rejected))
     rejects = sorted(list(events.rejects) + list(rejected.items()), key=lambda r: r[0])
     return DecodedEvents({name: column[keep] for name, column in events.columns.items()},
                          {name: mask[keep] for name, mask in events.valid.items()},
-                         rejects, events.payload_of_event[keep])
+                         rejects, events.payload_of_event[keep]), keep
 
 
 # --------------------------------------------------------------------------

@@ -1,24 +1,54 @@
 """From view state to online records: what the pipeline writes after each batch."""
 import numpy as np
 
-from tally.core.aggregations import AGGREGATIONS
-from tally.core.errors import DefinitionError
-from tally.core.record import INT64_MAX, INT64_MIN, Records, ViewSchema
+from tally.core.aggregations import value_type
+from tally.core.errors import DefinitionError, RecordError
+from tally.core.record import (ALIGN, FIXED_TYPES, INT64_MAX, INT64_MIN, MAX_RECORD_BYTES,
+                               Records, ViewSchema)
 from tally.core.view import EVENT_TIME
 
 
 def online_schema(view, version=1) -> ViewSchema:
-    # Record layout 1 holds one 8-byte number per feature; lists need layout 2.
-    lists = [f.name for f in view.features
-             if AGGREGATIONS[f.aggregation].online_type == "list"]
-    if lists:
-        raise DefinitionError(
-            f"view {view.name!r}: features {lists} hold lists, which online record "
-            "layout 1 cannot store yet; serve them from a view without them, or use "
-            "them offline (ViewState.read)")
-    features = tuple((f.name, AGGREGATIONS[f.aggregation].online_type)
+    """The schema of the view's online records: each feature with the type it
+    has online and in training sets alike (``value_type``)."""
+    features = tuple((f.name, value_type(f.aggregation, view.source.field_type(f.column)))
                      for f in view.features)
     return ViewSchema(view.name, version, view.entity.key_type, features)
+
+
+def check_servable(view):
+    """Refuse, with the reason, a view whose records the online store cannot
+    hold: a feature name too long for the schema, or records that could
+    exceed MAX_RECORD_BYTES with every list full. String bytes are not known
+    before events arrive; a record they make too long is refused when written
+    (and dead-lettered). Called by ``tally plan`` and ``tally apply``."""
+    schema = online_schema(view)
+    try:
+        schema.to_bytes()
+    except RecordError as error:
+        raise DefinitionError(f"view {view.name!r} cannot be served online: {error}") from None
+    params = {f.name: f.param for f in view.features}
+    sizes = {name: _largest_value(dtype, params[name]) for name, dtype in schema.features
+             if dtype not in FIXED_TYPES}
+    largest = schema.fixed_size + sum(sizes.values())
+    if largest > MAX_RECORD_BYTES:
+        biggest = sorted(sizes, key=sizes.get, reverse=True)[:3]
+        raise DefinitionError(
+            f"view {view.name!r} cannot be served online: with every list full its record "
+            f"takes {largest:,} bytes, above the limit of {MAX_RECORD_BYTES:,}; the largest "
+            f"features are {biggest}: lower their n or k, or split the view")
+
+
+def _largest_value(dtype, param):
+    """The bytes (padded) a full variable value of ``dtype`` takes, its
+    strings counted as empty."""
+    if dtype == "string":
+        size = 0
+    elif dtype.startswith("list<"):
+        size = 8 + (4 if dtype == "list<string>" else 8) * param
+    else:                                               # top_k: counts, then the values
+        size = 8 + 8 * param + _largest_value(f"list<{dtype[6:-1]}>", param)
+    return size + (-size & (ALIGN - 1))
 
 
 def next_expiry(view, as_of):

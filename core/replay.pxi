@@ -27,22 +27,21 @@ cdef class _ReplaySegment:
     cdef const double[::1] ev_values
     cdef const uint8_t[::1] ev_mask
     cdef bint has_mask
+    cdef bint nulls_skip                  # NaN is a null: a float64 arena that takes values
     cdef Py_ssize_t ne
     cdef const int64_t[::1] q_slots
     cdef const int64_t[::1] q_ts
     cdef Py_ssize_t nq
 
-    def __init__(self, TiledArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots, q_ts):
+    def __init__(self, TiledArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots, q_ts,
+                 bint takes_values=True):
         self.ev_slots = np.ascontiguousarray(ev_slots, dtype=np.int64)
         self.ev_ts = np.ascontiguousarray(ev_ts, dtype=np.int64)
         self.ne = self.ev_slots.shape[0]
         if self.ev_ts.shape[0] != self.ne:
             raise ValueError("replay: event slots and times differ in length")
-        if ev_values is None:
-            ev_values = np.zeros(self.ne, dtype=np.float64)
-        self.ev_values = np.ascontiguousarray(ev_values, dtype=np.float64)
-        if self.ev_values.shape[0] != self.ne:
-            raise ValueError("replay: event values and slots differ in length")
+        self.ev_values = _values_array(ev_values, self.ne, arena.bits, False, "replay")
+        self.nulls_skip = takes_values and not arena.bits
         self.has_mask = ev_mask is not None
         if self.has_mask:
             self.ev_mask = np.ascontiguousarray(ev_mask, dtype=np.bool_).view(np.uint8)
@@ -66,9 +65,9 @@ cdef class _ReplaySegment:
         if self.nq > 1 and np.any(np.diff(q_ts_array) < 0):
             raise ValueError("replay: queries must be sorted by time")
 
-    cdef inline bint skips(self, Py_ssize_t i, bint nulls_skip) noexcept nogil:
+    cdef inline bint skips(self, Py_ssize_t i) noexcept nogil:
         return (self.has_mask and not self.ev_mask[i]) or \
-            (nulls_skip and isnan(self.ev_values[i]))
+            (self.nulls_skip and isnan(self.ev_values[i]))
 
 
 cdef inline void _window_state_hoisted(FeatureArena arena, int64_t slot, int64_t as_of,
@@ -124,8 +123,8 @@ def replay_scalar(FeatureArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slo
     ``q_ts[j]`` and before any later one. Every event of the segment is
     applied. Returns ``(values, valid)`` in query order."""
     cdef _ReplaySegment g = _ReplaySegment(arena, ev_slots, ev_ts, ev_values, ev_mask,
-                                           q_slots, q_ts)
-    values = np.empty(g.nq, dtype=arena.dtype)
+                                           q_slots, q_ts, arena.kind != COUNT)
+    values = np.empty(g.nq, dtype=np.int64 if arena.kind == COUNT else np.float64)
     valid = np.empty(g.nq, dtype=np.bool_)
     cdef uint8_t[::1] ok = valid.view(np.uint8)
     cdef double[::1] out_f
@@ -138,14 +137,14 @@ def replay_scalar(FeatureArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slo
     cdef int64_t cell, slot, hop = arena.hop_ms, ring = arena.ring_tiles
     cdef int64_t epoch = 0, tile = 0, epoch_lo = 1, epoch_hi = 0, ts
     cdef int64_t capacity = arena.capacity
-    cdef bint nulls_skip = arena.kind != COUNT, is_count = arena.kind == COUNT
+    cdef bint is_count = arena.kind == COUNT
     cdef double f
     cdef int64_t n
     with nogil:
         while i < g.ne or j < g.nq:
             if i < g.ne and (j == g.nq or g.ev_ts[i] <= g.q_ts[j]):
                 # apply event i, exactly as FeatureArena.update does
-                if not g.skips(i, nulls_skip):
+                if not g.skips(i):
                     ts = g.ev_ts[i]
                     if hop == 0:
                         cell = g.ev_slots[i]
@@ -176,7 +175,7 @@ def replay_scalar(FeatureArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slo
                     else:
                         out_f[j] = arena._finalize(f, n, &ok[j])
                 j += 1
-    return values, valid
+    return arena._typed(values, valid), valid
 
 
 def replay_distinct_count(DistinctCountArena arena, ev_slots, ev_ts, ev_values, ev_mask,
@@ -193,23 +192,13 @@ def replay_distinct_count(DistinctCountArena arena, ev_slots, ev_ts, ev_values, 
     cdef Py_ssize_t i = 0, j = 0
     cdef int64_t cell, slot, lo, hi, e, r
     cdef int64_t capacity = arena.capacity, m = arena.m
-    cdef int p = arena.precision
-    cdef double value
-    cdef uint64_t h, rest
-    cdef uint8_t rank
     with nogil:
         while i < g.ne or j < g.nq:
             if i < g.ne and (j == g.nq or g.ev_ts[i] <= g.q_ts[j]):
-                if not g.skips(i, True):
+                if not g.skips(i):
                     cell = arena._cell_for_event(g.ev_slots[i], g.ev_ts[i])
                     if cell >= 0:
-                        value = g.ev_values[i] + 0.0
-                        memcpy(&h, &value, 8)
-                        h = tally_hash_u64(h)
-                        rest = h << p
-                        rank = (64 - p + 1) if rest == 0 else tally_clz64(rest) + 1
-                        if rank > arena.reg[cell * m + (h >> (64 - p))]:
-                            arena.reg[cell * m + (h >> (64 - p))] = rank
+                        arena._add(cell, g.ev_values[i])
                 i += 1
             else:
                 slot = g.q_slots[j]
@@ -249,7 +238,7 @@ def replay_last_n(LastNArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots
     with nogil:
         while i < g.ne or j < g.nq:
             if i < g.ne and (j == g.nq or g.ev_ts[i] <= g.q_ts[j]):
-                if not g.skips(i, True):
+                if not g.skips(i):
                     arena._insert(g.ev_slots[i], g.ev_ts[i], g.ev_values[i])
                 i += 1
             else:
@@ -273,21 +262,35 @@ def replay_last_n(LastNArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots
                         k -= 1
                 j += 1
                 offsets[j] = at
-    return offsets_array, values_array[:at], valid
+    values_array = values_array[:at]
+    return offsets_array, values_array.view(np.int64) if arena.bits else values_array, valid
 
 
 cdef struct _TopEntry:
-    double item
+    uint64_t item                 # a value's bit pattern, as TopKArena keeps it
     int64_t count
 
 
-cdef int _top_order(const void* a, const void* b) noexcept nogil:
+cdef int _top_order_float(const void* a, const void* b) noexcept nogil:
     """Largest count first; ties: smaller value first (as TopKArena.read)."""
     cdef const _TopEntry* x = <const _TopEntry*>a
     cdef const _TopEntry* y = <const _TopEntry*>b
     if x.count != y.count:
         return -1 if x.count > y.count else 1
-    return (x.item > y.item) - (x.item < y.item)
+    cdef double u, v
+    memcpy(&u, &x.item, 8)
+    memcpy(&v, &y.item, 8)
+    return (u > v) - (u < v)
+
+
+cdef int _top_order_int(const void* a, const void* b) noexcept nogil:
+    """_top_order_float for an int64 arena: ties ordered as int64."""
+    cdef const _TopEntry* x = <const _TopEntry*>a
+    cdef const _TopEntry* y = <const _TopEntry*>b
+    if x.count != y.count:
+        return -1 if x.count > y.count else 1
+    cdef int64_t u = <int64_t>x.item, v = <int64_t>y.item
+    return (u > v) - (u < v)
 
 
 def replay_top_k(TopKArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots, q_ts):
@@ -299,16 +302,16 @@ def replay_top_k(TopKArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots, 
                                            q_slots, q_ts)
     cdef int64_t k = arena.k, m = arena.m
     offsets_array = np.zeros(g.nq + 1, dtype=np.int64)
-    items_array = np.empty(g.nq * k, dtype=np.float64)
+    items_array = np.empty(g.nq * k, dtype=np.uint64)
     counts_array = np.empty(g.nq * k, dtype=np.int64)
     valid = np.zeros(g.nq, dtype=np.bool_)
     cdef int64_t[::1] offsets = offsets_array
-    cdef double[::1] out_items = items_array
+    cdef uint64_t[::1] out_items = items_array
     cdef int64_t[::1] out_counts = counts_array
     cdef uint8_t[::1] ok = valid.view(np.uint8)
-    window_items = np.zeros(m, dtype=np.float64)
+    window_items = np.zeros(m, dtype=np.uint64)
     window_counts = np.zeros(m, dtype=np.int64)
-    cdef double[::1] wi = window_items
+    cdef uint64_t[::1] wi = window_items
     cdef int64_t[::1] wc = window_counts
     entries = np.zeros(m * sizeof(_TopEntry), dtype=np.uint8)
     cdef _TopEntry* top = <_TopEntry*>cnp.PyArray_DATA(entries)
@@ -317,11 +320,11 @@ def replay_top_k(TopKArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots, 
     cdef int64_t capacity = arena.capacity
     while i < g.ne or j < g.nq:
         if i < g.ne and (j == g.nq or g.ev_ts[i] <= g.q_ts[j]):
-            if not g.skips(i, True):
+            if not g.skips(i):
                 cell = arena._cell_for_event(g.ev_slots[i], g.ev_ts[i])
                 if cell >= 0:
                     _mg_add(arena.items + cell * m, arena.counts + cell * m, m,
-                            g.ev_values[i] + 0.0, 1)
+                            _value_bits(g.ev_values[i], arena.bits), 1)
             i += 1
         else:
             slot = g.q_slots[j]
@@ -339,11 +342,13 @@ def replay_top_k(TopKArena arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots, 
                         top[used].item = wi[r]
                         top[used].count = wc[r]
                         used += 1
-                qsort(top, used, sizeof(_TopEntry), _top_order)
+                qsort(top, used, sizeof(_TopEntry),
+                      _top_order_int if arena.bits else _top_order_float)
                 for r in range(min(used, k)):
                     out_items[at] = top[r].item
                     out_counts[at] = top[r].count
                     at += 1
             j += 1
             offsets[j] = at
-    return offsets_array, items_array[:at], counts_array[:at], valid
+    items = items_array[:at].view(np.int64 if arena.bits else np.float64)
+    return offsets_array, items, counts_array[:at], valid

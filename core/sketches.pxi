@@ -24,12 +24,13 @@ cdef class LastNArena(TiledArena):
     cdef int64_t* fill
 
     def __init__(self, int64_t n, int64_t window_ms=0, int64_t hop_ms=0,
-                 int64_t lateness_ms=0, int64_t capacity=1024):
+                 int64_t lateness_ms=0, int64_t capacity=1024, str value_type="float64"):
         if n < 1 or n > 4096:
             raise ValueError(f"last_n: n={n} must be between 1 and 4096")
         TiledArena.__init__(self, window_ms, hop_ms, lateness_ms)   # validates the window
         self.read_window_ms, self.read_hop_ms = window_ms, hop_ms
         TiledArena.__init__(self, 0, 0, 0)        # storage: one list per slot
+        self._set_value_type(value_type, "last_n")
         self.n = n
         self._declare("ts", np.int64, n, 0)
         self._declare("val", np.float64, n, np.nan)
@@ -42,16 +43,18 @@ cdef class LastNArena(TiledArena):
         self.fill = <int64_t*>cnp.PyArray_DATA(self._arrays["fill"])
 
     def describe(self):
-        return {"aggregation": "last_n", "param": self.n, "window_ms": self.read_window_ms,
-                "hop_ms": self.read_hop_ms, "lateness_ms": 0}
+        return self._describe_value_type(
+            {"aggregation": "last_n", "param": self.n, "window_ms": self.read_window_ms,
+             "hop_ms": self.read_hop_ms, "lateness_ms": 0})
 
     def update(self, slots, timestamps, values, mask=None):
-        cdef Batch b = Batch(slots, timestamps, values, mask, True, "last_n")
+        cdef Batch b = Batch(slots, timestamps, values, mask, True, "last_n", self.bits)
         self.reserve(b.max_slot + 1)
         cdef Py_ssize_t i
+        cdef bint nulls_skip = not self.bits
         with nogil:
             for i in range(b.n):
-                if not b.skips(i, True):
+                if not b.skips(i, nulls_skip):
                     self._insert(b.slots[i], b.ts[i], b.values[i])
 
     cdef void _insert(self, int64_t slot, int64_t ts, double value) noexcept nogil:
@@ -104,6 +107,8 @@ cdef class LastNArena(TiledArena):
         valid = (slots >= 0) & (slots < self.capacity)
         ts = self._arrays["ts"].reshape(-1, self.n)
         val = self._arrays["val"].reshape(-1, self.n)
+        if self.bits:
+            val = val.view(np.int64)
         fill = self._arrays["fill"]
         for k, slot in enumerate(slots):
             if not valid[k]:
@@ -127,17 +132,18 @@ cdef class DistinctCountArena(TiledArena):
     default precision 10 (1 KiB per entity per tile). Merging takes the
     register-wise maximum, so merged parts give exactly the sketch of
     sequential processing. Values are hashed as float64 bit patterns
-    (-0.0 counts as 0.0)."""
+    (-0.0 counts as 0.0), or int64 ones in an int64 arena."""
 
     cdef readonly int precision
     cdef int64_t m
     cdef uint8_t* reg
 
     def __init__(self, int precision=10, int64_t window_ms=0, int64_t hop_ms=0,
-                 int64_t lateness_ms=0, int64_t capacity=1024):
+                 int64_t lateness_ms=0, int64_t capacity=1024, str value_type="float64"):
         if precision < 4 or precision > 16:
             raise ValueError(f"distinct_count: precision={precision} must be between 4 and 16")
         TiledArena.__init__(self, window_ms, hop_ms, lateness_ms)
+        self._set_value_type(value_type, "distinct_count")
         self.precision = precision
         self.m = 1 << precision
         self._declare("reg", np.uint8, self.ring_tiles * self.m, 0)
@@ -148,37 +154,38 @@ cdef class DistinctCountArena(TiledArena):
         self.reg = <uint8_t*>cnp.PyArray_DATA(self._arrays["reg"])
 
     def describe(self):
-        return {"aggregation": "distinct_count", "param": self.precision,
-                "window_ms": self.window_ms, "hop_ms": self.hop_ms,
-                "lateness_ms": self.lateness_ms}
+        return self._describe_value_type(
+            {"aggregation": "distinct_count", "param": self.precision,
+             "window_ms": self.window_ms, "hop_ms": self.hop_ms,
+             "lateness_ms": self.lateness_ms})
 
     @property
     def standard_error(self):
         return 1.04 / (<double>self.m) ** 0.5
 
     def update(self, slots, timestamps, values, mask=None):
-        cdef Batch b = Batch(slots, timestamps, values, mask, True, "distinct_count")
+        cdef Batch b = Batch(slots, timestamps, values, mask, True, "distinct_count", self.bits)
         self.reserve(b.max_slot + 1)
         cdef Py_ssize_t i
         cdef int64_t cell
-        cdef double value
-        cdef uint64_t h, rest
-        cdef uint8_t rank
-        cdef int p = self.precision
+        cdef bint nulls_skip = not self.bits
         with nogil:
             for i in range(b.n):
-                if b.skips(i, True):
+                if b.skips(i, nulls_skip):
                     continue
                 cell = self._cell_for_event(b.slots[i], b.ts[i])
-                if cell < 0:
-                    continue
-                value = b.values[i] + 0.0          # -0.0 becomes 0.0
-                memcpy(&h, &value, 8)
-                h = tally_hash_u64(h)
-                rest = h << p
-                rank = (64 - p + 1) if rest == 0 else tally_clz64(rest) + 1
-                if rank > self.reg[cell * self.m + (h >> (64 - p))]:
-                    self.reg[cell * self.m + (h >> (64 - p))] = rank
+                if cell >= 0:
+                    self._add(cell, b.values[i])
+
+    cdef inline void _add(self, int64_t cell, double value) noexcept nogil:
+        """Count one value in a cell's registers."""
+        cdef uint64_t h = _value_bits(value, self.bits)
+        h = tally_hash_u64(h)
+        cdef int p = self.precision
+        cdef uint64_t rest = h << p
+        cdef uint8_t rank = (64 - p + 1) if rest == 0 else tally_clz64(rest) + 1
+        if rank > self.reg[cell * self.m + (h >> (64 - p))]:
+            self.reg[cell * self.m + (h >> (64 - p))] = rank
 
     cdef void _clear(self, int64_t cell) noexcept nogil:
         memset(self.reg + cell * self.m, 0, self.m)
@@ -256,14 +263,15 @@ cdef class TopKArena(TiledArena):
 
     cdef readonly int64_t k
     cdef int64_t m
-    cdef double* items
+    cdef uint64_t* items           # bit patterns of the values (see _value_bits)
     cdef int64_t* counts
 
     def __init__(self, int64_t k=10, int64_t window_ms=0, int64_t hop_ms=0,
-                 int64_t lateness_ms=0, int64_t capacity=1024):
+                 int64_t lateness_ms=0, int64_t capacity=1024, str value_type="float64"):
         if k < 1 or k > 1024:
             raise ValueError(f"top_k: k={k} must be between 1 and 1024")
         TiledArena.__init__(self, window_ms, hop_ms, lateness_ms)
+        self._set_value_type(value_type, "top_k")
         self.k = k
         self.m = 4 * k
         self._declare("items", np.float64, self.ring_tiles * self.m, 0.0)
@@ -272,7 +280,7 @@ cdef class TopKArena(TiledArena):
 
     cdef void _bind(self):
         TiledArena._bind(self)
-        self.items = <double*>cnp.PyArray_DATA(self._arrays["items"])
+        self.items = <uint64_t*>cnp.PyArray_DATA(self._arrays["items"])
         self.counts = <int64_t*>cnp.PyArray_DATA(self._arrays["counts"])
 
     @property
@@ -280,22 +288,24 @@ cdef class TopKArena(TiledArena):
         return self.m
 
     def describe(self):
-        return {"aggregation": "top_k", "param": self.k, "window_ms": self.window_ms,
-                "hop_ms": self.hop_ms, "lateness_ms": self.lateness_ms}
+        return self._describe_value_type(
+            {"aggregation": "top_k", "param": self.k, "window_ms": self.window_ms,
+             "hop_ms": self.hop_ms, "lateness_ms": self.lateness_ms})
 
     def update(self, slots, timestamps, values, mask=None):
-        cdef Batch b = Batch(slots, timestamps, values, mask, True, "top_k")
+        cdef Batch b = Batch(slots, timestamps, values, mask, True, "top_k", self.bits)
         self.reserve(b.max_slot + 1)
         cdef Py_ssize_t i
         cdef int64_t cell
+        cdef bint nulls_skip = not self.bits
         with nogil:
             for i in range(b.n):
-                if b.skips(i, True):
+                if b.skips(i, nulls_skip):
                     continue
                 cell = self._cell_for_event(b.slots[i], b.ts[i])
                 if cell >= 0:
                     _mg_add(self.items + cell * self.m, self.counts + cell * self.m,
-                            self.m, b.values[i] + 0.0, 1)
+                            self.m, _value_bits(b.values[i], self.bits), 1)
 
     cdef void _clear(self, int64_t cell) noexcept nogil:
         memset(self.counts + cell * self.m, 0, self.m * sizeof(int64_t))
@@ -307,14 +317,16 @@ cdef class TopKArena(TiledArena):
 
     def read(self, slots, as_of):
         """Lists of (value, count) pairs, largest count first (ties: smaller
-        value first), at most K; an empty list for an empty window."""
+        value first; of a string column: smaller code first), at most K; an
+        empty list for an empty window."""
         slots = np.asarray(slots, dtype=np.int64)
         as_of = np.broadcast_to(np.asarray(as_of, dtype=np.int64), slots.shape)
         values = np.empty(len(slots), dtype=object)
         valid = (slots >= 0) & (slots < self.capacity)
-        window_items = np.zeros(self.m, dtype=np.float64)
+        window_bits = np.zeros(self.m, dtype=np.uint64)
+        window_items = window_bits.view(np.int64 if self.bits else np.float64)
         window_counts = np.zeros(self.m, dtype=np.int64)
-        cdef double[::1] wi = window_items
+        cdef uint64_t[::1] wi = window_bits
         cdef int64_t[::1] wc = window_counts
         cdef int64_t lo, hi, e, cell
         for k in range(len(slots)):
@@ -334,7 +346,18 @@ cdef class TopKArena(TiledArena):
         return values, valid
 
 
-cdef void _mg_add(double* items, int64_t* counts, int64_t m, double item,
+cdef inline uint64_t _value_bits(double value, bint bits) noexcept nogil:
+    """The bit pattern a sketch keeps for a value: an int64 arena's cells
+    already hold one; a float's is taken after turning -0.0 into 0.0, so
+    that bit equality is float equality (NaN, a null, never gets here)."""
+    cdef uint64_t h
+    if not bits:
+        value = value + 0.0
+    memcpy(&h, &value, 8)
+    return h
+
+
+cdef void _mg_add(uint64_t* items, int64_t* counts, int64_t m, uint64_t item,
                   int64_t count) noexcept nogil:
     """Misra-Gries: count ``item``; with no free counter, decrement them all."""
     cdef int64_t j, free_at = -1
@@ -361,12 +384,12 @@ cdef int _descending(const void* a, const void* b) noexcept nogil:
     return (x < y) - (x > y)
 
 
-cdef void _mg_merge(double* items, int64_t* counts, const double* src_items,
+cdef void _mg_merge(uint64_t* items, int64_t* counts, const uint64_t* src_items,
                     const int64_t* src_counts, int64_t m):
     """Fold summary ``src`` into ``items/counts`` (both of m counters): add the
     counters, then, if more than m remain, subtract the (m+1)-th largest
     count and keep the positive ones."""
-    cdef double* all_items = <double*>malloc(2 * m * sizeof(double))
+    cdef uint64_t* all_items = <uint64_t*>malloc(2 * m * sizeof(uint64_t))
     cdef int64_t* all_counts = <int64_t*>malloc(2 * m * sizeof(int64_t))
     cdef int64_t* sorted_counts = <int64_t*>malloc(2 * m * sizeof(int64_t))
     if all_items == NULL or all_counts == NULL or sorted_counts == NULL:

@@ -23,6 +23,10 @@ Grammar (statements are separated by ``;``; ``--`` starts a comment)::
         [WITH (owner = '...', description = '...', tags = 'a, b', online_expiry = '30d')]
         AS select
 
+    CREATE FEATURE SERVICE name
+        [WITH (owner = '...', description = '...', tags = 'a, b')]
+        AS SELECT view.feature [AS column], ...
+
     select :=
         SELECT [key_column [AS entity],] aggregate [AS feature], ...
         FROM source [[AS] alias]
@@ -75,7 +79,8 @@ from sqlglot.errors import ParseError, TokenError
 
 from tally.core import filters
 from tally.core.aggregations import AGGREGATIONS, SQL_NAMES
-from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
+from tally.core.definitions import (Entity, Feature, FeatureService, FeatureView, ServiceFeature,
+                                    Source, Window)
 from tally.core.dialect import Tally, WindowSpec, format_parse_error, needs_quotes, window_spec_sql
 from tally.core.durations import format_duration
 from tally.core.errors import DefinitionError
@@ -95,6 +100,7 @@ _SQL_TYPE = {"int64": "BIGINT", "float64": "DOUBLE", "string": "VARCHAR", "bool"
 SOURCE_PROPERTIES = ("topic", "format", "event_time", "archive", "earliest_event_time",
                      "max_event_time_ahead")
 VIEW_PROPERTIES = ("owner", "description", "tags", "online_expiry")
+SERVICE_PROPERTIES = ("owner", "description", "tags")
 
 # sqlglot classes of the aggregates of the dialect -> Tally aggregation
 _AGGREGATES = {exp.Sum: "sum", exp.Avg: "mean", exp.Min: "min", exp.Max: "max",
@@ -168,7 +174,7 @@ def parse_statements(text):
 
 
 def load_sql(text, sources=(), entities=(), name=None, origin=None, **metadata):
-    """The definitions (Sources and FeatureViews, in order) of a SQL text.
+    """The definitions (Sources, FeatureViews and FeatureServices, in order) of a SQL text.
 
     ``sources``/``entities`` are the catalog that ``FROM`` and the GROUP BY key
     resolve against, besides the text's own CREATE SOURCE statements. A bare
@@ -184,6 +190,10 @@ def load_sql(text, sources=(), entities=(), name=None, origin=None, **metadata):
                 source = _source_from_create(statement)
                 catalog.sources[source.name] = source
                 definitions.append(source)
+                continue
+            if isinstance(statement, exp.Create) and \
+                    statement.args.get("kind") == "FEATURE SERVICE":
+                definitions.append(_service_from_create(statement))
                 continue
             if isinstance(statement, exp.Create) and statement.args.get("kind") == "VIEW":
                 view = _view_from_create(statement, catalog)
@@ -241,7 +251,7 @@ def _outside(statement):
     if isinstance(statement, exp.Create):
         return (f"SQL statement at line {_line(statement)}: CREATE "
                 f"{statement.args.get('kind')} is outside the Tally SQL dialect; use "
-                "CREATE SOURCE or CREATE VIEW")
+                "CREATE SOURCE, CREATE VIEW or CREATE FEATURE SERVICE")
     kind = statement.key.upper()
     return (f"SQL statement at line {_line(statement)}: {kind} is outside the Tally SQL "
             "dialect; write CREATE SOURCE ..., CREATE VIEW ... AS SELECT ... or SELECT ...")
@@ -349,6 +359,44 @@ def _view_from_create(create, catalog):
                               "define the view AS SELECT ... GROUP BY <key>")
     props = _properties(create, VIEW_PROPERTIES, where)
     return _view_from_select(body, name, props, catalog)
+
+
+def _service_from_create(create):
+    """``CREATE FEATURE SERVICE name [WITH (...)] AS SELECT view.feature [AS
+    column], ...``: the columns name features; there is no FROM."""
+    name = create.this.name
+    where = f"feature service {name!r}"
+    _check_create(create, where)
+    body = create.expression
+    if not isinstance(body, exp.Select) or any(
+            value not in (None, [], False) for key, value in body.args.items()
+            if key != "expressions"):
+        raise DefinitionError(f"{where}: write AS SELECT view.feature [AS column], ... "
+                              "(a list of features, without FROM or other clauses)")
+    features = []
+    for item in body.expressions:
+        column = item.this if isinstance(item, exp.Alias) else item
+        if not isinstance(column, exp.Column) or not column.table or column.args.get("db"):
+            raise DefinitionError(f"{where}: {item.sql(dialect=Tally)!r} is not a feature; "
+                                  "write view.feature [AS column]")
+        features.append(ServiceFeature(column.table, column.name, item.alias_or_name))
+    props = _properties(create, SERVICE_PROPERTIES, where)
+    tags = tuple(t.strip() for t in props.pop("tags", "").split(",") if t.strip())
+    return FeatureService(name, tuple(features), tags=tags, **props)
+
+
+def service_to_sql(service):
+    """The CREATE FEATURE SERVICE statement of ``service`` (reads back equal)."""
+    props = [f"{key} = {_string(getattr(service, key))}"
+             for key in ("owner", "description") if getattr(service, key)]
+    if service.tags:
+        props.append(f"tags = {_string(', '.join(service.tags))}")
+    with_ = f" WITH ({', '.join(props)})" if props else ""
+    items = [f"{_ident(f.view)}.{_ident(f.feature)}"
+             + ("" if f.alias == f.feature else f" AS {_ident(f.alias)}")
+             for f in service.features]
+    return (f"CREATE FEATURE SERVICE {_ident(service.name)}{with_} AS\n"
+            "SELECT " + ",\n       ".join(items))
 
 
 def _view_from_select(select, name, props, catalog):

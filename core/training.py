@@ -40,14 +40,15 @@ Long because the replay's orchestration (spine, requested features,
 per-source event streams, outputs) reads best in one place.
 """
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
 
 from tally.core import arena as _arena
 from tally.core.aggregations import arrow_type
-from tally.core.definitions import Feature, FeatureView
-from tally.core.errors import TrainingSetError
+from tally.core.definitions import Feature, FeatureService, FeatureView
+from tally.core.errors import TrainingSetError, TrainingSetWarning
 from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, archive_and_topic, is_columns,
                                       n_events, open_events, slice_columns, stable_order)
 from tally.core.events import valid_keys
@@ -62,8 +63,8 @@ _INF = np.iinfo(np.int64).max
 # Public API
 
 
-def training_set(spine, features, sources=None, *, views=None, registry=None,
-                 timestamp_column=None, keys=None, pulsar=None,
+def training_set(spine, features=None, sources=None, *, service=None, views=None,
+                 registry=None, timestamp_column=None, keys=None, pulsar=None,
                  chunk_rows=DEFAULT_CHUNK_ROWS, spill_dir=None, progress=None) -> pa.Table:
     """The spine with one column per feature: its value as of each row's time.
 
@@ -95,12 +96,16 @@ def training_set(spine, features, sources=None, *, views=None, registry=None,
     ``key_column``. ``timestamp_column`` defaults to the first of
     ``ts``/``timestamp``/``event_timestamp``/``event_time`` present.
 
+    ``service`` (instead of ``features``): a FeatureService, or the name of
+    one in ``registry``: its features, each column named as the service
+    answers it online (a spine column of that name is refused).
+
     A feature column is named after the feature, or ``view__feature`` when
     that name is taken (by a spine column or another requested feature).
     ``progress(done, total)`` is called as spine rows are answered.
     """
     job = _Job(spine, features, sources, views, registry, timestamp_column, keys, pulsar,
-               chunk_rows, spill_dir, progress)
+               chunk_rows, spill_dir, progress, service)
     try:
         job.run(job.n_rows)
         return job.table()
@@ -108,7 +113,7 @@ def training_set(spine, features, sources=None, *, views=None, registry=None,
         job.close()
 
 
-def iter_training_batches(spine, features, sources=None, *, batch_rows=65_536,
+def iter_training_batches(spine, features=None, sources=None, *, batch_rows=65_536,
                           order="spine", **options):
     """Yield the training set as Arrow RecordBatches of up to ``batch_rows``.
 
@@ -127,7 +132,7 @@ def iter_training_batches(spine, features, sources=None, *, batch_rows=65_536,
                options.pop("registry", None), options.pop("timestamp_column", None),
                options.pop("keys", None), options.pop("pulsar", None),
                options.pop("chunk_rows", DEFAULT_CHUNK_ROWS), options.pop("spill_dir", None),
-               options.pop("progress", None))
+               options.pop("progress", None), options.pop("service", None))
     if options:
         raise TypeError(f"unexpected arguments {sorted(options)}")
     try:
@@ -152,6 +157,9 @@ class _Requested:
 
 def resolve_features(features, views=None, registry=None):
     """``[(view, feature)]`` for the feature references, in order."""
+    if features is None:
+        raise TrainingSetError("name the features (e.g. ['user_reading:total_readtime']) or "
+                               "a feature service (service='recommend')")
     if isinstance(features, (str, Feature, FeatureView)):
         features = [features]
     views = list(views or ())
@@ -213,6 +221,23 @@ def _resolve(features, views, by_name, registry):
             seen.add((id(view), feature.name))
             unique.append((view, feature))
     return unique
+
+
+def service_features(service, registry=None):
+    """(the "view:feature" refs, {(view, feature): column}) of a feature
+    service given as a FeatureService or by its name in ``registry``."""
+    if isinstance(service, str):
+        if registry is None or not hasattr(registry, "get"):
+            raise TrainingSetError(f"service={service!r}: name a registry (registry=) to "
+                                   "find it in, or pass the FeatureService")
+        try:
+            service = registry.get(service, kind="service")
+        except Exception as error:                # the registry's own NotFound, etc.
+            raise TrainingSetError(f"service={service!r}: {error}") from None
+    if not isinstance(service, FeatureService):
+        raise TrainingSetError(f"service={service!r}: pass a FeatureService or its name")
+    return ([f"{f.view}:{f.feature}" for f in service.features],
+            {(f.view, f.feature): f.alias for f in service.features})
 
 
 def _split_ref(ref):
@@ -367,11 +392,14 @@ def replay_generic(arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots, q_ts):
 
 
 class _Output:
-    """One feature's answers, in the spine's time order."""
+    """One feature's answers, in the spine's time order, typed as the
+    feature's value type (string features: codes mapped back by ``state``)."""
 
-    def __init__(self, requested, n_rows):
+    def __init__(self, requested, n_rows, state):
         self.requested = requested
-        self.type = arrow_type(requested.feature.aggregation)
+        feature = requested.feature
+        self.type = arrow_type(feature.aggregation, state.column_types.get(feature.name))
+        self.state = state if feature.name in state.string_features else None
         self.is_list = pa.types.is_list(self.type)
         self.valid = np.zeros(n_rows, dtype=bool)
         if not self.is_list:
@@ -383,17 +411,26 @@ class _Output:
         if self.is_list:
             if len(result) == 3:                         # last_n: offsets, values, valid
                 offsets, values, valid = result
-                array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+                array = pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(self._items(values), self.type.value_type))
             else:                                        # top_k: offsets, items, counts, valid
                 offsets, items, counts, valid = result
+                item_type = self.type.value_type.field("value").type
                 array = pa.ListArray.from_arrays(
                     pa.array(offsets), pa.StructArray.from_arrays(
-                        [pa.array(items), pa.array(counts)], names=["value", "count"]))
+                        [pa.array(self._items(items), item_type), pa.array(counts)],
+                        names=["value", "count"]))
             self.pieces.append((start, array))
         else:
             values, valid = result
+            if self.state is not None:
+                values = self.state.decode(self.requested.feature.name, values, valid)
             self.values[start:start + len(values)] = values
         self.valid[start:start + len(valid)] = valid
+
+    def _items(self, values):
+        """A kernel's flat list items: a string feature's codes as strings."""
+        return values if self.state is None else self.state.strings.strings(values)
 
     def arrow(self, start, stop, seen, take=None):
         """Rows [start, stop) (time order) as an Arrow array; ``take``
@@ -445,31 +482,45 @@ class _ViewReplay:
     def replay(self, events, q_start, q_stop, q_ts, outputs):
         """Apply ``events`` (sorted) and answer sorted spine rows [q_start, q_stop)."""
         q_slots = self.q_slots[q_start:q_stop]
+        batch = None
         if events is not None and n_events(events):
             keys = events[self.view.key_column]
             # events without a storable key have no entity: the stream refuses them
             present = valid_keys(keys, self.view.entity.key_type)
             if not present.all():
                 events = {name: values[present] for name, values in events.items()}
-                keys = events[self.view.key_column]
+            batch = self._encoded(events)
+        if batch is not None and len(batch):
+            keys = batch.columns[self.view.key_column]
             if keys.dtype.kind == "f":
                 keys = keys.astype(np.int64)
             slots = self.state.index.slots(keys)
-            ts = events[self.ts_field]
+            ts = batch.columns[self.ts_field]
         else:
-            slots, ts, events = np.empty(0, np.int64), np.empty(0, np.int64), {}
+            slots, ts, batch = np.empty(0, np.int64), np.empty(0, np.int64), None
         for arena in self.state.arenas.values():
             arena.reserve(len(self.state.index))
         for name in self.arena_names:
-            feature = self.view.feature(name)
-            values = None if feature.column is None or not len(ts) else events[feature.column]
-            mask = self.state.filters[name](events) if name in self.state.filters and \
-                len(ts) else None
+            values, mask = self.state.inputs(self.view.feature(name), batch) \
+                if batch is not None else (None, None)
             result = _kernel(self.state.arenas[name], slots, ts, values, mask, q_slots, q_ts)
             outputs[(id(self.view), name)].put(q_start, result)
         seen = _kernel(self.state.arenas[EVENT_TIME], slots, ts,
                        ts.astype(np.float64), None, q_slots, q_ts)[1]
         self.seen[q_start:q_stop] = seen
+
+    def _encoded(self, events):
+        """The events as the arenas take them; those the stream would refuse
+        (a string whose code another string has) are left out, with a warning."""
+        batch = self.state.encode(events)
+        if not batch.refused:
+            return batch
+        reasons = sorted(set(batch.refused.values()))
+        warnings.warn(f"view {self.view.name!r}: {len(batch.refused)} events left out of the "
+                      f"training set, as the stream refuses them: {reasons[0]}"
+                      + (f" (and {len(reasons) - 1} more reasons)" if len(reasons) > 1 else ""),
+                      TrainingSetWarning, stacklevel=2)
+        return batch.accepted()
 
 
 def _kernel(arena, ev_slots, ev_ts, ev_values, ev_mask, q_slots, q_ts):
@@ -544,10 +595,15 @@ class _SourceReplay:
 
 class _Job:
     def __init__(self, spine, features, sources, views, registry, timestamp_column, keys,
-                 pulsar, chunk_rows, spill_dir, progress):
+                 pulsar, chunk_rows, spill_dir, progress, service=None):
         self.spine = read_spine(spine)
         self.n_rows = self.spine.num_rows
         self.progress = progress
+        columns = None                         # a service names its columns
+        if service is not None:
+            if features is not None:
+                raise TrainingSetError("give features or service=, not both")
+            features, columns = service_features(service, registry)
         pairs = resolve_features(features, views, registry)
         ts_name = timestamp_column or next(
             (c for c in TIMESTAMP_CANDIDATES if c in self.spine.schema.names), None)
@@ -566,13 +622,13 @@ class _Job:
         for r in requested:
             clash = r.feature.name in taken or names.count(r.feature.name) > 1
             r.name = f"{r.view.name}__{r.feature.name}" if clash else r.feature.name
+            if columns is not None:
+                r.name = columns[(r.view.name, r.feature.name)]
             if r.name in taken:
                 raise TrainingSetError(f"feature column {r.name!r} clashes with a spine "
                                        "column; rename the spine column")
             taken.add(r.name)
         self.requested = requested
-        self.outputs = {(id(r.view), r.feature.name): _Output(r, self.n_rows)
-                        for r in requested}
 
         keys = dict(keys or {})
         view_replays, by_view = [], {}
@@ -594,6 +650,8 @@ class _Job:
             view_replays.append(_ViewReplay(view, reqs, key_values, key_present, self.order,
                                             view.source.timestamp_field))
         self.view_replays = view_replays
+        self.outputs = {(id(r.view), r.feature.name): _Output(r, self.n_rows, replay.state)
+                        for replay in view_replays for r in replay.requested}
 
         # one event stream per source (views of one source share it)
         groups = {}

@@ -16,7 +16,7 @@ from tally.service.registry import Registry
 __all__ = ["PulsarTopic", "iter_training_batches", "training_set"]
 
 
-def training_set(spine, features, sources=None, *, registry=None, pulsar=None, **options):
+def training_set(spine, features=None, sources=None, *, registry=None, pulsar=None, **options):
     """The spine with one column per feature, as of each row's time (see
     :func:`tally.core.training.training_set`). ``registry`` may be a path,
     ``pulsar`` a service URL, a ``pulsar.Client`` or a ``PulsarTopic``."""
@@ -25,7 +25,7 @@ def training_set(spine, features, sources=None, *, registry=None, pulsar=None, *
                                   pulsar=_event_source(pulsar), **options)
 
 
-def iter_training_batches(spine, features, sources=None, *, registry=None, pulsar=None,
+def iter_training_batches(spine, features=None, sources=None, *, registry=None, pulsar=None,
                           **options):
     """Arrow RecordBatches of the training set (see
     :func:`tally.core.training.iter_training_batches`)."""

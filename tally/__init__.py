@@ -18,6 +18,7 @@ _EXPORTS = {
     "Window": "tally.core.definitions",
     "Feature": "tally.core.definitions",
     "FeatureView": "tally.core.definitions",
+    "FeatureService": "tally.core.definitions",
     "sql": "tally.core.sql",
     "load_sql": "tally.core.sql",
     "TallyError": "tally.core.errors",

@@ -1,6 +1,7 @@
 # Type stubs of Tally's public face (the names tally/__init__.py loads lazily).
 from tally.core.definitions import Entity as Entity
 from tally.core.definitions import Feature as Feature
+from tally.core.definitions import FeatureService as FeatureService
 from tally.core.definitions import FeatureView as FeatureView
 from tally.core.definitions import Source as Source
 from tally.core.definitions import Window as Window

@@ -26,6 +26,7 @@ import tally.core.record as record
 from tally.service.store.lmdb import LmdbStore, StoreError, _db_name
 from tally.core.record import (INT64_MAX, INT64_MIN, RecordError, Records, ViewSchema,
                                encode_keys, encode_records)
+from tally.core.types import VALUE_TYPES
 
 CEXT = Path(__file__).resolve().parent.parent / "cext"
 BUILD = CEXT / "build"
@@ -79,11 +80,67 @@ def schema_of(view, key_type, n_features, version=1):
     return ViewSchema(view, version, key_type, features)
 
 
+def c_type_name(value_type):
+    """tally.h's macro suffix of a value type: "list<int64>" -> "LIST_INT64"."""
+    return value_type.upper().replace("<", "_").replace(">", "")
+
+
+def variable_schema_of(view, key_type, version=1):
+    """A view with every value type, twice (the variable ones in between
+    numbers, so slots and variable values interleave)."""
+    features = tuple((f"{t.replace('<', '_').rstrip('>')}_{i}", t)
+                     for i in range(2) for t in VALUE_TYPES)
+    return ViewSchema(view, version, key_type, features)
+
+
+STRINGS = ["", "a", "größe ü", "🙂 ключ", "with,comma:colon[brackets]", 'quote" back\\',
+           "tab\tnew\nline", "x" * 300]
+INT_EDGES = [INT64_MIN, INT64_MAX, 0, -1]
+FLOAT_EDGES = [math.inf, -math.inf, -0.0, 5e-324, math.nan, 1e308]
+
+
+def random_items(item, count, rng):
+    if item == "int64":
+        return [int(x) if rng.random() > 0.1 else int(rng.choice(INT_EDGES))
+                for x in rng.integers(-10**15, 10**15, size=count)]
+    if item == "float64":
+        return [float(x) if rng.random() > 0.1 else float(rng.choice(FLOAT_EDGES))
+                for x in rng.normal(scale=1e3, size=count)]
+    return [STRINGS[i] for i in rng.integers(0, len(STRINGS), size=count)]
+
+
+def random_variable_value(dtype, rng):
+    """A random value of a string, list or top_k type: empty lists too, and
+    now and then a long one."""
+    if dtype == "string":
+        return STRINGS[int(rng.integers(len(STRINGS)))]
+    count = int(rng.choice([0, 1, 3, 7, 300])) if rng.random() < 0.9 else 4096
+    item = dtype[dtype.index("<") + 1:-1]
+    if item == "string":                # 4096 strings of 300 bytes would pass 1 MiB
+        count = min(count, 300)
+    items = random_items(item, count, rng)
+    if dtype.startswith("list<"):
+        return items
+    counts = sorted(rng.integers(1, 10**9, size=count).tolist(), reverse=True)
+    return list(zip(items, counts))
+
+
+def object_column(values):
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
 def random_records(schema, n, rng):
     """n records with random values, ~20% nulls, and the edge values of both
-    types (INT64_MIN/MAX, +-inf, -0.0, subnormals, NaN as a value)."""
+    numeric types (INT64_MIN/MAX, +-inf, -0.0, subnormals, NaN as a value);
+    strings, lists and top_k of random lengths (empty ones included)."""
     values = {}
     for name, dtype in schema.features:
+        if dtype not in ("int64", "float64"):
+            column = object_column([random_variable_value(dtype, rng) for _ in range(n)])
+            values[name] = (column, rng.random(n) >= 0.2)
+            continue
         if dtype == "int64":
             column = rng.integers(INT64_MIN, INT64_MAX, size=n, dtype=np.int64, endpoint=True)
             edges = [INT64_MIN, INT64_MAX, 0, -1]
@@ -128,7 +185,7 @@ def expected_lines(store, view, keys):
     """What test_tally must print, from the Python reader."""
     schema = store.schema(view)
     lines = [f"view\t{view}\t{schema.version}\t{schema.key_type}\t{len(schema.features)}"
-             f"\t{schema.record_size}"]
+             f"\t{schema.fixed_size}"]
     lines += [f"feature\t{i}\t{name}\t{dtype}" for i, (name, dtype) in enumerate(schema.features)]
     for key, record in zip(keys, store.get_many(view, keys)):
         if record is None:
@@ -141,10 +198,18 @@ def expected_lines(store, view, keys):
 
 
 def show(value):
+    """A value as test_tally prints it (see its usage)."""
     if value is None:
         return "null"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else "%.17g" % value
+    if isinstance(value, str):
+        return '"' + "".join(chr(b) if 0x20 <= b <= 0x7e and chr(b) not in '\\",:[]'
+                             else f"\\x{b:02x}" for b in value.encode()) + '"'
+    if isinstance(value, tuple):                # a top_k pair
+        return f"{show(value[0])}:{value[1]}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(show, value)) + "]"
     return str(value)
 
 
@@ -219,10 +284,12 @@ def test_record_header_of_record_py_follows_tally_h():
         assert macros[f"TALLY_RECORD_{c_name}_SIZE"] == dtype.fields[name][0].itemsize == size
     assert macros["TALLY_RECORD_HEADER_SIZE"] == record.HEADER.size == dtype.itemsize == 32
     assert macros["TALLY_RECORD_LAYOUT_VERSION"] == record.LAYOUT_VERSION == 1
+    assert macros["TALLY_RECORD_VARIABLE_LAYOUT_VERSION"] == record.VARIABLE_LAYOUT_VERSION == 2
+    assert macros["TALLY_RECORD_VARIABLE_ALIGN"] == record.ALIGN
     # and the encoder puts each header field where tally.h says
     schema = ViewSchema("v", 7, "int64", (("a", "int64"), ("b", "float64")))
     values = {"a": (np.array([1]), np.array([True])), "b": (np.array([2.0]), np.array([False]))}
-    raw = encode_records(schema, values, np.array([-5]), 77, np.array([INT64_MAX])).tobytes()
+    raw = encode_records(schema, values, np.array([-5]), 77, np.array([INT64_MAX]))[0]
 
     def field(c_name):
         at, size = macros[f"TALLY_RECORD_{c_name}_OFFSET"], macros[f"TALLY_RECORD_{c_name}_SIZE"]
@@ -237,7 +304,7 @@ def test_record_size_of_record_py_follows_tally_h():
         schema = ViewSchema("v", 1, "int64", (("f", "int64"),) * n)
         bitmap = -(-n // (8 * word)) * word                 # whole words of 8 * word bits
         assert schema.bitmap_bytes == bitmap, n
-        assert schema.record_size == macros["TALLY_RECORD_HEADER_SIZE"] + bitmap + value * n
+        assert schema.fixed_size == macros["TALLY_RECORD_HEADER_SIZE"] + bitmap + value * n
 
 
 def test_schema_layout_of_record_py_follows_tally_h():
@@ -248,10 +315,13 @@ def test_schema_layout_of_record_py_follows_tally_h():
         assert macros[f"TALLY_SCHEMA_{c_name}_SIZE"] == size, c_name
     assert macros["TALLY_SCHEMA_HEADER_SIZE"] == record.SCHEMA_HEADER.size == 8
     assert macros["TALLY_SCHEMA_LAYOUT_VERSION"] == record.SCHEMA_LAYOUT_VERSION == 1
+    assert macros["TALLY_SCHEMA_VARIABLE_LAYOUT_VERSION"] == \
+        record.VARIABLE_SCHEMA_LAYOUT_VERSION == 2
     assert {t: macros[f"TALLY_KEY_{t.upper()}"] for t in record.KEY_TYPES} == \
         {t: i for i, t in enumerate(record.KEY_TYPES)}
-    assert {t: macros[f"TALLY_{t.upper()}"] for t in record.VALUE_TYPES} == \
-        {t: i for i, t in enumerate(record.VALUE_TYPES)}
+    assert {t: macros[f"TALLY_{c_type_name(t)}"] for t in VALUE_TYPES} == \
+        {t: i for i, t in enumerate(VALUE_TYPES)}
+    assert macros["TALLY_VALUE_TYPES"] == len(VALUE_TYPES)
     raw = ViewSchema("v", 9, "string", (("abc", "float64"),)).to_bytes()
     at = macros["TALLY_SCHEMA_HEADER_SIZE"]
     assert raw[macros["TALLY_SCHEMA_KEY_TYPE_OFFSET"]] == macros["TALLY_KEY_STRING"]
@@ -265,7 +335,7 @@ def test_python_constants_match_the_header(embedded):
                  "TALLY_ESCHEMA", "TALLY_ELAYOUT", "TALLY_EVIEWS", "TALLY_ETRUNCATED",
                  "TALLY_KEY_INT64", "TALLY_KEY_STRING"):
         assert macros[name] == getattr(embedded, name), name
-    assert embedded.library_version() == "libtally 0.1.0"
+    assert embedded.library_version() == "libtally 0.2.0"
     assert "TALLY_NOTFOUND" in embedded.strerror(embedded.TALLY_NOTFOUND)
     assert embedded.strerror(2) == os.strerror(2)
 
@@ -280,11 +350,13 @@ def test_c_reader_prints_what_the_python_reader_reads(tmp_path, rng, c_build, sa
         (schema_of("many", "int64", 130), int_keys(rng, 60)),      # 3 bitmap words
         (schema_of("names", "string", 5), string_keys(rng, 100)),
         (schema_of("bare", "int64", 0), int_keys(rng, 10)),
+        (variable_schema_of("lists", "int64", version=2), int_keys(rng, 120)),
+        (variable_schema_of("named lists", "string"), string_keys(rng, 60)),
     ], rng)
     program = c_test_program(c_build, sanitized)
     with LmdbStore(tmp_path, readonly=True) as store:
         for view, keys in written.items():
-            if view == "names":
+            if view in ("names", "named lists"):
                 queried = list(keys) + ["missing", "ключ2", "y" * 511, "z" * 600]
             else:
                 extra = int_keys(rng, 50)      # mostly keys that were not written
@@ -316,7 +388,7 @@ def test_c_reader_lists_the_views(tmp_path, rng, c_build, sanitized):
         store.register_view(schema_of("promoted", "int64", 2, version=5), current=False)
         store.promote("promoted", 5)
     plant_schema(tmp_path, b"orphan", schema_of("orphan", "int64", 2).to_bytes())  # no records
-    plant_schema(tmp_path, b"future", b"\x02" + schema_of("f", "int64", 1).to_bytes()[1:])
+    plant_schema(tmp_path, b"future", b"\x03" + schema_of("f", "int64", 1).to_bytes()[1:])
     with LmdbStore(tmp_path, readonly=True) as store:
         views = store.views()
         versions = {view: store.schema(view).version for view in views
@@ -355,10 +427,11 @@ def test_embedded_reader_equals_lmdb_store(tmp_path, rng, embedded):
         (schema_of("ints", "int64", 9, version=2), int_keys(rng, 500)),
         (schema_of("names", "string", 4), string_keys(rng, 200)),
         (schema_of("many", "int64", 70), int_keys(rng, 50)),
+        (variable_schema_of("lists", "string"), string_keys(rng, 80)),
     ], rng)
     queries = {}
     for view, keys in written.items():
-        if view == "names":
+        if view in ("names", "lists"):
             extra = ["nope", "ключ ", "a\tb"]
         else:
             extra = [int(k) for k in int_keys(rng, 100)]
@@ -460,12 +533,11 @@ def test_embedded_reader_lists_no_views_of_an_empty_store(tmp_path, embedded):
 
 
 def same(got, want):
-    """Equality of record lists where NaN equals NaN."""
+    """Equality of record lists where NaN equals NaN (also inside lists)."""
     def norm(record):
         if record is None:
             return None
-        return {k: ("nan" if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in record.items()}
+        return {k: (type(v).__name__, show(v)) for k, v in record.items()}
     return [norm(r) for r in got] == [norm(r) for r in want]
 
 
@@ -483,16 +555,16 @@ def test_embedded_reader_refuses_bad_records_and_schemas(tmp_path, rng, embedded
     with env.begin(write=True) as txn:
         redefined = env.open_db(_db_name("v", 2), txn=txn)
         for key, row in zip((1, 2), old_records):
-            txn.put(encode_keys("int64", [key])[0], row.tobytes(), db=redefined)
+            txn.put(encode_keys("int64", [key])[0], row, db=redefined)
         views = env.open_db(_db_name("bad", 1), txn=txn)
         bad = schema_of("bad", "int64", 2)
-        record = bytearray(random_records(bad, 1, rng).encode(bad)[0].tobytes())
-        record[0] = 2                                           # a future layout
+        record = bytearray(random_records(bad, 1, rng).encode(bad)[0])
+        record[0] = 3                                           # a future layout
         txn.put(b"\x80" + b"\0" * 6 + b"\x01", bytes(record), db=views)
         txn.put(b"\x80" + b"\0" * 6 + b"\x02", bytes(record[:40]), db=views)
         schemas = env.open_db(b"__schemas__", txn=txn)
         txn.put(b"truncated", schema_of("t", "int64", 2).to_bytes()[:-1], db=schemas)
-        txn.put(b"future", b"\x02" + schema_of("t", "int64", 2).to_bytes()[1:], db=schemas)
+        txn.put(b"future", b"\x03" + schema_of("t", "int64", 2).to_bytes()[1:], db=schemas)
         txn.put(b"orphan", schema_of("orphan", "int64", 2).to_bytes(), db=schemas)
     env.close()
     with embedded.EmbeddedReader(tmp_path) as reader:
@@ -689,3 +761,53 @@ def test_embedded_reader_refuses_a_truncated_store(truncated_store, embedded):
         embedded.EmbeddedReader(path)
     with pytest.raises(StoreError, match="truncated"):
         LmdbStore(path, readonly=True)             # the Python writer's check, the same
+
+
+def test_c_reader_refuses_corrupt_variable_values(tmp_path, rng, embedded):
+    """A layout 2 record whose variable value lies outside the record, or
+    disagrees with its encoding, is TALLY_ECORRUPT (the accessors never read
+    outside the record); the Python decoder refuses the same bytes."""
+    import lmdb
+    schema = ViewSchema("lists", 1, "int64", (("n", "int64"), ("items", "list<int64>"),
+                                              ("names", "list<string>"), ("s", "string")))
+    values = {"n": (np.array([1]), np.array([True])),
+              "items": (object_column([[1, 2, 3]]), np.array([True])),
+              "names": (object_column([["a", "bc"]]), np.array([True])),
+              "s": (object_column(["hey"]), np.array([True]))}
+    raw = Records(values, np.array([1]), 2, np.array([INT64_MAX])).encode(schema)[0]
+    fixed = schema.fixed_size
+    items_slot, names_slot, s_slot = fixed - 24, fixed - 16, fixed - 8
+    items_at = int.from_bytes(raw[items_slot:items_slot + 4], "little")
+    names_at = int.from_bytes(raw[names_slot:names_slot + 4], "little")
+
+    def patched(at, data):
+        out = bytearray(raw)
+        out[at:at + len(data)] = data
+        return bytes(out)
+    corrupt = {
+        2: patched(s_slot + 4, (10**6).to_bytes(4, "little")),        # past the end
+        3: patched(items_slot, (8).to_bytes(4, "little")),            # inside the fixed part
+        4: patched(items_at, (4).to_bytes(4, "little")),              # count != length
+        5: patched(names_at + 4, (1).to_bytes(4, "little")),          # first offset not 0
+        6: patched(names_at + 8, (9).to_bytes(4, "little")),          # offsets out of order
+        7: raw[:-8],                                                  # truncated
+    }
+    with LmdbStore(tmp_path) as store:
+        store.register_view(schema)
+        store.write("lists", np.array([1]), Records(values, np.array([1]), 2,
+                                                     np.array([INT64_MAX])))
+    env = lmdb.open(str(tmp_path), max_dbs=10)
+    with env.begin(write=True) as txn:
+        db = env.open_db(_db_name("lists", 1), txn=txn)
+        for key, bad in corrupt.items():
+            txn.put(encode_keys("int64", [key])[0], bad, db=db)
+    env.close()
+    with embedded.EmbeddedReader(tmp_path) as reader:
+        assert reader.get("lists", 1) == {"n": 1, "items": [1, 2, 3], "names": ["a", "bc"],
+                                          "s": "hey", "_event_time": 1, "_write_time": 2,
+                                          "_valid_until": None, "_view_version": 1}
+        for key, bad in corrupt.items():
+            with pytest.raises(RecordError, match="TALLY_ECORRUPT"):
+                reader.get("lists", key)
+            with pytest.raises(RecordError, match="corrupt"):
+                record.decode_record(schema, bad)

@@ -23,12 +23,12 @@ def test_layout_byte_by_byte():
     rows = records({"n": (np.array([2, 0]), np.array([True, True])),
                     "total": (np.array([1.5, 0.0]), np.array([True, True])),
                     "avg": (np.array([0.75, np.nan]), np.array([True, False]))})
-    assert rows.shape == (2, 32 + 8 + 24) == (2, SCHEMA.record_size)
-    first = rows[0].tobytes()
+    assert [len(r) for r in rows] == [32 + 8 + 24] * 2 == [SCHEMA.fixed_size] * 2
+    first = rows[0]
     assert HEADER.unpack_from(first) == (1, 0, 3, 3, 5, 77, INT64_MAX)
     assert first[32:40] == b"\0" * 8                       # no nulls
     assert struct.unpack_from("<qdd", first, 40) == (2, 1.5, 0.75)
-    second = rows[1].tobytes()
+    second = rows[1]
     assert second[32] == 0b100                              # feature 2 (avg) is null
     assert decode_record(SCHEMA, second) == {
         "n": 0, "total": 0.0, "avg": None, "_event_time": None, "_write_time": 77,
@@ -51,7 +51,7 @@ def test_wrong_record_is_refused():
 
 
 def test_wrong_record_of_the_right_size_is_refused():
-    size = SCHEMA.record_size
+    size = SCHEMA.fixed_size
     with pytest.raises(RecordError, match="layout version 2"):
         decode_record(SCHEMA, b"\x02\0\x03" + b"\0" * (size - 3))
     with pytest.raises(RecordError, match="record has 4 features and 64 bytes"):
@@ -70,7 +70,7 @@ def test_nulls_in_every_bitmap_word():
     values = {name: (np.array([i], dtype=dtype), np.array([i not in nulls]))
               for i, (name, dtype) in enumerate(wide.features)}
     raw = bytearray(encode_records(wide, values, np.array([INT64_MIN]), 3,
-                                   np.array([INT64_MAX])).tobytes())
+                                   np.array([INT64_MAX]))[0])
     raw[HEADER.size + 16] |= 0b100                       # bit 130: padding
     want = {name: None if i in nulls else (i if dtype == "int64" else float(i))
             for i, (name, dtype) in enumerate(wide.features)}
@@ -84,9 +84,9 @@ def test_decode_records_keeps_absent_ones():
     rows = records({"n": (np.array([2, 0]), np.array([True, False])),
                     "total": (np.array([1.5, 0.0]), np.array([True, True])),
                     "avg": (np.array([0.75, 1.0]), np.array([False, True]))})
-    raws = [rows[0].tobytes(), None, memoryview(rows[1].tobytes())]
+    raws = [rows[0], None, memoryview(rows[1])]
     assert decode_records(SCHEMA, raws) == [decode_record(SCHEMA, raws[0]), None,
-                                            decode_record(SCHEMA, rows[1].tobytes())]
+                                            decode_record(SCHEMA, rows[1])]
     assert decode_records(SCHEMA, raws)[2]["n"] is None
     assert decode_records(SCHEMA, []) == []
 

@@ -36,6 +36,11 @@ TOKEN = "s3cret-token"
 USERS = ViewSchema("users", 2, "int64", (("n", "int64"), ("total", "float64"),
                                          ("avg", "float64")))
 PAGES = ViewSchema("pages", 1, "string", (("visits", "int64"), ("score", "float64")))
+READING = ViewSchema("reading", 1, "int64", (
+    ("reads", "int64"), ("recent", "list<int64>"), ("titles", "list<string>"),
+    ("top_tags", "top_k<string>"), ("top_ids", "top_k<int64>"), ("title", "string"),
+    ("lengths", "list<float64>"), ("top_len", "top_k<float64>")))
+WORDS = ["", "a", "größe", "🙂", "with,comma", 'quote"', "x" * 50]
 META = ("_event_time", "_write_time", "_valid_until", "_view_version")
 
 
@@ -54,10 +59,32 @@ def libtally():
         os.environ["TALLY_LIBTALLY"] = str(CEXT / "build" / "libtally.so")
 
 
+def random_value(dtype, rng):
+    """A string, list or top_k value: empty lists too (no NaN)."""
+    if dtype == "string":
+        return WORDS[int(rng.integers(len(WORDS)))]
+    count = int(rng.choice([0, 1, 5, 40]))
+    item = dtype[dtype.index("<") + 1:-1]
+    if item == "int64":
+        items = rng.integers(INT64_MIN, INT64_MAX, size=count, endpoint=True).tolist()
+    elif item == "float64":
+        items = rng.normal(scale=1e6, size=count).tolist()
+    else:
+        items = [WORDS[i] for i in rng.integers(0, len(WORDS), size=count)]
+    if dtype.startswith("list<"):
+        return items
+    return list(zip(items, sorted(rng.integers(1, 10**6, size=count).tolist(), reverse=True)))
+
+
 def random_records(schema, n, rng):
     """Records with ~20% nulls and edge values (no NaN: it never equals itself)."""
     values = {}
     for name, dtype in schema.features:
+        if dtype not in ("int64", "float64"):
+            column = np.empty(n, dtype=object)
+            column[:] = [random_value(dtype, rng) for _ in range(n)]
+            values[name] = (column, rng.random(n) >= 0.2)
+            continue
         if dtype == "int64":
             column = rng.integers(INT64_MIN, INT64_MAX, size=n, dtype=np.int64, endpoint=True)
             column[:2] = [INT64_MIN, INT64_MAX][:n]
@@ -85,12 +112,12 @@ def store(tmp_path_factory, libtally):
         [f"page-{i}" for i in range(200)]
     oracle = {}
     with LmdbStore(path) as writer:
-        for schema, keys in ((USERS, int_keys), (PAGES, str_keys)):
+        for schema, keys in ((USERS, int_keys), (PAGES, str_keys), (READING, int_keys)):
             writer.register_view(schema)
             writer.write(schema.view, keys, random_records(schema, len(keys), rng))
         # ("" is absent too, but LmdbStore.get raises on it: see test_empty_string_key)
-        absent = {"users": [2, 3, 10**15], "pages": ["nope", "A"]}
-        for view, keys in (("users", int_keys), ("pages", str_keys)):
+        absent = {"users": [2, 3, 10**15], "pages": ["nope", "A"], "reading": [2, 3]}
+        for view, keys in (("users", int_keys), ("pages", str_keys), ("reading", int_keys)):
             every = keys + absent[view]
             oracle[view] = dict(zip(every, writer.get_many(view, every)))
     return path, oracle
@@ -141,7 +168,7 @@ class RawConnection:
 
 # ---- lookups against the oracle ---------------------------------------------------
 
-@pytest.mark.parametrize("view", ["users", "pages"])
+@pytest.mark.parametrize("view", ["users", "pages", "reading"])
 def test_sync_client_matches_the_store(client, oracle, view):
     keys = list(oracle[view])
     assert [client.get(view, k) for k in keys[:40]] == [oracle[view][k] for k in keys[:40]]
@@ -170,6 +197,7 @@ def test_views(client):
     assert client.views() == {
         "pages": {"key_type": "string", "version": 1,
                   "features": {"visits": "int64", "score": "float64"}},
+        "reading": {"key_type": "int64", "version": 1, "features": dict(READING.features)},
         "users": {"key_type": "int64", "version": 2,
                   "features": {"n": "int64", "total": "float64", "avg": "float64"}}}
 
@@ -183,6 +211,9 @@ def test_async_client_matches_the_store(server, oracle):
             pages = list(oracle["pages"])
             assert await client.get_many("pages", pages, batch_size=7) == \
                 [oracle["pages"][k] for k in pages]
+            reading = list(oracle["reading"])
+            assert await client.get_many("reading", reading, batch_size=9) == \
+                [oracle["reading"][k] for k in reading]
             with pytest.raises(LookupServerError) as refused:
                 await client.get("nope", 1)
             assert refused.value.code == "unknown_view"
@@ -323,6 +354,26 @@ def test_http_get_and_post(server, oracle):
     _, answer = json_call(port, "POST", "/v1/features/users", {"keys": [0], "features": ["n"]})
     assert list(answer["records"][0]) == ["n", *META]
     assert json_call(port, "GET", "/v1/views")[1]["views"]["users"]["key_type"] == "int64"
+
+
+def test_http_serves_strings_lists_and_top_k_as_json(server, oracle):
+    """Lists as arrays, top_k as [[value, count], ...], in the store's order."""
+    keys = list(oracle["reading"])[:MAX_BATCH]
+    status, answer = json_call(server.http_port, "POST", "/v1/features/reading", {"keys": keys})
+    assert status == 200
+    for key, got in zip(keys, answer["records"]):
+        want = oracle["reading"][key]
+        if want is None:
+            assert got is None
+            continue
+        for name, dtype in READING.features:
+            if want[name] is not None and dtype.startswith("top_k"):
+                assert got[name] == [[value, count] for value, count in want[name]]
+            else:
+                assert got[name] == want[name]
+    some = next(k for k in keys if oracle["reading"][k] and oracle["reading"][k]["title"])
+    record = json_call(server.http_port, "GET", f"/v1/features/reading/{some}")[1]["record"]
+    assert record["title"] == oracle["reading"][some]["title"]
 
 
 def json_ready(record):

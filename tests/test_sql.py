@@ -323,10 +323,11 @@ GOOD = "SELECT user, COUNT(*) AS n FROM read_events"
     ("DROP TABLE read_events", "DROP is outside the Tally SQL dialect"),
     ("CREATE TABLE t (a BIGINT)",
      "SQL statement at line 1: CREATE TABLE is outside the Tally SQL dialect; use CREATE "
-     "SOURCE or CREATE VIEW"),
+     "SOURCE, CREATE VIEW or CREATE FEATURE SERVICE"),
     ("CREATE ENTITY user KEY BIGINT",
      "The statement 'CREATE ENTITY user KEY BIGINT' is outside the Tally SQL dialect; write "
-     "CREATE SOURCE ..., CREATE VIEW ... AS SELECT ... or SELECT ..."),
+     "CREATE SOURCE ..., CREATE VIEW ... AS SELECT ..., CREATE FEATURE SERVICE ... AS SELECT "
+     "... or SELECT ..."),
     ("CREATE OR REPLACE VIEW v AS " + GOOD + " GROUP BY user",
      "view 'v': CREATE OR REPLACE is outside the Tally SQL dialect; drop it: applying a "
      "changed definition creates a new version, an unchanged one creates nothing"),

@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 
 from tally.core.record import INT64_MAX, INT64_MIN, Records, ViewSchema
-from tally.service.store import OnlineStore, StoreError, open_store
+from tally.service.store import OnlineStore, RecordRefused, StoreError, open_store
 
 SCHEMA = ViewSchema("contract", 1, "int64", (("n", "int64"), ("avg", "float64")))
+VARIABLE_SCHEMA = ViewSchema("contract_v", 1, "int64", (
+    ("n", "int64"), ("name", "string"), ("recent", "list<int64>"), ("lengths", "list<float64>"),
+    ("tags", "list<string>"), ("top_ids", "top_k<int64>"), ("top_len", "top_k<float64>"),
+    ("top_tags", "top_k<string>")))
 STRING_SCHEMA = ViewSchema("contract_s", 1, "string", (("n", "int64"),))
 
 
@@ -115,3 +119,69 @@ def test_unknown_views_are_store_errors(store):
     with pytest.raises(StoreError):
         store.schema("no_such_view")
     store.flush()                                # a no-op or a sync: never an error
+
+
+def test_feature_services_are_stored_beside_the_views(store):
+    store.register_view(SCHEMA)
+    first, second = b"tally-service 1 rank 1\nn contract n user\n", \
+        b"tally-service 1 rank 2\navg contract avg user\n"
+    store.put_service("rank", first)
+    store.put_service("other", second)
+    assert store.service("rank") == first
+    store.put_service("rank", second)                 # a new version replaces it
+    assert store.service("rank") == second
+    assert sorted(store.services()) == ["other", "rank"]
+    assert "contract" in store.views() and "rank" not in store.views()
+    store.drop_service("other")
+    store.drop_service("never_stored")                # no error
+    assert store.services() == ["rank"]
+    with pytest.raises(StoreError, match="unknown feature service 'other'"):
+        store.service("other")
+
+
+WORDS = ["", "a", "é", "🙂 x", "x" * 200]
+
+
+def _variable_value(dtype, rng):
+    """A random value of a variable type, by an independent recipe: the
+    expected lookup result is this very object."""
+    if dtype == "string":
+        return WORDS[int(rng.integers(len(WORDS)))]
+    count = int(rng.choice([0, 1, 4, 50]))
+    item = dtype[dtype.index("<") + 1:-1]
+    items = {"int64": lambda: rng.integers(-2**63, 2**63 - 1, size=count).tolist(),
+             "float64": lambda: rng.normal(size=count).tolist(),
+             "string": lambda: [WORDS[i] for i in rng.integers(0, len(WORDS), size=count)]}[item]()
+    if dtype.startswith("list<"):
+        return items
+    return list(zip(items, rng.integers(1, 10**9, size=count).tolist()))
+
+
+def _variable_records(n, seed=0):
+    rng = np.random.default_rng(seed)
+    values = {"n": (rng.integers(-10**12, 10**12, n), rng.random(n) > 0.2)}
+    for name, dtype in VARIABLE_SCHEMA.features[1:]:
+        column = np.empty(n, dtype=object)
+        column[:] = [_variable_value(dtype, rng) for _ in range(n)]
+        values[name] = (column, rng.random(n) > 0.2)
+    return Records(values, rng.integers(1, 10**12, n), 1_700_000_000_000, np.full(n, INT64_MAX))
+
+
+def _expected_variable(records, i):
+    result = {}
+    for name, dtype in VARIABLE_SCHEMA.features:
+        values, valid = records.values[name]
+        result[name] = (int(values[i]) if dtype == "int64" else values[i]) if valid[i] else None
+    result.update(_event_time=int(records.event_time[i]), _write_time=1_700_000_000_000,
+                  _valid_until=None, _view_version=1)
+    return result
+
+
+def test_strings_lists_and_top_k_read_back_exactly(store):
+    store.register_view(VARIABLE_SCHEMA)
+    keys = np.arange(-40, 40)
+    records = _variable_records(len(keys))
+    store.write("contract_v", keys, records)
+    got = store.get_many("contract_v", [int(k) for k in keys] + [999])
+    assert got == [_expected_variable(records, i) for i in range(len(keys))] + [None]
+    assert store.schema("contract_v") == VARIABLE_SCHEMA

@@ -6,9 +6,15 @@ from tally.service import config
 
 
 def add_commands(commands):
-    get = commands.add_parser("get", help="look up features of entities in the online store")
-    get.add_argument("view")
+    get = commands.add_parser(
+        "get", help="look up features of entities in the online store",
+        description="tally get VIEW KEY... prints each entity's record; tally get --service "
+        "NAME ENTITY=KEY... prints the feature vector of one request row, e.g. tally get "
+        "--service recommend user=42 article=7")
+    get.add_argument("view", nargs="?", help="the view (omit it with --service)")
     get.add_argument("keys", nargs="+", metavar="key")
+    get.add_argument("--service", help="read this feature service: the keys are "
+                     "entity=key pairs")
     get.add_argument("--store", default=config.default("store"),
                      help=f"store path or URL (default: {config.describe('store')})")
     get.set_defaults(run=cmd_get)
@@ -40,6 +46,8 @@ def add_commands(commands):
 
 def cmd_get(args):
     from tally.service.store import open_store
+    if args.service:
+        return _get_service(args)
     if not args.view or "\0" in args.view:
         raise UsageError(f"{args.view!r} is not a view name; `tally list` shows the views")
     with open_store(args.store, readonly=True) as store:
@@ -47,6 +55,25 @@ def cmd_get(args):
         keys = [_key(k, schema.key_type) for k in args.keys]
         for key, record in zip(keys, store.get_many(args.view, keys)):
             print(json.dumps({"key": key, "features": record}))
+    return 0
+
+
+def _get_service(args):
+    from tally.core.serving import ServedService
+    from tally.service.store import open_store
+    pairs = ([args.view] if args.view else []) + args.keys
+    if not all("=" in p for p in pairs):
+        raise UsageError("with --service, give entity=key pairs, e.g. user=42 article=7")
+    texts = dict(p.split("=", 1) for p in pairs)
+    with open_store(args.store, readonly=True) as store:
+        served = ServedService.from_bytes(args.service, store.service(args.service))
+        row = {}
+        for view, (entity, _) in served.views.items():
+            if entity not in texts:
+                raise UsageError(f"feature service {args.service!r} needs a key for "
+                                 f"{entity!r}: add {entity}=KEY")
+            row[entity] = _key(texts[entity], store.schema(view).key_type)
+        print(json.dumps({"row": row, "features": served.read(store, [row])[0]}))
     return 0
 
 

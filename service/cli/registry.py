@@ -6,6 +6,9 @@ import os
 
 from tally.service import config
 
+# the kinds of definitions (tally.service.registry.db.KINDS, without importing it)
+KINDS = ("view", "service", "source", "entity")
+
 def _registry(args):
     from tally.service.registry import Registry, RegistryError
     path = args.registry or config.default("registry")
@@ -81,6 +84,8 @@ def _cmd_list(args):
             d = info.definition
             if info.kind == "view":
                 details = f"{len(d.features)} features of {d.entity.name} from {d.source.name}"
+            elif info.kind == "service":
+                details = f"{len(d.features)} features of {', '.join(d.views)}"
             elif info.kind == "source":
                 details = f"topic {d.topic}, {d.format}, {len(d.schema)} fields"
             else:
@@ -101,7 +106,8 @@ def _print_table(rows):
 def _cmd_search(args):
     with _registry(args) as registry:
         hits = registry.search(args.text, tag=args.tag, owner=args.owner, entity=args.entity,
-                               source=args.source, topic=args.topic, kind=args.kind)
+                               source=args.source, topic=args.topic, kind=args.kind,
+                               view=args.view)
         if args.json:
             _print_json([h.to_dict() for h in hits])
         else:
@@ -115,9 +121,11 @@ def _cmd_describe(args):
         if args.json:
             _print_json(description.to_dict())
         elif args.sql:
-            from tally.core.sql import source_to_sql, view_to_sql
+            from tally.core.sql import service_to_sql, source_to_sql, view_to_sql
             d = description.info.definition
-            if description.info.kind == "view":
+            if description.info.kind == "service":
+                print(service_to_sql(d) + ";")
+            elif description.info.kind == "view":
                 print(source_to_sql(d.source) + ";\n")
                 print(view_to_sql(d) + ";")
             elif description.info.kind == "source":
@@ -168,7 +176,7 @@ def _cmd_lineage(args):
                 rows = registry.lineage(args.ref)
                 title = f"Lineage of {args.ref}"
         else:
-            raise SystemExit("tally lineage: name a view, view.feature or source, or pass "
+            raise SystemExit("tally lineage: name a view, view.feature, service or source, or pass "
                              "--topic/--source")
         if args.json:
             _print_json([r.to_dict() for r in rows])
@@ -255,17 +263,18 @@ def add_commands(commands):
     plan = add("plan", _cmd_plan, "show what apply would do (a dry run)")
     plan.add_argument("files", nargs="+", metavar="file")
     listing = add("list", _cmd_list, "list the current definitions (and candidates)")
-    listing.add_argument("--kind", choices=("view", "source", "entity"))
+    listing.add_argument("--kind", choices=KINDS)
     search = add("search", _cmd_search, "search definitions by name, tag, owner, entity, "
                  "source or topic")
     search.add_argument("text", nargs="?", help="text in a name, feature name or description")
     for option in ("tag", "owner", "entity", "source", "topic"):
         search.add_argument(f"--{option}")
-    search.add_argument("--kind", choices=("view", "source", "entity"))
+    search.add_argument("--view", help="the feature services reading this view")
+    search.add_argument("--kind", choices=KINDS)
     describe = add("describe", _cmd_describe, "describe a definition (name, name@vN, "
                    "kind:name)")
     describe.add_argument("ref")
-    describe.add_argument("--kind", choices=("view", "source", "entity"))
+    describe.add_argument("--kind", choices=KINDS)
     describe.add_argument("--sql", action="store_true", help="print the definition as SQL")
     diff = add("diff", _cmd_diff, "differences between two versions (name@v1 name@v2), or "
                "of one version against the one before")

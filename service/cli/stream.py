@@ -65,7 +65,7 @@ def _add_serve(commands):
 def cmd_serve(args):
     import uvloop
 
-    from tally.core.definitions import FeatureView
+    from tally.core.definitions import FeatureService, FeatureView
     from tally.service.ingest import service as streaming
     from tally.service.registry import Registry, load_file
 
@@ -74,11 +74,13 @@ def cmd_serve(args):
     if bool(args.definitions) == bool(args.registry):
         raise UsageError("give a definitions file or --registry (one of them)")
     wanted = args.views.split(",") if args.views else None
-    views, registry = [], None
+    views, services, registry = [], [], None
     if args.registry:
         registry = Registry(args.registry)
     else:
-        views = [d for d in load_file(args.definitions) if isinstance(d, FeatureView)]
+        definitions = load_file(args.definitions)
+        views = [d for d in definitions if isinstance(d, FeatureView)]
+        services = [d for d in definitions if isinstance(d, FeatureService)]
         if wanted:
             views = [v for v in views if v.name in wanted]
             missing = set(wanted) - {v.name for v in views}
@@ -86,7 +88,8 @@ def cmd_serve(args):
                 raise UsageError(f"no view named {sorted(missing)} in {args.definitions}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     service = streaming.StreamingService(
-        args.pulsar, args.store, args.checkpoints, views=views, registry=registry,
+        args.pulsar, args.store, args.checkpoints, views=views, services=services,
+        registry=registry,
         only_views=wanted, consumer_name=args.name,
         checkpoint_interval_s=args.checkpoint_interval,
         metrics_address=_address(args.metrics), admin_url=args.admin,

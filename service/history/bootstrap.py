@@ -125,7 +125,7 @@ class _UnitTally:
             return
         events = rules.decode_payloads(payloads, view.source, decode_schema, view.key_column,
                                        view.entity.key_type)
-        columns = events.columns
+        columns, valid = events.columns, events.valid
         self.messages += len(payloads)
         reasons = {}
         for _, reason in events.rejects:
@@ -135,8 +135,9 @@ class _UnitTally:
             keep = columns[view.source.timestamp_field] >= events_from_ms
             self.outside_boundary += int((~keep).sum())
             columns = {name: values[keep] for name, values in columns.items()}
+            valid = {name: mask[keep] for name, mask in valid.items()}
         self.events += len(columns[view.source.timestamp_field])
-        state.apply(columns)
+        state.apply(columns, valid)
 
     def summary(self, seconds):
         return {"messages": self.messages, "events": self.events, "rejected": self.rejected,

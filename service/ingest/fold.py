@@ -3,7 +3,9 @@
 The one step between receiving messages and writing records, shared by the
 partition workers and the bootstrap's readers: payloads are decoded by the
 stream's rules (``tally.core.events``: a payload holding an invalid event is
-refused whole, with the reason), the valid events applied to the state.
+refused whole, with the reason), encoded by the state (which refuses a string
+whose 64-bit code another string has: its payload is refused whole too), the
+valid events applied to the state.
 """
 import time
 from dataclasses import dataclass, field
@@ -69,8 +71,14 @@ class Fold:
         to ``state``; ``rejects`` are ``(payload index, reason)``."""
         events = rules.decode_payloads(payloads, self.view.source, self.decode_schema,
                                        self.view.key_column, self.view.entity.key_type)
+        touched = None
+        if events.n_events:
+            batch = state.encode(events.columns, events.valid)
+            if batch.refused:
+                events, keep = rules.refuse_events(events, batch.refused)
+                batch = batch.select(keep)
+            touched = state.fold(batch) if len(batch) else None
         n_events = events.n_events
-        touched = state.apply(events.columns) if n_events else None
         self.stats.messages += len(payloads)
         self.stats.events += n_events
         self.stats.batches += 1

@@ -26,7 +26,7 @@ from tally.service.metrics import seconds_since, serve_metrics, service_metrics
 from tally.service.pulsar.client import connect, partition_topics
 from tally.service.pulsar.topics import subscription_for
 from tally.service.registry import Conflict
-from tally.service.store import open_store
+from tally.service.store import StoreError, open_store
 
 REGISTRY_POLL_S = 1.0
 # set by a SIGTERM that arrives while the service is still connecting
@@ -95,7 +95,8 @@ class StreamingService:
     """Runs view versions: a fixed list (``views``), or whatever the registry
     says should run (``registry``), following its changes without a restart."""
 
-    def __init__(self, pulsar_url, store_path, checkpoint_dir, views=(), registry=None,
+    def __init__(self, pulsar_url, store_path, checkpoint_dir, views=(), services=(),
+                 registry=None,
                  only_views=None, consumer_name=None, checkpoint_interval_s=5.0,
                  batch_size=1000, metrics_address=None, admin_url=None,
                  bootstrap_readers=None):
@@ -113,6 +114,9 @@ class StreamingService:
         self.tasks = {}                       # (view name, version) -> its worker tasks
         for view in views:
             self.runners[(view.name, 1)] = VersionRunner(self, view, 1, serving=True)
+        if services:
+            publish_services(self.store, [(s, 1) for s in services],
+                             {v.name: v for v in views})
         self.stopping = None
         self.failures = []                    # partitions that could not go on
         self.metrics = service_metrics()
@@ -307,6 +311,7 @@ class StreamingService:
         return desired
 
     async def _reconcile(self):
+        self._publish_services()
         desired = self._desired()
         for key in [k for k in self.runners if k not in desired]:
             log.info("stopping %s@v%d", *key)
@@ -321,6 +326,15 @@ class StreamingService:
                 self.store.promote(*key)
                 runner.serving = True
 
+    def _publish_services(self):
+        """Write the registry's current feature services into the store, for
+        lookup servers that read no registry (every serve process does it:
+        the writes are idempotent), and drop the retired ones."""
+        views = {d.name: d for d in self.registry.current_definitions("view")}
+        current = [(info.definition, info.version) for info in self.registry.list("service")
+                   if info.state == "current"]
+        publish_services(self.store, current, views, drop_others=True)
+
     def _promote_caught_up(self):
         serving = {name: r for (name, _), r in self.runners.items() if r.serving}
         for (name, version), runner in list(self.runners.items()):
@@ -333,3 +347,27 @@ class StreamingService:
             self.store.promote(name, version)
             runner.serving = True
             log.info("promoted %s@v%d: it has caught up", name, version)
+
+
+def publish_services(store, services, views, drop_others=False):
+    """Put each (FeatureService, version) into ``store`` in its served form;
+    with ``drop_others`` (the registry is the whole truth), drop the store's
+    services not among them."""
+    from tally.core.serving import ServedService
+    names = set()
+    for service, version in services:
+        served = ServedService.of(service, views, version)
+        names.add(service.name)
+        if _stored(store, service.name) != served.to_bytes():
+            store.put_service(service.name, served.to_bytes())
+            log.info("published feature service %s@v%d", service.name, version)
+    for name in set(store.services()) - names if drop_others else ():
+        store.drop_service(name)
+        log.info("dropped feature service %s", name)
+
+
+def _stored(store, name):
+    try:
+        return store.service(name)
+    except StoreError:
+        return None

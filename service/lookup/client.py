@@ -11,6 +11,12 @@ the requests of one connection in the order they arrived, so a client may
 send many before reading any reply (pipelining). The ops and the error
 codes are in ``tally.service.lookup.protocol``.
 
+Feature values come back as the stores return them (``LmdbStore.get``):
+int, float, str, lists of items, and top_k values as lists of
+``(value, count)`` tuples -- on the wire ``[[value, count], ...]``, turned
+back into tuples by :func:`decode_reply` (an array whose items are arrays is
+a top_k: no other reply holds one).
+
 ``LookupClient`` blocks; ``AsyncLookupClient`` is for asyncio. Both raise
 ``LookupServerError`` (a ``LookupError``) with the server's error ``code``
 when the server answers with an error frame, and ``ConnectionError`` when the
@@ -48,7 +54,14 @@ def encode_frame(message):
 
 
 def decode_reply(payload):
-    return msgpack.unpackb(payload, raw=False)
+    return msgpack.unpackb(payload, raw=False, list_hook=_top_k_pairs)
+
+
+def _top_k_pairs(items):
+    """A top_k value's [[value, count], ...] -> [(value, count), ...]."""
+    if items and type(items[0]) is list:
+        return [tuple(pair) for pair in items]
+    return items
 
 
 def check_reply(reply, expected_id):
@@ -69,6 +82,11 @@ def get_request(request_id, view, keys, features=None):
     if features is not None:
         request["features"] = list(features)
     return request
+
+
+def service_request(name, rows):
+    rows = [rows] if isinstance(rows, dict) else list(rows)
+    return {"op": "service", "service": name, "rows": rows}
 
 
 def split(keys, batch_size):
@@ -173,6 +191,12 @@ class LookupClient:
         replies = self.pipeline([get_request(None, view, b, features) for b in batches], window)
         return [record for reply in replies for record in reply["records"]]
 
+    def service(self, name, rows):
+        """The feature vector of each row (a dict of entity keys, e.g.
+        ``{"user": 42, "article": 7}``) from feature service ``name``: one
+        request, one dict of the service's columns per row."""
+        return self.request(service_request(name, rows))["vectors"]
+
 
 class AsyncLookupClient:
     """An asyncio client on one connection; any number of coroutines may use
@@ -274,3 +298,7 @@ class AsyncLookupClient:
         batches = split(keys, batch_size)
         replies = await asyncio.gather(*(self.get_batch(view, b, features) for b in batches))
         return [record for records in replies for record in records]
+
+    async def service(self, name, rows):
+        """As :meth:`LookupClient.service`."""
+        return (await self.request(service_request(name, rows)))["vectors"]

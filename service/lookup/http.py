@@ -2,10 +2,14 @@
 
 ``GET /v1/features/{view}/{key}[?features=a,b]``,
 ``POST /v1/features/{view}`` with ``{"keys": [...], "features": [...]}``,
+``POST /v1/services/{service}`` with ``{"rows": [{"user": 42, ...}, ...]}``,
 ``GET /v1/views``, ``GET /health`` and ``GET /metrics`` (Prometheus text
 format). Keep-alive; ``Content-Length`` bodies only (no chunked uploads),
 the length in decimal digits and said once. A key in the path of an int64
 view is ``-?[0-9]+`` within int64.
+Feature values are the msgpack protocol's, in JSON (strings, arrays for
+lists, ``[[value, count], ...]`` for top_k: see
+``tally.service.lookup.protocol``).
 Errors are ``{"ok": false, "error": {"code", "message"}}`` with a matching
 status (400, 401, 404, 405, 413, 431, 500, 501, 503): the codes of
 ``tally.service.lookup.protocol`` plus ``not_found``, ``method_not_allowed``,
@@ -155,6 +159,7 @@ def error_json(code, message):
 
 class HttpFrontEnd:
     FEATURES = "/v1/features/"
+    SERVICES = "/v1/services/"
 
     def __init__(self, service, metrics, max_body=DEFAULT_MAX_FRAME_BYTES,
                  max_connections=DEFAULT_MAX_CONNECTIONS,
@@ -214,7 +219,8 @@ class HttpFrontEnd:
             return op, "internal", body, "application/json", 0
         if op == "metrics":
             return op, "ok", result.encode(), "text/plain; version=0.0.4; charset=utf-8", 0
-        n_keys = len(result["records"]) if "records" in result else int("record" in result)
+        n_keys = len(result.get("records", result.get("vectors", ()))) or \
+            int("record" in result)
         return op, "ok", json_body(dict({"ok": True}, **result)), "application/json", n_keys
 
     def _route(self, request):
@@ -229,6 +235,11 @@ class HttpFrontEnd:
             if len(parts) == 1 and parts[0]:
                 expect(method, "POST")
                 return "post", self._post_many, (unquote(parts[0]), request.body)
+        if path.startswith(self.SERVICES) and "/" not in path[len(self.SERVICES):] \
+                and path[len(self.SERVICES):]:
+            expect(method, "POST")
+            return "service", self._post_service, (unquote(path[len(self.SERVICES):]),
+                                                   request.body)
         routes = {"/health": ("health", self._health), "/metrics": ("metrics", self._metrics),
                   "/v1/views": ("views", self._views)}
         if path in routes:
@@ -236,7 +247,8 @@ class HttpFrontEnd:
             op, handler = routes[path]
             return op, handler, ()
         raise RequestError("not_found", f"no route {path!r}; see GET /v1/features/{{view}}/"
-                           "{key}, POST /v1/features/{view}, /v1/views, /health, /metrics")
+                           "{key}, POST /v1/features/{view}, POST /v1/services/{service}, /v1/views, "
+                           "/health, /metrics")
 
     async def _get_one(self, view, raw_key, query):
         schema = await self.service.catalog.schema(view)
@@ -250,17 +262,20 @@ class HttpFrontEnd:
         return {"view": view, "key": key, "record": record}
 
     async def _post_many(self, view, body):
-        try:
-            request = json.loads(body)
-        except ValueError as error:
-            raise RequestError("bad_request", f"the body is not JSON: {error}")
-        except RecursionError:
-            raise RequestError("bad_request", "the body's JSON is nested too deeply")
+        request = json_request(body)
         if not isinstance(request, dict) or not isinstance(request.get("keys"), list):
             raise RequestError("bad_request", 'the body must be {"keys": [...]} (and '
                                'optionally "features": [...])')
         records = await self.service.lookup(view, request["keys"], request.get("features"))
         return {"view": view, "records": records}
+
+    async def _post_service(self, name, body):
+        request = json_request(body)
+        if not isinstance(request, dict) or not isinstance(request.get("rows"), list):
+            raise RequestError("bad_request", 'the body must be {"rows": [{"user": 42, ...}, '
+                               '...]}: one map of entity keys per row')
+        return {"service": name,
+                "vectors": await self.service.lookup_service(name, request["rows"])}
 
     async def _views(self):
         return {"views": describe_all(self.service.catalog.schemas)}
@@ -271,6 +286,15 @@ class HttpFrontEnd:
 
     async def _metrics(self):
         return self.metrics.render()
+
+
+def json_request(body):
+    try:
+        return json.loads(body)
+    except ValueError as error:
+        raise RequestError("bad_request", f"the body is not JSON: {error}")
+    except RecursionError:
+        raise RequestError("bad_request", "the body's JSON is nested too deeply")
 
 
 def int64_key(view, text):

@@ -12,11 +12,24 @@ Ops::
       -> {"id": 1, "ok": true, "records": [{"total_readtime": 12.5,
           "_event_time": ..., "_write_time": ..., "_valid_until": ...,
           "_view_version": 1}, null]}          # null: the entity has no record
+    {"id": 5, "op": "service", "service": "recommend",
+     "rows": [{"user": 42, "article": 7}]}     # one map of entity keys per row
+      -> {"id": 5, "ok": true, "vectors": [{"total_readtime": 12.5,
+          "recent_articles": [7, 3], "article_reads": null}]}
+                                               # null: that entity has no record
     {"id": 2, "op": "ping"}               -> {"id": 2, "ok": true}
     {"id": 3, "op": "views"}              -> {"id": 3, "ok": true, "views":
           {"user_reading": {"key_type": "int64", "version": 1,
                             "features": {"total_readtime": "float64", ...}}}}
     {"id": 4, "op": "auth", "token": "s3cret"} -> {"id": 4, "ok": true}
+
+**Values** are those of the view's schema (the ``views`` op names each
+feature's type, one of ``tally.core.types.VALUE_TYPES``): int64 and float64
+as msgpack integers and floats; string as a string; list<T> as an array of
+T; top_k<T> as an array of ``[value, count]`` arrays, the most frequent
+first; null for a null feature. HTTP writes the same in JSON. The record
+dicts of the stores are already in this shape (a top_k pair is a tuple,
+which msgpack and JSON write as an array), so replies carry them as they are.
 
 ``id`` is optional (it is echoed as null). Keys must match the view's key
 type exactly: msgpack integers (within int64) for an int64 view, strings for
@@ -30,6 +43,7 @@ on::
 **Error codes**: ``bad_frame`` (not msgpack, trailing bytes, non-string map
 keys), ``not_a_map``, ``bad_request`` (a missing field or one of the wrong
 type), ``unknown_op``, ``unauthorized``, ``unknown_view``, ``unknown_feature``,
+``unknown_service``,
 ``bad_key``, ``batch_too_big`` (more keys than ``max_batch``),
 ``frame_too_big``, ``store_error`` (the store could not answer, e.g. a record
 written under a newer schema), ``internal`` (a bug; logged),
@@ -55,7 +69,7 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 20
 MAX_VIEW_NAME_LENGTH = 48
 DEFAULT_MAX_BATCH = 1000
 GARBAGE_FRAME_BYTES = 64 << 20
-OPS = ("get", "ping", "views", "auth")
+OPS = ("get", "service", "ping", "views", "auth")
 OPEN_OPS = ("ping",)                     # answered without a token
 RECORD_META = ("_event_time", "_write_time", "_valid_until", "_view_version")
 

@@ -28,9 +28,10 @@ import logging
 import time
 
 from tally.core.errors import RecordError
-from tally.service.lookup.protocol import (DEFAULT_MAX_BATCH, OPEN_OPS, OPS, RequestError,
-                                           check_features, check_keys, check_view_name,
-                                           describe_all, select)
+from tally.core.serving import ServedService
+from tally.service.lookup.protocol import (DEFAULT_MAX_BATCH, MAX_VIEW_NAME_LENGTH, OPEN_OPS,
+                                           OPS, RequestError, check_features, check_keys,
+                                           check_view_name, describe_all, select, shorten)
 from tally.service.store import StoreError
 from tally.service.store import open_store as open_online_store
 from tally.service.store.lmdb import LmdbStore
@@ -58,6 +59,13 @@ class EmbeddedStore:
         if len(keys) == 1:                  # skips get_many's array set-up
             return [self.reader.get(view, keys[0])]
         return self.reader.get_many(view, keys)
+
+    async def get_views(self, reads):
+        """{view: records} for {view: keys}: microseconds each, so in turn."""
+        return {view: await self.get_many(view, keys) for view, keys in reads.items()}
+
+    def service(self, name):
+        return self.reader.service(name)
 
     def has_view(self, view):
         """Cheap (libtally opens the view, or finds none), unlike listing. Only
@@ -119,6 +127,12 @@ class SharedLmdbStore:
     async def get_many(self, view, keys):
         return self.store.get_many(view, keys)
 
+    async def get_views(self, reads):
+        return {view: self.store.get_many(view, keys) for view, keys in reads.items()}
+
+    def service(self, name):
+        return self.store.service(name)
+
     def has_view(self, view):
         try:
             self.store.schema(view)
@@ -145,6 +159,16 @@ class RemoteStore:
 
     async def get_many(self, view, keys):
         return await self.store.get_many_async(view, keys)
+
+    async def get_views(self, reads):
+        """The views' round trips at once (in the store's thread pool)."""
+        views = list(reads)
+        records = await asyncio.gather(*(self.store.get_many_async(view, reads[view])
+                                         for view in views))
+        return dict(zip(views, records))
+
+    def service(self, name):
+        return self.store.service(name)
 
     def has_view(self, view):
         """No round trip on the event loop for a name the catalog lacks: a
@@ -187,6 +211,7 @@ class ViewCatalog:
         self.store = store
         self.refresh_seconds = refresh_seconds
         self.schemas = {}
+        self.services = {}                  # name -> (ServedService, time.monotonic() read)
         self._next_miss_reload = 0.0        # time.monotonic() from which a miss may reload
 
     async def reload(self):
@@ -216,6 +241,33 @@ class ViewCatalog:
             raise RequestError("unknown_view", f"unknown view {view!r}; known views: "
                                f"{sorted(self.schemas)}")
         return schema
+
+    async def service(self, name):
+        """The served form of feature service ``name``, read again from the
+        store once it is ``refresh_seconds`` old (so a new version is
+        followed as promotions are)."""
+        cached = self.services.get(name)
+        if cached is not None and time.monotonic() - cached[1] < self.refresh_seconds:
+            return cached[0]
+        if not 0 < len(name) <= MAX_VIEW_NAME_LENGTH or "\0" in name:
+            raise RequestError("unknown_service", "no feature service can be named "
+                               f"{shorten(name)}")
+        try:
+            if self.store.blocking:
+                raw = await asyncio.get_running_loop().run_in_executor(
+                    None, self.store.service, name)
+            else:
+                raw = self.store.service(name)
+            served = ServedService.from_bytes(name, raw)
+        except StoreError as error:
+            self.services.pop(name, None)
+            raise RequestError("unknown_service", str(error)) from error
+        except RecordError as error:
+            raise RequestError("store_error", str(error)) from error
+        if len(self.services) > 10_000:    # names clients send must not grow it forever
+            self.services.clear()
+        self.services[name] = (served, time.monotonic())
+        return served
 
     async def refresh_every(self, seconds):
         """Reload forever, every ``seconds``; failures are logged, not fatal."""
@@ -248,8 +300,8 @@ class LookupService:
         self.catalog = ViewCatalog(store, catalog_refresh)
         self.token = None if token is None else token.encode()
         self.max_batch = max_batch
-        self._ops = {"get": self._op_get, "ping": self._op_ping, "views": self._op_views,
-                     "auth": self._op_ping}
+        self._ops = {"get": self._op_get, "service": self._op_service, "ping": self._op_ping,
+                     "views": self._op_views, "auth": self._op_ping}
 
     def token_ok(self, token):
         """Compared in constant time, so response timing does not leak it."""
@@ -295,6 +347,46 @@ class LookupService:
         if not isinstance(keys, list):
             raise RequestError("bad_request", "'get' needs a 'keys' array")
         return {"records": await self.lookup(view, keys, request.get("features"))}
+
+    async def _op_service(self, request):
+        name = request.get("service")
+        if not isinstance(name, str):
+            raise RequestError("bad_request", "'service' needs a 'service' string")
+        return {"vectors": await self.lookup_service(name, request.get("rows"))}
+
+    async def lookup_service(self, name, rows):
+        """The feature vector of each request row (a map of entity keys):
+        one dict of the service's columns per row, its views read at once."""
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise RequestError("bad_request", "a feature service lookup needs 'rows': an "
+                               "array of maps of entity keys, e.g. [{\"user\": 42, "
+                               "\"article\": 7}]")
+        if len(rows) > self.max_batch:
+            raise RequestError("batch_too_big", f"{len(rows)} rows in one request; the "
+                               f"limit is {self.max_batch}: split the batch")
+        served = await self.catalog.service(name)
+        try:
+            keys = served.keys_of(rows)
+        except KeyError as error:
+            raise RequestError("bad_request", error.args[0]) from None
+        reads = {}
+        for view, (entity, columns) in served.views.items():
+            schema = await self.catalog.schema(view)
+            check_keys(schema, keys[entity])
+            check_features(schema, [feature for _, feature in columns])
+            reads[view] = keys[entity]
+        return served.assemble(await self._read_views(reads), len(rows))
+
+    async def _read_views(self, reads):
+        try:
+            return await self.store.get_views(reads)
+        except StoreError as error:
+            raise RequestError("unknown_view", str(error)) from error
+        except UnicodeEncodeError as error:
+            raise RequestError("bad_key", f"a key is not valid Unicode: {error}") from error
+        except (RecordError, OSError, ValueError, OverflowError) as error:
+            log.warning("lookup of views %s failed: %s", sorted(reads), error)
+            raise RequestError("store_error", f"{type(error).__name__}: {error}") from error
 
     async def lookup(self, view, keys, features=None):
         """Records of ``keys`` (None where an entity has none), with only

@@ -19,7 +19,8 @@ import sqlite3
 import time
 from contextlib import contextmanager
 
-from tally.core.definitions import canonical_document, canonical_json, content_hash, state_hash
+from tally.core.definitions import (DefinitionError, canonical_document, canonical_json,
+                                    content_hash, from_document, state_hash)
 from tally.service import config
 from tally.service.registry import deploy
 from tally.service.registry.deploy import CANDIDATE, CURRENT, IMMEDIATE, MANAGED
@@ -27,12 +28,12 @@ from tally.service.registry.diff import diff_specs
 from tally.service.registry.errors import NotFound, RegistryError
 from tally.service.registry.files import collect
 from tally.service.registry.lineage import feature_lineage, find_readers, index_rows
-from tally.service.registry.results import (Change, Deployment, Description, Diff, Plan,
-                                            PlanItem, Results, VersionInfo)
+from tally.service.registry.results import (Change, Deployment, Description, Diff, Lineage,
+                                            Plan, PlanItem, Results, VersionInfo)
 from tally.service.registry.schema import MIGRATIONS, SCHEMA_VERSION
-from tally.service.registry.search import facets_of, find_definitions
+from tally.service.registry.search import KIND_ORDER, facets_of, find_definitions
 
-KINDS = ("view", "source", "entity")          # lookup order of a bare name
+KINDS = ("view", "service", "source", "entity")   # lookup order of a bare name
 
 
 def default_path():
@@ -176,6 +177,7 @@ class Registry:
         """What :meth:`apply` would do, without changing anything."""
         items = collect(definitions, origin)
         with self._read() as db:
+            self._check_services(db, items)
             mode = self.deploy_mode
             return Plan(self._plan_item(db, kind, d, mode) for kind, d in items)
 
@@ -185,6 +187,7 @@ class Registry:
         items = collect(definitions, origin)
         actor = actor or deploy.default_actor()
         with self._write() as db:
+            self._check_services(db, items)
             mode = self.deploy_mode
             plan = Plan()
             for kind, definition in items:
@@ -192,6 +195,40 @@ class Registry:
                 self._execute(db, item, definition, origin, actor)
                 plan.append(item)
             return plan
+
+    def _check_services(self, db, items):
+        """Every feature service, applied now or already current, must find its
+        features in the views it will be served with: those applied with it,
+        else the registry's (so a view change dropping a feature a service
+        reads is refused, naming the service)."""
+        views = {d.name: d for kind, d in items if kind == "view"}
+        services = {d.name: d for kind, d in items if kind == "service"}
+        if not services and not views:
+            return
+        for service in self._heads(db, "service"):
+            services.setdefault(service.name, service)
+        wanted = {v for s in services.values() for v in s.views if v not in views}
+        for name in wanted:
+            head = self._heads(db, "view", name)
+            if head:
+                views[name] = head[0]
+        for service in services.values():
+            try:
+                service.validate(views)
+            except DefinitionError as error:
+                if service.name in {d.name for k, d in items if k == "service"}:
+                    raise
+                raise DefinitionError(f"{error} (the service is in the registry: apply "
+                                      "the views with the features it reads, or a new "
+                                      "version of the service without them)") from None
+
+    def _heads(self, db, kind, name=None):
+        """The current (else candidate) definitions of ``kind`` (one ``name``)."""
+        query = ("SELECT v.body FROM versions v JOIN heads h ON h.kind = v.kind AND "
+                 "h.name = v.name AND v.version = COALESCE(h.current, h.candidate) "
+                 "WHERE v.kind = ?" + (" AND v.name = ?" if name else ""))
+        rows = db.execute(query, (kind, name) if name else (kind,)).fetchall()
+        return [from_document(json.loads(row["body"])) for row in rows]
 
     def _plan_item(self, db, kind, definition, mode):
         digest = content_hash(definition)
@@ -461,8 +498,7 @@ class Registry:
         if kind:
             query += " WHERE v.kind = ?"
             params = (kind,)
-        query += " ORDER BY CASE v.kind WHEN 'view' THEN 0 WHEN 'source' THEN 1 ELSE 2 END, " \
-                 "v.name, v.version"
+        query += f" ORDER BY {KIND_ORDER}, v.name, v.version"
         return Results(VersionInfo.from_row(r) for r in self._conn.execute(query, params))
 
     def current_definitions(self, kind):
@@ -504,18 +540,23 @@ class Registry:
     # discovery -----------------------------------------------------------------
 
     def search(self, text=None, tag=None, owner=None, entity=None, source=None, topic=None,
-               kind=None):
+               kind=None, view=None):
         """Current (and candidate) definitions matching every given criterion:
         ``text`` (case-insensitive) in a name, feature name, description or tag; a
-        tag; an owner; an entity, source or topic."""
+        tag; an owner; an entity, source or topic; ``view``: the feature
+        services reading that view."""
         return find_definitions(self._conn, text, tag=tag, owner=owner, entity=entity,
-                                source=source, topic=topic, kind=kind)
+                                source=source, topic=topic, kind=kind, view=view)
 
     def lineage(self, ref):
-        """Upstream lineage of a feature (``view.feature``) or of every feature
-        of a view: feature -> view -> source -> topic -> fields."""
+        """Upstream lineage of a feature (``view.feature``), of every feature
+        of a view, or of every feature a feature service reads: feature ->
+        view -> source -> topic -> fields."""
         info = self.resolve(ref)
         feature = self._parse_ref(ref)[3]
+        if info.kind == "service":
+            return Lineage(row for f in info.definition.features
+                           for row in feature_lineage(self.resolve(f.view, "view"), f.feature))
         if info.kind != "view":
             raise RegistryError(f"{info.kind} {info.name!r} is not a view; for the features "
                                 f"that read it use readers(source={info.name!r}) "

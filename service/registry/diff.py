@@ -55,6 +55,8 @@ def _display(kind, spec):
         spec["source"] = _display("source", spec["source"])
     if kind == "source":
         spec["schema"] = {n: t for n, t in spec["schema"]}
+    if kind == "service":
+        spec["features"] = {f["alias"]: f"{f['view']}:{f['feature']}" for f in spec["features"]}
     return spec
 
 

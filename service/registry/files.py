@@ -4,14 +4,17 @@ refused)."""
 import os
 import runpy
 
-from tally.core.definitions import DefinitionError, Entity, FeatureView, Source, kind_of
+from tally.core.definitions import (DefinitionError, Entity, FeatureService, FeatureView, Source,
+                                    kind_of)
+from tally.core.materialize import check_servable
 from tally.service.registry.errors import RegistryError
 
 
 def load_file(path, sources=(), entities=()):
     """The definitions of a ``.py`` or ``.sql`` file.
 
-    A Python file is run; its module-level Entity, Source and FeatureView
+    A Python file is run; its module-level Entity, Source, FeatureView and
+    FeatureService
     objects (also inside module-level lists, tuples and dicts) are its
     definitions. A SQL file is parsed with :func:`tally.core.sql.load_sql`;
     ``sources``/``entities`` are the catalog its FROM clauses resolve against
@@ -34,7 +37,7 @@ def load_file(path, sources=(), entities=()):
         found, seen = [], set()
 
         def add(value):
-            if isinstance(value, (Entity, Source, FeatureView)) and id(value) not in seen:
+            if isinstance(value, (Entity, Source, FeatureView, FeatureService)) and id(value) not in seen:
                 seen.add(id(value))
                 found.append(value)
         for name, value in namespace.items():
@@ -55,12 +58,13 @@ def load_file(path, sources=(), entities=()):
 def collect(definitions, origin=None):
     """Expand views into (entity, source, view), drop exact duplicates and
     refuse two different definitions under one name. Returns [(kind, definition)]
-    ordered entities, sources, views."""
+    ordered entities, sources, views, services."""
     found = {}        # (kind, name) -> (definition, where)
     for definition in definitions:
         kind = kind_of(definition)
         if kind == "view":
             definition.validate()
+            check_servable(definition)          # refused at plan/apply, not at serve
             parts = [("entity", definition.entity, f"view {definition.name!r}"),
                      ("source", definition.source, f"view {definition.name!r}"),
                      ("view", definition, "the definitions")]
@@ -75,5 +79,5 @@ def collect(definitions, origin=None):
                     f"content (in {found[key][1]} and {where}); give each {part_kind} a "
                     f"distinct name, or use one {type(part).__name__} object for both")
             found.setdefault(key, (part, where))
-    order = {kind: i for i, kind in enumerate(("entity", "source", "view"))}
+    order = {kind: i for i, kind in enumerate(("entity", "source", "view", "service"))}
     return sorted(((k[0], v[0]) for k, v in found.items()), key=lambda kv: order[kv[0]])

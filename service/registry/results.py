@@ -8,7 +8,8 @@ import html
 import json
 from dataclasses import dataclass, field
 
-from tally.core.definitions import (Entity, FeatureView, Source, canonical_document,
+from tally.core.definitions import (Entity, FeatureService, FeatureView, Source,
+                                    canonical_document,
                                     content_hash, from_document)
 from tally.core.durations import format_duration
 from tally.service.registry.diff import change_line
@@ -284,6 +285,9 @@ class Description:
         if self.info.kind == "view":
             from tally.core.sql import view_to_sql
             data["sql"] = view_to_sql(self.info.definition)
+        elif self.info.kind == "service":
+            from tally.core.sql import service_to_sql
+            data["sql"] = service_to_sql(self.info.definition)
         return data
 
     def __str__(self):
@@ -315,6 +319,13 @@ class Description:
                 lines.append(f"  archive     {d.archive}")
         elif isinstance(d, Entity):
             lines.append(f"  key type    {d.key_type}")
+        elif isinstance(d, FeatureService):
+            lines += [f"  owner       {d.owner or '-'}",
+                      f"  description {d.description or '-'}",
+                      f"  tags        {', '.join(d.tags) or '-'}",
+                      "  features"]
+            width = max(len(f.alias) for f in d.features)
+            lines += [f"    {f.alias:{width}}  {f.view}:{f.feature}" for f in d.features]
         lines.append("  versions")
         for v in self.history:
             lines.append(f"    v{v.version:<3} {v.state:9} {v.hash[:12]}  {v.created_at} "

@@ -66,6 +66,18 @@ class OnlineStore(Protocol):
     def count(self, view, version=None):
         """The number of records of a view version."""
 
+    def put_service(self, name, definition):
+        """Store a feature service's definition (bytes: ``tally.core.serving``)."""
+
+    def service(self, name):
+        """The stored definition of feature service ``name`` (StoreError if none)."""
+
+    def services(self):
+        """The names of the feature services the store holds."""
+
+    def drop_service(self, name):
+        """Forget a feature service (no error if unknown)."""
+
     def flush(self):
         """Make every write so far durable (called before a checkpoint)."""
 

@@ -132,6 +132,7 @@ _HINTS = {
     BATCH_DISABLED: "the server has batch commands disabled",
 }
 
+SERVICE_PREFIX = "_service:"
 
 def code_name(code):
     return CODE_NAMES.get(code, str(code))
@@ -607,6 +608,52 @@ class AerospikeStore:
             raise StoreError(f"view {view!r} has no version {version} in this store"
                              if version is not None else f"view {view!r} has no served version")
         return found
+
+    # -- feature services -------------------------------------------------
+    # Stored in the metadata set under "_service:<name>" (view names never
+    # start with "_"), in bins "service" and "service_name"; views() lists
+    # only records with a "view" bin.
+
+    def put_service(self, name, definition):
+        self._retry_single(lambda: self.client.put(
+            self._meta_key(SERVICE_PREFIX + name),
+            {"service": bytearray(definition), "service_name": name},
+            policy=dict(self.write_policy, ttl=TTL_NEVER_EXPIRE)),
+            f"store feature service {name!r}")
+
+    def service(self, name):
+        def call():
+            try:
+                return self.client.get(self._meta_key(SERVICE_PREFIX + name),
+                                       dict(self.read_policy))[2]
+            except Exception as error:  # noqa: BLE001 - client exceptions carry .code
+                if _error_code(error) == RECORD_NOT_FOUND:
+                    return None
+                raise
+        bins = self._retry_single(call, f"read feature service {name!r}")
+        if not bins or "service" not in bins:
+            raise StoreError(f"unknown feature service {name!r}; known: {self.services()}")
+        return bytes(bins["service"])
+
+    def services(self):
+        found = []
+
+        def run():
+            found.clear()
+            query = self.client.query(self.namespace, self.meta_set)
+            query.select("service_name")
+            query.foreach(lambda record: found.append((record[2] or {}).get("service_name")))
+        self._retry_single(run, "list feature services")
+        return sorted(name for name in found if name)
+
+    def drop_service(self, name):
+        def call():
+            try:
+                self.client.remove(self._meta_key(SERVICE_PREFIX + name))
+            except Exception as error:  # noqa: BLE001 - client exceptions carry .code
+                if _error_code(error) != RECORD_NOT_FOUND:
+                    raise
+        self._retry_single(call, f"drop feature service {name!r}")
 
     # -- writes -----------------------------------------------------------
 

@@ -31,8 +31,8 @@ import threading
 import numpy as np
 
 from tally.core.errors import RecordError
-from tally.core.record import (INT64_MAX, INT64_MIN, KEY_TYPES, VALUE_TYPES, RecordDecoder,
-                               ViewSchema)
+from tally.core.record import INT64_MAX, INT64_MIN, RecordDecoder, ViewSchema
+from tally.core.types import KEY_TYPES, VALUE_TYPES
 from tally.service.store import StoreError
 
 # Return codes, as in cext/tally.h.
@@ -44,6 +44,8 @@ TALLY_ESCHEMA = -30504
 TALLY_ELAYOUT = -30505
 TALLY_EVIEWS = -30506
 TALLY_ETRUNCATED = -30507
+TALLY_ENOSERVICE = -30508
+TALLY_ESPACE = -30509
 TALLY_KEY_INT64, TALLY_KEY_STRING = 0, 1
 _ENOENT = 2
 # tally_view_name_fn; the name as a pointer, since string_at(name, len) reads
@@ -58,7 +60,8 @@ class LibtallyError(OSError):
 
 class _Record(ctypes.Structure):
     """tally_record: never read its fields except to copy the bytes out."""
-    _fields_ = [("data", ctypes.c_void_p), ("view", ctypes.c_void_p)]
+    _fields_ = [("data", ctypes.c_void_p), ("view", ctypes.c_void_p),
+                ("size", ctypes.c_size_t)]
 
 
 def library_path():
@@ -96,6 +99,8 @@ def _declare(lib):
         "tally_store_open": (i, [ctypes.c_char_p, out]),
         "tally_store_close": (None, [p]),
         "tally_store_views": (i, [p, _VIEW_NAME_FN, p]),
+        "tally_store_service": (i, [p, ctypes.c_char_p, ctypes.c_char_p, sz,
+                                    ctypes.POINTER(sz)]),
         "tally_view_open": (i, [p, ctypes.c_char_p, out]),
         "tally_view_close": (None, [p]),
         "tally_view_version": (ctypes.c_uint32, [p]),
@@ -152,10 +157,10 @@ class _View:
                          for i in range(lib.tally_view_feature_count(handle)))
         self.schema = ViewSchema(name, lib.tally_view_version(handle), KEY_TYPES[self.key_type],
                                  features)
-        self.size = lib.tally_view_record_size(handle)
-        if self.size != self.schema.record_size:       # libtally and record.py disagree
-            raise RecordError(f"view {name!r}: libtally's records are {self.size} bytes, "
-                              f"tally.core.record's {self.schema.record_size}")
+        size = lib.tally_view_record_size(handle)
+        if size != self.schema.fixed_size:              # libtally and record.py disagree
+            raise RecordError(f"view {name!r}: libtally's records have {size} fixed bytes, "
+                              f"tally.core.record's {self.schema.fixed_size}")
         self.decode = RecordDecoder(self.schema).decode
 
 
@@ -273,6 +278,26 @@ class EmbeddedReader:
             raise _error(rc, "tally_store_views")
         return [name.decode() for name in names]
 
+    def service(self, name):
+        """The stored definition (bytes) of feature service ``name``; see
+        ``tally.core.serving``."""
+        length, cap = ctypes.c_size_t(), 4096
+        while True:
+            buf = ctypes.create_string_buffer(cap)
+            with self._lock:
+                if self._store is None:
+                    raise ValueError("EmbeddedReader is closed")
+                rc = self._lib.tally_store_service(self._store, name.encode(), buf, cap,
+                                                   ctypes.byref(length))
+            if rc == TALLY_ESPACE:
+                cap = length.value + 1
+                continue
+            if rc == TALLY_ENOSERVICE:
+                raise StoreError(f"unknown feature service {name!r}")
+            if rc:
+                raise _error(rc, "tally_store_service")
+            return buf.raw[:length.value]
+
     def schema(self, view):
         """The ViewSchema this reader decodes ``view`` with: that of the
         version served when the reader first opened the view."""
@@ -306,7 +331,7 @@ class EmbeddedReader:
                 return None
             if rc:
                 raise _error(rc, f"get {view!r} {key!r}")
-            raw = ctypes.string_at(record.data, v.size)    # copy before the reset
+            raw = ctypes.string_at(record.data, record.size)   # copy before the reset
         finally:
             self._reset(txn)
         return v.decode(raw)
@@ -334,7 +359,7 @@ class EmbeddedReader:
             rc = call(txn, v.handle, *args, records, status)
             if rc:
                 raise _error(rc, f"get_many {view!r}")
-            raws = [None if status[i] else ctypes.string_at(records[i].data, v.size)
+            raws = [None if status[i] else ctypes.string_at(records[i].data, records[i].size)
                     for i in range(n)]
         finally:
             self._reset(txn)

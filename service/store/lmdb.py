@@ -5,19 +5,23 @@ read-only; LMDB's MVCC means they never block the writer and never see a
 half-written record. The ``__schemas__`` database maps a view name to the
 binary ``ViewSchema`` (see ``tally.core.record``) of the version it serves,
 and ``<view>@v<n>`` to version n's; version n's records live in the database
-``view:<view>@v<n>``. Promoting a version rewrites the one schema entry, so
+``view:<view>@v<n>``, as ``tally.core.record`` bytes (layout 1 for a
+numbers-only view, layout 2 with strings and lists). Promoting a version rewrites the one schema entry, so
 readers switch atomically.
 """
 import os
 
 import lmdb
 
+from tally.core.errors import RecordError
 from tally.core.events import MAX_KEY_BYTES   # longer (or empty) keys are never stored
+from tally.core.record import ViewSchema, decode_records, encode_keys
 from tally.service.store import RecordRefused, StoreError
 
-from tally.core.record import ViewSchema, decode_records, encode_keys
-
 SCHEMAS_DB = b"__schemas__"
+# feature services live in __schemas__ too, under "_service:<name>" (view names
+# never start with "_"), so that readers switch to a new one atomically
+SERVICE_PREFIX = b"_service:"
 DEFAULT_MAP_SIZE = 64 << 30     # address space only; the file grows as written
 
 
@@ -98,7 +102,34 @@ class LmdbStore:
     def views(self):
         with self.env.begin(db=self._schemas_db) as txn:
             return [bytes(k).decode() for k in txn.cursor().iternext(values=False)
-                    if b"@v" not in bytes(k)]
+                    if b"@v" not in bytes(k) and not bytes(k).startswith(SERVICE_PREFIX)]
+
+    def put_service(self, name, definition):
+        """Store feature service ``name``'s definition (bytes, see
+        ``tally.core.serving``), replacing the one before atomically."""
+        with self.env.begin(write=True, db=self._schemas_db) as txn:
+            txn.put(SERVICE_PREFIX + name.encode(), bytes(definition))
+
+    def service(self, name):
+        """The stored definition of feature service ``name``."""
+        with self.env.begin(db=self._schemas_db) as txn:
+            raw = txn.get(SERVICE_PREFIX + name.encode())
+        if raw is None:
+            raise StoreError(f"unknown feature service {name!r}; known: {self.services()}")
+        return bytes(raw)
+
+    def services(self):
+        with self.env.begin(db=self._schemas_db) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(SERVICE_PREFIX):
+                return []
+            return [bytes(k)[len(SERVICE_PREFIX):].decode()
+                    for k in cursor.iternext(values=False)
+                    if bytes(k).startswith(SERVICE_PREFIX)]
+
+    def drop_service(self, name):
+        with self.env.begin(write=True, db=self._schemas_db) as txn:
+            txn.delete(SERVICE_PREFIX + name.encode())
 
     def _db(self, view, version, create=False):
         name = _db_name(view, version)
@@ -110,10 +141,11 @@ class LmdbStore:
         """Put one record per key (:class:`tally.core.record.Records`), in one
         write transaction, into the served version or the given one."""
         schema = self.schema(view, version)
-        blob = records.encode(schema).tobytes()
-        size = schema.record_size
-        items = zip(encode_keys(schema.key_type, keys),
-                    (blob[i * size:(i + 1) * size] for i in range(len(records))))
+        try:
+            encoded = records.encode(schema)
+        except RecordError as error:       # a value its type cannot hold, a record too big
+            raise RecordRefused(f"view {view!r}: {error}") from error
+        items = zip(encode_keys(schema.key_type, keys), encoded)
         try:
             with self.env.begin(write=True, db=self._db(view, schema.version)) as txn:
                 txn.cursor().putmulti(items)
