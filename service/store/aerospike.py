@@ -62,6 +62,10 @@ is a function of the view state, so writing it again gives the same record.
 Records that still fail raise :class:`AerospikeWriteError` after every other
 record of the call was written. Every client exception that leaves the store
 is a :class:`AerospikeStoreError` (a ``StoreError``) with the client's code.
+
+Long because the client's and the server's behaviour it relies on (result
+codes, policies, key types, Community Edition's deletes) is written down
+beside the code that relies on it.
 """
 import asyncio
 import concurrent.futures
