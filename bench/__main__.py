@@ -15,6 +15,7 @@ BENCHMARKS = {
     "bootstrap": "tally.bench.bootstrap",
     "load": "tally.bench.load",
     "record": "tally.bench.record",
+    "services": "tally.bench.services",
 }
 
 
