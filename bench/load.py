@@ -772,8 +772,8 @@ def store_sizes(store_path):
     pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
     per_record = pages * stat["psize"] / max(stat["entries"], 1)
     return {"store_records": stat["entries"], "store_bytes": pages * stat["psize"],
-            "record_bytes": schema.record_size, "lmdb_bytes_per_record": per_record,
-            "lmdb_overhead_bytes_per_record": per_record - schema.record_size}
+            "record_bytes": schema.fixed_size, "lmdb_bytes_per_record": per_record,
+            "lmdb_overhead_bytes_per_record": per_record - schema.fixed_size}
 
 
 # ---- from raw reports to the document ---------------------------------------------
