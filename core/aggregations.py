@@ -31,7 +31,6 @@ class Aggregation:
     keeps_values: bool = False
     param: str = None          # "n" or "k": the integer parameter it requires
     max_param: int = None
-    online_type: str = "float64"   # "int64" | "float64" | "list" (not in record layout 1)
     sql_names: tuple = ()
     summary: str = ""
 
@@ -42,7 +41,7 @@ class Aggregation:
 
 
 AGGREGATIONS = {a.name: a for a in (
-    Aggregation("count", False, online_type="int64", sql_names=("COUNT",), summary="number of events"),
+    Aggregation("count", False, sql_names=("COUNT",), summary="number of events"),
     Aggregation("sum", True, NUMERIC_TYPES, sql_names=("SUM",), summary="sum of the column"),
     Aggregation("mean", True, NUMERIC_TYPES, sql_names=("AVG", "MEAN"),
                 summary="arithmetic mean of the column"),
@@ -52,12 +51,12 @@ AGGREGATIONS = {a.name: a for a in (
                 summary="value of the earliest event"),
     Aggregation("last", True, FIELD_TYPES, True, sql_names=("LAST",),
                 summary="value of the latest event"),
-    Aggregation("last_n", True, FIELD_TYPES, True, "n", 4096, online_type="list",
+    Aggregation("last_n", True, FIELD_TYPES, True, "n", 4096,
                 sql_names=("LAST_N",), summary="the n latest values, newest first"),
-    Aggregation("distinct_count", True, FIELD_TYPES, True, online_type="int64",
+    Aggregation("distinct_count", True, FIELD_TYPES, True,
                 sql_names=("APPROX_COUNT_DISTINCT", "DISTINCT_COUNT"),
                 summary="approximate number of distinct values (HyperLogLog)"),
-    Aggregation("top_k", True, FIELD_TYPES, True, "k", 1024, online_type="list",
+    Aggregation("top_k", True, FIELD_TYPES, True, "k", 1024,
                 sql_names=("APPROX_TOP_K", "TOP_K"),
                 summary="approximate k most frequent values (Misra-Gries)"),
 )}
