@@ -146,3 +146,34 @@ def test_string_keys_the_store_cannot_hold_are_dead_lettered(
         assert store.get("named_counts", "bé")["n"] == 1
         assert set(reader.stats.reject_reasons) == {
             "field 'name': an entity key must be 1 to 511 bytes of UTF-8"}
+
+
+def test_a_view_keyed_by_another_field_than_the_topic_is_refused_not_split(
+        pulsar_broker, pulsar_client, topic_name, tmp_path):
+    """The topic is keyed by user; a view keyed by article would keep a
+    partial state per partition, each overwriting the others' records. Its
+    events on another partition than their article's are dead-lettered with
+    the reason; what it serves is exactly the events it kept."""
+    from tally.core.definitions import Entity, Feature, FeatureView
+    from tally.service.pulsar.producer import partitions_of
+    pulsar_broker.create_partitioned_topic(topic_name, 4)
+    payloads, keys, events = generate_events(20_000, 1_000, seed=4)
+    produce(pulsar_client, topic_name, payloads, keys)
+    source = dataclasses.replace(read_events, topic=topic_name)
+    by_article = FeatureView("by_article", Entity("article"), source,
+                             [Feature("reads", "count")])
+    frame = pd.DataFrame(events)
+    on_own = partitions_of(frame["article"].to_numpy(), 4) == \
+        partitions_of(frame["user"].to_numpy(), 4)
+    dead_letters = pulsar_client.subscribe(dead_letter_topic(topic_name), "check",
+                                           initial_position=pulsar.InitialPosition.Earliest)
+    with LmdbStore(tmp_path / "store") as store:
+        reader = consume_all(by_article, pulsar_client, store, 20_000)
+        assert reader.stats.rejected == int((~on_own).sum()) > 10_000
+        kept = frame[on_own].groupby("article").size()
+        records = store.get_many("by_article", kept.index.to_numpy())
+        np.testing.assert_array_equal([r["reads"] for r in records], kept.to_numpy())
+    reason = dead_letters.receive(timeout_millis=10_000).properties()["reason"]
+    assert reason.startswith("misrouted: key 'article' belongs to partition ")
+    assert "produce the topic keyed by 'article'" in reason
+    dead_letters.close()

@@ -52,6 +52,7 @@ from tally.service.history.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, cli
 from tally.service.ingest.checkpoint import CheckpointConflict
 from tally.service.pulsar.admin import Admin
 from tally.service.pulsar.producer import partitions_of
+from tally.service.ingest.fold import RoutingCheck
 from tally.service.pulsar.topics import partition_topic
 
 log = logging.getLogger("tally.bootstrap")
@@ -71,13 +72,16 @@ class BootstrapCancelled(BootstrapError):
 # --------------------------------------------------------------------------
 # Reader processes: one work unit in, one partial state file out.
 
-def read_topic_unit(view, pulsar_url, admin_url, unit, out_path, events_from_ms=None):
-    """Fold the messages of ``unit`` into a fresh state and save it."""
+def read_topic_unit(view, pulsar_url, admin_url, unit, out_path, events_from_ms=None,
+                    n_partitions=1):
+    """Fold the messages of ``unit`` into a fresh state and save it; events
+    on the wrong partition for their key are refused, as the stream does."""
     started = time.monotonic()
     state, tally = ViewState(view), _UnitTally()
     decode_schema = Schema(list(view.source.schema))
+    routing = RoutingCheck(view, unit.partition, n_partitions)
     for payloads in unit_payloads(client_for(pulsar_url), admin_url, view.source.topic, unit):
-        tally.fold(state, view, decode_schema, payloads, events_from_ms)
+        tally.fold(state, view, decode_schema, payloads, events_from_ms, routing)
     _save_states(out_path, {"": state})
     return tally.summary(time.monotonic() - started)
 
@@ -121,11 +125,15 @@ class _UnitTally:
             self.rejected += count
             self.reasons[reason] = self.reasons.get(reason, 0) + count
 
-    def fold(self, state, view, decode_schema, payloads, events_from_ms):
+    def fold(self, state, view, decode_schema, payloads, events_from_ms, routing):
         if not payloads:
             return
         events = rules.decode_payloads(payloads, view.source, decode_schema, view.key_column,
                                        view.entity.key_type)
+        misrouted = routing.misrouted(events.columns[view.key_column]) \
+            if events.n_events else {}
+        if misrouted:
+            events, _ = rules.refuse_events(events, misrouted)
         columns, valid = events.columns, events.valid
         self.messages += len(payloads)
         reasons = {}
@@ -274,7 +282,7 @@ class Bootstrap:
     def _task(self, plan, unit, index):
         if isinstance(unit, TopicUnit):
             return (read_topic_unit, self.view, self.pulsar_url, self.admin_url, unit,
-                    self._unit_path(index), plan["events_before_ms"])
+                    self._unit_path(index), plan["events_before_ms"], plan["n_partitions"])
         return (read_archive_unit, self.view, self.archive, unit, plan["n_partitions"],
                 self._unit_path(index), plan["events_before_ms"])
 

@@ -6,12 +6,30 @@ stream's rules (``tally.core.events``: a payload holding an invalid event is
 refused whole, with the reason), encoded by the state (which refuses a string
 whose 64-bit code another string has: its payload is refused whole too), the
 valid events applied to the state.
+
+A partition's state is only right if every event of an entity reaches the
+same partition: the topic must be keyed by the view's key column (Pulsar's
+key hash, as ``tally.service.pulsar.producer`` routes). A view keyed by
+another field -- ``article`` over a topic keyed by ``user`` -- would leave a
+partial state per partition, each overwriting the others' records. The
+:class:`RoutingCheck` finds such events and refuses them (dead letters with
+the reason, counted), so a wrongly keyed view is never served silently.
 """
+import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tally.core import events as rules
 from tally.core.decode import Schema
+from tally.service.pulsar.producer import partitions_of
+
+log = logging.getLogger("tally.ingest")
+# Keys checked per batch while no event has been found on the wrong partition:
+# routing is how producers key the topic, so a sample finds a wrong key at
+# once; after one is found, every event of every batch is checked.
+ROUTING_SAMPLE = 8
 
 
 @dataclass
@@ -61,10 +79,11 @@ class IngestStats:
 class Fold:
     """Decodes payloads of one view's source and folds the valid events."""
 
-    def __init__(self, view, stats):
+    def __init__(self, view, stats, routing=None):
         self.view = view
         self.stats = stats
         self.decode_schema = Schema(list(view.source.schema))
+        self.routing = None if routing is None else RoutingCheck(view, *routing)
 
     def __call__(self, state, payloads):
         """``(touched slots or None, rejects)``: apply the batch's valid events
@@ -72,6 +91,10 @@ class Fold:
         events = rules.decode_payloads(payloads, self.view.source, self.decode_schema,
                                        self.view.key_column, self.view.entity.key_type)
         touched = None
+        if events.n_events and self.routing is not None:
+            misrouted = self.routing.misrouted(events.columns[self.view.key_column])
+            if misrouted:
+                events, _ = rules.refuse_events(events, misrouted)
         if events.n_events:
             batch = state.encode(events.columns, events.valid)
             if batch.refused:
@@ -84,3 +107,36 @@ class Fold:
         self.stats.batches += 1
         self.stats.record_rejects(events.rejects)
         return touched, events.rejects
+
+
+class RoutingCheck:
+    """Finds the events of a batch that are on the wrong partition for their
+    entity key (see the module docstring)."""
+
+    def __init__(self, view, partition, n_partitions):
+        self.view, self.partition, self.n_partitions = view, partition, n_partitions
+        self.seen_misrouted = False
+
+    def misrouted(self, keys):
+        """{event row: reason} of the rows of ``keys`` not on this partition."""
+        if self.n_partitions <= 1 or not len(keys):
+            return {}
+        rows = np.arange(len(keys))
+        if not self.seen_misrouted:
+            rows = np.unique(np.linspace(0, len(keys) - 1, ROUTING_SAMPLE).astype(np.int64))
+            if (partitions_of(keys[rows], self.n_partitions) == self.partition).all():
+                return {}
+            self.seen_misrouted = True
+            log.error("view %r: events keyed by %r arrive on other partitions than Pulsar's "
+                      "key hash gives; they are refused (dead letters) -- key the topic's "
+                      "messages by %r", self.view.name, self.view.key_column,
+                      self.view.key_column)
+            rows = np.arange(len(keys))
+        owners = partitions_of(keys, self.n_partitions)
+        return {int(row): self._reason(owners[row]) for row in
+                np.flatnonzero(owners != self.partition)}
+
+    def _reason(self, owner):
+        return (f"misrouted: key {self.view.key_column!r} belongs to partition {owner} of "
+                f"{self.n_partitions}, not {self.partition}; produce the topic keyed by "
+                f"{self.view.key_column!r}, or the view's state would be split")

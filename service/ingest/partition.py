@@ -49,7 +49,8 @@ class PartitionWorker:
 
     def __init__(self, view, partition, client, store, checkpoints, consumer_name,
                  subscription="tally", version=1, serving=True, checkpoint_interval_s=5.0,
-                 batch_size=1000, batch_timeout_ms=10, clock=None, topic=None):
+                 batch_size=1000, batch_timeout_ms=10, clock=None, topic=None,
+                 n_partitions=None):
         self.view, self.partition = view, partition
         self.store, self.checkpoints = store, checkpoints
         self.state_hash = state_hash(view)
@@ -58,7 +59,9 @@ class PartitionWorker:
         self.stats = IngestStats()
         self.state = ViewState(view)
         self.schema = online_schema(view, version)
-        self.fold = Fold(view, self.stats)
+        # with n_partitions, events on the wrong partition for their key are refused
+        self.fold = Fold(view, self.stats,
+                         routing=None if n_partitions is None else (partition, n_partitions))
         self.dead_letters = DeadLetters(client, view.source.topic, view.name)
         self.writer = RecordWriter(view, store, self.schema, serving, self.clock, self.stats,
                                    on_refused=self.dead_letters.send_refused_record)

@@ -31,10 +31,12 @@ class Ingestion:
         self.checkpoint_dir = checkpoint_dir or tempfile.mkdtemp(prefix="tally-checkpoints-")
         self.checkpoints = CheckpointStore(self.checkpoint_dir)
         name = f"{socket.gethostname()}-{os.getpid()}"
+        topics = partition_topics(client, view.source.topic)
         self.workers = [
             PartitionWorker(view, index, client, store, self.checkpoints, name,
-                            subscription=subscription, topic=topic, **worker_options)
-            for index, topic in enumerate(partition_topics(client, view.source.topic))]
+                            subscription=subscription, topic=topic, n_partitions=len(topics),
+                            **worker_options)
+            for index, topic in enumerate(topics)]
 
     @property
     def stats(self):

@@ -64,15 +64,16 @@ class VersionRunner:
 
     def start_workers(self):
         service = self.service
+        n_partitions = len(partition_topics(service.client, self.view.source.topic,
+                                            require_partitioned=True))
         self.workers = [
             PartitionWorker(self.view, partition, service.client, service.store,
                             service.checkpoints, service.consumer_name,
                             subscription=subscription_for(self.view), version=self.version,
                             serving=self.serving,
                             checkpoint_interval_s=service.checkpoint_interval_s,
-                            batch_size=service.batch_size)
-            for partition in range(len(partition_topics(service.client, self.view.source.topic,
-                                                        require_partitioned=True)))]
+                            batch_size=service.batch_size, n_partitions=n_partitions)
+            for partition in range(n_partitions)]
 
     def caught_up_with(self, serving):
         """Whether every partition has read as far as the serving version's
