@@ -296,16 +296,23 @@ class _Version:
 
 
 class _Pointer:
-    """A cache of a view's pointer record."""
+    """A cache of a view's pointer record. A version unchanged since the
+    ``previous`` cache keeps its ``_Version`` (and so its compiled decoder):
+    readers re-read the pointer every ``meta_refresh_s``."""
     __slots__ = ("served", "versions", "read_at")
 
-    def __init__(self, view, bins):
+    def __init__(self, view, bins, previous=None):
         self.served = bins.get("cur") or None
         self.versions = {}
+        known = previous.versions if previous is not None else {}
         for version, entry in (bins.get("vers") or {}).items():
             schema = ViewSchema(view, int(version), entry["key"],
                                 tuple((str(n), str(t)) for n, t in entry["features"]))
-            self.versions[int(version)] = _Version(schema, entry["set"], entry.get("exp", 0))
+            found = known.get(int(version))
+            if found is None or (found.schema, found.set_name, found.ttl) != (
+                    schema, entry["set"], ttl_of(entry.get("exp", 0))):
+                found = _Version(schema, entry["set"], entry.get("exp", 0))
+            self.versions[int(version)] = found
         self.read_at = time.monotonic()
 
 
@@ -595,7 +602,7 @@ class AerospikeStore:
                     continue                     # another process changed it: again
                 raise
             with self._lock:
-                self._pointers[view] = _Pointer(view, bins)
+                self._pointers[view] = _Pointer(view, bins, self._pointers.get(view))
             return
         raise AerospikeStoreError(f"view {view!r}: the pointer record kept changing under "
                                   f"{META_UPDATE_ATTEMPTS} updates", GENERATION_ERROR)
@@ -604,7 +611,7 @@ class AerospikeStore:
         pointer = self._pointers.get(view)
         if fresh or pointer is None or time.monotonic() - pointer.read_at > self.meta_refresh_s:
             bins, _ = self._read_pointer(view)
-            pointer = _Pointer(view, bins or {})
+            pointer = _Pointer(view, bins or {}, pointer)
             with self._lock:
                 self._pointers[view] = pointer
         return pointer
