@@ -682,7 +682,7 @@ def aerospike_run(args, columns):
         for size, row in figures[name].items():
             print(f"{name:22} {size:>4} keys  {row['per_s']:>9,.0f} lookups/s  "
                   f"p50 {row['p50_us']:>7} us  p99 {row['p99_us']:>7} us")
-    ratios = {size: _spread([raw["per_s"] / tally["per_s"] for raw, tally in
+    ratios = {size: spread([raw["per_s"] / tally["per_s"] for raw, tally in
                              zip(runs[RAW][size], runs[TALLY][size])])
               for size in BATCH_SIZES}
     for size, ratio in ratios.items():
@@ -698,7 +698,8 @@ def _median_run(rows):
     return dict(ordered[len(ordered) // 2], per_s_runs=[row["per_s"] for row in rows])
 
 
-def _spread(values):
+def spread(values):
+    """Median, min, max and every value of per-round ratios."""
     ordered = sorted(values)
     return {"median": round(ordered[len(ordered) // 2], 3), "min": round(ordered[0], 3),
             "max": round(ordered[-1], 3), "runs": [round(v, 3) for v in values]}

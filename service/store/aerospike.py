@@ -70,6 +70,7 @@ beside the code that relies on it.
 import asyncio
 import concurrent.futures
 import copy
+import itertools
 import math
 import random
 import threading
@@ -91,6 +92,7 @@ META_UPDATE_ATTEMPTS = 100     # generation conflicts in a row before giving up
 
 # TTL values of the write policy (aerospike.TTL_* in 19.x).
 TTL_NEVER_EXPIRE = 0xFFFFFFFF
+OPERATOR_WRITE = 1             # aerospike.OPERATOR_WRITE, a literal in generated code
 
 # Result codes (as_status.h of the C client the 19.x wheels embed).
 OK = 0
@@ -223,11 +225,15 @@ def user_key(key_type, key):
     return bytearray(text.encode()) if "\x00" in text else text
 
 
+def _key_list(keys):
+    return keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+
+
 def user_keys(key_type, keys):
     """``user_key`` of every key, as a list; a list of Python ints in range
     (what a lookup sends, and what ``ndarray.tolist`` gives) is checked
     in C-speed passes instead of key by key."""
-    keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+    keys = _key_list(keys)
     if key_type == "int64":
         if keys and set(map(type, keys)) == {int} and \
                 INT64_MIN <= min(keys) and max(keys) <= INT64_MAX:
@@ -237,7 +243,23 @@ def user_keys(key_type, keys):
     return [user_key(key_type, k) for k in keys]
 
 
+def _last_rows(ukeys):
+    """The rows to write when a key repeats (the last of each, in order of
+    first appearance); None when none does."""
+    try:
+        last = dict(zip(ukeys, range(len(ukeys))))
+    except TypeError:                        # bytearray keys (str with NUL): unhashable
+        last = {(type(k), bytes(k)) if isinstance(k, bytearray) else k: i
+                for i, k in enumerate(ukeys)}
+    return None if len(last) == len(ukeys) else list(last.values())
+
+
 # ---- values: the Records contract <-> native bins ------------------------------
+
+def _column(values, n):
+    """A Records header field (an array or one value for all) -> n int64s."""
+    return np.broadcast_to(np.asarray(values, dtype=np.int64), (n,))
+
 
 def _to_bins(dtype, column, valid):
     """A Records column -> one bin value per row (None where not valid)."""
@@ -265,34 +287,60 @@ def _top_k(value):
     return None if value is None else list(map(tuple, value))
 
 
+def _generated(signature, body, helpers=()):
+    """A function compiled from source, once per view version, for the
+    per-record work of reads and writes: dict and list displays of constant
+    keys and bin names are built in about half the time of any loop over the
+    features (and decoding is most of a lookup's own cost)."""
+    namespace = dict(helpers)
+    exec(f"def generated({signature}):\n    " + "\n    ".join(body) + "\n", namespace)
+    return namespace["generated"]
+
+
 def _compile_decoder(schema, bins):
-    """A version's ``decode(bins) -> record dict`` (the dicts LMDB returns),
-    generated once per version: a dict display of constant keys is built in
-    about half the time of any loop over the features, and decoding is most
-    of a lookup's own cost. Only this store writes a version's set, with that
-    version's types, so bin values are taken as they are (int, float, str, a
-    list of those) but for top_k's pairs, which LMDB gives as tuples. The
-    writer stores no sentinel (a null, no event time, no expiry: a missing
-    bin), so a missing bin reads as None."""
-    helpers, fields = {"_top_k": _top_k}, []
+    """``decode(bins) -> record dict`` (the dicts LMDB returns). Only this
+    store writes a version's set, with that version's types, so bin values
+    are taken as they are (int, float, str, a list of those) but for top_k's
+    pairs, which LMDB gives as tuples. The writer stores no sentinel (a null,
+    no event time, no expiry: a missing bin), so a missing bin reads None."""
+    fields = []
     for (name, dtype), b in zip(schema.features, bins):
         value = f"get({b!r})"
         fields.append(f"{name!r}: _top_k({value})" if dtype.startswith("top_k<")
                       else f"{name!r}: {value}")
     fields += [f"{name!r}: get({b!r})" for name, b in HEADER_FIELDS]
-    exec(f"def decode(bins):\n    get = bins.get\n    return {{{', '.join(fields)}}}\n",
-         helpers)
-    return helpers["decode"]
+    return _generated("bins", ["get = bins.get", f"return {{{', '.join(fields)}}}"],
+                      {"_top_k": _top_k})
+
+
+def _compile_write_ops(schema, bins):
+    """``write_ops(*feature bin values, event time, valid until, write time
+    op) -> the record's operations``: a write of every bin, a nil one (None)
+    deleting it. The write time (one per call, as in Records) and the view
+    version are the same for every record: one shared operation each (the
+    client only reads them)."""
+    params = [f"v{i}" for i in range(len(bins))] + ["et", "vu"]
+    ops = [f"{{'op': {OPERATOR_WRITE}, 'bin': {b!r}, 'val': {value}}}"
+           for b, value in zip(list(bins) + [EVENT_TIME_BIN, VALID_UNTIL_BIN], params)]
+    version_op = {"op": OPERATOR_WRITE, "bin": VIEW_VERSION_BIN, "val": schema.version}
+    return _generated(", ".join(params + ["wt_op"]),
+                      [f"return [{', '.join(ops)}, wt_op, version_op]"],
+                      {"version_op": version_op})
+
+
+def write_time_op(write_time):
+    return {"op": OPERATOR_WRITE, "bin": WRITE_TIME_BIN, "val": int(write_time)}
 
 
 class _Version:
     """One view version as the pointer record describes it."""
-    __slots__ = ("schema", "set_name", "ttl", "bins", "decode")
+    __slots__ = ("schema", "set_name", "ttl", "bins", "decode", "write_ops")
 
     def __init__(self, schema, set_name, expiry_ms):
         self.schema, self.set_name, self.ttl = schema, set_name, ttl_of(expiry_ms)
         self.bins = [f"f{i}" for i in range(len(schema.features))]
         self.decode = _compile_decoder(schema, self.bins)
+        self.write_ops = _compile_write_ops(schema, self.bins)
 
 
 class _Pointer:
@@ -682,44 +730,44 @@ class AerospikeStore:
 
     def write(self, view, keys, records, version=None):
         """Put one record per key (:class:`tally.core.record.Records`) into the
-        served version or ``version``. Raises AerospikeWriteError if some
+        served version or ``version``; of a key given twice, the later row
+        wins (as with LMDB's putmulti). Raises AerospikeWriteError if some
         records still fail after the retries (the others are written)."""
         target = self._version(view, version)
         n = len(keys)
         if not n:
             return
+        ukeys = user_keys(target.schema.key_type, keys)
         columns = [_to_bins(dtype, *records.values[name])
                    for name, dtype in target.schema.features]
-        et = np.broadcast_to(np.asarray(records.event_time, dtype=np.int64), (n,)).tolist()
-        wt = np.broadcast_to(np.asarray(records.write_time, dtype=np.int64), (n,)).tolist()
-        vu = np.broadcast_to(np.asarray(records.valid_until, dtype=np.int64), (n,)).tolist()
-        key_list = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
-        write_op, key_type = self._as.OPERATOR_WRITE, target.schema.key_type
-        last = {}                         # later rows win, as with LMDB's putmulti
-        for i, key in enumerate(key_list):
-            ukey = user_key(key_type, key)
-            last[(type(ukey), bytes(ukey)) if isinstance(ukey, bytearray) else ukey] = (ukey, i)
-        entries = []
-        for ukey, i in last.values():
-            ops = [{"op": write_op, "bin": b, "val": column[i]}
-                   for b, column in zip(target.bins, columns)]
-            ops += [{"op": write_op, "bin": EVENT_TIME_BIN,
-                     "val": None if et[i] == INT64_MIN else et[i]},
-                    {"op": write_op, "bin": WRITE_TIME_BIN, "val": wt[i]},
-                    {"op": write_op, "bin": VALID_UNTIL_BIN,
-                     "val": None if vu[i] == INT64_MAX else vu[i]},
-                    {"op": write_op, "bin": VIEW_VERSION_BIN, "val": target.schema.version}]
-            entries.append((key_list[i], ukey, ops))
-        self._write_entries(view, target, entries)
+        event_time = _column(records.event_time, n)
+        valid_until = _column(records.valid_until, n)
+        ops = list(map(target.write_ops, *columns,
+                       _to_bins("int64", event_time, event_time != INT64_MIN),
+                       _to_bins("int64", valid_until, valid_until != INT64_MAX),
+                       itertools.repeat(write_time_op(records.write_time), n)))
+        rows = _last_rows(ukeys)
+        if rows is not None:
+            ukeys, ops = [ukeys[i] for i in rows], [ops[i] for i in rows]
+        failures = self._write_ops(target, ukeys, ops)
+        if failures:
+            self.stats["failed"] += len(failures)
+            key_list = _key_list(keys)
+            raise AerospikeWriteError(
+                view, [(key_list[i if rows is None else rows[i]], code, doubt)
+                       for i, (code, doubt) in sorted(failures.items())],
+                len(ukeys) - len(failures))
 
-    def _write_entries(self, view, target, entries):
-        from aerospike_helpers.batch import records as batch_records
+    def _write_ops(self, target, ukeys, ops):
+        """Batch-write record i's ``ops[i]`` under user key ``ukeys[i]``;
+        ``{i: (code, in_doubt)}`` of the records that failed for good."""
+        from aerospike_helpers.batch.records import BatchRecords, Write
+        namespace, set_name = self.namespace, target.set_name
         policy = {"ttl": target.ttl, "key": self._as.POLICY_KEY_SEND}
 
         def send(chunk):
-            batch = batch_records.BatchRecords([
-                batch_records.Write((self.namespace, target.set_name, entries[i][1]),
-                                    entries[i][2], policy=policy) for i in chunk])
+            batch = BatchRecords([Write((namespace, set_name, ukeys[i]), ops[i], policy=policy)
+                                  for i in chunk])
             self.stats["batch_calls"] += 1
             self.client.batch_write(batch, self.batch_write_policy)
             code = _whole_batch_code(batch, len(chunk))
@@ -728,12 +776,7 @@ class AerospikeStore:
             return {i: (r.result, bool(r.in_doubt))
                     for i, r in zip(chunk, batch.batch_records) if r.result != OK}
 
-        failures = self._run(len(entries), send, writing=True)
-        if failures:
-            self.stats["failed"] += len(failures)
-            raise AerospikeWriteError(
-                view, [(entries[i][0], code, doubt) for i, (code, doubt) in sorted(failures.items())],
-                len(entries) - len(failures))
+        return self._run(len(ukeys), send, writing=True)
 
     async def write_async(self, view, keys, records, version=None):
         """``write`` in the store's thread pool, retries included."""
