@@ -6,15 +6,17 @@ against the official client's ``batch_write`` of prebuilt records.
 The view is the README's ``user_reading_7d`` (three numbers and the last 10
 article ids, a list bin), folded from ``--events`` reading events of
 ``--entities`` users. The writes are those of ``--batch`` touched entities
-each, one call in flight, three ways:
+each, by ``--partitions`` writers at once (as many partitions of ``tally
+serve``, each with one write in flight; the raw client: as many threads),
+three ways:
 
 * ``tally_serve``  -- ``RecordWriter.write``, what a partition of ``tally
                       serve`` runs after each batch: ``records_for`` (the
                       records from the view state) then the store's
                       ``write_async`` (bins, batch records, the batch call,
                       result checks, off the event loop);
-* ``tally_store``  -- ``AerospikeStore.write`` of Records built beforehand:
-                      the store's own share;
+* ``tally_store``  -- ``AerospikeStore.write_async`` of Records built
+                      beforehand: the store's own share;
 * ``raw_client``   -- ``client.batch_write`` of ``BatchRecords`` built
                       beforehand (same bins, TTL and key policy, same set
                       layout, a set of its own), the floor.
@@ -26,6 +28,7 @@ for ``tally_serve``: at least 0.8), reported as median and spread.
 """
 import argparse
 import asyncio
+import concurrent.futures
 import time
 import uuid
 
@@ -51,6 +54,8 @@ def run(quick=False, argv=()):
     parser.add_argument("--events", type=int, default=100_000 if quick else 500_000)
     parser.add_argument("--batch", type=int, default=1000,
                         help="entities per write call (one ingest batch's touched ones)")
+    parser.add_argument("--partitions", type=int, default=1,
+                        help="writers at once, each one call in flight (1)")
     parser.add_argument("--repeats", type=int, default=3 if quick else 5)
     args = parser.parse_args(list(argv))
     state, now = fold_events(args.entities, args.events)
@@ -58,9 +63,9 @@ def run(quick=False, argv=()):
                     for start in range(0, len(state), args.batch)]
     url = f"aerospike://{args.aerospike}/test?set_prefix=w{uuid.uuid4().hex[:6]}_"
     with open_store(url) as store:
-        ways = {"tally_serve": serve_way(store, state, now),
-                "tally_store": store_way(store, state, now),
-                "raw_client": raw_way(args.aerospike, store, state, now)}
+        ways = {"tally_serve": serve_way(store, state, now, args.partitions),
+                "tally_store": store_way(store, state, now, args.partitions),
+                "raw_client": raw_way(args.aerospike, store, state, now, args.partitions)}
         runs = {way: [] for way in WAYS}
         for round_ in range(args.repeats):
             for way in (WAYS if round_ % 2 == 0 else WAYS[::-1]):
@@ -73,7 +78,7 @@ def run(quick=False, argv=()):
     for way, ratio in ratios.items():
         print(f"{way} / raw_client records/s: {ratio}")
     return {"benchmark": "aerospike_write", "entities": len(state), "events": args.events,
-            "batch": args.batch, "repeats": args.repeats,
+            "batch": args.batch, "partitions": args.partitions, "repeats": args.repeats,
             "records_per_s": {way: [round(r) for r in rows] for way, rows in runs.items()},
             "over_raw": ratios}
 
@@ -101,34 +106,40 @@ def timed(write_all):
     return way
 
 
-def serve_way(store, state, now):
-    writer = RecordWriter(VIEW, store, online_schema(VIEW), True, lambda: now, IngestStats())
-
+def in_tasks(partitions, write_one):
+    """All batches written by ``partitions`` tasks, each awaiting
+    ``write_one(batch)`` for every ``partitions``-th batch."""
     async def write_all(batches):
-        for slots in batches:
-            await writer.write(state, slots)
-    return timed(lambda batches: asyncio.run(write_all(batches)))
+        async def task(mine):
+            for batch in mine:
+                await write_one(batch)
+        await asyncio.gather(*(task(batches[p::partitions]) for p in range(partitions)))
+    return lambda batches: asyncio.run(write_all(batches))
 
 
-def store_way(store, state, now):
+def serve_way(store, state, now, partitions):
+    writer = RecordWriter(VIEW, store, online_schema(VIEW), True, lambda: now, IngestStats())
+    return timed(in_tasks(partitions, lambda slots: writer.write(state, slots)))
+
+
+def store_way(store, state, now, partitions):
     schema = online_schema(VIEW)
     prebuilt = {}
 
-    def write_all(batches):
-        for slots in batches:
-            keys, records = prebuilt[id(slots)]
-            store.write(VIEW.name, keys, records)
+    def write_one(slots):
+        keys, records = prebuilt[id(slots)]
+        return store.write_async(VIEW.name, keys, records)
 
     def way(batches):
         prebuilt.clear()
         prebuilt.update({id(slots): (state.index.keys_of(slots),
                                      records_for(state, schema, slots, now, now))
                          for slots in batches})
-        return timed(write_all)(batches)
+        return timed(in_tasks(partitions, write_one))(batches)
     return way
 
 
-def raw_way(address, store, state, now):
+def raw_way(address, store, state, now, partitions):
     """The official client writing the same bins: ``f0``.. by feature order,
     the header bins, the view's TTL, the key sent; a nil for a null."""
     import aerospike
@@ -162,12 +173,15 @@ def raw_way(address, store, state, now):
             batch.append(Write(("test", set_name, key), ops, policy=policy))
         return BatchRecords(batch)
 
+    def write_one(batch):
+        client.batch_write(batch, {"concurrent": True, "total_timeout": 2000})
+        if batch.result != 0:
+            raise RuntimeError(f"raw batch_write failed: {batch.result}")
+
     def way(batches):
         prebuilt = [build(slots) for slots in batches]
-        started = time.perf_counter()
-        for batch in prebuilt:
-            client.batch_write(batch, {"concurrent": True, "total_timeout": 2000})
-            if batch.result != 0:
-                raise RuntimeError(f"raw batch_write failed: {batch.result}")
-        return sum(map(len, batches)) / (time.perf_counter() - started)
+        with concurrent.futures.ThreadPoolExecutor(partitions) as pool:
+            started = time.perf_counter()
+            list(pool.map(write_one, prebuilt))
+            return sum(map(len, batches)) / (time.perf_counter() - started)
     return way

@@ -678,7 +678,7 @@ def aerospike_run(args, columns):
                     runs[name][size].append(closed_loop(clients[name], keys[size],
                                                         args.seconds))
     for name, sizes in runs.items():
-        figures[name] = {size: _median_run(rows) for size, rows in sizes.items()}
+        figures[name] = {size: median_run(rows) for size, rows in sizes.items()}
         for size, row in figures[name].items():
             print(f"{name:22} {size:>4} keys  {row['per_s']:>9,.0f} lookups/s  "
                   f"p50 {row['p50_us']:>7} us  p99 {row['p99_us']:>7} us")
@@ -692,7 +692,7 @@ def aerospike_run(args, columns):
             "seconds": args.seconds, "repeats": args.repeats}
 
 
-def _median_run(rows):
+def median_run(rows):
     """The run of median lookups/s, with every run's lookups/s."""
     ordered = sorted(rows, key=lambda row: row["per_s"])
     return dict(ordered[len(ordered) // 2], per_s_runs=[row["per_s"] for row in rows])

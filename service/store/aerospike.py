@@ -62,6 +62,10 @@ is a function of the view state, so writing it again gives the same record.
 Records that still fail raise :class:`AerospikeWriteError` after every other
 record of the call was written. Every client exception that leaves the store
 is a :class:`AerospikeStoreError` (a ``StoreError``) with the client's code.
+``get_views`` reads several views (a feature service's) in one batch across
+their sets. The per-record work -- a record's write operations, a read
+record's dict -- is a function generated per view version (``_generated``):
+it runs for every record of every call.
 
 Long because the client's and the server's behaviour it relies on (result
 codes, policies, key types, Community Edition's deletes) is written down
@@ -78,14 +82,12 @@ import time
 
 import numpy as np
 
-from tally.core.errors import RecordError
 from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema
 from tally.service.store import StoreError
 
 META_SUFFIX = "_meta"
 META_LAYOUT = 2
 EVENT_TIME_BIN, WRITE_TIME_BIN, VALID_UNTIL_BIN, VIEW_VERSION_BIN = "_et", "_wt", "_vu", "_vv"
-SYSTEM_BINS = (EVENT_TIME_BIN, WRITE_TIME_BIN, VALID_UNTIL_BIN, VIEW_VERSION_BIN)
 MAX_SET_NAME_BYTES = 63        # AS_SET_MAX_SIZE 64 with the NUL (C client as_key.h)
 MAX_CHUNK = 1000               # records per batch call when the server sets no lower limit
 META_UPDATE_ATTEMPTS = 100     # generation conflicts in a row before giving up
@@ -328,7 +330,7 @@ def _compile_write_ops(schema, bins):
                       {"version_op": version_op})
 
 
-def write_time_op(write_time):
+def _write_time_op(write_time):
     return {"op": OPERATOR_WRITE, "bin": WRITE_TIME_BIN, "val": int(write_time)}
 
 
@@ -745,7 +747,7 @@ class AerospikeStore:
         ops = list(map(target.write_ops, *columns,
                        _to_bins("int64", event_time, event_time != INT64_MIN),
                        _to_bins("int64", valid_until, valid_until != INT64_MAX),
-                       itertools.repeat(write_time_op(records.write_time), n)))
+                       itertools.repeat(_write_time_op(records.write_time), n)))
         rows = _last_rows(ukeys)
         if rows is not None:
             ukeys, ops = [ukeys[i] for i in rows], [ops[i] for i in rows]
