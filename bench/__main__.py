@@ -16,6 +16,7 @@ BENCHMARKS = {
     "load": "tally.bench.load",
     "record": "tally.bench.record",
     "services": "tally.bench.services",
+    "aerospike_write": "tally.bench.aerospike_write",
 }
 
 

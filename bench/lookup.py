@@ -530,6 +530,8 @@ def run(quick=False, argv=()):
                         help="instead: lookups from this Aerospike server (namespace test): "
                         "the lookup server on it, and the official client on a thread pool "
                         "against aerospike-py's asyncio client")
+    parser.add_argument("--skip-server", action="store_true",
+                        help="with --aerospike: only the client rows, not the lookup server")
     args = parser.parse_args(argv)
     args.warmup = 0.3 if quick else 1.0
     args.rates = {1: args.rate, 100: args.batch_rate}
@@ -633,48 +635,80 @@ def print_table(figures):
 # ---- Aerospike ------------------------------------------------------------------
 
 AEROSPIKE_CONCURRENCY = 16          # requests in flight in the closed-loop client rows
+RAW, TALLY = "official_threadpool", "tally_store_official"
 
 
 def aerospike_run(args, columns):
     """The lookup server serving from Aerospike (open loop, as the other
-    rows), and the two Python clients read raw in a closed loop of
-    ``AEROSPIKE_CONCURRENCY`` requests in flight on one event loop."""
+    rows), then the raw Python clients and Tally's store side by side in a
+    closed loop of ``AEROSPIKE_CONCURRENCY`` requests in flight on one event
+    loop: ``--repeats`` rounds, each running every client once per size (the
+    order reversed every other round, so a drift of the shared machine's load
+    falls on both sides), and per round the ratio raw lookups/s over Tally's
+    (the goal: at most 1.2); its median and spread are reported."""
     import uuid
     from tally.service.lookup.client import LookupClient
     url = f"aerospike://{args.aerospike}/test?set_prefix=b{uuid.uuid4().hex[:6]}_"
     write_store(url, columns, args.entities)
     batches = {size: key_batches(args.entities, size, 2000, seed=size) for size in BATCH_SIZES}
     figures = {}
-    server, port, _ = start_lookup_server(url)
-    try:
-        with LookupClient(port=port) as client:
-            figures["service_aerospike"] = {
-                size: repeated(lambda: measure(service_call(client), batches[size],
-                                               args.rates[size], args.seconds, args.warmup),
-                               args.repeats) for size in BATCH_SIZES}
-    finally:
-        server.terminate()
-        server.wait()
-    with open_store(url) as store:
-        target = store._version(VIEW)
-        keys = {size: [[("test", target.set_name, k) for k in batch] for batch in chunk]
+    if not args.skip_server:
+        server, port, _ = start_lookup_server(url)
+        try:
+            with LookupClient(port=port) as client:
+                figures["service_aerospike"] = {
+                    size: repeated(lambda: measure(service_call(client), batches[size],
+                                                   args.rates[size], args.seconds,
+                                                   args.warmup), args.repeats)
+                    for size in BATCH_SIZES}
+        finally:
+            server.terminate()
+            server.wait()
+        print_table(figures)
+    # the store gets as many threads as the raw clients' pool: the same concurrency
+    with open_store(url, executor_workers=AEROSPIKE_CONCURRENCY) as store:
+        set_name = store._version(VIEW).set_name
+        keys = {size: [[("test", set_name, k) for k in batch] for batch in chunk]
                 for size, chunk in batches.items()}
-        clients = aerospike_clients(args.aerospike, store, target.read_bins)
-        for name, call in clients.items():
-            figures[name] = {size: closed_loop(call, keys[size], args.seconds)
-                             for size in BATCH_SIZES}
-    print_table({k: v for k, v in figures.items() if k == "service_aerospike"})
-    for name, rows in figures.items():
-        if name != "service_aerospike":
-            for size, row in rows.items():
-                print(f"{name:22} {size:>4} keys  {row['per_s']:>9,.0f} lookups/s  "
-                      f"p50 {row['p50_us']:>7} us  p99 {row['p99_us']:>7} us")
+        clients = aerospike_clients(args.aerospike, store)
+        runs = {name: {size: [] for size in BATCH_SIZES} for name in clients}
+        for round_ in range(args.repeats):
+            for name in (list(clients) if round_ % 2 == 0 else list(clients)[::-1]):
+                for size in BATCH_SIZES:
+                    runs[name][size].append(closed_loop(clients[name], keys[size],
+                                                        args.seconds))
+    for name, sizes in runs.items():
+        figures[name] = {size: median_run(rows) for size, rows in sizes.items()}
+        for size, row in figures[name].items():
+            print(f"{name:22} {size:>4} keys  {row['per_s']:>9,.0f} lookups/s  "
+                  f"p50 {row['p50_us']:>7} us  p99 {row['p99_us']:>7} us")
+    ratios = {size: spread([raw["per_s"] / tally["per_s"] for raw, tally in
+                             zip(runs[RAW][size], runs[TALLY][size])])
+              for size in BATCH_SIZES}
+    for size, ratio in ratios.items():
+        print(f"raw / tally lookups/s, {size} keys: {ratio}")
     return {"benchmark": "lookup-aerospike", "entities": args.entities, "figures": figures,
-            "concurrency": AEROSPIKE_CONCURRENCY, "seconds": args.seconds}
+            "raw_over_tally": ratios, "concurrency": AEROSPIKE_CONCURRENCY,
+            "seconds": args.seconds, "repeats": args.repeats}
 
 
-def aerospike_clients(address, store, bins):
-    """name -> async call(keys): the raw clients, and Tally's store over the first."""
+def median_run(rows):
+    """The run of median lookups/s, with every run's lookups/s."""
+    ordered = sorted(rows, key=lambda row: row["per_s"])
+    return dict(ordered[len(ordered) // 2], per_s_runs=[row["per_s"] for row in rows])
+
+
+def spread(values):
+    """Median, min, max and every value of per-round ratios."""
+    ordered = sorted(values)
+    return {"median": round(ordered[len(ordered) // 2], 3), "min": round(ordered[0], 3),
+            "max": round(ordered[-1], 3), "runs": [round(v, 3) for v in values]}
+
+
+def aerospike_clients(address, store):
+    """name -> async call(keys): the raw clients (every bin: a set holds one
+    version's bins, as the store reads them), and Tally's store over the
+    official one."""
     import concurrent.futures
     import aerospike
     import aerospike_py
@@ -685,7 +719,7 @@ def aerospike_clients(address, store, bins):
 
     async def official_pool(keys):
         loop = asyncio.get_running_loop()
-        batch = await loop.run_in_executor(pool, official.batch_read, keys, bins, policy)
+        batch = await loop.run_in_executor(pool, official.batch_read, keys, None, policy)
         return [r.record[2] if r.result == 0 else None for r in batch.batch_records]
 
     state = {}
@@ -694,14 +728,13 @@ def aerospike_clients(address, store, bins):
         if "client" not in state:
             state["client"] = await aerospike_py.AsyncClient(
                 {"hosts": [(host, int(port))]}).connect()
-        batch = await state["client"].batch_read(keys, bins, policy)
+        batch = await state["client"].batch_read(keys, None, policy)
         return [r.record[2] if r.result == 0 else None for r in batch.batch_records]
 
     async def tally_store(keys):
         return await store.get_many_async(VIEW, [k[2] for k in keys])
 
-    return {"official_threadpool": official_pool, "aerospike_py_async": native,
-            "tally_store_official": tally_store}
+    return {RAW: official_pool, "aerospike_py_async": native, TALLY: tally_store}
 
 
 def closed_loop(call, batches, seconds):

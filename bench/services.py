@@ -11,9 +11,16 @@ request-time lookup) and 100 rows (ranking candidates).
   process of its own) over the embedded LMDB store, msgpack/TCP -- the path
   production runs;
 * ``tally_aerospike`` (with ``--aerospike host:port``): the same server over
-  Aerospike, the views read at once in the store's thread pool; and
-  ``raw_aerospike``, the official client's ``batch_read`` of the same
-  records (one batch across the three sets), the floor Tally adds to;
+  Aerospike, the views read in one batch (``get_views_async``) in the
+  store's thread pool; and ``raw_aerospike``, the official client's
+  ``batch_read`` of the same records (one batch across the three sets), the
+  floor Tally adds to -- in this process, so without the lookup server's
+  TCP hop and protocol, which the ``tally`` row shows on its own;
+* ``store_aerospike`` (with ``--aerospike``): in process, closed loop as
+  ``bench/lookup.py``'s Aerospike client rows, interleaved rounds: the raw
+  one-batch read (``raw``), Tally's store's ``get_views_async`` (``one_batch``)
+  and one ``get_many_async`` per view gathered (``per_view``, what the lookup
+  server did before); ratios raw lookups/s over Tally's (goal: at most 1.2);
 * ``feast``: ``get_online_features`` with a FeatureService on Feast's Redis
   online store (Debian ``redis-server``), in its own venv
   (``--feast-python``; see ``bench/feast_redis.py``).
@@ -45,6 +52,7 @@ VIEWS = {
     "article_stats": ViewSchema("article_stats", 1, "int64", (("avg_length", "float64"),)),
 }
 ENTITY = {"user_reading": "user", "user_reading_7d": "user", "article_stats": "article"}
+ENTITY_INDEX = {view: ("user", "article").index(entity) for view, entity in ENTITY.items()}
 SERVICE = ServedService("recommend", 1, tuple(
     ServedColumn(feature, view, feature, ENTITY[view])
     for view, schema in VIEWS.items() for feature, _ in schema.features))
@@ -130,6 +138,56 @@ def raw_aerospike_figures(url, batches, args):
         client.close()
 
 
+def store_aerospike_figures(url, batches, args):
+    """Closed-loop lookups/s of a 3-view vector (see the module docstring)."""
+    import asyncio
+    import concurrent.futures
+    import aerospike
+    from tally.bench.lookup import (AEROSPIKE_CONCURRENCY, closed_loop, median_run,
+                                    spread)
+    host, port = args.aerospike.rsplit(":", 1)
+    client = aerospike.client({"hosts": [(host, int(port))]})
+    pool = concurrent.futures.ThreadPoolExecutor(AEROSPIKE_CONCURRENCY)
+    policy = {"concurrent": True, "total_timeout": 1000}
+    with open_store(url, executor_workers=AEROSPIKE_CONCURRENCY) as store:
+        sets = {view: store._version(view).set_name for view in VIEWS}
+
+        def reads(rows):
+            return {view: [row[ENTITY_INDEX[view]] for row in rows] for view in VIEWS}
+
+        async def raw(rows):
+            keys = [("test", sets[view], row[ENTITY_INDEX[view]]) for row in rows
+                    for view in VIEWS]
+            batch = await asyncio.get_running_loop().run_in_executor(
+                pool, client.batch_read, keys, None, policy)
+            return [r.record[2] if r.result == 0 else None for r in batch.batch_records]
+
+        async def one_batch(rows):
+            return await store.get_views_async(reads(rows))
+
+        async def per_view(rows):
+            wanted = reads(rows)
+            return await asyncio.gather(*(store.get_many_async(view, keys)
+                                          for view, keys in wanted.items()))
+        calls = {"raw": raw, "one_batch": one_batch, "per_view": per_view}
+        runs = {name: {size: [] for size in SIZES} for name in calls}
+        try:
+            for round_ in range(args.repeats):
+                for name in (list(calls) if round_ % 2 == 0 else list(calls)[::-1]):
+                    for size in SIZES:
+                        runs[name][size].append(closed_loop(calls[name], batches[size],
+                                                            args.seconds))
+        finally:
+            client.close()
+            pool.shutdown()
+    figures = {name: {size: median_run(rows) for size, rows in sizes.items()}
+               for name, sizes in runs.items()}
+    figures["raw_over"] = {name: {size: spread([r["per_s"] / t["per_s"] for r, t in
+                                                zip(runs["raw"][size], runs[name][size])])
+                                  for size in SIZES} for name in ("one_batch", "per_view")}
+    return figures
+
+
 def run(quick=False, argv=()):
     parser = argparse.ArgumentParser(prog="python -m tally.bench services")
     parser.add_argument("--users", type=int, default=20_000 if quick else 200_000)
@@ -156,6 +214,7 @@ def run(quick=False, argv=()):
             write_store(url, data)
             _, figures["tally_aerospike"] = tally_figures(url, batches, args)
             figures["raw_aerospike"] = raw_aerospike_figures(url, batches, args)
+            figures["store_aerospike"] = store_aerospike_figures(url, batches, args)
         redis, _ = start_redis(workdir)
         try:
             figures["feast"] = feast_service(
@@ -189,6 +248,13 @@ def ratios(figures):
 
 def print_table(figures, found):
     for side, rows in figures.items():
+        if side == "store_aerospike":
+            for name, sizes in rows.items():
+                for size, row in sizes.items():
+                    print(f"store_aerospike {name:10} {size:>4} rows  " + (
+                        f"{row['per_s']:>7,} vectors/s  p50 {row['p50_us']} us"
+                        if name != "raw_over" else f"raw/x lookups/s {row}"))
+            continue
         if "skipped" in rows:
             print(f"{side:16} skipped: {rows['skipped']}")
             continue

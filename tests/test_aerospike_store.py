@@ -723,6 +723,99 @@ def test_async_wrappers_run_off_the_event_loop(fake_store):
     assert all(thread != loop_thread for *_, thread in fake.calls)
 
 
+def write_three_views(store, lmdb, n=40):
+    """The same records of three views (int64 and string keys, numbers and
+    every variable type) into ``store`` and into ``lmdb``, the oracle;
+    returns the reads of a feature service: some keys of each, absent ones
+    included."""
+    typed, _ = typed_sample(n, seed=3)
+    writes = {"clicks": (SCHEMA, np.arange(n) * 3, sample(SCHEMA, n, seed=1)),
+              "users": (STR_SCHEMA, [f"u{i}" for i in range(n)], sample(STR_SCHEMA, n, seed=2)),
+              "typed": (TYPED_SCHEMA, np.arange(n), typed)}
+    for target in (store, lmdb):
+        for view, (schema, keys, records) in writes.items():
+            target.register_view(schema)
+            target.write(view, keys, records)
+    return {"clicks": [0, 3, 4, 117, 3], "users": ["u5", "nobody", "u0"],
+            "typed": list(range(n - 3, n + 2))}
+
+
+def test_a_multi_view_read_is_one_batch_and_reads_what_was_written(fake_store, tmp_path):
+    store, fake = fake_store
+    with LmdbStore(tmp_path / "lmdb") as lmdb:
+        reads = write_three_views(store, lmdb)
+        expected = {view: lmdb.get_many(view, keys) for view, keys in reads.items()}
+    fake.calls.clear()
+    assert store.get_views(reads) == expected
+    batches = [keys for method, keys, _, _ in fake.calls if method == "batch_read"]
+    assert batches == [[k for keys in reads.values() for k in keys]]      # one call
+    assert store.get_views({}) == {}
+
+
+def test_a_multi_view_read_is_chunked_within_the_batch_limit(tmp_path):
+    store, fake = make_store(FakeAerospikeClient(batch_max_requests=4))
+    with LmdbStore(tmp_path / "lmdb") as lmdb:
+        reads = write_three_views(store, lmdb)
+        expected = {view: lmdb.get_many(view, keys) for view, keys in reads.items()}
+    fake.calls.clear()
+    fake.read_failures[3] = [9]                 # one timeout: only that record is sent again
+    assert store.get_views(reads) == expected
+    sizes = [len(keys) for method, keys, _, _ in fake.calls if method == "batch_read"]
+    assert max(sizes) <= 4 and sum(sizes) == sum(map(len, reads.values())) + 1
+
+
+def test_a_multi_view_read_names_the_view_of_a_key_that_failed(tmp_path):
+    store, fake = make_store(retry_budget_s=0)
+    with LmdbStore(tmp_path / "lmdb") as lmdb:
+        reads = write_three_views(store, lmdb)
+    fake.read_failures["u0"] = [9]
+    with pytest.raises(AerospikeReadError, match="view 'users'.*key 'u0', TIMEOUT"):
+        store.get_views(reads)
+
+
+def test_the_lookup_servers_remote_store_reads_a_service_in_one_batch(fake_store, tmp_path):
+    from tally.service.lookup.service import RemoteStore
+    store, fake = fake_store
+    with LmdbStore(tmp_path / "lmdb") as lmdb:
+        reads = write_three_views(store, lmdb)
+        expected = {view: lmdb.get_many(view, keys) for view, keys in reads.items()}
+
+    class OneViewAtATime:                 # a store with no multi-view read
+        def __init__(self, store):
+            self.get_many_async = store.get_many_async
+    fake.calls.clear()
+    assert asyncio.run(RemoteStore(store, "fake", owned=False).get_views(reads)) == expected
+    assert [m for m, *_ in fake.calls] == ["batch_read"]
+    fake.calls.clear()
+    assert asyncio.run(RemoteStore(OneViewAtATime(store), "fake", owned=False)
+                       .get_views(reads)) == expected
+    assert [m for m, *_ in fake.calls] == ["batch_read"] * 3
+
+
+def test_a_reread_pointer_keeps_the_compiled_decoders(fake_store):
+    store, _ = fake_store
+    before = store._version("clicks")
+    assert store._pointer("clicks", fresh=True).versions[3] is before
+    store.register_view(SCHEMA, expiry_ms=5000)            # its TTL changed: a new one
+    assert store._version("clicks") is not before and store._version("clicks").ttl == 5
+
+
+@pytest.mark.aerospike
+@pytest.mark.skipif(not os.environ.get("TALLY_AEROSPIKE"), reason="set TALLY_AEROSPIKE=host:port")
+def test_a_multi_view_read_on_the_real_server(tmp_path):
+    import uuid
+    url = (f"aerospike://{os.environ['TALLY_AEROSPIKE']}/"
+           f"{os.environ.get('TALLY_AEROSPIKE_NAMESPACE', 'test')}"
+           f"?set_prefix=m{uuid.uuid4().hex[:8]}_&chunk_size=4")
+    with open_store(url) as store, LmdbStore(tmp_path / "lmdb") as lmdb:
+        reads = write_three_views(store, lmdb)
+        expected = {view: lmdb.get_many(view, keys) for view, keys in reads.items()}
+        calls = store.stats["batch_calls"]
+        assert store.get_views(reads) == expected
+        assert store.stats["batch_calls"] - calls == 4           # 13 keys in chunks of 4
+        assert asyncio.run(store.get_views_async(reads)) == expected
+
+
 def test_parse_hosts():
     assert parse_hosts("a:1,b:2") == [("a", 1), ("b", 2)]
     assert parse_hosts("[::1]:3100,c") == [("::1", 3100), ("c", 3000)]

@@ -150,9 +150,10 @@ class SharedLmdbStore:
 
 class RemoteStore:
     """Reads an online store whose calls block (Aerospike: round trips,
-    retries) in that store's thread pool, through its ``get_many_async``; the
-    catalog loads it off the event loop too. It follows promotions by itself
-    (within its ``meta_refresh_s``)."""
+    retries) in that store's thread pool, through its ``get_many_async`` (and
+    ``get_views_async``, the views of a feature service in one batch, if it
+    has it); the catalog loads it off the event loop too. It follows
+    promotions by itself (within its ``meta_refresh_s``)."""
     blocking = True
 
     def __init__(self, store, path, owned=True):
@@ -162,7 +163,11 @@ class RemoteStore:
         return await self.store.get_many_async(view, keys)
 
     async def get_views(self, reads):
-        """The views' round trips at once (in the store's thread pool)."""
+        """One multi-view read if the store has one, else the views' reads at
+        once (in the store's thread pool)."""
+        get_views_async = getattr(self.store, "get_views_async", None)
+        if get_views_async is not None:
+            return await get_views_async(reads)
         views = list(reads)
         records = await asyncio.gather(*(self.store.get_many_async(view, reads[view])
                                          for view in views))

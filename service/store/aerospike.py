@@ -62,6 +62,10 @@ is a function of the view state, so writing it again gives the same record.
 Records that still fail raise :class:`AerospikeWriteError` after every other
 record of the call was written. Every client exception that leaves the store
 is a :class:`AerospikeStoreError` (a ``StoreError``) with the client's code.
+``get_views`` reads several views (a feature service's) in one batch across
+their sets. The per-record work -- a record's write operations, a read
+record's dict -- is a function generated per view version (``_generated``):
+it runs for every record of every call.
 
 Long because the client's and the server's behaviour it relies on (result
 codes, policies, key types, Community Edition's deletes) is written down
@@ -70,6 +74,7 @@ beside the code that relies on it.
 import asyncio
 import concurrent.futures
 import copy
+import itertools
 import math
 import random
 import threading
@@ -77,20 +82,19 @@ import time
 
 import numpy as np
 
-from tally.core.errors import RecordError
 from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema
 from tally.service.store import StoreError
 
 META_SUFFIX = "_meta"
 META_LAYOUT = 2
 EVENT_TIME_BIN, WRITE_TIME_BIN, VALID_UNTIL_BIN, VIEW_VERSION_BIN = "_et", "_wt", "_vu", "_vv"
-SYSTEM_BINS = (EVENT_TIME_BIN, WRITE_TIME_BIN, VALID_UNTIL_BIN, VIEW_VERSION_BIN)
 MAX_SET_NAME_BYTES = 63        # AS_SET_MAX_SIZE 64 with the NUL (C client as_key.h)
 MAX_CHUNK = 1000               # records per batch call when the server sets no lower limit
 META_UPDATE_ATTEMPTS = 100     # generation conflicts in a row before giving up
 
 # TTL values of the write policy (aerospike.TTL_* in 19.x).
 TTL_NEVER_EXPIRE = 0xFFFFFFFF
+OPERATOR_WRITE = 1             # aerospike.OPERATOR_WRITE, a literal in generated code
 
 # Result codes (as_status.h of the C client the 19.x wheels embed).
 OK = 0
@@ -223,7 +227,41 @@ def user_key(key_type, key):
     return bytearray(text.encode()) if "\x00" in text else text
 
 
+def _key_list(keys):
+    return keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+
+
+def user_keys(key_type, keys):
+    """``user_key`` of every key, as a list; a list of Python ints in range
+    (what a lookup sends, and what ``ndarray.tolist`` gives) is checked
+    in C-speed passes instead of key by key."""
+    keys = _key_list(keys)
+    if key_type == "int64":
+        if keys and set(map(type, keys)) == {int} and \
+                INT64_MIN <= min(keys) and max(keys) <= INT64_MAX:
+            return keys
+    elif set(map(type, keys)) <= {str} and not any("\x00" in k for k in keys):
+        return keys
+    return [user_key(key_type, k) for k in keys]
+
+
+def _last_rows(ukeys):
+    """The rows to write when a key repeats (the last of each, in order of
+    first appearance); None when none does."""
+    try:
+        last = dict(zip(ukeys, range(len(ukeys))))
+    except TypeError:                        # bytearray keys (str with NUL): unhashable
+        last = {(type(k), bytes(k)) if isinstance(k, bytearray) else k: i
+                for i, k in enumerate(ukeys)}
+    return None if len(last) == len(ukeys) else list(last.values())
+
+
 # ---- values: the Records contract <-> native bins ------------------------------
+
+def _column(values, n):
+    """A Records header field (an array or one value for all) -> n int64s."""
+    return np.broadcast_to(np.asarray(values, dtype=np.int64), (n,))
+
 
 def _to_bins(dtype, column, valid):
     """A Records column -> one bin value per row (None where not valid)."""
@@ -243,53 +281,88 @@ def _to_bins(dtype, column, valid):
     return out
 
 
-def _scalar(dtype):
-    return {"int64": int, "float64": float, "string": str}[dtype]
+HEADER_FIELDS = (("_event_time", EVENT_TIME_BIN), ("_write_time", WRITE_TIME_BIN),
+                 ("_valid_until", VALID_UNTIL_BIN), ("_view_version", VIEW_VERSION_BIN))
 
 
-def _decoder(dtype):
-    """bin value -> the Python value LMDB returns for ``dtype``."""
-    if dtype == "float64":
-        return float
-    if dtype == "int64":
-        return _exact_int
-    if dtype == "string":
-        return str
-    inner = _scalar(dtype[dtype.index("<") + 1:-1])
-    if dtype.startswith("top_k<"):
-        return lambda v: [(inner(item), int(count)) for item, count in v]
-    return lambda v: [inner(item) for item in v]
+def _top_k(value):
+    return None if value is None else list(map(tuple, value))
 
 
-def _exact_int(value):
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise RecordError(f"an int64 bin holds {value!r}")
+def _generated(signature, body, helpers=()):
+    """A function compiled from source, once per view version, for the
+    per-record work of reads and writes: dict and list displays of constant
+    keys and bin names are built in about half the time of any loop over the
+    features (and decoding is most of a lookup's own cost)."""
+    namespace = dict(helpers)
+    exec(f"def generated({signature}):\n    " + "\n    ".join(body) + "\n", namespace)
+    return namespace["generated"]
+
+
+def _compile_decoder(schema, bins):
+    """``decode(bins) -> record dict`` (the dicts LMDB returns). Only this
+    store writes a version's set, with that version's types, so bin values
+    are taken as they are (int, float, str, a list of those) but for top_k's
+    pairs, which LMDB gives as tuples. The writer stores no sentinel (a null,
+    no event time, no expiry: a missing bin), so a missing bin reads None."""
+    fields = []
+    for (name, dtype), b in zip(schema.features, bins):
+        value = f"get({b!r})"
+        fields.append(f"{name!r}: _top_k({value})" if dtype.startswith("top_k<")
+                      else f"{name!r}: {value}")
+    fields += [f"{name!r}: get({b!r})" for name, b in HEADER_FIELDS]
+    return _generated("bins", ["get = bins.get", f"return {{{', '.join(fields)}}}"],
+                      {"_top_k": _top_k})
+
+
+def _compile_write_ops(schema, bins):
+    """``write_ops(*feature bin values, event time, valid until, write time
+    op) -> the record's operations``: a write of every bin, a nil one (None)
+    deleting it. The write time (one per call, as in Records) and the view
+    version are the same for every record: one shared operation each (the
+    client only reads them)."""
+    params = [f"v{i}" for i in range(len(bins))] + ["et", "vu"]
+    ops = [f"{{'op': {OPERATOR_WRITE}, 'bin': {b!r}, 'val': {value}}}"
+           for b, value in zip(list(bins) + [EVENT_TIME_BIN, VALID_UNTIL_BIN], params)]
+    version_op = {"op": OPERATOR_WRITE, "bin": VIEW_VERSION_BIN, "val": schema.version}
+    return _generated(", ".join(params + ["wt_op"]),
+                      [f"return [{', '.join(ops)}, wt_op, version_op]"],
+                      {"version_op": version_op})
+
+
+def _write_time_op(write_time):
+    return {"op": OPERATOR_WRITE, "bin": WRITE_TIME_BIN, "val": int(write_time)}
 
 
 class _Version:
     """One view version as the pointer record describes it."""
-    __slots__ = ("schema", "set_name", "ttl", "bins", "read_bins", "decoders")
+    __slots__ = ("schema", "set_name", "ttl", "bins", "decode", "write_ops")
 
     def __init__(self, schema, set_name, expiry_ms):
         self.schema, self.set_name, self.ttl = schema, set_name, ttl_of(expiry_ms)
         self.bins = [f"f{i}" for i in range(len(schema.features))]
-        self.read_bins = self.bins + list(SYSTEM_BINS)
-        self.decoders = [(name, b, _decoder(dtype))
-                         for (name, dtype), b in zip(schema.features, self.bins)]
+        self.decode = _compile_decoder(schema, self.bins)
+        self.write_ops = _compile_write_ops(schema, self.bins)
 
 
 class _Pointer:
-    """A cache of a view's pointer record."""
+    """A cache of a view's pointer record. A version unchanged since the
+    ``previous`` cache keeps its ``_Version`` (and so its compiled decoder):
+    readers re-read the pointer every ``meta_refresh_s``."""
     __slots__ = ("served", "versions", "read_at")
 
-    def __init__(self, view, bins):
+    def __init__(self, view, bins, previous=None):
         self.served = bins.get("cur") or None
         self.versions = {}
+        known = previous.versions if previous is not None else {}
         for version, entry in (bins.get("vers") or {}).items():
             schema = ViewSchema(view, int(version), entry["key"],
                                 tuple((str(n), str(t)) for n, t in entry["features"]))
-            self.versions[int(version)] = _Version(schema, entry["set"], entry.get("exp", 0))
+            found = known.get(int(version))
+            if found is None or (found.schema, found.set_name, found.ttl) != (
+                    schema, entry["set"], ttl_of(entry.get("exp", 0))):
+                found = _Version(schema, entry["set"], entry.get("exp", 0))
+            self.versions[int(version)] = found
         self.read_at = time.monotonic()
 
 
@@ -579,7 +652,7 @@ class AerospikeStore:
                     continue                     # another process changed it: again
                 raise
             with self._lock:
-                self._pointers[view] = _Pointer(view, bins)
+                self._pointers[view] = _Pointer(view, bins, self._pointers.get(view))
             return
         raise AerospikeStoreError(f"view {view!r}: the pointer record kept changing under "
                                   f"{META_UPDATE_ATTEMPTS} updates", GENERATION_ERROR)
@@ -588,7 +661,7 @@ class AerospikeStore:
         pointer = self._pointers.get(view)
         if fresh or pointer is None or time.monotonic() - pointer.read_at > self.meta_refresh_s:
             bins, _ = self._read_pointer(view)
-            pointer = _Pointer(view, bins or {})
+            pointer = _Pointer(view, bins or {}, pointer)
             with self._lock:
                 self._pointers[view] = pointer
         return pointer
@@ -659,55 +732,53 @@ class AerospikeStore:
 
     def write(self, view, keys, records, version=None):
         """Put one record per key (:class:`tally.core.record.Records`) into the
-        served version or ``version``. Raises AerospikeWriteError if some
+        served version or ``version``; of a key given twice, the later row
+        wins (as with LMDB's putmulti). Raises AerospikeWriteError if some
         records still fail after the retries (the others are written)."""
         target = self._version(view, version)
         n = len(keys)
         if not n:
             return
+        ukeys = user_keys(target.schema.key_type, keys)
         columns = [_to_bins(dtype, *records.values[name])
                    for name, dtype in target.schema.features]
-        et = np.broadcast_to(np.asarray(records.event_time, dtype=np.int64), (n,)).tolist()
-        wt = np.broadcast_to(np.asarray(records.write_time, dtype=np.int64), (n,)).tolist()
-        vu = np.broadcast_to(np.asarray(records.valid_until, dtype=np.int64), (n,)).tolist()
-        key_list = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
-        write_op, key_type = self._as.OPERATOR_WRITE, target.schema.key_type
-        last = {}                         # later rows win, as with LMDB's putmulti
-        for i, key in enumerate(key_list):
-            ukey = user_key(key_type, key)
-            last[(type(ukey), bytes(ukey)) if isinstance(ukey, bytearray) else ukey] = (ukey, i)
-        entries = []
-        for ukey, i in last.values():
-            ops = [{"op": write_op, "bin": b, "val": column[i]}
-                   for b, column in zip(target.bins, columns)]
-            ops += [{"op": write_op, "bin": EVENT_TIME_BIN,
-                     "val": None if et[i] == INT64_MIN else et[i]},
-                    {"op": write_op, "bin": WRITE_TIME_BIN, "val": wt[i]},
-                    {"op": write_op, "bin": VALID_UNTIL_BIN,
-                     "val": None if vu[i] == INT64_MAX else vu[i]},
-                    {"op": write_op, "bin": VIEW_VERSION_BIN, "val": target.schema.version}]
-            entries.append((key_list[i], ukey, ops))
-        self._write_entries(view, target, entries)
+        event_time = _column(records.event_time, n)
+        valid_until = _column(records.valid_until, n)
+        ops = list(map(target.write_ops, *columns,
+                       _to_bins("int64", event_time, event_time != INT64_MIN),
+                       _to_bins("int64", valid_until, valid_until != INT64_MAX),
+                       itertools.repeat(_write_time_op(records.write_time), n)))
+        rows = _last_rows(ukeys)
+        if rows is not None:
+            ukeys, ops = [ukeys[i] for i in rows], [ops[i] for i in rows]
+        failures = self._write_ops(target, ukeys, ops)
+        if failures:
+            self.stats["failed"] += len(failures)
+            key_list = _key_list(keys)
+            raise AerospikeWriteError(
+                view, [(key_list[i if rows is None else rows[i]], code, doubt)
+                       for i, (code, doubt) in sorted(failures.items())],
+                len(ukeys) - len(failures))
 
-    def _write_entries(self, view, target, entries):
-        from aerospike_helpers.batch import records as batch_records
+    def _write_ops(self, target, ukeys, ops):
+        """Batch-write record i's ``ops[i]`` under user key ``ukeys[i]``;
+        ``{i: (code, in_doubt)}`` of the records that failed for good."""
+        from aerospike_helpers.batch.records import BatchRecords, Write
+        namespace, set_name = self.namespace, target.set_name
         policy = {"ttl": target.ttl, "key": self._as.POLICY_KEY_SEND}
 
         def send(chunk):
-            batch = batch_records.BatchRecords([
-                batch_records.Write((self.namespace, target.set_name, entries[i][1]),
-                                    entries[i][2], policy=policy) for i in chunk])
+            batch = BatchRecords([Write((namespace, set_name, ukeys[i]), ops[i], policy=policy)
+                                  for i in chunk])
             self.stats["batch_calls"] += 1
-            self.client.batch_write(batch, dict(self.batch_write_policy))
-            return _batch_codes(batch, len(chunk)), [bool(r.in_doubt) for r in
-                                                     batch.batch_records]
+            self.client.batch_write(batch, self.batch_write_policy)
+            code = _whole_batch_code(batch, len(chunk))
+            if code is not None:         # unanswered writes may have landed
+                return dict.fromkeys(chunk, (code, code == -15))
+            return {i: (r.result, bool(r.in_doubt))
+                    for i, r in zip(chunk, batch.batch_records) if r.result != OK}
 
-        failures = self._run(len(entries), send, writing=True)
-        if failures:
-            self.stats["failed"] += len(failures)
-            raise AerospikeWriteError(
-                view, [(entries[i][0], code, doubt) for i, (code, doubt) in sorted(failures.items())],
-                len(entries) - len(failures))
+        return self._run(len(ukeys), send, writing=True)
 
     async def write_async(self, view, keys, records, version=None):
         """``write`` in the store's thread pool, retries included."""
@@ -720,39 +791,70 @@ class AerospikeStore:
     def get_many(self, view, keys, version=None):
         """Decoded records for ``keys`` (the same dicts as ``LmdbStore.get``);
         None for entities with no record (or an expired one)."""
-        target = self._version(view, version)
-        key_list = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
-        if not key_list:
-            return []
-        key_type, set_name = target.schema.key_type, target.set_name
-        akeys = [(self.namespace, set_name, user_key(key_type, k)) for k in key_list]
-        results = [None] * len(akeys)
-
-        def send(chunk):
-            self.stats["batch_calls"] += 1
-            batch = self.client.batch_read([akeys[i] for i in chunk] if len(chunk) < len(akeys)
-                                           else akeys, target.read_bins,
-                                           dict(self.batch_read_policy))
-            codes = _batch_codes(batch, len(chunk))
-            for i, record, code in zip(chunk, batch.batch_records, codes):
-                if code == OK:
-                    results[i] = _decode(target, record.record[2])
-            return codes, None
-
-        failures = self._run(len(akeys), send, writing=False, ok_codes=(OK, RECORD_NOT_FOUND))
-        if failures:
-            code = next(iter(failures.values()))[0]
-            raise AerospikeReadError(
-                f"view {view!r}: {len(failures)} of {len(akeys)} records could not be read "
-                f"(first: key {key_list[min(failures)]!r}, {code_name(code)} ({code}))", code=code)
-        return results
+        return self._read([(view, self._version(view, version), keys)])[0]
 
     def get(self, view, key, version=None):
         return self.get_many(view, [key], version)[0]
 
+    def get_views(self, reads):
+        """``{view: keys}`` -> ``{view: records}`` of the served versions, in
+        one batch call across the views' sets (chunked as ``get_many``): a
+        feature service's vector costs one round trip per node, not one per
+        view."""
+        views = list(reads)
+        found = self._read([(view, self._version(view), reads[view]) for view in views])
+        return dict(zip(views, found))
+
     async def get_many_async(self, view, keys, version=None):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.get_many, view, keys, version)
+
+    async def get_views_async(self, reads):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.get_views, reads)
+
+    def _read(self, parts):
+        """``[(view, _Version, keys)]`` -> one list of records per part, all
+        parts' keys in one batch (every bin is read: a set holds exactly its
+        version's bins)."""
+        akeys, decoders, ends = [], [], []
+        for _, target, keys in parts:
+            set_name = target.set_name
+            akeys += [(self.namespace, set_name, k) for k in user_keys(target.schema.key_type,
+                                                                       keys)]
+            decoders += [target.decode] * (len(akeys) - len(decoders))
+            ends.append(len(akeys))
+        n = len(akeys)
+        results = [None] * n
+
+        def send(chunk):
+            self.stats["batch_calls"] += 1
+            batch = self.client.batch_read(akeys if len(chunk) == n else
+                                           [akeys[i] for i in chunk], None,
+                                           self.batch_read_policy)
+            code = _whole_batch_code(batch, len(chunk))
+            if code is not None:
+                return dict.fromkeys(chunk, (code, False))
+            failed = {}
+            for i, record in zip(chunk, batch.batch_records):
+                code = record.result
+                if code == OK:
+                    results[i] = decoders[i](record.record[2])
+                elif code != RECORD_NOT_FOUND:
+                    failed[i] = (code, False)
+            return failed
+
+        failures = self._run(n, send, writing=False) if n else {}
+        if failures:
+            first = min(failures)
+            part = next(j for j, end in enumerate(ends) if first < end)
+            view, _, keys = parts[part]
+            key = keys[first - (ends[part - 1] if part else 0)]
+            code = failures[first][0]
+            raise AerospikeReadError(
+                f"view {view!r}: {len(failures)} of {n} records could not be read "
+                f"(first: key {key!r}, {code_name(code)} ({code}))", code=code)
+        return [results[start:end] for start, end in zip([0] + ends, ends)]
 
     def items(self, view, version=None):
         """Every (entity key, record) of a view version: a scan of its set,
@@ -763,21 +865,21 @@ class AerospikeStore:
         def run():
             found.clear()
             query = self.client.query(self.namespace, target.set_name)
-            query.select(*target.read_bins)
             query.foreach(lambda record: found.append((record[0][2], record[2])),
                           {"total_timeout": 0})
         self._retry_single(run, f"scan view {view!r}")
         return [(bytes(k).decode() if isinstance(k, (bytes, bytearray)) else k,
-                 _decode(target, bins)) for k, bins in found]
+                 target.decode(bins or {})) for k, bins in found]
 
     # -- retries ----------------------------------------------------------
 
-    def _run(self, n, send, writing, ok_codes=(OK,)):
-        """Send records 0..n-1 in chunks through ``send(chunk) -> (codes,
-        in_doubt flags or None)``, retrying retryable codes within the retry
-        budget; returns ``{index: (code, in_doubt)}`` of the records that
-        failed for good."""
-        pending, failures = list(range(n)), {}
+    def _run(self, n, send, writing):
+        """Send records 0..n-1 in chunks through ``send(chunk) -> {index:
+        (code, in_doubt)}`` of the chunk's records not done (empty when all
+        are: the common case costs no loop here), retrying retryable codes
+        within the retry budget; returns that map of the records that failed
+        for good."""
+        pending, failures = range(n), {}
         deadline, attempt = None, 0
         while pending:
             retry, start = {}, 0
@@ -786,20 +888,18 @@ class AerospikeStore:
                 chunk = pending[start:start + chunk_size]
                 start += len(chunk)
                 try:
-                    codes, doubts = send(chunk)
+                    failed = send(chunk)
                 except Exception as error:  # noqa: BLE001 - client exceptions carry .code
                     code = _error_code(error)
                     if code != BATCH_MAX_REQUESTS_EXCEEDED and not self._retryable(code):
                         raise _wrap(error, "batch command") from error
-                    codes = [code] * len(chunk)
-                    doubts = [writing and bool(getattr(error, "in_doubt", False))] * len(chunk)
-                if codes and codes[0] == BATCH_MAX_REQUESTS_EXCEEDED and chunk_size > 1:
+                    doubt = writing and bool(getattr(error, "in_doubt", False))
+                    failed = dict.fromkeys(chunk, (code, doubt))
+                if failed.get(chunk[0], (OK,))[0] == BATCH_MAX_REQUESTS_EXCEEDED and \
+                        chunk_size > 1:
                     self.chunk_size = max(1, chunk_size // 2)   # the server's limit fell
-                    codes = [-15] * len(chunk)                   # so: send again, smaller
-                for j, (i, code) in enumerate(zip(chunk, codes)):
-                    if code in ok_codes:
-                        continue
-                    doubt = bool(doubts and doubts[j])
+                    failed = dict.fromkeys(chunk, (-15, False))  # so: send again, smaller
+                for i, (code, doubt) in failed.items():
                     self.stats["in_doubt"] += doubt
                     if self._retryable(code):
                         retry[i] = (code, doubt)
@@ -853,36 +953,15 @@ class AerospikeStore:
                 self._backoff(attempt)
 
 
-def _batch_codes(batch, n):
-    """One result code per record of a batch call: the call's own code for
-    every record when the call failed as a whole (a batch-level code such as
-    BATCH_MAX_REQUESTS_EXCEEDED, or records missing from the answer)."""
-    got = batch.batch_records
+def _whole_batch_code(batch, n):
+    """The code of a batch call that failed as a whole (a batch-level code
+    such as BATCH_MAX_REQUESTS_EXCEEDED, or records missing from the
+    answer), for every record of it; None if each record has its own."""
     if batch.result in (BATCH_MAX_REQUESTS_EXCEEDED, BATCH_QUEUES_FULL, BATCH_DISABLED):
-        return [batch.result] * n
-    if len(got) != n:
-        code = batch.result if batch.result not in (OK, None, -16) else -15
-        return [code] * n
-    return [r.result for r in got]
-
-
-def _decode(target, bins):
-    bins = bins or {}
-    result = {}
-    for name, b, decode in target.decoders:
-        value = bins.get(b)
-        try:
-            result[name] = None if value is None else decode(value)
-        except (RecordError, TypeError, ValueError) as error:
-            raise RecordError(f"view {target.schema.view!r}: bin {b!r} of feature {name!r} "
-                              f"holds {value!r}") from error
-    event_time = bins.get(EVENT_TIME_BIN)
-    valid_until = bins.get(VALID_UNTIL_BIN)
-    result["_event_time"] = None if event_time in (None, INT64_MIN) else event_time
-    result["_write_time"] = bins.get(WRITE_TIME_BIN)
-    result["_valid_until"] = None if valid_until in (None, INT64_MAX) else valid_until
-    result["_view_version"] = bins.get(VIEW_VERSION_BIN)
-    return result
+        return batch.result
+    if len(batch.batch_records) != n:
+        return batch.result if batch.result not in (OK, None, -16) else -15
+    return None
 
 
 def _info_fields(text, separator=";"):
