@@ -335,7 +335,7 @@ def test_python_constants_match_the_header(embedded):
                  "TALLY_ESCHEMA", "TALLY_ELAYOUT", "TALLY_EVIEWS", "TALLY_ETRUNCATED",
                  "TALLY_KEY_INT64", "TALLY_KEY_STRING"):
         assert macros[name] == getattr(embedded, name), name
-    assert embedded.library_version() == "libtally 0.2.0"
+    assert embedded.library_version() == "libtally 0.3.0"
     assert "TALLY_NOTFOUND" in embedded.strerror(embedded.TALLY_NOTFOUND)
     assert embedded.strerror(2) == os.strerror(2)
 
