@@ -633,6 +633,24 @@ def test_embedded_reader_equals_lmdb_store(tmp_path, rng, embedded):
         embedded.EmbeddedReader(tmp_path / "absent")
 
 
+def test_embedded_service_vectors_equal_the_python_reader(tmp_path, rng, embedded):
+    from tally.core.serving import ServedService
+    name, rows = service_store(tmp_path, rng)
+    with LmdbStore(tmp_path, readonly=True) as store:
+        want = ServedService.from_bytes(name, store.service(name)).read(store, rows)
+    with embedded.EmbeddedReader(tmp_path) as reader:
+        got = reader.service_vectors(name, rows)
+        assert same(got, want) and [list(v) for v in got] == [list(v) for v in want]
+        assert same(reader.service_vectors(name, rows[3:4]), want[3:4])     # cached handle
+        assert reader.service_vectors(name, []) == []
+        with pytest.raises(KeyError, match="row 0 has no 'article' key"):
+            reader.service_vectors(name, [{"user": 1}])
+        with pytest.raises(OverflowError, match="user key"):
+            reader.service_vectors(name, [{"user": INT64_MAX + 1, "article": "a1"}])
+        with pytest.raises(StoreError, match="unknown feature service 'nope'"):
+            reader.service_vectors("nope", rows)
+
+
 # A writer in another process: LMDB allows one open per process, and the reader has it.
 CHANGE_VIEWS = textwrap.dedent("""
     import sys
