@@ -816,6 +816,275 @@ int tally_store_service(tally_store *store, const char *name, char *buf, size_t 
     return rc;
 }
 
+/* ---- opening a feature service ---- */
+
+typedef struct {
+    const char *name, *feature_name;    /* into the service's text */
+    int view;                   /* index into the service's views */
+    int feature;                /* index in that view */
+} service_column;
+
+struct tally_service {
+    tally_store *store;
+    char *text;                 /* the definition, separators made NULs: names point here */
+    const char *name;
+    uint32_t version;
+    size_t n_columns, n_views, n_entities;
+    service_column *columns;
+    const char **view_names;    /* n_views, in the order of their first column */
+    tally_view **views;         /* n_views, opened by the service */
+    int *view_entity;           /* n_views entity indexes */
+    const char **entity_names;  /* n_entities, in the order of their first column */
+    int *entity_key_types;      /* n_entities */
+};
+
+/* The stored text of service name, NUL-terminated, in *text (malloc'd, the
+ * caller frees it, also on failure). */
+static int read_definition(tally_store *store, const char *name, char **text, size_t *len)
+{
+    size_t cap = 0;
+    int rc;
+    *text = NULL;
+    /* a definition republished between the two calls may have grown: retry */
+    while ((rc = tally_store_service(store, name, *text, cap, len)) == TALLY_ESPACE) {
+        free(*text);
+        cap = *len + 1;
+        *text = (char *)malloc(cap);
+        if (!*text) return ENOMEM;
+    }
+    return rc;
+}
+
+static int is_blank(char c)
+{
+    /* Python's str.split() separators, less the line break */
+    return c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f';
+}
+
+/* Split the NUL-terminated line at runs of blanks, each field NUL-terminated
+ * in place; returns the field count, up to max + 1 (meaning "more"). */
+static int split_fields(char *p, char **fields, int max)
+{
+    int n = 0;
+    for (;;) {
+        while (is_blank(*p)) *p++ = '\0';
+        if (!*p) return n;
+        if (n == max) return max + 1;
+        fields[n++] = p;
+        while (*p && !is_blank(*p)) p++;
+    }
+}
+
+/* A decimal uint32 of digits only. */
+static int parse_version(const char *s, uint32_t *out)
+{
+    uint64_t v = 0;
+    if (!*s) return 0;
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9') return 0;
+        v = v * 10 + (uint64_t)(*s - '0');
+        if (v > UINT32_MAX) return 0;
+    }
+    *out = (uint32_t)v;
+    return 1;
+}
+
+/* The index of name among the n names, or n if absent. */
+static size_t index_of(const char *const *names, size_t n, const char *name)
+{
+    size_t i;
+    for (i = 0; i < n && strcmp(names[i], name) != 0; i++) {}
+    return i;
+}
+
+/* The index of name among the n names, appended (and n grown) if absent;
+ * the array has room for one more. */
+static size_t intern(const char **names, size_t *n, const char *name)
+{
+    size_t i = index_of(names, *n, name);
+    if (i == *n) names[(*n)++] = name;
+    return i;
+}
+
+/* One line "<column> <view> <feature> <entity>" into the next column, its
+ * view and entity interned; TALLY_ECORRUPT if the line breaks the format. */
+static int parse_column(tally_service *svc, char *line)
+{
+    char *f[4];
+    service_column *c = &svc->columns[svc->n_columns];
+    size_t e, v, i, views_before = svc->n_views;
+    if (split_fields(line, f, 4) != 4) return TALLY_ECORRUPT;
+    for (i = 0; i < svc->n_columns; i++)
+        if (strcmp(svc->columns[i].name, f[0]) == 0) return TALLY_ECORRUPT;   /* twice */
+    e = intern(svc->entity_names, &svc->n_entities, f[3]);
+    v = intern(svc->view_names, &svc->n_views, f[1]);
+    if (svc->n_views > views_before) svc->view_entity[v] = (int)e;
+    else if (svc->view_entity[v] != (int)e) return TALLY_ECORRUPT;   /* one view, two entities */
+    c->name = f[0];
+    c->feature_name = f[2];
+    c->view = (int)v;
+    svc->n_columns++;
+    return 0;
+}
+
+/* The text of len bytes (its NUL at len) into svc's columns, views and
+ * entities; TALLY_ECORRUPT or ENOMEM. */
+static int parse_definition(tally_service *svc, const char *name, size_t len)
+{
+    char *head[4], *line = svc->text, *end = svc->text + len, *next;
+    size_t n_lines = 1, i;
+    int rc;
+    if (memchr(svc->text, '\0', len)) return TALLY_ECORRUPT;
+    for (i = 0; i < len; i++) n_lines += svc->text[i] == '\n';
+    /* a column per line at most; a view and an entity per column at most */
+    svc->columns = (service_column *)calloc(n_lines, sizeof *svc->columns);
+    svc->view_names = (const char **)calloc(n_lines, sizeof *svc->view_names);
+    svc->views = (tally_view **)calloc(n_lines, sizeof *svc->views);
+    svc->view_entity = (int *)calloc(n_lines, sizeof *svc->view_entity);
+    svc->entity_names = (const char **)calloc(n_lines, sizeof *svc->entity_names);
+    svc->entity_key_types = (int *)calloc(n_lines, sizeof *svc->entity_key_types);
+    if (!svc->columns || !svc->view_names || !svc->views || !svc->view_entity ||
+        !svc->entity_names || !svc->entity_key_types)
+        return ENOMEM;
+    for (i = 0; line < end; i++, line = next) {
+        next = (char *)memchr(line, '\n', (size_t)(end - line));
+        next = next ? next : end;
+        *next++ = '\0';                /* the last line's NUL is the text's */
+        if (i == 0) {
+            if (split_fields(line, head, 4) != 4 || strcmp(head[0], "tally-service") != 0 ||
+                strcmp(head[1], "1") != 0 || strcmp(head[2], name) != 0 ||
+                !parse_version(head[3], &svc->version))
+                return TALLY_ECORRUPT;
+            svc->name = head[2];
+        } else if ((rc = parse_column(svc, line)) != 0) {
+            return rc;
+        }
+    }
+    return svc->n_columns ? 0 : TALLY_ECORRUPT;   /* an empty text, or no column */
+}
+
+/* Open every view, then find each column's feature and each entity's key
+ * type in them. */
+static int open_views(tally_service *svc)
+{
+    size_t i;
+    int rc;
+    for (i = 0; i < svc->n_entities; i++) svc->entity_key_types[i] = -1;
+    for (i = 0; i < svc->n_views; i++) {
+        int *key_type = &svc->entity_key_types[svc->view_entity[i]];
+        rc = tally_view_open(svc->store, svc->view_names[i], &svc->views[i]);
+        if (rc) return rc;
+        if (*key_type != -1 && *key_type != svc->views[i]->key_type)
+            return TALLY_ESCHEMA;       /* one entity, int64 and string keys */
+        *key_type = svc->views[i]->key_type;
+    }
+    for (i = 0; i < svc->n_columns; i++) {
+        service_column *c = &svc->columns[i];
+        c->feature = tally_view_feature_index(svc->views[c->view], c->feature_name);
+        if (c->feature < 0) return TALLY_ESCHEMA;   /* the view no longer has it */
+    }
+    return 0;
+}
+
+void tally_service_close(tally_service *svc)
+{
+    size_t i;
+    if (!svc) return;
+    if (svc->views)
+        for (i = 0; i < svc->n_views; i++) tally_view_close(svc->views[i]);
+    free(svc->columns);
+    free((void *)svc->view_names);
+    free(svc->views);
+    free(svc->view_entity);
+    free((void *)svc->entity_names);
+    free(svc->entity_key_types);
+    free(svc->text);
+    free(svc);
+}
+
+int tally_service_open(tally_store *store, const char *name, tally_service **out)
+{
+    tally_service *svc;
+    size_t len;
+    int rc;
+
+    if (!out) return TALLY_EINVAL;
+    *out = NULL;
+    if (!store || !name) return TALLY_EINVAL;
+    svc = (tally_service *)calloc(1, sizeof *svc);
+    if (!svc) return ENOMEM;
+    svc->store = store;
+    rc = read_definition(store, name, &svc->text, &len);
+    if (rc == 0) rc = parse_definition(svc, name, len);
+    if (rc == 0) rc = open_views(svc);
+    if (rc) {
+        tally_service_close(svc);
+        return rc;
+    }
+    *out = svc;
+    return 0;
+}
+
+const char *tally_service_name(const tally_service *svc) { return svc->name; }
+uint32_t tally_service_version(const tally_service *svc) { return svc->version; }
+size_t tally_service_column_count(const tally_service *svc) { return svc->n_columns; }
+size_t tally_service_entity_count(const tally_service *svc) { return svc->n_entities; }
+size_t tally_service_view_count(const tally_service *svc) { return svc->n_views; }
+
+const char *tally_service_column_name(const tally_service *svc, size_t i)
+{
+    return i < svc->n_columns ? svc->columns[i].name : NULL;
+}
+
+int tally_service_column_view(const tally_service *svc, size_t i)
+{
+    return i < svc->n_columns ? svc->columns[i].view : TALLY_EINVAL;
+}
+
+int tally_service_column_feature(const tally_service *svc, size_t i)
+{
+    return i < svc->n_columns ? svc->columns[i].feature : TALLY_EINVAL;
+}
+
+const char *tally_service_entity_name(const tally_service *svc, size_t e)
+{
+    return e < svc->n_entities ? svc->entity_names[e] : NULL;
+}
+
+int tally_service_entity_key_type(const tally_service *svc, size_t e)
+{
+    return e < svc->n_entities ? svc->entity_key_types[e] : TALLY_EINVAL;
+}
+
+const tally_view *tally_service_view(const tally_service *svc, size_t v)
+{
+    return v < svc->n_views ? svc->views[v] : NULL;
+}
+
+int tally_service_view_entity(const tally_service *svc, size_t v)
+{
+    return v < svc->n_views ? svc->view_entity[v] : TALLY_EINVAL;
+}
+
+/* ---- reading a feature service ---- */
+
+int tally_service_get(tally_txn *t, const tally_service *svc, const tally_key *keys,
+                      tally_record *recs, int *found)
+{
+    size_t v;
+    if (!t || !svc || !keys || !recs || !found) return TALLY_EINVAL;
+    for (v = 0; v < svc->n_views; v++) {
+        const tally_view *view = svc->views[v];
+        const tally_key *key = &keys[svc->view_entity[v]];
+        int rc = view->key_type == TALLY_KEY_INT64
+            ? tally_get_int64(t, view, key->int64, &recs[v])
+            : tally_get_string(t, view, key->string, key->len, &recs[v]);
+        found[v] = rc == 0;
+        if (rc != 0 && rc != TALLY_NOTFOUND) return rc;
+    }
+    return 0;
+}
+
 /* ---- variable values (checked by check_variable at lookup) ---- */
 
 /* Feature i's value and its length, if it is a non-null feature of a type

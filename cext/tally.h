@@ -112,7 +112,7 @@ extern "C" {
  * The header's version; #tally_version gives the library's at run time.
  * @{ */
 #define TALLY_VERSION_MAJOR 0
-#define TALLY_VERSION_MINOR 2
+#define TALLY_VERSION_MINOR 3
 #define TALLY_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH, for preprocessor comparisons. */
 #define TALLY_VERSION_NUMBER \
@@ -258,6 +258,19 @@ typedef struct tally_store tally_store;
 typedef struct tally_view tally_view;
 /** A read transaction: one snapshot of the store. Opaque. */
 typedef struct tally_txn tally_txn;
+
+/** A feature service opened for reading: its columns resolved to the
+ * features of its open views. Opaque, immutable once open. */
+typedef struct tally_service tally_service;
+
+/** One entity's key in a feature service request (#tally_service_get): the
+ * member the entity's key type names is read, the other ignored. */
+typedef struct tally_key {
+    int64_t int64;          /**< for a #TALLY_KEY_INT64 entity */
+    const char *string;     /**< for a #TALLY_KEY_STRING entity: len bytes of
+                                 UTF-8, not necessarily NUL-terminated */
+    size_t len;
+} tally_key;
 
 /** One record, as a pointer into the memory map plus the view that decodes
  * it. Declared here only so that callers can place records on the stack or
@@ -514,6 +527,38 @@ TALLY_API const void *tally_record_data(const tally_record *rec, size_t *size);
 /** @} */
 
 /** @defgroup service Feature services
+ * A feature service names the features one model reads, across views and
+ * entities; #tally_service_open resolves its columns once, and
+ * #tally_service_get reads one request row's records, one per view, in
+ * one snapshot. Column i is then feature tally_service_column_feature(i) of
+ * record recs[tally_service_column_view(i)], read with the record accessors:
+ *
+ *     tally_service *svc;  tally_txn *txn;
+ *     tally_record recs[8];  int found[8];     // >= tally_service_view_count
+ *     tally_key keys[2];                       // >= tally_service_entity_count
+ *     size_t i;
+ *     int rc = tally_service_open(store, "recommend", &svc);
+ *     if (rc == 0) rc = tally_txn_begin(store, &txn);
+ *     for (each request) {
+ *         keys[0].int64 = user_id;             // entity 0 is "user", int64
+ *         keys[1].string = article;  keys[1].len = strlen(article);
+ *         rc = tally_service_get(txn, svc, keys, recs, found);
+ *         for (i = 0; rc == 0 && i < tally_service_column_count(svc); i++) {
+ *             int v = tally_service_column_view(svc, i);
+ *             int f = tally_service_column_feature(svc, i);
+ *             if (!found[v] || tally_record_is_null(&recs[v], (size_t)f))
+ *                 use_null(tally_service_column_name(svc, i));
+ *             else
+ *                 use(tally_service_column_name(svc, i), &recs[v], (size_t)f);
+ *         }
+ *         if (rc == TALLY_ESCHEMA) { ... }     // a view was redefined: reopen svc
+ *         tally_txn_reset(txn);                // recs are now invalid
+ *         rc = tally_txn_renew(txn);
+ *     }
+ *     tally_txn_end(txn);  tally_service_close(svc);
+ *
+ * Threads: a #tally_service may be shared by any number of threads, each
+ * reading through a #tally_txn of its own (see #tally_txn_begin).
  * @{ */
 
 /** @brief Copy the stored definition of a feature service.
@@ -522,9 +567,9 @@ TALLY_API const void *tally_record_data(const tally_record *rec, size_t *size);
  * definition is text, one header line "tally-service 1 <name> <version>"
  * then one line "<column> <view> <feature> <entity>" per feature, every
  * field an identifier separated by one space (see tally/core/serving.py).
- * Read each feature with #tally_view_open of its view and
- * #tally_view_feature_index, the key from the request's <entity> field.
- * Thread-safe; reads a snapshot through a transaction of its own.
+ * #tally_service_open parses it and opens its views: most callers need
+ * only that. Thread-safe; reads a snapshot through a transaction of its
+ * own.
  *
  * @param[in] store An open store.
  * @param[in] name The service's name, NUL-terminated.
@@ -537,6 +582,109 @@ TALLY_API const void *tally_record_data(const tally_record *rec, size_t *size);
  */
 TALLY_API int tally_store_service(tally_store *store, const char *name, char *buf,
                                   size_t cap, size_t *len);
+
+/** @brief Open a feature service: parse its stored definition, open each of
+ * its views (#tally_view_open) and find each column's feature.
+ *
+ * The definition and the views' schemas are read once, as
+ * #tally_view_open reads a schema: a service the writer publishes again, or
+ * a view it redefines, is seen once the service is opened again (lookups of
+ * a redefined view report #TALLY_ESCHEMA). Use it with transactions begun or
+ * renewed after this call returns. Thread-safe.
+ *
+ * @param[in] store An open store.
+ * @param[in] name The service's name, NUL-terminated.
+ * @param[out] out Receives the service; close it with #tally_service_close
+ *     before closing the store. It may be shared between threads.
+ * @return 0; TALLY_ENOSERVICE (no service of this name); TALLY_ECORRUPT
+ *     (the text does not follow the format: a header other than
+ *     "tally-service 1 <name> <version>" with this name and a decimal
+ *     uint32 version, a line of other than 4 fields, an empty line, a NUL
+ *     byte, no column, a column name given twice, a view given with two
+ *     entities); TALLY_ESCHEMA (the store's views disagree with the
+ *     service: a view lacks the column's feature, or one entity has views
+ *     of int64 and of string keys); any code of #tally_view_open for one of
+ *     its views (such as TALLY_ENOVIEW); TALLY_EINVAL, ENOMEM, or an LMDB
+ *     code. On failure *out is set to NULL and everything opened is closed.
+ */
+TALLY_API int tally_service_open(tally_store *store, const char *name, tally_service **out);
+
+/** @brief Close a service and the views it opened; records read through it
+ * become invalid. NULL is ignored. */
+TALLY_API void tally_service_close(tally_service *svc);
+
+/** @brief The service's name; owned by the service, valid until it is
+ * closed. */
+TALLY_API const char *tally_service_name(const tally_service *svc);
+
+/** @brief The service's version, from its definition's header. */
+TALLY_API uint32_t tally_service_version(const tally_service *svc);
+
+/** @brief The number of columns (at least 1), in the service's order. */
+TALLY_API size_t tally_service_column_count(const tally_service *svc);
+
+/** @brief Column i's name (NUL-terminated, owned by the service, valid
+ * until it is closed); NULL if i >= the column count. */
+TALLY_API const char *tally_service_column_name(const tally_service *svc, size_t i);
+
+/** @brief The index (0 ..  view count - 1) of the view holding column i:
+ * the index into #tally_service_get's recs and found; TALLY_EINVAL if i >=
+ * the column count. */
+TALLY_API int tally_service_column_view(const tally_service *svc, size_t i);
+
+/** @brief The index of column i's feature in its view (for the record
+ * accessors and #tally_view_feature_type); TALLY_EINVAL if i >= the column
+ * count. */
+TALLY_API int tally_service_column_feature(const tally_service *svc, size_t i);
+
+/** @brief The number of entities a request row gives a key for (at least
+ * 1): the length of #tally_service_get's keys. Entities are in the order
+ * of their first column. */
+TALLY_API size_t tally_service_entity_count(const tally_service *svc);
+
+/** @brief Entity e's name (the request row's field); owned by the service,
+ * valid until it is closed; NULL if e >= the entity count. */
+TALLY_API const char *tally_service_entity_name(const tally_service *svc, size_t e);
+
+/** @brief Entity e's key type, #TALLY_KEY_INT64 or #TALLY_KEY_STRING (that
+ * of its views); TALLY_EINVAL if e >= the entity count. */
+TALLY_API int tally_service_entity_key_type(const tally_service *svc, size_t e);
+
+/** @brief The number of distinct views the columns read (at least 1):
+ * the length of #tally_service_get's recs and found. Views are in the
+ * order of their first column. */
+TALLY_API size_t tally_service_view_count(const tally_service *svc);
+
+/** @brief View v, owned by the service (never close it), valid until the
+ * service is closed; NULL if v >= the view count. */
+TALLY_API const tally_view *tally_service_view(const tally_service *svc, size_t v);
+
+/** @brief The index of the entity whose key view v is read with;
+ * TALLY_EINVAL if v >= the view count. */
+TALLY_API int tally_service_view_entity(const tally_service *svc, size_t v);
+
+/** @brief Read one request row: for each view v, the record of its
+ * entity's key, as #tally_get_int64 or #tally_get_string would (no copy;
+ * the same checks), all in the transaction's snapshot.
+ *
+ * @param[in] txn A live transaction, begun or renewed after the service was
+ *     opened (else MDB_BAD_DBI: renew it).
+ * @param[in] svc An open service of the transaction's store.
+ * @param[in] keys One key per entity, in the entity order of
+ *     #tally_service_entity_name; each read as its entity's key type says.
+ * @param[out] recs One record per view; recs[v] is filled where found[v]
+ *     is 1 and stays valid until the transaction is reset, renewed or
+ *     ended, and while the service is open.
+ * @param[out] found One flag per view: 1 if the view has a record for its
+ *     entity's key, 0 if not (not an error; its columns are null).
+ * @return 0 (whatever was found), or the first error of a view's lookup:
+ *     TALLY_ESCHEMA (reopen the service), TALLY_ELAYOUT, TALLY_ECORRUPT, an
+ *     LMDB code; then recs and found are unspecified. TALLY_EINVAL for a
+ *     NULL argument, a reset transaction, a service of another store, or a
+ *     NULL string key of non-zero length.
+ */
+TALLY_API int tally_service_get(tally_txn *txn, const tally_service *svc,
+                                const tally_key *keys, tally_record *recs, int *found);
 
 /** @} */
 

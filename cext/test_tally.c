@@ -24,6 +24,20 @@
  *       what opening the view from inside the callback gave:
  *           listed   NAME VERSION          (or: listed NAME error CODE)
  *
+ *   test_tally STORE --service NAME    < rows
+ *       Checks the feature service API's error paths, then reads every
+ *       request row (one per line on stdin: the entities' keys in the order
+ *       tally_service_entity_name gives, tab-separated; decimal for an int64
+ *       entity) and prints
+ *           service  NAME VERSION
+ *           entity   E NAME int64|string
+ *           sview    V NAME E              (the view and its entity)
+ *           column   I NAME V FEATURE_INDEX FEATURE_NAME
+ *           vector   ROW COLUMN VALUE|null (values as above)
+ *       Each row's records are checked to be those tally_get_* gives for the
+ *       view and key (the same bytes). If the service does not open:
+ *           service  error CODE
+ *
  *   test_tally STORE --open
  *       Opens the store and prints what tally_store_open returned:
  *           open     CODE MESSAGE       (CODE 0 for success; *out checked)
@@ -506,6 +520,190 @@ static int watch(const char *path, const char *view_name, long snapshots)
     return 0;
 }
 
+/* ---- feature services ---- */
+
+typedef struct {
+    char **lines;               /* each row's line, its tabs made NULs */
+    tally_key *keys;            /* n * n_entities keys, row by row */
+    size_t n;
+} row_list;
+
+/* Rows of tab-separated keys, one per entity of svc, from in. */
+static void read_rows(FILE *in, const tally_service *svc, row_list *rows)
+{
+    char line[4096];
+    size_t cap = 0, e, n_entities = tally_service_entity_count(svc);
+    int rc = 0;
+    memset(rows, 0, sizeof *rows);
+    while (fgets(line, sizeof line, in)) {
+        size_t len = strlen(line);
+        char *field;
+        tally_key *keys;
+        if (len && line[len - 1] == '\n') line[--len] = '\0';
+        if (rows->n == cap) {
+            cap = cap ? cap * 2 : 64;
+            rows->lines = (char **)realloc(rows->lines, cap * sizeof *rows->lines);
+            rows->keys = (tally_key *)realloc(rows->keys, cap * n_entities * sizeof *rows->keys);
+            CHECK(rows->lines && rows->keys, "out of memory");
+        }
+        field = rows->lines[rows->n] = (char *)malloc(len + 1);
+        CHECK(field != NULL, "out of memory");
+        memcpy(field, line, len + 1);
+        keys = &rows->keys[rows->n * n_entities];
+        for (e = 0; e < n_entities; e++) {
+            char *tab = strchr(field, '\t'), *end;
+            CHECK((tab != NULL) == (e + 1 < n_entities), "a row needs one key per entity");
+            if (tab) *tab = '\0';
+            keys[e].string = field;
+            keys[e].len = strlen(field);
+            keys[e].int64 = 0;
+            if (tally_service_entity_key_type(svc, e) == TALLY_KEY_INT64) {
+                errno = 0;
+                keys[e].int64 = strtoll(field, &end, 10);
+                CHECK(errno == 0 && *end == '\0' && keys[e].len > 0, "bad int64 key on stdin");
+            }
+            if (tab) field = tab + 1;
+        }
+        rows->n++;
+    }
+}
+
+static void free_rows(row_list *rows)
+{
+    size_t i;
+    for (i = 0; i < rows->n; i++) free(rows->lines[i]);
+    free(rows->lines);
+    free(rows->keys);
+}
+
+/* The service API's answers to bad calls, and its accessors' bounds. */
+static void check_service_errors(tally_store *store, tally_service *svc)
+{
+    tally_service *bad = (tally_service *)&bad;
+    tally_txn *txn;
+    tally_record recs[1];
+    tally_key keys[1];
+    size_t n_columns = tally_service_column_count(svc), n_views = tally_service_view_count(svc);
+    size_t n_entities = tally_service_entity_count(svc), i;
+    int rc = 0, found[1];
+    char big[64];
+
+    R(TALLY_ENOSERVICE, tally_service_open(store, "no such service", &bad));
+    CHECK(bad == NULL, "failed service open clears *out");
+    R(TALLY_EINVAL, tally_service_open(store, NULL, &bad));
+    R(TALLY_EINVAL, tally_service_open(NULL, "s", &bad));
+    R(TALLY_EINVAL, tally_service_open(store, "s", NULL));
+    R(TALLY_ESPACE, tally_store_service(store, tally_service_name(svc), big, 1, &i));
+    CHECK(n_columns > 0 && n_views > 0 && n_entities > 0, "a service reads something");
+    CHECK(tally_service_column_name(svc, n_columns) == NULL, "column_name(n) is NULL");
+    R(TALLY_EINVAL, tally_service_column_view(svc, n_columns));
+    R(TALLY_EINVAL, tally_service_column_feature(svc, n_columns));
+    CHECK(tally_service_entity_name(svc, n_entities) == NULL, "entity_name(n) is NULL");
+    R(TALLY_EINVAL, tally_service_entity_key_type(svc, n_entities));
+    CHECK(tally_service_view(svc, n_views) == NULL, "view(n) is NULL");
+    R(TALLY_EINVAL, tally_service_view_entity(svc, n_views));
+
+    E(tally_txn_begin(store, &txn));
+    memset(keys, 0, sizeof keys);
+    R(TALLY_EINVAL, tally_service_get(NULL, svc, keys, recs, found));
+    R(TALLY_EINVAL, tally_service_get(txn, NULL, keys, recs, found));
+    R(TALLY_EINVAL, tally_service_get(txn, svc, NULL, recs, found));
+    R(TALLY_EINVAL, tally_service_get(txn, svc, keys, NULL, found));
+    R(TALLY_EINVAL, tally_service_get(txn, svc, keys, recs, NULL));
+    tally_txn_reset(txn);
+    R(TALLY_EINVAL, tally_service_get(txn, svc, keys, recs, found));   /* a reset txn */
+    tally_txn_end(txn);
+    tally_service_close(NULL);
+}
+
+/* Row r's vector: each column's value, after checking that every view's
+ * record is the one a plain lookup gives (the same bytes: no copy). */
+static void print_vector(tally_txn *txn, const tally_service *svc, const tally_key *keys,
+                         size_t r, tally_record *recs, int *found)
+{
+    size_t i, v;
+    int rc = tally_service_get(txn, svc, keys, recs, found);
+    CHECK(rc == 0, "tally_service_get");
+    for (v = 0; v < tally_service_view_count(svc); v++) {
+        const tally_view *view = tally_service_view(svc, v);
+        const tally_key *key = &keys[tally_service_view_entity(svc, v)];
+        tally_record rec;
+        rc = tally_view_key_type(view) == TALLY_KEY_INT64
+            ? tally_get_int64(txn, view, key->int64, &rec)
+            : tally_get_string(txn, view, key->string, key->len, &rec);
+        CHECK(rc == (found[v] ? 0 : TALLY_NOTFOUND), "found[v] is what a lookup gives");
+        CHECK(!found[v] || tally_record_data(&rec, NULL) == tally_record_data(&recs[v], NULL),
+              "the service's record is the lookup's (zero copy)");
+    }
+    for (i = 0; i < tally_service_column_count(svc); i++) {
+        int view = tally_service_column_view(svc, i);
+        size_t f = (size_t)tally_service_column_feature(svc, i);
+        printf("vector\t%lu\t%s\t", (unsigned long)r, tally_service_column_name(svc, i));
+        if (!found[view] || tally_record_is_null(&recs[view], f)) printf("null");
+        else print_value(&recs[view], f,
+                         tally_view_feature_type(tally_service_view(svc, (size_t)view), f));
+        printf("\n");
+    }
+}
+
+static void print_service(const tally_service *svc)
+{
+    size_t i;
+    printf("service\t%s\t%" PRIu32 "\n", tally_service_name(svc), tally_service_version(svc));
+    for (i = 0; i < tally_service_entity_count(svc); i++)
+        printf("entity\t%lu\t%s\t%s\n", (unsigned long)i, tally_service_entity_name(svc, i),
+               tally_service_entity_key_type(svc, i) == TALLY_KEY_INT64 ? "int64" : "string");
+    for (i = 0; i < tally_service_view_count(svc); i++)
+        printf("sview\t%lu\t%s\t%d\n", (unsigned long)i,
+               tally_view_name(tally_service_view(svc, i)), tally_service_view_entity(svc, i));
+    for (i = 0; i < tally_service_column_count(svc); i++) {
+        int v = tally_service_column_view(svc, i), f = tally_service_column_feature(svc, i);
+        printf("column\t%lu\t%s\t%d\t%d\t%s\n", (unsigned long)i,
+               tally_service_column_name(svc, i), v, f,
+               tally_view_feature_name(tally_service_view(svc, (size_t)v), (size_t)f));
+    }
+}
+
+static int read_service(const char *path, const char *name)
+{
+    tally_store *store;
+    tally_service *svc = (tally_service *)&svc;     /* must be overwritten */
+    tally_txn *txn;
+    tally_record *recs;
+    row_list rows;
+    size_t r, n_entities;
+    int rc = 0, *found;
+
+    E(tally_store_open(path, &store));
+    rc = tally_service_open(store, name, &svc);
+    if (rc) {
+        CHECK(svc == NULL, "failed service open clears *out");
+        printf("service\terror\t%d\n", rc);
+        tally_store_close(store);
+        return 0;
+    }
+    check_service_errors(store, svc);
+    print_service(svc);
+    read_rows(stdin, svc, &rows);
+    n_entities = tally_service_entity_count(svc);
+    recs = (tally_record *)calloc(tally_service_view_count(svc), sizeof *recs);
+    found = (int *)calloc(tally_service_view_count(svc), sizeof *found);
+    CHECK(recs && found, "out of memory");
+    E(tally_txn_begin(store, &txn));
+    for (r = 0; r < rows.n; r++) {
+        print_vector(txn, svc, &rows.keys[r * n_entities], r, recs, found);
+        tally_txn_reset(txn);                   /* a request per snapshot */
+        E(tally_txn_renew(txn));
+    }
+    tally_txn_end(txn);
+    free(recs);
+    free(found);
+    free_rows(&rows);
+    tally_service_close(svc);
+    tally_store_close(store);
+    return 0;
+}
+
 /* Open the store and report the code: a truncated store must be refused
  * here, never by a SIGBUS later. */
 static int open_only(const char *path)
@@ -522,10 +720,12 @@ int main(int argc, char **argv)
 {
     if (argc == 3 && strcmp(argv[2], "--views") == 0) return list_views(argv[1]);
     if (argc == 3 && strcmp(argv[2], "--open") == 0) return open_only(argv[1]);
+    if (argc == 4 && strcmp(argv[2], "--service") == 0) return read_service(argv[1], argv[3]);
     if (argc == 3) return dump(argv[1], argv[2]);
     if (argc == 5 && strcmp(argv[3], "--watch") == 0)
         return watch(argv[1], argv[2], atol(argv[4]));
     fprintf(stderr, "usage: %s STORE VIEW [--watch SNAPSHOTS] < keys | %s STORE --views | "
-            "%s STORE --open\n", argv[0], argv[0], argv[0]);
+            "%s STORE --open | %s STORE --service NAME < rows\n", argv[0], argv[0], argv[0],
+            argv[0]);
     return 2;
 }

@@ -335,7 +335,7 @@ def test_python_constants_match_the_header(embedded):
                  "TALLY_ESCHEMA", "TALLY_ELAYOUT", "TALLY_EVIEWS", "TALLY_ETRUNCATED",
                  "TALLY_KEY_INT64", "TALLY_KEY_STRING"):
         assert macros[name] == getattr(embedded, name), name
-    assert embedded.library_version() == "libtally 0.2.0"
+    assert embedded.library_version() == "libtally 0.3.0"
     assert "TALLY_NOTFOUND" in embedded.strerror(embedded.TALLY_NOTFOUND)
     assert embedded.strerror(2) == os.strerror(2)
 
@@ -420,6 +420,171 @@ def test_c_reader_reports_a_missing_view_and_store(tmp_path, c_build):
     assert done.returncode == 1 and b"No such file or directory" in done.stderr
 
 
+# ---- feature services ------------------------------------------------------------
+
+def service_store(path, rng, n_events=600):
+    """A store the pipeline would write: 3 views of 2 entities (user int64,
+    article string) with numbers, strings, lists and a top_k, and a service
+    reading them in an order that interleaves the views. Returns the service
+    name and request rows of known and unknown keys of both entities."""
+    from tally.core.definitions import Entity, Feature, FeatureService, FeatureView, Source
+    from tally.core.materialize import online_schema, records_for
+    from tally.core.view import ViewState
+    from tally.service.ingest.service import publish_services
+    user, article = Entity("user", "int64"), Entity("article", "string")
+    reads = Source("reads", "reads", schema={
+        "user": "int64", "article": "string", "category": "string", "position": "int64",
+        "readtime": "float64", "ts": "int64"},
+        earliest_event_time=-2**62, max_event_time_ahead=2**62)
+    views = [
+        FeatureView("user_reading", user, reads, [Feature("total_readtime", "sum", "readtime"),
+                                                  Feature("reads", "count")]),
+        FeatureView("user_recent", user, reads, [
+            Feature("recent_articles", "last_n", "article", n=4),
+            Feature("recent_positions", "last_n", "position", n=3),
+            Feature("top_categories", "top_k", "category", k=2),
+            Feature("last_category", "last", "category")]),
+        FeatureView("article_stats", article, reads, [
+            Feature("avg_readtime", "mean", "readtime"), Feature("reads", "count"),
+            Feature("last_reader", "last", "user")])]
+    service = FeatureService("recommend", [
+        "user_recent:recent_articles", "user_reading:total_readtime",
+        "article_stats:avg_readtime", "user_recent:last_category",
+        "article_stats:reads as article_reads", "user_recent:top_categories",
+        "user_reading:reads as user_reads", "user_recent:recent_positions",
+        "article_stats:last_reader"])
+    categories = ["news", "sport", "ключ 🙂", 'with,comma:"quote"']
+    columns = {"user": rng.integers(0, 60, n_events),
+               "article": object_column([f"a{i}" for i in rng.integers(0, 40, n_events)]),
+               "category": object_column([categories[i] for i in
+                                          rng.integers(0, len(categories), n_events)]),
+               "position": rng.integers(INT64_MIN, INT64_MAX, n_events, dtype=np.int64),
+               "readtime": rng.gamma(2.0, 30.0, n_events),
+               "ts": np.sort(rng.integers(1_000, 1_000_000, n_events))}
+    as_of = int(columns["ts"].max()) + 1
+    with LmdbStore(path) as store:
+        for view in views:
+            state = ViewState(view)
+            slots = state.apply(columns)
+            schema = online_schema(view)
+            store.register_view(schema)
+            store.write(view.name, state.index.keys_of(slots),
+                        records_for(state, schema, slots, as_of, as_of))
+        publish_services(store, [(service, 4)], {v.name: v for v in views})
+    users = [int(u) for u in rng.integers(-10, 70, 80)]         # some never read
+    articles = [f"a{i}" for i in rng.integers(0, 50, 80)] + ["ключ", "x" * 600]
+    rows = [{"user": u, "article": a} for u, a in zip(users, articles)]
+    rows += [{"user": INT64_MIN, "article": "ключ"}, {"user": INT64_MAX, "article": "x" * 600}]
+    return service.name, rows
+
+
+def expected_service_lines(store, name, rows):
+    """What test_tally --service must print, from ServedService.read (the
+    Python reader) over the LmdbStore."""
+    from tally.core.serving import ServedService
+    served = ServedService.from_bytes(name, store.service(name))
+    views = list(served.views)
+    schemas = {view: store.schema(view) for view in views}
+    entity_types = {}
+    for view, (entity, _) in served.views.items():
+        entity_types.setdefault(entity, schemas[view].key_type)
+    lines = [f"service\t{name}\t{served.version}"]
+    lines += [f"entity\t{e}\t{entity}\t{entity_types[entity]}"
+              for e, entity in enumerate(served.entities)]
+    lines += [f"sview\t{v}\t{view}\t{served.entities.index(served.views[view][0])}"
+              for v, view in enumerate(views)]
+    for i, c in enumerate(served.columns):
+        feature = [f for f, _ in schemas[c.view].features].index(c.feature)
+        lines.append(f"column\t{i}\t{c.column}\t{views.index(c.view)}\t{feature}\t{c.feature}")
+    for r, vector in enumerate(served.read(store, rows)):
+        lines += [f"vector\t{r}\t{column}\t{show(value)}" for column, value in vector.items()]
+    return lines, served
+
+
+def run_service(program, store_path, name, rows, entities):
+    return run_c(program, store_path, "--service", ["\t".join(str(row[e]) for e in entities)
+                                                    for row in rows], name)
+
+
+@pytest.mark.parametrize("sanitized", [False, True], ids=["O2", "asan-ubsan"])
+def test_c_reads_a_feature_service_as_the_python_reader(tmp_path, rng, c_build, sanitized):
+    name, rows = service_store(tmp_path, rng)
+    with LmdbStore(tmp_path, readonly=True) as store:
+        want, served = expected_service_lines(store, name, rows)
+    done = run_service(c_test_program(c_build, sanitized), tmp_path, name, rows,
+                       served.entities)
+    assert done.returncode == 0, done.stderr.decode()
+    got = done.stdout.decode().splitlines()
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g == w
+    # the rows met every case: both entities known, one, none
+    shown = [line.split("\t") for line in got if line.startswith("vector")]
+    by_row = {}
+    for _, r, column, value in shown:
+        by_row.setdefault(r, {})[column] = value
+    known = {(v["total_readtime"] != "null", v["avg_readtime"] != "null")
+             for v in by_row.values()}
+    assert known == {(True, True), (True, False), (False, True), (False, False)}
+
+
+HEAD = "tally-service 1 {name} 2\n"
+GOOD = "a user_reading reads user\n"
+# (text, what tally_service_open returns, whether ServedService.from_bytes refuses it too)
+DEFINITIONS = [
+    (HEAD + GOOD.rstrip("\n"), "0", False),                 # no final newline
+    ("tally-service\t 1 {name} 2\r\na\tuser_reading  reads user\r\n", "0", False),
+    (HEAD + GOOD + "b user_recent last_category user\n", "0", False),
+    ("", "TALLY_ECORRUPT", True),
+    ("tally-service 1 {name}\n" + GOOD, "TALLY_ECORRUPT", True),
+    ("tally-service 2 {name} 2\n" + GOOD, "TALLY_ECORRUPT", True),
+    ("tally-services 1 {name} 2\n" + GOOD, "TALLY_ECORRUPT", True),
+    ("tally-service 1 other 2\n" + GOOD, "TALLY_ECORRUPT", True),
+    ("tally-service 1 {name} two\n" + GOOD, "TALLY_ECORRUPT", True),
+    (HEAD + "a user_reading reads\n", "TALLY_ECORRUPT", True),
+    (HEAD + "a user_reading reads user more\n", "TALLY_ECORRUPT", True),
+    (HEAD + "\n" + GOOD, "TALLY_ECORRUPT", True),           # an empty line
+    # refused by libtally only: no writer makes these (FeatureService refuses them)
+    ("tally-service 1 {name} -1\n" + GOOD, "TALLY_ECORRUPT", False),
+    ("tally-service 1 {name} 4294967296\n" + GOOD, "TALLY_ECORRUPT", False),
+    (HEAD + "a user_reading re\0ads user\n", "TALLY_ECORRUPT", False),
+    (HEAD, "TALLY_ECORRUPT", False),                        # no column
+    (HEAD + GOOD + "a user_recent last_category user\n", "TALLY_ECORRUPT", False),
+    (HEAD + GOOD + "b user_reading total_readtime article\n", "TALLY_ECORRUPT", False),
+    # well-formed, but the store's views disagree
+    (HEAD + GOOD + "b user_reading no_such_feature user\n", "TALLY_ESCHEMA", False),
+    (HEAD + GOOD + "b article_stats reads user\n", "TALLY_ESCHEMA", False),  # int64 + string
+    (HEAD + GOOD + "b no_such_view reads user\n", "TALLY_ENOVIEW", False),
+]
+
+
+@pytest.mark.parametrize("sanitized", [False, True], ids=["O2", "asan-ubsan"])
+def test_c_service_open_refuses_a_bad_definition_with_its_code(tmp_path, rng, c_build,
+                                                               sanitized):
+    """Each failure closes what it opened (LeakSanitizer checks the ASan run)."""
+    from tally.core.serving import ServedService
+    service_store(tmp_path, rng, n_events=50)
+    for i, (text, _, _) in enumerate(DEFINITIONS):
+        plant_schema(tmp_path, f"_service:s{i}".encode(), text.format(name=f"s{i}").encode())
+    macros, program = header_macros(), c_test_program(c_build, sanitized)
+    for i, (text, code, python_refuses) in enumerate(DEFINITIONS + [("", "TALLY_ENOSERVICE",
+                                                                      None)]):
+        done = run_c(program, tmp_path, "--service", [], f"s{i}")
+        assert done.returncode == 0, (text, done.stderr.decode())
+        first = done.stdout.decode().splitlines()[0]
+        if code == "0":
+            assert first == f"service\ts{i}\t2", text
+        else:
+            assert first == f"service\terror\t{macros[code]}", (text, code)
+        if python_refuses is not None:
+            raw = text.format(name=f"s{i}").encode()
+            if python_refuses:
+                with pytest.raises(RecordError, match="corrupt"):
+                    ServedService.from_bytes(f"s{i}", raw)
+            else:
+                ServedService.from_bytes(f"s{i}", raw)
+
+
 # ---- the Python twin (ctypes over libtally) --------------------------------------
 
 def test_embedded_reader_equals_lmdb_store(tmp_path, rng, embedded):
@@ -466,6 +631,24 @@ def test_embedded_reader_equals_lmdb_store(tmp_path, rng, embedded):
             reader.get("nope", 1)
     with pytest.raises(StoreError, match="no online store"):
         embedded.EmbeddedReader(tmp_path / "absent")
+
+
+def test_embedded_service_vectors_equal_the_python_reader(tmp_path, rng, embedded):
+    from tally.core.serving import ServedService
+    name, rows = service_store(tmp_path, rng)
+    with LmdbStore(tmp_path, readonly=True) as store:
+        want = ServedService.from_bytes(name, store.service(name)).read(store, rows)
+    with embedded.EmbeddedReader(tmp_path) as reader:
+        got = reader.service_vectors(name, rows)
+        assert same(got, want) and [list(v) for v in got] == [list(v) for v in want]
+        assert same(reader.service_vectors(name, rows[3:4]), want[3:4])     # cached handle
+        assert reader.service_vectors(name, []) == []
+        with pytest.raises(KeyError, match="row 0 has no 'article' key"):
+            reader.service_vectors(name, [{"user": 1}])
+        with pytest.raises(OverflowError, match="user key"):
+            reader.service_vectors(name, [{"user": INT64_MAX + 1, "article": "a1"}])
+        with pytest.raises(StoreError, match="unknown feature service 'nope'"):
+            reader.service_vectors("nope", rows)
 
 
 # A writer in another process: LMDB allows one open per process, and the reader has it.

@@ -8,11 +8,14 @@ lookup, the key encoding and the record checks run in libtally: each call
 takes a fresh snapshot (``tally_txn_renew``), finds the record, copies its
 bytes out of the memory map and releases the snapshot (``tally_txn_reset``)
 before decoding them with ``tally.core.record``'s decoder, as LmdbStore does.
-``views()`` lists the store's views (``tally_store_views``).
+``views()`` lists the store's views (``tally_store_views``);
+``service_vectors(name, rows)`` reads a feature service's vectors through
+``tally_service_get``, as ``ServedService.read`` does over any store.
 
 libtally binds an open view to the version served when it was opened, and
 so does a reader: ``schema(view)`` is that version's, ``served_version(view)``
-the one served now. A reader that must follow promotions compares the two
+the one served now; a feature service is bound, with its views, when the
+reader first reads it. A reader that must follow promotions compares the two
 and reopens (the lookup server does, between requests).
 
 The library is built by ``setup.py`` as ``tally/_libtally.<abi>.so`` (a plain
@@ -32,6 +35,7 @@ import numpy as np
 
 from tally.core.errors import RecordError
 from tally.core.record import INT64_MAX, INT64_MIN, RecordDecoder, ViewSchema
+from tally.core.serving import ServedColumn, ServedService
 from tally.core.types import KEY_TYPES, VALUE_TYPES
 from tally.service.store import StoreError
 
@@ -62,6 +66,12 @@ class _Record(ctypes.Structure):
     """tally_record: never read its fields except to copy the bytes out."""
     _fields_ = [("data", ctypes.c_void_p), ("view", ctypes.c_void_p),
                 ("size", ctypes.c_size_t)]
+
+
+class _Key(ctypes.Structure):
+    """tally_key: one entity's key of a feature service request."""
+    _fields_ = [("int64", ctypes.c_int64), ("string", ctypes.c_char_p),
+                ("len", ctypes.c_size_t)]
 
 
 def library_path():
@@ -119,6 +129,21 @@ def _declare(lib):
                                      ctypes.POINTER(i)]),
         "tally_get_many_string": (i, [p, p, ctypes.POINTER(ctypes.c_char_p),
                                       ctypes.POINTER(sz), sz, rec, ctypes.POINTER(i)]),
+        "tally_view_name": (ctypes.c_char_p, [p]),
+        "tally_service_open": (i, [p, ctypes.c_char_p, out]),
+        "tally_service_close": (None, [p]),
+        "tally_service_version": (ctypes.c_uint32, [p]),
+        "tally_service_column_count": (sz, [p]),
+        "tally_service_column_name": (ctypes.c_char_p, [p, sz]),
+        "tally_service_column_view": (i, [p, sz]),
+        "tally_service_column_feature": (i, [p, sz]),
+        "tally_service_entity_count": (sz, [p]),
+        "tally_service_entity_name": (ctypes.c_char_p, [p, sz]),
+        "tally_service_entity_key_type": (i, [p, sz]),
+        "tally_service_view_count": (sz, [p]),
+        "tally_service_view": (p, [p, sz]),
+        "tally_service_view_entity": (i, [p, sz]),
+        "tally_service_get": (i, [p, p, ctypes.POINTER(_Key), rec, ctypes.POINTER(i)]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -164,6 +189,43 @@ class _View:
         self.decode = RecordDecoder(self.schema).decode
 
 
+class _Service:
+    """An open tally_service: its views' decoders and its served form, both
+    in libtally's order and read from the handle (so they agree with it)."""
+
+    def __init__(self, lib, handle, name):
+        self.handle = handle
+        self.views = [_View(lib, view, lib.tally_view_name(view).decode())
+                      for view in (lib.tally_service_view(handle, v)
+                                   for v in range(lib.tally_service_view_count(handle)))]
+        n_entities = lib.tally_service_entity_count(handle)
+        self.entities = [lib.tally_service_entity_name(handle, e).decode()
+                         for e in range(n_entities)]
+        self.int64_keys = [lib.tally_service_entity_key_type(handle, e) == TALLY_KEY_INT64
+                           for e in range(n_entities)]
+        self.served = ServedService(name, lib.tally_service_version(handle), tuple(
+            self._column(lib, i) for i in range(lib.tally_service_column_count(handle))))
+
+    def _column(self, lib, i):
+        v = lib.tally_service_column_view(self.handle, i)
+        view = self.views[v].schema
+        return ServedColumn(lib.tally_service_column_name(self.handle, i).decode(), view.view,
+                            view.features[lib.tally_service_column_feature(self.handle, i)][0],
+                            self.entities[lib.tally_service_view_entity(self.handle, v)])
+
+    def set_keys(self, request, keys, r):
+        """Row r's keys ({entity: [key per row]}) into the tally_key array."""
+        for e, (entity, int64) in enumerate(zip(self.entities, self.int64_keys)):
+            key = keys[entity][r]
+            if int64:
+                if not INT64_MIN <= key <= INT64_MAX:         # ctypes would wrap it
+                    raise OverflowError(f"{entity} key {key!r} does not fit in an int64")
+                request[e].int64 = key
+            else:
+                raw = str(key).encode()
+                request[e].string, request[e].len = raw, len(raw)
+
+
 class EmbeddedReader:
     """A read-only handle on an online store through libtally. Thread-safe:
     each thread gets its own read transaction."""
@@ -187,6 +249,7 @@ class EmbeddedReader:
         self._renew, self._reset = lib.tally_txn_renew, lib.tally_txn_reset
         self._get_int64, self._get_string = lib.tally_get_int64, lib.tally_get_string
         self._views = {}
+        self._services = {}             # name -> _Service
         self._txns = []                 # every thread's transaction, to end on close
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -199,8 +262,10 @@ class EmbeddedReader:
                 self._lib.tally_txn_end(txn)
             for view in self._views.values():
                 self._lib.tally_view_close(view.handle)
+            for service in self._services.values():
+                self._lib.tally_service_close(service.handle)
             self._lib.tally_store_close(self._store)
-            self._txns, self._views, self._store = [], {}, None
+            self._txns, self._views, self._services, self._store = [], {}, {}, None
 
     def __enter__(self):
         return self
@@ -297,6 +362,61 @@ class EmbeddedReader:
             if rc:
                 raise _error(rc, "tally_store_service")
             return buf.raw[:length.value]
+
+    def _service(self, name):
+        service = self._services.get(name)
+        if service is not None:
+            return service
+        with self._lock:
+            if name not in self._services:
+                self._services[name] = self._open_service(name)
+            return self._services[name]
+
+    def _open_service(self, name):
+        if self._store is None:
+            raise ValueError("EmbeddedReader is closed")
+        if "\0" in name:
+            raise StoreError(f"unknown feature service {name!r}: no name holds a NUL")
+        handle = ctypes.c_void_p()
+        rc = self._lib.tally_service_open(self._store, name.encode(), ctypes.byref(handle))
+        if rc == TALLY_ENOSERVICE:
+            raise StoreError(f"unknown feature service {name!r} in {self.path!r}")
+        if rc == TALLY_ENOVIEW:
+            raise StoreError(f"feature service {name!r} reads a view {self.path!r} does not "
+                             "serve; run tally serve for its views")
+        if rc:
+            raise _error(rc, f"tally_service_open({name!r})")
+        try:
+            return _Service(self._lib, handle.value, name)
+        except Exception:
+            self._lib.tally_service_close(handle.value)
+            raise
+
+    def service_vectors(self, name, rows):
+        """The vectors of request ``rows`` (dicts of entity keys) of feature
+        service ``name``, from one snapshot: as ``ServedService.read`` gives
+        (a list of {column: value}, None where the entity has no record)."""
+        service = self._service(name)
+        keys = service.served.keys_of(rows)     # KeyError naming a missing entity
+        n_views = len(service.views)
+        request = (_Key * len(service.entities))()
+        records, found = (_Record * n_views)(), (ctypes.c_int * n_views)()
+        raws = [[] for _ in range(n_views)]
+        txn = self._snapshot()[0]
+        try:
+            for r in range(len(rows)):
+                service.set_keys(request, keys, r)
+                rc = self._lib.tally_service_get(txn, service.handle, request, records, found)
+                if rc:
+                    raise _error(rc, f"service {name!r} row {r}")
+                for v, view_raws in enumerate(raws):        # copy before the reset
+                    view_raws.append(ctypes.string_at(records[v].data, records[v].size)
+                                     if found[v] else None)
+        finally:
+            self._reset(txn)
+        return service.served.assemble(
+            {view.schema.view: [None if raw is None else view.decode(raw) for raw in view_raws]
+             for view, view_raws in zip(service.views, raws)}, len(rows))
 
     def schema(self, view):
         """The ViewSchema this reader decodes ``view`` with: that of the
