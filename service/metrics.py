@@ -127,6 +127,8 @@ def service_metrics():
             ("tally_batch_seconds_total", "counter", "Time spent processing batches"),
             ("tally_checkpoints_total", "counter", "Checkpoints published"),
             ("tally_checkpoint_age_seconds", "gauge", "Seconds since the last checkpoint"),
+            ("tally_batch_age_seconds", "gauge",
+             "Seconds since the partition began its last batch (empty ones included)"),
             ("tally_freshness_seconds", "gauge",
              "Newest event time of the last batch to its online write, in seconds"),
             ("tally_event_time_lag_seconds", "gauge",

@@ -390,3 +390,38 @@ def test_a_corrupt_registry_is_refused_with_a_clear_message(tmp_path):
 
 VIEW_WINDOWED = FeatureView("windowed", Entity("user"), VIEW.source, [
     Feature("n_1h", "count", window=Window.sliding("1h", "1m"))])
+
+
+def test_a_stuck_worker_shows_in_health_and_metrics():
+    """A worker whose receive or store call never returns begins no batch:
+    /health says which partition and for how long (and the gauge shows the
+    age); a worker waiting out a failing store is reported as that instead."""
+    import types
+    from tally.service.ingest import service as streaming
+    from tally.service.metrics import service_metrics
+
+    def worker(partition, batch_age, failing=None):
+        return types.SimpleNamespace(
+            view=types.SimpleNamespace(name="v"), partition=partition,
+            schema=types.SimpleNamespace(version=1), last_batch=time.monotonic() - batch_age,
+            last_checkpoint=time.monotonic(), unacknowledged=None,
+            writer=types.SimpleNamespace(failing=failing), stats=IngestStats())
+
+    workers = [worker(0, 1), worker(1, streaming.STALLED_WORKER_S + 30),
+               worker(2, streaming.STALLED_WORKER_S + 30, failing=(time.monotonic(), "down"))]
+    service = object.__new__(streaming.StreamingService)       # no broker, no store
+    service.failures, service.checkpoint_interval_s = [], 1.0
+    service.runners = {("v", 1): types.SimpleNamespace(workers=workers, bootstrap_progress=None)}
+    service.metrics = service_metrics()
+    healthy, details = service.health()
+    assert not healthy
+    stuck = [p for p in details["problems"] if "no batch begun" in p]
+    assert len(stuck) == 1 and stuck[0].startswith("v partition 1: no batch begun for 9")
+    assert any(p.startswith("v partition 2: the online store has failed")
+               for p in details["problems"])
+    service.refresh_metrics()
+    assert "tally_batch_age_seconds" in service.metrics.render()
+    workers[1].last_batch = time.monotonic()
+    workers[2].writer.failing = None
+    workers[2].last_batch = time.monotonic()
+    assert service.health() == (True, {"status": "ok"})

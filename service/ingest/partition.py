@@ -78,6 +78,9 @@ class PartitionWorker:
         self.unacknowledged = None      # newest folded message, acked at the next checkpoint
         self.acknowledged, self.acknowledged_at = None, 0.0   # the newest acknowledgement
         self.last_checkpoint = time.monotonic()
+        # when the last batch (empty ones too: receives return every batch
+        # timeout) began: a worker whose receive or write never returns ages it
+        self.last_batch = time.monotonic()
         self.idle_batches = 0           # consecutive empty receives: nothing waiting
         windows = [f.window for f in view.features if f.window.size_ms]
         # entities whose newest event is older than this have empty windows
@@ -107,7 +110,7 @@ class PartitionWorker:
         """Fold, write and (every checkpoint interval) checkpoint one batch;
         returns the number of messages. ``stopping()`` true abandons a write
         the store keeps refusing (then nothing is acknowledged)."""
-        started = time.monotonic()
+        started = self.last_batch = time.monotonic()
         self.idle_batches = 0 if messages else self.idle_batches + 1
         try:
             if messages:

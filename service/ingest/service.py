@@ -90,6 +90,10 @@ class VersionRunner:
 
 IDLE_BATCHES_CAUGHT_UP = 5
 STALE_CHECKPOINT_S = 60.0
+# A worker that has not begun a batch for this long is stuck (a receive or a
+# store call that never returns): /health, the log and a gauge say so. The
+# store's own retries are reported apart, so they do not count here.
+STALLED_WORKER_S = 60.0
 
 
 class StreamingService:
@@ -135,6 +139,7 @@ class StreamingService:
         if STOP_REQUESTED_DURING_STARTUP.is_set():
             self.stopping.set()
         metrics_task = self._start_metrics()
+        watchdog = loop.create_task(self._watch_workers())
         # receives block for at most a batch timeout, so threads cycle quickly
         self.pool = concurrent.futures.ThreadPoolExecutor(256, "tally-receive")
         for key in self.runners:
@@ -145,6 +150,7 @@ class StreamingService:
             await self.stopping.wait()
         for key in list(self.runners):
             await self._stop_runner(key)
+        watchdog.cancel()
         if metrics_task:
             metrics_task.cancel()
         self.pool.shutdown()
@@ -211,6 +217,8 @@ class StreamingService:
         (the dead-letter topic failing)."""
         problems = list(self.failures)
         limit = max(STALE_CHECKPOINT_S, 10 * self.checkpoint_interval_s)
+        problems += [f"{where}: no batch begun for {age:.0f} s (stuck in a receive or a "
+                     "store call)" for where, age in self.stalled_workers()]
         for worker in self.workers:
             where = f"{worker.view.name} partition {worker.partition}"
             age = seconds_since(worker.last_checkpoint)
@@ -223,6 +231,25 @@ class StreamingService:
         if not problems:
             return True, {"status": "ok"}
         return False, {"status": "failing", "problems": problems}
+
+    def stalled_workers(self):
+        """(where, seconds) of the workers that have begun no batch for
+        STALLED_WORKER_S, the store failing aside."""
+        return [(f"{w.view.name} partition {w.partition}", seconds_since(w.last_batch))
+                for w in self.workers
+                if seconds_since(w.last_batch) > STALLED_WORKER_S and w.writer.failing is None]
+
+    async def _watch_workers(self):
+        """Log each stalled worker once per stall (health and metrics are
+        read on request)."""
+        logged = set()
+        while True:
+            await asyncio.sleep(STALLED_WORKER_S / 4)
+            stalled = dict(self.stalled_workers())
+            for where in stalled.keys() - logged:
+                log.error("%s: no batch begun for %.0f s: stuck in a receive or a store "
+                          "call; /health reports it", where, stalled[where])
+            logged = set(stalled)
 
     def _start_metrics(self):
         if not self.metrics_address:
@@ -263,6 +290,7 @@ class StreamingService:
                                  stats.dead_letter_failures),
                                 ("tally_checkpoint_age_seconds",
                                  seconds_since(worker.last_checkpoint)),
+                                ("tally_batch_age_seconds", seconds_since(worker.last_batch)),
                                 ("tally_unacknowledged", int(worker.unacknowledged is not None))):
                 self.metrics.set(name, value, **labels)
         self.metrics.set("tally_partition_failures", len(self.failures))
