@@ -101,27 +101,37 @@ cdef class LastNArena(TiledArena):
     def read(self, slots, as_of):
         """Lists of the last N values in the window, most recent first (an
         empty list for an empty window); invalid for unknown slots."""
-        slots = np.asarray(slots, dtype=np.int64)
-        as_of = np.broadcast_to(np.asarray(as_of, dtype=np.int64), slots.shape)
-        values = np.empty(len(slots), dtype=object)
-        valid = (slots >= 0) & (slots < self.capacity)
-        ts = self._arrays["ts"].reshape(-1, self.n)
-        val = self._arrays["val"].reshape(-1, self.n)
-        if self.bits:
-            val = val.view(np.int64)
-        fill = self._arrays["fill"]
-        for k, slot in enumerate(slots):
-            if not valid[k]:
+        cdef const int64_t[::1] s = np.ascontiguousarray(slots, dtype=np.int64)
+        cdef Py_ssize_t n_slots = s.shape[0]
+        cdef const int64_t[::1] t = np.ascontiguousarray(
+            np.broadcast_to(np.asarray(as_of, dtype=np.int64), (n_slots,)))
+        values = np.empty(n_slots, dtype=object)
+        valid = np.zeros(n_slots, dtype=np.bool_)
+        cdef uint8_t[::1] ok = valid.view(np.uint8)
+        cdef int64_t hop = self.read_hop_ms
+        cdef int64_t tiles = self.read_window_ms // hop if hop else 0
+        cdef int64_t* bits = <int64_t*>self.val
+        cdef int64_t slot, current = 0, epoch, j, base
+        cdef Py_ssize_t k
+        cdef list items
+        # one typed pass per slot, newest first (items are stored oldest first)
+        for k in range(n_slots):
+            slot = s[k]
+            if slot < 0 or slot >= self.capacity:
                 values[k] = None
                 continue
-            t, v = ts[slot, :fill[slot]], val[slot, :fill[slot]]
-            if self.read_window_ms:
-                current = as_of[k] // self.read_hop_ms
-                epochs = t // self.read_hop_ms
-                keep = (epochs > current - self.read_window_ms // self.read_hop_ms) & \
-                       (epochs <= current)
-                v = v[keep]
-            values[k] = v[::-1].tolist()
+            ok[k] = 1
+            if hop:
+                current = floor_div(t[k], hop)
+            base = slot * self.n
+            items = []
+            for j in range(base + self.fill[slot] - 1, base - 1, -1):
+                if hop:
+                    epoch = floor_div(self.ts[j], hop)
+                    if epoch <= current - tiles or epoch > current:
+                        continue
+                items.append(bits[j] if self.bits else self.val[j])
+            values[k] = items
         return values, valid
 
 
