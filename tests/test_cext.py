@@ -428,9 +428,7 @@ def service_store(path, rng, n_events=600):
     reading them in an order that interleaves the views. Returns the service
     name and request rows of known and unknown keys of both entities."""
     from tally.core.definitions import Entity, Feature, FeatureService, FeatureView, Source
-    from tally.core.materialize import online_schema, records_for
-    from tally.core.view import ViewState
-    from tally.service.ingest.service import publish_services
+    from test_feature_service import write_store as write_service_store
     user, article = Entity("user", "int64"), Entity("article", "string")
     reads = Source("reads", "reads", schema={
         "user": "int64", "article": "string", "category": "string", "position": "int64",
@@ -461,16 +459,7 @@ def service_store(path, rng, n_events=600):
                "position": rng.integers(INT64_MIN, INT64_MAX, n_events, dtype=np.int64),
                "readtime": rng.gamma(2.0, 30.0, n_events),
                "ts": np.sort(rng.integers(1_000, 1_000_000, n_events))}
-    as_of = int(columns["ts"].max()) + 1
-    with LmdbStore(path) as store:
-        for view in views:
-            state = ViewState(view)
-            slots = state.apply(columns)
-            schema = online_schema(view)
-            store.register_view(schema)
-            store.write(view.name, state.index.keys_of(slots),
-                        records_for(state, schema, slots, as_of, as_of))
-        publish_services(store, [(service, 4)], {v.name: v for v in views})
+    write_service_store(path, columns, views, [service], version=4)
     users = [int(u) for u in rng.integers(-10, 70, 80)]         # some never read
     articles = [f"a{i}" for i in rng.integers(0, 50, 80)] + ["ключ", "x" * 600]
     rows = [{"user": u, "article": a} for u, a in zip(users, articles)]

@@ -137,18 +137,20 @@ def random_reads(seed=7, n=4000):
                          "ts": np.sort(rng.integers(1_000, 1_000_000, n))})
 
 
-def write_store(path, events, views, services):
-    """The online store the pipeline would write for ``events``."""
-    as_of = int(events["ts"].max()) + 1
-    columns = {c: events[c].to_numpy() for c in events.columns}
+def write_store(path, columns, views, services, version=1):
+    """The online store the pipeline would write for the events ``columns``
+    (a dict of arrays), with ``services`` published at ``version``; returns
+    the time the records are as of."""
+    as_of = int(columns["ts"].max()) + 1
     with LmdbStore(path) as store:
         for view in views:
             state = ViewState(view)
             slots = state.apply(columns)
             schema = online_schema(view)
             store.register_view(schema)
-            store.write(view.name, state.index.keys_of(slots), records_for(state, schema, slots, as_of, as_of))
-        publish_services(store, [(s, 1) for s in services], {v.name: v for v in views})
+            store.write(view.name, state.index.keys_of(slots),
+                        records_for(state, schema, slots, as_of, as_of))
+        publish_services(store, [(s, version) for s in services], {v.name: v for v in views})
     return as_of
 
 
@@ -184,7 +186,8 @@ def assert_vectors_equal(actual, expected):
 def served(tmp_path_factory):
     events = random_reads()
     path = tmp_path_factory.mktemp("service-store")
-    as_of = write_store(str(path), events, [user_reading, article_stats], [recommend])
+    as_of = write_store(str(path), {c: events[c].to_numpy() for c in events.columns},
+                        [user_reading, article_stats], [recommend])
     rng = np.random.default_rng(3)
     # rows with known and unknown users and articles, in both orders
     rows = [{"user": int(u), "article": int(a)}
