@@ -21,7 +21,7 @@ import difflib
 import hashlib
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tally.core import filters
 from tally.core.aggregations import AGGREGATIONS
@@ -483,6 +483,114 @@ def _validate_window(window, where):
 
 
 # --------------------------------------------------------------------------
+# Join: events enriched with a dimension's row as of their time
+
+
+@dataclass(frozen=True)
+class Join:
+    """Each event of a view's source enriched with a dimension's attributes
+    as of the event's time (see :mod:`tally.core.enrich` for the semantics).
+
+    ``dimension`` is a Source whose topic is a changelog of a keyed table,
+    e.g. ``articles`` (article id -> category, content_length): every row is
+    a new version of its key's attributes, valid from the row's event time.
+    ``on`` is the event field holding the dimension key; ``key`` the
+    dimension's key field (default: the same name). ``columns`` are the
+    attributes taken (default: every field but the key and the event time);
+    they join the event's fields under ``prefix + name``."""
+    dimension: Source
+    on: str
+    key: str = None
+    columns: tuple = None
+    prefix: str = ""
+
+    def __post_init__(self):
+        if self.key is None:
+            object.__setattr__(self, "key", self.on)
+        if self.columns is None and isinstance(self.dimension, Source):
+            object.__setattr__(self, "columns", tuple(
+                n for n in self.dimension.fields
+                if n not in (self.key, self.dimension.timestamp_field)))
+        columns = (self.columns,) if isinstance(self.columns, str) else self.columns
+        object.__setattr__(self, "columns", tuple(columns or ()))
+        object.__setattr__(self, "prefix", self.prefix or "")
+
+    @property
+    def fields(self):
+        """((enriched field name, type), ...): what the join adds to an event."""
+        return tuple((self.prefix + c, self.dimension.field_type(c)) for c in self.columns)
+
+    def validate(self, source, where):
+        """Check the join against the view's event ``source``."""
+        if not isinstance(self.dimension, Source):
+            raise DefinitionError(f"{where}: a join's dimension must be a Source (the "
+                                  "changelog topic of a keyed table, e.g. articles)")
+        where = f"{where}, join {self.dimension.name!r}"
+        dimension = self.dimension
+        on_type, key_type = source.field_type(self.on), dimension.field_type(self.key)
+        if on_type is None:
+            raise DefinitionError(
+                f"{where}: on {self.on!r} is not a field of source {source.name!r}; "
+                f"{_suggest(self.on, source.fields)}name the event field holding the "
+                f"{dimension.name} key (fields: {', '.join(source.fields)})")
+        if key_type is None:
+            raise DefinitionError(
+                f"{where}: key {self.key!r} is not a field of {dimension.name!r}; "
+                f"{_suggest(self.key, dimension.fields)}set key= to the dimension's key "
+                f"field (fields: {', '.join(dimension.fields)})")
+        if key_type not in KEY_TYPES or on_type != key_type:
+            raise DefinitionError(
+                f"{where}: event field {self.on!r} is {on_type} but the dimension's key "
+                f"{self.key!r} is {key_type}; join on fields of one key type (int64 or "
+                "string)")
+        if not self.columns:
+            raise DefinitionError(f"{where}: columns is empty; name the attributes to take, "
+                                  f"e.g. columns=({', '.join(map(repr, dimension.fields[:2]))})")
+        if self.prefix and not _is_name(self.prefix + "x"):
+            raise DefinitionError(f"{where}: prefix {self.prefix!r} is not a name prefix; use "
+                                  "letters, digits and underscores, e.g. 'article_'")
+        for column in self.columns:
+            if dimension.field_type(column) is None:
+                raise DefinitionError(
+                    f"{where}: column {column!r} is not a field of {dimension.name!r}; "
+                    f"{_suggest(column, dimension.fields)}use one of "
+                    f"{', '.join(dimension.fields)}")
+            if column == self.key:
+                raise DefinitionError(f"{where}: column {column!r} is the dimension's key, "
+                                      f"which the event already holds as {self.on!r}; drop it")
+            name = self.prefix + column
+            if source.field_type(name) is not None:
+                raise DefinitionError(
+                    f"{where}: column {column!r} would be {name!r}, which source "
+                    f"{source.name!r} already has; give the join a prefix, e.g. "
+                    f"prefix='{dimension.name}_'")
+
+    def to_dict(self):
+        return {"dimension": self.dimension.to_dict(), "on": self.on, "key": self.key,
+                "columns": list(self.columns), "prefix": self.prefix}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(Source.from_dict(data["dimension"]), data["on"], data["key"],
+                   tuple(data["columns"]), data["prefix"])
+
+    def describe(self):
+        """``articles on article (category, content_length)``."""
+        on = self.on if self.key == self.on else f"{self.on} = {self.key}"
+        prefix = f" as {self.prefix}*" if self.prefix else ""
+        return f"{self.dimension.name} on {on} ({', '.join(self.columns)}){prefix}"
+
+    def __repr__(self):
+        parts = [self.dimension.name, f"on={self.on!r}"]
+        if self.key != self.on:
+            parts.append(f"key={self.key!r}")
+        parts.append(f"columns={self.columns!r}")
+        if self.prefix:
+            parts.append(f"prefix={self.prefix!r}")
+        return f"Join({', '.join(parts)})"
+
+
+# --------------------------------------------------------------------------
 # FeatureView
 
 
@@ -492,7 +600,9 @@ class FeatureView:
 
     ``online_expiry`` (milliseconds, or a duration such as ``"30d"``; 0 means
     never) is how long an entity's online record lives after its last update.
-    ``tags`` are free-form labels for discovery (stored sorted)."""
+    ``tags`` are free-form labels for discovery (stored sorted). ``joins``
+    enrich each event with dimensions' attributes as of its time
+    (:class:`Join`); features and filters read them like the source's fields."""
     name: str
     entity: Entity
     source: Source
@@ -502,11 +612,14 @@ class FeatureView:
     description: str = ""
     tags: tuple = ()
     online_expiry: int = 0
+    joins: tuple = ()
 
     kind = "view"
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(self.features))
+        joins = (self.joins,) if isinstance(self.joins, Join) else self.joins
+        object.__setattr__(self, "joins", tuple(joins or ()))
         if self.key_column is None:
             object.__setattr__(self, "key_column", self.entity.name)
         tags = (self.tags,) if isinstance(self.tags, str) else self.tags
@@ -519,6 +632,14 @@ class FeatureView:
         object.__setattr__(self, "owner", self.owner or "")
         object.__setattr__(self, "description", self.description or "")
         self.validate()
+
+    @property
+    def input_source(self):
+        """The source as features see it: its fields plus the joins' attributes."""
+        if not self.joins:
+            return self.source
+        extra = tuple(f for join in self.joins for f in join.fields)
+        return replace(self.source, schema=self.source.schema + extra)
 
     def feature(self, name):
         for feature in self.features:
@@ -552,6 +673,8 @@ class FeatureView:
                 f"key_type={key_type!r}")
         if not self.features:
             raise DefinitionError(f"{where}: features is empty; add at least one Feature")
+        self._validate_joins(where)
+        inputs = self.input_source
         seen = set()
         for feature in self.features:
             if not isinstance(feature, Feature):
@@ -561,7 +684,7 @@ class FeatureView:
                 raise DefinitionError(f"{where}: feature name {feature.name!r} is used twice; "
                                       "give each feature a distinct name")
             seen.add(feature.name)
-            feature.validate(self.source, where)
+            feature.validate(inputs, where)
         if self.online_expiry < 0:
             raise DefinitionError(f"{where}: online_expiry is negative; use 0 (never "
                                   "expire) or a duration such as '30d'")
@@ -573,14 +696,31 @@ class FeatureView:
             if not isinstance(getattr(self, key), str):
                 raise DefinitionError(f"{where}: {key} must be a string")
 
+    def _validate_joins(self, where):
+        added = {}
+        for join in self.joins:
+            if not isinstance(join, Join):
+                raise DefinitionError(f"{where}: joins must be Join objects, found {join!r}")
+            join.validate(self.source, where)
+            for name, _ in join.fields:
+                if name in added:
+                    raise DefinitionError(
+                        f"{where}: joins {added[name]!r} and {join.dimension.name!r} both "
+                        f"add {name!r}; give one of them a prefix, e.g. "
+                        f"prefix='{join.dimension.name}_'")
+                added[name] = join.dimension.name
+
     # canonical form --------------------------------------------------------
 
     def to_dict(self):
-        return {"name": self.name, "entity": self.entity.to_dict(),
+        data = {"name": self.name, "entity": self.entity.to_dict(),
                 "source": self.source.to_dict(), "key_column": self.key_column,
                 "features": [f.to_dict() for f in self.features], "owner": self.owner,
                 "description": self.description, "tags": list(self.tags),
                 "online_expiry_ms": self.online_expiry}
+        if self.joins:                 # only when set: older views keep their hashes
+            data["joins"] = [j.to_dict() for j in self.joins]
+        return data
 
     @classmethod
     def from_dict(cls, data):
@@ -588,7 +728,8 @@ class FeatureView:
                    Source.from_dict(data["source"]),
                    tuple(Feature.from_dict(f) for f in data["features"]),
                    data["key_column"], data.get("owner", ""), data.get("description", ""),
-                   tuple(data.get("tags", ())), data.get("online_expiry_ms", 0))
+                   tuple(data.get("tags", ())), data.get("online_expiry_ms", 0),
+                   tuple(Join.from_dict(j) for j in data.get("joins", ())))
 
     def state_dict(self):
         """The part of the definition that determines the computed state: two
@@ -616,6 +757,7 @@ class FeatureView:
         if meta:
             lines[0] += ", " + ", ".join(meta)
         lines[0] += ","
+        lines += [f"    join {join.describe()}" for join in self.joins]
         for feature in self.features:
             lines.append(f"    {feature.name} = {feature.expression()}")
         return "\n".join(lines) + ")"
@@ -632,6 +774,7 @@ class FeatureView:
             head.append(("tags", ", ".join(self.tags)))
         if self.online_expiry:
             head.append(("online expiry", format_duration(self.online_expiry)))
+        head += [("join", join.describe()) for join in self.joins]
         rows = "".join(
             f"<tr><td><b>{_e(f.name)}</b></td><td>{_e(f.aggregation)}</td>"
             f"<td>{_e(f.column or '*')}{'' if f.param is None else ', ' + str(f.param)}</td>"

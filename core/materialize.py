@@ -11,7 +11,7 @@ from tally.core.view import EVENT_TIME
 def online_schema(view, version=1) -> ViewSchema:
     """The schema of the view's online records: each feature with the type it
     has online and in training sets alike (``value_type``)."""
-    features = tuple((f.name, value_type(f.aggregation, view.source.field_type(f.column)))
+    features = tuple((f.name, value_type(f.aggregation, view.input_source.field_type(f.column)))
                      for f in view.features)
     return ViewSchema(view.name, version, view.entity.key_type, features)
 

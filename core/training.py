@@ -51,6 +51,7 @@ from tally.core.definitions import Feature, FeatureService, FeatureView
 from tally.core.errors import TrainingSetError, TrainingSetWarning
 from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, archive_and_topic, is_columns,
                                       n_events, open_events, slice_columns, stable_order)
+from tally.core.enrich import Enricher, dimensions_of, tables_for
 from tally.core.events import valid_keys
 from tally.core.view import EVENT_TIME, ViewState
 
@@ -458,9 +459,10 @@ def _with_nulls(list_array, mask):
 class _ViewReplay:
     """One view's state, its spine slots and its kernel calls."""
 
-    def __init__(self, view, requested, key_values, key_present, order, ts_field):
+    def __init__(self, view, requested, key_values, key_present, order, ts_field, tables):
         self.view = view
         self.state = ViewState(view)
+        self.enrich = Enricher(view, tables) if view.joins else None
         self.requested = requested
         # spine keys get slots first, so a spine row's slot is known upfront;
         # whether its entity has had an event yet is the EVENT_TIME arena's say
@@ -474,10 +476,12 @@ class _ViewReplay:
         self.ts_field = ts_field
         names = {r.feature.name for r in requested}
         self.arena_names = [f.name for f in view.features if f.name in names]
-        self.columns = [view.key_column, ts_field] + sorted(
-            {f.column for f in view.features if f.name in names and f.column} |
+        used = {f.column for f in view.features if f.name in names and f.column} | \
             {c for name, flt in self.state.filters.items() if name in names
-             for c in flt.columns})
+             for c in flt.columns}
+        # the events' own fields (a join's attributes come from its table)
+        self.columns = [view.key_column, ts_field] + sorted(
+            {c for c in used if view.source.field_type(c)} | {j.on for j in view.joins})
 
     def replay(self, events, q_start, q_stop, q_ts, outputs):
         """Apply ``events`` (sorted) and answer sorted spine rows [q_start, q_stop)."""
@@ -510,9 +514,13 @@ class _ViewReplay:
         self.seen[q_start:q_stop] = seen
 
     def _encoded(self, events):
-        """The events as the arenas take them; those the stream would refuse
-        (a string whose code another string has) are left out, with a warning."""
-        batch = self.state.encode(events)
+        """The events (enriched by the view's joins) as the arenas take them;
+        those the stream would refuse (a string whose code another string
+        has) are left out, with a warning."""
+        valid = None
+        if self.enrich is not None:
+            events, valid = self.enrich(events)
+        batch = self.state.encode(events, valid)
         if not batch.refused:
             return batch
         reasons = sorted(set(batch.refused.values()))
@@ -634,6 +642,8 @@ class _Job:
         view_replays, by_view = [], {}
         for r in requested:
             by_view.setdefault(id(r.view), (r.view, []))[1].append(r)
+        tables = _dimension_tables([v for v, _ in by_view.values()], sources, pulsar,
+                                   chunk_rows, spill_dir)
         for view, reqs in by_view.values():
             column = keys.get(view.name) or keys.get(view.entity.name)
             if column is None:
@@ -648,7 +658,7 @@ class _Job:
             key_values, key_present = _spine_keys(self.spine, column, view.entity.key_type,
                                                   f"view {view.name!r}")
             view_replays.append(_ViewReplay(view, reqs, key_values, key_present, self.order,
-                                            view.source.timestamp_field))
+                                            view.source.timestamp_field, tables))
         self.view_replays = view_replays
         self.outputs = {(id(r.view), r.feature.name): _Output(r, self.n_rows, replay.state)
                         for replay in view_replays for r in replay.requested}
@@ -709,6 +719,24 @@ class _Job:
     def close(self):
         for source in getattr(self, "sources", ()):
             source.close()
+
+
+def _dimension_tables(views, sources, pulsar, chunk_rows, spill_dir):
+    """The views' dimension tables, each loaded with its whole history: an
+    event sees the version of its time, as the stream's table gives it."""
+    tables = tables_for(views)
+    for key, join in dimensions_of(views).items():
+        dimension = join.dimension
+        spec = _source_spec(sources, dimension, [], pulsar)
+        stream = open_events(spec, dimension, dimension.fields, chunk_rows, spill_dir)
+        try:
+            for chunk in stream:
+                tables[key].add(chunk)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+    return tables
 
 
 def _source_key(source):

@@ -62,11 +62,12 @@ class ViewState:
         self.view = view
         index_class = Int64KeyIndex if view.entity.key_type == "int64" else StringKeyIndex
         self.index = index_class(expected_entities)
-        self.column_types = {f.name: view.source.field_type(f.column)
+        inputs = view.input_source          # the source with its joins' attributes
+        self.column_types = {f.name: inputs.field_type(f.column)
                              for f in view.features if f.column}
         self.arenas = {f.name: _arena_for(f, self._exact(f), expected_entities)
                        for f in view.features}
-        self.filters = {f.name: compile_filter(f.filter, view.source.schema)
+        self.filters = {f.name: compile_filter(f.filter, inputs.schema)
                         for f in view.features if f.filter}
         self.arenas[EVENT_TIME] = FeatureArena("max", capacity=max(expected_entities, 1))
         # features whose values are strings, and the string columns that need

@@ -2,9 +2,9 @@
 
 The public surface, in one import::
 
-    from tally import Entity, Source, Window, Feature, FeatureView, training_set
+    from tally import Entity, Source, Window, Feature, FeatureView, Join, training_set
 
-Definitions (``Entity``, ``Source``, ``Window``, ``Feature``, ``FeatureView``,
+Definitions (``Entity``, ``Source``, ``Window``, ``Feature``, ``FeatureView``, ``Join``,
 ``sql``, ``load_sql``) come from ``tally.core``; point-in-time training sets,
 the registry, the lookup clients and the online stores from
 ``tally.service``. Names are loaded lazily, so ``import tally`` stays cheap
@@ -19,6 +19,7 @@ _EXPORTS = {
     "Feature": "tally.core.definitions",
     "FeatureView": "tally.core.definitions",
     "FeatureService": "tally.core.definitions",
+    "Join": "tally.core.definitions",
     "sql": "tally.core.sql",
     "load_sql": "tally.core.sql",
     "TallyError": "tally.core.errors",

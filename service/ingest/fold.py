@@ -23,6 +23,7 @@ import numpy as np
 
 from tally.core import events as rules
 from tally.core.decode import Schema
+from tally.core.enrich import Enricher
 from tally.service.pulsar.producer import partition_of, partitions_of
 
 log = logging.getLogger("tally.ingest")
@@ -50,6 +51,7 @@ class IngestStats:
     dead_letter_failures: int = 0    # flushes that left dead letters unsent
     store_refused: int = 0           # entities whose records the store refused for good
     busy_seconds: float = 0.0
+    join_misses: int = 0             # events a join found no dimension row for
 
     def record_rejects(self, rejects):
         self.rejected += len(rejects)
@@ -60,7 +62,7 @@ class IngestStats:
         """Fold another partition's counters into these (for a whole view)."""
         for name in ("messages", "events", "rejected", "batches", "store_retries",
                      "checkpoints", "corrupt_checkpoints", "dead_letter_failures",
-                     "store_refused"):
+                     "store_refused", "join_misses"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, count in other.reject_reasons.items():
             self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + count
@@ -78,13 +80,16 @@ class IngestStats:
 
 
 class Fold:
-    """Decodes payloads of one view's source and folds the valid events."""
+    """Decodes payloads of one view's source, enriches them with the view's
+    joins (``tables``: the dimension tables, see ``tally.core.enrich``) and
+    folds the valid events."""
 
-    def __init__(self, view, stats, routing=None):
+    def __init__(self, view, stats, routing=None, tables=None):
         self.view = view
         self.stats = stats
         self.decode_schema = Schema(list(view.source.schema))
         self.routing = None if routing is None else RoutingCheck(view, *routing)
+        self.enrich = Enricher(view, tables) if view.joins else None
 
     def __call__(self, state, payloads):
         """``(touched slots or None, rejects)``: apply the batch's valid events
@@ -97,7 +102,12 @@ class Fold:
             if misrouted:
                 events, _ = rules.refuse_events(events, misrouted)
         if events.n_events:
-            batch = state.encode(events.columns, events.valid)
+            columns, valid = events.columns, events.valid
+            if self.enrich is not None:
+                misses = self.enrich.misses
+                columns, valid = self.enrich(columns, valid)
+                self.stats.join_misses += self.enrich.misses - misses
+            batch = state.encode(columns, valid)
             if batch.refused:
                 events, keep = rules.refuse_events(events, batch.refused)
                 batch = batch.select(keep)
