@@ -148,7 +148,20 @@ def service_metrics():
             ("tally_bootstrap_units", "gauge",
              "Work units of a running bootstrap from history (state: done or total)"),
             ("tally_bootstrap_events_total", "counter",
-             "Events folded by a running bootstrap's finished units")):
+             "Events folded by a running bootstrap's finished units"),
+            ("tally_join_misses_total", "counter",
+             "Events a join found no dimension row for at their time (null attributes)"),
+            ("tally_dimension_rows_total", "counter", "Changelog rows read into a dimension"),
+            ("tally_dimension_keys", "gauge", "Keys a dimension table holds"),
+            ("tally_dimension_dead_letters_total", "counter",
+             "Malformed changelog rows sent to the dimension's dead-letter topic"),
+            ("tally_dimension_late_rows_total", "counter",
+             "Dimension rows older than events of their key already joined (not applied "
+             "to those)"),
+            ("tally_dimension_unsynced_batches_total", "counter",
+             "Batches joined without waiting out a sync of the dimension (it lagged)"),
+            ("tally_dimension_sync_age_seconds", "gauge",
+             "Seconds since the dimension last read its changelog to the end")):
         metrics.declare(name, kind, text)
     return metrics
 

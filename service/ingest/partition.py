@@ -50,7 +50,7 @@ class PartitionWorker:
     def __init__(self, view, partition, client, store, checkpoints, consumer_name,
                  subscription="tally", version=1, serving=True, checkpoint_interval_s=5.0,
                  batch_size=1000, batch_timeout_ms=10, clock=None, topic=None,
-                 n_partitions=None):
+                 n_partitions=None, dimensions=()):
         self.view, self.partition = view, partition
         self.store, self.checkpoints = store, checkpoints
         self.state_hash = state_hash(view)
@@ -59,9 +59,12 @@ class PartitionWorker:
         self.stats = IngestStats()
         self.state = ViewState(view)
         self.schema = online_schema(view, version)
+        # the feeds of the tables the view's joins read (tally.service.ingest.dimensions)
+        self.dimensions = list(dimensions)
         # with n_partitions, events on the wrong partition for their key are refused
         self.fold = Fold(view, self.stats,
-                         routing=None if n_partitions is None else (partition, n_partitions))
+                         routing=None if n_partitions is None else (partition, n_partitions),
+                         tables={(f.dimension.name, f.key): f.table for f in self.dimensions})
         self.dead_letters = DeadLetters(client, view.source.topic, view.name)
         self.writer = RecordWriter(view, store, self.schema, serving, self.clock, self.stats,
                                    on_refused=self.dead_letters.send_refused_record)
@@ -150,6 +153,8 @@ class PartitionWorker:
         if not fresh:
             return
         payloads = [m.data() for m in fresh]
+        for feed in self.dimensions:        # rows published before the batch are joined
+            await feed.synced(self.last_batch)
         touched, rejects = self.fold(self.state, payloads)
         self.dead_letters.send(fresh, payloads, rejects)
         if touched is not None:

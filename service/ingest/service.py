@@ -20,7 +20,9 @@ import threading
 import time
 
 from tally.service.history.bootstrap import Bootstrap, BootstrapCancelled
+from tally.core.enrich import table_key
 from tally.service.ingest.checkpoint import CheckpointStore
+from tally.service.ingest.dimensions import DimensionFeed
 from tally.service.ingest.partition import PartitionWorker, drive
 from tally.service.metrics import seconds_since, serve_metrics, service_metrics
 from tally.service.pulsar.client import connect, partition_topics
@@ -47,7 +49,9 @@ class VersionRunner:
         self.workers = []
         self.bootstrap = None
         self.bootstrap_progress = None        # (units done, units, events), for /metrics
-        if service.admin_url:
+        # a view with joins reads its history through its subscription (exact,
+        # only slower): the parallel bootstrap does not enrich yet
+        if service.admin_url and not view.joins:
             self.bootstrap = Bootstrap(
                 view, service.pulsar_url, service.admin_url, service.store,
                 service.checkpoints, subscription_for(view), version=version,
@@ -72,7 +76,8 @@ class VersionRunner:
                             subscription=subscription_for(self.view), version=self.version,
                             serving=self.serving,
                             checkpoint_interval_s=service.checkpoint_interval_s,
-                            batch_size=service.batch_size, n_partitions=n_partitions)
+                            batch_size=service.batch_size, n_partitions=n_partitions,
+                            dimensions=[service.dimension_feed(j) for j in self.view.joins])
             for partition in range(n_partitions)]
 
     def caught_up_with(self, serving):
@@ -117,6 +122,8 @@ class StreamingService:
         self.registry, self.only_views = registry, only_views
         self.runners = {}                     # (view name, version) -> VersionRunner
         self.tasks = {}                       # (view name, version) -> its worker tasks
+        self.dimensions = {}                  # (dimension, key) -> DimensionFeed
+        self.dimension_tasks = {}
         for view in views:
             self.runners[(view.name, 1)] = VersionRunner(self, view, 1, serving=True)
         if services:
@@ -126,6 +133,21 @@ class StreamingService:
         self.failures = []                    # partitions that could not go on
         self.metrics = service_metrics()
         self.metrics_address = metrics_address
+
+    def dimension_feed(self, join):
+        """The process's one feed of a join's dimension table (started with
+        the first view that joins it)."""
+        key = table_key(join)
+        if key not in self.dimensions:
+            self.dimensions[key] = DimensionFeed(join, self.client)
+        return self.dimensions[key]
+
+    def _start_dimension_feeds(self):
+        loop = asyncio.get_running_loop()
+        for key, feed in self.dimensions.items():
+            if key not in self.dimension_tasks:
+                self.dimension_tasks[key] = loop.create_task(
+                    feed.run(self.pool, self.stopping.is_set))
 
     @property
     def workers(self):
@@ -153,6 +175,9 @@ class StreamingService:
         watchdog.cancel()
         if metrics_task:
             metrics_task.cancel()
+        await asyncio.gather(*self.dimension_tasks.values())
+        for feed in self.dimensions.values():
+            feed.close()
         self.pool.shutdown()
         self.close()
         return 1 if self.failures else 0
@@ -160,6 +185,7 @@ class StreamingService:
     def _start_tasks(self, key):
         runner = self.runners[key]
         loop = asyncio.get_running_loop()
+        self._start_dimension_feeds()
         if runner.bootstrap is not None:
             self.tasks[key] = [loop.create_task(self._bootstrap_then_drive(loop, runner))]
         else:
@@ -184,6 +210,7 @@ class StreamingService:
         if runner.stopping or self.stopping.is_set():
             return
         runner.start_workers()
+        self._start_dimension_feeds()
         await asyncio.gather(*(self._drive(loop, runner, w) for w in runner.workers))
 
     async def _stop_runner(self, key):
@@ -216,6 +243,7 @@ class StreamingService:
         messages wait far longer than the checkpoint interval for a checkpoint
         (the dead-letter topic failing)."""
         problems = list(self.failures)
+        problems += [p for feed in self.dimensions.values() for p in feed.problems()]
         limit = max(STALE_CHECKPOINT_S, 10 * self.checkpoint_interval_s)
         problems += [f"{where}: no batch begun for {age:.0f} s (stuck in a receive or a "
                      "store call)" for where, age in self.stalled_workers()]
@@ -288,12 +316,24 @@ class StreamingService:
                                 ("tally_corrupt_checkpoints_total", stats.corrupt_checkpoints),
                                 ("tally_dead_letter_failures_total",
                                  stats.dead_letter_failures),
+                                ("tally_join_misses_total", stats.join_misses),
                                 ("tally_checkpoint_age_seconds",
                                  seconds_since(worker.last_checkpoint)),
                                 ("tally_batch_age_seconds", seconds_since(worker.last_batch)),
                                 ("tally_unacknowledged", int(worker.unacknowledged is not None))):
                 self.metrics.set(name, value, **labels)
         self.metrics.set("tally_partition_failures", len(self.failures))
+        for feed in self.dimensions.values():
+            labels = {"dimension": feed.name}
+            self.metrics.set("tally_dimension_rows_total", feed.rows, **labels)
+            self.metrics.set("tally_dimension_keys", len(feed.table), **labels)
+            self.metrics.set("tally_dimension_dead_letters_total", feed.rejected, **labels)
+            self.metrics.set("tally_dimension_late_rows_total", feed.table.late_rows, **labels)
+            self.metrics.set("tally_dimension_unsynced_batches_total", feed.unsynced_batches,
+                             **labels)
+            if feed.synced_at is not None:
+                self.metrics.set("tally_dimension_sync_age_seconds",
+                                 seconds_since(feed.synced_at), **labels)
         for worker in self.workers:
             labels = {"view": worker.view.name, "version": worker.schema.version,
                       "partition": worker.partition}
