@@ -496,8 +496,10 @@ class Join:
     a new version of its key's attributes, valid from the row's event time.
     ``on`` is the event field holding the dimension key; ``key`` the
     dimension's key field (default: the same name). ``columns`` are the
-    attributes taken (default: every field but the key and the event time);
-    they join the event's fields under ``prefix + name``."""
+    attributes taken; they join the event's fields under ``prefix + name``.
+    By default they are those the view's features and filters use, so a view
+    keeps no attribute it does not read (and SQL, which names the ones it
+    uses, gives the same view)."""
     dimension: Source
     on: str
     key: str = None
@@ -507,13 +509,18 @@ class Join:
     def __post_init__(self):
         if self.key is None:
             object.__setattr__(self, "key", self.on)
-        if self.columns is None and isinstance(self.dimension, Source):
-            object.__setattr__(self, "columns", tuple(
-                n for n in self.dimension.fields
-                if n not in (self.key, self.dimension.timestamp_field)))
-        columns = (self.columns,) if isinstance(self.columns, str) else self.columns
-        object.__setattr__(self, "columns", tuple(columns or ()))
+        if self.columns is not None:
+            columns = (self.columns,) if isinstance(self.columns, str) else self.columns
+            object.__setattr__(self, "columns", tuple(columns))
         object.__setattr__(self, "prefix", self.prefix or "")
+
+    def taking(self, used):
+        """This join with ``columns`` resolved from the names a view uses."""
+        if self.columns is not None or not isinstance(self.dimension, Source):
+            return self
+        taken = tuple(n for n in self.dimension.fields if n != self.key
+                      and self.prefix + n in used)
+        return replace(self, columns=taken)
 
     @property
     def fields(self):
@@ -543,9 +550,6 @@ class Join:
                 f"{where}: event field {self.on!r} is {on_type} but the dimension's key "
                 f"{self.key!r} is {key_type}; join on fields of one key type (int64 or "
                 "string)")
-        if not self.columns:
-            raise DefinitionError(f"{where}: columns is empty; name the attributes to take, "
-                                  f"e.g. columns=({', '.join(map(repr, dimension.fields[:2]))})")
         if self.prefix and not _is_name(self.prefix + "x"):
             raise DefinitionError(f"{where}: prefix {self.prefix!r} is not a name prefix; use "
                                   "letters, digits and underscores, e.g. 'article_'")
@@ -619,7 +623,9 @@ class FeatureView:
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(self.features))
         joins = (self.joins,) if isinstance(self.joins, Join) else self.joins
-        object.__setattr__(self, "joins", tuple(joins or ()))
+        used = self._used_names()
+        object.__setattr__(self, "joins", tuple(
+            j.taking(used) if isinstance(j, Join) else j for j in joins or ()))
         if self.key_column is None:
             object.__setattr__(self, "key_column", self.entity.name)
         tags = (self.tags,) if isinstance(self.tags, str) else self.tags
@@ -632,6 +638,20 @@ class FeatureView:
         object.__setattr__(self, "owner", self.owner or "")
         object.__setattr__(self, "description", self.description or "")
         self.validate()
+
+    def _used_names(self):
+        """The names the features aggregate or filter on (not the event's own
+        fields: a join's attribute never shadows one, see Join.validate)."""
+        used = set()
+        for feature in self.features:
+            if not isinstance(feature, Feature):
+                continue                       # refused by validate()
+            if feature.column:
+                used.add(feature.column)
+            if feature.filter:
+                used |= filters.filter_columns(feature.filter)
+        fields = set(self.source.fields) if isinstance(self.source, Source) else set()
+        return used - fields
 
     @property
     def input_source(self):
@@ -685,6 +705,13 @@ class FeatureView:
                                       "give each feature a distinct name")
             seen.add(feature.name)
             feature.validate(inputs, where)
+        for join in self.joins:
+            if not join.columns:
+                attributes = [join.prefix + n for n in join.dimension.fields if n != join.key]
+                raise DefinitionError(
+                    f"{where}, join {join.dimension.name!r}: the view uses none of its "
+                    f"attributes ({', '.join(attributes)}); aggregate or filter one, or "
+                    "drop the join")
         if self.online_expiry < 0:
             raise DefinitionError(f"{where}: online_expiry is negative; use 0 (never "
                                   "expire) or a duration such as '30d'")

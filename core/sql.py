@@ -30,6 +30,8 @@ Grammar (statements are separated by ``;``; ``--`` starts a comment)::
     select :=
         SELECT [key_column [AS entity],] aggregate [AS feature], ...
         FROM source [[AS] alias]
+        [[LEFT] JOIN dimension [[AS] alias] ON alias.field = dimension_alias.key
+                                         | USING (field)] ...
         [WHERE filter]
         GROUP BY key_column
         [WINDOW window_spec | name AS window_spec, ...]
@@ -66,7 +68,16 @@ Meaning:
   SOURCE, or one passed in the catalog (``sources=``; the CLI passes the
   sources already in the registry).
 
-Anything else (JOIN, subqueries, WITH, UNION, HAVING, ORDER BY, LIMIT,
+* ``JOIN`` enriches each event with the dimension's row as of the event's
+  time (``tally.core.enrich``): ``dimension`` is a source whose topic is a
+  changelog of a keyed table. Columns of the dimension, qualified with its
+  alias or unqualified where no event field has the name, are aggregated
+  and filtered like the event's own. A JOIN without a row for the event's
+  key keeps the event, with null attributes, so JOIN and LEFT JOIN are one.
+  The view takes the dimension columns it uses; when one is named like an
+  event field, the join's columns get the prefix ``<alias>_``.
+
+Anything else (RIGHT, FULL and CROSS JOIN, subqueries, WITH, UNION, HAVING, ORDER BY, LIMIT,
 DISTINCT, window functions ``OVER (...)``, non-aggregate select items other
 than the key, expressions inside aggregates, other statements) is refused
 with a message naming the construct and a fix.
@@ -79,8 +90,8 @@ from sqlglot.errors import ParseError, TokenError
 
 from tally.core import filters
 from tally.core.aggregations import AGGREGATIONS, SQL_NAMES
-from tally.core.definitions import (Entity, Feature, FeatureService, FeatureView, ServiceFeature,
-                                    Source, Window)
+from tally.core.definitions import (Entity, Feature, FeatureService, FeatureView, Join,
+                                    ServiceFeature, Source, Window)
 from tally.core.dialect import Tally, WindowSpec, format_parse_error, needs_quotes, window_spec_sql
 from tally.core.durations import format_duration
 from tally.core.errors import DefinitionError
@@ -116,7 +127,6 @@ _REFUSED_CLAUSES = {
     "with": ("WITH (a common table expression)", "select FROM a source directly"),
     "with_": ("WITH (a common table expression)", "select FROM a source directly"),
     "distinct": ("DISTINCT", "drop DISTINCT: a view has one row per entity already"),
-    "joins": ("JOIN", "a view reads one source; define one view per source"),
     "laterals": ("LATERAL", "a view reads one source; define one view per source"),
     "having": ("HAVING", "filter events with WHERE or FILTER (WHERE ...); filter feature "
                          "values when you read them"),
@@ -138,7 +148,7 @@ _REFUSED_CLAUSES = {
     "format": ("FORMAT", "drop it"),
     "options": ("OPTION", "drop it"),
 }
-_ALLOWED_SELECT_ARGS = {"expressions", "from", "from_", "where", "group", "windows"}
+_ALLOWED_SELECT_ARGS = {"expressions", "from", "from_", "where", "group", "windows", "joins"}
 
 
 class _Catalog:
@@ -412,6 +422,7 @@ def _view_from_select(select, name, props, catalog):
                                   "select FROM a source directly and filter with WHERE")
 
     source, aliases = _from_source(select, catalog, where)
+    joins = _joins(select, catalog, source, aliases, where)
     key_column = _group_key(select, source, aliases, where)
     windows = _windows(select, where)
 
@@ -429,8 +440,7 @@ def _view_from_select(select, name, props, catalog):
                                       "twice; select it once")
             entity_name = alias or key_column
             continue
-        feature = _feature(node, alias, windows, where_filter, source, aliases, key_column,
-                           where)
+        feature = _feature(node, alias, windows, where_filter, aliases, key_column, where)
         features.append(feature)
     if not features:
         raise DefinitionError(f"{where}: the SELECT has no aggregate; select at least one, "
@@ -444,7 +454,7 @@ def _view_from_select(select, name, props, catalog):
     if "online_expiry" in props:
         metadata["online_expiry"] = props["online_expiry"]
     return FeatureView(name, entity, source, tuple(features), key_column=key_column,
-                       **metadata)
+                       joins=tuple(joins), **metadata)
 
 
 def _from_source(select, catalog, where):
@@ -472,10 +482,93 @@ def _from_source(select, catalog, where):
             f"{'did you mean ' + repr(close[0]) + '? ' if close else ''}declare it first "
             f"with CREATE SOURCE {table.name} (...) WITH (topic = '...'), or apply it from "
             f"a Python file (known sources: {known})")
-    aliases = {table.name}
+    aliases = {table.name: None}             # alias -> a join's prefix (None: the events)
     if table.alias:
-        aliases.add(table.alias)
+        aliases[table.alias] = None
     return source, aliases
+
+
+def _joins(select, catalog, source, aliases, where):
+    """The JOINs of a select as Joins (each with the prefix its columns get),
+    adding their aliases to ``aliases``. A JOIN enriches each event with the
+    dimension's row as of the event's time; an event whose key has none keeps
+    its place with null attributes (so JOIN and LEFT JOIN mean the same)."""
+    nodes = select.args.get("joins") or []
+    dimensions = []
+    for node in nodes:
+        side, kind = (node.args.get("side") or "").upper(), (node.args.get("kind") or "").upper()
+        if side not in ("", "LEFT") or kind not in ("", "INNER", "OUTER"):
+            raise DefinitionError(
+                f"{where}: {' '.join(w for w in (side, kind) if w)} JOIN is outside the Tally "
+                "SQL dialect; write JOIN dimension d ON e.key = d.key (each event is "
+                "enriched with the dimension's row as of its time)")
+        table = node.this
+        if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier):
+            raise DefinitionError(f"{where}: JOIN {table.sql(dialect=Tally)} is outside the "
+                                  "Tally SQL dialect; join a source by name")
+        dimension = catalog.sources.get(table.name)
+        if dimension is None:
+            known = ", ".join(sorted(catalog.sources)) or "none"
+            raise DefinitionError(f"{where}: JOIN {table.name!r} is not a known source; "
+                                  f"declare it with CREATE SOURCE (known sources: {known})")
+        alias = table.alias or table.name
+        if alias in aliases:
+            raise DefinitionError(f"{where}: JOIN {table.name}: the name {alias!r} is taken; "
+                                  f"give it an alias, e.g. JOIN {table.name} d")
+        on, key = _join_condition(node, alias, aliases, where)
+        dimensions.append((dimension, alias, on, key))
+        aliases[alias] = ""
+    if not dimensions:
+        return []
+    _qualify_attributes(select, source, dimensions, where)
+    joins = []
+    for dimension, alias, on, key in dimensions:
+        used = {c.name for c in select.find_all(exp.Column) if c.table == alias} - {key}
+        prefix = f"{alias}_" if any(source.field_type(n) for n in used) else ""
+        aliases[alias] = prefix
+        joins.append(Join(dimension, on=on, key=key, prefix=prefix))
+    return joins
+
+
+def _join_condition(node, alias, aliases, where):
+    """(event field, dimension key) of ``ON e.field = d.key`` or ``USING (field)``."""
+    example = f"ON e.article = {alias}.article"
+    using = node.args.get("using")
+    if using:
+        if len(using) != 1:
+            raise DefinitionError(f"{where}: JOIN ... USING names one key column; e.g. "
+                                  "USING (article)")
+        name = using[0].name
+        return name, name
+    condition = node.args.get("on")
+    if not isinstance(condition, exp.EQ) or not all(
+            isinstance(side, exp.Column) for side in (condition.this, condition.expression)):
+        shown = condition.sql(dialect=Tally) if condition is not None else "nothing"
+        raise DefinitionError(f"{where}: JOIN ... ON {shown}: join on one key equality, "
+                              f"{example}")
+    sides = {}
+    for column in (condition.this, condition.expression):
+        side = "dimension" if column.table == alias else \
+            "event" if not column.table or aliases.get(column.table, "") is None else None
+        if side is None or side in sides:
+            raise DefinitionError(f"{where}: JOIN ... ON {condition.sql(dialect=Tally)}: "
+                                  f"compare an event field with {alias}'s key, {example}")
+        sides[side] = column.name
+    return sides["event"], sides["dimension"]
+
+
+def _qualify_attributes(select, source, dimensions, where):
+    """Give unqualified columns that are no event field their join's alias."""
+    for column in select.find_all(exp.Column):
+        if column.table or source.field_type(column.name):
+            continue
+        owners = [alias for dimension, alias, _, key in dimensions
+                  if dimension.field_type(column.name) and column.name != key]
+        if len(owners) > 1:
+            raise DefinitionError(f"{where}: column {column.name!r} is in {owners[0]!r} and "
+                                  f"{owners[1]!r}; qualify it, e.g. {owners[0]}.{column.name}")
+        if owners:
+            column.set("table", exp.to_identifier(owners[0]))
 
 
 def _group_key(select, source, aliases, where):
@@ -531,16 +624,18 @@ def _unqualify(node, aliases, where):
         table = column.table
         if table and table not in aliases:
             raise DefinitionError(f"{where}: column {column.sql(dialect=Tally)!r} refers to "
-                                  f"{table!r}, which is not the FROM source; write "
-                                  f"{column.name}")
+                                  f"{table!r}, which is neither the FROM source nor a JOIN; "
+                                  f"write {column.name}")
         if table:
+            if aliases[table]:                     # a join's attribute, under its prefix
+                column.set("this", exp.to_identifier(aliases[table] + column.name))
             column.set("table", None)
             column.set("db", None)
             column.set("catalog", None)
     return node
 
 
-def _feature(node, alias, windows, where_filter, source, aliases, key_column, where):
+def _feature(node, alias, windows, where_filter, aliases, key_column, where):
     display = node.sql(dialect=Tally)
     window, lateness = windows.get(None, (Window.lifetime(), 0))
     if isinstance(node, exp.Window):
@@ -565,7 +660,7 @@ def _feature(node, alias, windows, where_filter, source, aliases, key_column, wh
     if isinstance(node, exp.Window):
         raise DefinitionError(f"{where}: '{display}': write FILTER (WHERE ...) before "
                               "OVER <window>")
-    aggregation, column, param = _aggregate(node, display, source, aliases, key_column, where)
+    aggregation, column, param = _aggregate(node, display, aliases, key_column, where)
     conditions = [c for c in (where_filter, agg_filter) if c is not None]
     name = alias or (f"{aggregation}_{column}" if column else aggregation)
     if aggregation == "count" and column is not None:
@@ -587,7 +682,7 @@ def _feature(node, alias, windows, where_filter, source, aliases, key_column, wh
     return Feature(name, aggregation, column, window, lateness, filter_text, **params)
 
 
-def _aggregate(node, display, source, aliases, key_column, where):
+def _aggregate(node, display, aliases, key_column, where):
     """(aggregation, column or None, parameter or None) of an aggregate call."""
     if isinstance(node, exp.Column):
         raise DefinitionError(
@@ -713,19 +808,22 @@ def view_to_sql(view):
     for spec in specs:
         if spec != default and spec not in named:
             named[spec] = f"w{len(named) + 1}"
+    attribute = _join_attributes(view)
     common = {f.filter for f in view.features}
     where = view.features[0].filter if len(common) == 1 else None
+    where = where and _qualified(where, attribute)
 
     key = _ident(view.key_column)
     items = [key if view.key_column == view.entity.name
              else f"{key} AS {_ident(view.entity.name)}"]
     for feature in view.features:
-        args = _ident(feature.column) if feature.column else "*"
+        args = attribute.get(feature.column) or _ident(feature.column) if feature.column \
+            else "*"
         if feature.param is not None:
             args += f", {feature.param}"
         text = f"{AGGREGATIONS[feature.aggregation].sql_names[0]}({args})"
         if feature.filter and where is None:
-            text += f" FILTER (WHERE {feature.filter})"
+            text += f" FILTER (WHERE {_qualified(feature.filter, attribute)})"
         spec = (feature.window, feature.lateness_ms)
         if spec in named:
             text += f" OVER {named[spec]}"
@@ -733,6 +831,12 @@ def view_to_sql(view):
     lines = [f"CREATE VIEW {_ident(view.name)}{with_} AS",
              "SELECT " + ",\n       ".join(items),
              f"FROM {_ident(view.source.name)}"]
+    for join in view.joins:
+        alias = _join_alias(join)
+        table = join.dimension.name if alias == join.dimension.name else \
+            f"{_ident(join.dimension.name)} {_ident(alias)}"
+        lines.append(f"JOIN {table} ON {_ident(view.source.name)}.{_ident(join.on)} = "
+                     f"{_ident(alias)}.{_ident(join.key)}")
     if where:
         lines.append(f"WHERE {where}")
     lines.append(f"GROUP BY {key}")
@@ -743,6 +847,33 @@ def view_to_sql(view):
     if windows:
         lines.append("WINDOW " + ", ".join(windows))
     return "\n".join(lines)
+
+
+def _join_alias(join):
+    """The alias a join is written with: its prefix without the '_' (the rule
+    the parser gives a prefix by), else the dimension's name."""
+    return join.prefix[:-1] if join.prefix.endswith("_") and len(join.prefix) > 1 \
+        else join.dimension.name
+
+
+def _join_attributes(view):
+    """{prefixed attribute name: 'alias.column'} of the joins with a prefix
+    (attributes without one are written unqualified: they are unique)."""
+    return {join.prefix + c: f"{_ident(_join_alias(join))}.{_ident(c)}"
+            for join in view.joins if join.prefix for c in join.columns}
+
+
+def _qualified(filter_text, attribute):
+    """A filter with prefixed attributes written ``alias.column``."""
+    if not attribute or not filters.filter_columns(filter_text) & attribute.keys():
+        return filter_text
+    node = filters.parse_filter(filter_text)
+    for column in list(node.find_all(exp.Column)):
+        if column.name in attribute:
+            alias, name = attribute[column.name].split(".")
+            column.set("this", exp.to_identifier(name.strip('"')))
+            column.set("table", exp.to_identifier(alias.strip('"')))
+    return node.sql(dialect=Tally)
 
 
 def _spec_text(window, lateness):

@@ -203,20 +203,26 @@ def test_join_definitions_are_checked_with_the_field_and_the_fix():
     clash = Source("a2", "a2", {"article": "int64", "readtime": "float64", "ts": "int64"})
     with pytest.raises(DefinitionError, match="prefix='a2_'"):
         FeatureView("v", Entity("user"), READS, [Feature("n", "count")],
-                    joins=[Join(clash, on="article")])
+                    joins=[Join(clash, on="article", columns=("readtime",))])
+    with pytest.raises(DefinitionError, match="uses none of its attributes"):
+        FeatureView("v", Entity("user"), READS, [Feature("n", "sum", "readtime")],
+                    joins=[Join(ARTICLES, on="article")])
     with pytest.raises(DefinitionError, match="is not a field of source"):
         FeatureView("v", Entity("user"), READS, [Feature("n", "sum", "content_lenght")],
                     joins=[Join(ARTICLES, on="article")])
     prefixed = FeatureView("v", Entity("user"), READS, [Feature("n", "sum", "a2_readtime")],
                            joins=[Join(clash, on="article", prefix="a2_")])
     assert prefixed.input_source.field_type("a2_readtime") == "float64"
+    # by default a join takes the attributes the view uses, and only those
+    assert taste_view().joins[0].columns == ("category", "content_length")
 
 
 def test_a_view_without_joins_keeps_its_hash():
     from tally.core.definitions import content_hash
     plain = FeatureView("v", Entity("user"), READS, [Feature("n", "count")])
     assert "joins" not in plain.to_dict()
-    joined = FeatureView("v", Entity("user"), READS, [Feature("n", "count")],
+    joined = FeatureView("v", Entity("user"), READS,
+                         [Feature("n", "count", filter="category = 'news'")],
                          joins=[Join(ARTICLES, on="article")])
     assert content_hash(plain) != content_hash(joined)
     from tally.core.definitions import canonical_document, from_document

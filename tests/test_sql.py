@@ -238,8 +238,9 @@ GOOD = "SELECT user, COUNT(*) AS n FROM read_events"
 
 @pytest.mark.parametrize("text, message", [
     (GOOD + " JOIN other ON other.user = read_events.user GROUP BY user",
-     "view 'v': JOIN is outside the Tally SQL dialect; a view reads one source; define one "
-     "view per source"),
+     "view 'v': JOIN 'other' is not a known source; declare it with CREATE SOURCE"),
+    (GOOD + " CROSS JOIN read_events b GROUP BY user",
+     "view 'v': CROSS JOIN is outside the Tally SQL dialect; write JOIN dimension d ON"),
     ("SELECT user, COUNT(*) AS n FROM (SELECT * FROM read_events) GROUP BY user",
      "view 'v': a subquery is outside the Tally SQL dialect; select FROM a source directly "
      "and filter with WHERE"),
@@ -427,3 +428,77 @@ def test_names_too_long_for_the_stores_are_refused():
                       sources=[SOURCE_FOR_LIMITS], name="v" * 601)
     with pytest.raises(DefinitionError, match="a sliding window's size is 0"):
         Window.sliding("0d", "0h")
+
+
+# -- JOIN: events enriched with a dimension as of their time ------------------
+
+articles = Source("articles", "articles", schema={
+    "article": "int64", "category": "string", "content_length": "int64",
+    "readtime": "float64", "ts": "int64"})
+
+
+def joined(text, **kwargs):
+    return view_from_sql(text, sources=[read_events, articles], **kwargs)
+
+
+def test_a_join_in_sql_equals_the_python_join():
+    from tally.core.definitions import Join
+    got = joined("""CREATE VIEW user_taste AS
+        SELECT r.user, TOP_K(a.category, 1) AS top_category,
+               AVG(a.content_length) AS avg_length,
+               COUNT(*) FILTER (WHERE category = 'sports') AS sports
+        FROM read_events r JOIN articles a ON r.article = a.article GROUP BY r.user""")
+    expected = FeatureView("user_taste", user, read_events, [
+        Feature("top_category", "top_k", "category", k=1),
+        Feature("avg_length", "mean", "content_length"),
+        Feature("sports", "count", filter="category = 'sports'")],
+        joins=[Join(articles, on="article")])
+    assert got == expected
+    assert got.joins[0].columns == ("category", "content_length")
+    # LEFT JOIN and USING mean the same: every event keeps its place
+    left = joined("""CREATE VIEW user_taste AS
+        SELECT user, TOP_K(category, 1) AS top_category, AVG(content_length) AS avg_length,
+               COUNT(*) FILTER (WHERE a.category = 'sports') AS sports
+        FROM read_events LEFT JOIN articles a USING (article) GROUP BY user""")
+    assert left == expected
+
+
+def test_a_joined_column_named_like_an_event_field_gets_the_alias_as_prefix():
+    v = joined("""CREATE VIEW v AS SELECT user, SUM(a.readtime) AS theirs,
+                  SUM(readtime) AS ours FROM read_events JOIN articles a
+                  ON read_events.article = a.article GROUP BY user""")
+    assert v.joins[0].prefix == "a_" and v.feature("theirs").column == "a_readtime"
+    assert v.feature("ours").column == "readtime"
+
+
+def test_joined_views_round_trip_through_sql():
+    from tally.core.definitions import Join
+    for prefix, column in (("", "content_length"), ("a_", "a_readtime")):
+        v = FeatureView("v", user, read_events, [
+            Feature("total", "sum", column, filter=f"{prefix}category = 'news'"),
+            Feature("n", "count", filter=f"{prefix}category IS NOT NULL")],
+            joins=[Join(articles, on="article", prefix=prefix)])
+        text = ";\n".join([source_to_sql(read_events), source_to_sql(articles), view_to_sql(v)])
+        assert view_from_sql(text) == v, text
+
+
+def test_joins_outside_the_dialect_are_refused_with_the_fix():
+    def refused_join(text):
+        with pytest.raises(DefinitionError) as error:
+            load_sql(text, sources=[read_events, articles], name="v")
+        return str(error.value)
+    assert "RIGHT JOIN is outside" in refused_join(
+        "CREATE VIEW v AS SELECT user, SUM(content_length) AS s FROM read_events "
+        "RIGHT JOIN articles ON read_events.article = articles.article GROUP BY user")
+    assert "join on one key equality" in refused_join(
+        "CREATE VIEW v AS SELECT user, SUM(content_length) AS s FROM read_events "
+        "JOIN articles ON read_events.article > articles.article GROUP BY user")
+    assert "'authors' is not a known source" in refused_join(
+        "CREATE VIEW v AS SELECT user, COUNT(*) AS n FROM read_events "
+        "JOIN authors ON read_events.article = authors.article GROUP BY user")
+    assert "uses none of its attributes" in refused_join(
+        "CREATE VIEW v AS SELECT user, COUNT(*) AS n FROM read_events "
+        "JOIN articles ON read_events.article = articles.article GROUP BY user")
+    assert "neither the FROM source nor a JOIN" in refused_join(
+        "CREATE VIEW v AS SELECT user, SUM(x.content_length) AS s FROM read_events "
+        "JOIN articles ON read_events.article = articles.article GROUP BY user")
