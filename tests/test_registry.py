@@ -607,3 +607,29 @@ def test_concurrent_apply_from_two_processes(tmp_path):
         assert registry.resolve("user_reading").version == 2 * rounds
         seqs = [c.seq for c in registry.changes()]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_a_joined_view_is_applied_with_its_dimension_and_traced_to_it(registry):
+    from tally.core.definitions import Join
+    articles = Source("articles", "articles_changelog",
+                      {"article": "int64", "category": "string", "ts": "int64"})
+    reads = Source("reads", "reads", {"user": "int64", "article": "int64", "ts": "int64"})
+    view = FeatureView("taste", Entity("user"), reads, [
+        Feature("sports", "count", filter="category = 'sports'"),
+        Feature("reads", "count"),
+        Feature("last_category", "last", "category")], joins=[Join(articles, on="article")])
+    registry.apply([view])
+    assert registry.get("articles") == articles          # the dimension, applied with it
+    assert registry.get("taste") == view
+    rows = {(r.feature, r.source): r.fields for r in registry.lineage("taste")}
+    assert rows[("last_category", "articles")] == (
+        ("category", "value"), ("article", "dimension_key"), ("ts", "version_time"))
+    assert rows[("last_category", "reads")] == (
+        ("article", "join_key"), ("user", "key"), ("ts", "event_time"))
+    assert ("reads", "articles") not in rows               # reads no attribute
+    readers = registry.readers(topic="articles_changelog")
+    # each reading feature with all it reads: the events and the dimension
+    assert sorted((r.feature, r.source) for r in readers) == [
+        ("last_category", "articles"), ("last_category", "reads"),
+        ("sports", "articles"), ("sports", "reads")]
+    assert [h.name for h in registry.search(source="articles") if h.kind == "view"] == ["taste"]

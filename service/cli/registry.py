@@ -39,7 +39,8 @@ def _load_files(registry, paths):
             elif isinstance(d, Entity):
                 entities[d.name] = d
             elif isinstance(d, FeatureView):
-                sources.setdefault(d.source.name, d.source)
+                for source in [d.source] + [j.dimension for j in d.joins]:
+                    sources.setdefault(source.name, source)
                 entities.setdefault(d.entity.name, d.entity)
         definitions += found
     return definitions
@@ -126,7 +127,8 @@ def _cmd_describe(args):
             if description.info.kind == "service":
                 print(service_to_sql(d) + ";")
             elif description.info.kind == "view":
-                print(source_to_sql(d.source) + ";\n")
+                for source in [d.source] + [j.dimension for j in d.joins]:
+                    print(source_to_sql(source) + ";\n")
                 print(view_to_sql(d) + ";")
             elif description.info.kind == "source":
                 print(source_to_sql(d) + ";")

@@ -66,8 +66,10 @@ def collect(definitions, origin=None):
             definition.validate()
             check_servable(definition)          # refused at plan/apply, not at serve
             parts = [("entity", definition.entity, f"view {definition.name!r}"),
-                     ("source", definition.source, f"view {definition.name!r}"),
-                     ("view", definition, "the definitions")]
+                     ("source", definition.source, f"view {definition.name!r}")]
+            parts += [("source", join.dimension, f"view {definition.name!r}'s join")
+                      for join in definition.joins]
+            parts.append(("view", definition, "the definitions"))
         else:
             parts = [(kind, definition, "the definitions")]
         for part_kind, part, where in parts:

@@ -1,5 +1,6 @@
 """Lineage: which source fields each feature of a view reads, and in what
-role (value, filter, key, event_time).
+role (value, filter, key, event_time; through a join: join_key in the
+events, and dimension_key and version_time in the dimension).
 
 :func:`view_lineage` computes it from a definition alone. When a view version
 is stored, its rows go into the ``lineage`` table (:func:`index_rows`);
@@ -13,34 +14,51 @@ from tally.service.registry.results import Lineage, LineageRow
 
 
 def view_lineage(view):
-    """Per feature of ``view``: the source fields it reads, with their roles."""
+    """Per feature of ``view`` and per source it reads: the fields, with their
+    roles. A feature over a join's attribute reads two sources: the events
+    (its ``on`` field in the role join_key) and the dimension (the attribute,
+    its key as dimension_key, its event time as version_time)."""
     result = []
     for feature in view.features:
-        fields = []
-        if feature.column:
-            fields.append((feature.column, "value"))
-        if feature.filter:
-            fields += [(c, "filter") for c in sorted(filter_columns(feature.filter))
-                       if c != feature.column]
-        fields.append((view.key_column, "key"))
-        fields.append((view.source.timestamp_field, "event_time"))
-        seen, unique = set(), []
-        for name, role in fields:
-            if name not in seen:
-                seen.add(name)
-                unique.append((name, role))
-        result.append({"feature": feature.name, "fields": unique})
+        reads = [feature.column] if feature.column else []
+        filtered = sorted(filter_columns(feature.filter)) if feature.filter else []
+        by_source = {view.source.name: (view.source, [])}
+        for join in view.joins:
+            names = {join.prefix + c: c for c in join.columns}
+            used = [(names[n], role) for n, role in _roles(reads, filtered) if n in names]
+            if used:
+                by_source[view.source.name][1].append((join.on, "join_key"))
+                by_source[join.dimension.name] = (join.dimension, used + [
+                    (join.key, "dimension_key"), (join.dimension.timestamp_field, "version_time")])
+        joined = {join.prefix + c for join in view.joins for c in join.columns}
+        own = [(n, role) for n, role in _roles(reads, filtered) if n not in joined]
+        event_fields = by_source[view.source.name][1]
+        event_fields[:0] = own
+        event_fields += [(view.key_column, "key"), (view.source.timestamp_field, "event_time")]
+        for source, fields in by_source.values():
+            result.append({"feature": feature.name, "source": source, "fields": _unique(fields)})
     return result
+
+
+def _roles(reads, filtered):
+    return [(n, "value") for n in reads] + [(n, "filter") for n in filtered if n not in reads]
+
+
+def _unique(fields):
+    seen, unique = set(), []
+    for name, role in fields:
+        if name not in seen:
+            seen.add(name)
+            unique.append((name, role))
+    return unique
 
 
 def index_rows(version_id, view):
     """The ``lineage`` table's rows for stored version ``version_id`` of ``view``:
     (version_id, view, feature, source, topic, field, role)."""
-    rows = []
-    for lineage in view_lineage(view):
-        rows += [(version_id, view.name, lineage["feature"], view.source.name,
-                  view.source.topic, f, role) for f, role in lineage["fields"]]
-    return rows
+    return [(version_id, view.name, lineage["feature"], lineage["source"].name,
+             lineage["source"].topic, f, role)
+            for lineage in view_lineage(view) for f, role in lineage["fields"]]
 
 
 def feature_lineage(info, feature=None):
@@ -54,7 +72,7 @@ def feature_lineage(info, feature=None):
             raise NotFound(f"view {info.ref} has no feature {feature!r}; it has "
                            f"{', '.join(f.name for f in view.features)}")
     return Lineage(LineageRow(view.name, info.version, info.state, r["feature"],
-                              view.source.name, view.source.topic, tuple(r["fields"]))
+                              r["source"].name, r["source"].topic, tuple(r["fields"]))
                    for r in rows)
 
 

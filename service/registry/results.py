@@ -174,7 +174,8 @@ class Plan(list):
 @dataclass(frozen=True)
 class LineageRow:
     """A feature, its view (version), its source, topic and the fields it reads.
-    ``fields`` are (field, role) pairs; roles: value, filter, key, event_time."""
+    ``fields`` are (field, role) pairs; roles: value, filter, key, event_time,
+    and for a join's attributes join_key, dimension_key, version_time."""
     view: str
     version: int
     state: str

@@ -22,6 +22,8 @@ def facets_of(kind, definition):
     if kind == "view":
         facets += [("entity", definition.entity.name), ("source", definition.source.name),
                    ("topic", definition.source.topic), ("owner", definition.owner)]
+        for join in definition.joins:          # a view is found by the dimensions it joins
+            facets += [("source", join.dimension.name), ("topic", join.dimension.topic)]
         facets += [("tag", tag) for tag in definition.tags]
         facets += [("feature", f.name) for f in definition.features]
         facets += [("description", definition.description)]
