@@ -33,6 +33,7 @@ class Aggregation:
     max_param: int = None
     sql_names: tuple = ()
     summary: str = ""
+    default_param: int = None  # the parameter when none is given (else it is required)
 
     def sql_call(self, column="col"):
         """How SQL writes a call: 'SUM(col)', 'LAST_N(col, n)'."""
@@ -59,6 +60,10 @@ AGGREGATIONS = {a.name: a for a in (
     Aggregation("top_k", True, FIELD_TYPES, True, "k", 1024,
                 sql_names=("APPROX_TOP_K", "TOP_K"),
                 summary="approximate k most frequent values (Misra-Gries)"),
+    Aggregation("histogram", True, FIELD_TYPES, True, "k", 1024, sql_names=("HISTOGRAM",),
+                summary="count of each value, most frequent first: exact up to k "
+                        "distinct values, approximate beyond (Misra-Gries)",
+                default_param=32),
 )}
 
 # SQL function name -> aggregation, for the names sqlglot parses as plain
@@ -85,7 +90,7 @@ def value_type(aggregation, column_type=None):
         return item
     if kind.name == "last_n":
         return f"list<{item}>"
-    if kind.name == "top_k":
+    if kind.name in ("top_k", "histogram"):       # (value, count) pairs
         return f"top_k<{item}>"
     return "float64"
 

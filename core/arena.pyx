@@ -64,7 +64,8 @@ cdef enum Kind:
 SCALAR_KINDS = {"count": COUNT, "sum": SUM, "mean": MEAN, "min": MIN, "max": MAX,
                 "first": FIRST, "last": LAST}
 # aggregation -> its integer parameter (None: it takes none) and that parameter's default
-PARAMETERS = {"last_n": ("n", 10), "distinct_count": ("precision", 10), "top_k": ("k", 10)}
+PARAMETERS = {"last_n": ("n", 10), "distinct_count": ("precision", 10), "top_k": ("k", 10),
+              "histogram": ("k", 32)}
 KINDS = {**SCALAR_KINDS, **{name: None for name in PARAMETERS}}
 
 # Which arrays each scalar kind keeps per tile, and their value in an empty tile.
@@ -101,6 +102,9 @@ def make_arena(str aggregation, int64_t window_ms=0, int64_t hop_ms=0, int64_t l
         raise ValueError(f"unknown aggregation {aggregation!r}; "
                          f"expected one of {', '.join(KINDS)}")
     param = PARAMETERS[aggregation][1] if param is None else param
+    if aggregation == "histogram":
+        return TopKArena(param, window_ms, hop_ms, lateness_ms, capacity, value_type,
+                         "histogram")
     cls = {"last_n": LastNArena, "distinct_count": DistinctCountArena,
            "top_k": TopKArena}[aggregation]
     return cls(param, window_ms, hop_ms, lateness_ms, capacity, value_type)

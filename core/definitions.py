@@ -331,6 +331,10 @@ class Feature:
     def __post_init__(self):
         if not isinstance(self.lateness_ms, int) or isinstance(self.lateness_ms, bool):
             object.__setattr__(self, "lateness_ms", duration_ms(self.lateness_ms))
+        spec = AGGREGATIONS.get(self.aggregation)
+        if spec is not None and spec.default_param is not None and \
+                getattr(self, spec.param) is None:       # stored: the hash says what ran
+            object.__setattr__(self, spec.param, spec.default_param)
         if self.filter is not None:
             try:
                 object.__setattr__(self, "filter", filters.normalize_filter(self.filter))
@@ -482,6 +486,32 @@ def _validate_window(window, where):
             f"{format_duration(size)}; use a hop that divides it{example}")
 
 
+@dataclass(frozen=True)
+class Derived:
+    """A feature computed from the view's other features, e.g.
+    ``Derived("reading_diversity", "ENTROPY(categories)")`` or
+    ``Derived("mean_readtime", "total_readtime / reads")``: an expression of
+    :mod:`tally.core.expressions`, computed with the record it belongs to
+    (so served and trained on alike)."""
+    name: str
+    expression: str
+
+    aggregation = "derived"
+
+    def to_dict(self):
+        return {"name": self.name, "expression": self.expression}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["name"], data["expression"])
+
+    def expression_text(self):
+        return self.expression
+
+    def __repr__(self):
+        return f"Derived({self.name!r}, {self.expression!r})"
+
+
 # --------------------------------------------------------------------------
 # Join: events enriched with a dimension's row as of their time
 
@@ -617,11 +647,14 @@ class FeatureView:
     tags: tuple = ()
     online_expiry: int = 0
     joins: tuple = ()
+    derived: tuple = ()
 
     kind = "view"
 
     def __post_init__(self):
         object.__setattr__(self, "features", tuple(self.features))
+        derived = (self.derived,) if isinstance(self.derived, Derived) else self.derived
+        object.__setattr__(self, "derived", tuple(derived or ()))
         joins = (self.joins,) if isinstance(self.joins, Join) else self.joins
         used = self._used_names()
         object.__setattr__(self, "joins", tuple(
@@ -661,12 +694,18 @@ class FeatureView:
         extra = tuple(f for join in self.joins for f in join.fields)
         return replace(self.source, schema=self.source.schema + extra)
 
+    @property
+    def feature_names(self):
+        """The names of its features, derived ones last."""
+        return [f.name for f in self.features] + [d.name for d in self.derived]
+
     def feature(self, name):
-        for feature in self.features:
+        """A Feature, or a Derived feature, by name."""
+        for feature in self.features + self.derived:
             if feature.name == name:
                 return feature
         raise KeyError(f"view {self.name!r} has no feature {name!r}; "
-                       f"it has {[f.name for f in self.features]}")
+                       f"it has {self.feature_names}")
 
     def validate(self):
         where = f"view {self.name!r}"
@@ -705,6 +744,7 @@ class FeatureView:
                                       "give each feature a distinct name")
             seen.add(feature.name)
             feature.validate(inputs, where)
+        self._validate_derived(where, seen)
         for join in self.joins:
             if not join.columns:
                 attributes = [join.prefix + n for n in join.dimension.fields if n != join.key]
@@ -722,6 +762,26 @@ class FeatureView:
         for key in ("owner", "description"):
             if not isinstance(getattr(self, key), str):
                 raise DefinitionError(f"{where}: {key} must be a string")
+
+    def _validate_derived(self, where, names):
+        from tally.core.aggregations import value_type
+        from tally.core.expressions import Expression, ExpressionError
+        inputs = self.input_source
+        types = {f.name: value_type(f.aggregation, inputs.field_type(f.column))
+                 for f in self.features}
+        for derived in self.derived:
+            if not isinstance(derived, Derived):
+                raise DefinitionError(f"{where}: derived must be Derived objects, found "
+                                      f"{derived!r}")
+            _check_name("feature", derived.name, f"{where}, derived {derived.name!r}")
+            if derived.name in names:
+                raise DefinitionError(f"{where}: feature name {derived.name!r} is used twice; "
+                                      "give each feature a distinct name")
+            names.add(derived.name)
+            try:
+                Expression(derived.expression, types)
+            except ExpressionError as error:
+                raise DefinitionError(f"{where}, derived {derived.name!r}: {error}") from None
 
     def _validate_joins(self, where):
         added = {}
@@ -747,6 +807,8 @@ class FeatureView:
                 "online_expiry_ms": self.online_expiry}
         if self.joins:                 # only when set: older views keep their hashes
             data["joins"] = [j.to_dict() for j in self.joins]
+        if self.derived:
+            data["derived"] = [d.to_dict() for d in self.derived]
         return data
 
     @classmethod
@@ -756,13 +818,15 @@ class FeatureView:
                    tuple(Feature.from_dict(f) for f in data["features"]),
                    data["key_column"], data.get("owner", ""), data.get("description", ""),
                    tuple(data.get("tags", ())), data.get("online_expiry_ms", 0),
-                   tuple(Join.from_dict(j) for j in data.get("joins", ())))
+                   tuple(Join.from_dict(j) for j in data.get("joins", ())),
+                   tuple(Derived.from_dict(d) for d in data.get("derived", ())))
 
     def state_dict(self):
         """The part of the definition that determines the computed state: two
         versions with equal state hashes can share state (metadata such as owner,
         description, tags or online expiry changed, nothing the stream
-        computation depends on)."""
+        computation depends on). Derived features are part of it: records
+        carry them."""
         data = self.to_dict()
         for key in ("owner", "description", "tags", "online_expiry_ms"):
             data.pop(key)
@@ -787,6 +851,7 @@ class FeatureView:
         lines += [f"    join {join.describe()}" for join in self.joins]
         for feature in self.features:
             lines.append(f"    {feature.name} = {feature.expression()}")
+        lines += [f"    {d.name} = {d.expression}" for d in self.derived]
         return "\n".join(lines) + ")"
 
     def _repr_html_(self):
@@ -898,8 +963,8 @@ class FeatureService:
                 raise DefinitionError(
                     f"{where}: feature {f.ref()!r}: no view {f.view!r}; "
                     f"{_suggest(f.view, views)}apply the view first or with the service")
-            if f.feature not in {x.name for x in view.features}:
-                names = [x.name for x in view.features]
+            if f.feature not in view.feature_names:
+                names = view.feature_names
                 raise DefinitionError(
                     f"{where}: feature {f.ref()!r}: view {f.view!r} has no feature "
                     f"{f.feature!r}; {_suggest(f.feature, names)}it has {', '.join(names)}")

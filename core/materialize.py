@@ -1,8 +1,11 @@
 """From view state to online records: what the pipeline writes after each batch."""
+import functools
+
 import numpy as np
 
 from tally.core.aggregations import value_type
 from tally.core.errors import DefinitionError, RecordError
+from tally.core.expressions import Expression
 from tally.core.record import (ALIGN, FIXED_TYPES, INT64_MAX, INT64_MIN, MAX_RECORD_BYTES,
                                Records, ViewSchema)
 from tally.core.view import EVENT_TIME
@@ -10,10 +13,44 @@ from tally.core.view import EVENT_TIME
 
 def online_schema(view, version=1) -> ViewSchema:
     """The schema of the view's online records: each feature with the type it
-    has online and in training sets alike (``value_type``)."""
-    features = tuple((f.name, value_type(f.aggregation, view.input_source.field_type(f.column)))
-                     for f in view.features)
-    return ViewSchema(view.name, version, view.entity.key_type, features)
+    has online and in training sets alike (``value_type``), derived ones last."""
+    types = feature_types(view)
+    return ViewSchema(view.name, version, view.entity.key_type,
+                      tuple((name, types[name]) for name in view.feature_names))
+
+
+def feature_types(view):
+    """{feature name: value type}, derived features included."""
+    inputs = view.input_source
+    types = {f.name: value_type(f.aggregation, inputs.field_type(f.column))
+             for f in view.features}
+    for derived, expression in derived_expressions(view, types):
+        types[derived.name] = expression.type
+    return types
+
+
+def derived_expressions(view, types=None):
+    """[(Derived, compiled Expression)] of the view's derived features."""
+    if not view.derived:
+        return []
+    if types is None:
+        return _compiled(view)
+    return [(d, Expression(d.expression, types)) for d in view.derived]
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(view):
+    """Compiled once per view: records_for runs for every batch."""
+    return derived_expressions(view, feature_types(view))
+
+
+def with_derived(view, values, n, expressions=None):
+    """``values`` ({feature: (values, valid)}) with the derived features added:
+    one code computes them for records and for training rows."""
+    for derived, expression in expressions if expressions is not None \
+            else derived_expressions(view):
+        values[derived.name] = expression(values, n)
+    return values
 
 
 def check_servable(view):
@@ -27,7 +64,7 @@ def check_servable(view):
         schema.to_bytes()
     except RecordError as error:
         raise DefinitionError(f"view {view.name!r} cannot be served online: {error}") from None
-    params = {f.name: f.param for f in view.features}
+    params = {f.name: getattr(f, "param", None) for f in view.features + view.derived}
     sizes = {name: _largest_value(dtype, params[name]) for name, dtype in schema.features
              if dtype not in FIXED_TYPES}
     largest = schema.fixed_size + sum(sizes.values())
@@ -62,7 +99,7 @@ def next_expiry(view, as_of):
 
 def records_for(state, schema, slots, as_of, write_time):
     """The online :class:`Records` of ``slots`` as of ``as_of``."""
-    values = state.read(slots, as_of)
+    values = with_derived(state.view, state.read(slots, as_of), len(slots))
     event_time, has_event = values.pop(EVENT_TIME)
     event_time = np.where(has_event, event_time, 0).astype(np.int64)
     event_time[~has_event] = INT64_MIN

@@ -262,7 +262,9 @@ cdef double _hll_estimate(const uint8_t* reg, int64_t m) noexcept nogil:
 
 cdef class TopKArena(TiledArena):
     """Approximate top-K values per entity: a Misra-Gries summary of
-    m = 4K counters per tile (16 bytes each).
+    m = 4K counters per tile (16 bytes each). As ``histogram`` it keeps
+    m = K counters and reports them all: exact counts of every value while a
+    window holds at most K distinct values, the same guarantee beyond.
 
     Guarantee, for a window holding n events: every value occurring more than
     n / (m + 1) times is reported if it ranks in the top K of the summary, and
@@ -272,18 +274,23 @@ cdef class TopKArena(TiledArena):
     summary need not be identical to the sequential one."""
 
     cdef readonly int64_t k
+    cdef readonly str aggregation   # top_k or histogram
     cdef int64_t m
     cdef uint64_t* items           # bit patterns of the values (see _value_bits)
     cdef int64_t* counts
 
     def __init__(self, int64_t k=10, int64_t window_ms=0, int64_t hop_ms=0,
-                 int64_t lateness_ms=0, int64_t capacity=1024, str value_type="float64"):
+                 int64_t lateness_ms=0, int64_t capacity=1024, str value_type="float64",
+                 str aggregation="top_k"):
         if k < 1 or k > 1024:
-            raise ValueError(f"top_k: k={k} must be between 1 and 1024")
+            raise ValueError(f"{aggregation}: k={k} must be between 1 and 1024")
+        if aggregation not in ("top_k", "histogram"):
+            raise ValueError(f"TopKArena: aggregation {aggregation!r} is top_k or histogram")
         TiledArena.__init__(self, window_ms, hop_ms, lateness_ms)
-        self._set_value_type(value_type, "top_k")
+        self._set_value_type(value_type, aggregation)
         self.k = k
-        self.m = 4 * k
+        self.aggregation = aggregation
+        self.m = 4 * k if aggregation == "top_k" else k
         self._declare("items", np.float64, self.ring_tiles * self.m, 0.0)
         self._declare("counts", np.int64, self.ring_tiles * self.m, 0)
         self.reserve(capacity)
@@ -299,7 +306,7 @@ cdef class TopKArena(TiledArena):
 
     def describe(self):
         return self._describe_value_type(
-            {"aggregation": "top_k", "param": self.k, "window_ms": self.window_ms,
+            {"aggregation": self.aggregation, "param": self.k, "window_ms": self.window_ms,
              "hop_ms": self.hop_ms, "lateness_ms": self.lateness_ms})
 
     def update(self, slots, timestamps, values, mask=None):

@@ -90,7 +90,7 @@ from sqlglot.errors import ParseError, TokenError
 
 from tally.core import filters
 from tally.core.aggregations import AGGREGATIONS, SQL_NAMES
-from tally.core.definitions import (Entity, Feature, FeatureService, FeatureView, Join,
+from tally.core.definitions import (Derived, Entity, Feature, FeatureService, FeatureView, Join,
                                     ServiceFeature, Source, Window)
 from tally.core.dialect import Tally, WindowSpec, format_parse_error, needs_quotes, window_spec_sql
 from tally.core.durations import format_duration
@@ -429,7 +429,9 @@ def _view_from_select(select, name, props, catalog):
     where_filter = select.args.get("where")
     where_filter = _unqualify(where_filter.this, aliases, where) if where_filter else None
 
-    entity_name, features = None, []
+    entity_name, features, computed = None, [], []
+    aggregated = [item for item in select.expressions
+                  if _is_aggregate(item.this if isinstance(item, exp.Alias) else item)]
     for item in select.expressions:
         alias = item.alias if isinstance(item, exp.Alias) else None
         node = item.this if isinstance(item, exp.Alias) else item
@@ -440,8 +442,13 @@ def _view_from_select(select, name, props, catalog):
                                       "twice; select it once")
             entity_name = alias or key_column
             continue
-        feature = _feature(node, alias, windows, where_filter, aliases, key_column, where)
-        features.append(feature)
+        if item not in aggregated and _is_computed(node, aggregated):
+            computed.append((node, alias))
+        else:
+            feature = _feature(node, alias, windows, where_filter, aliases, key_column, where)
+            features.append(feature)
+    derived = [_derived(node, alias, features, windows, where_filter, aliases, key_column,
+                        where) for node, alias in computed]
     if not features:
         raise DefinitionError(f"{where}: the SELECT has no aggregate; select at least one, "
                               f"e.g. COUNT(*) AS events ({AGGREGATE_NAMES})")
@@ -454,7 +461,59 @@ def _view_from_select(select, name, props, catalog):
     if "online_expiry" in props:
         metadata["online_expiry"] = props["online_expiry"]
     return FeatureView(name, entity, source, tuple(features), key_column=key_column,
-                       joins=tuple(joins), **metadata)
+                       joins=tuple(joins), derived=tuple(derived), **metadata)
+
+
+def _is_aggregate(node):
+    """Whether a select item is one aggregate (with its FILTER and OVER)."""
+    if isinstance(node, exp.Window):
+        node = node.this
+    if isinstance(node, exp.Filter):
+        node = node.this
+    return isinstance(node, exp.Count) or type(node) in _AGGREGATES or (
+        isinstance(node, exp.Anonymous) and node.name.upper() in SQL_NAMES)
+
+
+def _is_computed(node, aggregated):
+    """A select item computed from aggregates inside it, or from other
+    items' features by name (``total / reads``): a derived feature."""
+    if any(_is_aggregate(n) for n in node.find_all(exp.Expression)):
+        return True
+    names = {item.alias for item in aggregated if isinstance(item, exp.Alias)}
+    columns = list(node.find_all(exp.Column))
+    return bool(columns) and all(not c.table and c.name in names for c in columns)
+
+
+def _derived(node, alias, features, windows, where_filter, aliases, key_column, where):
+    """A select item computed from aggregates (``SUM(x) / COUNT(*)``,
+    ``ENTROPY(HISTOGRAM(category))``) or from other items' features: a
+    Derived feature; each aggregate inside is the view's feature of the same
+    computation, or a new one named as an unnamed item would be."""
+    display = node.sql(dialect=Tally)
+    if alias is None:
+        raise DefinitionError(f"{where}: '{display}' is computed from features; name it, "
+                              f"e.g. {display} AS name")
+    expression = node.copy()
+    for inner in [n for n in expression.find_all(exp.Expression)
+                  if _is_aggregate(n) and not any(_is_aggregate(p) for p in _parents(n))]:
+        feature = _feature(inner, None, windows, where_filter, aliases, key_column, where)
+        same = next((f for f in features if _same_computation(f, feature)), None)
+        if same is None:
+            features.append(feature)
+            same = feature
+        inner.replace(exp.column(same.name))
+    return Derived(alias, expression.sql(dialect=Tally))
+
+
+def _parents(node):
+    node = node.parent
+    while node is not None:
+        yield node
+        node = node.parent
+
+
+def _same_computation(a, b):
+    return a.to_dict() | {"name": ""} == b.to_dict() | {"name": ""}
 
 
 def _from_source(select, catalog, where):
@@ -723,7 +782,7 @@ def _aggregate(node, display, aliases, key_column, where):
     spec = AGGREGATIONS[aggregation]
     wanted = 2 if spec.param else 1
     call = f"{aggregation.upper()}(col{', ' + spec.param if spec.param else ''})"
-    if len(args) != wanted:
+    if len(args) != wanted and not (spec.default_param and len(args) == 1):
         raise DefinitionError(f"{where}: '{display}' takes {wanted} argument"
                               f"{'s' if wanted > 1 else ''}; write {call}")
     column = args[0]
@@ -734,7 +793,7 @@ def _aggregate(node, display, aliases, key_column, where):
             "the producer")
     _unqualify(column, aliases, where)
     param = None
-    if spec.param:
+    if spec.param and len(args) > 1:
         literal = args[1]
         if not (isinstance(literal, exp.Literal) and not literal.is_string
                 and literal.this.isdigit()):
@@ -828,6 +887,7 @@ def view_to_sql(view):
         if spec in named:
             text += f" OVER {named[spec]}"
         items.append(f"{text} AS {_ident(feature.name)}")
+    items += [f"{d.expression} AS {_ident(d.name)}" for d in view.derived]
     lines = [f"CREATE VIEW {_ident(view.name)}{with_} AS",
              "SELECT " + ",\n       ".join(items),
              f"FROM {_ident(view.source.name)}"]

@@ -53,6 +53,7 @@ from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, archive_and_topic, is_
                                       n_events, open_events, slice_columns, stable_order)
 from tally.core.enrich import Enricher, dimensions_of, tables_for
 from tally.core.events import valid_keys
+from tally.core.materialize import derived_expressions, with_derived
 from tally.core.view import EVENT_TIME, ViewState
 
 DEFAULT_QUERY_BLOCK = 1 << 18         # spine rows per kernel call
@@ -179,7 +180,7 @@ def _resolve(features, views, by_name, registry):
     resolved = []
     for ref in features:
         if isinstance(ref, FeatureView):
-            resolved += [(ref, f) for f in ref.features]
+            resolved += [(ref, f) for f in ref.features + ref.derived]
         elif isinstance(ref, Feature):
             owners = [v for v in views if ref in v.features]
             if len(owners) != 1:
@@ -204,7 +205,7 @@ def _resolve(features, views, by_name, registry):
                 except Exception as error:        # the registry's own NotFound, etc.
                     raise TrainingSetError(f"{ref!r}: {error}") from None
             if feature_name is None:
-                resolved += [(view, f) for f in view.features]
+                resolved += [(view, f) for f in view.features + view.derived]
             else:
                 try:
                     resolved.append((view, view.feature(feature_name)))
@@ -449,6 +450,25 @@ class _Output:
         return array if take is None else array.take(pa.array(take))
 
 
+_ARROW = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
+
+
+def _columns_of(array):
+    """An output array as derived features read values online: numbers as
+    numpy arrays, strings and lists as objects, (value, count) pairs as tuples."""
+    valid = ~np.asarray(array.is_null().to_numpy(zero_copy_only=False), bool)
+    if pa.types.is_list(array.type):
+        pairs = pa.types.is_struct(array.type.value_type)
+        rows = array.to_pylist()
+        values = np.empty(len(rows), dtype=object)
+        values[:] = [None if row is None else
+                     [(p["value"], p["count"]) for p in row] if pairs else row for row in rows]
+        return values, valid
+    if pa.types.is_string(array.type):
+        return np.array(array.to_pylist(), dtype=object), valid
+    return array.fill_null(0).to_numpy(zero_copy_only=False), valid
+
+
 def _with_nulls(list_array, mask):
     if not mask.any():
         return list_array
@@ -464,6 +484,8 @@ class _ViewReplay:
         self.state = ViewState(view)
         self.enrich = Enricher(view, tables) if view.joins else None
         self.requested = requested
+        self.derived = [(d, e) for d, e in derived_expressions(view)
+                        if d.name in {r.feature.name for r in requested}]
         # spine keys get slots first, so a spine row's slot is known upfront;
         # whether its entity has had an event yet is the EVENT_TIME arena's say
         slots = np.full(len(order), -1, dtype=np.int64)
@@ -474,7 +496,8 @@ class _ViewReplay:
         self.q_slots = slots
         self.seen = np.zeros(len(order), dtype=bool)
         self.ts_field = ts_field
-        names = {r.feature.name for r in requested}
+        names = {r.feature.name for r in requested} | \
+            {n for _, e in self.derived for n in e.names}    # a derived feature's inputs
         self.arena_names = [f.name for f in view.features if f.name in names]
         used = {f.column for f in view.features if f.name in names and f.column} | \
             {c for name, flt in self.state.filters.items() if name in names
@@ -660,8 +683,10 @@ class _Job:
             view_replays.append(_ViewReplay(view, reqs, key_values, key_present, self.order,
                                             view.source.timestamp_field, tables))
         self.view_replays = view_replays
-        self.outputs = {(id(r.view), r.feature.name): _Output(r, self.n_rows, replay.state)
-                        for replay in view_replays for r in replay.requested}
+        self.outputs = {(id(replay.view), name): _Output(
+                            _Requested(replay.view, replay.view.feature(name)), self.n_rows,
+                            replay.state)
+                        for replay in view_replays for name in replay.arena_names}
 
         # one event stream per source (views of one source share it)
         groups = {}
@@ -692,10 +717,25 @@ class _Job:
                 self.progress(done, self.n_rows)
 
     def _feature_arrays(self, start, stop, take=None):
-        seen = {id(r.view): r.seen for r in self.view_replays}
-        return [self.outputs[(id(r.view), r.feature.name)].arrow(start, stop, seen[id(r.view)],
-                                                                 take)
-                for r in self.requested]
+        """The requested features' arrays of rows [start, stop): derived
+        ones computed from their inputs' (see ``with_derived``)."""
+        arrays = {}
+        for replay in self.view_replays:
+            for name in replay.arena_names:
+                arrays[(id(replay.view), name)] = self.outputs[(id(replay.view), name)].arrow(
+                    start, stop, replay.seen, take)
+            if replay.derived:
+                columns = {name: _columns_of(arrays[(id(replay.view), name)])
+                           for name in replay.arena_names}
+                computed = with_derived(replay.view, columns, stop - start, replay.derived)
+                # an entity without events has no record online: no derived value either
+                seen = replay.seen[start:stop] if take is None else replay.seen[start:stop][take]
+                for derived, expression in replay.derived:
+                    values, valid = computed[derived.name]
+                    valid = valid & seen
+                    arrays[(id(replay.view), derived.name)] = pa.array(
+                        values.tolist(), _ARROW[expression.type], mask=~valid)
+        return [arrays[(id(r.view), r.feature.name)] for r in self.requested]
 
     def table(self):
         inverse = np.empty(self.n_rows, dtype=np.int64)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "FeatureView": "tally.core.definitions",
     "FeatureService": "tally.core.definitions",
     "Join": "tally.core.definitions",
+    "Derived": "tally.core.definitions",
     "sql": "tally.core.sql",
     "load_sql": "tally.core.sql",
     "TallyError": "tally.core.errors",

@@ -155,8 +155,8 @@ def test_refusals_and_errors(tally, tmp_path):
     assert code == 1 and out == ""
     assert err == (f"tally apply: refused: {bad_py}: view 'v', feature 's': aggregation sum "
                    "needs a numeric column, but column 'country' is string; aggregate a "
-                   "numeric column, or use count, first, last, last_n, distinct_count, top_k "
-                   "for a string column\n")
+                   "numeric column, or use count, first, last, last_n, distinct_count, top_k, "
+                   "histogram for a string column\n")
 
     bad_sql = tmp_path / "bad.sql"
     bad_sql.write_text("CREATE SOURCE ev (user BIGINT, ts BIGINT);\n"

@@ -62,7 +62,7 @@ def view_with(*features, **kwargs):
     (lambda: view_with(Feature("t", "sum", "country")),
      "view 'v', feature 't': aggregation sum needs a numeric column, but column 'country' is "
      "string; aggregate a numeric column, or use count, first, last, last_n, distinct_count, "
-     "top_k for a string column"),
+     "top_k, histogram for a string column"),
     (lambda: view_with(Feature("t", "mean", "country")),
      "view 'v', feature 't': aggregation mean needs a numeric column, but column 'country' "
      "is string"),
@@ -71,7 +71,7 @@ def view_with(*features, **kwargs):
      "is string"),
     (lambda: view_with(Feature("t", "p99", "readtime")),
      "view 'v', feature 't': aggregation 'p99' is unknown; use one of count, sum, mean, "
-     "min, max, first, last, last_n, distinct_count, top_k"),
+     "min, max, first, last, last_n, distinct_count, top_k, histogram"),
     (lambda: view_with(Feature("t", "summ", "readtime")),
      "view 'v', feature 't': aggregation 'summ' is unknown; did you mean 'sum'? use one of"),
     (lambda: view_with(Feature("t", "count", "readtime")),
