@@ -497,6 +497,7 @@ class Derived:
     expression: str
 
     aggregation = "derived"
+    kind = "expression"
 
     def to_dict(self):
         return {"name": self.name, "expression": self.expression}
@@ -505,11 +506,50 @@ class Derived:
     def from_dict(cls, data):
         return cls(data["name"], data["expression"])
 
-    def expression_text(self):
+    def describe(self):
         return self.expression
 
     def __repr__(self):
         return f"Derived({self.name!r}, {self.expression!r})"
+
+
+@dataclass(frozen=True)
+class RequestFunction:
+    """A request-time feature computed by a Python function, vectorised:
+    ``function`` ("package.module:name") is called once per request (or per
+    training-set chunk) with one numpy array per input (object arrays for
+    strings and lists; NaN or None for nulls) and returns one array of
+    ``type`` (int64, float64 or string). ``inputs`` name what it reads, as a
+    :class:`Derived` expression would. ``code`` is the sha256 of the
+    function's source, taken when defined: a changed function is a new
+    version of its service, and a lookup server running other code refuses
+    it rather than answering differently."""
+    name: str
+    function: str
+    inputs: tuple
+    type: str = "float64"
+    code: str = None
+
+    kind = "function"
+
+    def __post_init__(self):
+        inputs = (self.inputs,) if isinstance(self.inputs, str) else self.inputs
+        object.__setattr__(self, "inputs", tuple(inputs or ()))
+        if self.code is None:
+            from tally.core.request_features import function_code
+            object.__setattr__(self, "code", function_code(self.function, self.name))
+
+    def to_dict(self):
+        return {"name": self.name, "function": self.function, "inputs": list(self.inputs),
+                "type": self.type, "code": self.code}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["name"], data["function"], tuple(data["inputs"]), data["type"],
+                   data["code"])
+
+    def describe(self):
+        return f"{self.function}({', '.join(self.inputs)}) -> {self.type}"
 
 
 # --------------------------------------------------------------------------
@@ -900,14 +940,25 @@ class FeatureService:
     ``training_set(spine, service=...)`` the same columns offline.
 
     ``features`` are ``"view:feature"`` or ``"view:feature as alias"``
-    strings, or FeatureView objects (all their features). Each answer column is named after its feature (or
-    alias); two features answering under one name are refused. Views are
-    named, not pinned: the service reads the version each view serves."""
+    strings, or FeatureView objects (all their features). Each answer column
+    is named after its feature (or alias); two features answering under one
+    name are refused. Views are named, not pinned: the service reads the
+    version each view serves.
+
+    ``computed`` are request-time features: each a :class:`Derived`
+    expression (``tally.core.expressions``) or a :class:`RequestFunction`
+    over the row's features (``view.feature`` or the column's name) and its
+    request fields (``request.<entity>``, the keys of the row, and the
+    ``request`` fields declared here: ``{"hour": "int64"}``). The lookup
+    server computes them on each request, a training set on the spine's
+    columns, with the same code."""
     name: str
     features: tuple
     owner: str = ""
     description: str = ""
     tags: tuple = ()
+    computed: tuple = ()
+    request: tuple = ()
 
     kind = "service"
 
@@ -922,7 +973,17 @@ class FeatureService:
         object.__setattr__(self, "tags", tuple(sorted(set(tags or ()))))
         object.__setattr__(self, "owner", self.owner or "")
         object.__setattr__(self, "description", self.description or "")
+        computed = (self.computed,) if isinstance(self.computed, (Derived, RequestFunction)) \
+            else self.computed
+        object.__setattr__(self, "computed", tuple(computed or ()))
+        request = self.request.items() if isinstance(self.request, dict) else self.request
+        object.__setattr__(self, "request", tuple((str(n), str(t)) for n, t in request or ()))
         self.validate()
+
+    @property
+    def columns(self):
+        """The answer's column names, in order: features, then computed ones."""
+        return tuple(f.alias for f in self.features) + tuple(c.name for c in self.computed)
 
     @property
     def views(self):
@@ -952,8 +1013,27 @@ class FeatureService:
         for key in ("owner", "description"):
             if not isinstance(getattr(self, key), str):
                 raise DefinitionError(f"{where}: {key} must be a string")
+        self._validate_computed(where, set(answered))
         if views is not None:
             self._check_against(views, where)
+            from tally.core.request_features import compiled_computed
+            compiled_computed(self, views)          # types, names and the functions
+
+    def _validate_computed(self, where, columns):
+        for name, dtype in self.request:
+            _check_name("request field", name, f"{where}, request field {name!r}")
+            if dtype not in ("int64", "float64", "string"):
+                raise DefinitionError(f"{where}, request field {name!r}: type {dtype!r}; use "
+                                      "int64, float64 or string")
+        for entry in self.computed:
+            if not isinstance(entry, (Derived, RequestFunction)):
+                raise DefinitionError(f"{where}: computed must be Derived or RequestFunction "
+                                      f"objects, found {entry!r}")
+            _check_name("column", entry.name, f"{where}, computed {entry.name!r}")
+            if entry.name in columns:
+                raise DefinitionError(f"{where}: column {entry.name!r} is answered twice; "
+                                      "give the computed feature another name")
+            columns.add(entry.name)
 
     def _check_against(self, views, where):
         keys = {}
@@ -975,22 +1055,33 @@ class FeatureService:
                     f"and {entity.key_type} keys; one request row cannot hold both")
 
     def to_dict(self):
-        return {"name": self.name,
+        data = {"name": self.name,
                 "features": [{"view": f.view, "feature": f.feature, "alias": f.alias}
                              for f in self.features],
                 "owner": self.owner, "description": self.description,
                 "tags": list(self.tags)}
+        if self.computed:              # only when set: older services keep their hashes
+            data["computed"] = [c.to_dict() | {"kind": c.kind} for c in self.computed]
+        if self.request:
+            data["request"] = [[n, t] for n, t in self.request]
+        return data
 
     @classmethod
     def from_dict(cls, data):
+        computed = tuple((RequestFunction if c["kind"] == "function" else Derived).from_dict(c)
+                         for c in data.get("computed", ()))
         return cls(data["name"], tuple(ServiceFeature(f["view"], f["feature"], f["alias"])
                                        for f in data["features"]),
                    data.get("owner", ""), data.get("description", ""),
-                   tuple(data.get("tags", ())))
+                   tuple(data.get("tags", ())), computed,
+                   tuple(map(tuple, data.get("request", ()))))
 
     def __repr__(self):
         lines = [f"FeatureService({self.name!r},"]
         lines += [f"    {f.ref()}" for f in self.features]
+        lines += [f"    {c.name} = {c.describe()}" for c in self.computed]
+        if self.request:
+            lines.append(f"    request {dict(self.request)}")
         return "\n".join(lines) + ")"
 
     def _repr_html_(self):

@@ -111,7 +111,7 @@ _SQL_TYPE = {"int64": "BIGINT", "float64": "DOUBLE", "string": "VARCHAR", "bool"
 SOURCE_PROPERTIES = ("topic", "format", "event_time", "archive", "earliest_event_time",
                      "max_event_time_ahead")
 VIEW_PROPERTIES = ("owner", "description", "tags", "online_expiry")
-SERVICE_PROPERTIES = ("owner", "description", "tags")
+SERVICE_PROPERTIES = ("owner", "description", "tags", "request")
 
 # sqlglot classes of the aggregates of the dialect -> Tally aggregation
 _AGGREGATES = {exp.Sum: "sum", exp.Avg: "mean", exp.Min: "min", exp.Max: "max",
@@ -383,16 +383,37 @@ def _service_from_create(create):
             if key != "expressions"):
         raise DefinitionError(f"{where}: write AS SELECT view.feature [AS column], ... "
                               "(a list of features, without FROM or other clauses)")
-    features = []
+    features, computed = [], []
     for item in body.expressions:
         column = item.this if isinstance(item, exp.Alias) else item
-        if not isinstance(column, exp.Column) or not column.table or column.args.get("db"):
+        if isinstance(column, exp.Column) and column.table and column.table != "request" \
+                and not column.args.get("db"):
+            features.append(ServiceFeature(column.table, column.name, item.alias_or_name))
+        elif isinstance(item, exp.Alias):              # computed from the row's values
+            computed.append(Derived(item.alias, column.sql(dialect=Tally)))
+        else:
             raise DefinitionError(f"{where}: {item.sql(dialect=Tally)!r} is not a feature; "
-                                  "write view.feature [AS column]")
-        features.append(ServiceFeature(column.table, column.name, item.alias_or_name))
+                                  "write view.feature [AS column], or name a computed "
+                                  "column: expression AS column")
     props = _properties(create, SERVICE_PROPERTIES, where)
     tags = tuple(t.strip() for t in props.pop("tags", "").split(",") if t.strip())
-    return FeatureService(name, tuple(features), tags=tags, **props)
+    request = _request_fields(props.pop("request", ""), where)
+    return FeatureService(name, tuple(features), tags=tags, computed=tuple(computed),
+                          request=request, **props)
+
+
+def _request_fields(text, where):
+    """``'hour BIGINT, device VARCHAR'`` -> ((name, type), ...)."""
+    fields = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        words = part.split()
+        kind = next((t for t, names in _TYPES.items() if len(words) == 2 and any(
+            words[1].upper() == n.name for n in names)), None)
+        if kind is None or kind == "bool":
+            raise DefinitionError(f"{where}: request field {part!r}: write name TYPE, e.g. "
+                                  "request = 'hour BIGINT, device VARCHAR'")
+        fields.append((words[0], kind))
+    return tuple(fields)
 
 
 def service_to_sql(service):
@@ -401,10 +422,15 @@ def service_to_sql(service):
              for key in ("owner", "description") if getattr(service, key)]
     if service.tags:
         props.append(f"tags = {_string(', '.join(service.tags))}")
+    if service.request:
+        props.append("request = " + _string(", ".join(f"{n} {_SQL_TYPE[t]}"
+                                                      for n, t in service.request)))
     with_ = f" WITH ({', '.join(props)})" if props else ""
     items = [f"{_ident(f.view)}.{_ident(f.feature)}"
              + ("" if f.alias == f.feature else f" AS {_ident(f.alias)}")
              for f in service.features]
+    items += [f"{c.expression} AS {_ident(c.name)}" for c in service.computed
+              if c.kind == "expression"]       # a Python function has no SQL form
     return (f"CREATE FEATURE SERVICE {_ident(service.name)}{with_} AS\n"
             "SELECT " + ",\n       ".join(items))
 

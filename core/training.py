@@ -54,6 +54,7 @@ from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, archive_and_topic, is_
 from tally.core.enrich import Enricher, dimensions_of, tables_for
 from tally.core.events import valid_keys
 from tally.core.materialize import derived_expressions, with_derived
+from tally.core.request_features import compiled_computed, compute
 from tally.core.view import EVENT_TIME, ViewState
 
 DEFAULT_QUERY_BLOCK = 1 << 18         # spine rows per kernel call
@@ -240,6 +241,16 @@ def service_features(service, registry=None):
         raise TrainingSetError(f"service={service!r}: pass a FeatureService or its name")
     return ([f"{f.view}:{f.feature}" for f in service.features],
             {(f.view, f.feature): f.alias for f in service.features})
+
+
+def _service(service, registry):
+    if isinstance(service, FeatureService):
+        return service
+    return registry.get(service, kind="service")
+
+
+def _flat(column):
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
 def _split_ref(ref):
@@ -631,10 +642,12 @@ class _Job:
         self.n_rows = self.spine.num_rows
         self.progress = progress
         columns = None                         # a service names its columns
+        self.service = None
         if service is not None:
             if features is not None:
                 raise TrainingSetError("give features or service=, not both")
             features, columns = service_features(service, registry)
+            self.service = _service(service, registry)
         pairs = resolve_features(features, views, registry)
         ts_name = timestamp_column or next(
             (c for c in TIMESTAMP_CANDIDATES if c in self.spine.schema.names), None)
@@ -667,6 +680,7 @@ class _Job:
             by_view.setdefault(id(r.view), (r.view, []))[1].append(r)
         tables = _dimension_tables([v for v, _ in by_view.values()], sources, pulsar,
                                    chunk_rows, spill_dir)
+        self.entity_columns = {}               # entity -> its spine key column
         for view, reqs in by_view.values():
             column = keys.get(view.name) or keys.get(view.entity.name)
             if column is None:
@@ -680,9 +694,15 @@ class _Job:
                     f"(spine columns: {self.spine.schema.names})")
             key_values, key_present = _spine_keys(self.spine, column, view.entity.key_type,
                                                   f"view {view.name!r}")
+            self.entity_columns[view.entity.name] = column
             view_replays.append(_ViewReplay(view, reqs, key_values, key_present, self.order,
                                             view.source.timestamp_field, tables))
         self.view_replays = view_replays
+        self.computed = []
+        if self.service is not None and self.service.computed:
+            self.computed = compiled_computed(self.service, {v.name: v for v, _ in
+                                                             by_view.values()})
+            self._check_request_fields()
         self.outputs = {(id(replay.view), name): _Output(
                             _Requested(replay.view, replay.view.feature(name)), self.n_rows,
                             replay.state)
@@ -742,16 +762,44 @@ class _Job:
         inverse[self.order] = np.arange(self.n_rows)
         arrays = self._feature_arrays(0, self.n_rows, inverse)
         table = self.spine
-        for r, array in zip(self.requested, arrays):
-            table = table.append_column(pa.field(r.name, array.type), array)
+        for name, array in self._with_computed(self.spine, arrays):
+            table = table.append_column(pa.field(name, array.type), array)
         return table
 
     def time_batch(self, start, stop):
         rows = self.spine.take(pa.array(self.order[start:stop]))
+        pairs = self._with_computed(rows, self._feature_arrays(start, stop))
         arrays = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
-                  for c in rows.columns] + self._feature_arrays(start, stop)
-        names = rows.schema.names + [r.name for r in self.requested]
+                  for c in rows.columns] + [array for _, array in pairs]
+        names = rows.schema.names + [name for name, _ in pairs]
         return pa.RecordBatch.from_arrays(arrays, names=names)
+
+    def _with_computed(self, spine_rows, arrays):
+        """``[(column, array)]``: the features, then the service's computed
+        columns (``tally.core.request_features``) of these spine rows."""
+        pairs = [(r.name, array) for r, array in zip(self.requested, arrays)]
+        if not self.computed:
+            return pairs
+        columns = {}
+        for r, array in zip(self.requested, arrays):
+            columns[r.name] = columns[f"{r.view.name}.{r.feature.name}"] = _columns_of(array)
+        for entity, column in self.entity_columns.items():
+            columns[f"request.{entity}"] = _columns_of(_flat(spine_rows.column(column)))
+        for name, _ in self.service.request:
+            columns[f"request.{name}"] = _columns_of(_flat(spine_rows.column(name)))
+        compute(self.computed, columns, spine_rows.num_rows)
+        for entry, evaluator in self.computed:
+            values, valid = columns[entry.name]
+            pairs.append((entry.name, pa.array(values.tolist(), _ARROW[evaluator.type],
+                                               mask=~valid)))
+        return pairs
+
+    def _check_request_fields(self):
+        for name, _ in self.service.request:
+            if name not in self.spine.schema.names:
+                raise TrainingSetError(
+                    f"feature service {self.service.name!r} reads request field {name!r}: "
+                    f"add a spine column {name!r} (spine columns: {self.spine.schema.names})")
 
     def events_read(self):
         return sum(s.events_read for s in self.sources)
