@@ -376,7 +376,7 @@ def test_errors_name_the_file():
     ("SELECT user, SUM(country) AS s FROM read_events GROUP BY user",
      "view 'v', feature 's': aggregation sum needs a numeric column, but column 'country' is "
      "string; aggregate a numeric column, or use count, first, last, last_n, distinct_count, "
-     "top_k for a string column"),
+     "top_k, histogram for a string column"),
     ("SELECT user, COUNT(*) AS n FROM read_events GROUP BY user "
      "WINDOW SLIDING 1 HOUR HOP 25 MINUTES",
      "view 'v', feature 'n': window hop 25m does not divide the window size 1h; use a hop "
