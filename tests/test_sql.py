@@ -59,6 +59,18 @@ def test_dsl_equals_sql_for_the_examples():
     assert py["read_events"] == sql["read_events"]
 
 
+def test_dsl_equals_sql_for_the_recommendation_model():
+    from tally.core.definitions import FeatureService, Source, content_hash as hash_of
+    py = {d.name: d for d in load_file(os.path.join(EXAMPLES, "recommend.py"))}
+    sql = {d.name: d for d in load_file(os.path.join(EXAMPLES, "recommend.sql"))}
+    shared = [n for n, d in py.items() if isinstance(d, (FeatureView, FeatureService, Source))]
+    assert sorted(shared) == ["article_info", "articles", "read_events", "recommend",
+                              "user_history", "user_taste"]
+    for name in shared:
+        assert py[name] == sql[name], name
+        assert hash_of(py[name]) == hash_of(sql[name])
+
+
 def test_the_example_is_the_quickstart_view():
     from tally.service import quickstart
     sql = {d.name: d for d in load_file(os.path.join(EXAMPLES, "reading.sql"))}

@@ -48,8 +48,13 @@ class DimensionFeed:
         self.rows = self.rejected = 0
         self.unsynced_batches = 0  # batches folded without waiting out a sync
         self.error = None          # (since, error) while the changelog cannot be read
-        self._wanted = asyncio.Event()
-        self._advanced = asyncio.Event()
+        self._loop = None          # the events below belong to one event loop
+
+    def _bind(self):
+        """Events for the running loop (a script may run the feed on several)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._wanted, self._advanced = loop, asyncio.Event(), asyncio.Event()
 
     @property
     def name(self):
@@ -59,6 +64,7 @@ class DimensionFeed:
         """Read the changelog until ``stopping()``: at once while a worker
         waits for a sync, else every IDLE_POLL_S."""
         loop = asyncio.get_running_loop()
+        self._bind()
         while not stopping():
             try:
                 started, messages, complete = await loop.run_in_executor(pool, self._drain)
@@ -113,6 +119,7 @@ class DimensionFeed:
         """Wait until the table holds every row published before ``since``
         (monotonic); the first load without limit, then SYNC_TIMEOUT_S.
         Returns whether it does."""
+        self._bind()
         deadline = None if self.synced_at is None else time.monotonic() + SYNC_TIMEOUT_S
         if self.synced_at is None:
             log.info("dimension %r: waiting for its changelog to load", self.name)

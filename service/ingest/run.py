@@ -6,6 +6,7 @@ workers ``tally serve`` runs, with their checkpoints (in a temporary
 directory unless one is given) -- on uvloop until ``until(ingestion)`` is
 true or no message has come for ``idle_timeout_s``. The quick start and the
 ingest benchmark use it, so the rate they report is the rate production gets.
+A view with joins gets the same dimension feeds as in ``tally serve``.
 """
 import asyncio
 import concurrent.futures
@@ -16,6 +17,7 @@ import tempfile
 import time
 
 from tally.service.ingest.checkpoint import CheckpointStore
+from tally.service.ingest.dimensions import DimensionFeed
 from tally.service.ingest.fold import IngestStats
 from tally.service.ingest.partition import PartitionWorker, drive
 from tally.service.pulsar.client import partition_topics
@@ -32,10 +34,11 @@ class Ingestion:
         self.checkpoints = CheckpointStore(self.checkpoint_dir)
         name = f"{socket.gethostname()}-{os.getpid()}"
         topics = partition_topics(client, view.source.topic)
+        self.feeds = [DimensionFeed(join, client) for join in view.joins]
         self.workers = [
             PartitionWorker(view, index, client, store, self.checkpoints, name,
                             subscription=subscription, topic=topic, n_partitions=len(topics),
-                            **worker_options)
+                            dimensions=self.feeds, **worker_options)
             for index, topic in enumerate(topics)]
 
     @property
@@ -68,13 +71,21 @@ class Ingestion:
                 return False
             return idle_timeout_s is None or time.monotonic() - last_message[0] <= idle_timeout_s
 
-        with concurrent.futures.ThreadPoolExecutor(len(self.workers), "tally-receive") as pool:
+        done = asyncio.Event()
+        threads = len(self.workers) + len(self.feeds)
+        with concurrent.futures.ThreadPoolExecutor(threads, "tally-receive") as pool:
+            feeds = [asyncio.get_running_loop().create_task(feed.run(pool, done.is_set))
+                     for feed in self.feeds]
             await asyncio.gather(*(drive(w, pool, keep_going, fold_last=True)
                                    for w in self.workers))
+            done.set()
+            await asyncio.gather(*feeds)
 
     def close(self):
         for worker in self.workers:
             worker.close()
+        for feed in self.feeds:
+            feed.close()
         if self._own_dir:
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
