@@ -8,7 +8,8 @@ A lookup's answer is Python objects, so decoding is mostly building them:
 here one pass over the fixed slots reads each value in C, and variable
 values are checked and built straight from the record's bytes. A record
 read through libtally is decoded where it lies in the memory map
-(:meth:`RecordDecoder.decode_at`), with no copy. Every check of the layout
+(:meth:`RecordDecoder.decode_at`, :meth:`RecordDecoder.decode_found`),
+with no copy. Every check of the layout
 is made, and a record failing one is refused with a ``RecordError``, never
 another exception; the message for a wrong size, layout or feature count is
 ``tally.core.record.mismatch_error``'s.
@@ -19,6 +20,11 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy
+
+cdef extern from "tally.h":
+    ctypedef struct tally_record:           # read here as libtally's accessors do
+        const unsigned char* priv_data
+        size_t priv_size
 
 from tally.core.errors import RecordError
 from tally.core.types import VALUE_TYPES
@@ -166,6 +172,20 @@ cdef class RecordDecoder:
         """As :meth:`decode`, of the ``size`` bytes at ``address`` (a record
         in libtally's memory map: valid until its snapshot is reset)."""
         return self._decode(<const uint8_t*>address, size)
+
+    def decode_found(self, uintptr_t records, uintptr_t status, Py_ssize_t n):
+        """The decoded records of a libtally ``tally_get_many_*``: ``records``
+        and ``status`` are the addresses of its n ``tally_record`` and int
+        out-arrays; None where the status is not 0 (no record). Call it
+        before the snapshot is reset: the records point into the memory map."""
+        cdef const tally_record* found = <const tally_record*>records
+        cdef const int* missing = <const int*>status
+        cdef list decoded = [None] * n
+        cdef Py_ssize_t i
+        for i in range(n):
+            if not missing[i]:
+                decoded[i] = self._decode(found[i].priv_data, found[i].priv_size)
+        return decoded
 
     cdef dict _decode(self, const uint8_t* p, Py_ssize_t size):
         cdef uint16_t n_features
