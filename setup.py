@@ -37,7 +37,7 @@ def cython_extensions():
         Extension(
             "tally.core." + os.path.splitext(os.path.basename(path))[0],
             [path],
-            include_dirs=[numpy.get_include(), "core/includes"],
+            include_dirs=[numpy.get_include(), "core/includes", "cext"],   # cext: tally.h
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             extra_compile_args=C_FLAGS,
         )

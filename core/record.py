@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tally.core.errors import RecordError
+from tally.core.recorddecoder import RecordDecoder  # noqa: F401  (re-exported)
 from tally.core.types import KEY_TYPES, VALUE_TYPES
 
 LAYOUT_VERSION = 1                  # numbers only
@@ -77,8 +78,6 @@ ALIGN = 8
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 _SIGN_BIT = np.uint64(1 << 63)
-_U32 = struct.Struct("<I")
-_LIST_HEADER = struct.Struct("<II")         # count, reserved
 HEADER_DTYPE = np.dtype([("layout", "u1"), ("flags", "u1"), ("n_features", "<u2"),
                           ("view_version", "<u4"), ("event_time", "<i8"),
                           ("write_time", "<i8"), ("valid_until", "<i8")])
@@ -344,70 +343,6 @@ _PACKERS = {"string": _pack_string, "list<int64>": _pack_int64_list,
             "top_k<string>": _top_k_packer(_pack_string_list)}
 
 
-class _Corrupt(Exception):
-    """A variable value that does not follow its encoding (raised inside an
-    unpacker, turned into a RecordError naming the feature)."""
-
-
-def _unpack_string(raw, at, length):
-    try:
-        return str(raw[at:at + length], "utf-8")
-    except UnicodeDecodeError as error:
-        raise _Corrupt(f"not UTF-8: {error}") from None
-
-
-def _numbers_unpacker(code):
-    def unpack(raw, at, length):
-        if length < 8:
-            raise _Corrupt(f"{length} bytes cannot hold a list header")
-        count = _U32.unpack_from(raw, at)[0]
-        if length != 8 + 8 * count:
-            raise _Corrupt(f"{count} items need {8 + 8 * count} bytes, not {length}")
-        return list(struct.unpack_from(f"<{count}{code}", raw, at + 8))
-    return unpack
-
-
-def _unpack_string_list(raw, at, length):
-    if length < 8:
-        raise _Corrupt(f"{length} bytes cannot hold a list header")
-    count = _U32.unpack_from(raw, at)[0]
-    start = 8 + 4 * count                     # count, then count + 1 offsets
-    if start > length:
-        raise _Corrupt(f"{count} strings need more than {length} bytes")
-    ends = struct.unpack_from(f"<{count + 1}I", raw, at + 4)
-    if ends[0] != 0 or ends[-1] != length - start or \
-            any(a > b for a, b in zip(ends, ends[1:])):
-        raise _Corrupt("its string offsets are out of order or out of bounds")
-    base = at + start
-    try:
-        return [str(raw[base + a:base + b], "utf-8") for a, b in zip(ends, ends[1:])]
-    except UnicodeDecodeError as error:
-        raise _Corrupt(f"not UTF-8: {error}") from None
-
-
-def _top_k_unpacker(unpack_values):
-    def unpack(raw, at, length):
-        if length < 8:
-            raise _Corrupt(f"{length} bytes cannot hold a top_k header")
-        k = _U32.unpack_from(raw, at)[0]
-        values_at = 8 + 8 * k
-        if values_at > length:
-            raise _Corrupt(f"{k} counts need more than {length} bytes")
-        counts = struct.unpack_from(f"<{k}q", raw, at + 8)
-        values = unpack_values(raw, at + values_at, length - values_at)
-        if len(values) != k:
-            raise _Corrupt(f"{k} counts but {len(values)} values")
-        return list(zip(values, counts))
-    return unpack
-
-
-_UNPACKERS = {"string": _unpack_string, "list<int64>": _numbers_unpacker("q"),
-              "list<float64>": _numbers_unpacker("d"), "list<string>": _unpack_string_list,
-              "top_k<int64>": _top_k_unpacker(_numbers_unpacker("q")),
-              "top_k<float64>": _top_k_unpacker(_numbers_unpacker("d")),
-              "top_k<string>": _top_k_unpacker(_unpack_string_list)}
-
-
 # ---- decoding ------------------------------------------------------------------------
 
 def decode_record(schema, raw):
@@ -426,95 +361,26 @@ def decode_records(schema, raws):
 
 @functools.lru_cache(maxsize=1024)
 def record_decoder(schema):
-    """The decoder of ``schema``'s records, compiled once per schema: stores
-    build a new (equal) ViewSchema on every read."""
+    """The decoder of ``schema``'s records (``tally.core.recorddecoder``),
+    made once per schema: stores build a new (equal) ViewSchema on every read."""
     return RecordDecoder(schema)
 
 
-class RecordDecoder:
-    """Decodes the records of one view version with a single ``struct``
-    unpack of header, bitmap and slots; nulls cost work only when there
-    are some, and then per null rather than per feature. Variable values
-    (layout 2) are then read from the offsets in their slots."""
-
-    def __init__(self, schema):
-        self.schema = schema
-        self.names = tuple(name for name, _ in schema.features)
-        self.layout = schema.layout
-        codes = "".join({"int64": "q", "float64": "d"}.get(dtype, "Q")
-                        for _, dtype in schema.features)
-        # HEADER with its flags byte skipped, the bitmap as bytes, the slots
-        layout = struct.Struct(f"<BxHIqqq{schema.bitmap_bytes}s{codes}")
-        self._unpack = layout.unpack if self.layout == LAYOUT_VERSION else layout.unpack_from
-        self._bitmap_words = struct.Struct(f"<{schema.bitmap_bytes // 8}Q").unpack
-        self._no_nulls = bytes(schema.bitmap_bytes)
-        self._variable = tuple((i, name, dtype, _UNPACKERS[dtype])
-                               for i, (name, dtype) in enumerate(schema.features)
-                               if dtype not in FIXED_TYPES)
-
-    def decode(self, raw):
-        try:
-            fields = self._unpack(raw)
-        except struct.error:                # not the record size (too short, for layout 2)
-            raise self._mismatch(raw) from None
-        if fields[0] != self.layout or fields[1] != len(self.names):
-            raise self._mismatch(raw)
-        result = dict(zip(self.names, fields[7:]))
-        if self._variable:
-            self._decode_variable(raw, fields, result)
-        if fields[6] != self._no_nulls:
-            self._set_nulls(result, fields[6])
-        event_time, valid_until = fields[3], fields[5]
-        result["_event_time"] = None if event_time == INT64_MIN else event_time
-        result["_write_time"] = fields[4]
-        result["_valid_until"] = None if valid_until == INT64_MAX else valid_until
-        result["_view_version"] = fields[2]
-        return result
-
-    def _decode_variable(self, raw, fields, result):
-        """Each non-null variable value, from the offset and length in its
-        slot (a null one is set to None by _set_nulls)."""
-        fixed, size, bitmap = self.schema.fixed_size, len(raw), fields[6]
-        for i, name, dtype, unpack in self._variable:
-            if bitmap[i >> 3] >> (i & 7) & 1:
-                continue
-            slot = fields[7 + i]
-            at, length = slot & 0xFFFFFFFF, slot >> 32
-            try:
-                if at < fixed or at + length > size:
-                    raise _Corrupt(f"its bytes {at}..{at + length} lie outside the variable "
-                                   f"area {fixed}..{size}")
-                result[name] = unpack(raw, at, length)
-            except (_Corrupt, struct.error) as error:
-                raise RecordError(f"record of view {self.schema.view!r} "
-                                  f"v{self.schema.version}: feature {name!r} ({dtype}) is "
-                                  f"corrupt: {error}") from None
-
-    def _set_nulls(self, result, bitmap):
-        """None for each feature whose bit is set, one bitmap word at a time;
-        bits past the last feature (padding) are ignored."""
-        names = self.names
-        for w, word in enumerate(self._bitmap_words(bitmap)):
-            while word:
-                lowest = word & -word
-                i = 64 * w + lowest.bit_length() - 1
-                if i < len(names):
-                    result[names[i]] = None
-                word ^= lowest
-
-    def _mismatch(self, raw):
-        """The RecordError saying how ``raw`` fails the layout or the schema."""
-        schema = self.schema
-        if len(raw) < HEADER.size:
-            return RecordError(f"record of {len(raw)} bytes is shorter than its header")
-        layout, _, n_features = HEADER.unpack_from(raw, 0)[:3]
-        if layout not in (LAYOUT_VERSION, VARIABLE_LAYOUT_VERSION):
-            return RecordError(f"record layout version {layout} is not supported")
-        if layout != self.layout:
-            return RecordError(f"record has layout version {layout}; view {schema.view!r} "
-                               f"v{schema.version} has records of layout {self.layout}")
-        size = (f"{schema.fixed_size}" if self.layout == LAYOUT_VERSION
-                else f"at least {schema.fixed_size}")
-        return RecordError(f"record has {n_features} features and {len(raw)} bytes; "
-                           f"view {schema.view!r} v{schema.version} expects "
-                           f"{len(schema.features)} and {size}")
+def mismatch_error(schema, raw):
+    """The RecordError saying how ``raw`` fails the layout or ``schema``
+    (its size, layout version or feature count): the compiled decoder's
+    message for such a record."""
+    layout_of_view = schema.layout
+    if len(raw) < HEADER.size:
+        return RecordError(f"record of {len(raw)} bytes is shorter than its header")
+    layout, _, n_features = HEADER.unpack_from(raw, 0)[:3]
+    if layout not in (LAYOUT_VERSION, VARIABLE_LAYOUT_VERSION):
+        return RecordError(f"record layout version {layout} is not supported")
+    if layout != layout_of_view:
+        return RecordError(f"record has layout version {layout}; view {schema.view!r} "
+                           f"v{schema.version} has records of layout {layout_of_view}")
+    size = (f"{schema.fixed_size}" if layout_of_view == LAYOUT_VERSION
+            else f"at least {schema.fixed_size}")
+    return RecordError(f"record has {n_features} features and {len(raw)} bytes; "
+                       f"view {schema.view!r} v{schema.version} expects "
+                       f"{len(schema.features)} and {size}")

@@ -11,6 +11,7 @@ identifier, see ``tally.core.definitions``)::
 ``<entity>`` names the request row's field holding the view's key.
 """
 from dataclasses import dataclass
+from functools import cached_property
 
 from tally.core.errors import RecordError
 
@@ -40,7 +41,7 @@ class ServedService:
             ServedColumn(f.alias, f.view, f.feature, views[f.view].entity.name)
             for f in service.features))
 
-    @property
+    @cached_property
     def views(self):
         """{view: (entity, [(column, feature), ...])}, views in order of first use."""
         result = {}
@@ -48,9 +49,17 @@ class ServedService:
             result.setdefault(c.view, (c.entity, []))[1].append((c.column, c.feature))
         return result
 
-    @property
+    @cached_property
     def entities(self):
         return tuple(dict.fromkeys(c.entity for c in self.columns))
+
+    @cached_property
+    def _cells(self):
+        """(column, index of its view in ``views``, feature) in answer order:
+        what ``assemble`` reads for each row (computed once, as ``views``:
+        a served form is read by every request)."""
+        index = {view: i for i, view in enumerate(self.views)}
+        return tuple((c.column, index[c.view], c.feature) for c in self.columns)
 
     def to_bytes(self):
         lines = [f"{FORMAT_LINE} {self.name} {self.version}"]
@@ -78,14 +87,16 @@ class ServedService:
     def keys_of(self, rows):
         """{entity: [key of each row]} of request rows (dicts); a row lacking
         an entity's key raises KeyError naming it."""
-        keys = {entity: [] for entity in self.entities}
+        try:
+            return {entity: [row[entity] for row in rows] for entity in self.entities}
+        except KeyError:
+            pass                        # say which row lacks which key
         for i, row in enumerate(rows):
-            for entity, column in keys.items():
+            for entity in self.entities:
                 if entity not in row:
                     raise KeyError(f"row {i} has no {entity!r} key; feature service "
-                                   f"{self.name!r} needs {', '.join(map(repr, keys))}")
-                column.append(row[entity])
-        return keys
+                                   f"{self.name!r} needs "
+                                   f"{', '.join(map(repr, self.entities))}")
 
     def read(self, store, rows):
         """The vectors of request ``rows`` read from an online store (see
@@ -98,10 +109,11 @@ class ServedService:
         """The vectors of ``n_rows`` rows from ``records`` ({view: decoded
         record or None per row}): one dict per row, columns in order, None
         where the entity has no record."""
-        vectors = [{} for _ in range(n_rows)]
-        for view, (_, columns) in self.views.items():
-            for vector, record in zip(vectors, records[view]):
-                for column, feature in columns:
-                    vector[column] = None if record is None else record.get(feature)
-        order = [c.column for c in self.columns]
-        return [{column: v[column] for column in order} for v in vectors]
+        per_view = [records[view] for view in self.views]
+        cells = self._cells
+        vectors = []
+        for r in range(n_rows):
+            row = [view_records[r] for view_records in per_view]
+            vectors.append({column: None if row[v] is None else row[v].get(feature)
+                            for column, v, feature in cells})
+        return vectors

@@ -112,23 +112,38 @@ class Connections:
         return (f"the server has max_connections={self.max_connections} open on this "
                 "port; retry later, or reuse a connection")
 
-    @contextlib.asynccontextmanager
-    async def open(self, writer):
-        """Register the connection for the handler's lifetime; yields its
-        Connection, whose ``last_request`` the handler sets per request."""
-        task = asyncio.current_task()
-        connection = self.open_ones[task] = Connection(writer)
+    def register(self, done, writer):
+        """Count and watch a connection until ``unregister(done)``: ``done``
+        is what ``close_all`` awaits (its handler task, or a future set when
+        it is lost), ``writer`` what closes it (a stream writer or a
+        transport). Returns its Connection, whose ``last_request`` the
+        handler sets per request."""
+        connection = self.open_ones[done] = Connection(writer)
         self.metrics.add(CONNECTIONS, 1, transport=self.transport)
         self._watch(connection, self.idle_timeout)
+        return connection
+
+    def unregister(self, done):
+        connection = self.open_ones.pop(done)
+        connection.timer.cancel()
+        self.metrics.add(CONNECTIONS, -1, transport=self.transport)
+        connection.writer.close()
+
+    def count_refusal(self):
+        self.metrics.add(DROPPED, 1, transport=self.transport, reason="too_many_connections")
+
+    @contextlib.asynccontextmanager
+    async def open(self, writer):
+        """Register the connection for the handler's lifetime (a streams
+        handler's); yields its Connection."""
+        task = asyncio.current_task()
+        connection = self.register(task, writer)
         try:
             yield connection
         except (asyncio.IncompleteReadError, ConnectionError):
             pass                            # the client went away mid-request
         finally:
-            connection.timer.cancel()
-            self.metrics.add(CONNECTIONS, -1, transport=self.transport)
-            del self.open_ones[task]
-            writer.close()
+            self.unregister(task)
 
     def _watch(self, connection, delay):
         loop = asyncio.get_running_loop()
@@ -147,7 +162,7 @@ class Connections:
     async def refuse(self, reader, writer, reply):
         """Answer a connection beyond max_connections with ``reply``, then
         close it, after reading what the client sent (see REFUSAL_LINGER_SECONDS)."""
-        self.metrics.add(DROPPED, 1, transport=self.transport, reason="too_many_connections")
+        self.count_refusal()
         try:
             writer.write(reply)
             writer.write_eof()
@@ -158,9 +173,9 @@ class Connections:
             writer.close()
 
     async def close_all(self):
-        """Close every connection; each handler then ends at its next read.
-        (Cancelling the handlers instead trips Python 3.11's streams, which
-        log a cancelled handler as an error.)"""
+        """Close every connection and wait until each is gone; a streams
+        handler ends at its next read. (Cancelling the handlers instead trips
+        Python 3.11's streams, which log a cancelled handler as an error.)"""
         tasks = list(self.open_ones)
         for connection in self.open_ones.values():
             connection.writer.close()

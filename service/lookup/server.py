@@ -71,7 +71,8 @@ class LookupServer:
         catalog = self.service.catalog
         await catalog.reload()                  # so the first request is not the one to wait
         self._refresher = asyncio.ensure_future(catalog.refresh_every(self.catalog_refresh))
-        tcp = await asyncio.start_server(self.tcp.serve_connection, self.host, self.port)
+        tcp = await asyncio.get_running_loop().create_server(self.tcp.protocol, self.host,
+                                                             self.port)
         self._servers.append(tcp)
         self.port = tcp.sockets[0].getsockname()[1]
         if self.http_port is not None:

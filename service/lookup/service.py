@@ -56,14 +56,17 @@ class EmbeddedStore:
         from tally.service.store.embedded import EmbeddedReader
         return EmbeddedReader(self.path)
 
-    async def get_many(self, view, keys):
+    def _get_many(self, view, keys):
         if len(keys) == 1:                  # skips get_many's array set-up
             return [self.reader.get(view, keys[0])]
         return self.reader.get_many(view, keys)
 
+    async def get_many(self, view, keys):
+        return self._get_many(view, keys)
+
     async def get_views(self, reads):
         """{view: records} for {view: keys}: microseconds each, so in turn."""
-        return {view: await self.get_many(view, keys) for view, keys in reads.items()}
+        return {view: self._get_many(view, keys) for view, keys in reads.items()}
 
     def service(self, name):
         return self.reader.service(name)
@@ -307,6 +310,7 @@ class LookupService:
         self.catalog = ViewCatalog(store, catalog_refresh)
         self.token = None if token is None else token.encode()
         self.max_batch = max_batch
+        self._plans = {}                    # service name -> (served, schemas, plan)
         self._ops = {"get": self._op_get, "service": self._op_service, "ping": self._op_ping,
                      "views": self._op_views, "auth": self._op_ping}
 
@@ -372,17 +376,32 @@ class LookupService:
             raise RequestError("batch_too_big", f"{len(rows)} rows in one request; the "
                                f"limit is {self.max_batch}: split the batch")
         served = await self.catalog.service(name)
+        plan = await self._service_plan(served)
         try:
             keys = served.keys_of(rows)
         except KeyError as error:
             raise RequestError("bad_request", error.args[0]) from None
         reads = {}
-        for view, (entity, columns) in served.views.items():
-            schema = await self.catalog.schema(view)
+        for view, entity, schema in plan:
             check_keys(schema, keys[entity])
-            check_features(schema, [feature for _, feature in columns])
             reads[view] = keys[entity]
         return served.assemble(await self._read_views(reads), len(rows))
+
+    async def _service_plan(self, served):
+        """[(view, entity, schema)] of a service's views, their features
+        checked against the schemas: once per served form and catalog load,
+        not per request."""
+        schemas = self.catalog.schemas      # a reload replaces the dict
+        cached = self._plans.get(served.name)
+        if cached is not None and cached[0] is served and cached[1] is schemas:
+            return cached[2]
+        plan = []
+        for view, (entity, columns) in served.views.items():
+            schema = await self.catalog.schema(view)
+            check_features(schema, [feature for _, feature in columns])
+            plan.append((view, entity, schema))
+        self._plans[served.name] = (served, schemas, plan)
+        return plan
 
     async def _read_views(self, reads):
         try:

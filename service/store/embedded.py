@@ -5,9 +5,9 @@ binding, and as the Python twin that tests the C library.
 ``EmbeddedReader(path).get(view, key)`` answers exactly as
 ``LmdbStore.get`` does (same dict, same None for a missing entity), but the
 lookup, the key encoding and the record checks run in libtally: each call
-takes a fresh snapshot (``tally_txn_renew``), finds the record, copies its
-bytes out of the memory map and releases the snapshot (``tally_txn_reset``)
-before decoding them with ``tally.core.record``'s decoder, as LmdbStore does.
+takes a fresh snapshot (``tally_txn_renew``), finds the record, decodes it
+where it lies in the memory map with ``tally.core.record``'s decoder (as
+LmdbStore decodes its copies) and releases the snapshot (``tally_txn_reset``).
 ``views()`` lists the store's views (``tally_store_views``);
 ``service_vectors(name, rows)`` reads a feature service's vectors through
 ``tally_service_get``, as ``ServedService.read`` does over any store.
@@ -63,7 +63,8 @@ class LibtallyError(OSError):
 
 
 class _Record(ctypes.Structure):
-    """tally_record: never read its fields except to copy the bytes out."""
+    """tally_record: never read its fields except to copy the bytes out (the
+    record decoder reads them in C: ``RecordDecoder.decode_found``)."""
     _fields_ = [("data", ctypes.c_void_p), ("view", ctypes.c_void_p),
                 ("size", ctypes.c_size_t)]
 
@@ -186,7 +187,8 @@ class _View:
         if size != self.schema.fixed_size:              # libtally and record.py disagree
             raise RecordError(f"view {name!r}: libtally's records have {size} fixed bytes, "
                               f"tally.core.record's {self.schema.fixed_size}")
-        self.decode = RecordDecoder(self.schema).decode
+        self.decoder = RecordDecoder(self.schema)
+        self.decode = self.decoder.decode
 
 
 class _Service:
@@ -451,10 +453,9 @@ class EmbeddedReader:
                 return None
             if rc:
                 raise _error(rc, f"get {view!r} {key!r}")
-            raw = ctypes.string_at(record.data, record.size)   # copy before the reset
+            return v.decoder.decode_at(record.data, record.size)    # before the reset
         finally:
             self._reset(txn)
-        return v.decode(raw)
 
     def get_many(self, view, keys):
         """Decoded records for ``keys`` from one snapshot; None where an
@@ -479,8 +480,7 @@ class EmbeddedReader:
             rc = call(txn, v.handle, *args, records, status)
             if rc:
                 raise _error(rc, f"get_many {view!r}")
-            raws = [None if status[i] else ctypes.string_at(records[i].data, records[i].size)
-                    for i in range(n)]
+            # decoded in the memory map, before the reset: no copy
+            return v.decoder.decode_found(ctypes.addressof(records), ctypes.addressof(status), n)
         finally:
             self._reset(txn)
-        return [None if raw is None else v.decode(raw) for raw in raws]
