@@ -32,16 +32,21 @@ DEBUG = os.environ.get("TALLY_DEBUG") == "1"
 C_FLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
 
 
+# Folders whose .pyx files are compiled, and the package each lands in.
+CYTHON_FOLDERS = {"core": "tally.core", "service/store": "tally.service.store"}
+
+
 def cython_extensions():
     extensions = [
         Extension(
-            "tally.core." + os.path.splitext(os.path.basename(path))[0],
+            package + "." + os.path.splitext(os.path.basename(path))[0],
             [path],
             include_dirs=[numpy.get_include(), "core/includes", "cext"],   # cext: tally.h
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             extra_compile_args=C_FLAGS,
         )
-        for path in sorted(glob.glob("core/*.pyx"))
+        for folder, package in CYTHON_FOLDERS.items()
+        for path in sorted(glob.glob(f"{folder}/*.pyx"))
     ]
     return cythonize(
         extensions,

@@ -21,10 +21,14 @@ three ways:
                       beforehand (same bins, TTL and key policy, same set
                       layout, a set of its own), the floor.
 
-``--repeats`` rounds, each writing every entity once per way (the order
-reversed every other round, so that a drift of the shared machine's load
-falls on every side); per round the ratios tally/raw of records/s (the goal
-for ``tally_serve``: at least 0.8), reported as median and spread.
+The ways take turns at every step (one batch per writer): each step is
+written by every way, in an order reversed every other step, and only the
+writes are timed (what a way builds beforehand is built just before its
+turn, so nothing prebuilt piles up on the heap). On this shared machine the
+load drifts within seconds; turns this short put the same drift on every
+way. ``--repeats`` rounds, each writing every entity once per way; per round
+the ratios tally/raw of records/s (the goal for ``tally_serve``: at least
+0.8), reported as median and spread.
 """
 import argparse
 import asyncio
@@ -61,15 +65,22 @@ def run(quick=False, argv=()):
     state, now = fold_events(args.entities, args.events)
     slot_batches = [np.arange(start, min(start + args.batch, len(state)))
                     for start in range(0, len(state), args.batch)]
+    steps = [slot_batches[i:i + args.partitions]
+             for i in range(0, len(slot_batches), args.partitions)]
     url = f"aerospike://{args.aerospike}/test?set_prefix=w{uuid.uuid4().hex[:6]}_"
-    with open_store(url) as store:
-        ways = {"tally_serve": serve_way(store, state, now, args.partitions),
-                "tally_store": store_way(store, state, now, args.partitions),
-                "raw_client": raw_way(args.aerospike, store, state, now, args.partitions)}
-        runs = {way: [] for way in WAYS}
+    loop = asyncio.new_event_loop()
+    with open_store(url) as store, \
+            concurrent.futures.ThreadPoolExecutor(args.partitions) as pool:
+        ways = {"tally_serve": serve_way(store, state, now, loop),
+                "tally_store": store_way(store, state, now, loop),
+                "raw_client": raw_way(args.aerospike, store, state, now, pool)}
+        seconds = {way: [0.0] * args.repeats for way in WAYS}
         for round_ in range(args.repeats):
-            for way in (WAYS if round_ % 2 == 0 else WAYS[::-1]):
-                runs[way].append(ways[way](slot_batches))
+            for number, step in enumerate(steps):
+                for way in (WAYS if (round_ + number) % 2 == 0 else WAYS[::-1]):
+                    seconds[way][round_] += ways[way](step)
+    loop.close()
+    runs = {way: [len(state) / s for s in seconds[way]] for way in WAYS}
     ratios = {way: spread([tally / raw for tally, raw in zip(runs[way], runs["raw_client"])])
               for way in ("tally_serve", "tally_store")}
     for way in WAYS:
@@ -97,49 +108,39 @@ def fold_events(n_users, n_events, seed=7):
     return state, now
 
 
-def timed(write_all):
-    """``write_all(batches)`` -> a way: batches -> records/s."""
-    def way(batches):
+def in_tasks(loop, write_one):
+    """A way: the seconds ``loop`` takes to await ``write_one(slots)`` for
+    every batch of a step at once (one task per writer)."""
+    async def write_all(step):
         started = time.perf_counter()
-        write_all(batches)
-        return sum(map(len, batches)) / (time.perf_counter() - started)
-    return way
+        await asyncio.gather(*(write_one(slots) for slots in step))
+        return time.perf_counter() - started
+    return lambda step: loop.run_until_complete(write_all(step))
 
 
-def in_tasks(partitions, write_one):
-    """All batches written by ``partitions`` tasks, each awaiting
-    ``write_one(batch)`` for every ``partitions``-th batch."""
-    async def write_all(batches):
-        async def task(mine):
-            for batch in mine:
-                await write_one(batch)
-        await asyncio.gather(*(task(batches[p::partitions]) for p in range(partitions)))
-    return lambda batches: asyncio.run(write_all(batches))
-
-
-def serve_way(store, state, now, partitions):
+def serve_way(store, state, now, loop):
     writer = RecordWriter(VIEW, store, online_schema(VIEW), True, lambda: now, IngestStats())
-    return timed(in_tasks(partitions, lambda slots: writer.write(state, slots)))
+    return in_tasks(loop, lambda slots: writer.write(state, slots))
 
 
-def store_way(store, state, now, partitions):
+def store_way(store, state, now, loop):
     schema = online_schema(VIEW)
     prebuilt = {}
 
     def write_one(slots):
-        keys, records = prebuilt[id(slots)]
+        keys, records = prebuilt.pop(id(slots))
         return store.write_async(VIEW.name, keys, records)
+    timed = in_tasks(loop, write_one)
 
-    def way(batches):
-        prebuilt.clear()
+    def way(step):
         prebuilt.update({id(slots): (state.index.keys_of(slots),
                                      records_for(state, schema, slots, now, now))
-                         for slots in batches})
-        return timed(in_tasks(partitions, write_one))(batches)
+                         for slots in step})
+        return timed(step)
     return way
 
 
-def raw_way(address, store, state, now, partitions):
+def raw_way(address, store, state, now, pool):
     """The official client writing the same bins: ``f0``.. by feature order,
     the header bins, the view's TTL, the key sent; a nil for a null."""
     import aerospike
@@ -178,10 +179,9 @@ def raw_way(address, store, state, now, partitions):
         if batch.result != 0:
             raise RuntimeError(f"raw batch_write failed: {batch.result}")
 
-    def way(batches):
-        prebuilt = [build(slots) for slots in batches]
-        with concurrent.futures.ThreadPoolExecutor(partitions) as pool:
-            started = time.perf_counter()
-            list(pool.map(write_one, prebuilt))
-            return sum(map(len, batches)) / (time.perf_counter() - started)
+    def way(step):
+        built = [build(slots) for slots in step]
+        started = time.perf_counter()
+        list(pool.map(write_one, built))
+        return time.perf_counter() - started
     return way

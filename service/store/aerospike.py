@@ -63,9 +63,10 @@ Records that still fail raise :class:`AerospikeWriteError` after every other
 record of the call was written. Every client exception that leaves the store
 is a :class:`AerospikeStoreError` (a ``StoreError``) with the client's code.
 ``get_views`` reads several views (a feature service's) in one batch across
-their sets. The per-record work -- a record's write operations, a read
-record's dict -- is a function generated per view version (``_generated``):
-it runs for every record of every call.
+their sets. The per-record work runs for every record of every call, so it
+is compiled: a read record's dict by a function generated per view version
+(``_generated``), a write's ``Write`` record and operations by one C loop
+over the call's columns (``batchwrite``).
 
 Long because the client's and the server's behaviour it relies on (result
 codes, policies, key types, Community Edition's deletes) is written down
@@ -74,7 +75,6 @@ beside the code that relies on it.
 import asyncio
 import concurrent.futures
 import copy
-import itertools
 import math
 import random
 import threading
@@ -84,6 +84,7 @@ import numpy as np
 
 from tally.core.record import INT64_MAX, INT64_MIN, ViewSchema
 from tally.service.store import StoreError
+from tally.service.store.batchwrite import write_records
 
 META_SUFFIX = "_meta"
 META_LAYOUT = 2
@@ -270,8 +271,8 @@ def _to_bins(dtype, column, valid):
     elif dtype.startswith("top_k<"):
         out = [None if v is None else [[item, int(count)] for item, count in v]
                for v in column]
-    elif dtype.startswith("list<"):
-        out = [None if v is None else list(v) for v in column]
+    elif dtype.startswith("list<"):                  # a list as it is: the client only reads it
+        out = [v if v is None or type(v) is list else list(v) for v in column]
     else:                                            # string
         out = list(column)
     valid = np.asarray(valid, dtype=bool)
@@ -291,9 +292,9 @@ def _top_k(value):
 
 def _generated(signature, body, helpers=()):
     """A function compiled from source, once per view version, for the
-    per-record work of reads and writes: dict and list displays of constant
-    keys and bin names are built in about half the time of any loop over the
-    features (and decoding is most of a lookup's own cost)."""
+    per-record work of reads: a dict display of constant keys and bin names
+    is built in about half the time of any loop over the features (and
+    decoding is most of a lookup's own cost)."""
     namespace = dict(helpers)
     exec(f"def generated({signature}):\n    " + "\n    ".join(body) + "\n", namespace)
     return namespace["generated"]
@@ -315,34 +316,26 @@ def _compile_decoder(schema, bins):
                       {"_top_k": _top_k})
 
 
-def _compile_write_ops(schema, bins):
-    """``write_ops(*feature bin values, event time, valid until, write time
-    op) -> the record's operations``: a write of every bin, a nil one (None)
-    deleting it. The write time (one per call, as in Records) and the view
-    version are the same for every record: one shared operation each (the
-    client only reads them)."""
-    params = [f"v{i}" for i in range(len(bins))] + ["et", "vu"]
-    ops = [f"{{'op': {OPERATOR_WRITE}, 'bin': {b!r}, 'val': {value}}}"
-           for b, value in zip(list(bins) + [EVENT_TIME_BIN, VALID_UNTIL_BIN], params)]
-    version_op = {"op": OPERATOR_WRITE, "bin": VIEW_VERSION_BIN, "val": schema.version}
-    return _generated(", ".join(params + ["wt_op"]),
-                      [f"return [{', '.join(ops)}, wt_op, version_op]"],
-                      {"version_op": version_op})
-
-
-def _write_time_op(write_time):
-    return {"op": OPERATOR_WRITE, "bin": WRITE_TIME_BIN, "val": int(write_time)}
+def _write_op(bin_name, value=None):
+    """A write of ``value`` to a bin (a nil one, None, deletes it)."""
+    return {"op": OPERATOR_WRITE, "bin": bin_name, "val": value}
 
 
 class _Version:
-    """One view version as the pointer record describes it."""
-    __slots__ = ("schema", "set_name", "ttl", "bins", "decode", "write_ops")
+    """One view version as the pointer record describes it. A record's
+    operations are a write of every bin: ``op_templates`` (the features',
+    then the event time's and the valid-until's, each record's value set in
+    a copy: see ``batchwrite``), then the write time's (one per call, as in
+    Records) and ``version_op``, shared by every record of a call."""
+    __slots__ = ("schema", "set_name", "ttl", "bins", "decode", "op_templates", "version_op")
 
     def __init__(self, schema, set_name, expiry_ms):
         self.schema, self.set_name, self.ttl = schema, set_name, ttl_of(expiry_ms)
         self.bins = [f"f{i}" for i in range(len(schema.features))]
         self.decode = _compile_decoder(schema, self.bins)
-        self.write_ops = _compile_write_ops(schema, self.bins)
+        self.op_templates = [_write_op(b) for b in self.bins + [EVENT_TIME_BIN,
+                                                                 VALID_UNTIL_BIN]]
+        self.version_op = _write_op(VIEW_VERSION_BIN, schema.version)
 
 
 class _Pointer:
@@ -418,6 +411,8 @@ class AerospikeStore:
         self._lock = threading.Lock()
         self._pointers = {}
         self._as = aerospike = _client_module()
+        from aerospike_helpers.batch.records import BatchRecords, Write
+        self._BatchRecords, self._Write = BatchRecords, Write
         self.write_policy = _policy(write_timeout_ms, socket_timeout_ms, 1)
         self.write_policy["key"] = aerospike.POLICY_KEY_SEND
         self.read_policy = _policy(read_timeout_ms, socket_timeout_ms, 2)
@@ -740,36 +735,44 @@ class AerospikeStore:
         if not n:
             return
         ukeys = user_keys(target.schema.key_type, keys)
-        columns = [_to_bins(dtype, *records.values[name])
-                   for name, dtype in target.schema.features]
         event_time = _column(records.event_time, n)
         valid_until = _column(records.valid_until, n)
-        ops = list(map(target.write_ops, *columns,
-                       _to_bins("int64", event_time, event_time != INT64_MIN),
-                       _to_bins("int64", valid_until, valid_until != INT64_MAX),
-                       itertools.repeat(_write_time_op(records.write_time), n)))
+        columns = [_to_bins(dtype, *records.values[name])
+                   for name, dtype in target.schema.features]
+        columns += [_to_bins("int64", event_time, event_time != INT64_MIN),
+                    _to_bins("int64", valid_until, valid_until != INT64_MAX)]
         rows = _last_rows(ukeys)
-        if rows is not None:
-            ukeys, ops = [ukeys[i] for i in rows], [ops[i] for i in rows]
-        failures = self._write_ops(target, ukeys, ops)
+        failures = self._write_records(self._batch_records(target, ukeys, columns,
+                                                           records.write_time, rows))
         if failures:
             self.stats["failed"] += len(failures)
             key_list = _key_list(keys)
             raise AerospikeWriteError(
                 view, [(key_list[i if rows is None else rows[i]], code, doubt)
                        for i, (code, doubt) in sorted(failures.items())],
-                len(ukeys) - len(failures))
+                n - len(failures) if rows is None else len(rows) - len(failures))
 
-    def _write_ops(self, target, ukeys, ops):
-        """Batch-write record i's ``ops[i]`` under user key ``ukeys[i]``;
-        ``{i: (code, in_doubt)}`` of the records that failed for good."""
-        from aerospike_helpers.batch.records import BatchRecords, Write
-        namespace, set_name = self.namespace, target.set_name
-        policy = {"ttl": target.ttl, "key": self._as.POLICY_KEY_SEND}
+    def _batch_records(self, target, ukeys, columns, write_time, rows):
+        """The client's ``Write`` of every row (``rows``, or all if None): a
+        record's bin values are ``columns[j][row]`` in the order of
+        ``target.op_templates``, its TTL the version's, its key sent."""
+        template = self._Write(None, None, policy={"ttl": target.ttl,
+                                                   "key": self._as.POLICY_KEY_SEND})
+        return write_records(self._Write, template.__dict__, self.namespace, target.set_name,
+                             ukeys, columns, target.op_templates,
+                             (_write_op(WRITE_TIME_BIN, int(write_time)), target.version_op),
+                             rows)
+
+    def _write_records(self, writes):
+        """Batch-write the client's ``Write`` records; ``{i: (code,
+        in_doubt)}`` of those that failed for good. A record sent again (a
+        retry) is the same object: the client reads only its key, operations
+        and policy, and sets its result anew."""
+        BatchRecords = self._BatchRecords
 
         def send(chunk):
-            batch = BatchRecords([Write((namespace, set_name, ukeys[i]), ops[i], policy=policy)
-                                  for i in chunk])
+            batch = BatchRecords(writes[chunk.start:chunk.stop] if type(chunk) is range
+                                 else [writes[i] for i in chunk])
             self.stats["batch_calls"] += 1
             self.client.batch_write(batch, self.batch_write_policy)
             code = _whole_batch_code(batch, len(chunk))
@@ -778,7 +781,7 @@ class AerospikeStore:
             return {i: (r.result, bool(r.in_doubt))
                     for i, r in zip(chunk, batch.batch_records) if r.result != OK}
 
-        return self._run(len(ukeys), send, writing=True)
+        return self._run(len(writes), send, writing=True)
 
     async def write_async(self, view, keys, records, version=None):
         """``write`` in the store's thread pool, retries included."""
