@@ -956,6 +956,8 @@ static int parse_definition(tally_service *svc, const char *name, size_t len)
                 !parse_version(head[3], &svc->version))
                 return TALLY_ECORRUPT;
             svc->name = head[2];
+        } else if (line[0] == ':' || line[0] == '?' || line[0] == '=') {
+            continue;                  /* request-time features: the lookup server's */
         } else if ((rc = parse_column(svc, line)) != 0) {
             return rc;
         }

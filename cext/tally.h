@@ -559,6 +559,11 @@ TALLY_API const void *tally_record_data(const tally_record *rec, size_t *size);
  *
  * Threads: a #tally_service may be shared by any number of threads, each
  * reading through a #tally_txn of its own (see #tally_txn_begin).
+ *
+ * Columns are the service's stored features. Its request-time features
+ * (computed from a row's features and request fields, e.g. "is the current
+ * article in the user's top category") are computed by the lookup server and
+ * the Python readers, not here: compute them from the columns in the caller.
  * @{ */
 
 /** @brief Copy the stored definition of a feature service.

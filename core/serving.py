@@ -8,11 +8,22 @@ identifier, see ``tally.core.definitions``)::
     tally-service 1 <service> <version>
     <column> <view> <feature> <entity>        one line per feature, in order
 
-``<entity>`` names the request row's field holding the view's key.
+``<entity>`` names the request row's field holding the view's key. A
+service with request-time features (``tally.core.request_features``) has
+more lines, which the C reader skips (it serves the stored features; the
+lookup server and Python readers compute the rest)::
+
+    : <column> <value type>                   each feature's type
+    ? <field> <type>                          each request field
+    = <column> expression <expression text>
+    = <column> function <type> <code sha256> <package.module:function> <input,...>
 """
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
+
+from tally.core.definitions import Derived, RequestFunction
 from tally.core.errors import RecordError
 
 FORMAT_LINE = "tally-service 1"
@@ -31,15 +42,36 @@ class ServedService:
     name: str
     version: int
     columns: tuple                  # ServedColumn, in answer order
+    computed: tuple = ()            # Derived / RequestFunction: request-time features
+    request: tuple = ()             # (field, type): the request fields they read
+    types: tuple = ()               # (column, value type) of the features they read
 
     @classmethod
     def of(cls, service, views, version=1):
         """The served form of FeatureService ``service``, whose views are
         ``views`` ({name: FeatureView})."""
+        from tally.core.materialize import feature_types
         service.validate(views)
-        return cls(service.name, version, tuple(
-            ServedColumn(f.alias, f.view, f.feature, views[f.view].entity.name)
-            for f in service.features))
+        columns = tuple(ServedColumn(f.alias, f.view, f.feature, views[f.view].entity.name)
+                        for f in service.features)
+        if not service.computed:
+            return cls(service.name, version, columns)
+        keys = {views[f.view].entity.name: views[f.view].entity.key_type
+                for f in service.features}
+        return cls(service.name, version, columns, service.computed,
+                   tuple(keys.items()) + tuple(service.request),
+                   tuple((f.alias, feature_types(views[f.view])[f.feature])
+                         for f in service.features))
+
+    @cached_property
+    def compiled(self):
+        """The computed columns' evaluators (``compute``), compiled once."""
+        from tally.core.request_features import compile_entries
+        types = dict(self.types)
+        for c in self.columns:
+            types[f"{c.view}.{c.feature}"] = types[c.column]
+        types.update((f"request.{name}", kind) for name, kind in self.request)
+        return compile_entries(self, types)
 
     @cached_property
     def views(self):
@@ -64,6 +96,14 @@ class ServedService:
     def to_bytes(self):
         lines = [f"{FORMAT_LINE} {self.name} {self.version}"]
         lines += [f"{c.column} {c.view} {c.feature} {c.entity}" for c in self.columns]
+        lines += [f": {column} {kind}" for column, kind in self.types]
+        lines += [f"? {name} {kind}" for name, kind in self.request]
+        for c in self.computed:
+            if c.kind == "expression":
+                lines.append(f"= {c.name} expression {' '.join(c.expression.split())}")
+            else:
+                lines.append(f"= {c.name} function {c.type} {c.code} {c.function} "
+                             f"{','.join(c.inputs)}")
         return ("\n".join(lines) + "\n").encode()
 
     @classmethod
@@ -73,13 +113,19 @@ class ServedService:
             head = lines[0].split()
             if " ".join(head[:2]) != FORMAT_LINE or len(head) != 4 or head[2] != name:
                 raise ValueError(f"header {lines[0]!r}")
-            columns = []
+            columns, computed, request, types = [], [], [], []
             for line in lines[1:]:
                 parts = line.split()
-                if len(parts) != 4:
+                if parts and parts[0] == "=" and len(parts) >= 4:
+                    computed.append(_computed_of(parts))
+                elif parts and parts[0] in (":", "?") and len(parts) == 3:
+                    (types if parts[0] == ":" else request).append((parts[1], parts[2]))
+                elif len(parts) == 4:
+                    columns.append(ServedColumn(*parts))
+                else:
                     raise ValueError(f"line {line!r}")
-                columns.append(ServedColumn(*parts))
-            return cls(name, int(head[3]), tuple(columns))
+            return cls(name, int(head[3]), tuple(columns), tuple(computed), tuple(request),
+                       tuple(types))
         except (ValueError, IndexError, UnicodeDecodeError) as error:
             raise RecordError(f"feature service {name!r}: the stored definition is corrupt "
                               f"({error}); run tally serve to write it again") from None
@@ -103,17 +149,59 @@ class ServedService:
         ``tally.service.store.OnlineStore``), one view at a time."""
         keys = self.keys_of(rows)
         return self.assemble({view: store.get_many(view, keys[entity])
-                              for view, (entity, _) in self.views.items()}, len(rows))
+                              for view, (entity, _) in self.views.items()}, rows)
 
-    def assemble(self, records, n_rows):
-        """The vectors of ``n_rows`` rows from ``records`` ({view: decoded
+    def assemble(self, records, rows):
+        """The vectors of request ``rows`` from ``records`` ({view: decoded
         record or None per row}): one dict per row, columns in order, None
-        where the entity has no record."""
+        where the entity has no record; then the computed columns."""
         per_view = [records[view] for view in self.views]
         cells = self._cells
         vectors = []
-        for r in range(n_rows):
+        for r in range(len(rows)):
             row = [view_records[r] for view_records in per_view]
             vectors.append({column: None if row[v] is None else row[v].get(feature)
                             for column, v, feature in cells})
+        if self.computed:
+            self._compute(vectors, rows)
         return vectors
+
+    def _compute(self, vectors, rows):
+        """Add the request-time features to ``vectors`` (in place), computed
+        as a training set computes them (``request_features.compute``)."""
+        from tally.core.request_features import compute, request_columns
+        types = dict(self.types)
+        columns = {}
+        for c in self.columns:
+            columns[c.column] = columns[f"{c.view}.{c.feature}"] = \
+                _column_of([v[c.column] for v in vectors], types[c.column])
+        columns.update(request_columns(rows, [n for n, _ in self.request], dict(
+            (f"request.{n}", t) for n, t in self.request)))
+        compute(self.compiled, columns, len(rows))
+        for entry in self.computed:
+            values, valid = columns[entry.name]
+            for vector, value, ok in zip(vectors, values.tolist(), valid.tolist()):
+                vector[entry.name] = value if ok else None
+
+
+def _computed_of(parts):
+    """A ``= ...`` line's computed column."""
+    if parts[2] == "expression":
+        return Derived(parts[1], " ".join(parts[3:]))
+    if parts[2] == "function" and len(parts) == 7:
+        return RequestFunction(parts[1], parts[5], tuple(filter(None, parts[6].split(","))),
+                               parts[3], parts[4])
+    raise ValueError(f"computed column {' '.join(parts[:3])!r}")
+
+
+def _column_of(values, kind):
+    """Decoded record values of one column as an evaluator reads them."""
+    valid = np.array([v is not None for v in values], bool)
+    if kind == "int64":
+        return np.array([v if v is not None else 0 for v in values], np.int64), valid
+    if kind == "float64":
+        array = np.array([v if v is not None else np.nan for v in values], np.float64)
+        return array, valid & ~np.isnan(array)
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array, valid

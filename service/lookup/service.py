@@ -385,7 +385,7 @@ class LookupService:
         for view, entity, schema in plan:
             check_keys(schema, keys[entity])
             reads[view] = keys[entity]
-        return served.assemble(await self._read_views(reads), len(rows))
+        return served.assemble(await self._read_views(reads), rows)
 
     async def _service_plan(self, served):
         """[(view, entity, schema)] of a service's views, their features

@@ -418,7 +418,7 @@ class EmbeddedReader:
             self._reset(txn)
         return service.served.assemble(
             {view.schema.view: [None if raw is None else view.decode(raw) for raw in view_raws]
-             for view, view_raws in zip(service.views, raws)}, len(rows))
+             for view, view_raws in zip(service.views, raws)}, rows)
 
     def schema(self, view):
         """The ViewSchema this reader decodes ``view`` with: that of the
