@@ -17,11 +17,13 @@ import pulsar
 import pytest
 
 from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
+from tally.core.enrich import DimensionTable
 from tally.core.errors import SnapshotError
 from tally.core.materialize import online_schema
 from tally.core.view import ViewState
 from tally.service.ingest.checkpoint import CheckpointStore
 from tally.service.ingest.dead_letters import DeadLetterError, DeadLetters, dead_letter_topic
+from tally.service.ingest.dimensions import DimensionFeed
 from tally.service.ingest.fold import IngestStats
 from tally.service.ingest.writer import RecordWriter
 from tally.service.quickstart import START_MS, generate_events
@@ -413,8 +415,17 @@ def test_a_stuck_worker_shows_in_health_and_metrics():
     service.failures, service.checkpoint_interval_s = [], 1.0
     service.runners = {("v", 1): types.SimpleNamespace(workers=workers, bootstrap_progress=None)}
     service.metrics = service_metrics()
+    articles = Source("articles", "articles", {"article": "int64", "category": "string",
+                                               "ts": "int64"})
+    feed = object.__new__(DimensionFeed)          # a changelog unreadable for a minute
+    feed.dimension, feed.key, feed.table = articles, "article", DimensionTable(articles, "article")
+    feed.rows = feed.rejected = feed.unsynced_batches = 0
+    feed.synced_at, feed.error = None, (time.monotonic() - 60, "broker unreachable")
+    service.dimensions = {("articles", "article"): feed}
     healthy, details = service.health()
     assert not healthy
+    assert any(p.startswith("dimension 'articles': its changelog articles cannot be read for 6")
+               for p in details["problems"])
     stuck = [p for p in details["problems"] if "no batch begun" in p]
     assert len(stuck) == 1 and stuck[0].startswith("v partition 1: no batch begun for 9")
     assert any(p.startswith("v partition 2: the online store has failed")
@@ -424,4 +435,5 @@ def test_a_stuck_worker_shows_in_health_and_metrics():
     workers[1].last_batch = time.monotonic()
     workers[2].writer.failing = None
     workers[2].last_batch = time.monotonic()
+    feed.error = None
     assert service.health() == (True, {"status": "ok"})

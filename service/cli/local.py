@@ -40,10 +40,17 @@ def add_commands(commands):
                        help="partitions of the topic (default: 4)")
     quick.add_argument("--store", default=config.default("store"),
                        help=f"online store directory (default: {config.describe('store')})")
+    quick.add_argument("--model", choices=["recommend"],
+                       help="run the talk's recommendation model instead: articles joined "
+                       "into reads, its feature service, and a training set")
     quick.set_defaults(run=cmd_quickstart)
 
 
 def cmd_quickstart(args):
+    if args.model == "recommend":
+        from tally.service import quickstart_model
+        quickstart_model.run(min(args.events, 200_000), args.users, store_path=args.store)
+        return 0
     from tally.service import quickstart
     quickstart.run(args.events, args.users, args.partitions, args.store)
     return 0
