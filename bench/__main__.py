@@ -17,6 +17,7 @@ BENCHMARKS = {
     "record": "tally.bench.record",
     "services": "tally.bench.services",
     "aerospike_write": "tally.bench.aerospike_write",
+    "enrich": "tally.bench.enrich",
 }
 
 

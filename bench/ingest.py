@@ -70,12 +70,16 @@ def bare_client_rate(client, n_messages, subscription, topic=TOPIC):
     return received / elapsed
 
 
-def tally_rates(client, n_messages, store_dir, topic=TOPIC, fmt="msgpack", subscription=None):
-    """{end_to_end, steady, events_per_cpu_s} of the production partition
-    workers (``Ingestion``: the path ``tally serve`` runs, checkpoints
-    included) over a backlog."""
-    view = dataclasses.replace(user_reading, source=dataclasses.replace(
+def reading_view(topic=TOPIC, fmt="msgpack"):
+    """The quick start's view over ``topic`` in format ``fmt``."""
+    return dataclasses.replace(user_reading, source=dataclasses.replace(
         read_events, topic=topic, format=fmt))
+
+
+def tally_rates(client, n_messages, store_dir, view, subscription=None):
+    """{end_to_end, steady, events_per_cpu_s} of the production partition
+    workers (``Ingestion``: the path ``tally serve`` runs, checkpoints and
+    dimension feeds included) over a backlog."""
     first = {}
 
     def until(ingestion):
@@ -96,7 +100,8 @@ def tally_rates(client, n_messages, store_dir, topic=TOPIC, fmt="msgpack", subsc
     return {"events": events, "rejected": stats.rejected,
             "end_to_end": events / (end - start),
             "steady": steady_events / steady_time if steady_events else 0.0,
-            "events_per_cpu_s": events / cpu, "batches": stats.batches}
+            "events_per_cpu_s": events / cpu, "batches": stats.batches,
+            "join_misses": stats.join_misses}
 
 
 def generate_columns(n_events, n_users, seed=0):
@@ -133,7 +138,7 @@ def columnar_run(client, broker, fmt, columns, events_per_message, store_dir, on
     produce = n / (time.perf_counter() - start)
     sample = [encode_columns({k: v[i:i + events_per_message] for k, v in columns.items()}, fmt)
               for i in range(0, min(n, 100 * events_per_message), events_per_message)]
-    rates = tally_rates(client, producer.messages, store_dir, topic, fmt)
+    rates = tally_rates(client, producer.messages, store_dir, reading_view(topic, fmt))
     assert rates["events"] == n and rates["rejected"] == 0, rates
     return {"events": n, "messages": producer.messages,
             "events_per_message": events_per_message,
@@ -174,7 +179,7 @@ def run(quick=False, argv=()):
         # Warm the broker's read path once so neither side pays for it alone.
         bare_client_rate(client, min(args.events, 50_000), "warm-up")
         bare = bare_client_rate(client, args.events, "bare")
-        one = tally_rates(client, args.events, f"{store_dir}/one")
+        one = tally_rates(client, args.events, f"{store_dir}/one", reading_view())
         figures = {"benchmark": "ingest", "events": args.events, "users": args.users,
                    "bare_client_events_per_s": round(bare),
                    "tally_end_to_end_events_per_s": round(one["end_to_end"]),

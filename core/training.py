@@ -92,7 +92,9 @@ def training_set(spine, features=None, sources=None, *, service=None, views=None
     ``admin_url`` it reads in parallel like a bootstrap) is given, its topic from the
     earliest message to the end at call time; with both, the archive's
     events before its declared boundary and the topic's from it on (the
-    bootstrap's rule, ``tally.service.history.plan``).
+    bootstrap's rule, ``tally.service.history.plan``). A join's dimension
+    is a source like any other (``sources={"articles": ...}``): its whole
+    history is read, so each event is joined with the row valid at its time.
 
     ``keys`` maps an entity (or view) name to the spine column holding its
     keys; by default the column named after the entity, else the view's
@@ -101,7 +103,9 @@ def training_set(spine, features=None, sources=None, *, service=None, views=None
 
     ``service`` (instead of ``features``): a FeatureService, or the name of
     one in ``registry``: its features, each column named as the service
-    answers it online (a spine column of that name is refused).
+    answers it online (a spine column of that name is refused), then its
+    request-time columns, computed on the spine's keys and declared request
+    fields by the code the lookup server runs.
 
     A feature column is named after the feature, or ``view__feature`` when
     that name is taken (by a spine column or another requested feature).

@@ -21,6 +21,7 @@ _EXPORTS = {
     "FeatureService": "tally.core.definitions",
     "Join": "tally.core.definitions",
     "Derived": "tally.core.definitions",
+    "RequestFunction": "tally.core.definitions",
     "sql": "tally.core.sql",
     "load_sql": "tally.core.sql",
     "TallyError": "tally.core.errors",

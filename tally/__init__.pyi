@@ -5,6 +5,7 @@ from tally.core.definitions import FeatureService as FeatureService
 from tally.core.definitions import FeatureView as FeatureView
 from tally.core.definitions import Join as Join
 from tally.core.definitions import Derived as Derived
+from tally.core.definitions import RequestFunction as RequestFunction
 from tally.core.definitions import Source as Source
 from tally.core.definitions import Window as Window
 from tally.core.errors import DefinitionError as DefinitionError
