@@ -75,7 +75,7 @@ def views():
     joined = dataclasses.replace(model.user_taste, source=reads, joins=tuple(
         dataclasses.replace(j, dimension=articles) for j in model.user_taste.joins))
     enriched = Source("read_events_enriched", ENRICHED_READS,
-                      {**model.read_events.schema, "category": "string",
+                      {**dict(model.read_events.schema), "category": "string",
                        "content_length": "int64"})
     return joined, dataclasses.replace(model.user_taste, source=enriched, joins=())
 
@@ -117,9 +117,9 @@ def run(quick=False, argv=()):
         for topic, partitions in ((READS, 4), (ENRICHED_READS, 4), (ARTICLES, 2)):
             broker.create_partitioned_topic(topic, partitions)
         client = connect(broker.service_url)
-        produce(client, ARTICLES, "article", versions, list(model.articles.schema))
-        produce(client, READS, "user", reads, list(model.read_events.schema))
-        produce(client, ENRICHED_READS, "user", reads, list(plain.source.schema))
+        produce(client, ARTICLES, "article", versions, [n for n, _ in model.articles.schema])
+        produce(client, READS, "user", reads, [n for n, _ in model.read_events.schema])
+        produce(client, ENRICHED_READS, "user", reads, [n for n, _ in plain.source.schema])
         for round_ in range(args.rounds):
             order = ("joined", "plain") if round_ % 2 == 0 else ("plain", "joined")
             for side in order:

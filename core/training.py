@@ -682,8 +682,8 @@ class _Job:
         view_replays, by_view = [], {}
         for r in requested:
             by_view.setdefault(id(r.view), (r.view, []))[1].append(r)
-        tables = _dimension_tables([v for v, _ in by_view.values()], sources, pulsar,
-                                   chunk_rows, spill_dir)
+        tables = load_dimension_tables([v for v, _ in by_view.values()], sources, pulsar,
+                                       chunk_rows, spill_dir)
         self.entity_columns = {}               # entity -> its spine key column
         for view, reqs in by_view.values():
             column = keys.get(view.name) or keys.get(view.entity.name)
@@ -813,9 +813,12 @@ class _Job:
             source.close()
 
 
-def _dimension_tables(views, sources, pulsar, chunk_rows, spill_dir):
-    """The views' dimension tables, each loaded with its whole history: an
-    event sees the version of its time, as the stream's table gives it."""
+def load_dimension_tables(views, sources=None, pulsar=None, chunk_rows=DEFAULT_CHUNK_ROWS,
+                          spill_dir=None):
+    """The views' dimension tables, each loaded with its whole history (its
+    archive and, with ``pulsar``, its topic; or ``sources``, as for a training
+    set): an event sees the version of its time, as the stream's table gives
+    it. A training set and a bootstrap join their events with these."""
     tables = tables_for(views)
     for key, join in dimensions_of(views).items():
         dimension = join.dimension

@@ -421,6 +421,90 @@ def test_string_keys_and_an_archive_split_across_partitions(tiered_broker, clien
     assert_served_equals_oracle(tmp_path / "store", view, frame)
 
 
+@pytest.mark.pulsar
+def test_a_view_with_a_join_bootstraps_in_parallel_and_hands_over_exactly(
+        tiered_broker, client, tmp_path):
+    """Reads joined with an articles changelog (re-categorisations included):
+    readers fold units of history, each event joined with the article row
+    valid at its time; the stream goes on from the cut, its dimension feed
+    loading the changelog itself; the served histograms and means equal
+    pandas' merge_asof over every read."""
+    from tally.core.definitions import Join
+    from tally.service.ingest.run import Ingestion
+    reads_topic, articles_topic = "bootstrap-joined", "bootstrap-joined-articles"
+    tiered_broker.create_partitioned_topic(reads_topic, N_PARTITIONS)
+    tiered_broker.create_partitioned_topic(articles_topic, 2)
+    articles = Source("articles", articles_topic, schema={
+        "article": "int64", "category": "string", "content_length": "int64", "ts": "int64"})
+    view = FeatureView("taste_joined", Entity("user"), Source("reads", reads_topic, SCHEMA), [
+        Feature("categories", "histogram", "category", k=8),
+        Feature("length", "mean", "content_length")], joins=[Join(articles, on="article")])
+    rng = np.random.default_rng(8)
+    start, span = 1_700_000_000_000, 10**8
+    times = iter(start + rng.choice(span, 50_000, replace=False))    # unique times
+
+    def article_rows(ids):
+        return pd.DataFrame({"article": ids, "category": rng.choice(list("ABCDEF"), len(ids)),
+                             "content_length": rng.integers(100, 5000, len(ids)),
+                             "ts": [next(times) for _ in ids]})
+
+    def read_rows(n):
+        return pd.DataFrame({"user": rng.integers(0, 500, n), "article": rng.integers(0, 330, n),
+                             "readtime": np.round(rng.random(n) * 60, 3),
+                             "ts": [next(times) for _ in range(n)]})
+
+    def send(topic, key, frame):
+        producer = EventProducer(client, topic, key)
+        for row in frame.to_dict("records"):
+            producer.send({k: (v if isinstance(v, str) else int(v) if k != "readtime"
+                               else float(v)) for k, v in row.items()})
+        producer.close()
+
+    # history: 300 articles and 60 re-categorisations among 30,000 reads;
+    # articles 300-329 are never described (their reads join nothing)
+    versions = [article_rows(np.arange(300)), article_rows(rng.integers(0, 300, 60))]
+    reads = [read_rows(30_000)]
+    send(articles_topic, "article", pd.concat(versions))
+    send(reads_topic, "user", reads[0])
+    store, checkpoints = LmdbStore(str(tmp_path / "store")), CheckpointStore(tmp_path / "ckpt")
+    try:
+        report = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
+                           checkpoints, subscription_for(view), readers=2, units_per_reader=6,
+                           min_unit_bytes=32 << 10).run()
+        assert report["events"] == 30_000 and report["units"] > N_PARTITIONS, report
+        assert report["join_misses"] > 0
+        # then the stream: more re-categorisations, then more reads
+        versions.append(article_rows(rng.integers(0, 300, 20)))
+        reads.append(read_rows(5_000))
+        send(articles_topic, "article", versions[-1])
+        send(reads_topic, "user", reads[-1])
+        with Ingestion(view, client, store, checkpoint_dir=str(tmp_path / "ckpt"),
+                       subscription=subscription_for(view)) as stream:
+            stream.run(until=lambda s: s.stats.messages >= 5_000, idle_timeout_s=60)
+            assert stream.stats.events == 5_000
+        users = np.arange(500)
+        got = store.get_many(view.name, users)
+    finally:
+        store.close()
+    def as_of(events, known):        # each event with the newest known version at its time
+        return pd.merge_asof(events.sort_values("ts"), pd.concat(known).sort_values("ts").rename(
+            columns={"ts": "version_ts"}), left_on="ts", right_on="version_ts", by="article")
+    # a version published after an event was folded does not change it (a late row)
+    joined = pd.concat([as_of(reads[0], versions[:2]), as_of(reads[1], versions)])
+    for user, record in zip(users, got):
+        mine = joined[joined.user == user]
+        if mine.empty:
+            assert record is None
+            continue
+        counts = mine.category.dropna().value_counts().to_dict()
+        assert dict(record["categories"]) == counts, user
+        lengths = mine.content_length.dropna()
+        if lengths.empty:
+            assert record["length"] is None, user
+        else:
+            assert record["length"] == pytest.approx(lengths.mean(), rel=1e-12), user
+
+
 def _pack(row):
     import msgpack
     return msgpack.packb({"user": int(row.user), "article": int(row.article),

@@ -227,7 +227,7 @@ def test_a_random_schedule_of_faults_loses_and_poisons_nothing(own_broker, tmp_p
         time.sleep(2)                              # a last checkpoint and health sample
         sampler.stopped.set()
         sampler.join()
-        final = {name: _health(port) for name, port in ports.items()}
+        final = {name: _health(port, wait_s=60) for name, port in ports.items()}
         for name in ("a", "b"):
             processes[name].send_signal(signal.SIGTERM)
         statuses = {name: processes[name].wait(timeout=60) for name in ("a", "b")}
@@ -271,12 +271,19 @@ def _damage_newest_checkpoint(deployment, view, rng, kind):
         pass
 
 
-def _health(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
-            return reply.status
-    except urllib.error.HTTPError as error:
-        return error.code
+def _health(port, wait_s=0):
+    """/health's status; ``wait_s`` for a process just restarted to listen."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                return reply.status
+        except urllib.error.HTTPError as error:
+            return error.code
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _health_told_truth(samples, outages):

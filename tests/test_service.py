@@ -6,6 +6,7 @@ at the end compares every entity's online record and checkpointed state with a
 pandas recomputation over all events produced."""
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -68,12 +69,11 @@ class Deployment:
         self.checkpoints = tmp_path / "checkpoints"
         self.definitions, self.view = definitions, view
         self.log = open(tmp_path / "serve.log", "ab")
-        self.processes, self.started_at = [], []
+        self.processes = []
 
     def start(self, name, crash_in_checkpoint=0.0, metrics="off"):
         env = dict(os.environ, TALLY_CRASH_IN_CHECKPOINT=str(crash_in_checkpoint))
         self.log.flush()
-        self.started_at.append(os.path.getsize(self.log.name))    # where its lines begin
         self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "tally", "serve", str(self.definitions),
              "--pulsar", self.broker.service_url, "--store", str(self.store),
@@ -84,16 +84,15 @@ class Deployment:
 
     def wait_until_serving(self, timeout_s=60):
         """Until every running process has logged that it serves (a SIGTERM
-        before Python has even started would kill it the default way). Only
-        the lines since the oldest running one started count: a process
-        killed before it logged never will."""
+        before Python has even started would kill it the default way)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            running = [at for at, p in zip(self.started_at, self.processes) if p.poll() is None]
+            running = [p.pid for p in self.processes if p.poll() is None]
             with open(self.log.name, "rb") as log:
-                log.seek(min(running, default=self.started_at[-1]))
-                if log.read().count(b"tally.serve serving") >= max(1, len(running)):
-                    return
+                served = set(int(pid) for pid in re.findall(
+                    rb"tally\.serve serving .* \(pid (\d+)\)", log.read()))
+            if running and served >= set(running):
+                return
             time.sleep(0.1)
         raise AssertionError(f"tally serve did not start; see {self.log.name}")
 

@@ -95,8 +95,9 @@ def cmd_serve(args):
         metrics_address=_address(args.metrics), admin_url=args.admin,
         bootstrap_readers=args.bootstrap_readers)
     logging.getLogger("tally.serve").info(
-        "serving %s", [f"{name}@v{version}" for name, version in service.runners]
-        if not registry else f"the views of registry {args.registry}")
+        "serving %s as consumer %r (pid %d)",
+        [f"{name}@v{version}" for name, version in service.runners]
+        if not registry else f"the views of registry {args.registry}", args.name, os.getpid())
     return uvloop.run(service.run())
 
 

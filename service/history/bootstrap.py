@@ -23,10 +23,16 @@ resumes from the completed units.
 Malformed history events are refused by the same decoder as the stream's and
 counted in the report; they are not dead-lettered again (the stream did that
 when they arrived, and the messages themselves stay in the topic).
+
+A view with joins: the coordinator loads each dimension's whole history (its
+archive and topic) into its table once, saved beside the plan, and every
+reader joins its events with it as a training set does -- each event with the
+dimension row valid at its time, whichever reader folds it.
 """
 import json
 import logging
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -41,6 +47,7 @@ from tally.core import snapshot
 from tally.core.archive import archive_boundary, open_dataset
 from tally.core.decode import Schema
 from tally.core.definitions import state_hash
+from tally.core.enrich import Enricher
 from tally.core.errors import TallyError
 from tally.core.materialize import online_schema, records_for
 from tally.core.view import ViewState
@@ -59,6 +66,7 @@ log = logging.getLogger("tally.bootstrap")
 
 WRITE_CHUNK = 50_000           # records per online-store transaction at handover
 PLAN_FILE = "plan.json"
+DIMENSIONS_FILE = "dimensions.pickle"
 
 
 class BootstrapError(TallyError, RuntimeError):
@@ -73,20 +81,22 @@ class BootstrapCancelled(BootstrapError):
 # Reader processes: one work unit in, one partial state file out.
 
 def read_topic_unit(view, pulsar_url, admin_url, unit, out_path, events_from_ms=None,
-                    n_partitions=1):
+                    n_partitions=1, dimensions_path=None):
     """Fold the messages of ``unit`` into a fresh state and save it; events
     on the wrong partition for their key are refused, as the stream does."""
     started = time.monotonic()
     state, tally = ViewState(view), _UnitTally()
     decode_schema = Schema(list(view.source.schema))
     routing = RoutingCheck(view, unit.partition, n_partitions)
+    enrich = _enricher(view, dimensions_path)
     for payloads in unit_payloads(client_for(pulsar_url), admin_url, view.source.topic, unit):
-        tally.fold(state, view, decode_schema, payloads, events_from_ms, routing)
+        tally.fold(state, view, decode_schema, payloads, events_from_ms, routing, enrich)
     _save_states(out_path, {"": state})
-    return tally.summary(time.monotonic() - started)
+    return tally.summary(time.monotonic() - started, enrich)
 
 
-def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_before_ms):
+def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_before_ms,
+                      dimensions_path=None):
     """Fold the rows of ``unit`` into one fresh state per partition and save them."""
     started = time.monotonic()
     _, filesystem = open_dataset(archive_uri)
@@ -103,15 +113,33 @@ def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_be
     keep = ts < events_before_ms
     events = {name: values[keep] for name, values in events.items()}
     tally.outside_boundary = int((~keep).sum())
+    enrich, valid = _enricher(view, dimensions_path), {}
+    if enrich is not None:
+        events, valid = enrich(events)
     partitions = partitions_of(events[view.key_column], n_partitions)
     states = {}
     for partition in np.unique(partitions):
         mine = partitions == partition
         state = states[str(int(partition))] = ViewState(view)
-        state.apply({name: values[mine] for name, values in events.items()})
+        state.apply({name: values[mine] for name, values in events.items()},
+                    {name: mask[mine] for name, mask in valid.items()})
         tally.events += int(mine.sum())
     _save_states(out_path, states)
-    return tally.summary(time.monotonic() - started)
+    return tally.summary(time.monotonic() - started, enrich)
+
+
+_TABLES = {}     # in a reader process: the dimension tables it loaded, by path
+
+
+def _enricher(view, dimensions_path):
+    """The view's joins over the bootstrap's dimension tables; None without joins."""
+    if not view.joins:
+        return None
+    if dimensions_path not in _TABLES:
+        _TABLES.clear()                       # one bootstrap's tables at a time
+        with open(dimensions_path, "rb") as f:
+            _TABLES[dimensions_path] = pickle.load(f)
+    return Enricher(view, _TABLES[dimensions_path])
 
 
 class _UnitTally:
@@ -125,7 +153,7 @@ class _UnitTally:
             self.rejected += count
             self.reasons[reason] = self.reasons.get(reason, 0) + count
 
-    def fold(self, state, view, decode_schema, payloads, events_from_ms, routing):
+    def fold(self, state, view, decode_schema, payloads, events_from_ms, routing, enrich=None):
         if not payloads:
             return
         events = rules.decode_payloads(payloads, view.source, decode_schema, view.key_column,
@@ -146,14 +174,16 @@ class _UnitTally:
             columns = {name: values[keep] for name, values in columns.items()}
             valid = {name: mask[keep] for name, mask in valid.items()}
         self.events += len(columns[view.source.timestamp_field])
+        if enrich is not None:
+            columns, valid = enrich(columns, valid)
         batch = state.encode(columns, valid)       # strings whose code is taken: refused
         self.refused(Counter(batch.refused.values()))
         state.fold(batch.accepted())
 
-    def summary(self, seconds):
+    def summary(self, seconds, enrich=None):
         return {"messages": self.messages, "events": self.events, "rejected": self.rejected,
                 "reject_reasons": self.reasons, "outside_boundary": self.outside_boundary,
-                "seconds": seconds}
+                "join_misses": 0 if enrich is None else enrich.misses, "seconds": seconds}
 
 
 def _save_states(path, states):
@@ -197,6 +227,7 @@ class Bootstrap:
         self.progress = progress
         self.units_per_reader, self.min_unit_bytes = units_per_reader, min_unit_bytes
         self.state_hash = state_hash(view)
+        self.dimensions_path = None          # with joins: their tables (_load_dimensions)
         self.workdir = os.path.join(checkpoints.root, view.name, self.state_hash, "bootstrap")
         self.cancelled = threading.Event()
 
@@ -218,6 +249,7 @@ class Bootstrap:
         if not pending:
             return {"view": self.view.name, "partitions": [], "note": "already bootstrapped"}
         plan = self._load_or_make_plan(pending, n_partitions)
+        self.dimensions_path = self._load_dimensions()
         results = self._read_units(plan)
         read_seconds = time.monotonic() - started
         handed_over = [p for p in pending if self._hand_over(plan, p)]
@@ -260,6 +292,27 @@ class Bootstrap:
                 "events_before_ms": boundary, "partitions": partitions,
                 "units": [u.to_dict() for u in units]}
 
+    def _load_dimensions(self):
+        """With joins: the path of the dimension tables, loaded with their
+        whole history and saved once (a resumed bootstrap keeps them, so all
+        its units join with the same tables); None without joins."""
+        if not self.view.joins:
+            return None
+        path = os.path.join(self.workdir, DIMENSIONS_FILE)
+        if not os.path.exists(path):
+            from tally.core.training import load_dimension_tables
+            from tally.service.history.topic import PulsarTopic
+            tables = load_dimension_tables([self.view], pulsar=PulsarTopic(
+                self.pulsar_url, admin_url=self.admin_url, readers=self.readers))
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                pickle.dump(tables, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+            log.info("%s: dimension tables loaded (%s)", self.view.name, ", ".join(
+                f"{name}: {len(table):,} keys, {table.n_rows:,} rows"
+                for (name, _), table in tables.items()))
+        return path
+
     # -- read ----------------------------------------------------------------
 
     def _unit_path(self, index):
@@ -282,9 +335,10 @@ class Bootstrap:
     def _task(self, plan, unit, index):
         if isinstance(unit, TopicUnit):
             return (read_topic_unit, self.view, self.pulsar_url, self.admin_url, unit,
-                    self._unit_path(index), plan["events_before_ms"], plan["n_partitions"])
+                    self._unit_path(index), plan["events_before_ms"], plan["n_partitions"],
+                    self.dimensions_path)
         return (read_archive_unit, self.view, self.archive, unit, plan["n_partitions"],
-                self._unit_path(index), plan["events_before_ms"])
+                self._unit_path(index), plan["events_before_ms"], self.dimensions_path)
 
     # -- merge and hand over -------------------------------------------------
 
@@ -369,6 +423,7 @@ class Bootstrap:
         # events left to the other side of the archive boundary
         report["outside_boundary"] = sum(r["outside_boundary"] for r in results.values())
         report["rejected"] = sum(r["rejected"] for r in results.values())
+        report["join_misses"] = sum(r["join_misses"] for r in results.values())
         reasons = {}
         for r in results.values():
             for reason, count in r["reject_reasons"].items():

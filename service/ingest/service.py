@@ -49,9 +49,7 @@ class VersionRunner:
         self.workers = []
         self.bootstrap = None
         self.bootstrap_progress = None        # (units done, units, events), for /metrics
-        # a view with joins reads its history through its subscription (exact,
-        # only slower): the parallel bootstrap does not enrich yet
-        if service.admin_url and not view.joins:
+        if service.admin_url:
             self.bootstrap = Bootstrap(
                 view, service.pulsar_url, service.admin_url, service.store,
                 service.checkpoints, subscription_for(view), version=version,
