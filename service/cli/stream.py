@@ -42,7 +42,8 @@ def _add_serve(commands):
     serve.add_argument("definitions", nargs="?",
                        help="a .py or .sql file of feature views (or use --registry)")
     serve.add_argument("--registry", help="follow the views applied to this registry: new "
-                       "versions are computed alongside and promoted once caught up")
+                       "versions are computed alongside and promoted once caught up "
+                       f"(default without a definitions file: {config.describe('registry')})")
     serve.add_argument("--views", help="comma-separated view names (default: all)")
     _add_store_options(serve)
     serve.add_argument("--name", help="consumer name of this process (default: host-pid)")
@@ -71,8 +72,13 @@ def cmd_serve(args):
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: streaming.STOP_REQUESTED_DURING_STARTUP.set())
-    if bool(args.definitions) == bool(args.registry):
-        raise UsageError("give a definitions file or --registry (one of them)")
+    if args.definitions and args.registry:
+        raise UsageError("give a definitions file or --registry, not both")
+    if not args.definitions and not args.registry:
+        args.registry = config.default("registry")       # what `tally apply` wrote
+        if not os.path.exists(args.registry):
+            raise UsageError(f"no registry at {args.registry}: give a definitions file, "
+                             "--registry PATH, or `tally apply` definitions first")
     wanted = args.views.split(",") if args.views else None
     views, services, registry = [], [], None
     if args.registry:
@@ -97,7 +103,8 @@ def cmd_serve(args):
     logging.getLogger("tally.serve").info(
         "serving %s as consumer %r (pid %d)",
         [f"{name}@v{version}" for name, version in service.runners]
-        if not registry else f"the views of registry {args.registry}", args.name, os.getpid())
+        if not registry else f"the views of registry {args.registry}", service.consumer_name,
+        os.getpid())
     return uvloop.run(service.run())
 
 
