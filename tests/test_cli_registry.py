@@ -264,8 +264,11 @@ def test_user_errors_are_one_line_never_a_traceback(tmp_path):
                  ["serve"],
                  ["bootstrap", "no_such_view", "--registry", str(tmp_path / "none.db")]):
         done = subprocess.run([sys.executable, "-m", "tally", *argv], capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=120, cwd=tmp_path,
+                              env={k: v for k, v in os.environ.items() if k != "TALLY_REGISTRY"})
         assert done.returncode == 2, (argv, done.stderr)
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, \
             (argv, done.stderr)
         assert done.stderr.startswith(f"tally {argv[0]}: ")
+        if argv == ["serve"]:               # no definitions: the registry apply writes
+            assert "no registry at .tally/registry.db" in done.stderr
