@@ -633,3 +633,24 @@ def test_a_joined_view_is_applied_with_its_dimension_and_traced_to_it(registry):
         ("last_category", "articles"), ("last_category", "reads"),
         ("sports", "articles"), ("sports", "reads")]
     assert [h.name for h in registry.search(source="articles") if h.kind == "view"] == ["taste"]
+
+
+def test_derived_features_and_request_time_columns_are_traced_to_what_they_read(registry):
+    """The talk's model: top_category (a derived feature of a histogram over
+    a join) reads what its histogram reads; the service's in_top_category
+    reads what article_info.category and user_taste.top_category read."""
+    registry.apply(load_file(os.path.join(EXAMPLES, "recommend.py")))
+    rows = {(r.feature, r.source): r.fields for r in registry.lineage("user_taste")}
+    assert rows[("top_category", "articles")] == rows[("categories", "articles")] == (
+        ("category", "value"), ("article", "dimension_key"), ("ts", "version_time"))
+    assert rows[("reading_diversity", "read_events")] == rows[("categories", "read_events")]
+    service = registry.lineage("recommend")
+    computed = {(r.view, r.source) for r in service if r.feature == "in_top_category"}
+    assert computed == {("article_info", "articles"), ("user_taste", "read_events"),
+                        ("user_taste", "articles")}
+    assert {r.feature for r in service} >= {"top_category", "just_read"}
+    assert "current_article" not in {r.feature for r in service}   # reads the request only
+    readers = registry.readers(topic="articles", field="category")
+    assert {(r.view, r.feature) for r in readers} >= {
+        ("user_taste", "categories"), ("user_taste", "top_category"),
+        ("user_taste", "reading_diversity"), ("article_info", "category")}

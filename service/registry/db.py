@@ -13,6 +13,7 @@ two processes applying at once serialise, and applying the same content
 twice creates one version. Readers never block writers. (SQLite's locking
 needs a local filesystem: do not put the file on NFS.)
 """
+import dataclasses
 import json
 import os
 import sqlite3
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 
 from tally.core.definitions import (DefinitionError, canonical_document, canonical_json,
                                     content_hash, from_document, state_hash)
+from tally.core.expressions import referenced
 from tally.service import config
 from tally.service.registry import deploy
 from tally.service.registry.deploy import CANDIDATE, CURRENT, IMMEDIATE, MANAGED
@@ -555,13 +557,25 @@ class Registry:
         info = self.resolve(ref)
         feature = self._parse_ref(ref)[3]
         if info.kind == "service":
-            return Lineage(row for f in info.definition.features
-                           for row in feature_lineage(self.resolve(f.view, "view"), f.feature))
+            return self._service_lineage(info.definition)
         if info.kind != "view":
             raise RegistryError(f"{info.kind} {info.name!r} is not a view; for the features "
                                 f"that read it use readers(source={info.name!r}) "
                                 f"(tally lineage --source {info.name})")
         return feature_lineage(info, feature)
+
+    def _service_lineage(self, service):
+        """The lineage of each feature a service reads, then of each of its
+        request-time columns: what the features it names read."""
+        by_ref = {f"{f.view}.{f.feature}": list(feature_lineage(self.resolve(f.view, "view"),
+                                                                f.feature))
+                  for f in service.features}
+        rows = [row for f in service.features for row in by_ref[f"{f.view}.{f.feature}"]]
+        for entry in service.computed:
+            names = referenced(entry.expression) if entry.kind == "expression" else entry.inputs
+            rows += [dataclasses.replace(row, feature=entry.name)
+                     for name in names for row in by_ref.get(name, ())]
+        return Lineage(rows)
 
     def readers(self, topic=None, source=None, field=None, all_versions=False):
         """Downstream lineage: the features that read a topic or source (and

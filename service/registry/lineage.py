@@ -8,6 +8,7 @@ is stored, its rows go into the ``lineage`` table (:func:`index_rows`);
 source, topic and fields) and :func:`find_readers` downstream ones (a topic,
 source or field -> the features that read it).
 """
+from tally.core.expressions import referenced
 from tally.core.filters import filter_columns
 from tally.service.registry.errors import NotFound
 from tally.service.registry.results import Lineage, LineageRow
@@ -37,7 +38,29 @@ def view_lineage(view):
         event_fields += [(view.key_column, "key"), (view.source.timestamp_field, "event_time")]
         for source, fields in by_source.values():
             result.append({"feature": feature.name, "source": source, "fields": _unique(fields)})
-    return result
+    return result + _derived_lineage(view, result)
+
+
+def _derived_lineage(view, rows):
+    """A derived feature reads what the features of its expression read."""
+    by_feature, derived_rows = {}, []
+    for row in rows:
+        by_feature.setdefault(row["feature"], []).append(row)
+    for derived in view.derived:            # in order: one may use an earlier one
+        mine = merge_lineage(derived.name, [r for name in referenced(derived.expression)
+                                            for r in by_feature.get(name, ())])
+        by_feature[derived.name] = mine
+        derived_rows += mine
+    return derived_rows
+
+
+def merge_lineage(name, rows):
+    """One feature ``name`` reading, per source, every field ``rows`` read."""
+    by_source = {}
+    for row in rows:
+        by_source.setdefault(row["source"].name, (row["source"], []))[1].extend(row["fields"])
+    return [{"feature": name, "source": source, "fields": _unique(fields)}
+            for source, fields in by_source.values()]
 
 
 def _roles(reads, filtered):
@@ -70,7 +93,7 @@ def feature_lineage(info, feature=None):
         rows = [r for r in rows if r["feature"] == feature]
         if not rows:
             raise NotFound(f"view {info.ref} has no feature {feature!r}; it has "
-                           f"{', '.join(f.name for f in view.features)}")
+                           f"{', '.join(view.feature_names)}")
     return Lineage(LineageRow(view.name, info.version, info.state, r["feature"],
                               r["source"].name, r["source"].topic, tuple(r["fields"]))
                    for r in rows)
