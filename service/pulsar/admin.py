@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 from tally.core.errors import TallyError
+from tally.service.pulsar.cluster import Cluster, ClusterConfigError
 from tally.service.pulsar.topics import partition_topic, rest_path
 
 
@@ -24,11 +25,18 @@ class PulsarAdminError(TallyError, RuntimeError):
 
 
 class Admin:
-    """The admin REST API of one broker (``url`` like http://127.0.0.1:8080)."""
+    """The admin REST API of one cluster: a ``Cluster`` (its ``admin_url``,
+    authentication and TLS), or an admin URL like http://127.0.0.1:8080 for
+    a broker that needs no credentials."""
 
-    def __init__(self, url, timeout=30.0):
-        self.url = url.rstrip("/")
+    def __init__(self, cluster, timeout=30.0):
+        self.cluster = cluster if isinstance(cluster, Cluster) else Cluster(admin_url=cluster)
+        if not self.cluster.admin_url:
+            raise ClusterConfigError("no admin URL: give --admin, $TALLY_ADMIN or `admin` "
+                                     "in tally.toml")
+        self.url = self.cluster.admin_url.rstrip("/")
         self.timeout = timeout
+        self._ssl_context = self.cluster.ssl_context()
 
     def request(self, method, path, body=None, timeout=None):
         """One call; JSON in and out (None for an empty answer)."""
@@ -38,8 +46,12 @@ class Admin:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         request.add_header("Accept", "application/json")
+        authorization = self.cluster.authorization()
+        if authorization:
+            request.add_header("Authorization", authorization)
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout,
+                                        context=self._ssl_context) as response:
                 payload = response.read()
         except urllib.error.HTTPError as error:
             raise PulsarAdminError(method, url, error.code,
