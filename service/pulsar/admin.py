@@ -5,6 +5,7 @@ partition count without a client, the ledger lists of a partition (internal
 stats, for the bootstrap's plan), subscriptions created at an exact entry,
 topic creation and offloading.
 """
+import http.client
 import json
 import time
 import urllib.error
@@ -46,9 +47,8 @@ class Admin:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         request.add_header("Accept", "application/json")
-        authorization = self.cluster.authorization()
-        if authorization:
-            request.add_header("Authorization", authorization)
+        for name, value in self.cluster.http_headers().items():
+            request.add_header(name, value)
         try:
             with urllib.request.urlopen(request, timeout=timeout or self.timeout,
                                         context=self._ssl_context) as response:
@@ -56,9 +56,10 @@ class Admin:
         except urllib.error.HTTPError as error:
             raise PulsarAdminError(method, url, error.code,
                                    error.read().decode(errors="replace")) from None
-        except urllib.error.URLError as error:
+        # URLError, TLS refused after the handshake, or not HTTP (http:// on a TLS port)
+        except (OSError, http.client.HTTPException) as error:
             raise PulsarAdminError(method, url, 0, f"cannot reach the broker: "
-                                   f"{error.reason}") from None
+                                   f"{getattr(error, 'reason', error)}") from None
         return json.loads(payload) if payload.strip() else None
 
     def partition_count(self, topic):

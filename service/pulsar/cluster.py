@@ -132,14 +132,18 @@ class Cluster:
             context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
         return context
 
-    def authorization(self):
-        """The ``Authorization`` header value of a REST call, or None."""
+    def http_headers(self):
+        """The authentication headers of a REST call. Like the Java admin
+        client, a token names its method: a broker that also accepts client
+        certificates would otherwise let the certificate vouch for a bad token."""
         method = self.auth_method
         if method == "token":
-            return "Bearer " + (self.token or self._read_token_file())
-        if method == "oauth2":
-            return "Bearer " + _oauth2_tokens.get(self)
-        return None
+            token = self.token or self._read_token_file()
+        elif method == "oauth2":
+            token = _oauth2_tokens.get(self)
+        else:
+            return {}
+        return {"Authorization": "Bearer " + token, "X-Pulsar-Auth-Method-Name": "token"}
 
 
 class _OAuth2Tokens:
