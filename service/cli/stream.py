@@ -88,8 +88,8 @@ def cmd_serve(args):
                 raise UsageError(f"no view named {sorted(missing)} in {args.definitions}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     service = streaming.StreamingService(
-        config.cluster(args.pulsar, args.admin), args.store, args.checkpoints, views=views, services=services,
-        registry=registry,
+        config.cluster(args.pulsar, args.admin), args.store, args.checkpoints, views=views,
+        services=services, registry=registry,
         only_views=wanted, consumer_name=args.name,
         checkpoint_interval_s=args.checkpoint_interval,
         metrics_address=_address(args.metrics),
@@ -148,9 +148,9 @@ def cmd_bootstrap(args):
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
     with open_store(args.store) as store:
         job = Bootstrap(view, config.cluster(args.pulsar, args.admin), store,
-                        CheckpointStore(args.checkpoints), subscription_for(view), version=version, serving=serving,
-                        readers=args.readers, archive=args.archive,
-                        progress=None if args.quiet else progress_bar())
+                        CheckpointStore(args.checkpoints), subscription_for(view),
+                        version=version, serving=serving, readers=args.readers,
+                        archive=args.archive, progress=None if args.quiet else progress_bar())
         try:
             report = job.run()
         finally:
