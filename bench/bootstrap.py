@@ -175,7 +175,7 @@ def parallel(broker, view, readers):
         store = LmdbStore(f"{work}/store")
         checkpoints = CheckpointStore(f"{work}/ckpt")
         try:
-            report = Bootstrap(view, broker.service_url, broker.admin_url, store, checkpoints,
+            report = Bootstrap(view, broker.cluster, store, checkpoints,
                                subscription_for(view), readers=readers).run()
             state_reads = reads_from_checkpoints(view, checkpoints)
         finally:

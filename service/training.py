@@ -2,8 +2,8 @@
 
 The replay itself is ``tally.core.training`` (pure computation over event
 sources); this wrapper opens what the core cannot: a registry given by its
-path, and a broker given by its URL or client (its topics read through
-``PulsarTopic``, in parallel with ``admin_url=``). Arguments are otherwise
+path, and a broker given by its ``Cluster``, URL or client (its topics read
+through ``PulsarTopic``, in parallel when the cluster has an admin URL). Arguments are otherwise
 those of :func:`tally.core.training.training_set`.
 """
 import contextlib
@@ -19,7 +19,7 @@ __all__ = ["PulsarTopic", "iter_training_batches", "training_set"]
 def training_set(spine, features=None, sources=None, *, registry=None, pulsar=None, **options):
     """The spine with one column per feature, as of each row's time (see
     :func:`tally.core.training.training_set`). ``registry`` may be a path,
-    ``pulsar`` a service URL, a ``pulsar.Client`` or a ``PulsarTopic``."""
+    ``pulsar`` a ``Cluster``, a service URL, a ``pulsar.Client`` or a ``PulsarTopic``."""
     with _opened(registry) as opened:
         return _core.training_set(spine, features, sources, registry=opened,
                                   pulsar=_event_source(pulsar), **options)

@@ -30,6 +30,7 @@ _EXPORTS = {
     "training_set": "tally.service.training",
     "iter_training_batches": "tally.service.training",
     "PulsarTopic": "tally.service.training",
+    "Cluster": "tally.service.pulsar.cluster",
     "Registry": "tally.service.registry",
     "LookupClient": "tally.service.lookup.client",
     "AsyncLookupClient": "tally.service.lookup.client",

@@ -14,6 +14,7 @@ from tally.core.errors import TrainingSetError as TrainingSetError
 from tally.core.sql import load_sql as load_sql
 from tally.core.sql import sql as sql
 from tally.service.lookup.client import AsyncLookupClient as AsyncLookupClient
+from tally.service.pulsar.cluster import Cluster as Cluster
 from tally.service.lookup.client import LookupClient as LookupClient
 from tally.service.lookup.client import LookupServerError as LookupServerError
 from tally.service.registry import Registry as Registry

@@ -184,7 +184,7 @@ def bootstrap_and_stream(broker, client, view, tmp_path, readers=2):
     """Bootstrap ``view`` into ``tmp_path``'s store, then stream to the end."""
     store, checkpoints = LmdbStore(str(tmp_path / "store")), CheckpointStore(tmp_path / "ckpt")
     try:
-        report = Bootstrap(view, broker.service_url, broker.admin_url, store, checkpoints,
+        report = Bootstrap(view, broker.cluster, store, checkpoints,
                            subscription_for(view), readers=readers).run()
         stream_until_drained(broker, view, client, store, checkpoints)
     finally:
@@ -266,7 +266,7 @@ def test_bootstrap_with_producers_writing_equals_batch_recomputation(
     try:
         writer.start()
         # small units: several per partition and tier, some splitting ledgers
-        report = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
+        report = Bootstrap(view, tiered_broker.cluster, store,
                            checkpoints, subscription_for(view), readers=readers,
                            units_per_reader=16, min_unit_bytes=256 << 10).run()
         writer.join()
@@ -294,17 +294,17 @@ def test_an_interrupted_bootstrap_resumes_from_completed_units(
     view = reading_view(history.topic, "reading_resumed")
     store, checkpoints = LmdbStore(str(tmp_path / "store")), CheckpointStore(tmp_path / "ckpt")
     try:
-        job = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
+        job = Bootstrap(view, tiered_broker.cluster, store,
                         checkpoints, subscription_for(view), readers=2,
                         progress=lambda done, total, events, eta: done >= 3 and job.cancel())
         with pytest.raises(BootstrapCancelled):
             job.run()
         assert checkpoints.latest_sequence(view.name, job.state_hash, 0) == 0
-        report = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
+        report = Bootstrap(view, tiered_broker.cluster, store,
                            checkpoints, subscription_for(view), readers=2).run()
         assert report["units_resumed"] >= 3
         # a third run finds every partition bootstrapped
-        again = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
+        again = Bootstrap(view, tiered_broker.cluster, store,
                           checkpoints, subscription_for(view)).run()
         assert again["partitions"] == []
         stream_until_drained(tiered_broker, view, client, store, checkpoints)
@@ -468,8 +468,8 @@ def test_a_view_with_a_join_bootstraps_in_parallel_and_hands_over_exactly(
     send(reads_topic, "user", reads[0])
     store, checkpoints = LmdbStore(str(tmp_path / "store")), CheckpointStore(tmp_path / "ckpt")
     try:
-        report = Bootstrap(view, tiered_broker.service_url, tiered_broker.admin_url, store,
-                           checkpoints, subscription_for(view), readers=2, units_per_reader=6,
+        report = Bootstrap(view, tiered_broker.cluster, store, checkpoints,
+                           subscription_for(view), readers=2, units_per_reader=6,
                            min_unit_bytes=32 << 10).run()
         assert report["events"] == 30_000 and report["units"] > N_PARTITIONS, report
         assert report["join_misses"] > 0

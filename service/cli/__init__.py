@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from tally.core.errors import DefinitionError, TallyError
+from tally.service import config
 from tally.service.cli import local, online, registry, stream
 
 
@@ -19,6 +20,9 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="tally", description="Tally, a streaming feature "
                                      "store on Apache Pulsar")
     parser.add_argument("--version", action="version", version=f"tally {_version()}")
+    parser.add_argument("--config", metavar="PATH", help="the project file (default: "
+                        f"$TALLY_CONFIG, else the first {config.PROJECT_FILE} found walking "
+                        "up from the working directory)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for area in (online, stream, local, registry):
         area.add_commands(commands)
@@ -31,8 +35,21 @@ def _version():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    sys.exit(run(args))
+    argv = sys.argv[1:] if argv is None else argv
+    # the option defaults come from the project file: find it before building the parser
+    config.use_file(_config_option(argv))
+    try:
+        parser = build_parser()
+    except config.ConfigError as error:
+        print(f"tally: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run(parser.parse_args(argv)))
+
+
+def _config_option(argv):
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config")
+    return early.parse_known_args(argv)[0].config
 
 
 def run(args):

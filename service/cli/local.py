@@ -1,4 +1,5 @@
-"""Commands on this machine: ``tally dev`` (a local broker) and ``tally quickstart``."""
+"""Commands on this machine: ``tally dev`` (a local broker), ``tally quickstart``
+and ``tally init`` (a new project)."""
 import signal
 import sys
 import threading
@@ -44,6 +45,21 @@ def add_commands(commands):
                        help="run the talk's recommendation model instead: articles joined "
                        "into reads, its feature service, and a training set")
     quick.set_defaults(run=cmd_quickstart)
+
+    init = commands.add_parser("init", help=f"start a project: {config.PROJECT_FILE}, a "
+                               "definitions folder with the example, a README",
+                               description="Scaffold a project in DIR; existing files are "
+                               "never overwritten.")
+    init.add_argument("directory", nargs="?", default=".", metavar="DIR",
+                      help="the project directory (default: the working directory)")
+    init.set_defaults(run=cmd_init)
+
+
+def cmd_init(args):
+    from tally.service.scaffold import init_project
+    for path in init_project(args.directory):
+        print(f"wrote {path}")
+    return 0
 
 
 def cmd_quickstart(args):

@@ -50,11 +50,11 @@ def _add_serve(commands):
     serve.add_argument("--checkpoint-interval", type=float, metavar="SECONDS",
                        default=config.CHECKPOINT_INTERVAL_S,
                        help=f"seconds between checkpoints (default: {config.CHECKPOINT_INTERVAL_S})")
-    serve.add_argument("--admin", metavar="URL", default=os.environ.get("TALLY_ADMIN"),
+    serve.add_argument("--admin", metavar="URL", default=config.configured("admin"),
                        help="the broker's admin REST URL (e.g. http://127.0.0.1:8080): "
                        "versions without a checkpoint are then bootstrapped from history by "
                        "parallel readers (without it, they read it through their "
-                       "subscription; default: $TALLY_ADMIN)")
+                       "subscription; default: $TALLY_ADMIN or tally.toml)")
     serve.add_argument("--bootstrap-readers", type=int, metavar="N",
                        help="reader processes per bootstrap (default: the number of cores)")
     serve.add_argument("--metrics", default=config.default("metrics"), metavar="HOST:PORT",
@@ -94,11 +94,11 @@ def cmd_serve(args):
                 raise UsageError(f"no view named {sorted(missing)} in {args.definitions}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     service = streaming.StreamingService(
-        args.pulsar, args.store, args.checkpoints, views=views, services=services,
-        registry=registry,
+        config.cluster(args.pulsar, args.admin), args.store, args.checkpoints, views=views,
+        services=services, registry=registry,
         only_views=wanted, consumer_name=args.name,
         checkpoint_interval_s=args.checkpoint_interval,
-        metrics_address=_address(args.metrics), admin_url=args.admin,
+        metrics_address=_address(args.metrics),
         bootstrap_readers=args.bootstrap_readers)
     logging.getLogger("tally.serve").info(
         "serving %s as consumer %r (pid %d)",
@@ -155,10 +155,10 @@ def cmd_bootstrap(args):
     view, version, serving = _chosen_view(args)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
     with open_store(args.store) as store:
-        job = Bootstrap(view, args.pulsar, args.admin, store, CheckpointStore(args.checkpoints),
-                        subscription_for(view), version=version, serving=serving,
-                        readers=args.readers, archive=args.archive,
-                        progress=None if args.quiet else progress_bar())
+        job = Bootstrap(view, config.cluster(args.pulsar, args.admin), store,
+                        CheckpointStore(args.checkpoints), subscription_for(view),
+                        version=version, serving=serving, readers=args.readers,
+                        archive=args.archive, progress=None if args.quiet else progress_bar())
         try:
             report = job.run()
         finally:
@@ -251,9 +251,9 @@ def cmd_training_set(args):
     views = [d for path in args.definitions or () for d in load_file(path)
              if isinstance(d, FeatureView)]
     keys = dict(item.split("=", 1) for item in args.key or ())
-    pulsar = args.pulsar
-    if pulsar and args.admin:
-        pulsar = PulsarTopic(pulsar, admin_url=args.admin, readers=args.readers)
+    pulsar = None
+    if args.pulsar:     # with --admin, read by parallel readers
+        pulsar = PulsarTopic(config.cluster(args.pulsar, args.admin), readers=args.readers)
     try:
         table = training_set(args.spine, [f for f in args.features.split(",") if f],
                              views=views, registry=args.registry, pulsar=pulsar,
@@ -273,6 +273,7 @@ def cmd_training_set(args):
 
 def cmd_create_topic(args):
     from tally.service.pulsar.admin import Admin
-    Admin(args.admin).create_partitioned_topic(args.topic, args.partitions)
+    Admin(config.cluster(admin=args.admin)).create_partitioned_topic(args.topic,
+                                                                     args.partitions)
     print(f"created {args.topic} with {args.partitions} partitions")
     return 0

@@ -80,8 +80,8 @@ class BootstrapCancelled(BootstrapError):
 # --------------------------------------------------------------------------
 # Reader processes: one work unit in, one partial state file out.
 
-def read_topic_unit(view, pulsar_url, admin_url, unit, out_path, events_from_ms=None,
-                    n_partitions=1, dimensions_path=None):
+def read_topic_unit(view, cluster, unit, out_path, events_from_ms=None, n_partitions=1,
+                    dimensions_path=None):
     """Fold the messages of ``unit`` into a fresh state and save it; events
     on the wrong partition for their key are refused, as the stream does."""
     started = time.monotonic()
@@ -89,7 +89,7 @@ def read_topic_unit(view, pulsar_url, admin_url, unit, out_path, events_from_ms=
     decode_schema = Schema(list(view.source.schema))
     routing = RoutingCheck(view, unit.partition, n_partitions)
     enrich = _enricher(view, dimensions_path)
-    for payloads in unit_payloads(client_for(pulsar_url), admin_url, view.source.topic, unit):
+    for payloads in unit_payloads(client_for(cluster), cluster, view.source.topic, unit):
         tally.fold(state, view, decode_schema, payloads, events_from_ms, routing, enrich)
     _save_states(out_path, {"": state})
     return tally.summary(time.monotonic() - started, enrich)
@@ -216,10 +216,11 @@ def _load_state(view, path, key):
 class Bootstrap:
     """Bootstraps the partitions of one view version that have no checkpoint."""
 
-    def __init__(self, view, pulsar_url, admin_url, store, checkpoints, subscription,
+    def __init__(self, view, cluster, store, checkpoints, subscription,
                  version=1, serving=True, readers=None, archive=None, progress=None,
                  units_per_reader=UNITS_PER_READER, min_unit_bytes=MIN_UNIT_BYTES):
-        self.view, self.pulsar_url, self.admin_url = view, pulsar_url, admin_url
+        # a Cluster with its admin URL: the ledger lists come from the admin API
+        self.view, self.cluster = view, cluster
         self.store, self.checkpoints, self.subscription = store, checkpoints, subscription
         self.version, self.serving = version, serving
         self.readers = readers or os.cpu_count() or 1
@@ -244,7 +245,7 @@ class Bootstrap:
     def run(self):
         """Bootstrap, hand over, and return a report (events, rates, units)."""
         started = time.monotonic()
-        n_partitions = partition_count(self.admin_url, self.view.source.topic)
+        n_partitions = partition_count(self.cluster, self.view.source.topic)
         pending = self.pending_partitions(n_partitions)
         if not pending:
             return {"view": self.view.name, "partitions": [], "note": "already bootstrapped"}
@@ -277,7 +278,7 @@ class Bootstrap:
         return plan
 
     def _make_plan(self, pending, n_partitions):
-        stats = Admin(self.admin_url).partition_stats(self.view.source.topic, pending)
+        stats = Admin(self.cluster).partition_stats(self.view.source.topic, pending)
         units = plan_units(stats, self.readers, self.units_per_reader, self.min_unit_bytes)
         partitions = {
             str(p): {"cut": list(cut_position(stats[p])),
@@ -303,7 +304,7 @@ class Bootstrap:
             from tally.core.training import load_dimension_tables
             from tally.service.history.topic import PulsarTopic
             tables = load_dimension_tables([self.view], pulsar=PulsarTopic(
-                self.pulsar_url, admin_url=self.admin_url, readers=self.readers))
+                self.cluster, readers=self.readers))
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "wb") as f:
                 pickle.dump(tables, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -334,9 +335,8 @@ class Bootstrap:
 
     def _task(self, plan, unit, index):
         if isinstance(unit, TopicUnit):
-            return (read_topic_unit, self.view, self.pulsar_url, self.admin_url, unit,
-                    self._unit_path(index), plan["events_before_ms"], plan["n_partitions"],
-                    self.dimensions_path)
+            return (read_topic_unit, self.view, self.cluster, unit, self._unit_path(index),
+                    plan["events_before_ms"], plan["n_partitions"], self.dimensions_path)
         return (read_archive_unit, self.view, self.archive, unit, plan["n_partitions"],
                 self._unit_path(index), plan["events_before_ms"], self.dimensions_path)
 
@@ -393,7 +393,7 @@ class Bootstrap:
         there. Whether the broker then redelivers the cut message itself or
         the next one, the worker skips what the checkpoint covers."""
         import pulsar
-        client = client_for(self.pulsar_url)
+        client = client_for(self.cluster)
         consumer = client.subscribe(
             partition_topic(self.view.source.topic, partition), self.subscription,
             consumer_type=pulsar.ConsumerType.Failover,

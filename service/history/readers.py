@@ -24,6 +24,7 @@ from tally.core.errors import TallyError
 from tally.service.history.plan import ledger_ranges, plan_partition, target_unit_size
 from tally.service.pulsar.admin import Admin
 from tally.service.pulsar.client import connect, raw
+from tally.service.pulsar.cluster import as_cluster
 from tally.service.pulsar.topics import END_OF_ENTRY, message_position, partition_topic
 
 RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
@@ -43,8 +44,8 @@ class ReaderError(TallyError, RuntimeError):
 # Planning a topic's units
 
 
-def partition_count(admin_url, topic):
-    partitions = Admin(admin_url).partition_count(topic)
+def partition_count(cluster, topic):
+    partitions = Admin(cluster).partition_count(topic)
     if partitions < 1:
         raise ReaderError(f"topic {topic!r} is not partitioned")
     return partitions
@@ -58,10 +59,10 @@ def plan_units(stats, readers, units_per_reader=UNITS_PER_READER,
     return [u for p in sorted(stats) for u in plan_partition(p, stats[p], target)]
 
 
-def plan_topic_units(admin_url, topic, readers=None):
+def plan_topic_units(cluster, topic, readers=None):
     """Work units over the whole topic, cut at each partition's last entry now."""
     readers = readers or os.cpu_count() or 1
-    stats = Admin(admin_url).partition_stats(topic, range(partition_count(admin_url, topic)))
+    stats = Admin(cluster).partition_stats(topic, range(partition_count(cluster, topic)))
     return plan_units(stats, readers)
 
 
@@ -180,13 +181,15 @@ def reader_process_main():
 _clients = {}
 
 
-def client_for(pulsar_url):
-    if pulsar_url not in _clients:
-        _clients[pulsar_url] = connect(pulsar_url)
-    return _clients[pulsar_url]
+def client_for(cluster):
+    """This process's one client of ``cluster`` (a ``Cluster`` or service URL)."""
+    cluster = as_cluster(cluster)
+    if cluster not in _clients:
+        _clients[cluster] = connect(cluster)
+    return _clients[cluster]
 
 
-def unit_payloads(client, admin_url, topic, unit):
+def unit_payloads(client, cluster, topic, unit):
     """The payloads of the unit's messages in log order, in batches.
 
     A temporary subscription is created at the unit's first entry (admin API)
@@ -199,7 +202,7 @@ def unit_payloads(client, admin_url, topic, unit):
     import pulsar
     topic = partition_topic(topic, unit.partition)
     subscription = f"tally-bootstrap-{uuid.uuid4().hex[:16]}"
-    Admin(admin_url).create_subscription(topic, subscription, *unit.first)
+    Admin(cluster).create_subscription(topic, subscription, *unit.first)
     consumer = client.subscribe(
         topic, subscription, consumer_type=pulsar.ConsumerType.Exclusive,
         receiver_queue_size=RECEIVE_BATCH,

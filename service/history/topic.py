@@ -17,6 +17,7 @@ from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, concat_columns, extern
                                       merge_sorted, n_events, read_run, sort_columns,
                                       spill_empty_run, spill_run)
 from tally.service.history.readers import client_for, plan_topic_units, read_units, unit_payloads
+from tally.service.pulsar.cluster import Cluster, as_cluster
 from tally.service.pulsar.client import connect, last_message_position, partition_topics, raw
 from tally.service.pulsar.topics import message_position
 
@@ -24,26 +25,31 @@ from tally.service.pulsar.topics import message_position
 class PulsarTopic:
     """A source's topic, read from the earliest message to the end at call time.
 
-    ``pulsar`` is a service URL (``pulsar://127.0.0.1:6650``) or a
-    ``pulsar.Client``; ``topic`` overrides the source's topic. With
-    ``admin_url`` (the broker's admin REST URL) and a service URL, the topic
-    is read in parallel by ``readers`` processes (default: the cores)."""
+    ``pulsar`` is a ``Cluster``, a service URL (``pulsar://127.0.0.1:6650``)
+    or a ``pulsar.Client``; ``topic`` overrides the source's topic. With an
+    admin URL (the cluster's, or ``admin_url``) the topic is read in parallel
+    by ``readers`` processes (default: the cores)."""
 
     def __init__(self, pulsar, topic=None, batch_messages=10_000, timeout_ms=30_000,
                  admin_url=None, readers=None):
-        self.pulsar = pulsar
+        # a client is used as given; settings become one Cluster
+        self.pulsar = pulsar if hasattr(pulsar, "subscribe") else as_cluster(pulsar, admin_url)
         self.topic = topic
         self.batch_messages = batch_messages
         self.timeout_ms = timeout_ms
-        self.admin_url, self.readers = admin_url, readers
+        self.readers = readers
         self.messages = 0
         self.rejected = 0
 
     def __repr__(self):
-        return f"PulsarTopic({self.pulsar if isinstance(self.pulsar, str) else 'client'!r})"
+        return f"PulsarTopic({self._cluster.service_url if self._cluster else 'client'!r})"
+
+    @property
+    def _cluster(self):
+        return self.pulsar if isinstance(self.pulsar, Cluster) else None
 
     def sorted_chunks(self, source, columns, chunk_rows=DEFAULT_CHUNK_ROWS, spill_dir=None):
-        if self.admin_url and isinstance(self.pulsar, str):
+        if self._cluster and self._cluster.admin_url:
             return self._parallel_sorted_chunks(source, columns, chunk_rows, spill_dir)
         return external_sort(self.batches(source, columns), source.timestamp_field,
                              chunk_rows, spill_dir)
@@ -52,10 +58,10 @@ class PulsarTopic:
         topic = self.topic or source.topic
         directory = tempfile.mkdtemp(prefix="tally-topic-", dir=spill_dir)
         try:
-            units = plan_topic_units(self.admin_url, topic, self.readers)
+            units = plan_topic_units(self._cluster, topic, self.readers)
             paths = [os.path.join(directory, f"unit-{i}.arrow") for i in range(len(units))]
-            tasks = [(sorted_unit_run, source, columns, self.pulsar, self.admin_url, topic,
-                      unit, path) for unit, path in zip(units, paths)]
+            tasks = [(sorted_unit_run, source, columns, self._cluster, topic, unit, path)
+                     for unit, path in zip(units, paths)]
             for counts in read_units(tasks, self.readers).values():
                 self.messages += counts["messages"]
                 self.rejected += counts["rejected"]
@@ -69,8 +75,8 @@ class PulsarTopic:
         """Decoded batches (dicts of numpy columns) in log order, partition by
         partition."""
         client, own = self.pulsar, False
-        if isinstance(client, str):
-            client, own = connect(client), True
+        if self._cluster:
+            client, own = connect(self._cluster), True
         try:
             for partition in partition_topics(client, self.topic or source.topic):
                 yield from self._read_partition(client, partition, source, columns)
@@ -105,12 +111,12 @@ class PulsarTopic:
         return decoded
 
 
-def sorted_unit_run(source, columns, pulsar_url, admin_url, topic, unit, path):
+def sorted_unit_run(source, columns, cluster, topic, unit, path):
     """In a reader process: decode one work unit's messages, sort them by
     time (stably: log order among equal times) and spill them as a run."""
     counts = {"messages": 0, "rejected": 0}
     parts = []
-    for payloads in unit_payloads(client_for(pulsar_url), admin_url, topic, unit):
+    for payloads in unit_payloads(client_for(cluster), cluster, topic, unit):
         if payloads:
             decoded, rejected = decode_valid(payloads, source, columns)
             counts["messages"] += len(payloads)

@@ -26,6 +26,7 @@ from tally.service.ingest.dimensions import DimensionFeed
 from tally.service.ingest.partition import PartitionWorker, drive
 from tally.service.metrics import seconds_since, serve_metrics, service_metrics
 from tally.service.pulsar.client import connect, partition_topics
+from tally.service.pulsar.cluster import as_cluster
 from tally.service.pulsar.topics import subscription_for
 from tally.service.registry import Conflict
 from tally.service.store import StoreError, open_store
@@ -39,7 +40,7 @@ log = logging.getLogger("tally.serve")
 
 class VersionRunner:
     """The partition workers computing one version of one view; first, if
-    the service may read ledger lists (``admin_url``) and some partition has
+    the service may read ledger lists (its cluster's admin URL) and some partition has
     no checkpoint yet, a bootstrap of those partitions from history."""
 
     def __init__(self, service, view, version, serving):
@@ -49,9 +50,9 @@ class VersionRunner:
         self.workers = []
         self.bootstrap = None
         self.bootstrap_progress = None        # (units done, units, events), for /metrics
-        if service.admin_url:
+        if service.cluster.admin_url:
             self.bootstrap = Bootstrap(
-                view, service.pulsar_url, service.admin_url, service.store,
+                view, service.cluster, service.store,
                 service.checkpoints, subscription_for(view), version=version,
                 serving=serving, readers=service.bootstrap_readers,
                 progress=self._bootstrap_progressed)
@@ -103,16 +104,17 @@ class StreamingService:
     """Runs view versions: a fixed list (``views``), or whatever the registry
     says should run (``registry``), following its changes without a restart."""
 
-    def __init__(self, pulsar_url, store_path, checkpoint_dir, views=(), services=(),
+    def __init__(self, cluster, store_path, checkpoint_dir, views=(), services=(),
                  registry=None,
                  only_views=None, consumer_name=None, checkpoint_interval_s=5.0,
                  batch_size=1000, metrics_address=None, admin_url=None,
                  bootstrap_readers=None):
-        self.pulsar_url = pulsar_url
-        # With the admin URL, versions without checkpoints are bootstrapped by
-        # parallel readers; without it they read history through their subscription.
-        self.admin_url, self.bootstrap_readers = admin_url, bootstrap_readers
-        self.client = connect(pulsar_url)
+        # ``cluster``: a Cluster or a service URL. With an admin URL, versions
+        # without checkpoints are bootstrapped by parallel readers; without it
+        # they read history through their subscription.
+        self.cluster = as_cluster(cluster, admin_url)
+        self.bootstrap_readers = bootstrap_readers
+        self.client = connect(self.cluster)
         self.store = open_store(store_path)
         self.checkpoints = CheckpointStore(checkpoint_dir)
         self.consumer_name = consumer_name or f"{socket.gethostname()}-{os.getpid()}"

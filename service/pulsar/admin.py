@@ -5,12 +5,14 @@ partition count without a client, the ledger lists of a partition (internal
 stats, for the bootstrap's plan), subscriptions created at an exact entry,
 topic creation and offloading.
 """
+import http.client
 import json
 import time
 import urllib.error
 import urllib.request
 
 from tally.core.errors import TallyError
+from tally.service.pulsar.cluster import Cluster, ClusterConfigError
 from tally.service.pulsar.topics import partition_topic, rest_path
 
 
@@ -24,11 +26,18 @@ class PulsarAdminError(TallyError, RuntimeError):
 
 
 class Admin:
-    """The admin REST API of one broker (``url`` like http://127.0.0.1:8080)."""
+    """The admin REST API of one cluster: a ``Cluster`` (its ``admin_url``,
+    authentication and TLS), or an admin URL like http://127.0.0.1:8080 for
+    a broker that needs no credentials."""
 
-    def __init__(self, url, timeout=30.0):
-        self.url = url.rstrip("/")
+    def __init__(self, cluster, timeout=30.0):
+        self.cluster = cluster if isinstance(cluster, Cluster) else Cluster(admin_url=cluster)
+        if not self.cluster.admin_url:
+            raise ClusterConfigError("no admin URL: give --admin, $TALLY_ADMIN or `admin` "
+                                     "in tally.toml")
+        self.url = self.cluster.admin_url.rstrip("/")
         self.timeout = timeout
+        self._ssl_context = self.cluster.ssl_context()
 
     def request(self, method, path, body=None, timeout=None):
         """One call; JSON in and out (None for an empty answer)."""
@@ -38,15 +47,19 @@ class Admin:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         request.add_header("Accept", "application/json")
+        for name, value in self.cluster.http_headers().items():
+            request.add_header(name, value)
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout,
+                                        context=self._ssl_context) as response:
                 payload = response.read()
         except urllib.error.HTTPError as error:
             raise PulsarAdminError(method, url, error.code,
                                    error.read().decode(errors="replace")) from None
-        except urllib.error.URLError as error:
+        # URLError, TLS refused after the handshake, or not HTTP (http:// on a TLS port)
+        except (OSError, http.client.HTTPException) as error:
             raise PulsarAdminError(method, url, 0, f"cannot reach the broker: "
-                                   f"{error.reason}") from None
+                                   f"{getattr(error, 'reason', error)}") from None
         return json.loads(payload) if payload.strip() else None
 
     def partition_count(self, topic):

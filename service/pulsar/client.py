@@ -8,6 +8,7 @@ touched here only (``raw``).
 import pulsar
 
 from tally.core.errors import TallyError
+from tally.service.pulsar.cluster import as_cluster
 from tally.service.pulsar.topics import partition_index, position
 
 
@@ -15,10 +16,14 @@ class TopicError(TallyError, ValueError):
     """A topic is missing or not shaped as Tally needs it (partitioned)."""
 
 
-def connect(service_url, log_level=pulsar.LoggerLevel.Warn, **options):
-    """A client that logs warnings and errors only: the C++ client logs every
-    producer and consumer open and close at INFO, which buries Tally's output."""
-    return pulsar.Client(service_url, logger=pulsar.ConsoleLogger(log_level), **options)
+def connect(cluster, log_level=pulsar.LoggerLevel.Warn, **options):
+    """A client of ``cluster`` (a ``Cluster``, or a service URL for a broker
+    that needs no credentials) with its authentication and TLS; it logs
+    warnings and errors only: the C++ client logs every producer and consumer
+    open and close at INFO, which buries Tally's output."""
+    cluster = as_cluster(cluster)
+    return pulsar.Client(cluster.service_url, logger=pulsar.ConsoleLogger(log_level),
+                         **{**cluster.client_options(), **options})
 
 
 def raw(handle):

@@ -37,10 +37,12 @@ from typing import Any, Mapping, Sequence
 from xml.sax.saxutils import escape as xml_escape
 
 from tally.service.pulsar.admin import Admin, PulsarAdminError
+from tally.service.pulsar.cluster import Cluster
 from tally.service.pulsar.distribution import (PulsarStartError,
                                                cache_dir_for_version, ensure_distribution,
                                                ensure_filesystem_offloader,
                                                tiered_storage_config)
+from tally.service.pulsar.security import Credentials, broker_security_config, make_credentials
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_BROKER_PORT = 6650
@@ -332,6 +334,10 @@ class LocalPulsar:
     `tiered_storage=True` adds the filesystem offloader, writing into
     `<data_dir>/offloaded`, with BookKeeper copies dropped once offloaded
     (see `offload`).
+    `secure=True` makes the broker demand what a production cluster may: TLS
+    only (a CA and certificates made at start), a trusted client certificate,
+    and a token (`tally.service.pulsar.security`); `cluster` then carries the
+    super-user's credentials, and `credentials` makes other tokens.
     """
 
     def __init__(
@@ -348,8 +354,11 @@ class LocalPulsar:
         extra_jvm_options: Sequence[str] = (),
         class_data_sharing: bool = True,
         tiered_storage: bool = False,
+        secure: bool = False,
     ):
         self.tiered_storage = tiered_storage
+        self.secure = secure
+        self.credentials: Credentials | None = None
         self.data_dir = Path(data_dir).resolve() if data_dir else None
         self.max_entries_per_ledger = max_entries_per_ledger
         self.extra_config = dict(extra_config or {})
@@ -370,11 +379,24 @@ class LocalPulsar:
 
     @property
     def service_url(self) -> str:
-        return f"pulsar://{LOOPBACK}:{self.broker_port}"
+        return f"pulsar{'+ssl' if self.secure else ''}://{LOOPBACK}:{self.broker_port}"
 
     @property
     def admin_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.web_port}"
+        return f"http{'s' if self.secure else ''}://{LOOPBACK}:{self.web_port}"
+
+    @property
+    def cluster(self) -> Cluster:
+        """How to reach this broker: its URLs and, when secure, the
+        super-user's token, the CA and the client certificate."""
+        if not self.secure:
+            return Cluster(self.service_url, self.admin_url)
+        if self.credentials is None:
+            raise RuntimeError("a secure LocalPulsar has no credentials before start()")
+        return Cluster(self.service_url, self.admin_url, token=self.credentials.token(),
+                       tls_ca_file=str(self.credentials.ca_file),
+                       tls_cert_file=str(self.credentials.cert_file("client")),
+                       tls_key_file=str(self.credentials.key_file("client")))
 
     @property
     def log_file(self) -> Path:
@@ -478,6 +500,10 @@ class LocalPulsar:
         if self.tiered_storage:
             offloaders = ensure_filesystem_offloader(self.cache_dir)
             extra = {**tiered_storage_config(self.offload_dir, offloaders), **extra}
+        if self.secure:
+            self.credentials = make_credentials(self._require_data_dir() / "security")
+            extra = {**broker_security_config(self.credentials, self.broker_port,
+                                              self.web_port), **extra}
         config = broker_config(self.broker_port, self.web_port,
                                self.max_entries_per_ledger, extra)
         conf_file = conf_dir / "standalone.conf"
@@ -586,7 +612,7 @@ class LocalPulsar:
 
     @property
     def admin_client(self) -> Admin:
-        return Admin(self.admin_url)
+        return Admin(self.cluster)
 
     def admin(self, method: str, path: str, body: Any = None,
               timeout: float = 30) -> Any:

@@ -10,6 +10,7 @@ and the client's wrapper class do not compare with each other).
 import urllib.parse
 
 from tally.core.definitions import state_hash
+from tally.service import config
 
 PARTITION_SEPARATOR = "-partition-"
 # A batch index that sorts after every message of an entry.
@@ -55,6 +56,10 @@ def rest_path(topic):
     return "/admin/v2/persistent/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
 
 
-def subscription_for(view):
-    """One subscription per view state: a new version computes alongside the old."""
-    return f"tally.{view.name}.{state_hash(view)[:16]}"
+def subscription_for(view, prefix=None):
+    """One subscription per view state: a new version computes alongside the
+    old. ``prefix`` (default: the ``subscription_prefix`` setting) keeps two
+    deployments on one cluster apart."""
+    if prefix is None:
+        prefix = config.default("subscription_prefix")
+    return f"{prefix}.{view.name}.{state_hash(view)[:16]}"
