@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from tally.core.errors import DefinitionError, TallyError
-from tally.service.cli import local, online, registry, stream
+from tally.service.cli import local, online, registry, stream, ui
 
 
 def build_parser():
@@ -20,7 +20,7 @@ def build_parser():
                                      "store on Apache Pulsar")
     parser.add_argument("--version", action="version", version=f"tally {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for area in (online, stream, local, registry):
+    for area in (online, stream, local, registry, ui):
         area.add_commands(commands)
     return parser
 
