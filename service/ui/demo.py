@@ -113,5 +113,5 @@ def _advance(metrics, versions, events, rng, step):
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m tally.service.ui.demo DIR")
-    built = build(f"{sys.argv[1]}/registry.db", f"{sys.argv[1]}/store")
+    build(f"{sys.argv[1]}/registry.db", f"{sys.argv[1]}/store")
     print(f"tally ui --registry {sys.argv[1]}/registry.db --store {sys.argv[1]}/store")

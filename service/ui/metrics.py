@@ -91,6 +91,8 @@ class MetricsHistory:
         try:
             text = await fetch(self.address)
         except (OSError, asyncio.TimeoutError) as error:
+            if self.error is None:          # once per outage, not per scrape
+                log.warning("cannot scrape %s: %r", self.address, error)
             self.error = f"{self.address}: {error or type(error).__name__}"
             return
         self.error = None

@@ -91,7 +91,7 @@ class Online:
         return list(fields.items())
 
     async def sample(self, view, feature, n, key_texts=()):
-        """(keys, values) of ``feature`` for typed keys, or else for ``n``
+        """[(key, value)] of ``feature`` for typed keys, or else for ``n``
         entities drawn from the first SCAN_LIMIT keys of the store (seeded,
         so a reload shows the same sample); entities without a value are
         left out."""

@@ -25,7 +25,7 @@ import sys
 import threading
 from http.cookies import SimpleCookie
 from pathlib import Path
-from urllib.parse import unquote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 from tally.service.lookup.frontend import Connections
 from tally.service.lookup.http import (HTTP_STATUS, MAX_HTTP_HEAD_BYTES, HttpError,
@@ -174,8 +174,8 @@ class UiServer:
         if self.token is None:
             return True
         cookie = SimpleCookie(request.headers.get("cookie", ""))
-        given = bearer_token(request.headers) or (cookie[COOKIE].value if COOKIE in cookie
-                                                  else None)
+        given = bearer_token(request.headers) or (unquote(cookie[COOKIE].value)
+                                                  if COOKIE in cookie else None)
         return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
     def _sign_in(self, request, query):
@@ -186,7 +186,7 @@ class UiServer:
         rest = {k: v for k, v in query.items() if k != "token"}
         location = request.path + ("?" + urlencode(rest) if rest else "")
         return (303, b"", "text/plain", f"Location: {location}\r\nSet-Cookie: {COOKIE}="
-                f"{self.token}; HttpOnly; SameSite=Strict; Path=/\r\n")
+                f"{quote(self.token, safe='')}; HttpOnly; SameSite=Strict; Path=/\r\n")
 
 
 def _error_page(status, message):

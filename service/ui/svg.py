@@ -76,12 +76,13 @@ def histogram(values, label, bins=20):
     return _svg(CHART_W, CHART_H, body, label)
 
 
-NODE_W, NODE_H, COLUMN_W, ROW_H = 170, 26, 215, 36
+NODE_W, NODE_H, COLUMN_W, ROW_H = 180, 26, 225, 36
 
 
 def graph(columns, edges, focus=None, label="lineage"):
     """``columns``: per column, its nodes as (id, text, url, kind); ``edges``:
-    (from id, to id, role) drawn left to right; ``focus`` is highlighted."""
+    (from id, to id, role) drawn left to right; ``focus`` is highlighted.
+    Each box is a link, its <title> its id (``feature:view.name``)."""
     rows = max((len(c) for c in columns), default=0)
     width = COLUMN_W * len(columns) + 20
     height = ROW_H * rows + 40
@@ -92,7 +93,7 @@ def graph(columns, edges, focus=None, label="lineage"):
             where[ident] = (10 + i * COLUMN_W, 30 + offset + j * ROW_H)
     lines = [_edge(where[a], where[b], role) for a, b, role in edges
              if a in where and b in where]
-    boxes = [_node(where[ident], text, url, kind, ident == focus)
+    boxes = [_node(where[ident], ident, text, url, kind, ident == focus)
              for nodes in columns for ident, text, url, kind in nodes]
     heads = [f'<text class="column" x="{10 + i * COLUMN_W}" y="16">{e(name)}</text>'
              for i, name in enumerate(("topics", "sources", "views", "features",
@@ -109,10 +110,10 @@ def _edge(start, end, role):
             f'{middle:.0f},{y2:.0f} {x2:.0f},{y2:.0f}"><title>{e(role)}</title></path>')
 
 
-def _node(position, text, url, kind, focused):
+def _node(position, ident, text, url, kind, focused):
     x, y = position
     cls = f"node {kind}" + (" focus" if focused else "")
     shown = text if len(text) <= 24 else text[:23] + "…"
     return (f'<a href="{e(url)}"><g class="{e(cls)}"><rect x="{x:.0f}" y="{y:.0f}" rx="5" '
             f'width="{NODE_W}" height="{NODE_H}"/><text x="{x + 8:.0f}" y="{y + 17:.0f}">'
-            f"{e(shown)}</text><title>{e(kind)} {e(text)}</title></g></a>")
+            f"{e(shown)}</text><title>{e(ident)}</title></g></a>")
