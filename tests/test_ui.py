@@ -359,6 +359,23 @@ def test_a_description_cannot_inject_markup(tmp_path):
         assert "the online store" in body               # no store: said, not a crash
 
 
+def test_a_pending_candidate_and_its_promotion_are_shown(tmp_path):
+    path = str(tmp_path / "r.db")
+    with Registry(path) as registry:
+        registry.apply(demo.DEFINITIONS)
+        registry.set_deploy_mode("managed")            # as tally serve sets it
+        registry.apply([demo.USER_HISTORY_V2])
+    with ui_in_background(UiServer(path, str(tmp_path / "none"), port=0)) as server:
+        _, body = get(server, "/view/user_history")
+        assert "user_history@v1" in body and "v2 is deploying (candidate)" in body
+        assert '<span class="state candidate">candidate</span>' in body
+        with Registry(path) as registry:
+            registry.promote("user_history", 2)
+        _, body = get(server, "/view/user_history")
+        assert "user_history@v2" in body and "deploying" not in body
+        assert "caught up" in body                      # the promotion's log line
+
+
 # ---- under the pages ---------------------------------------------------------------------
 
 def test_metrics_are_parsed_as_the_service_renders_them():
