@@ -16,7 +16,7 @@ COLUMNS = ("topic", "source", "view", "feature", "service")
 @dataclass
 class Graph:
     nodes: dict = field(default_factory=dict)     # id -> (kind, name, url)
-    edges: list = field(default_factory=list)     # (from id, to id, role)
+    edges: dict = field(default_factory=dict)     # (from id, to id, role) -> None, in order
     reads: dict = field(default_factory=dict)     # feature id -> {source ids it reads}
 
     def add(self, kind, name, url):
@@ -25,8 +25,7 @@ class Graph:
         return ident
 
     def connect(self, a, b, role):
-        if (a, b, role) not in self.edges:
-            self.edges.append((a, b, role))
+        self.edges[(a, b, role)] = None
 
 
 def current_infos(registry, kind):
@@ -75,42 +74,42 @@ def around(graph, node):
     """The subgraph of what ``node`` reads and what reads it (not siblings:
     a view's other readers' sources are left out)."""
     keep = {node} | _walk(graph, node, upstream=True) | _walk(graph, node, upstream=False)
-    sub = Graph({n: graph.nodes[n] for n in keep},
-                [edge for edge in graph.edges if edge[0] in keep and edge[1] in keep],
-                graph.reads)
-    return sub
+    return Graph({n: graph.nodes[n] for n in keep},
+                 {edge: None for edge in graph.edges if edge[0] in keep and edge[1] in keep},
+                 graph.reads)
 
 
 def _walk(graph, start, upstream):
-    seen, todo = set(), [start]
+    """Every node reachable from ``start`` against the edges (upstream) or along them."""
+    following = {}
+    for a, b, _ in graph.edges:
+        following.setdefault(b if upstream else a, []).append(a if upstream else b)
+    first = following.get(start, [])
+    if upstream and start in graph.reads:
+        # a feature reads only some of its view's sources (count(*) no join)
+        seen, todo = set(first) | graph.reads[start], list(graph.reads[start])
+    else:
+        seen, todo = set(first), list(first)
     while todo:
-        node = todo.pop()
-        for a, b, _ in graph.edges:
-            nxt = a if upstream else b
-            if (b if upstream else a) != node or nxt in seen:
-                continue
-            if upstream and node == start and start in graph.reads and \
-                    graph.nodes[nxt][0] == "view":
-                # a feature reads only some of its view's sources
-                seen.add(nxt)
-                seen |= graph.reads[start]
-                todo += list(graph.reads[start])
-                continue
-            seen.add(nxt)
-            todo.append(nxt)
+        for node in following.get(todo.pop(), ()):
+            if node not in seen:
+                seen.add(node)
+                todo.append(node)
     return seen
 
 
 def layout(graph):
     """Columns of (id, text, url, kind) for :func:`tally.service.ui.svg.graph`,
     each column ordered by where its nodes' inputs sit (fewer crossings)."""
-    position, columns = {}, []
+    position, columns, inputs = {}, [], {}
+    for a, b, _ in graph.edges:
+        inputs.setdefault(b, []).append(a)
     for kind in COLUMNS:
         nodes = [n for n, (k, _, _) in graph.nodes.items() if k == kind]
         if kind == "topic":
             nodes.sort(key=lambda n: graph.nodes[n][1])
         else:
-            nodes.sort(key=lambda n: _barycentre(graph, n, position))
+            nodes.sort(key=lambda n: _barycentre(inputs.get(n, ()), position))
         for i, n in enumerate(nodes):
             position[n] = i
         columns.append([(n, _label(graph.nodes[n]), graph.nodes[n][2], kind) for n in nodes])
@@ -123,6 +122,6 @@ def _label(node):
     return name.partition(".")[2] if kind == "feature" else name
 
 
-def _barycentre(graph, node, position):
-    inputs = [position[a] for a, b, _ in graph.edges if b == node and a in position]
-    return sum(inputs) / len(inputs) if inputs else float("inf")
+def _barycentre(inputs, position):
+    placed = [position[a] for a in inputs if a in position]
+    return sum(placed) / len(placed) if placed else float("inf")
