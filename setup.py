@@ -81,6 +81,7 @@ setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
     package_data={"tally": ["*.pyi", "py.typed"], "tally.core": ["*.pyi", "*.pxi", "includes/*"],
-                  "tally.service": ["examples/*.py", "examples/*.sql"]},
+                  "tally.service": ["examples/*.py", "examples/*.sql"],
+                  "tally.service.ui": ["*.css", "*.svg"]},
     ext_modules=cython_extensions() + [libtally_extension()],
 )

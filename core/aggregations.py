@@ -98,9 +98,14 @@ def value_type(aggregation, column_type=None):
 def arrow_type(aggregation, column_type=None):
     """The Arrow type of an aggregation's values in a training set: its
     ``value_type`` (top_k<T> is a list of struct<value: T, count: int64>)."""
+    return arrow_of(value_type(aggregation, column_type))
+
+
+def arrow_of(kind):
+    """The Arrow type a training set gives values of value type ``kind``
+    (a derived feature's too)."""
     import pyarrow as pa          # only training sets need it: keep definitions light
     scalars = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
-    kind = value_type(aggregation, column_type)
     if kind.startswith("list<"):
         return pa.list_(scalars[kind[5:-1]])
     if kind.startswith("top_k<"):

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from tally.core import arena as _arena
-from tally.core.aggregations import arrow_type
+from tally.core.aggregations import arrow_of, arrow_type
 from tally.core.definitions import Feature, FeatureService, FeatureView
 from tally.core.errors import TrainingSetError, TrainingSetWarning
 from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, archive_and_topic, is_columns,
@@ -465,9 +465,6 @@ class _Output:
         return array if take is None else array.take(pa.array(take))
 
 
-_ARROW = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
-
-
 def _columns_of(array):
     """An output array as derived features read values online: numbers as
     numpy arrays, strings and lists as objects, (value, count) pairs as tuples."""
@@ -758,7 +755,7 @@ class _Job:
                     values, valid = computed[derived.name]
                     valid = valid & seen
                     arrays[(id(replay.view), derived.name)] = pa.array(
-                        values.tolist(), _ARROW[expression.type], mask=~valid)
+                        values.tolist(), arrow_of(expression.type), mask=~valid)
         return [arrays[(id(r.view), r.feature.name)] for r in self.requested]
 
     def table(self):
@@ -794,7 +791,7 @@ class _Job:
         compute(self.computed, columns, spine_rows.num_rows)
         for entry, evaluator in self.computed:
             values, valid = columns[entry.name]
-            pairs.append((entry.name, pa.array(values.tolist(), _ARROW[evaluator.type],
+            pairs.append((entry.name, pa.array(values.tolist(), arrow_of(evaluator.type),
                                                mask=~valid)))
         return pairs
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything Tally needs on a fresh Debian machine: system packages,
 # the Python package (compiling the Cython core and the C library) with its
-# test dependencies, and the Apache Pulsar distribution from Maven Central.
+# test dependencies (with TALLY_SETUP_BROWSER=1, Debian's Chromium for the
+# browser tests), and the Apache Pulsar distribution from Maven Central.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,11 @@ dpkg -s liblmdb-dev >/dev/null 2>&1 || need_packages+=(liblmdb-dev)
 command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
 command -v java >/dev/null 2>&1 || need_packages+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_packages+=(maven)
+# the browser tests' Chromium (tests/test_ui.py): for the test path only
+# (scripts/test.sh sets TALLY_SETUP_BROWSER=1); about 2 minutes the first time
+if [ "${TALLY_SETUP_BROWSER:-0}" = 1 ]; then
+  command -v chromium >/dev/null 2>&1 || need_packages+=(chromium)
+fi
 if [ ${#need_packages[@]} -gt 0 ]; then
   echo "==> apt-get install ${need_packages[*]}"
   $SUDO apt-get update -qq

@@ -3,5 +3,5 @@
 # tests). Extra arguments go to pytest, e.g. scripts/test.sh -k arena.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+TALLY_SETUP_BROWSER=1 bash scripts/setup.sh
 exec "${PYTHON:-python3}" -m pytest -m "not slow" --timeout 900 "$@"

@@ -13,7 +13,7 @@ import sys
 
 from tally.core.errors import DefinitionError, TallyError
 from tally.service import config
-from tally.service.cli import local, online, registry, stream
+from tally.service.cli import local, online, registry, stream, ui
 
 
 def build_parser():
@@ -24,7 +24,7 @@ def build_parser():
                         f"$TALLY_CONFIG, else the first {config.PROJECT_FILE} found walking "
                         "up from the working directory)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for area in (online, stream, local, registry):
+    for area in (online, stream, local, registry, ui):
         area.add_commands(commands)
     return parser
 

@@ -41,8 +41,8 @@ HTTP_STATUS = {"bad_frame": 400, "not_a_map": 400, "bad_request": 400, "unknown_
                "store_error": 500, "internal": 500, "not_found": 404,
                "method_not_allowed": 405, "headers_too_big": 431,
                "not_implemented": 501, "too_many_connections": 503}
-HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-                405: "Method Not Allowed", 413: "Content Too Large",
+HTTP_REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized",
+                404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
                 431: "Request Header Fields Too Large", 500: "Internal Server Error",
                 501: "Not Implemented", 503: "Service Unavailable"}
 

@@ -382,6 +382,19 @@ class Registry:
                                 actor or deploy.default_actor(), f"rollback from v{current}")
             return self._info(db, kind, name, target)
 
+    def rollback_target(self, ref):
+        """The version a bare ``rollback(ref)`` would make current (the newest
+        older version that has been current), or None: what a UI shows
+        beside the history."""
+        kind, name, _, _ = self._parse_ref(ref)
+        with self._read() as db:
+            kind = self._kind_of(db, name, kind)
+            current = db.execute("SELECT current FROM heads WHERE kind = ? AND name = ?",
+                                 (kind, name)).fetchone()["current"]
+            if current is None:
+                return None
+            return deploy.previous_current(db, kind, name, current)
+
     def _version_number(self, db, kind, name, to):
         if isinstance(to, str):
             _, _, number, _ = self._parse_ref(to if "@" in to else f"{name}@{to}")

@@ -9,13 +9,14 @@ and ``<view>@v<n>`` to version n's; version n's records live in the database
 numbers-only view, layout 2 with strings and lists). Promoting a version rewrites the one schema entry, so
 readers switch atomically.
 """
+import itertools
 import os
 
 import lmdb
 
 from tally.core.errors import RecordError
 from tally.core.events import MAX_KEY_BYTES   # longer (or empty) keys are never stored
-from tally.core.record import ViewSchema, decode_records, encode_keys
+from tally.core.record import ViewSchema, decode_key, decode_records, encode_keys
 from tally.service.store import RecordRefused, StoreError
 
 SCHEMAS_DB = b"__schemas__"
@@ -173,6 +174,15 @@ class LmdbStore:
 
     def get(self, view, key, version=None):
         return self.get_many(view, [key], version)[0]
+
+    def keys(self, view, limit, version=None):
+        """Up to ``limit`` entity keys of the served version of ``view`` (or
+        of ``version``), in the store's key order: entities to sample."""
+        schema = self.schema(view, version)
+        db = self._db(view, schema.version)
+        with self.env.begin(db=db) as txn:
+            raws = itertools.islice(txn.cursor().iternext(values=False), limit)
+            return [decode_key(schema.key_type, raw) for raw in raws]
 
     def count(self, view, version=None):
         db = self._db(view, self.schema(view, version).version)
