@@ -292,9 +292,9 @@ def test_lineage_is_a_picture_both_ways_with_joins(visit):
             "feature:user_taste.avg_length", "service:recommend"} <= titles
     assert "source:read_events" not in titles         # another input of user_taste
     readers = source.page.locator("main table").nth(1).locator("td:nth-child(1)")
-    assert set(readers.all_inner_texts()) == {"user_taste.categories", "user_taste.avg_length",
-                                              "article_info.category",
-                                              "article_info.content_length"}
+    assert set(readers.all_inner_texts()) == {    # derived ones read what their inputs read
+        "user_taste.categories", "user_taste.avg_length", "user_taste.top_category",
+        "user_taste.reading_diversity", "article_info.category", "article_info.content_length"}
     page = visit("/view/user_taste")
     page.page.locator('#lineage svg a[href="/source/articles"]').click()   # boxes are links
     page.page.wait_for_url("**/source/articles")
