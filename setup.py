@@ -6,6 +6,7 @@ site-packages.
 """
 import glob
 import os
+import warnings
 
 import numpy
 from Cython.Build import cythonize
@@ -26,6 +27,11 @@ def package_dirs():
 
 
 PACKAGE_DIRS = package_dirs()
+
+# An editable install of folders mapped into a namespace goes through an import
+# hook, and setuptools says so in a ten-line warning on every install. That is
+# how Tally is installed for development: the warning tells nothing.
+warnings.filterwarnings("ignore", "Editable installation")
 
 # TALLY_DEBUG=1 builds with assertions and bounds checks, for chasing a bug.
 DEBUG = os.environ.get("TALLY_DEBUG") == "1"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The quick start: set up, start a local broker, stream reading events through
-# Tally and print sample lookups and the events/s reached.
+# The quick start: set up (Tally alone, without the test extras), start a
+# local broker, stream reading events through Tally and print sample lookups
+# and the events/s reached. Arguments go to `tally quickstart` (--help).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m tally quickstart "$@"
+source "$(dirname "$0")/setup.sh" quickstart
+exec "$PYTHON" -m tally quickstart "$@"

@@ -2,6 +2,6 @@
 # Set up and run the test suite (unit, property and real-broker integration
 # tests). Extra arguments go to pytest, e.g. scripts/test.sh -k arena.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-TALLY_SETUP_BROWSER=1 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m pytest -m "not slow" --timeout 900 "$@"
+export TALLY_SETUP_BROWSER=1        # the browser tests run in CI
+source "$(dirname "$0")/setup.sh" test
+exec "$PYTHON" -m pytest -m "not slow" --timeout 900 "$@"

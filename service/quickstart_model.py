@@ -50,7 +50,8 @@ def generate(n_events, n_users, n_articles, seed=3):
     return articles, reads
 
 
-def run(n_events=200_000, n_users=10_000, n_articles=5_000, store_path=None, out=None):
+def run(n_events=200_000, n_users=10_000, n_articles=5_000, n_partitions=4, store_path=None,
+        out=None):
     from tally.core.serving import ServedService
     from tally.service.ingest.run import Ingestion
     from tally.service.ingest.service import publish_services
@@ -65,7 +66,7 @@ def run(n_events=200_000, n_users=10_000, n_articles=5_000, store_path=None, out
     print("Starting a local Apache Pulsar broker (first run downloads it from Maven Central)...")
     with LocalPulsar() as broker:
         print(f"  broker ready in {broker.startup_seconds:.1f} s at {broker.service_url}")
-        broker.create_partitioned_topic(model.read_events.topic, 4)
+        broker.create_partitioned_topic(model.read_events.topic, n_partitions)
         broker.create_partitioned_topic(model.articles.topic, 2)
         client = connect(broker.service_url)
         articles, reads = generate(n_events, n_users, n_articles)
@@ -108,20 +109,24 @@ def run(n_events=200_000, n_users=10_000, n_articles=5_000, store_path=None, out
     pq.write_table(table, out)
     print(f"Training set: {table.num_rows:,} rows x {table.num_columns} columns "
           f"(point in time: each row's features as of its ts) -> {out}")
-    print(table.slice(0, 3).to_pandas().to_string(max_colwidth=40))
+    for row in table.slice(0, 3).to_pylist():
+        print(f"  {_rounded(row)}")
     store.close()
     return table
 
 
 def _spine(reads, n_articles, end, rng, n=2_000):
-    """Rows (user, current article, ts, clicked): reads that happened (clicked)
-    and random articles shown at the same moments (not clicked)."""
-    import pandas as pd
+    """Columns (user, current article, ts, clicked): reads that happened
+    (clicked) and random articles shown at the same moments (not clicked)."""
     picked = rng.choice(len(reads), n // 2, replace=False)
-    clicked = [(reads[i]["user"], reads[i]["article"], reads[i]["ts"] - 1, 1) for i in picked]
-    shown = [(reads[i]["user"], int(rng.integers(n_articles)), reads[i]["ts"] - 1, 0)
-             for i in picked]
-    return pd.DataFrame(clicked + shown, columns=["user", "article", "ts", "clicked"])
+    users = np.array([reads[i]["user"] for i in picked])
+    articles = np.array([reads[i]["article"] for i in picked])
+    ts = np.array([reads[i]["ts"] - 1 for i in picked])
+    shown = np.array([int(rng.integers(n_articles)) for _ in picked])
+    return {"user": np.concatenate([users, users]),
+            "article": np.concatenate([articles, shown]),
+            "ts": np.concatenate([ts, ts]),
+            "clicked": np.repeat([1, 0], len(picked))}
 
 
 def _rounded(vector):

@@ -7,43 +7,51 @@ import threading
 from tally.core.errors import UsageError
 from tally.service import config
 
+# events `tally quickstart` produces unless --events says otherwise, by --model
+QUICKSTART_EVENTS = {None: 500_000, "recommend": 200_000}
+
 
 def add_commands(commands):
     dev = commands.add_parser("dev", help="run a local Pulsar broker in the foreground",
                               description="Run a local Apache Pulsar standalone broker on "
                               "127.0.0.1 until Ctrl-C or SIGTERM.")
     dev.add_argument("--port", type=int, default=None,
-                     help="broker port (default: 6650 if free)")
+                     help="broker port (default: 6650, or a free port if it is busy)")
     dev.add_argument("--web-port", type=int, default=None,
-                     help="admin/HTTP port (default: 8080 if free)")
-    dev.add_argument("--data-dir", default=None,
-                     help="keep data here across runs (default: a temp dir, removed)")
+                     help="admin/HTTP port (default: 8080, or a free port if it is busy)")
+    dev.add_argument("--data-dir", metavar="DIR", default=None,
+                     help="keep data here across runs (default: a temporary directory, "
+                     "removed on exit)")
     dev.add_argument("--heap", default="512m", help="JVM heap (default: 512m)")
     dev.add_argument("--max-entries-per-ledger", type=int, default=50000,
                      help="ledger rollover, in entries (default: 50000)")
     dev.add_argument("--tiered-storage", action="store_true",
                      help="offload ledgers to <data dir>/offloaded with the filesystem "
                      "offloader (PUT .../offload), dropping their BookKeeper copies")
-    dev.add_argument("--timeout", type=float, default=180,
+    dev.add_argument("--timeout", type=float, default=180, metavar="SECONDS",
                      help="seconds to wait for the broker to become ready (default: 180)")
     dev.set_defaults(run=cmd_dev)
 
-    quick = commands.add_parser("quickstart", help="run the news-reading example end to end "
-                                "on a local broker", description="Start a local broker, "
-                                "produce reading events, compute the example's features with "
-                                "the production partition workers, print lookups and the "
-                                "events/s reached.")
-    quick.add_argument("--events", type=int, default=500_000,
-                       help="reading events to produce (default: 500,000)")
-    quick.add_argument("--users", type=int, default=10_000,
+    quick = commands.add_parser(
+        "quickstart", help="run the news-reading example end to end on a local broker",
+        description="Start a local broker (Apache Pulsar, fetched from Maven Central the "
+        "first time), produce reading events, compute the example's features with the "
+        "partition workers tally serve runs, and print sample lookups and the events/s "
+        "reached. With --model recommend: the recommendation model's three views (the "
+        "reads joined with an articles changelog), its feature service's vectors and a "
+        "point-in-time training set written to a temporary Parquet file.")
+    quick.add_argument("--events", type=int, metavar="N",
+                       help=f"reading events to produce (default: {QUICKSTART_EVENTS[None]:,}; "
+                       f"{QUICKSTART_EVENTS['recommend']:,} with --model recommend)")
+    quick.add_argument("--users", type=int, default=10_000, metavar="N",
                        help="distinct users (default: 10,000)")
-    quick.add_argument("--partitions", type=int, default=4,
-                       help="partitions of the topic (default: 4)")
-    quick.add_argument("--store", default=config.default("store"),
+    quick.add_argument("--partitions", type=int, default=4, metavar="N",
+                       help="partitions of the reading events' topic (default: 4)")
+    quick.add_argument("--store", default=config.default("store"), metavar="PATH",
                        help=f"online store directory (default: {config.describe('store')})")
     quick.add_argument("--model", choices=["recommend"],
-                       help="run the talk's recommendation model instead: articles joined "
-                       "into reads, its feature service, and a training set")
+                       help="run the recommendation model instead (default: the news-reading "
+                       "example's user_reading view)")
     quick.set_defaults(run=cmd_quickstart)
 
     init = commands.add_parser("init", help=f"start a project: {config.PROJECT_FILE}, a "
@@ -63,12 +71,14 @@ def cmd_init(args):
 
 
 def cmd_quickstart(args):
+    events = QUICKSTART_EVENTS[args.model] if args.events is None else args.events
     if args.model == "recommend":
         from tally.service import quickstart_model
-        quickstart_model.run(min(args.events, 200_000), args.users, store_path=args.store)
+        quickstart_model.run(events, args.users, n_partitions=args.partitions,
+                             store_path=args.store)
         return 0
     from tally.service import quickstart
-    quickstart.run(args.events, args.users, args.partitions, args.store)
+    quickstart.run(events, args.users, args.partitions, args.store)
     return 0
 
 

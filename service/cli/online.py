@@ -12,9 +12,10 @@ def add_commands(commands):
         "NAME ENTITY=KEY... prints the feature vector of one request row, e.g. tally get "
         "--service recommend user=42 article=7")
     get.add_argument("view", nargs="?", help="the view (omit it with --service)")
-    get.add_argument("keys", nargs="+", metavar="key")
-    get.add_argument("--service", help="read this feature service: the keys are "
-                     "entity=key pairs")
+    get.add_argument("keys", nargs="+", metavar="key",
+                     help="entity keys (with --service: entity=key pairs)")
+    get.add_argument("--service", metavar="NAME", help="read this feature service's vector: "
+                     "the keys are entity=key pairs (default: none, read the view)")
     get.add_argument("--store", default=config.default("store"),
                      help=f"store path or URL (default: {config.describe('store')})")
     get.set_defaults(run=cmd_get)
@@ -30,7 +31,7 @@ def add_commands(commands):
     lookups.add_argument("--http-port", type=int, default=config.LOOKUP_HTTP_PORT,
                          help=f"HTTP port (default: {config.LOOKUP_HTTP_PORT}; 0: any)")
     lookups.add_argument("--token", default=None, help="bearer token both ports require "
-                         "(default: $TALLY_TOKEN, which keeps it out of `ps`)")
+                         "(default: $TALLY_TOKEN, which keeps it out of the process list)")
     lookups.add_argument("--max-frame-bytes", type=int, default=1 << 20,
                          help="largest request frame or body (default: 1 MiB)")
     lookups.add_argument("--max-batch", type=int, default=1000,

@@ -229,7 +229,7 @@ def _cmd_promote(args):
 def _add_store_option(parser):
     parser.add_argument("--store", default=None, help="also switch this online store (path "
                         "or URL) to serve that version now, if it holds it (default: the "
-                        "running `tally serve` switches it when it next polls the registry)")
+                        "running tally serve switches it when it next polls the registry)")
 
 
 def _serve_in_store(args, info):
@@ -261,45 +261,55 @@ def add_commands(commands):
 
     apply = add("apply", _cmd_apply, "apply definition files (.py or .sql): store new "
                 "versions of changed definitions")
-    apply.add_argument("files", nargs="+", metavar="file")
+    apply.add_argument("files", nargs="+", metavar="file", help="a .py or .sql file")
     plan = add("plan", _cmd_plan, "show what apply would do (a dry run)")
-    plan.add_argument("files", nargs="+", metavar="file")
+    plan.add_argument("files", nargs="+", metavar="file", help="a .py or .sql file")
     listing = add("list", _cmd_list, "list the current definitions (and candidates)")
-    listing.add_argument("--kind", choices=KINDS)
+    listing.add_argument("--kind", choices=KINDS, help="only this kind (default: all)")
     search = add("search", _cmd_search, "search definitions by name, tag, owner, entity, "
                  "source or topic")
     search.add_argument("text", nargs="?", help="text in a name, feature name or description")
-    for option in ("tag", "owner", "entity", "source", "topic"):
-        search.add_argument(f"--{option}")
-    search.add_argument("--view", help="the feature services reading this view")
-    search.add_argument("--kind", choices=KINDS)
+    for option, what in (("tag", "with"), ("owner", "of"), ("entity", "of"),
+                         ("source", "reading"), ("topic", "reading")):
+        search.add_argument(f"--{option}", help=f"only definitions {what} this {option} "
+                            "(default: any)")
+    search.add_argument("--view", help="the feature services reading this view "
+                        "(default: any)")
+    search.add_argument("--kind", choices=KINDS, help="only this kind (default: all)")
     describe = add("describe", _cmd_describe, "describe a definition (name, name@vN, "
                    "kind:name)")
-    describe.add_argument("ref")
-    describe.add_argument("--kind", choices=KINDS)
+    describe.add_argument("ref", help="name, name@vN or kind:name")
+    describe.add_argument("--kind", choices=KINDS, help="the kind, when several share the "
+                          "name (default: the name's only kind)")
     describe.add_argument("--sql", action="store_true", help="print the definition as SQL")
     diff = add("diff", _cmd_diff, "differences between two versions (name@v1 name@v2), or "
                "of one version against the one before")
-    diff.add_argument("ref")
-    diff.add_argument("other", nargs="?")
+    diff.add_argument("ref", help="name or name@vN")
+    diff.add_argument("other", nargs="?", help="the version to compare it with, name@vN "
+                      "(default: for name@vN the version before; for a name its candidate, "
+                      "else the version before)")
     rollback = add("rollback", _cmd_rollback, "re-point a name's current version (by "
                    "default to the previous one)")
-    rollback.add_argument("ref")
-    rollback.add_argument("--to", help="the version to make current, e.g. v2")
+    rollback.add_argument("ref", help="name or kind:name (name@vN: roll back to vN)")
+    rollback.add_argument("--to", help="the version to make current, e.g. v2 (default: the "
+                          "newest older version that has been current)")
     _add_store_option(rollback)
     lineage = add("lineage", _cmd_lineage, "lineage: feature -> view -> source -> topic -> "
                   "fields, or the features reading a topic/source")
     lineage.add_argument("ref", nargs="?", help="view, view.feature or source")
-    lineage.add_argument("--topic", help="the features reading this topic")
-    lineage.add_argument("--source", help="the features reading this source")
-    lineage.add_argument("--field", help="... only those reading this field")
+    lineage.add_argument("--topic", help="the features reading this topic (default: none, "
+                         "the lineage of ref)")
+    lineage.add_argument("--source", help="the features reading this source (default: none, "
+                         "the lineage of ref)")
+    lineage.add_argument("--field", help="... only those reading this field (default: any)")
     lineage.add_argument("--all-versions", action="store_true",
                          help="include retired and cancelled versions")
     versions = add("versions", _cmd_versions, "every version of a name")
-    versions.add_argument("ref")
+    versions.add_argument("ref", help="name or kind:name")
     changes = add("changes", _cmd_changes, "the registry's change log (what the service "
                   "polls)")
-    changes.add_argument("--since", type=int, default=0)
+    changes.add_argument("--since", type=int, default=0, metavar="N",
+                         help="only the changes after change number N (default: 0, all)")
     promote = add("promote", _cmd_promote, "make a candidate current (what the service does "
                   "when it has caught up)")
     promote.add_argument("ref", help="the candidate, e.g. user_reading@v3")

@@ -16,7 +16,7 @@ def add_commands(commands):
     _add_training_set(commands)
     topic = commands.add_parser("create-topic", help="create a partitioned topic (state is "
                                 "sharded by partition)")
-    topic.add_argument("topic")
+    topic.add_argument("topic", help="the topic's name, e.g. read_events")
     topic.add_argument("--partitions", type=int, default=4, help="partitions (default: 4)")
     topic.add_argument("--admin", default=config.default("admin"),
                        help=f"Pulsar admin URL (default: {config.describe('admin')})")
@@ -41,9 +41,10 @@ def _add_serve(commands):
         "write the online store, checkpoint every few seconds. SIGTERM checkpoints and exits 0.")
     serve.add_argument("definitions", nargs="?",
                        help="a .py or .sql file of feature views (or use --registry)")
-    serve.add_argument("--registry", help="follow the views applied to this registry: new "
-                       "versions are computed alongside and promoted once caught up "
-                       f"(default without a definitions file: {config.describe('registry')})")
+    serve.add_argument("--registry", metavar="PATH", help="follow the views applied to this "
+                       "registry: new versions are computed alongside and promoted once "
+                       "caught up (default without a definitions file: "
+                       f"{config.describe('registry')})")
     serve.add_argument("--views", help="comma-separated view names (default: all)")
     _add_store_options(serve)
     serve.add_argument("--name", help="consumer name of this process (default: host-pid)")
@@ -53,8 +54,8 @@ def _add_serve(commands):
     serve.add_argument("--admin", metavar="URL", default=config.configured("admin"),
                        help="the broker's admin REST URL (e.g. http://127.0.0.1:8080): "
                        "versions without a checkpoint are then bootstrapped from history by "
-                       "parallel readers (without it, they read it through their "
-                       "subscription; default: $TALLY_ADMIN or tally.toml)")
+                       "parallel readers, else they read it through their subscription "
+                       "(default: $TALLY_ADMIN or tally.toml, else none)")
     serve.add_argument("--bootstrap-readers", type=int, metavar="N",
                        help="reader processes per bootstrap (default: the number of cores)")
     serve.add_argument("--metrics", default=config.default("metrics"), metavar="HOST:PORT",
@@ -122,24 +123,25 @@ def _add_bootstrap(commands):
         "bootstrap", help="compute a view's state from all of history with parallel readers "
         "(archive, offloaded and BookKeeper ledgers) and hand it over to tally serve",
         description="Compute a view's state from all of its history (archive, offloaded and "
-        "BookKeeper ledgers) with parallel readers, and hand it over to `tally serve` at an "
+        "BookKeeper ledgers) with parallel readers, and hand it over to tally serve at an "
         "exact cut.")
     bootstrap.add_argument("target", help="a view name in the registry (its candidate, else "
                            "its current version), or a .py/.sql file of feature views")
-    bootstrap.add_argument("--view", help="with a file: the view (needed if it has several)")
-    bootstrap.add_argument("--registry", default=None,
+    bootstrap.add_argument("--view", help="with a file: the view to compute (default: the "
+                           "file's only view)")
+    bootstrap.add_argument("--registry", default=None, metavar="PATH",
                            help=f"the registry (default: {config.describe('registry')})")
     bootstrap.add_argument("--version", type=int, help="with a file: the version number its "
                            "records are written under (default: 1)")
     bootstrap.add_argument("--candidate", action="store_true",
                            help="with a file: write the records as a candidate (not served "
                            "until promoted)")
-    bootstrap.add_argument("--readers", type=int, default=os.cpu_count(),
+    bootstrap.add_argument("--readers", type=int, default=os.cpu_count(), metavar="N",
                            help="reader processes (default: the number of cores)")
     bootstrap.add_argument("--archive", help="a Parquet archive older than the topic "
                            "(default: the source's archive)")
     _add_store_options(bootstrap)
-    bootstrap.add_argument("--admin", default=config.default("admin"),
+    bootstrap.add_argument("--admin", default=config.default("admin"), metavar="URL",
                            help="the broker's admin REST URL, for ledger lists "
                            f"(default: {config.describe('admin')})")
     bootstrap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -211,26 +213,32 @@ def _add_training_set(commands):
     training = commands.add_parser(
         "training-set", help="point-in-time training data: the spine's rows joined with "
         "feature values as of each row's time, replayed by the online engine")
-    training.add_argument("--spine", required=True, help="Parquet file: entity key column(s), "
+    training.add_argument("--spine", required=True, metavar="FILE",
+                          help="Parquet file: entity key column(s), "
                           "a timestamp column (epoch ms) and labels")
     training.add_argument("--features", required=True, metavar="VIEW:FEATURE,...",
                           help="comma-separated view:feature (or view) references")
     training.add_argument("--definitions", action="append", metavar="FILE",
-                          help="a .py or .sql file of views (repeatable)")
-    training.add_argument("--registry", metavar="PATH", help="resolve views in this registry")
+                          help="a .py or .sql file of views, repeatable (default: none, the "
+                          "views come from --registry)")
+    training.add_argument("--registry", metavar="PATH", help="resolve views in this registry "
+                          "(default: none, only the --definitions files)")
     training.add_argument("--pulsar", metavar="URL", help="read each source's topic from this "
-                          "broker (earliest to now); without it, sources need an archive")
+                          "broker, earliest to now (default: none, the sources' archives only)")
     training.add_argument("--admin", metavar="URL", help="the broker's admin REST URL: read "
-                          "the topics with parallel reader processes, as a bootstrap does")
-    training.add_argument("--readers", type=int, help="reader processes with --admin "
-                          "(default: the number of cores)")
-    training.add_argument("--out", required=True, help="the Parquet file to write")
-    training.add_argument("--timestamp-column", help="spine time column (default: ts, "
-                          "timestamp, event_timestamp or event_time)")
+                          "the topics with parallel reader processes, as a bootstrap does "
+                          "(default: none, one reader in this process)")
+    training.add_argument("--readers", type=int, metavar="N", help="reader processes with "
+                          "--admin (default: the number of cores)")
+    training.add_argument("--out", required=True, metavar="FILE",
+                          help="the Parquet file to write")
+    training.add_argument("--timestamp-column", metavar="COLUMN", help="spine time column "
+                          "(default: the first of ts, timestamp, event_timestamp and event_time)")
     training.add_argument("--key", action="append", metavar="ENTITY=COLUMN",
-                          help="the spine column holding an entity's keys")
-    training.add_argument("--spill-dir", help="where to spill sorted runs (default: a "
-                          "temporary directory)")
+                          help="the spine column holding an entity's keys, repeatable "
+                          "(default: the column named after the entity)")
+    training.add_argument("--spill-dir", metavar="DIR", help="where to spill sorted runs "
+                          "(default: a temporary directory)")
     training.set_defaults(run=cmd_training_set)
 
 
