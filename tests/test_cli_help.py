@@ -74,4 +74,4 @@ def test_the_quickstart_runs_with_the_defaults_its_help_states(argv, runs, expec
     assert "reading events to produce (default: 500,000; 200,000 with --model recommend)" in text
     assert "distinct users (default: 10,000)" in text
     assert "partitions of the reading events' topic (default: 4)" in text
-    assert "(default: $TALLY_STORE, else .tally/store)" in text
+    assert "(default: $TALLY_STORE, tally.toml, else .tally/store)" in text

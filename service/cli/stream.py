@@ -43,7 +43,7 @@ def _add_serve(commands):
                        help="a .py or .sql file of feature views (or use --registry)")
     serve.add_argument("--registry", metavar="PATH", help="follow the views applied to this "
                        "registry: new versions are computed alongside and promoted once "
-                       "caught up (default without a definitions file: "
+                       "caught up (default: without a definitions file, "
                        f"{config.describe('registry')})")
     serve.add_argument("--views", help="comma-separated view names (default: all)")
     _add_store_options(serve)

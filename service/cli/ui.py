@@ -21,7 +21,7 @@ def add_commands(commands):
                     help=f"address to bind (default: {config.LOOKUP_HOST})")
     ui.add_argument("--port", type=int, default=8257, help="HTTP port (default: 8257; 0: any)")
     ui.add_argument("--token", default=None, help="bearer token every page requires "
-                    "(default: $TALLY_TOKEN, which keeps it out of `ps`)")
+                    "(default: $TALLY_TOKEN, which keeps it out of ps)")
     ui.set_defaults(run=cmd_ui)
 
 
