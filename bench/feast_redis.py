@@ -6,8 +6,10 @@ Feast runs in an interpreter of its own (``--feast-python``: a venv with
 runs it, and reads back its figures. The job names the views (entity, typed
 fields, one row of values per entity key: the records Tally serves), loaded
 into Redis through ``write_to_online_store``; with ``on_demand`` the feature
-service also holds the model's on-demand feature view (``recommend_request``
-below: Feast's request-time transformation, in its ``python`` mode). The
+service also holds one of the model's on-demand feature views
+(``recommend_request`` below, or ``recommend_request_histogram``, which also
+derives two features from a stored histogram per request): Feast's
+request-time transformations, in their ``python`` mode. The
 driver measures ``get_online_features`` with the service, with the
 open-loop driver of ``bench/lookup.py`` (sent as source), so both sides are
 measured the same way, and answers the job's ``check`` rows for the
@@ -33,7 +35,8 @@ from feast.types import Array, Float64, Int64, String
 
 {driver}
 
-TYPES = {{"int64": Int64, "float64": Float64, "string": String, "list<int64>": Array(Int64)}}
+TYPES = {{"int64": Int64, "float64": Float64, "string": String, "list<int64>": Array(Int64),
+         "list<string>": Array(String)}}
 
 
 def view(spec, entity, repo, when):
@@ -71,7 +74,42 @@ def recommend_request(views):
     return recommend_request
 
 
-ON_DEMAND = {{"recommend_request": recommend_request}}
+def recommend_request_histogram(views):
+    \"\"\"recommend_request's columns, and the user's top category and reading
+    diversity derived from the stored category histogram (as Tally's
+    TOP_VALUE and ENTROPY in bits).\"\"\"
+    candidate = RequestSource(name="candidate",
+                              schema=[Field(name="request_article", dtype=Int64)])
+
+    @on_demand_feature_view(
+        sources=[views["user_history"], views["user_taste"], views["article_info"], candidate],
+        schema=[Field(name="top_category", dtype=String),
+                Field(name="reading_diversity", dtype=Float64),
+                Field(name="current_article", dtype=Int64),
+                Field(name="in_top_category", dtype=Int64),
+                Field(name="just_read", dtype=Int64)],
+        mode="python")
+    def recommend_request_histogram(inputs):
+        import math                     # Feast runs the function's source on its own
+        top_category, diversity, in_top, just_read = [], [], [], []
+        for values, counts, category, last_5, article in zip(
+                inputs["categories"], inputs["category_counts"], inputs["article_category"],
+                inputs["last_5_articles"], inputs["request_article"]):
+            top = values[0] if values else None
+            total = float(sum(counts)) if counts else 0.0
+            top_category.append(top)
+            diversity.append(-sum((c / total) * math.log2(c / total) for c in counts if c > 0)
+                             + 0.0 if counts else None)
+            in_top.append(None if category is None or top is None else int(category == top))
+            just_read.append(None if last_5 is None else int(article in last_5))
+        return {{"top_category": top_category, "reading_diversity": diversity,
+                "current_article": inputs["request_article"], "in_top_category": in_top,
+                "just_read": just_read}}
+    return recommend_request_histogram
+
+
+ON_DEMAND = {{"recommend_request": recommend_request,
+             "recommend_request_histogram": recommend_request_histogram}}
 
 
 def main():

@@ -153,6 +153,11 @@ class Recommend:
         from tally.service.quickstart_model import generate
         from tally.service.examples import recommend as model
         self.model = model
+        if args.feast_histogram:
+            self.on_demand = "recommend_request_histogram"
+            self.fields = dict(self.fields, user_taste=(
+                ("categories", "list<string>"), ("category_counts", "list<int64>"),
+                ("avg_length", "float64")))
         self.n_articles = args.articles
         started = time.perf_counter()
         articles, reads = generate(args.events, args.users, args.articles)
@@ -213,16 +218,28 @@ class Recommend:
                            for r in store.get_many(view, keys[entity][start:start + 10_000])]
                 present = [k for k, r in zip(keys[entity], records) if r is not None]
                 records = [r for r in records if r is not None]
+                columns = {alias: [r[feature] for r in records]
+                           for feature, alias in served[view]}
+                if "categories" in dict(self.fields[view]):
+                    columns.update(_histogram(records))
                 specs.append({"name": view, "entity": entity, "fields": self.fields[view],
                               "keys": present,
-                              "columns": {alias: [r[feature] for r in records]
-                                          for feature, alias in served[view]}})
+                              "columns": {name: columns[name]
+                                          for name, _ in self.fields[view]}})
         return specs
 
     @staticmethod
     def feast_row(row):
         """Feast reads the candidate as request data, beside the join key."""
         return dict(row, request_article=row["article"])
+
+
+def _histogram(records):
+    """user_taste's category histogram as Feast stores it: the values and
+    their counts, two arrays (Feast has no list of pairs)."""
+    pairs = [r["categories"] or [] for r in records]
+    return {"categories": [[value for value, _ in p] for p in pairs],
+            "category_counts": [[count for _, count in p] for p in pairs]}
 
 
 def _columns(rows, schema):
@@ -362,6 +379,10 @@ def run(quick=False, argv=()):
     parser.add_argument("--repeats", type=int, default=1 if quick else 3)
     parser.add_argument("--feast-python", default=DEFAULT_FEAST_PYTHON,
                         help="python of a venv with feast[redis]; empty: skip Feast")
+    parser.add_argument("--feast-histogram", action="store_true",
+                        help="--model recommend: Feast stores the category histogram and "
+                        "its on-demand view derives top_category and reading_diversity "
+                        "per request (by default both are stored, as Tally stores them)")
     parser.add_argument("--aerospike", help="host:port of an Aerospike server (namespace "
                         "test): adds Tally over Aerospike and the raw client")
     args = parser.parse_args(list(argv))
@@ -402,7 +423,7 @@ def run(quick=False, argv=()):
               "articles": args.articles, "sample": checked[0], "figures": figures,
               "ratios": ratios(figures)}
     if args.model == "recommend":
-        result["events"] = args.events
+        result.update(events=args.events, feast_histogram=args.feast_histogram)
     if feast_check is not None:
         result["feast_agrees"] = agreement(checked, feast_check)
     print_table(figures, result["ratios"], result.get("feast_agrees"))
