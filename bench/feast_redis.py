@@ -146,7 +146,8 @@ def main():
                "check": [dict(zip(checked, values)) for values in zip(*checked.values())]}}
     for size, batches in job["batches"].items():
         results[size] = repeated(lambda: measure(call, batches, job["rates"][size],
-                                                 job["seconds"], job["warmup"]),
+                                                 job["seconds"], job["warmup"],
+                                                 pids=(job["redis_pid"],)),
                                  job["repeats"])
     print(json.dumps(results))
 
@@ -160,9 +161,9 @@ def feast_service(python, workdir, redis_port, job, batches, rates, seconds, war
     ``job``: ``service`` (its name), ``views`` (each a dict: ``name``,
     ``entity``, ``fields`` [(name, value type)], ``keys`` and ``columns``
     {field: value per key}), ``on_demand`` (None or the name of an on-demand
-    feature view of the driver's) and ``check`` (entity rows whose vectors
-    come back under ``check``); ``batches``: per batch size, lists of entity
-    rows."""
+    feature view of the driver's), ``check`` (entity rows whose vectors come
+    back under ``check``) and ``redis_pid`` (its CPU is counted with Feast's);
+    ``batches``: per batch size, lists of entity rows."""
     if not python or not os.path.exists(python):
         return {"skipped": f"no Feast interpreter at {python!r} (python -m venv "
                            "/tmp/feastenv && /tmp/feastenv/bin/pip install 'feast[redis]')"}

@@ -270,8 +270,8 @@ def tally_figures(url, case, batches, check, args):
             def call(rows):
                 return client.service(case.service, rows)
             return call(check), {size: repeated(lambda: measure(
-                call, batches[size], RATES[size], args.seconds, args.warmup), args.repeats)
-                                 for size in SIZES}
+                call, batches[size], RATES[size], args.seconds, args.warmup,
+                pids=(server.pid,)), args.repeats) for size in SIZES}
     finally:
         server.terminate()
         server.wait()
@@ -410,7 +410,7 @@ def run(quick=False, argv=()):
                    "check": [case.feast_row(row) for row in check]}
             figures["feast"] = feast_service(
                 args.feast_python if redis else None, workdir,
-                redis and int(redis.args[2]), job,
+                redis and int(redis.args[2]), dict(job, redis_pid=redis and redis.pid),
                 {size: [[case.feast_row(row) for row in rows] for rows in sized]
                  for size, sized in batches.items()},
                 RATES, args.seconds, args.warmup, args.repeats)
@@ -461,7 +461,7 @@ def print_table(figures, found, agrees=None):
             if row:
                 print(f"{side:16} {size:>4} rows  p50 {row['p50_us']:>8} us  p99 "
                       f"{row['p99_us']:>8} us  at {row['rate']}/s  cpu wait "
-                      f"{row.get('cpu_wait_share')}")
+                      f"{row.get('cpu_wait_share')}  cpu/call {row.get('cpu_us_per_call')} us")
     for name, value in found.items():
         print(f"{name}: {value}")
     if agrees:
