@@ -3,12 +3,17 @@ feature-service lookups (``bench/services.py``).
 
 Feast runs in an interpreter of its own (``--feast-python``: a venv with
 ``feast[redis]``), so this module only writes the job and the driver script,
-runs it, and reads back its figures. The driver loads the same three views
-as the Tally side -- a float per user, a list of 5 int64 article ids per
-user, a float per article -- into Redis through ``write_to_online_store``,
-defines one feature service over them, and measures ``get_online_features``
-with the service, with the open-loop driver of ``bench/lookup.py`` (sent as
-source), so both sides are measured the same way.
+runs it, and reads back its figures. The job names the views (entity, typed
+fields, one row of values per entity key: the records Tally serves), loaded
+into Redis through ``write_to_online_store``; with ``on_demand`` the feature
+service also holds one of the model's on-demand feature views
+(``recommend_request`` below, or ``recommend_request_histogram``, which also
+derives two features from a stored histogram per request): Feast's
+request-time transformations, in their ``python`` mode. The
+driver measures ``get_online_features`` with the service, with the
+open-loop driver of ``bench/lookup.py`` (sent as source), so both sides are
+measured the same way, and answers the job's ``check`` rows for the
+comparison with Tally's vectors.
 """
 import json
 import os
@@ -20,23 +25,96 @@ from tally.bench.lookup import DRIVER_SOURCE
 FEAST_DRIVER = """
 import json, os, sys, time
 from datetime import timedelta
-import numpy as np, pandas as pd
-from feast import Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource, ValueType
+import pandas as pd
+from feast import (Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource,
+                   RequestSource, ValueType)
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+from feast.on_demand_feature_view import on_demand_feature_view
 from feast.repo_config import RegistryConfig, RepoConfig
-from feast.types import Array, Float64, Int64
+from feast.types import Array, Float64, Int64, String
 
 {driver}
 
-def view(name, entity, fields, frame, repo):
-    path = os.path.join(repo, name + ".parquet")
+TYPES = {{"int64": Int64, "float64": Float64, "string": String, "list<int64>": Array(Int64),
+         "list<string>": Array(String)}}
+
+
+def view(spec, entity, repo, when):
+    frame = pd.DataFrame({{spec["entity"]: spec["keys"], **spec["columns"], "event_timestamp": when}})
+    path = os.path.join(repo, spec["name"] + ".parquet")
     frame.to_parquet(path)
-    return FeatureView(name=name, entities=[entity], ttl=timedelta(days=36500), schema=fields,
-                       online=True, source=FileSource(path=path, timestamp_field="event_timestamp"))
+    fields = [Field(name=name, dtype=TYPES[kind]) for name, kind in spec["fields"]]
+    return FeatureView(name=spec["name"], entities=[entity], ttl=timedelta(days=36500),
+                       schema=fields, online=True,
+                       source=FileSource(path=path, timestamp_field="event_timestamp")), frame
+
+
+def recommend_request(views):
+    \"\"\"The talk's model's request-time columns, as Feast writes them: the
+    candidate article comes as request data (Feast reads a join key only to
+    look rows up, never as an input of a transformation).\"\"\"
+    candidate = RequestSource(name="candidate",
+                              schema=[Field(name="request_article", dtype=Int64)])
+
+    @on_demand_feature_view(
+        sources=[views["user_history"], views["user_taste"], views["article_info"], candidate],
+        schema=[Field(name="current_article", dtype=Int64),
+                Field(name="in_top_category", dtype=Int64),
+                Field(name="just_read", dtype=Int64)],
+        mode="python")
+    def recommend_request(inputs):
+        in_top, just_read = [], []
+        for category, top, last_5, article in zip(
+                inputs["article_category"], inputs["top_category"],
+                inputs["last_5_articles"], inputs["request_article"]):
+            in_top.append(None if category is None or top is None else int(category == top))
+            just_read.append(None if last_5 is None else int(article in last_5))
+        return {{"current_article": inputs["request_article"], "in_top_category": in_top,
+                "just_read": just_read}}
+    return recommend_request
+
+
+def recommend_request_histogram(views):
+    \"\"\"recommend_request's columns, and the user's top category and reading
+    diversity derived from the stored category histogram (as Tally's
+    TOP_VALUE and ENTROPY in bits).\"\"\"
+    candidate = RequestSource(name="candidate",
+                              schema=[Field(name="request_article", dtype=Int64)])
+
+    @on_demand_feature_view(
+        sources=[views["user_history"], views["user_taste"], views["article_info"], candidate],
+        schema=[Field(name="top_category", dtype=String),
+                Field(name="reading_diversity", dtype=Float64),
+                Field(name="current_article", dtype=Int64),
+                Field(name="in_top_category", dtype=Int64),
+                Field(name="just_read", dtype=Int64)],
+        mode="python")
+    def recommend_request_histogram(inputs):
+        import math                     # Feast runs the function's source on its own
+        top_category, diversity, in_top, just_read = [], [], [], []
+        for values, counts, category, last_5, article in zip(
+                inputs["categories"], inputs["category_counts"], inputs["article_category"],
+                inputs["last_5_articles"], inputs["request_article"]):
+            top = values[0] if values else None
+            total = float(sum(counts)) if counts else 0.0
+            top_category.append(top)
+            diversity.append(-sum((c / total) * math.log2(c / total) for c in counts if c > 0)
+                             + 0.0 if counts else None)
+            in_top.append(None if category is None or top is None else int(category == top))
+            just_read.append(None if last_5 is None else int(article in last_5))
+        return {{"top_category": top_category, "reading_diversity": diversity,
+                "current_article": inputs["request_article"], "in_top_category": in_top,
+                "just_read": just_read}}
+    return recommend_request_histogram
+
+
+ON_DEMAND = {{"recommend_request": recommend_request,
+             "recommend_request_histogram": recommend_request_histogram}}
+
 
 def main():
     job = json.load(open(sys.argv[1]))
-    repo, data = job["repo"], job["data"]
+    repo = job["repo"]
     config = RepoConfig(project="bench", provider="local",
                         registry=RegistryConfig(path=os.path.join(repo, "registry.db")),
                         online_store=RedisOnlineStoreConfig(
@@ -44,38 +122,32 @@ def main():
                         entity_key_serialization_version=3)
     store = FeatureStore(config=config)
     when = pd.Timestamp("2023-11-14", tz="UTC")
-    users = pd.DataFrame({{"user": np.arange(len(data["total_readtime"]), dtype=np.int64),
-                          "total_readtime": np.array(data["total_readtime"]),
-                          "event_timestamp": when}})
-    recent = pd.DataFrame({{"user": users["user"],
-                           "recent_articles": [list(map(int, a)) for a in data["recent_articles"]],
-                           "event_timestamp": when}})
-    articles = pd.DataFrame({{"article": np.arange(len(data["avg_length"]), dtype=np.int64),
-                             "avg_length": np.array(data["avg_length"]), "event_timestamp": when}})
-    user = Entity(name="user", join_keys=["user"], value_type=ValueType.INT64)
-    article = Entity(name="article", join_keys=["article"], value_type=ValueType.INT64)
-    views = [view("user_reading", user, [Field(name="total_readtime", dtype=Float64)], users, repo),
-             view("user_reading_7d", user, [Field(name="recent_articles", dtype=Array(Int64))],
-                  recent, repo),
-             view("article_stats", article, [Field(name="avg_length", dtype=Float64)],
-                  articles, repo)]
-    service = FeatureService(name="recommend", features=views)
-    store.apply([user, article, *views, service])
+    entities = {{name: Entity(name=name, join_keys=[name], value_type=ValueType.INT64)
+                for name in dict.fromkeys(spec["entity"] for spec in job["views"])}}
+    views, frames = {{}}, {{}}
+    for spec in job["views"]:
+        views[spec["name"]], frames[spec["name"]] = view(spec, entities[spec["entity"]], repo,
+                                                         when)
+    features = list(views.values())
+    if job["on_demand"]:
+        features.append(ON_DEMAND[job["on_demand"]](views))
+    service = FeatureService(name=job["service"], features=features)
+    store.apply([*entities.values(), *features, service])
     started = time.perf_counter()
-    for v, frame in zip(views, (users, recent, articles)):
-        store.write_to_online_store(v.name, frame)
+    for name, frame in frames.items():
+        store.write_to_online_store(name, frame)
     loaded = time.perf_counter() - started
-    service = store.get_feature_service("recommend")
+    service = store.get_feature_service(job["service"])
 
     def call(rows):
-        return store.get_online_features(
-            features=service, entity_rows=[{{"user": u, "article": a}} for u, a in rows]).to_dict()
-    sample = call([job["sample"]])
+        return store.get_online_features(features=service, entity_rows=rows).to_dict()
+    checked = call(job["check"])
     results = {{"load_seconds": round(loaded, 1),
-               "sample": {{k: v[0] for k, v in sample.items()}}}}
+               "check": [dict(zip(checked, values)) for values in zip(*checked.values())]}}
     for size, batches in job["batches"].items():
         results[size] = repeated(lambda: measure(call, batches, job["rates"][size],
-                                                 job["seconds"], job["warmup"]),
+                                                 job["seconds"], job["warmup"],
+                                                 pids=(job["redis_pid"],)),
                                  job["repeats"])
     print(json.dumps(results))
 
@@ -83,23 +155,24 @@ main()
 """
 
 
-def feast_service(python, workdir, redis_port, data, batches, rates, seconds, warmup,
-                  repeats):
+def feast_service(python, workdir, redis_port, job, batches, rates, seconds, warmup, repeats):
     """Figures of Feast's feature-service lookups, or the reason they were skipped.
 
-    ``data``: ``total_readtime`` (per user), ``recent_articles`` (lists, per
-    user), ``avg_length`` (per article); ``batches``: per batch size, lists of
-    (user, article) rows."""
+    ``job``: ``service`` (its name), ``views`` (each a dict: ``name``,
+    ``entity``, ``fields`` [(name, value type)], ``keys`` and ``columns``
+    {field: value per key}), ``on_demand`` (None or the name of an on-demand
+    feature view of the driver's), ``check`` (entity rows whose vectors come
+    back under ``check``) and ``redis_pid`` (its CPU is counted with Feast's);
+    ``batches``: per batch size, lists of entity rows."""
     if not python or not os.path.exists(python):
         return {"skipped": f"no Feast interpreter at {python!r} (python -m venv "
                            "/tmp/feastenv && /tmp/feastenv/bin/pip install 'feast[redis]')"}
     repo = Path(workdir) / "feast-redis"
     repo.mkdir()
-    job = {"repo": str(repo), "redis_port": redis_port, "data": data,
-           "sample": batches[min(batches)][0][0],
-           "rates": {str(size): rate for size, rate in rates.items()},
-           "seconds": seconds, "warmup": warmup, "repeats": repeats,
-           "batches": {str(size): b for size, b in batches.items()}}
+    job = dict(job, repo=str(repo), redis_port=redis_port,
+               rates={str(size): rate for size, rate in rates.items()},
+               seconds=seconds, warmup=warmup, repeats=repeats,
+               batches={str(size): b for size, b in batches.items()})
     (repo / "job.json").write_text(json.dumps(job))
     script = repo / "driver.py"
     script.write_text(FEAST_DRIVER.format(driver=DRIVER_SOURCE))

@@ -112,9 +112,25 @@ def cpu_stall_seconds():
         return None
 
 
-def measure(call, batches, rate, seconds, warmup_seconds):
-    """Open-loop figures at ``rate``, or at half the back-to-back rate if lower."""
+def cpu_seconds(pids=()):
+    """CPU seconds used so far by this process and the processes ``pids``
+    (a server, read from Linux's /proc): a request's cost in CPU, which
+    waiting for a CPU on a shared machine does not inflate."""
+    total = time.process_time()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def measure(call, batches, rate, seconds, warmup_seconds, pids=()):
+    """Open-loop figures at ``rate``, or at half the back-to-back rate if
+    lower; ``cpu_us_per_call``: the CPU of this process and ``pids`` per call
+    back to back (the warm-up: no idle spinning of the driver counted)."""
+    cpu, done = cpu_seconds(pids), time.perf_counter()
     reached = capacity(call, batches, warmup_seconds)
+    cpu_per_call = (cpu_seconds(pids) - cpu) / (reached * (time.perf_counter() - done))
     used = min(rate, reached / 2)
     count = max(200, int(used * seconds))
     stalled, started = cpu_stall_seconds(), time.perf_counter()
@@ -123,7 +139,8 @@ def measure(call, batches, rate, seconds, warmup_seconds):
     if stalled is not None:
         share = (cpu_stall_seconds() - stalled) / (time.perf_counter() - started)
         figures["cpu_wait_share"] = round(share, 3)
-    return dict(figures, rate=round(used), back_to_back_per_s=round(reached))
+    return dict(figures, rate=round(used), back_to_back_per_s=round(reached),
+                cpu_us_per_call=round(cpu_per_call * 1e6, 1))
 
 
 def repeated(measure_once, repeats):
@@ -138,7 +155,7 @@ def repeated(measure_once, repeats):
 
 DRIVER_SOURCE = "\n\n".join(inspect.getsource(f) for f in
                             (wait_until, open_loop, capacity, summarize, cpu_stall_seconds,
-                             measure, repeated))
+                             cpu_seconds, measure, repeated))
 
 
 # ---- data -----------------------------------------------------------------------

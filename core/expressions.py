@@ -80,6 +80,9 @@ class Expression:
         """``types``: {name: value type} of the names it may read."""
         self.text = text
         self.node = parse_expression(text)
+        # each column node's name, found once: sqlglot's name accessors cost
+        # microseconds, and a lookup server evaluates on every request
+        self._names = {id(c): _name(c) for c in self.node.find_all(exp.Column)}
         self.types = types
         self.type = self._type(self.node)
         self.names = referenced(text)
@@ -94,7 +97,7 @@ class Expression:
         if isinstance(node, exp.Paren):
             return self._type(node.this)
         if isinstance(node, exp.Column):
-            name = _name(node)
+            name = self._names[id(node)]
             if name not in self.types:
                 import difflib
                 close = difflib.get_close_matches(name, list(self.types), n=1)
@@ -181,7 +184,7 @@ class Expression:
         if isinstance(node, exp.Paren):
             return self._eval(node.this, columns, n)
         if isinstance(node, exp.Column):
-            values, valid = columns[_name(node)]
+            values, valid = columns[self._names[id(node)]]
             return values, np.asarray(valid, bool)
         if isinstance(node, exp.Literal):
             kind = self._type(node)
@@ -207,9 +210,8 @@ class Expression:
                 self._eval(node.expression, columns, n)
             valid = va & vb
             op = _OPS[_COMPARISONS[type(node)]]
-            if a.dtype == object or b.dtype == object:
-                out = np.fromiter((bool(op(x, y)) if ok else False
-                                   for x, y, ok in zip(a, b, valid)), bool, n)
+            if a.dtype == object or b.dtype == object:      # strings (types checked)
+                out = op(np.where(valid, a, ""), np.where(valid, b, "")).astype(bool)
             else:
                 out = op(_numbers(a, valid), _numbers(b, valid))
             return out.astype(np.int64), valid
@@ -252,10 +254,11 @@ class Expression:
             pairs = self._type(args[0]).startswith("top_k<")
             out = np.zeros(n, np.int64)
             valid = valid & needle_valid
+            needles = needle.tolist()           # Python values: a list holds Python ints
             for i in np.flatnonzero(valid).tolist():
                 items = values[i]
                 items = [p[0] for p in items] if pairs else items
-                out[i] = needle[i] in items
+                out[i] = needles[i] in items
             return out, valid
         out = np.empty(n, dtype=object if name == "TOP_VALUE" else
                        (np.float64 if name == "ENTROPY" else np.int64))

@@ -85,14 +85,6 @@ class ServedService:
     def entities(self):
         return tuple(dict.fromkeys(c.entity for c in self.columns))
 
-    @cached_property
-    def _cells(self):
-        """(column, index of its view in ``views``, feature) in answer order:
-        what ``assemble`` reads for each row (computed once, as ``views``:
-        a served form is read by every request)."""
-        index = {view: i for i, view in enumerate(self.views)}
-        return tuple((c.column, index[c.view], c.feature) for c in self.columns)
-
     def to_bytes(self):
         lines = [f"{FORMAT_LINE} {self.name} {self.version}"]
         lines += [f"{c.column} {c.view} {c.feature} {c.entity}" for c in self.columns]
@@ -144,44 +136,76 @@ class ServedService:
                                    f"{self.name!r} needs "
                                    f"{', '.join(map(repr, self.entities))}")
 
+    def distinct_keys(self, keys):
+        """``{entity: (distinct keys, each row's index among them)}`` of
+        ``keys`` ({entity: [key of each row]}, valid keys): the 100
+        candidate articles of one user read the user's views once."""
+        distinct = {}
+        for entity, column in keys.items():
+            index = {}
+            where = [index.setdefault(key, len(index)) for key in column]
+            distinct[entity] = (list(index), where)
+        return distinct
+
     def read(self, store, rows):
         """The vectors of request ``rows`` read from an online store (see
-        ``tally.service.store.OnlineStore``), one view at a time."""
-        keys = self.keys_of(rows)
-        return self.assemble({view: store.get_many(view, keys[entity])
-                              for view, (entity, _) in self.views.items()}, rows)
+        ``tally.service.store.OnlineStore``), one view at a time, each
+        distinct key once."""
+        distinct = self.distinct_keys(self.keys_of(rows))
+        return self.assemble({view: store.get_many(view, distinct[entity][0])
+                              for view, (entity, _) in self.views.items()}, rows,
+                             {entity: where for entity, (_, where) in distinct.items()})
 
-    def assemble(self, records, rows):
+    def assemble(self, records, rows, positions=None):
         """The vectors of request ``rows`` from ``records`` ({view: decoded
-        record or None per row}): one dict per row, columns in order, None
-        where the entity has no record; then the computed columns."""
-        per_view = [records[view] for view in self.views]
-        cells = self._cells
-        vectors = []
-        for r in range(len(rows)):
-            row = [view_records[r] for view_records in per_view]
-            vectors.append({column: None if row[v] is None else row[v].get(feature)
-                            for column, v, feature in cells})
+        record or None per row}; with ``positions``, {entity: each row's
+        index into its view's records}, as ``distinct_keys`` gives): one
+        dict per row, columns in order, None where the entity has no
+        record; then the computed columns. Rows of one entity share its
+        values (a list is not copied per row)."""
+        values = {}
+        for view, (entity, columns) in self.views.items():
+            found = records[view]
+            where = None if positions is None else positions[entity]
+            for column, feature in columns:
+                distinct = [None if r is None else r.get(feature) for r in found]
+                values[column] = distinct if where is None else [distinct[i] for i in where]
+        names = [c.column for c in self.columns]
+        ordered = [values[name] for name in names]
         if self.computed:
-            self._compute(vectors, rows)
-        return vectors
+            for name, column in self._compute(values, rows):
+                names.append(name)
+                ordered.append(column)
+        return [dict(zip(names, row)) for row in zip(*ordered)]
 
-    def _compute(self, vectors, rows):
-        """Add the request-time features to ``vectors`` (in place), computed
-        as a training set computes them (``request_features.compute``)."""
+    @cached_property
+    def _inputs(self):
+        """The names the computed columns read."""
+        return {name for _, evaluator in self.compiled for name in evaluator.names}
+
+    def _compute(self, values, rows):
+        """``[(column, value of each row)]`` of the request-time features,
+        from the stored ones (``values``: {column: value of each row}),
+        computed as a training set computes them (``request_features.compute``)
+        from the columns they read."""
         from tally.core.request_features import compute, request_columns
-        types = dict(self.types)
+        types, inputs = dict(self.types), self._inputs
         columns = {}
         for c in self.columns:
-            columns[c.column] = columns[f"{c.view}.{c.feature}"] = \
-                _column_of([v[c.column] for v in vectors], types[c.column])
-        columns.update(request_columns(rows, [n for n, _ in self.request], dict(
+            qualified = f"{c.view}.{c.feature}"
+            if c.column in inputs or qualified in inputs:
+                columns[c.column] = columns[qualified] = _column_of(values[c.column],
+                                                                    types[c.column])
+        fields = [n for n, _ in self.request if f"request.{n}" in inputs]
+        columns.update(request_columns(rows, fields, dict(
             (f"request.{n}", t) for n, t in self.request)))
         compute(self.compiled, columns, len(rows))
+        computed = []
         for entry in self.computed:
-            values, valid = columns[entry.name]
-            for vector, value, ok in zip(vectors, values.tolist(), valid.tolist()):
-                vector[entry.name] = value if ok else None
+            column, valid = columns[entry.name]
+            computed.append((entry.name, [value if ok else None for value, ok in
+                                          zip(column.tolist(), valid.tolist())]))
+        return computed
 
 
 def _computed_of(parts):

@@ -132,3 +132,23 @@ def test_derived_features_are_checked_at_definition_time():
     with pytest.raises(DefinitionError, match="used twice"):
         FeatureView("v", Entity("user"), READS, [Feature("total", "sum", "readtime")],
                     derived=[Derived("total", "total * 2")])
+
+
+@pytest.mark.parametrize("op", ["=", "<>", "<", "<=", ">", ">="])
+def test_string_comparisons_are_null_when_either_side_is(op):
+    """A comparison of two string columns (a request-time feature's
+    ``article_info.category = user_taste.top_category``) against Python's,
+    null where either side is."""
+    import operator
+    from tally.core.expressions import Expression
+    python = {"=": operator.eq, "<>": operator.ne, "<": operator.lt, "<=": operator.le,
+              ">": operator.gt, ">=": operator.ge}[op]
+    a = ["news", None, "arts", "tech", "", None, "sports"]
+    b = ["news", "tech", None, "arts", "", None, "spor"]
+    columns = {name: (np.array(values, dtype=object),
+                      np.array([v is not None for v in values]))
+               for name, values in (("a", a), ("b", b))}
+    values, valid = Expression(f"a {op} b", {"a": "string", "b": "string"})(columns, len(a))
+    assert valid.tolist() == [x is not None and y is not None for x, y in zip(a, b)]
+    assert [int(v) for v, ok in zip(values, valid) if ok] == \
+        [int(python(x, y)) for x, y in zip(a, b) if x is not None and y is not None]

@@ -258,3 +258,50 @@ def test_services_in_the_store_follow_the_registry(tmp_path):
         assert store.services() == ["recommend"] and store.views() == []
         publish_services(store, [], views, drop_others=True)
         assert store.services() == []
+
+
+def test_one_users_candidates_read_each_key_once_and_equal_pandas(served, tmp_path):
+    """Ranking candidates: one user and 100 articles (some twice, some
+    unknown), with request-time columns. Each distinct key is read once, and
+    the vectors -- through ServedService.read and the lookup server -- equal
+    pandas."""
+    from tally.core.definitions import Derived
+    from tally.service.lookup.server import serve_in_background
+    _, events, _, _ = served
+    user_recent = FeatureView("user_recent", user, reads, [
+        Feature("recent", "last_n", "article", n=3)])
+    candidates = FeatureService(
+        "candidates", ["user_reading:total_readtime", "user_recent:recent",
+                       "article_stats:avg_readtime"],
+        computed=[Derived("seen", "CONTAINS(user_recent.recent, request.article)"),
+                  Derived("longer", "article_stats.avg_readtime * 100 > total_readtime"),
+                  Derived("current_article", "request.article")])
+    path = str(tmp_path / "store")
+    write_store(path, {c: events[c].to_numpy() for c in events.columns},
+                [user_reading, user_recent, article_stats], [candidates])
+    heavy = int(events.user.value_counts().index[0])
+    articles = list(range(-3, 94)) + [5, 5, 40]
+    rows = [{"user": heavy, "article": a} for a in articles]
+    recent = events[events.user == heavy].article.tolist()[-3:][::-1]
+    total = events[events.user == heavy].readtime.sum()
+    mean = events.groupby("article").readtime.mean()
+    expected = [{"total_readtime": total, "recent": recent,
+                 "avg_readtime": mean[a].item() if a in mean.index else None,
+                 "seen": int(a in recent),
+                 "longer": int(mean[a] * 100 > total) if a in mean.index else None,
+                 "current_article": a} for a in articles]
+    asked = []
+
+    class Counting:
+        def get_many(self, view, keys):
+            asked.append((view, list(keys)))
+            return store.get_many(view, keys)
+
+    with LmdbStore(path, readonly=True) as store:
+        service = ServedService.from_bytes("candidates", store.service("candidates"))
+        assert_vectors_equal(service.read(Counting(), rows), expected)
+    assert asked == [("user_reading", [heavy]), ("user_recent", [heavy]),
+                     ("article_stats", list(range(-3, 94)))]
+    with serve_in_background(path, port=0) as server:
+        with LookupClient(port=server.port) as client:
+            assert_vectors_equal(client.service("candidates", rows), expected)

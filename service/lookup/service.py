@@ -381,11 +381,13 @@ class LookupService:
             keys = served.keys_of(rows)
         except KeyError as error:
             raise RequestError("bad_request", error.args[0]) from None
-        reads = {}
         for view, entity, schema in plan:
             check_keys(schema, keys[entity])
-            reads[view] = keys[entity]
-        return served.assemble(await self._read_views(reads), rows)
+        distinct = served.distinct_keys(keys)
+        records = await self._read_views({view: distinct[entity][0]
+                                          for view, entity, _ in plan})
+        return served.assemble(records, rows,
+                               {entity: where for entity, (_, where) in distinct.items()})
 
     async def _service_plan(self, served):
         """[(view, entity, schema)] of a service's views, their features
