@@ -163,6 +163,13 @@ class ServedService:
         dict per row, columns in order, None where the entity has no
         record; then the computed columns. Rows of one entity share its
         values (a list is not copied per row)."""
+        columns = self.assemble_columns(records, rows, positions)
+        return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+    def assemble_columns(self, records, rows, positions=None):
+        """The same vectors as columns, ``{column: [value of each row]}`` in
+        the service's order: what a ranker scoring candidates takes, and
+        about a third of the objects to send and decode."""
         values = {}
         for view, (entity, columns) in self.views.items():
             found = records[view]
@@ -170,13 +177,10 @@ class ServedService:
             for column, feature in columns:
                 distinct = [None if r is None else r.get(feature) for r in found]
                 values[column] = distinct if where is None else [distinct[i] for i in where]
-        names = [c.column for c in self.columns]
-        ordered = [values[name] for name in names]
+        columns = {c.column: values[c.column] for c in self.columns}
         if self.computed:
-            for name, column in self._compute(values, rows):
-                names.append(name)
-                ordered.append(column)
-        return [dict(zip(names, row)) for row in zip(*ordered)]
+            columns.update(self._compute(values, rows))
+        return columns
 
     @cached_property
     def _inputs(self):

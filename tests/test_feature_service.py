@@ -305,3 +305,14 @@ def test_one_users_candidates_read_each_key_once_and_equal_pandas(served, tmp_pa
     with serve_in_background(path, port=0) as server:
         with LookupClient(port=server.port) as client:
             assert_vectors_equal(client.service("candidates", rows), expected)
+            # a ranker's matrix: the same values a column at a time
+            columns = client.service_columns("candidates", rows)
+            assert list(columns) == list(expected[0])
+            assert_vectors_equal([dict(zip(columns, r)) for r in zip(*columns.values())],
+                                 expected)
+            by_rows = client.request({"op": "service", "service": "candidates",
+                                      "rows": rows[:2]})
+            assert_vectors_equal(by_rows["vectors"], expected[:2])      # the default layout
+            with pytest.raises(LookupServerError, match="'layout' is 'rows'"):
+                client.request({"op": "service", "service": "candidates", "rows": rows[:1],
+                                "layout": "matrix"})

@@ -17,6 +17,11 @@ Ops::
       -> {"id": 5, "ok": true, "vectors": [{"total_readtime": 12.5,
           "recent_articles": [7, 3], "article_reads": null}]}
                                                # null: that entity has no record
+    {"id": 6, "op": "service", "service": "recommend", "layout": "columns",
+     "rows": [{"user": 42, "article": 7}, {"user": 42, "article": 9}]}
+      -> {"id": 6, "ok": true, "columns": {"total_readtime": [12.5, 12.5],
+          "recent_articles": [[7, 3], [7, 3]], "article_reads": [null, 4]}}
+                                               # the same values, one array per column
     {"id": 2, "op": "ping"}               -> {"id": 2, "ok": true}
     {"id": 3, "op": "views"}              -> {"id": 3, "ok": true, "views":
           {"user_reading": {"key_type": "int64", "version": 1,

@@ -363,11 +363,18 @@ class LookupService:
         name = request.get("service")
         if not isinstance(name, str):
             raise RequestError("bad_request", "'service' needs a 'service' string")
+        layout = request.get("layout", "rows")
+        if layout not in ("rows", "columns"):
+            raise RequestError("bad_request", f"'layout' is 'rows' (the default: one map "
+                               f"per row) or 'columns' (one array per column), not {layout!r}")
+        if layout == "columns":
+            return {"columns": await self.lookup_service(name, request.get("rows"), True)}
         return {"vectors": await self.lookup_service(name, request.get("rows"))}
 
-    async def lookup_service(self, name, rows):
+    async def lookup_service(self, name, rows, as_columns=False):
         """The feature vector of each request row (a map of entity keys):
-        one dict of the service's columns per row, its views read at once."""
+        one dict of the service's columns per row, its views read at once
+        (``as_columns``: {column: [value of each row]} instead)."""
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise RequestError("bad_request", "a feature service lookup needs 'rows': an "
                                "array of maps of entity keys, e.g. [{\"user\": 42, "
@@ -386,8 +393,8 @@ class LookupService:
         distinct = served.distinct_keys(keys)
         records = await self._read_views({view: distinct[entity][0]
                                           for view, entity, _ in plan})
-        return served.assemble(records, rows,
-                               {entity: where for entity, (_, where) in distinct.items()})
+        assemble = served.assemble_columns if as_columns else served.assemble
+        return assemble(records, rows, {entity: where for entity, (_, where) in distinct.items()})
 
     async def _service_plan(self, served):
         """[(view, entity, schema)] of a service's views, their features
