@@ -50,6 +50,7 @@ from tally.core.definitions import state_hash
 from tally.core.enrich import Enricher
 from tally.core.errors import TallyError
 from tally.core.materialize import online_schema, records_for
+from tally.core.routing import partitions_of
 from tally.core.view import ViewState
 from tally.service.history.plan import (TopicUnit, cut_position, last_position, plan_archive,
                                         unit_from_dict)
@@ -58,7 +59,6 @@ from tally.service.history.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, cli
                                            unit_payloads)
 from tally.service.ingest.checkpoint import CheckpointConflict
 from tally.service.pulsar.admin import Admin
-from tally.service.pulsar.producer import partitions_of
 from tally.service.ingest.fold import RoutingCheck
 from tally.service.pulsar.topics import partition_topic
 
@@ -116,7 +116,8 @@ def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_be
     enrich, valid = _enricher(view, dimensions_path), {}
     if enrich is not None:
         events, valid = enrich(events)
-    partitions = partitions_of(events[view.key_column], n_partitions)
+    # an archive row belongs to the partition its key's stream events are on
+    partitions = partitions_of(events[view.key_column], n_partitions, view.source.routing)
     states = {}
     for partition in np.unique(partitions):
         mine = partitions == partition

@@ -315,6 +315,7 @@ class StreamingService:
                                 ("tally_dead_letter_failures_total",
                                  stats.dead_letter_failures),
                                 ("tally_join_misses_total", stats.join_misses),
+                                ("tally_misrouted_events_total", stats.misrouted),
                                 ("tally_checkpoint_age_seconds",
                                  seconds_since(worker.last_checkpoint)),
                                 ("tally_batch_age_seconds", seconds_since(worker.last_batch)),
