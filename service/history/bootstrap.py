@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from tally.core import events as rules
 from tally.core import snapshot
 from tally.core.archive import archive_boundary, open_dataset
-from tally.core.decode import Schema
+from tally.core.formats import schema_of
 from tally.core.definitions import state_hash
 from tally.core.enrich import Enricher
 from tally.core.errors import TallyError
@@ -86,11 +86,12 @@ def read_topic_unit(view, pulsar_url, admin_url, unit, out_path, events_from_ms=
     on the wrong partition for their key are refused, as the stream does."""
     started = time.monotonic()
     state, tally = ViewState(view), _UnitTally()
-    decode_schema = Schema(list(view.source.schema))
+    decode_schema = schema_of(view.source)
     routing = RoutingCheck(view, unit.partition, n_partitions)
     enrich = _enricher(view, dimensions_path)
-    for payloads in unit_payloads(client_for(pulsar_url), admin_url, view.source.topic, unit):
-        tally.fold(state, view, decode_schema, payloads, events_from_ms, routing, enrich)
+    for payloads, times in unit_payloads(client_for(pulsar_url), admin_url, view.source.topic,
+                                         unit, view.source):
+        tally.fold(state, view, decode_schema, payloads, times, events_from_ms, routing, enrich)
     _save_states(out_path, {"": state})
     return tally.summary(time.monotonic() - started, enrich)
 
@@ -154,11 +155,12 @@ class _UnitTally:
             self.rejected += count
             self.reasons[reason] = self.reasons.get(reason, 0) + count
 
-    def fold(self, state, view, decode_schema, payloads, events_from_ms, routing, enrich=None):
+    def fold(self, state, view, decode_schema, payloads, times, events_from_ms, routing,
+             enrich=None):
         if not payloads:
             return
         events = rules.decode_payloads(payloads, view.source, decode_schema, view.key_column,
-                                       view.entity.key_type)
+                                       view.entity.key_type, message_times=times)
         misrouted = routing.misrouted(events.columns[view.key_column]) \
             if events.n_events else {}
         if misrouted:

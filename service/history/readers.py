@@ -24,7 +24,8 @@ from tally.core.errors import TallyError
 from tally.service.history.plan import ledger_ranges, plan_partition, target_unit_size
 from tally.service.pulsar.admin import Admin
 from tally.service.pulsar.client import connect, raw
-from tally.service.pulsar.topics import END_OF_ENTRY, message_position, partition_topic
+from tally.service.pulsar.topics import (END_OF_ENTRY, message_position, message_times,
+                                         partition_topic)
 
 RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
 READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
@@ -186,8 +187,9 @@ def client_for(pulsar_url):
     return _clients[pulsar_url]
 
 
-def unit_payloads(client, admin_url, topic, unit):
-    """The payloads of the unit's messages in log order, in batches.
+def unit_payloads(client, admin_url, topic, unit, source):
+    """The payloads of the unit's messages in log order, in batches, with the
+    times ``source`` takes from the messages (``message_times``).
 
     A temporary subscription is created at the unit's first entry (admin API)
     and read by a consumer in batches: about twice the rate of a Reader's one
@@ -221,7 +223,8 @@ def unit_payloads(client, admin_url, topic, unit):
                                      f"the unit's first {unit.first}")
             # Positions increase along a batch: look at a few messages, not all.
             within = _count_within(messages, end)
-            yield [message.data() for message in messages[:within]]
+            yield ([message.data() for message in messages[:within]],
+                   message_times(messages[:within], source))
             if within < len(messages):
                 return
             in_last_entry = in_last_entry or bool(

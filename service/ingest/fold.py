@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tally.core import events as rules
-from tally.core.decode import Schema
+from tally.core.formats import schema_of
 from tally.core.enrich import Enricher
 from tally.core.routing import partitions_of
 
@@ -85,15 +85,17 @@ class Fold:
     def __init__(self, view, stats, routing=None, tables=None):
         self.view = view
         self.stats = stats
-        self.decode_schema = Schema(list(view.source.schema))
+        self.decode_schema = schema_of(view.source)
         self.routing = None if routing is None else RoutingCheck(view, *routing)
         self.enrich = Enricher(view, tables) if view.joins else None
 
-    def __call__(self, state, payloads):
+    def __call__(self, state, payloads, message_times=None):
         """``(touched slots or None, rejects)``: apply the batch's valid events
-        to ``state``; ``rejects`` are ``(payload index, reason)``."""
+        to ``state``; ``rejects`` are ``(payload index, reason)``;
+        ``message_times``: see ``tally.core.events.decode_payloads``."""
         events = rules.decode_payloads(payloads, self.view.source, self.decode_schema,
-                                       self.view.key_column, self.view.entity.key_type)
+                                       self.view.key_column, self.view.entity.key_type,
+                                       message_times=message_times)
         touched = None
         if events.n_events and self.routing is not None:
             misrouted = self.routing.misrouted(events.columns[self.view.key_column])

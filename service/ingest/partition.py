@@ -33,7 +33,7 @@ from tally.service.ingest.fold import Fold, IngestStats
 from tally.service.ingest.writer import RecordWriter, WriteAbandoned
 from tally.service.pulsar.client import first_message_position, raw, subscribe_failover
 from tally.service.pulsar.topics import (END_OF_ENTRY, NO_POSITION, message_position,
-                                         partition_topic)
+                                         message_times, partition_topic)
 
 log = logging.getLogger("tally.partition")
 SEEK_TIMEOUT_S = 30.0
@@ -155,7 +155,8 @@ class PartitionWorker:
         payloads = [m.data() for m in fresh]
         for feed in self.dimensions:        # rows published before the batch are joined
             await feed.synced(self.last_batch)
-        touched, rejects = self.fold(self.state, payloads)
+        touched, rejects = self.fold(self.state, payloads,
+                                     message_times(fresh, self.view.source))
         self.dead_letters.send(fresh, payloads, rejects)
         if touched is not None:
             await self.writer.write(self.state, touched, stopping)

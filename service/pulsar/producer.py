@@ -85,10 +85,12 @@ class PartitionProducers:
     def __len__(self):
         return len(self.producers)
 
-    def send(self, partition, payload, key):
+    def send(self, partition, payload, key, event_time=None):
         builder = _pulsar.MessageBuilder()
         builder.content(payload)
         builder.partition_key(key)
+        if event_time is not None:
+            builder.event_timestamp(event_time)
         self.sent[partition] += 1
         callback = self._on_result if self.sent[partition] % CALLBACK_EVERY == 0 else None
         self.raw[partition].send_async(builder.build(), callback)
@@ -134,8 +136,10 @@ class EventProducer:
     def send(self, event):
         self.send_payload(msgpack.packb(event), event[self.key_field])
 
-    def send_payload(self, payload, key):
-        """Send raw bytes (also for deliberately malformed test events)."""
+    def send_payload(self, payload, key, event_time=None):
+        """Send raw bytes (also for deliberately malformed test events);
+        ``event_time`` (epoch ms) sets the message's event timestamp, the
+        event time of a source with ``timestamp_field="@event_time"``."""
         key = str(key)
         partition = self._partitions.get(key)
         if partition is None:
@@ -143,7 +147,7 @@ class EventProducer:
                 self._partitions.clear()
             partition = self._partitions[key] = \
                 partition_of(key, self.n_partitions, self.routing)
-        self.producer.send(partition, payload, key)
+        self.producer.send(partition, payload, key, event_time)
 
     def flush(self):
         """Wait until every event sent so far is persisted; raise if any was not."""

@@ -9,6 +9,8 @@ and the client's wrapper class do not compare with each other).
 """
 import urllib.parse
 
+import numpy as np
+
 from tally.core.definitions import state_hash
 
 PARTITION_SEPARATOR = "-partition-"
@@ -37,6 +39,19 @@ def position(message_id):
 def message_position(message):
     """(ledger, entry, batch index): the order of messages within a partition."""
     return position(message.message_id())
+
+
+# A message's own times (Pulsar metadata, epoch ms), as a source names them:
+# the event timestamp its producer set (0 if none) and the broker's publish time.
+_MESSAGE_TIMES = {"@event_time": "event_timestamp", "@publish_time": "publish_timestamp"}
+
+
+def message_times(messages, source):
+    """The times the source takes from its messages rather than their payloads
+    (``Source.message_time_fields``): name -> int64 array, one per message."""
+    return {name: np.fromiter((getattr(m, _MESSAGE_TIMES[name])() for m in messages),
+                              np.int64, len(messages))
+            for name in source.message_time_fields}
 
 
 def rest_path(topic):
