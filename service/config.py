@@ -19,6 +19,10 @@ SETTINGS = {
     "checkpoints": ("TALLY_CHECKPOINTS", os.path.join(".tally", "checkpoints")),
     "metrics": ("TALLY_METRICS", "127.0.0.1:9464"),
     "token": ("TALLY_TOKEN", None),
+    # the first part of every subscription name tally serve uses: one per
+    # deployment sharing a cluster (tally.service.pulsar.topics.subscription_for)
+    "subscription_prefix": ("TALLY_SUBSCRIPTION_PREFIX", "tally"),
+    "log_format": ("TALLY_LOG_FORMAT", "text"),       # text, or json: one object a line
 }
 
 LOOKUP_HOST = "127.0.0.1"
