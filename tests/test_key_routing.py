@@ -3,6 +3,7 @@ view whose source declares it (served exactly) and are dead-lettered, naming
 the scheme, by a view whose source declares murmur3 -- never folded into the
 wrong partition's state. Oracles: pandas, and a Python String.hashCode."""
 import dataclasses
+import time
 
 import numpy as np
 import pandas as pd
@@ -86,3 +87,48 @@ def test_a_source_declared_java_string_hash_is_served_exactly(
         reader = consume(view_on(topic_name, "java_string_hash"), pulsar_client, store)
         assert reader.stats.rejected == reader.stats.misrouted == 0
         assert_served_equals(store, frame)
+
+
+def test_the_messages_own_times_are_the_event_times_online_and_in_training(
+        pulsar_broker, pulsar_client, topic_name, tmp_path):
+    """A source whose event time is the message's event timestamp (or its
+    publish time): the payloads carry no time; the stream folds each event at
+    its message's time and a training set read from the topic sees the same."""
+    import msgpack
+
+    from tally.core.definitions import Entity, Feature, FeatureView, Source
+    from tally.service.history.topic import PulsarTopic
+    from tally.service.store.lmdb import LmdbStore
+    pulsar_broker.create_partitioned_topic(topic_name, 4)
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 200, 3000)
+    times = int(time.time() * 1000) - rng.integers(3_600_000, 86_400_000, 3000)
+    producer = EventProducer(pulsar_client, topic_name, "user")
+    for user, ts in zip(users.tolist(), times.tolist()):
+        producer.send_payload(msgpack.packb({"user": user, "x": 1.0}), user, event_time=ts)
+    producer.close()
+    frame = pd.DataFrame({"user": users, "ts": times})
+    for field in ("@event_time", "@publish_time"):
+        source = Source("s", topic_name, {"user": "int64", "x": "float64"},
+                        timestamp_field=field)
+        view = FeatureView("v", Entity("user"), source, [Feature("n", "count")])
+        read = pd.DataFrame(_concat(PulsarTopic(pulsar_client).batches(source,
+                                                                       ["user", field])))
+        with LmdbStore(tmp_path / field) as store:
+            with Ingestion(view, pulsar_client, store, batch_timeout_ms=20,
+                           subscription=field[1:]) as reader:
+                reader.run(until=lambda i: i.stats.messages >= len(users), idle_timeout_s=60)
+            assert reader.stats.rejected == 0
+            newest = read.groupby("user")[field].max()
+            records = store.get_many("v", newest.index.to_numpy())
+            assert [r["_event_time"] for r in records] == newest.tolist()
+            assert [r["n"] for r in records] == read.groupby("user").size().tolist()
+        if field == "@event_time":
+            assert sorted(read[field]) == sorted(times.tolist())
+        else:                   # the broker's clock, after the producer's event times
+            assert (read[field] > frame["ts"].max()).all()
+
+
+def _concat(batches):
+    parts = list(batches)
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

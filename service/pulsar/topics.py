@@ -70,6 +70,9 @@ def rest_path(topic):
     return "/admin/v2/persistent/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
 
 
-def subscription_for(view):
-    """One subscription per view state: a new version computes alongside the old."""
-    return f"tally.{view.name}.{state_hash(view)[:16]}"
+def subscription_for(view, prefix="tally"):
+    """One subscription per view state: a new version computes alongside the
+    old. ``prefix`` names the deployment (``--subscription-prefix``): two
+    deployments on one cluster with one prefix would share the partitions,
+    each standing by for the other's."""
+    return f"{prefix}.{view.name}.{state_hash(view)[:16]}"
