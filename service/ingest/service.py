@@ -389,17 +389,16 @@ class StreamingService:
                                 ("tally_unacknowledged", int(worker.unacknowledged is not None))):
                 self.metrics.set(name, value, **labels)
         self.metrics.set("tally_partition_failures", len(self.failures))
-        for runner in self.runners.values():
-            self.metrics.set("tally_subscription", 1, view=runner.view.name,
-                             version=runner.version,
-                             subscription=self.subscription(runner.view))
-        for worker in self.workers if self.admin_url else ():
-            other = self.standby.get((worker.view.name, worker.schema.version,
-                                      worker.partition))
-            self.metrics.set("tally_partition_standby", int(other is not None),
-                             view=worker.view.name, version=worker.schema.version,
-                             partition=worker.partition, subscription=worker.subscription,
-                             active_consumer=other or self.consumer_name)
+        for worker in self.workers:
+            self.metrics.set("tally_subscription", 1, view=worker.view.name,
+                             version=worker.schema.version, subscription=worker.subscription)
+            if self.admin_url:
+                other = self.standby.get((worker.view.name, worker.schema.version,
+                                          worker.partition))
+                self.metrics.set("tally_partition_standby", int(other is not None),
+                                 view=worker.view.name, version=worker.schema.version,
+                                 partition=worker.partition, subscription=worker.subscription,
+                                 active_consumer=other or self.consumer_name)
         for feed in self.dimensions.values():
             labels = {"dimension": feed.name}
             self.metrics.set("tally_dimension_rows_total", feed.rows, **labels)
