@@ -27,7 +27,8 @@ from tally.core import filters
 from tally.core.aggregations import AGGREGATIONS
 from tally.core.durations import duration_ms, format_duration
 from tally.core.errors import DefinitionError, FilterError
-from tally.core.types import FIELD_TYPES, KEY_TYPES, PAYLOAD_FORMATS
+from tally.core.routing import routing_code
+from tally.core.types import FIELD_TYPES, KEY_TYPES, MESSAGE_TIME_FIELDS, PAYLOAD_FORMATS
 
 CANONICAL_FORMAT = 1          # bump only with a migration of stored hashes
 MAX_NAME_LENGTH = 48
@@ -121,7 +122,20 @@ class Source:
     out of bootstraps and training sets): before ``earliest_event_time``
     (epoch ms; default 1973-03-03, below which a time is most likely in
     seconds) or more than ``max_event_time_ahead`` (a duration; default one
-    day) ahead of the clock that reads them."""
+    day) ahead of the clock that reads them.
+
+    The event time can also be the message's own: ``timestamp_field=
+    "@event_time"`` (the event timestamp the producer set on the message) or
+    ``"@publish_time"`` (when the broker stored it); such a field is added to
+    the schema (an int64 column of that name in archives and training
+    events), and every event of a message gets the message's time.
+
+    ``routing`` is how the topic's producers route keys to partitions
+    (``tally.core.routing``): ``"murmur3"`` (Tally's producers, and any
+    client set to ``Murmur3_32Hash``), ``"java_string_hash"`` (the Java
+    client's default) or ``"go_java_string_hash"`` (the Go client's
+    default). Every event is checked against it; one on another partition is
+    dead-lettered, never folded."""
     name: str
     topic: str
     schema: tuple            # ((field name, field type), ...)
@@ -130,6 +144,7 @@ class Source:
     archive: str = None
     earliest_event_time: int = None
     max_event_time_ahead: int = None
+    routing: str = "murmur3"
 
     kind = "source"
 
@@ -142,6 +157,9 @@ class Source:
         except (TypeError, ValueError):
             raise DefinitionError(f"{where}: schema must map field names to types, e.g. "
                                   "{'user': 'int64', 'ts': 'int64'}") from None
+        if self.timestamp_field in MESSAGE_TIME_FIELDS and \
+                self.timestamp_field not in dict(schema):
+            schema += ((self.timestamp_field, "int64"),)
         object.__setattr__(self, "schema", schema)
         if not isinstance(self.topic, str) or not self.topic.strip():
             raise DefinitionError(f"{where}: topic is empty; name the Pulsar topic, e.g. "
@@ -161,6 +179,10 @@ class Source:
             if dtype not in FIELD_TYPES:
                 raise DefinitionError(f"{where}: schema field {name!r} has type {dtype!r}; "
                                       f"use one of {FIELD_TYPES}")
+            if name.startswith("@") and (name not in MESSAGE_TIME_FIELDS or dtype != "int64"):
+                raise DefinitionError(f"{where}: schema field {name!r}: names beginning with "
+                                      "'@' are the message's own times, int64: "
+                                      f"{', '.join(MESSAGE_TIME_FIELDS)}")
         if self.field_type(self.timestamp_field) != "int64":
             raise DefinitionError(f"{where}: timestamp_field {self.timestamp_field!r} must be "
                                   "an int64 field of the schema (event time in epoch "
@@ -173,6 +195,10 @@ class Source:
                                          or not self.archive.strip()):
             raise DefinitionError(f"{where}: archive must be a Parquet path or URI such as "
                                   "'s3://bucket/read_events/', or None")
+        try:
+            routing_code(self.routing)
+        except ValueError as error:
+            raise DefinitionError(f"{where}: {error}") from None
         self._check_event_time_range(where)
 
     def _check_event_time_range(self, where):
@@ -208,6 +234,16 @@ class Source:
     def fields(self):
         return [n for n, _ in self.schema]
 
+    @property
+    def payload_schema(self):
+        """The fields a payload carries: the schema without the message's times."""
+        return tuple((n, t) for n, t in self.schema if n not in MESSAGE_TIME_FIELDS)
+
+    @property
+    def message_time_fields(self):
+        """The schema's fields taken from the message's metadata, not its payload."""
+        return [n for n, _ in self.schema if n in MESSAGE_TIME_FIELDS]
+
     def field_type(self, name):
         return dict(self.schema).get(name)
 
@@ -218,13 +254,16 @@ class Source:
         for key in ("archive", "earliest_event_time", "max_event_time_ahead"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
+        if self.routing != "murmur3":          # the default keeps existing hashes
+            data["routing"] = self.routing
         return data
 
     @classmethod
     def from_dict(cls, data):
         return cls(data["name"], data["topic"], tuple(map(tuple, data["schema"])),
                    data["timestamp_field"], data["format"], data.get("archive"),
-                   data.get("earliest_event_time"), data.get("max_event_time_ahead"))
+                   data.get("earliest_event_time"), data.get("max_event_time_ahead"),
+                   data.get("routing", "murmur3"))
 
     def __repr__(self):
         schema = ", ".join(f"{n!r}: {t!r}" for n, t in self.schema)
@@ -232,6 +271,8 @@ class Source:
         for key in ("archive", "earliest_event_time", "max_event_time_ahead"):
             if getattr(self, key) is not None:
                 extra += f", {key}={getattr(self, key)!r}"
+        if self.routing != "murmur3":
+            extra += f", routing={self.routing!r}"
         return (f"Source({self.name!r}, topic={self.topic!r}, schema={{{schema}}}, "
                 f"timestamp_field={self.timestamp_field!r}{extra})")
 
@@ -241,6 +282,8 @@ class Source:
                 ("schema", ", ".join(f"{n}: {t}" for n, t in self.schema))]
         if self.archive:
             rows.append(("archive", self.archive))
+        if self.routing != "murmur3":
+            rows.append(("routing", self.routing))
         return _html_table(f"source <b>{_e(self.name)}</b>", rows)
 
 

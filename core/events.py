@@ -80,6 +80,12 @@ def _time_violations(ts, ts_field, source, now_ms):
     if outside.any():
         found.append((outside, lambda i: f"field '{ts_field}': event time {int(ts[i])} is "
                                          "outside [-2**62, 2**62] epoch ms"))
+    if ts_field == "@event_time":
+        unset = ts == 0
+        if unset.any():
+            found.append((unset, lambda i: "field '@event_time': the message has no event "
+                                           "time (its producer set none)"))
+            outside = outside | unset
     floor = source.event_time_floor
     early = (ts < floor) & ~outside
     if early.any():
@@ -142,14 +148,21 @@ def _is_null(value):
 
 
 def decode_payloads(payloads, source, decode_schema=None, key_column=None, key_type=None,
-                    now_ms=None):
+                    now_ms=None, message_times=None):
     """The events of a batch of message payloads in ``source``'s format, with
     every payload that holds an invalid event refused (see the module doc).
-    Never raises for a bad payload."""
+    ``message_times`` gives the source's message time fields (``@event_time``,
+    ``@publish_time``: name -> int64 array, one per payload); every event of a
+    payload gets its message's time. Never raises for a bad payload."""
     events = decode_raw(payloads, source.format,
                         decode_schema if decode_schema is not None else schema_of(source))
     if not events.n_events:
         return events
+    for name in source.message_time_fields:
+        if message_times is None or name not in message_times:
+            raise ValueError(f"source {source.name!r} takes {name!r} from the messages: "
+                             "pass the messages' times (message_times)")
+        events.columns[name] = np.asarray(message_times[name], np.int64)[events.payload_of_event]
     broken = violations(events.columns, source, key_column, key_type, events.valid, now_ms)
     if not broken:
         return events

@@ -204,8 +204,9 @@ def _schema_of(fields):
 
 
 def schema_of(source):
-    """The decode :class:`Schema` of a source (every field required)."""
-    return _schema_of(tuple(source.schema))
+    """The decode :class:`Schema` of a source's payloads (every field required;
+    the message's own times are not in payloads)."""
+    return _schema_of(source.payload_schema)
 
 
 def decode_raw(payloads, fmt, schema):

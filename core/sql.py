@@ -12,12 +12,16 @@ Grammar (statements are separated by ``;``; ``--`` starts a comment)::
 
     CREATE SOURCE name (field type, ...)
         [WITH (topic = 'topic', format = 'msgpack' | 'json' | 'arrow',
-               event_time = 'ts', archive = 's3://bucket/path/')]
+               event_time = 'ts' | '@event_time' | '@publish_time',
+               archive = 's3://bucket/path/',
+               routing = 'murmur3' | 'java_string_hash' | 'go_java_string_hash')]
 
         types: BIGINT | INT | INT64 | INTEGER -> int64;  DOUBLE | FLOAT | FLOAT64 |
         REAL -> float64;  VARCHAR | TEXT | STRING -> string;  BOOLEAN | BOOL -> bool.
         topic defaults to the source's name, format to msgpack, event_time to ts
-        (an int64 field: epoch milliseconds).
+        (an int64 field: epoch milliseconds; '@event_time' and '@publish_time'
+        are the message's own times, see Source), routing to murmur3 (how the
+        producers route keys to partitions).
 
     CREATE VIEW name
         [WITH (owner = '...', description = '...', tags = 'a, b', online_expiry = '30d')]
@@ -95,6 +99,7 @@ from tally.core.definitions import (Derived, Entity, Feature, FeatureService, Fe
 from tally.core.dialect import Tally, WindowSpec, format_parse_error, needs_quotes, window_spec_sql
 from tally.core.durations import format_duration
 from tally.core.errors import DefinitionError
+from tally.core.types import MESSAGE_TIME_FIELDS
 
 # --------------------------------------------------------------------------
 # Translation to definitions
@@ -109,7 +114,7 @@ _TYPES = {
 }
 _SQL_TYPE = {"int64": "BIGINT", "float64": "DOUBLE", "string": "VARCHAR", "bool": "BOOLEAN"}
 SOURCE_PROPERTIES = ("topic", "format", "event_time", "archive", "earliest_event_time",
-                     "max_event_time_ahead")
+                     "max_event_time_ahead", "routing")
 VIEW_PROPERTIES = ("owner", "description", "tags", "online_expiry")
 SERVICE_PROPERTIES = ("owner", "description", "tags", "request")
 
@@ -335,7 +340,8 @@ def _source_from_create(create):
                   timestamp_field=props.get("event_time", "ts"),
                   format=props.get("format", "msgpack"), archive=props.get("archive"),
                   earliest_event_time=earliest,
-                  max_event_time_ahead=props.get("max_event_time_ahead"))
+                  max_event_time_ahead=props.get("max_event_time_ahead"),
+                  routing=props.get("routing", "murmur3"))
 
 
 def _field_type(column, where):
@@ -857,7 +863,10 @@ def _string(value):
 
 
 def source_to_sql(source):
-    fields = ", ".join(f"{_ident(n)} {_SQL_TYPE[t]}" for n, t in source.schema)
+    schema = source.schema
+    if schema[-1][0] == source.timestamp_field in MESSAGE_TIME_FIELDS:
+        schema = schema[:-1]         # Source adds it again, in the same place
+    fields = ", ".join(f"{_ident(n)} {_SQL_TYPE[t]}" for n, t in schema)
     props = [f"topic = {_string(source.topic)}"]
     if source.format != "msgpack":
         props.append(f"format = {_string(source.format)}")
@@ -870,6 +879,8 @@ def source_to_sql(source):
     if source.max_event_time_ahead is not None:
         props.append("max_event_time_ahead = "
                      f"{_string(format_duration(source.max_event_time_ahead))}")
+    if source.routing != "murmur3":
+        props.append(f"routing = {_string(source.routing)}")
     return f"CREATE SOURCE {_ident(source.name)} ({fields}) WITH ({', '.join(props)})"
 
 

@@ -9,6 +9,12 @@ FIELD_TYPES = ("int64", "float64", "string", "bool")
 NUMERIC_TYPES = ("int64", "float64", "bool")
 PAYLOAD_FORMATS = ("msgpack", "json", "arrow", "msgpack-columnar")
 COLUMNAR_FORMATS = ("msgpack-columnar", "arrow")
+# How a source's producers route keys to partitions (tally.core.routing); the
+# order is the scheme's code in core/includes/tally_routing.h.
+ROUTINGS = ("murmur3", "java_string_hash", "go_java_string_hash")
+# Event times a message carries beside its payload: the producer-set event
+# timestamp and the broker's publish timestamp (Pulsar message metadata).
+MESSAGE_TIME_FIELDS = ("@event_time", "@publish_time")
 # The type of a feature's value, online and in training sets alike; see
 # tally.core.aggregations.value_type. top_k<T> is a list of (value, count).
 VALUE_TYPES = ("int64", "float64", "string", "list<int64>", "list<float64>",

@@ -76,6 +76,8 @@ SETTINGS = {
     "tls.allow_insecure": Setting(False, "accept any broker certificate", "bool"),
     "tls.validate_hostname": Setting(True, "check the broker certificate's host name",
                                      "bool"),
+    "log_format": Setting("text", "tally serve's log lines: text, or json (one object a "
+                          "line, for log shippers)"),
 }
 
 LOOKUP_HOST = "127.0.0.1"

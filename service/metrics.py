@@ -151,6 +151,14 @@ def service_metrics():
              "Events folded by a running bootstrap's finished units"),
             ("tally_join_misses_total", "counter",
              "Events a join found no dimension row for at their time (null attributes)"),
+            ("tally_subscription", "gauge",
+             "1 for each view version's subscription (the label names it)"),
+            ("tally_partition_standby", "gauge",
+             "1 while another consumer (active_consumer) owns the partition's subscription "
+             "and this process stands by (needs --admin)"),
+            ("tally_misrouted_events_total", "counter",
+             "Events on another partition than their key routes to by the source's routing "
+             "(dead-lettered, never folded)"),
             ("tally_dimension_rows_total", "counter", "Changelog rows read into a dimension"),
             ("tally_dimension_keys", "gauge", "Keys a dimension table holds"),
             ("tally_dimension_dead_letters_total", "counter",

@@ -69,7 +69,7 @@ def run(n_events=500_000, n_users=10_000, n_partitions=4, store_path=None):
         client = connect(broker.service_url)
         payloads, keys, events = generate_events(n_events, n_users, seed=7)
         t0 = time.monotonic()
-        producer = EventProducer(client, read_events.topic, "user")
+        producer = EventProducer(client, read_events.topic, "user", routing=read_events.routing)
         for payload, key in zip(payloads, keys):
             producer.send_payload(payload, key)
         producer.close()

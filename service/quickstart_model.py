@@ -71,9 +71,9 @@ def run(n_events=200_000, n_users=10_000, n_articles=5_000, n_partitions=4, stor
         client = connect(broker.service_url)
         articles, reads = generate(n_events, n_users, n_articles)
         t0 = time.monotonic()
-        for topic, key, rows in ((model.articles.topic, "article", articles),
-                                 (model.read_events.topic, "user", reads)):
-            producer = EventProducer(client, topic, key)
+        for source, key, rows in ((model.articles, "article", articles),
+                                  (model.read_events, "user", reads)):
+            producer = EventProducer(client, source.topic, key, routing=source.routing)
             for row in rows:
                 producer.send(row)
             producer.close()

@@ -136,3 +136,29 @@ def test_plausible_values_pass_and_the_bounds_are_the_sources():
         rules.table_columns(table, DEFAULT, ["user", "readtime", "ts"]), DEFAULT, now_ms=NOW)
     assert columns["user"].tolist() == [2]
     assert list(dropped.values()) == [1]
+
+
+def test_message_times_are_the_event_time_of_every_event_of_their_message():
+    from tally.core.formats import encode_columns
+    source = Source("s", "s", {"user": "int64", "x": "float64"}, timestamp_field="@event_time",
+                    format="msgpack-columnar")
+    payloads = [encode_columns({"user": np.array([1, 2]), "x": np.array([0.5, 1.5])},
+                               "msgpack-columnar"),
+                encode_columns({"user": np.array([3]), "x": np.array([2.5])}, "msgpack-columnar"),
+                encode_columns({"user": np.array([4]), "x": np.array([3.5])}, "msgpack-columnar")]
+    now = 1_732_780_800_000
+    events = rules.decode_payloads(payloads, source, key_column="user", key_type="int64",
+                                   now_ms=now, message_times={"@event_time":
+                                                              np.array([now - 5, now - 1, 0])})
+    assert events.columns["@event_time"].tolist() == [now - 5, now - 5, now - 1]
+    assert events.columns["user"].tolist() == [1, 2, 3]
+    assert events.rejects == [(2, "field '@event_time': the message has no event time (its "
+                                  "producer set none)")]
+    with pytest.raises(ValueError, match="message_times"):
+        rules.decode_payloads(payloads, source)
+
+
+def test_only_the_messages_times_may_begin_with_an_at_sign():
+    from tally.core.definitions import DefinitionError
+    with pytest.raises(DefinitionError, match="'@' are the message's own times"):
+        Source("s", "s", {"user": "int64", "@ts": "int64"}, timestamp_field="@ts")

@@ -23,8 +23,8 @@ from tally.core.definitions import PAYLOAD_FORMATS, DefinitionError, Source
 from tally.core.events import decode_payloads
 from tally.core.formats import (DecodedEvents, encode_arrow, encode_columns,
                                 encode_json, encode_msgpack_columnar)
-from tally.service.pulsar.producer import (ColumnarProducer, murmur3_32, murmur3_32_many,
-                                    partition_of, partitions_of)
+from tally.core.routing import murmur3_32
+from tally.service.pulsar.producer import ColumnarProducer, partition_of, partitions_of
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -611,37 +611,6 @@ def test_random_columnar_maps_never_crash(fmt, maps):
             except (pa.ArrowException, ValueError, TypeError, OverflowError):
                 payloads.append(b"")
     _check_invariants(decode(payloads, fmt), len(payloads))
-
-
-# --------------------------------------------------------------------------
-# Routing: Pulsar's Murmur3_32Hash, scalar and vectorised
-
-
-def test_murmur3_matches_published_vectors():
-    # MurmurHash3_x86_32, seed 0 (the SMHasher reference implementation)
-    assert murmur3_32(b"") == 0
-    assert murmur3_32(b"hello") == 0x248bfa47
-    assert murmur3_32(b"The quick brown fox jumps over the lazy dog") == 0x2e4ff723
-    assert murmur3_32(b"\x00\x00\x00\x00") == 0x2362f9de
-    assert murmur3_32(b"\xff\xff\xff\xff") == 0x76293b50
-
-
-@SETTINGS
-@given(st.lists(st.integers(-2**63, 2**63 - 1), max_size=50), st.integers(1, 64))
-def test_vectorised_partition_equals_scalar_for_int_keys(keys, n):
-    got = partitions_of(np.array(keys, dtype=np.int64), n)
-    assert got.tolist() == [partition_of(k, n) for k in keys]
-
-
-@SETTINGS
-@given(st.lists(st.text(max_size=40), max_size=50), st.integers(1, 64))
-def test_vectorised_partition_equals_scalar_for_string_keys(keys, n):
-    strings = pa.array(keys, pa.string())
-    assert murmur3_32_many(strings).tolist() == [murmur3_32(k.encode()) for k in keys]
-    assert partitions_of(np.array(keys + [None], dtype=object)[:-1], n).tolist() == \
-        [partition_of(k, n) for k in keys]
-    if keys:                                   # a sliced array (non-zero offset)
-        assert murmur3_32_many(strings[1:]).tolist() == [murmur3_32(k.encode()) for k in keys[1:]]
 
 
 class FakeProducer:

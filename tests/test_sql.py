@@ -220,6 +220,23 @@ def test_round_trip_through_sql():
     assert view_from_sql(text) == odd, text
 
 
+def test_routing_and_message_times_round_trip_through_sql():
+    (s,) = load_sql("CREATE SOURCE ev (user BIGINT, x DOUBLE) WITH (routing = "
+                    "'java_string_hash', event_time = '@event_time')")
+    assert s == Source("ev", "ev", {"user": "int64", "x": "float64"},
+                       timestamp_field="@event_time", routing="java_string_hash")
+    assert s.schema[-1] == ("@event_time", "int64") and s.payload_schema == s.schema[:-1]
+    for source in (s, Source("p", "p", {"user": "string", "@publish_time": "int64", "x":
+                                        "float64"}, timestamp_field="@publish_time")):
+        view = FeatureView("v", Entity("user", source.field_type("user")), source,
+                           [Feature("n", "count")])
+        text = source_to_sql(source) + ";\n" + view_to_sql(view)
+        assert view_from_sql(text) == view, text
+    assert "routing" not in source_to_sql(read_events)
+    with pytest.raises(DefinitionError, match="BoostHash"):
+        load_sql("CREATE SOURCE ev (user BIGINT, ts BIGINT) WITH (routing = 'boost_hash')")
+
+
 def test_comments_and_several_statements():
     defs = load_sql("""-- a comment
         CREATE VIEW a AS SELECT user, COUNT(*) AS n FROM read_events GROUP BY user; /* b */

@@ -7,7 +7,7 @@ import sys
 import time
 
 from tally.core.errors import UsageError
-from tally.service import config
+from tally.service import config, logs
 
 
 def add_commands(commands):
@@ -61,6 +61,16 @@ def _add_serve(commands):
     serve.add_argument("--metrics", default=config.default("metrics"), metavar="HOST:PORT",
                        help="Prometheus endpoint (/metrics, /health); 'off' disables it "
                        f"(default: {config.describe('metrics')})")
+    serve.add_argument("--subscription-prefix", default=config.default("subscription_prefix"),
+                       metavar="PREFIX",
+                       help="first part of the subscription names (<prefix>.<view>.<state "
+                       "hash>): give each deployment sharing a cluster its own "
+                       f"(default: {config.describe('subscription_prefix')})")
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       default=config.default("log_format"),
+                       help="text, or json: one object per line (time, level, logger, "
+                       "message and fields such as view and partition) for log shippers "
+                       f"(default: {config.describe('log_format')})")
     serve.set_defaults(run=cmd_serve)
 
 
@@ -93,19 +103,21 @@ def cmd_serve(args):
             missing = set(wanted) - {v.name for v in views}
             if missing:
                 raise UsageError(f"no view named {sorted(missing)} in {args.definitions}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure(args.log_format)
     service = streaming.StreamingService(
         config.cluster(args.pulsar, args.admin), args.store, args.checkpoints, views=views,
         services=services, registry=registry,
         only_views=wanted, consumer_name=args.name,
         checkpoint_interval_s=args.checkpoint_interval,
-        metrics_address=_address(args.metrics),
-        bootstrap_readers=args.bootstrap_readers)
+        metrics_address=_address(args.metrics), bootstrap_readers=args.bootstrap_readers,
+        subscription_prefix=args.subscription_prefix)
     logging.getLogger("tally.serve").info(
-        "serving %s as consumer %r (pid %d)",
+        "serving %s as consumer %r (pid %d) into store %s, subscriptions %s.*",
         [f"{name}@v{version}" for name, version in service.runners]
         if not registry else f"the views of registry {args.registry}", service.consumer_name,
-        os.getpid())
+        os.getpid(),
+        args.store, args.subscription_prefix,
+        extra={"consumer": service.consumer_name, "store": args.store})
     return uvloop.run(service.run())
 
 
@@ -144,6 +156,10 @@ def _add_bootstrap(commands):
     bootstrap.add_argument("--admin", default=config.default("admin"), metavar="URL",
                            help="the broker's admin REST URL, for ledger lists "
                            f"(default: {config.describe('admin')})")
+    bootstrap.add_argument("--subscription-prefix", default=config.default("subscription_prefix"),
+                           metavar="PREFIX", help="the subscription prefix of the tally serve "
+                           "that takes over (its subscription is moved to the cut; default: "
+                           f"{config.describe('subscription_prefix')})")
     bootstrap.add_argument("--quiet", action="store_true", help="no progress bar")
     bootstrap.set_defaults(run=cmd_bootstrap)
 
@@ -158,9 +174,10 @@ def cmd_bootstrap(args):
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
     with open_store(args.store) as store:
         job = Bootstrap(view, config.cluster(args.pulsar, args.admin), store,
-                        CheckpointStore(args.checkpoints), subscription_for(view),
-                        version=version, serving=serving, readers=args.readers,
-                        archive=args.archive, progress=None if args.quiet else progress_bar())
+                        CheckpointStore(args.checkpoints),
+                        subscription_for(view, args.subscription_prefix), version=version,
+                        serving=serving, readers=args.readers, archive=args.archive,
+                        progress=None if args.quiet else progress_bar())
         try:
             report = job.run()
         finally:

@@ -45,11 +45,12 @@ import pyarrow.parquet as pq
 from tally.core import events as rules
 from tally.core import snapshot
 from tally.core.archive import archive_boundary, open_dataset
-from tally.core.decode import Schema
+from tally.core.formats import schema_of
 from tally.core.definitions import state_hash
 from tally.core.enrich import Enricher
 from tally.core.errors import TallyError
 from tally.core.materialize import online_schema, records_for
+from tally.core.routing import partitions_of
 from tally.core.view import ViewState
 from tally.service.history.plan import (TopicUnit, cut_position, last_position, plan_archive,
                                         unit_from_dict)
@@ -58,7 +59,6 @@ from tally.service.history.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, cli
                                            unit_payloads)
 from tally.service.ingest.checkpoint import CheckpointConflict
 from tally.service.pulsar.admin import Admin
-from tally.service.pulsar.producer import partitions_of
 from tally.service.ingest.fold import RoutingCheck
 from tally.service.pulsar.topics import partition_topic
 
@@ -86,11 +86,12 @@ def read_topic_unit(view, cluster, unit, out_path, events_from_ms=None, n_partit
     on the wrong partition for their key are refused, as the stream does."""
     started = time.monotonic()
     state, tally = ViewState(view), _UnitTally()
-    decode_schema = Schema(list(view.source.schema))
+    decode_schema = schema_of(view.source)
     routing = RoutingCheck(view, unit.partition, n_partitions)
     enrich = _enricher(view, dimensions_path)
-    for payloads in unit_payloads(client_for(cluster), cluster, view.source.topic, unit):
-        tally.fold(state, view, decode_schema, payloads, events_from_ms, routing, enrich)
+    for payloads, times in unit_payloads(client_for(cluster), cluster, view.source.topic, unit,
+                                         view.source):
+        tally.fold(state, view, decode_schema, payloads, times, events_from_ms, routing, enrich)
     _save_states(out_path, {"": state})
     return tally.summary(time.monotonic() - started, enrich)
 
@@ -116,7 +117,8 @@ def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_be
     enrich, valid = _enricher(view, dimensions_path), {}
     if enrich is not None:
         events, valid = enrich(events)
-    partitions = partitions_of(events[view.key_column], n_partitions)
+    # an archive row belongs to the partition its key's stream events are on
+    partitions = partitions_of(events[view.key_column], n_partitions, view.source.routing)
     states = {}
     for partition in np.unique(partitions):
         mine = partitions == partition
@@ -153,11 +155,12 @@ class _UnitTally:
             self.rejected += count
             self.reasons[reason] = self.reasons.get(reason, 0) + count
 
-    def fold(self, state, view, decode_schema, payloads, events_from_ms, routing, enrich=None):
+    def fold(self, state, view, decode_schema, payloads, times, events_from_ms, routing,
+             enrich=None):
         if not payloads:
             return
         events = rules.decode_payloads(payloads, view.source, decode_schema, view.key_column,
-                                       view.entity.key_type)
+                                       view.entity.key_type, message_times=times)
         misrouted = routing.misrouted(events.columns[view.key_column]) \
             if events.n_events else {}
         if misrouted:

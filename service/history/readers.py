@@ -25,7 +25,8 @@ from tally.service.history.plan import ledger_ranges, plan_partition, target_uni
 from tally.service.pulsar.admin import Admin
 from tally.service.pulsar.client import connect, raw
 from tally.service.pulsar.cluster import as_cluster
-from tally.service.pulsar.topics import END_OF_ENTRY, message_position, partition_topic
+from tally.service.pulsar.topics import (END_OF_ENTRY, message_position, message_times,
+                                         partition_topic)
 
 RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
 READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
@@ -189,8 +190,9 @@ def client_for(cluster):
     return _clients[cluster]
 
 
-def unit_payloads(client, cluster, topic, unit):
-    """The payloads of the unit's messages in log order, in batches.
+def unit_payloads(client, cluster, topic, unit, source):
+    """The payloads of the unit's messages in log order, in batches, with the
+    times ``source`` takes from the messages (``message_times``).
 
     A temporary subscription is created at the unit's first entry (admin API)
     and read by a consumer in batches: about twice the rate of a Reader's one
@@ -224,7 +226,8 @@ def unit_payloads(client, cluster, topic, unit):
                                      f"the unit's first {unit.first}")
             # Positions increase along a batch: look at a few messages, not all.
             within = _count_within(messages, end)
-            yield [message.data() for message in messages[:within]]
+            yield ([message.data() for message in messages[:within]],
+                   message_times(messages[:within], source))
             if within < len(messages):
                 return
             in_last_entry = in_last_entry or bool(

@@ -19,7 +19,7 @@ from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, concat_columns, extern
 from tally.service.history.readers import client_for, plan_topic_units, read_units, unit_payloads
 from tally.service.pulsar.cluster import Cluster, as_cluster
 from tally.service.pulsar.client import connect, last_message_position, partition_topics, raw
-from tally.service.pulsar.topics import message_position
+from tally.service.pulsar.topics import message_position, message_times
 
 
 class PulsarTopic:
@@ -93,20 +93,21 @@ class PulsarTopic:
                                       receiver_queue_size=min(self.batch_messages, 10_000))
         receiver = raw(reader)
         try:
-            payloads, done = [], False
+            messages, done = [], False
             while not done:
                 message = receiver.read_next(self.timeout_ms)
-                payloads.append(message.data())
+                messages.append(message)
                 done = message_position(message) >= end
-                if len(payloads) >= self.batch_messages or done:
-                    yield self._decode(payloads, source, columns)
-                    payloads = []
+                if len(messages) >= self.batch_messages or done:
+                    yield self._decode([m.data() for m in messages],
+                                       message_times(messages, source), source, columns)
+                    messages = []
         finally:
             reader.close()
 
-    def _decode(self, payloads, source, columns):
+    def _decode(self, payloads, times, source, columns):
         self.messages += len(payloads)
-        decoded, rejected = decode_valid(payloads, source, columns)
+        decoded, rejected = decode_valid(payloads, times, source, columns)
         self.rejected += rejected
         return decoded
 
@@ -116,9 +117,9 @@ def sorted_unit_run(source, columns, cluster, topic, unit, path):
     time (stably: log order among equal times) and spill them as a run."""
     counts = {"messages": 0, "rejected": 0}
     parts = []
-    for payloads in unit_payloads(client_for(cluster), cluster, topic, unit):
+    for payloads, times in unit_payloads(client_for(cluster), cluster, topic, unit, source):
         if payloads:
-            decoded, rejected = decode_valid(payloads, source, columns)
+            decoded, rejected = decode_valid(payloads, times, source, columns)
             counts["messages"] += len(payloads)
             counts["rejected"] += rejected
             parts.append(decoded)
@@ -130,8 +131,10 @@ def sorted_unit_run(source, columns, cluster, topic, unit, path):
     return counts
 
 
-def decode_valid(payloads, source, columns):
+def decode_valid(payloads, times, source, columns):
     """``(columns, refused)``: the named columns of the payloads' valid events,
-    and how many payloads were refused, by the stream's rules."""
-    events = rules.decode_payloads(payloads, source)
+    and how many payloads were refused, by the stream's rules; ``times``: the
+    messages' own times the source takes (the stream's, so a training set
+    sees the times the service folded)."""
+    events = rules.decode_payloads(payloads, source, message_times=times)
     return {name: events.columns[name] for name in columns}, len(events.rejects)

@@ -25,6 +25,7 @@ from tally.core import events as rules
 from tally.core.enrich import DimensionTable
 from tally.service.ingest.dead_letters import DeadLetters
 from tally.service.pulsar.client import partition_topics, raw
+from tally.service.pulsar.topics import message_times
 
 log = logging.getLogger("tally.dimensions")
 SYNC_TIMEOUT_S = 5.0
@@ -108,7 +109,8 @@ class DimensionFeed:
     def _apply(self, messages):
         payloads = [m.data() for m in messages]
         events = rules.decode_payloads(payloads, self.dimension, key_column=self.key,
-                                       key_type=self.dimension.field_type(self.key))
+                                       key_type=self.dimension.field_type(self.key),
+                                       message_times=message_times(messages, self.dimension))
         if events.rejects:
             self.rejected += len(events.rejects)
             self.dead_letters.send(messages, payloads, events.rejects)

@@ -8,11 +8,13 @@ whose 64-bit code another string has: its payload is refused whole too), the
 valid events applied to the state.
 
 A partition's state is only right if every event of an entity reaches the
-same partition: the topic must be keyed by the view's key column (Pulsar's
-key hash, as ``tally.service.pulsar.producer`` routes). A view keyed by
-another field -- ``article`` over a topic keyed by ``user`` -- would leave a
+same partition: the topic must be keyed by the view's key column, routed by
+the scheme the source declares (``Source.routing``, see
+``tally.core.routing``). A view keyed by another field -- ``article`` over a
+topic keyed by ``user`` -- or producers hashing keys another way would leave a
 partial state per partition, each overwriting the others' records. The
-:class:`RoutingCheck` finds such events and refuses them (dead letters with
+:class:`RoutingCheck` computes the partition of every event's key (the whole
+key column, in C) and refuses the events on another one (dead letters with
 the reason, counted), so a wrongly keyed view is never served silently.
 """
 import logging
@@ -22,16 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tally.core import events as rules
-from tally.core.decode import Schema
+from tally.core.formats import schema_of
 from tally.core.enrich import Enricher
-from tally.service.pulsar.producer import partition_of, partitions_of
+from tally.core.routing import partitions_of
 
 log = logging.getLogger("tally.ingest")
-# Keys checked per batch while no event has been found on the wrong partition:
-# routing is how producers key the topic, so a sample finds a wrong key at
-# once; after one is found, every event of every batch is checked.
-ROUTING_SAMPLE = 8
-OWNER_CACHE = 1 << 16              # sampled keys' partitions remembered
 
 
 @dataclass
@@ -52,6 +49,7 @@ class IngestStats:
     store_refused: int = 0           # entities whose records the store refused for good
     busy_seconds: float = 0.0
     join_misses: int = 0             # events a join found no dimension row for
+    misrouted: int = 0               # events on another partition than their key routes to
 
     def record_rejects(self, rejects):
         self.rejected += len(rejects)
@@ -62,7 +60,7 @@ class IngestStats:
         """Fold another partition's counters into these (for a whole view)."""
         for name in ("messages", "events", "rejected", "batches", "store_retries",
                      "checkpoints", "corrupt_checkpoints", "dead_letter_failures",
-                     "store_refused", "join_misses"):
+                     "store_refused", "join_misses", "misrouted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, count in other.reject_reasons.items():
             self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + count
@@ -87,19 +85,22 @@ class Fold:
     def __init__(self, view, stats, routing=None, tables=None):
         self.view = view
         self.stats = stats
-        self.decode_schema = Schema(list(view.source.schema))
+        self.decode_schema = schema_of(view.source)
         self.routing = None if routing is None else RoutingCheck(view, *routing)
         self.enrich = Enricher(view, tables) if view.joins else None
 
-    def __call__(self, state, payloads):
+    def __call__(self, state, payloads, message_times=None):
         """``(touched slots or None, rejects)``: apply the batch's valid events
-        to ``state``; ``rejects`` are ``(payload index, reason)``."""
+        to ``state``; ``rejects`` are ``(payload index, reason)``;
+        ``message_times``: see ``tally.core.events.decode_payloads``."""
         events = rules.decode_payloads(payloads, self.view.source, self.decode_schema,
-                                       self.view.key_column, self.view.entity.key_type)
+                                       self.view.key_column, self.view.entity.key_type,
+                                       message_times=message_times)
         touched = None
         if events.n_events and self.routing is not None:
             misrouted = self.routing.misrouted(events.columns[self.view.key_column])
             if misrouted:
+                self.stats.misrouted += len(misrouted)
                 events, _ = rules.refuse_events(events, misrouted)
         if events.n_events:
             columns, valid = events.columns, events.valid
@@ -122,41 +123,36 @@ class Fold:
 
 class RoutingCheck:
     """Finds the events of a batch that are on the wrong partition for their
-    entity key (see the module docstring)."""
+    entity key by the source's routing (see the module docstring)."""
 
     def __init__(self, view, partition, n_partitions):
         self.view, self.partition, self.n_partitions = view, partition, n_partitions
-        self.seen_misrouted = False
-        self._owners = {}
+        self.routing = view.source.routing
+        self.misrouted_events = 0
 
     def misrouted(self, keys):
         """{event row: reason} of the rows of ``keys`` not on this partition."""
         if self.n_partitions <= 1 or not len(keys):
             return {}
-        if not self.seen_misrouted:
-            if all(self._owner(keys[row]) == self.partition
-                   for row in range(0, len(keys), max(1, len(keys) // ROUTING_SAMPLE))):
-                return {}
-            self.seen_misrouted = True
-            log.error("view %r: events keyed by %r arrive on other partitions than Pulsar's "
-                      "key hash gives; they are refused (dead letters) -- key the topic's "
-                      "messages by %r", self.view.name, self.view.key_column,
+        owners = partitions_of(keys, self.n_partitions, self.routing)
+        rows = np.flatnonzero(owners != self.partition)
+        if not len(rows):
+            return {}
+        if not self.misrouted_events:
+            log.error("view %r partition %d: events keyed by %r arrive on other partitions "
+                      "than their key routes to by %s; they are refused (dead letters) -- key "
+                      "the topic's messages by %r and route them by the source's routing",
+                      self.view.name, self.partition, self.view.key_column, self.routing,
                       self.view.key_column)
-        owners = partitions_of(keys, self.n_partitions)
-        return {int(row): self._reason(owners[row]) for row in
-                np.flatnonzero(owners != self.partition)}
+        self.misrouted_events += len(rows)
+        return {int(row): self._reason(owners[row]) for row in rows}
 
-    def _owner(self, key):
-        """The partition of one key, remembered: entity keys repeat (a few
-        hot users), and a sampled key costs a Python hash otherwise."""
-        owner = self._owners.get(key)
-        if owner is None:
-            if len(self._owners) >= OWNER_CACHE:
-                self._owners.clear()
-            owner = self._owners[key] = partition_of(str(key), self.n_partitions)
-        return owner
+    @property
+    def seen_misrouted(self):
+        return self.misrouted_events > 0
 
     def _reason(self, owner):
         return (f"misrouted: key {self.view.key_column!r} belongs to partition {owner} of "
-                f"{self.n_partitions}, not {self.partition}; produce the topic keyed by "
-                f"{self.view.key_column!r}, or the view's state would be split")
+                f"{self.n_partitions}, not {self.partition}, by the source's {self.routing} "
+                f"routing; produce the topic keyed by {self.view.key_column!r} and routed by "
+                f"{self.routing}, or the view's state would be split")

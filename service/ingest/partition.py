@@ -33,11 +33,13 @@ from tally.service.ingest.fold import Fold, IngestStats
 from tally.service.ingest.writer import RecordWriter, WriteAbandoned
 from tally.service.pulsar.client import first_message_position, raw, subscribe_failover
 from tally.service.pulsar.topics import (END_OF_ENTRY, NO_POSITION, message_position,
-                                         partition_topic)
+                                         message_times, partition_topic)
 
 log = logging.getLogger("tally.partition")
 SEEK_TIMEOUT_S = 30.0
 REACKNOWLEDGE_S = 5.0
+# Empty receives in a row after which a partition has read all there is.
+IDLE_BATCHES_CAUGHT_UP = 5
 
 
 def wall_clock_ms():
@@ -50,7 +52,7 @@ class PartitionWorker:
     def __init__(self, view, partition, client, store, checkpoints, consumer_name,
                  subscription="tally", version=1, serving=True, checkpoint_interval_s=5.0,
                  batch_size=1000, batch_timeout_ms=10, clock=None, topic=None,
-                 n_partitions=None, dimensions=()):
+                 n_partitions=None, dimensions=(), properties=None):
         self.view, self.partition = view, partition
         self.store, self.checkpoints = store, checkpoints
         self.state_hash = state_hash(view)
@@ -69,8 +71,9 @@ class PartitionWorker:
         self.writer = RecordWriter(view, store, self.schema, serving, self.clock, self.stats,
                                    on_refused=self.dead_letters.send_refused_record)
         self.client, self.topic = client, topic or partition_topic(view.source.topic, partition)
+        self.subscription = subscription
         self.consumer = subscribe_failover(client, self.topic, subscription, consumer_name,
-                                           batch_size, batch_timeout_ms)
+                                           batch_size, batch_timeout_ms, properties)
         self.receiver = raw(self.consumer)
         self.sequence = None            # the checkpoint our state stands on; None: not loaded
         self.seek_pending = False       # move the subscription to our position first
@@ -85,6 +88,8 @@ class PartitionWorker:
         # timeout) began: a worker whose receive or write never returns ages it
         self.last_batch = time.monotonic()
         self.idle_batches = 0           # consecutive empty receives: nothing waiting
+        # said once per ownership (a restored checkpoint of another owner starts it again)
+        self.said_receiving = self.said_caught_up = False
         windows = [f.window for f in view.features if f.window.size_ms]
         # entities whose newest event is older than this have empty windows
         self.expiry_horizon_ms = max((w.size_ms + w.hop_ms for w in windows), default=0) + \
@@ -115,6 +120,7 @@ class PartitionWorker:
         the store keeps refusing (then nothing is acknowledged)."""
         started = self.last_batch = time.monotonic()
         self.idle_batches = 0 if messages else self.idle_batches + 1
+        self._log_progress(messages)
         try:
             if messages:
                 await self._fold_fresh(messages, stopping)
@@ -133,6 +139,24 @@ class PartitionWorker:
             self._acknowledge(self.acknowledged)
         self.stats.busy_seconds += time.monotonic() - started
         return len(messages)
+
+    def _log_progress(self, messages):
+        """Say when the partition starts receiving (this process is its active
+        consumer) and when it has then caught up (nothing left to read)."""
+        fields = {"view": self.view.name, "partition": self.partition,
+                  "subscription": self.subscription}
+        if messages and not self.said_receiving:
+            self.said_receiving = True
+            log.info("%s partition %d: receiving on subscription %s (this process owns the "
+                     "partition)", self.view.name, self.partition, self.subscription,
+                     extra=fields)
+        elif self.said_receiving and not self.said_caught_up and \
+                self.idle_batches == IDLE_BATCHES_CAUGHT_UP:
+            self.said_caught_up = True
+            log.info("%s partition %d: caught up (backlog 0) at position %s, %d events folded",
+                     self.view.name, self.partition, self.position, self.stats.events,
+                     extra=dict(fields, position=self.position, events=self.stats.events,
+                                backlog=0))
 
     async def _fold_fresh(self, messages, stopping):
         if self.adopt_latest_checkpoint():         # another process owned it meanwhile
@@ -155,7 +179,8 @@ class PartitionWorker:
         payloads = [m.data() for m in fresh]
         for feed in self.dimensions:        # rows published before the batch are joined
             await feed.synced(self.last_batch)
-        touched, rejects = self.fold(self.state, payloads)
+        touched, rejects = self.fold(self.state, payloads,
+                                     message_times(fresh, self.view.source))
         self.dead_letters.send(fresh, payloads, rejects)
         if touched is not None:
             await self.writer.write(self.state, touched, stopping)
@@ -226,9 +251,12 @@ class PartitionWorker:
             self.state = ViewState.from_arrays(self.view, meta["params"], restored.arrays)
             self.position = tuple(meta["position"])
             log.info("%s partition %d: restored checkpoint %d at position %s",
-                     self.view.name, self.partition, restored.sequence, self.position)
+                     self.view.name, self.partition, restored.sequence, self.position,
+                     extra={"view": self.view.name, "partition": self.partition,
+                            "checkpoint": restored.sequence, "position": self.position})
         self.sequence = restored.sequence
         self.checkpointed_position = self.position
+        self.said_receiving = self.said_caught_up = False
         self.unacknowledged = None
         self.rewritten_once = False
         return restored.sequence != latest

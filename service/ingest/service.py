@@ -23,7 +23,7 @@ from tally.service.history.bootstrap import Bootstrap, BootstrapCancelled
 from tally.core.enrich import table_key
 from tally.service.ingest.checkpoint import CheckpointStore
 from tally.service.ingest.dimensions import DimensionFeed
-from tally.service.ingest.partition import PartitionWorker, drive
+from tally.service.ingest.partition import IDLE_BATCHES_CAUGHT_UP, PartitionWorker, drive
 from tally.service.metrics import seconds_since, serve_metrics, service_metrics
 from tally.service.pulsar.client import connect, partition_topics
 from tally.service.pulsar.cluster import as_cluster
@@ -53,7 +53,7 @@ class VersionRunner:
         if service.cluster.admin_url:
             self.bootstrap = Bootstrap(
                 view, service.cluster, service.store,
-                service.checkpoints, subscription_for(view), version=version,
+                service.checkpoints, service.subscription(view), version=version,
                 serving=serving, readers=service.bootstrap_readers,
                 progress=self._bootstrap_progressed)
             partitions = len(partition_topics(service.client, view.source.topic, True))
@@ -72,12 +72,17 @@ class VersionRunner:
         self.workers = [
             PartitionWorker(self.view, partition, service.client, service.store,
                             service.checkpoints, service.consumer_name,
-                            subscription=subscription_for(self.view), version=self.version,
+                            subscription=service.subscription(self.view), version=self.version,
                             serving=self.serving,
                             checkpoint_interval_s=service.checkpoint_interval_s,
                             batch_size=service.batch_size, n_partitions=n_partitions,
-                            dimensions=[service.dimension_feed(j) for j in self.view.joins])
+                            dimensions=[service.dimension_feed(j) for j in self.view.joins],
+                            properties=service.consumer_properties)
             for partition in range(n_partitions)]
+        log.info("%s@v%d: %d partition workers on subscription %s", self.view.name,
+                 self.version, n_partitions, service.subscription(self.view),
+                 extra={"view": self.view.name, "version": self.version,
+                        "subscription": service.subscription(self.view)})
 
     def caught_up_with(self, serving):
         """Whether every partition has read as far as the serving version's
@@ -92,8 +97,8 @@ class VersionRunner:
         return True
 
 
-IDLE_BATCHES_CAUGHT_UP = 5
 STALE_CHECKPOINT_S = 60.0
+STANDBY_CHECK_S = 15.0
 # A worker that has not begun a batch for this long is stuck (a receive or a
 # store call that never returns): /health, the log and a gauge say so. The
 # store's own retries are reported apart, so they do not count here.
@@ -108,16 +113,21 @@ class StreamingService:
                  registry=None,
                  only_views=None, consumer_name=None, checkpoint_interval_s=5.0,
                  batch_size=1000, metrics_address=None, admin_url=None,
-                 bootstrap_readers=None):
+                 bootstrap_readers=None, subscription_prefix=None):
         # ``cluster``: a Cluster or a service URL. With an admin URL, versions
         # without checkpoints are bootstrapped by parallel readers; without it
         # they read history through their subscription.
         self.cluster = as_cluster(cluster, admin_url)
         self.bootstrap_readers = bootstrap_readers
+        self.subscription_prefix = subscription_prefix
         self.client = connect(self.cluster)
         self.store = open_store(store_path)
         self.checkpoints = CheckpointStore(checkpoint_dir)
         self.consumer_name = consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+        # shown to the other consumers of a subscription (the topic's stats):
+        # a process standing by can tell whose store the partition feeds
+        self.consumer_properties = {"tally_store": str(store_path)}
+        self.standby = {}           # (view, version, partition) -> active consumer elsewhere
         self.checkpoint_interval_s, self.batch_size = checkpoint_interval_s, batch_size
         self.registry, self.only_views = registry, only_views
         self.runners = {}                     # (view name, version) -> VersionRunner
@@ -133,6 +143,9 @@ class StreamingService:
         self.failures = []                    # partitions that could not go on
         self.metrics = service_metrics()
         self.metrics_address = metrics_address
+
+    def subscription(self, view):
+        return subscription_for(view, self.subscription_prefix)
 
     def dimension_feed(self, join):
         """The process's one feed of a join's dimension table (started with
@@ -162,6 +175,8 @@ class StreamingService:
             self.stopping.set()
         metrics_task = self._start_metrics()
         watchdog = loop.create_task(self._watch_workers())
+        standby_watch = loop.create_task(self._watch_standby()) if self.cluster.admin_url \
+            else None
         # receives block for at most a batch timeout, so threads cycle quickly
         self.pool = concurrent.futures.ThreadPoolExecutor(256, "tally-receive")
         for key in self.runners:
@@ -173,6 +188,8 @@ class StreamingService:
         for key in list(self.runners):
             await self._stop_runner(key)
         watchdog.cancel()
+        if standby_watch:
+            standby_watch.cancel()
         if metrics_task:
             metrics_task.cancel()
         await asyncio.gather(*self.dimension_tasks.values())
@@ -279,6 +296,57 @@ class StreamingService:
                           "call; /health reports it", where, stalled[where])
             logged = set(stalled)
 
+    async def _watch_standby(self):
+        """Every STANDBY_CHECK_S, ask the broker which consumer is active on
+        each of our partitions' subscriptions; log a change of ownership, and
+        warn when the active one writes another store: a second deployment
+        on the same subscription names, which leaves this process standing
+        by for ever while its store gets nothing."""
+        from tally.service.pulsar.admin import Admin
+        admin, loop = Admin(self.cluster), asyncio.get_running_loop()
+        while True:
+            for worker in list(self.workers):
+                try:
+                    stats = await loop.run_in_executor(None, admin.topic_stats, worker.topic)
+                except Exception as error:          # the broker's to answer; try again later
+                    log.debug("stats of %s: %s", worker.topic, error)
+                    continue
+                self._note_active_consumer(worker, stats.get("subscriptions", {})
+                                           .get(worker.subscription, {}))
+            await asyncio.sleep(STANDBY_CHECK_S)
+
+    def _note_active_consumer(self, worker, subscription):
+        active = subscription.get("activeConsumerName")
+        if active is None:
+            return                         # no consumer connected yet: nothing to tell
+        key = (worker.view.name, worker.schema.version, worker.partition)
+        before = self.standby.get(key, "")
+        other = None if active == self.consumer_name else active
+        if other == before:
+            return
+        self.standby[key] = other
+        fields = {"view": worker.view.name, "version": worker.schema.version,
+                  "partition": worker.partition, "subscription": worker.subscription,
+                  "active_consumer": other or self.consumer_name}
+        where = f"{worker.view.name}@v{worker.schema.version} partition {worker.partition}"
+        if other is None:
+            log.info("%s: this process is the active consumer of subscription %s", where,
+                     worker.subscription, extra=fields)
+            return
+        store = next((c.get("metadata", {}).get("tally_store")
+                      for c in subscription.get("consumers", [])
+                      if c.get("consumerName") == other), None)
+        if store == self.consumer_properties["tally_store"]:
+            log.info("%s: standing by; %s is the active consumer of subscription %s",
+                     where, other, worker.subscription, extra=fields)
+        else:
+            log.warning("%s: standing by while %s, writing another store (%s), is the active "
+                        "consumer of subscription %s: this process's store %s gets none of "
+                        "this partition. Give each deployment its own --subscription-prefix",
+                        where, other, store or "unknown", worker.subscription,
+                        self.consumer_properties["tally_store"],
+                        extra=dict(fields, store=store))
+
     def _start_metrics(self):
         if not self.metrics_address:
             return None
@@ -317,12 +385,23 @@ class StreamingService:
                                 ("tally_dead_letter_failures_total",
                                  stats.dead_letter_failures),
                                 ("tally_join_misses_total", stats.join_misses),
+                                ("tally_misrouted_events_total", stats.misrouted),
                                 ("tally_checkpoint_age_seconds",
                                  seconds_since(worker.last_checkpoint)),
                                 ("tally_batch_age_seconds", seconds_since(worker.last_batch)),
                                 ("tally_unacknowledged", int(worker.unacknowledged is not None))):
                 self.metrics.set(name, value, **labels)
         self.metrics.set("tally_partition_failures", len(self.failures))
+        for worker in self.workers:
+            self.metrics.set("tally_subscription", 1, view=worker.view.name,
+                             version=worker.schema.version, subscription=worker.subscription)
+            if self.cluster.admin_url:
+                other = self.standby.get((worker.view.name, worker.schema.version,
+                                          worker.partition))
+                self.metrics.set("tally_partition_standby", int(other is not None),
+                                 view=worker.view.name, version=worker.schema.version,
+                                 partition=worker.partition, subscription=worker.subscription,
+                                 active_consumer=other or self.consumer_name)
         for feed in self.dimensions.values():
             labels = {"dimension": feed.name}
             self.metrics.set("tally_dimension_rows_total", feed.rows, **labels)

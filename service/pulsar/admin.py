@@ -80,6 +80,11 @@ class Admin:
         [{ledgerId, entries, size, offloaded}], ``lastConfirmedEntry``, ..."""
         return self.request("GET", f"{rest_path(topic)}/internalStats")
 
+    def topic_stats(self, topic):
+        """The stats of one (partition) topic: ``subscriptions`` {name:
+        {activeConsumerName, consumers [{consumerName, metadata}], msgBacklog}}, ..."""
+        return self.request("GET", f"{rest_path(topic)}/stats")
+
     def partition_stats(self, topic, partitions):
         """Each partition's internal stats: its ledgers and last confirmed entry."""
         return {p: self.internal_stats(partition_topic(topic, p)) for p in partitions}

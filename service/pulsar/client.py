@@ -78,12 +78,13 @@ def last_message_position(client, topic):
 
 
 def subscribe_failover(client, topic, subscription, consumer_name=None, batch_size=1000,
-                       batch_timeout_ms=10):
+                       batch_timeout_ms=10, properties=None):
     """A Failover consumer of one (partition) topic that receives in batches of
     up to ``batch_size`` messages or ``batch_timeout_ms``, from the earliest
-    message when the subscription is new."""
+    message when the subscription is new; ``properties``: the consumer's
+    metadata, shown to other consumers in the topic's stats."""
     return client.subscribe(
-        topic, subscription, consumer_name=consumer_name,
+        topic, subscription, consumer_name=consumer_name, properties=properties or {},
         consumer_type=pulsar.ConsumerType.Failover,
         initial_position=pulsar.InitialPosition.Earliest,
         # the client caps a batch at the receiver queue size

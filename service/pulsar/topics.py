@@ -9,6 +9,8 @@ and the client's wrapper class do not compare with each other).
 """
 import urllib.parse
 
+import numpy as np
+
 from tally.core.definitions import state_hash
 from tally.service import config
 
@@ -40,6 +42,19 @@ def message_position(message):
     return position(message.message_id())
 
 
+# A message's own times (Pulsar metadata, epoch ms), as a source names them:
+# the event timestamp its producer set (0 if none) and the broker's publish time.
+_MESSAGE_TIMES = {"@event_time": "event_timestamp", "@publish_time": "publish_timestamp"}
+
+
+def message_times(messages, source):
+    """The times the source takes from its messages rather than their payloads
+    (``Source.message_time_fields``): name -> int64 array, one per message."""
+    return {name: np.fromiter((getattr(m, _MESSAGE_TIMES[name])() for m in messages),
+                              np.int64, len(messages))
+            for name in source.message_time_fields}
+
+
 def rest_path(topic):
     """``/admin/v2/persistent/<tenant>/<ns>/<name>`` for "name",
     "tenant/ns/name" or "persistent://tenant/ns/name"."""
@@ -58,8 +73,9 @@ def rest_path(topic):
 
 def subscription_for(view, prefix=None):
     """One subscription per view state: a new version computes alongside the
-    old. ``prefix`` (default: the ``subscription_prefix`` setting) keeps two
-    deployments on one cluster apart."""
+    old. ``prefix`` names the deployment (``--subscription-prefix``, default:
+    the ``subscription_prefix`` setting): two deployments on one cluster with
+    one prefix would share the partitions, each standing by for the other's."""
     if prefix is None:
         prefix = config.default("subscription_prefix")
     return f"{prefix}.{view.name}.{state_hash(view)[:16]}"
