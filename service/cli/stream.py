@@ -158,7 +158,7 @@ def _add_bootstrap(commands):
                            f"(default: {config.describe('admin')})")
     bootstrap.add_argument("--subscription-prefix", default=config.default("subscription_prefix"),
                            metavar="PREFIX", help="the subscription prefix of the tally serve "
-                           "that takes over (its subscription is moved to the cut; default: "
+                           "that takes over: its subscription is moved to the cut (default: "
                            f"{config.describe('subscription_prefix')})")
     bootstrap.add_argument("--quiet", action="store_true", help="no progress bar")
     bootstrap.set_defaults(run=cmd_bootstrap)
