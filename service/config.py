@@ -44,7 +44,8 @@ class Setting:
         return "TALLY_" + name.upper().replace(".", "_")
 
 
-# name -> Setting; a dotted name is a key of a table in tally.toml ([auth], [tls])
+# name -> Setting; a dotted name is a key of a table in tally.toml ([auth], [tls]):
+# they come last, as tally init writes them (a plain key after a table would join it)
 SETTINGS = {
     "pulsar": Setting("pulsar://127.0.0.1:6650",
                       "broker service URL (pulsar+ssl:// for TLS)"),
@@ -60,6 +61,8 @@ SETTINGS = {
     "subscription_prefix": Setting("tally", "first part of every subscription name "
                                    "(<prefix>.<view>.<state hash>): one per deployment "
                                    "sharing a cluster"),
+    "log_format": Setting("text", "tally serve's log lines: text, or json (one object a "
+                          "line, for log shippers)"),
     "auth.token": Setting(None, "the cluster's token (a JWT)"),
     "auth.token_file": Setting(None, "a file holding the cluster's token, re-read on "
                                "reconnect", "path"),
@@ -76,8 +79,6 @@ SETTINGS = {
     "tls.allow_insecure": Setting(False, "accept any broker certificate", "bool"),
     "tls.validate_hostname": Setting(True, "check the broker certificate's host name",
                                      "bool"),
-    "log_format": Setting("text", "tally serve's log lines: text, or json (one object a "
-                          "line, for log shippers)"),
 }
 
 LOOKUP_HOST = "127.0.0.1"

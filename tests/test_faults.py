@@ -412,7 +412,8 @@ def test_a_stuck_worker_shows_in_health_and_metrics():
     workers = [worker(0, 1), worker(1, streaming.STALLED_WORKER_S + 30),
                worker(2, streaming.STALLED_WORKER_S + 30, failing=(time.monotonic(), "down"))]
     service = object.__new__(streaming.StreamingService)       # no broker, no store
-    service.failures, service.checkpoint_interval_s, service.admin_url = [], 1.0, None
+    service.failures, service.checkpoint_interval_s = [], 1.0
+    service.cluster = types.SimpleNamespace(admin_url=None)       # no standby watch
     service.runners = {("v", 1): types.SimpleNamespace(workers=workers, bootstrap_progress=None)}
     service.metrics = service_metrics()
     articles = Source("articles", "articles", {"article": "int64", "category": "string",

@@ -1019,3 +1019,23 @@ def test_cli_sets_the_idle_timeout_and_the_connection_cap(store):
         child.send_signal(signal.SIGTERM)
         child.communicate(timeout=10)
     assert child.returncode == 0
+
+
+def test_replies_decode_top_k_pairs_as_tuples_in_every_layout():
+    """A top_k value is an array of [value, count] arrays on the wire and
+    tuples in Python, in records, in vectors and in columns; a column of
+    last_n lists (arrays of arrays too, one per row) stays lists."""
+    from tally.service.lookup.client import decode_reply
+    top = [("news", 3), ("arts", 1)]
+    record = {"recent": [7, 3], "top": top, "reads": 2}
+    reply = decode_reply(msgpack.packb({"id": 1, "ok": True, "records": [record, None]}))
+    assert reply["records"] == [record, None] and reply["records"][0]["top"] == top
+    assert type(reply["records"][0]["top"][0]) is tuple
+    reply = decode_reply(msgpack.packb({"id": 2, "ok": True, "columns": {
+        "recent": [[7, 3], None, [], [1]], "top": [None, [], top, top[:1]],
+        "reads": [2, None, 0, 1]}}))
+    columns = reply["columns"]
+    assert columns["recent"] == [[7, 3], None, [], [1]]
+    assert all(type(v) is list for v in columns["recent"] if v is not None)
+    assert columns["top"] == [None, [], top, top[:1]]
+    assert type(columns["top"][2][0]) is tuple and columns["reads"] == [2, None, 0, 1]

@@ -14,8 +14,8 @@ codes are in ``tally.service.lookup.protocol``.
 Feature values come back as the stores return them (``LmdbStore.get``):
 int, float, str, lists of items, and top_k values as lists of
 ``(value, count)`` tuples -- on the wire ``[[value, count], ...]``, turned
-back into tuples by :func:`decode_reply` (an array whose items are arrays is
-a top_k: no other reply holds one).
+back into tuples by :func:`decode_reply` (a value that is an array of arrays
+is a top_k: no other value is one).
 
 ``LookupClient`` blocks; ``AsyncLookupClient`` is for asyncio. Both raise
 ``LookupServerError`` (a ``LookupError``) with the server's error ``code``
@@ -55,14 +55,30 @@ def encode_frame(message):
 
 
 def decode_reply(payload):
-    return msgpack.unpackb(payload, raw=False, list_hook=_top_k_pairs)
+    """A reply frame's map, its top_k values' pairs made tuples: in the
+    records and vectors (a map per entity or row) and in the columns (an
+    array of values per column)."""
+    reply = msgpack.unpackb(payload, raw=False)
+    for maps in (reply.get("records"), reply.get("vectors")):
+        for values in maps or ():
+            if values:
+                for name, value in values.items():
+                    if _is_top_k(value):
+                        values[name] = _pairs(value)
+    columns = reply.get("columns")
+    for name, column in (columns or {}).items():
+        if _is_top_k(next((value for value in column if value), None)):
+            columns[name] = [value if value is None else _pairs(value) for value in column]
+    return reply
 
 
-def _top_k_pairs(items):
+def _is_top_k(value):
+    return type(value) is list and bool(value) and type(value[0]) is list
+
+
+def _pairs(top_k):
     """A top_k value's [[value, count], ...] -> [(value, count), ...]."""
-    if items and type(items[0]) is list:
-        return [tuple(pair) for pair in items]
-    return items
+    return [tuple(pair) for pair in top_k]
 
 
 def check_reply(reply, expected_id):
