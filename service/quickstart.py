@@ -56,6 +56,7 @@ def run(n_events=500_000, n_users=10_000, n_partitions=4, store_path=None):
     import tempfile
 
     from tally.service.ingest.run import Ingestion
+    from tally.service.progress import progress_bar, until_read
     from tally.service.pulsar.client import connect
     from tally.service.pulsar.local import LocalPulsar
     from tally.service.pulsar.producer import EventProducer
@@ -70,16 +71,17 @@ def run(n_events=500_000, n_users=10_000, n_partitions=4, store_path=None):
         payloads, keys, events = generate_events(n_events, n_users, seed=7)
         t0 = time.monotonic()
         producer = EventProducer(client, read_events.topic, "user", routing=read_events.routing)
-        for payload, key in zip(payloads, keys):
+        for payload, key in progress_bar("events", zip(payloads, keys), total=n_events,
+                                         desc="produce"):
             producer.send_payload(payload, key)
         producer.close()
         print(f"Produced {n_events:,} reading events in {time.monotonic() - t0:.1f} s")
 
         store = LmdbStore(store_path)
         # the partition workers tally serve runs, checkpoints and all
-        with Ingestion(user_reading, client, store) as reader:
-            reader.run(until=lambda ingestion: ingestion.stats.messages >= n_events,
-                       idle_timeout_s=30)
+        with Ingestion(user_reading, client, store) as reader, \
+                progress_bar("events", desc="compute") as bar:
+            reader.run(until=until_read(bar, n_events), idle_timeout_s=30)
             summary, users = reader.stats.summary(), reader.entities
         client.close()
     print(f"Computed {[f.name for f in user_reading.features]} for "

@@ -8,6 +8,7 @@ service's vector for (user, current article) rows; and a training set for a
 spine of (user, current article, time, clicked) rows, from the same topics
 and the same definitions.
 """
+import functools
 import tempfile
 import time
 
@@ -55,6 +56,7 @@ def run(n_events=200_000, n_users=10_000, n_articles=5_000, n_partitions=4, stor
     from tally.core.serving import ServedService
     from tally.service.ingest.run import Ingestion
     from tally.service.ingest.service import publish_services
+    from tally.service.progress import advance, progress_bar, until_read
     from tally.service.pulsar.client import connect
     from tally.service.pulsar.local import LocalPulsar
     from tally.service.pulsar.producer import EventProducer
@@ -74,7 +76,7 @@ def run(n_events=200_000, n_users=10_000, n_articles=5_000, n_partitions=4, stor
         for source, key, rows in ((model.articles, "article", articles),
                                   (model.read_events, "user", reads)):
             producer = EventProducer(client, source.topic, key, routing=source.routing)
-            for row in rows:
+            for row in progress_bar("events", rows, desc=f"produce {source.name}"):
                 producer.send(row)
             producer.close()
         print(f"Produced {len(articles):,} article rows and {len(reads):,} reads in "
@@ -83,8 +85,9 @@ def run(n_events=200_000, n_users=10_000, n_articles=5_000, n_partitions=4, stor
         store = LmdbStore(store_path)
         for view in views:
             expected = len(articles) if view.source is model.articles else len(reads)
-            with Ingestion(view, client, store, subscription=f"tally-{view.name}") as job:
-                job.run(until=lambda j, n=expected: j.stats.messages >= n, idle_timeout_s=30)
+            with Ingestion(view, client, store, subscription=f"tally-{view.name}") as job, \
+                    progress_bar("events", desc=view.name) as bar:
+                job.run(until=until_read(bar, expected), idle_timeout_s=30)
                 summary = job.stats.summary()
             print(f"  {view.name}: {summary['events']:,} events in {summary['seconds']} s"
                   + (f" (joined with {model.articles.name}; {job.stats.join_misses} without "
@@ -101,8 +104,10 @@ def run(n_events=200_000, n_users=10_000, n_articles=5_000, n_partitions=4, stor
 
         end = reads[-1]["ts"]
         spine = _spine(reads, n_articles, end, rng)
-        table = training_set(spine, service=model.recommend, views=views,
-                             pulsar=PulsarTopic(client))
+        with progress_bar("rows", desc="training set") as bar:
+            table = training_set(spine, service=model.recommend, views=views,
+                                 pulsar=PulsarTopic(client),
+                                 progress=functools.partial(advance, bar))
         client.close()
     out = out or tempfile.mktemp(prefix="tally-recommend-", suffix=".parquet")
     import pyarrow.parquet as pq

@@ -1,4 +1,5 @@
 """Commands over the stream: serve, bootstrap, training-set, create-topic."""
+import functools
 import json
 import logging
 import os
@@ -160,28 +161,27 @@ def _add_bootstrap(commands):
                            metavar="PREFIX", help="the subscription prefix of the tally serve "
                            "that takes over: its subscription is moved to the cut (default: "
                            f"{config.describe('subscription_prefix')})")
-    bootstrap.add_argument("--quiet", action="store_true", help="no progress bar")
+    bootstrap.add_argument("--quiet", action="store_true", help="no progress bar (there is none when "
+                           "stderr is not a terminal)")
     bootstrap.set_defaults(run=cmd_bootstrap)
 
 
 def cmd_bootstrap(args):
     from tally.service.history.bootstrap import Bootstrap
     from tally.service.ingest.checkpoint import CheckpointStore
+    from tally.service.progress import bootstrap_bar, bootstrap_progress
     from tally.service.pulsar.topics import subscription_for
     from tally.service.store import open_store
 
     view, version, serving = _chosen_view(args)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
-    with open_store(args.store) as store:
+    with open_store(args.store) as store, bootstrap_bar(args.quiet) as bar:
         job = Bootstrap(view, config.cluster(args.pulsar, args.admin), store,
                         CheckpointStore(args.checkpoints),
                         subscription_for(view, args.subscription_prefix), version=version,
                         serving=serving, readers=args.readers, archive=args.archive,
-                        progress=None if args.quiet else progress_bar())
-        try:
-            report = job.run()
-        finally:
-            print(file=sys.stderr)
+                        progress=bootstrap_progress(bar))
+        report = job.run()
     print(json.dumps(report, sort_keys=True))
     return 0
 
@@ -207,21 +207,6 @@ def _chosen_view(args):
                 chosen = deployment.candidate or deployment.current
                 return chosen.definition, chosen.version, chosen is deployment.current
     raise UsageError(f"no deployed view named {args.target!r} in {path}")
-
-
-def progress_bar(stream=sys.stderr):
-    """A bootstrap ``progress`` callback drawing one line: units, events, rate, ETA."""
-    started = time.monotonic()
-
-    def draw(done, total, events, eta):
-        width = 30
-        filled = width * done // max(total, 1)
-        rate = events / max(time.monotonic() - started, 1e-9)
-        eta_text = "--" if eta is None else f"{eta:5.1f} s"
-        print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} units  "
-              f"{events:,} events  {rate:,.0f}/s  ETA {eta_text}   ", end="", file=stream,
-              flush=True)
-    return draw
 
 
 # -- tally training-set ----------------------------------------------------------
@@ -264,29 +249,22 @@ def cmd_training_set(args):
     import pyarrow.parquet as pq
 
     from tally.core.definitions import FeatureView
+    from tally.service.progress import advance, progress_bar
     from tally.service.registry import load_file
     from tally.service.training import PulsarTopic, training_set
     started = time.monotonic()
-
-    def bar(done, total):
-        width = 30
-        filled = width * done // max(total, 1)
-        print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} rows "
-              f"{time.monotonic() - started:6.1f} s", end="", file=sys.stderr, flush=True)
     views = [d for path in args.definitions or () for d in load_file(path)
              if isinstance(d, FeatureView)]
     keys = dict(item.split("=", 1) for item in args.key or ())
     pulsar = None
     if args.pulsar:     # with --admin, read by parallel readers
         pulsar = PulsarTopic(config.cluster(args.pulsar, args.admin), readers=args.readers)
-    try:
+    with progress_bar("rows") as bar:
         table = training_set(args.spine, [f for f in args.features.split(",") if f],
                              views=views, registry=args.registry, pulsar=pulsar,
                              timestamp_column=args.timestamp_column, keys=keys,
-                             spill_dir=args.spill_dir, progress=bar)
-        pq.write_table(table, args.out)
-    finally:
-        print(file=sys.stderr)
+                             spill_dir=args.spill_dir, progress=functools.partial(advance, bar))
+    pq.write_table(table, args.out)
     seconds = time.monotonic() - started
     print(f"wrote {table.num_rows:,} rows x {table.num_columns} columns to {args.out} in "
           f"{seconds:.1f} s ({table.num_rows / max(seconds, 1e-9):,.0f} rows/s)",
