@@ -1,14 +1,32 @@
-"""Prometheus metrics, for the streaming service and the lookup server alike:
-counters, gauges and histograms keyed by name and labels, rendered in the
-text exposition format, and a small HTTP endpoint serving them
-(``GET /metrics``, ``GET /health``)."""
+"""Prometheus metrics, for the streaming service and the lookup server alike,
+exposed by prometheus_client: the text format, or OpenMetrics when the
+scraper asks for it, with the process's own CPU, memory, open files, GC and
+Python version beside Tally's series; and a small HTTP endpoint serving them
+(``GET /metrics``, ``GET /health``).
+
+Tally's series live in :class:`Metrics`, a prometheus_client collector: a
+hot path (the lookup server counts every request) updates plain dicts, which
+cost less than half of prometheus_client's locked counters and histograms
+(0.6 against 1.35 us a request), and the collector turns them into metric
+families only when scraped. The streaming service builds a fresh Metrics
+from its workers' counters at each scrape (:class:`OnScrape`): nothing is
+counted per event twice."""
 import asyncio
 import json
 import math
 import time
 from bisect import bisect_left
+from operator import itemgetter
 
-KINDS = ("counter", "gauge", "histogram")
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+from prometheus_client.utils import floatToGoString
+
+FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+            "histogram": HistogramMetricFamily}
+KINDS = tuple(FAMILIES)
 
 
 def series(name, **labels):
@@ -32,7 +50,7 @@ class Histogram:
 
 
 class Metrics:
-    """Series keyed by (name, labels); rendered on demand.
+    """Series keyed by (name, labels): a prometheus_client collector.
 
     ``add``, ``set`` and ``observe`` take the labels as keywords. A hot path
     builds its keys once with :func:`series` and calls ``add_at`` and
@@ -49,6 +67,9 @@ class Metrics:
             raise ValueError(f"metric kind {kind!r} is not one of {KINDS}")
         if (kind == "histogram") != (buckets is not None):
             raise ValueError(f"{name}: buckets are for histograms, and histograms need them")
+        if kind == "counter" and not name.endswith("_total"):
+            raise ValueError(f"{name}: both exposition formats name a counter's sample "
+                             "<name>_total")
         self.kinds[name], self.help[name] = kind, help_text
         if buckets is not None:
             self.buckets[name] = tuple(sorted(buckets))
@@ -71,50 +92,61 @@ class Metrics:
             histogram = self.values[key] = Histogram(self.buckets[key[0]])
         histogram.observe(value)
 
-    def render(self):
-        """Every declared metric, its series sorted by labels."""
+    def collect(self):
+        """Every declared metric as a family, its series sorted by labels."""
         by_name = {}
         for (name, labels), value in self.values.items():
             by_name.setdefault(name, []).append((labels, value))
-        lines = []
         for name in sorted(self.kinds):
-            lines.append(f"# HELP {name} {self.help[name]}")
-            lines.append(f"# TYPE {name} {self.kinds[name]}")
-            for labels, value in sorted(by_name.get(name, ()), key=lambda item: item[0]):
-                if isinstance(value, Histogram):
-                    lines += _histogram_lines(name, labels, value)
-                else:
-                    lines.append(f"{name}{_label_text(labels)} {_number(value)}")
-        return "\n".join(lines) + "\n"
+            family = FAMILIES[self.kinds[name]](name, self.help[name])
+            for labels, value in sorted(by_name.get(name, ()), key=itemgetter(0)):
+                _add_samples(family, {key: str(v) for key, v in labels}, value)
+            yield family
 
 
-def _histogram_lines(name, labels, histogram):
-    lines, cumulative = [], 0
-    for bound, count in zip(histogram.bounds + (math.inf,), histogram.counts):
-        cumulative += count
-        lines.append(f"{name}_bucket{_label_text(labels + (('le', _number(bound)),))} "
-                     f"{cumulative}")
-    lines.append(f"{name}_sum{_label_text(labels)} {_number(histogram.sum)}")
-    lines.append(f"{name}_count{_label_text(labels)} {cumulative}")
-    return lines
+def _add_samples(family, labels, value):
+    # A counter family's name drops the _total its sample keeps.
+    if family.type == "counter":
+        family.add_sample(family.name + "_total", labels, value)
+    elif family.type == "gauge":
+        family.add_sample(family.name, labels, value)
+    else:
+        cumulative = 0
+        for bound, count in zip(value.bounds + (math.inf,), value.counts):
+            cumulative += count
+            family.add_sample(family.name + "_bucket", dict(labels, le=floatToGoString(bound)),
+                              cumulative)
+        family.add_sample(family.name + "_count", labels, cumulative)
+        family.add_sample(family.name + "_sum", labels, value.sum)
 
 
-def _label_text(labels):
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels) + "}"
+class OnScrape:
+    """A collector of the Metrics ``build()`` returns at each scrape: a
+    service's counters are read when scraped, never copied as they change."""
+
+    def __init__(self, build):
+        self.build = build
+
+    def collect(self):
+        return self.build().collect()
 
 
-def _escape(value):
-    """A label value as the exposition format quotes it."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def scrape_registry(*collectors):
+    """A registry of ``collectors`` and the process's own metrics: CPU
+    seconds, memory, open files, GC collections, the Python version."""
+    registry = CollectorRegistry()
+    for process_collector in (ProcessCollector, GCCollector, PlatformCollector):
+        process_collector(registry=registry)
+    for collector in collectors:
+        registry.register(collector)
+    return registry
 
 
-def _number(value):
-    """A sample value: Prometheus spells the non-finite floats +Inf, -Inf, NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
-    return str(value)
+def exposition(registry, accept=""):
+    """``(body, content type)`` of a scrape: OpenMetrics when the ``Accept``
+    header asks for it, else the Prometheus text format 0.0.4."""
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type
 
 
 def service_metrics():
@@ -174,27 +206,26 @@ def service_metrics():
     return metrics
 
 
-async def serve_metrics(metrics, host, port, refresh=None, health=None):
-    """Serve ``/metrics`` and ``/health`` until cancelled; ``refresh()`` updates
-    gauges just before each scrape, ``health()`` -> ``(healthy, details)``
-    answers /health (200, or 503 with the details saying why)."""
+async def serve_metrics(registry, host, port, health=None):
+    """Serve ``/metrics`` (a scrape of ``registry``) and ``/health`` until
+    cancelled; ``health()`` -> ``(healthy, details)`` answers /health (200,
+    or 503 with the details saying why)."""
     async def handle(reader, writer):
         try:
-            request = await reader.readline()
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass
+            request, accept = await reader.readline(), ""
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "accept":
+                    accept = value.strip()
             path = request.split()[1].decode() if len(request.split()) > 1 else "/"
             if path == "/metrics":
-                if refresh:
-                    refresh()
-                status, body, kind = "200 OK", metrics.render(), "text/plain; version=0.0.4"
+                status, (payload, kind) = "200 OK", exposition(registry, accept)
             elif path == "/health":
                 healthy, details = health() if health else (True, {"status": "ok"})
                 status = "200 OK" if healthy else "503 Service Unavailable"
-                body, kind = json.dumps(details), "application/json"
+                payload, kind = json.dumps(details).encode(), "application/json"
             else:
-                status, body, kind = "404 Not Found", "not found\n", "text/plain"
-            payload = body.encode()
+                status, payload, kind = "404 Not Found", b"not found\n", "text/plain"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
                          f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
                          .encode() + payload)

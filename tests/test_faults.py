@@ -5,6 +5,7 @@ Every test ends with the online values compared with a pandas recomputation,
 or with the failure shown loudly (exit status, log, /health)."""
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -400,7 +401,7 @@ def test_a_stuck_worker_shows_in_health_and_metrics():
     age); a worker waiting out a failing store is reported as that instead."""
     import types
     from tally.service.ingest import service as streaming
-    from tally.service.metrics import service_metrics
+    from tally.service.metrics import OnScrape, exposition, scrape_registry
 
     def worker(partition, batch_age, failing=None):
         return types.SimpleNamespace(
@@ -415,7 +416,6 @@ def test_a_stuck_worker_shows_in_health_and_metrics():
     service.failures, service.checkpoint_interval_s = [], 1.0
     service.cluster = types.SimpleNamespace(admin_url=None)       # no standby watch
     service.runners = {("v", 1): types.SimpleNamespace(workers=workers, bootstrap_progress=None)}
-    service.metrics = service_metrics()
     articles = Source("articles", "articles", {"article": "int64", "category": "string",
                                                "ts": "int64"})
     feed = object.__new__(DimensionFeed)          # a changelog unreadable for a minute
@@ -431,8 +431,10 @@ def test_a_stuck_worker_shows_in_health_and_metrics():
     assert len(stuck) == 1 and stuck[0].startswith("v partition 1: no batch begun for 9")
     assert any(p.startswith("v partition 2: the online store has failed")
                for p in details["problems"])
-    service.refresh_metrics()
-    assert "tally_batch_age_seconds" in service.metrics.render()
+    text = exposition(scrape_registry(OnScrape(service.current_metrics)))[0].decode()
+    age = re.search(r'^tally_batch_age_seconds\{partition="1",version="1",view="v"\} (\S+)$',
+                    text, re.M)
+    assert age and float(age.group(1)) >= streaming.STALLED_WORKER_S, text
     workers[1].last_batch = time.monotonic()
     workers[2].writer.failing = None
     workers[2].last_batch = time.monotonic()

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tally.service.metrics import Metrics, serve_metrics, service_metrics
+from tally.service.metrics import (Metrics, exposition, scrape_registry, serve_metrics,
+                                   service_metrics)
 from tally.service.registry import Registry
 from tally.service.store.lmdb import LmdbStore
 from tally.service.ui import demo
@@ -64,7 +65,7 @@ def service_endpoint():
         metrics.set("tally_event_time_lag_seconds", lag, **labels)
     port = free_port()
     loop = asyncio.new_event_loop()
-    task = loop.create_task(serve_metrics(metrics, "127.0.0.1", port))
+    task = loop.create_task(serve_metrics(scrape_registry(metrics), "127.0.0.1", port))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     yield f"127.0.0.1:{port}", metrics
@@ -386,7 +387,7 @@ def test_metrics_are_parsed_as_the_service_renders_them():
     metrics.set("tally_freshness_seconds", 1.25, view='we"ird\\', version=3, partition=1)
     metrics.set("tally_events_total", 7, view="v", version=1, partition=0)
     metrics.set("tally_events_total", 5, view="v", version=1, partition=1)
-    samples = parse_prometheus(metrics.render())
+    samples = parse_prometheus(exposition(scrape_registry(metrics))[0].decode())
     assert ("tally_freshness_seconds", {"view": 'we"ird\\', "version": "3", "partition": "1"},
             1.25) in samples
     assert per_view(samples) == {('we"ird\\', 3): {"freshness": 1.25},

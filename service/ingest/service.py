@@ -24,7 +24,8 @@ from tally.core.enrich import table_key
 from tally.service.ingest.checkpoint import CheckpointStore
 from tally.service.ingest.dimensions import DimensionFeed
 from tally.service.ingest.partition import IDLE_BATCHES_CAUGHT_UP, PartitionWorker, drive
-from tally.service.metrics import seconds_since, serve_metrics, service_metrics
+from tally.service.metrics import (OnScrape, scrape_registry, seconds_since, serve_metrics,
+                                   service_metrics)
 from tally.service.pulsar.client import connect, partition_topics
 from tally.service.pulsar.cluster import as_cluster
 from tally.service.pulsar.topics import subscription_for
@@ -141,7 +142,6 @@ class StreamingService:
                              {v.name: v for v in views})
         self.stopping = None
         self.failures = []                    # partitions that could not go on
-        self.metrics = service_metrics()
         self.metrics_address = metrics_address
 
     def subscription(self, view):
@@ -354,21 +354,23 @@ class StreamingService:
 
         async def serve():
             try:
-                await serve_metrics(self.metrics, host, port, self.refresh_metrics, self.health)
+                await serve_metrics(scrape_registry(OnScrape(self.current_metrics)), host, port,
+                                    self.health)
             except OSError as error:
                 log.warning("metrics endpoint %s:%s unavailable: %s", host, port, error)
         return asyncio.get_running_loop().create_task(serve())
 
-    def refresh_metrics(self):
-        """Copy every worker's counters into the metrics, just before a scrape."""
-        now_ms = time.time() * 1000
+    def current_metrics(self):
+        """The service's metrics as of now, read from its workers' counters
+        (at each scrape: a series goes with its worker)."""
+        metrics, now_ms = service_metrics(), time.time() * 1000
         for runner in self.runners.values():
             if runner.bootstrap_progress is not None:
                 done, total, events = runner.bootstrap_progress
                 labels = {"view": runner.view.name, "version": runner.version}
-                self.metrics.set("tally_bootstrap_units", done, state="done", **labels)
-                self.metrics.set("tally_bootstrap_units", total, state="total", **labels)
-                self.metrics.set("tally_bootstrap_events_total", events, **labels)
+                metrics.set("tally_bootstrap_units", done, state="done", **labels)
+                metrics.set("tally_bootstrap_units", total, state="total", **labels)
+                metrics.set("tally_bootstrap_events_total", events, **labels)
         for worker in self.workers:
             labels = {"view": worker.view.name, "version": worker.schema.version,
                       "partition": worker.partition}
@@ -390,38 +392,39 @@ class StreamingService:
                                  seconds_since(worker.last_checkpoint)),
                                 ("tally_batch_age_seconds", seconds_since(worker.last_batch)),
                                 ("tally_unacknowledged", int(worker.unacknowledged is not None))):
-                self.metrics.set(name, value, **labels)
-        self.metrics.set("tally_partition_failures", len(self.failures))
+                metrics.set(name, value, **labels)
+        metrics.set("tally_partition_failures", len(self.failures))
         for worker in self.workers:
-            self.metrics.set("tally_subscription", 1, view=worker.view.name,
-                             version=worker.schema.version, subscription=worker.subscription)
+            metrics.set("tally_subscription", 1, view=worker.view.name,
+                        version=worker.schema.version, subscription=worker.subscription)
             if self.cluster.admin_url:
                 other = self.standby.get((worker.view.name, worker.schema.version,
                                           worker.partition))
-                self.metrics.set("tally_partition_standby", int(other is not None),
-                                 view=worker.view.name, version=worker.schema.version,
-                                 partition=worker.partition, subscription=worker.subscription,
-                                 active_consumer=other or self.consumer_name)
+                metrics.set("tally_partition_standby", int(other is not None),
+                            view=worker.view.name, version=worker.schema.version,
+                            partition=worker.partition, subscription=worker.subscription,
+                            active_consumer=other or self.consumer_name)
         for feed in self.dimensions.values():
             labels = {"dimension": feed.name}
-            self.metrics.set("tally_dimension_rows_total", feed.rows, **labels)
-            self.metrics.set("tally_dimension_keys", len(feed.table), **labels)
-            self.metrics.set("tally_dimension_dead_letters_total", feed.rejected, **labels)
-            self.metrics.set("tally_dimension_late_rows_total", feed.table.late_rows, **labels)
-            self.metrics.set("tally_dimension_unsynced_batches_total", feed.unsynced_batches,
-                             **labels)
+            metrics.set("tally_dimension_rows_total", feed.rows, **labels)
+            metrics.set("tally_dimension_keys", len(feed.table), **labels)
+            metrics.set("tally_dimension_dead_letters_total", feed.rejected, **labels)
+            metrics.set("tally_dimension_late_rows_total", feed.table.late_rows, **labels)
+            metrics.set("tally_dimension_unsynced_batches_total", feed.unsynced_batches,
+                        **labels)
             if feed.synced_at is not None:
-                self.metrics.set("tally_dimension_sync_age_seconds",
-                                 seconds_since(feed.synced_at), **labels)
+                metrics.set("tally_dimension_sync_age_seconds",
+                            seconds_since(feed.synced_at), **labels)
         for worker in self.workers:
             labels = {"view": worker.view.name, "version": worker.schema.version,
                       "partition": worker.partition}
             stats = worker.stats
             if stats.watermark_ms is not None:
-                self.metrics.set("tally_event_time_lag_seconds",
-                                 round((now_ms - stats.watermark_ms) / 1000, 3), **labels)
-                self.metrics.set("tally_freshness_seconds",
-                                 round(stats.freshness_ms / 1000, 3), **labels)
+                metrics.set("tally_event_time_lag_seconds",
+                            round((now_ms - stats.watermark_ms) / 1000, 3), **labels)
+                metrics.set("tally_freshness_seconds",
+                            round(stats.freshness_ms / 1000, 3), **labels)
+        return metrics
 
     def close(self):
         self.store.close()

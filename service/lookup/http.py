@@ -4,7 +4,7 @@
 ``POST /v1/features/{view}`` with ``{"keys": [...], "features": [...]}``,
 ``POST /v1/services/{service}`` with ``{"rows": [{"user": 42, ...}, ...]}``,
 ``GET /v1/views``, ``GET /health`` and ``GET /metrics`` (Prometheus text
-format). Keep-alive; ``Content-Length`` bodies only (no chunked uploads),
+format, or OpenMetrics when the Accept header asks for it). Keep-alive; ``Content-Length`` bodies only (no chunked uploads),
 the length in decimal digits and said once. A key in the path of an int64
 view is ``-?[0-9]+`` within int64.
 Feature values are the msgpack protocol's, in JSON (strings, arrays for
@@ -28,6 +28,7 @@ from tally.service.lookup.frontend import (DEFAULT_IDLE_TIMEOUT_SECONDS,
                                            DEFAULT_MAX_CONNECTIONS, Connections, count_request)
 from tally.service.lookup.protocol import (DEFAULT_MAX_FRAME_BYTES, RequestError, describe_all,
                                            shorten)
+from tally.service.metrics import exposition, scrape_registry
 
 DEFAULT_HTTP_PORT = 8256
 MAX_HTTP_HEAD_BYTES = 64 << 10
@@ -166,6 +167,7 @@ class HttpFrontEnd:
                  idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS):
         self.service = service
         self.metrics = metrics
+        self.scrape = scrape_registry(metrics)      # the process's metrics beside the requests'
         self.connections = Connections("http", metrics, max_connections, idle_timeout)
         self.max_body = max_body
         self.started_at = time.monotonic()
@@ -218,7 +220,8 @@ class HttpFrontEnd:
             body = error_json("internal", "internal server error; see its log")
             return op, "internal", body, "application/json", 0
         if op == "metrics":
-            return op, "ok", result.encode(), "text/plain; version=0.0.4; charset=utf-8", 0
+            body, content_type = result
+            return op, "ok", body, content_type, 0
         n_keys = len(result.get("records", result.get("vectors", ()))) or \
             int("record" in result)
         return op, "ok", json_body(dict({"ok": True}, **result)), "application/json", n_keys
@@ -240,12 +243,12 @@ class HttpFrontEnd:
             expect(method, "POST")
             return "service", self._post_service, (unquote(path[len(self.SERVICES):]),
                                                    request.body)
-        routes = {"/health": ("health", self._health), "/metrics": ("metrics", self._metrics),
-                  "/v1/views": ("views", self._views)}
+        routes = {"/health": ("health", self._health, ()),
+                  "/metrics": ("metrics", self._metrics, (request.headers.get("accept", ""),)),
+                  "/v1/views": ("views", self._views, ())}
         if path in routes:
             expect(method, "GET")
-            op, handler = routes[path]
-            return op, handler, ()
+            return routes[path]
         raise RequestError("not_found", f"no route {path!r}; see GET /v1/features/{{view}}/"
                            "{key}, POST /v1/features/{view}, POST /v1/services/{service}, /v1/views, "
                            "/health, /metrics")
@@ -284,8 +287,8 @@ class HttpFrontEnd:
         return {"status": "serving", "uptime_seconds": round(time.monotonic() -
                                                              self.started_at, 3)}
 
-    async def _metrics(self):
-        return self.metrics.render()
+    async def _metrics(self, accept):
+        return exposition(self.scrape, accept)
 
 
 def json_request(body):
