@@ -4,8 +4,9 @@
 ``POST /v1/features/{view}`` with ``{"keys": [...], "features": [...]}``,
 ``POST /v1/services/{service}`` with ``{"rows": [{"user": 42, ...}, ...]}``,
 ``GET /v1/views``, ``GET /health`` and ``GET /metrics`` (Prometheus text
-format, or OpenMetrics when the Accept header asks for it). Keep-alive; ``Content-Length`` bodies only (no chunked uploads),
-the length in decimal digits and said once. A key in the path of an int64
+format, or OpenMetrics when the Accept header asks for it). Keep-alive;
+``Content-Length`` bodies only (no chunked uploads), the length in decimal
+digits and said once. A key in the path of an int64
 view is ``-?[0-9]+`` within int64.
 Feature values are the msgpack protocol's, in JSON (strings, arrays for
 lists, ``[[value, count], ...]`` for top_k: see
