@@ -107,7 +107,7 @@ if [ "$installed" = "$wanted test" ] || [ "$installed" = "$wanted $purpose" ]; t
 else
   echo "==> pip install -e $target into $PYTHON (compiles the Cython core and libtally: 2-3 min)"
   rm -f "$stamp"
-  build_requires="$(sed -n 's/^requires = \[\(.*\)\]$/\1/p' pyproject.toml | tr -d '",')"
+  build_requires="$(sed -n 's/^requires = \[\(.*\)\]$/\1/p' pyproject.toml | sed 's/", *"/ /g' | tr -d '"')"
   "$PYTHON" -m pip install -q --upgrade pip $build_requires
   "$PYTHON" -m pip install -q --no-build-isolation -e "$target"
   echo "$wanted $purpose" >"$stamp"
