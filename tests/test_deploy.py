@@ -45,8 +45,9 @@ def bootstrap_units(port, version):
     import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    pattern = rf'tally_bootstrap_units{{state="(\w+)",version="{version}",view="deployed"}} (\d+)'
-    return {state: int(value) for state, value in re.findall(pattern, text)}
+    pattern = (rf'^tally_bootstrap_units{{state="(\w+)",version="{version}",view="deployed"}} '
+               r'(\S+)$')
+    return {state: int(float(value)) for state, value in re.findall(pattern, text, re.M)}
 
 
 def wait_for(condition, timeout_s, what):

@@ -96,7 +96,8 @@ def test_a_second_deployment_on_the_same_subscription_warns_and_a_prefix_separat
         b_standing = {w["partition"] for w in standing_by(second_log)}
         metrics = urllib.request.urlopen("http://127.0.0.1:19473/metrics").read().decode()
         standby = [line for line in metrics.splitlines()
-                   if line.startswith("tally_partition_standby{") and line.endswith(" 1")]
+                   if line.startswith("tally_partition_standby{")
+                   and float(line.rsplit(" ", 1)[1]) == 1]
         assert len(standby) == len(b_standing) > 0, metrics
         assert all('active_consumer="a"' in line and 'subscription="prod.dep_reading.' in line
                    for line in standby), standby

@@ -83,8 +83,10 @@ def test_served_enriched_features_equal_the_training_set_and_pandas(
     misses = sum(float(line.split()[-1]) for line in metrics.splitlines()
                  if line.startswith("tally_join_misses_total{"))
     assert misses == int(enriched.category.isna().sum())
-    assert 'tally_dimension_dead_letters_total{dimension="articles"} 1' in metrics
-    assert 'tally_dimension_rows_total{dimension="articles"} %d' % len(dims) in metrics
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                   if not line.startswith("#"))
+    assert float(samples['tally_dimension_dead_letters_total{dimension="articles"}']) == 1
+    assert float(samples['tally_dimension_rows_total{dimension="articles"}']) == len(dims)
     dead = pulsar_client.subscribe(dead_letter_topic(articles), "check",
                                    initial_position=pulsar.InitialPosition.Earliest)
     letter = dead.receive(timeout_millis=10_000)
