@@ -5,10 +5,11 @@ Python version beside Tally's series; and a small HTTP endpoint serving them
 (``GET /metrics``, ``GET /health``).
 
 Tally's series live in :class:`Metrics`, a prometheus_client collector: a
-hot path (the lookup server counts every request) updates plain dicts, which
-cost less than half of prometheus_client's locked counters and histograms
-(0.6 against 1.35 us a request), and the collector turns them into metric
-families only when scraped. The streaming service builds a fresh Metrics
+hot path (the lookup server counts every request) updates plain dicts, and
+the collector turns them into metric families only when scraped. Counting a
+request so costs 0.6 us, against 1.35 us with prometheus_client's locked
+counters and histogram (their children cached per label set): about 0.75 us
+of the lookup server's 16-18 us of CPU per TCP request. The streaming service builds a fresh Metrics
 from its workers' counters at each scrape (:class:`OnScrape`): nothing is
 counted per event twice."""
 import asyncio
