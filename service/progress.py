@@ -7,12 +7,15 @@ import sys
 from tqdm.auto import tqdm
 
 
-def progress_bar(unit, iterable=None, total=None, quiet=False, file=None, **options):
-    """A tqdm bar counting ``unit`` (the items of ``iterable``, if given);
-    ``quiet`` hides it everywhere. Use it as a context manager, or iterate
-    it: the end closes the bar (and ends its line)."""
+def progress_bar(unit, iterable=None, total=None, quiet=False, file=None, unit_scale=True,
+                 **options):
+    """A tqdm bar counting ``unit`` (the items of ``iterable``, if given;
+    ``unit_scale``: 123k, not 123456); ``quiet`` hides it everywhere. Use it
+    as a context manager, or iterate it: the end closes the bar (and ends
+    its line)."""
     return tqdm(iterable, total=total, unit=unit, file=file or sys.stderr,
-                disable=True if quiet else None, dynamic_ncols=True, **options)
+                disable=True if quiet else None, dynamic_ncols=True, unit_scale=unit_scale,
+                **options)
 
 
 def advance(bar, done, total, **postfix):
@@ -27,7 +30,7 @@ def advance(bar, done, total, **postfix):
 def bootstrap_bar(quiet=False, file=None):
     """A bar for a bootstrap's units, with its events, their rate and the
     bootstrap's own ETA (a unit's size varies, so tqdm's estimate would not do)."""
-    return progress_bar("units", quiet=quiet, file=file,
+    return progress_bar("units", quiet=quiet, file=file, unit_scale=False,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} units [{elapsed}{postfix}]")
 
 
