@@ -161,8 +161,8 @@ def _add_bootstrap(commands):
                            metavar="PREFIX", help="the subscription prefix of the tally serve "
                            "that takes over: its subscription is moved to the cut (default: "
                            f"{config.describe('subscription_prefix')})")
-    bootstrap.add_argument("--quiet", action="store_true", help="no progress bar (there is none when "
-                           "stderr is not a terminal)")
+    bootstrap.add_argument("--quiet", action="store_true",
+                           help="no progress bar (there is none when stderr is not a terminal)")
     bootstrap.set_defaults(run=cmd_bootstrap)
 
 
