@@ -122,21 +122,25 @@ def serve_lookups(store_path, host=DEFAULT_HOST, port=DEFAULT_PORT,
                           max_connections)
     loop = new_event_loop()
     try:
-        loop.run_until_complete(_serve_until_signalled(server))
+        loop.run_until_complete(serve_until_signalled(server, "lookup-server",
+                                                      server.service.token))
     finally:
         loop.close()
     return 0
 
 
-async def _serve_until_signalled(server):
+async def serve_until_signalled(server, command, token):
+    """Start ``server`` (anything with start, describe, close and a host),
+    print its one line, and serve until SIGINT or SIGTERM; warn when it
+    listens beyond loopback without a token."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
         await server.start()
-        if not server.service.token and server.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"tally lookup-server: warning: serving {server.host} without a token",
+        if not token and server.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"tally {command}: warning: serving {server.host} without a token",
                   file=sys.stderr, flush=True)
         print(server.describe(), flush=True)
         await stop.wait()

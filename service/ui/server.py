@@ -21,7 +21,6 @@ import contextlib
 import hmac
 import logging
 import os
-import sys
 import threading
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -199,33 +198,16 @@ def _error_page(status, message):
 def serve_ui(registry_path, store, metrics=None, host="127.0.0.1", port=DEFAULT_UI_PORT,
              token=None, scrape_interval=10.0):
     """Serve until SIGINT or SIGTERM. ``token=None`` reads ``$TALLY_TOKEN``."""
-    from tally.service.lookup.server import new_event_loop
+    from tally.service.lookup.server import new_event_loop, serve_until_signalled
     token = os.environ.get("TALLY_TOKEN") if token is None else token
     history = MetricsHistory(metrics, scrape_interval) if metrics else None
     server = UiServer(registry_path, store, history, host, port, token)
     loop = new_event_loop()
     try:
-        loop.run_until_complete(_serve_until_signalled(server))
+        loop.run_until_complete(serve_until_signalled(server, "ui", server.token))
     finally:
         loop.close()
     return 0
-
-
-async def _serve_until_signalled(server):
-    import signal
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await server.start()
-    try:
-        if not server.token and server.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"tally ui: warning: serving {server.host} without a token",
-                  file=sys.stderr, flush=True)
-        print(server.describe(), flush=True)
-        await stop.wait()
-    finally:
-        await server.close()
 
 
 @contextlib.contextmanager
