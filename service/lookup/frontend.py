@@ -159,6 +159,17 @@ class Connections:
         self.metrics.add(DROPPED, 1, transport=self.transport, reason="idle_timeout")
         connection.writer.close()           # the handler ends at its pending read
 
+    async def serve(self, reader, writer, refusal, serve_request):
+        """A stream connection's requests, one after another, until
+        ``serve_request(reader, writer, connection)`` returns False; beyond
+        max_connections, ``refusal()`` (the reply's bytes) instead."""
+        if self.full():
+            await self.refuse(reader, writer, refusal())
+            return
+        async with self.open(writer) as connection:
+            while await serve_request(reader, writer, connection):
+                pass
+
     async def refuse(self, reader, writer, reply):
         """Answer a connection beyond max_connections with ``reply``, then
         close it, after reading what the client sent (see REFUSAL_LINGER_SECONDS)."""

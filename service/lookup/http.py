@@ -174,15 +174,11 @@ class HttpFrontEnd:
         self.started_at = time.monotonic()
 
     async def serve_connection(self, reader, writer):
-        if self.connections.full():
-            body = error_json("too_many_connections", self.connections.refusal_message())
-            reply = http_response(503, body, keep_alive=False,
-                                  extra_headers="Retry-After: 1\r\n")
-            await self.connections.refuse(reader, writer, reply)
-            return
-        async with self.connections.open(writer) as connection:
-            while await self._serve_request(reader, writer, connection):
-                pass
+        await self.connections.serve(reader, writer, self._refusal, self._serve_request)
+
+    def _refusal(self):
+        body = error_json("too_many_connections", self.connections.refusal_message())
+        return http_response(503, body, keep_alive=False, extra_headers="Retry-After: 1\r\n")
 
     async def _serve_request(self, reader, writer, connection):
         """Answer one request; False when the connection is to close."""

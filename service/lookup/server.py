@@ -148,14 +148,18 @@ async def serve_until_signalled(server, command, token):
         await server.close()
 
 
-@contextlib.contextmanager
 def serve_in_background(store, **options):
     """Run a LookupServer on its own uvloop thread, e.g. beside a writer in
     this process (pass its LmdbStore) or in tests; yields the started server."""
+    return running_in_background(LookupServer(store, **options), "tally-lookup-server")
+
+
+@contextlib.contextmanager
+def running_in_background(server, name):
+    """Run ``server`` (anything with async start and close) on an event loop
+    thread of its own; yields it started, closes it on exit."""
     loop = new_event_loop()
-    server = LookupServer(store, **options)
-    thread = threading.Thread(target=loop.run_forever, name="tally-lookup-server",
-                              daemon=True)
+    thread = threading.Thread(target=loop.run_forever, name=name, daemon=True)
     thread.start()
     try:
         asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=30)

@@ -17,11 +17,9 @@ on a local file (milliseconds), and SQLite connections belong to the thread
 that opened them.
 """
 import asyncio
-import contextlib
 import hmac
 import logging
 import os
-import threading
 from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import quote, unquote, urlencode
@@ -106,13 +104,9 @@ class UiServer:
     # ---- requests --------------------------------------------------------------
 
     async def serve_connection(self, reader, writer):
-        if self.connections.full():
-            reply = http_response(503, b"too many connections", False, "text/plain")
-            await self.connections.refuse(reader, writer, reply)
-            return
-        async with self.connections.open(writer) as connection:
-            while await self._serve_request(reader, writer, connection):
-                pass
+        await self.connections.serve(
+            reader, writer, lambda: http_response(503, b"too many connections", False,
+                                                  "text/plain"), self._serve_request)
 
     async def _serve_request(self, reader, writer, connection):
         try:
@@ -210,18 +204,8 @@ def serve_ui(registry_path, store, metrics=None, host="127.0.0.1", port=DEFAULT_
     return 0
 
 
-@contextlib.contextmanager
 def ui_in_background(server):
     """Run ``server`` (a UiServer) on its own event loop thread (tests,
     screenshots); yields it started."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="tally-ui", daemon=True)
-    thread.start()
-    try:
-        asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=30)
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-        loop.close()
+    from tally.service.lookup.server import running_in_background
+    return running_in_background(server, "tally-ui")
