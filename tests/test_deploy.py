@@ -5,7 +5,6 @@ import dataclasses
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -17,6 +16,7 @@ from tally.service.pulsar.producer import EventProducer
 from tally.service.pulsar.local import free_loopback_ports
 from tally.service.quickstart import generate_events
 from tally.service.registry import Registry
+from test_service import wait_for
 
 pytestmark = pytest.mark.pulsar
 
@@ -48,18 +48,6 @@ def bootstrap_units(port, version):
     pattern = (rf'^tally_bootstrap_units{{state="(\w+)",version="{version}",view="deployed"}} '
                r'(\S+)$')
     return {state: int(float(value)) for state, value in re.findall(pattern, text, re.M)}
-
-
-def wait_for(condition, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{what} within {timeout_s} s")
 
 
 @pytest.mark.parametrize("bootstrap", [False, True], ids=["subscription", "bootstrap"])

@@ -8,13 +8,13 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 
 import pytest
 
 from tally.service.pulsar.producer import EventProducer
 from tally.service.quickstart import generate_events
+from test_service import wait_for
 
 pytestmark = pytest.mark.pulsar
 
@@ -51,16 +51,6 @@ def active_partitions(log):
 def standing_by(log):
     return [e for e in json_lines(log) if e["level"] == "WARNING" and
             "standing by" in e["message"]]
-
-
-def wait_for(condition, timeout_s=90):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError("timed out")
 
 
 def test_a_second_deployment_on_the_same_subscription_warns_and_a_prefix_separates_them(

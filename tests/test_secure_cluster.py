@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 
 import numpy as np
@@ -28,6 +27,7 @@ from tally.service.pulsar.producer import EventProducer
 from tally.service.pulsar.security import hs256_token
 from tally.service.quickstart import generate_events
 from tally.service.store.lmdb import LmdbStore
+from test_service import wait_for
 
 pytestmark = pytest.mark.pulsar
 
@@ -122,18 +122,6 @@ def tally(*args, cwd, **options):
 def stored(store_path, users):
     with LmdbStore(store_path) as store:
         return store.get_many("secure_reads", users)
-
-
-def wait_for(condition, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception:                     # the store may not exist yet
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{what} within {timeout_s} s")
 
 
 def test_serve_bootstrap_and_training_set_with_the_configured_token_over_tls(

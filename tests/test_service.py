@@ -298,13 +298,16 @@ def test_idle_windows_expire_online_and_metrics_are_served(
         stop(process)
 
 
-def wait_for(condition, timeout_s):
+def wait_for(condition, timeout_s=90, what="condition"):
+    """``condition()``'s first truthy value, polled; it may raise meanwhile
+    (the store may not exist yet)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if condition():
-                return
-        except Exception:       # the store may not exist yet
+            found = condition()
+            if found:
+                return found
+        except Exception:
             pass
         time.sleep(0.2)
-    raise AssertionError(f"condition not met within {timeout_s} s")
+    raise AssertionError(f"{what} not met within {timeout_s} s")
