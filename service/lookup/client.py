@@ -55,30 +55,25 @@ def encode_frame(message):
 
 
 def decode_reply(payload):
-    """A reply frame's map, its top_k values' pairs made tuples: in the
-    records and vectors (a map per entity or row) and in the columns (an
-    array of values per column)."""
-    reply = msgpack.unpackb(payload, raw=False)
-    for maps in (reply.get("records"), reply.get("vectors")):
-        for values in maps or ():
-            if values:
-                for name, value in values.items():
-                    if _is_top_k(value):
-                        values[name] = _pairs(value)
-    columns = reply.get("columns")
-    for name, column in (columns or {}).items():
-        if _is_top_k(next((value for value in column if value), None)):
-            columns[name] = [value if value is None else _pairs(value) for value in column]
+    """A reply frame's map, its top_k values' pairs made tuples. The hook
+    runs in msgpack's C loop on every array: one whose first item is an
+    array is a top_k value in a record or a row's vector. A columns reply
+    also holds arrays of arrays -- a column of lists -- which the hook
+    makes tuples too; those come back as lists here."""
+    reply = msgpack.unpackb(payload, raw=False, list_hook=_top_k_pairs)
+    if "columns" in reply:
+        columns = reply["columns"]
+        for name, column in columns.items():
+            if type(next((value for value in column if value is not None), None)) is tuple:
+                columns[name] = [value if value is None else list(value) for value in column]
     return reply
 
 
-def _is_top_k(value):
-    return type(value) is list and bool(value) and type(value[0]) is list
-
-
-def _pairs(top_k):
+def _top_k_pairs(items):
     """A top_k value's [[value, count], ...] -> [(value, count), ...]."""
-    return [tuple(pair) for pair in top_k]
+    if items and type(items[0]) is list:
+        return [item if item is None else tuple(item) for item in items]
+    return items
 
 
 def check_reply(reply, expected_id):
