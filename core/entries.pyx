@@ -177,7 +177,8 @@ cdef class Messages:
     """The messages decoded so far: payloads (``bytes``, log order) with each
     one's publish time, event time (0 if its producer set none), entry id and
     batch index (-1 outside a batch); ``malformed``: entries left out, by
-    reason. ``take()`` hands them over and starts afresh."""
+    reason; ``entries``: how many entries were decoded in all. ``take()``
+    hands the messages over and starts afresh."""
     cdef public list payloads
     cdef public dict malformed
     cdef public Py_ssize_t entries
@@ -196,13 +197,15 @@ cdef class Messages:
         return len(self.payloads)
 
     def take(self):
-        """``(payloads, times)`` where times holds ``publish_time``,
-        ``event_time``, ``entry`` and ``batch_index`` arrays."""
+        """``(payloads, times, malformed)``: times holds ``publish_time``,
+        ``event_time``, ``entry`` and ``batch_index`` arrays; ``malformed``
+        counts the entries left out since the last take, by reason."""
         payloads, self.payloads = self.payloads, []
+        malformed, self.malformed = self.malformed, {}
         times = {"publish_time": self.publish_times.take(),
                  "event_time": self.event_times.take(),
                  "entry": self.entry_ids.take(), "batch_index": self.batch_indexes.take()}
-        return payloads, times
+        return payloads, times, malformed
 
     cdef int emit(self, const uint8_t* payload, Py_ssize_t n, int64_t publish_time,
                   int64_t event_time, int64_t entry, int64_t batch_index) except -1:

@@ -79,6 +79,17 @@ SETTINGS = {
     "tls.allow_insecure": Setting(False, "accept any broker certificate", "bool"),
     "tls.validate_hostname": Setting(True, "check the broker certificate's host name",
                                      "bool"),
+    "tiered_storage.direct": Setting(True, "bootstraps read offloaded ledgers straight from "
+                                           "object storage (false: through the broker)",
+                                     "bool"),
+    "tiered_storage.endpoint": Setting(None, "the object store's endpoint URL (default: the "
+                                             "broker's offload policies)"),
+    "tiered_storage.bucket": Setting(None, "the offload bucket (default: the broker's)"),
+    "tiered_storage.region": Setting(None, "the offload region (default: the broker's)"),
+    "tiered_storage.access_key": Setting(None, "object store access key (default: the "
+                                               "platform's credential chain, e.g. "
+                                               "AWS_ACCESS_KEY_ID)"),
+    "tiered_storage.secret_key": Setting(None, "object store secret key"),
 }
 
 LOOKUP_HOST = "127.0.0.1"
@@ -148,14 +159,17 @@ def describe(setting):
 def cluster(pulsar=None, admin=None):
     """The one ``Cluster`` of a command: its URLs (flags first) and the
     authentication and TLS settings."""
-    from tally.service.pulsar.cluster import Cluster
+    from tally.service.pulsar.cluster import Cluster, TieredStorage
     options = {"token": default("auth.token"), "token_file": default("auth.token_file"),
                **{f"oauth2_{name}": default(f"auth.oauth2_{name}")
                   for name in ("issuer_url", "credentials_file", "audience", "scope")},
                **{f"tls_{name}": default(f"tls.{name}")
                   for name in ("ca_file", "cert_file", "key_file", "allow_insecure",
                                "validate_hostname")}}
-    return Cluster(service_url=pulsar or default("pulsar"), admin_url=admin, **options)
+    tiered = TieredStorage(**{name: default(f"tiered_storage.{name}") for name in (
+        "direct", "endpoint", "bucket", "region", "access_key", "secret_key")})
+    return Cluster(service_url=pulsar or default("pulsar"), admin_url=admin,
+                   tiered_storage=tiered, **options)
 
 
 # -- tally.toml ---------------------------------------------------------------

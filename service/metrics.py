@@ -182,6 +182,9 @@ def service_metrics():
              "Work units of a running bootstrap from history (state: done or total)"),
             ("tally_bootstrap_events_total", "counter",
              "Events folded by a running bootstrap's finished units"),
+            ("tally_bootstrap_direct_fallbacks_total", "counter",
+             "Offloaded ledgers planned, or units read, through the broker because their "
+             "objects could not be read straight from object storage (the log says why)"),
             ("tally_join_misses_total", "counter",
              "Events a join found no dimension row for at their time (null attributes)"),
             ("tally_subscription", "gauge",

@@ -5,9 +5,11 @@ With infinite retention and tiered storage the topic is the history. The
 bootstrap cuts each partition at its last confirmed entry (``history``),
 splits what lies before the cut (and an optional Parquet archive older than
 the topic) into work units, and lets N reader processes fold the units into
-partial states in parallel: a Pulsar Reader started at the unit's exact first
-entry reads both BookKeeper and offloaded ledgers (the broker opens offloaded
-ones from the tier). The partial states of a partition are merged in log
+partial states in parallel. A unit of BookKeeper ledgers is read through a
+subscription started at its exact first entry; a unit of offloaded ledgers
+is read straight from object storage, the broker idle
+(``tally.service.history.tiered``), or through the broker when its objects
+cannot be read. The partial states of a partition are merged in log
 order (``ViewState.merge`` folds the state of a later part of a stream into an
 earlier one exactly), the partition's records are written to the online
 store, and the handover is a checkpoint whose position is the cut: the
@@ -55,8 +57,8 @@ from tally.core.view import ViewState
 from tally.service.history.plan import (TopicUnit, cut_position, last_position, plan_archive,
                                         unit_from_dict)
 from tally.service.history.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, client_for,
-                                           partition_count, plan_units, read_units,
-                                           unit_payloads)
+                                           fold_unit, partition_count, plan_units, read_units)
+from tally.service.history.tiered import object_store, plan_direct_reads
 from tally.service.ingest.checkpoint import CheckpointConflict
 from tally.service.pulsar.admin import Admin
 from tally.service.ingest.fold import RoutingCheck
@@ -81,19 +83,26 @@ class BootstrapCancelled(BootstrapError):
 # Reader processes: one work unit in, one partial state file out.
 
 def read_topic_unit(view, cluster, unit, out_path, events_from_ms=None, n_partitions=1,
-                    dimensions_path=None):
+                    dimensions_path=None, store=None):
     """Fold the messages of ``unit`` into a fresh state and save it; events
-    on the wrong partition for their key are refused, as the stream does."""
+    on the wrong partition for their key are refused, as the stream does.
+    ``store``: the object store of a unit read directly."""
     started = time.monotonic()
-    state, tally = ViewState(view), _UnitTally()
     decode_schema = schema_of(view.source)
     routing = RoutingCheck(view, unit.partition, n_partitions)
-    enrich = _enricher(view, dimensions_path)
-    for payloads, times in unit_payloads(client_for(cluster), cluster, view.source.topic, unit,
-                                         view.source):
-        tally.fold(state, view, decode_schema, payloads, times, events_from_ms, routing, enrich)
+
+    def fold(batches):
+        state, tally = ViewState(view), _UnitTally()
+        enrich = _enricher(view, dimensions_path)
+        for payloads, times, malformed in batches:
+            tally.refused(malformed)
+            tally.fold(state, view, decode_schema, payloads, times, events_from_ms, routing,
+                       enrich)
+        return state, tally, enrich
+    (state, tally, enrich), fallback = fold_unit(cluster, view.source.topic, unit, view.source,
+                                                 store, fold)
     _save_states(out_path, {"": state})
-    return tally.summary(time.monotonic() - started, enrich)
+    return tally.summary(time.monotonic() - started, enrich, fallback)
 
 
 def read_archive_unit(view, archive_uri, unit, n_partitions, out_path, events_before_ms,
@@ -183,10 +192,11 @@ class _UnitTally:
         self.refused(Counter(batch.refused.values()))
         state.fold(batch.accepted())
 
-    def summary(self, seconds, enrich=None):
+    def summary(self, seconds, enrich=None, direct_fallback=None):
         return {"messages": self.messages, "events": self.events, "rejected": self.rejected,
                 "reject_reasons": self.reasons, "outside_boundary": self.outside_boundary,
-                "join_misses": 0 if enrich is None else enrich.misses, "seconds": seconds}
+                "join_misses": 0 if enrich is None else enrich.misses, "seconds": seconds,
+                "direct_fallback": direct_fallback}
 
 
 def _save_states(path, states):
@@ -232,6 +242,10 @@ class Bootstrap:
         self.units_per_reader, self.min_unit_bytes = units_per_reader, min_unit_bytes
         self.state_hash = state_hash(view)
         self.dimensions_path = None          # with joins: their tables (_load_dimensions)
+        self.object_store = None             # where directly read units are (_plan_store)
+        # offloaded ledgers planned, or units read, through the broker because
+        # their objects could not be read directly (for /metrics)
+        self.direct_fallbacks = 0
         self.workdir = os.path.join(checkpoints.root, view.name, self.state_hash, "bootstrap")
         self.cancelled = threading.Event()
 
@@ -253,6 +267,7 @@ class Bootstrap:
         if not pending:
             return {"view": self.view.name, "partitions": [], "note": "already bootstrapped"}
         plan = self._load_or_make_plan(pending, n_partitions)
+        self.object_store = self._plan_store(plan)
         self.dimensions_path = self._load_dimensions()
         results = self._read_units(plan)
         read_seconds = time.monotonic() - started
@@ -281,8 +296,12 @@ class Bootstrap:
         return plan
 
     def _make_plan(self, pending, n_partitions):
-        stats = Admin(self.cluster).partition_stats(self.view.source.topic, pending)
-        units = plan_units(stats, self.readers, self.units_per_reader, self.min_unit_bytes)
+        topic = self.view.source.topic
+        stats = Admin(self.cluster).partition_stats(topic, pending)
+        _, blocks, fallbacks = plan_direct_reads(self.cluster, topic, stats)
+        self.direct_fallbacks += len(fallbacks)
+        units = plan_units(stats, self.readers, self.units_per_reader, self.min_unit_bytes,
+                           blocks)
         partitions = {
             str(p): {"cut": list(cut_position(stats[p])),
                      "seek": last_position([u for u in units if u.partition == p])}
@@ -294,7 +313,20 @@ class Bootstrap:
         return {"planned_at": time.time(), "partitions_pending": pending,
                 "n_partitions": n_partitions, "archive": self.archive,
                 "events_before_ms": boundary, "partitions": partitions,
-                "units": [u.to_dict() for u in units]}
+                "direct_fallbacks": fallbacks, "units": [u.to_dict() for u in units]}
+
+    def _plan_store(self, plan):
+        """The object store of the plan's directly read units (asked afresh:
+        credentials never go into the plan file), or None."""
+        if not any(u.get("blocks") for u in plan["units"]):
+            return None
+        policies = Admin(self.cluster).offload_policies(
+            partition_topic(self.view.source.topic, plan["partitions_pending"][0]))
+        store, reason = object_store(policies, self.cluster.tiered_storage)
+        if store is None:
+            log.warning("%s: the planned direct reads go through the broker: %s",
+                        self.view.name, reason)
+        return store
 
     def _load_dimensions(self):
         """With joins: the path of the dimension tables, loaded with their
@@ -330,6 +362,8 @@ class Bootstrap:
 
         def unit_done(_, result):
             progress.unit_done(result)
+            if result.get("direct_fallback"):
+                self.direct_fallbacks += 1
             if self.cancelled.is_set():
                 raise BootstrapCancelled(f"{self.view.name}: bootstrap cancelled")
         results = read_units([self._task(plan, units[i], i) for i in todo], self.readers,
@@ -339,7 +373,8 @@ class Bootstrap:
     def _task(self, plan, unit, index):
         if isinstance(unit, TopicUnit):
             return (read_topic_unit, self.view, self.cluster, unit, self._unit_path(index),
-                    plan["events_before_ms"], plan["n_partitions"], self.dimensions_path)
+                    plan["events_before_ms"], plan["n_partitions"], self.dimensions_path,
+                    self.object_store if unit.blocks else None)
         return (read_archive_unit, self.view, self.archive, unit, plan["n_partitions"],
                 self._unit_path(index), plan["events_before_ms"], self.dimensions_path)
 
@@ -414,8 +449,9 @@ class Bootstrap:
                   "events_before_ms": plan["events_before_ms"],
                   "read_seconds": round(read_seconds, 3),
                   "total_seconds": round(total_seconds, 3)}
-        for name, chosen in (("offloaded", lambda u: u.kind == "topic" and u.offloaded),
-                             ("bookkeeper", lambda u: u.kind == "topic" and not u.offloaded),
+        for name, chosen in (("direct", lambda u: u.kind == "topic" and u.tier == "direct"),
+                             ("offloaded", lambda u: u.kind == "topic" and u.tier == "offloaded"),
+                             ("bookkeeper", lambda u: u.kind == "topic" and u.tier == "bookkeeper"),
                              ("archive", lambda u: u.kind == "archive")):
             mine = [results[i] for i, u in enumerate(units) if chosen(u) and i in results]
             report[name] = {
@@ -432,6 +468,9 @@ class Bootstrap:
             for reason, count in r["reject_reasons"].items():
                 reasons[reason] = reasons.get(reason, 0) + count
         report["reject_reasons"] = reasons
+        # offloaded ledgers planned for the broker, and direct units it read instead
+        report["direct_fallbacks"] = plan.get("direct_fallbacks", []) + [
+            r["direct_fallback"] for r in results.values() if r.get("direct_fallback")]
         report["events_per_s"] = round(report["events"] / read_seconds) if read_seconds else 0
         return report
 

@@ -5,8 +5,10 @@
 that entry at plan time: the bootstrap folds every message at or before it,
 the stream everything after it. Ledgers are split into units of about
 ``target_bytes`` of contiguous entries (a unit may span small ledgers, a large
-ledger gives several units); a unit never mixes offloaded and BookKeeper
-ledgers, so the two tiers' read speeds can be told apart.
+ledger gives several units); a unit never mixes tiers -- BookKeeper,
+offloaded read through the broker, offloaded read straight from object
+storage (``tally.service.history.tiered``) -- so their read speeds can be
+told apart. A directly read unit is a run of whole data blocks.
 
 **Archive.** A Parquet dataset holding the events older than the topic's
 history (``tally.core.archive``: where it stops and how it meets the topic),
@@ -32,15 +34,22 @@ class HistoryError(TallyError, RuntimeError):
 @dataclass(frozen=True)
 class TopicUnit:
     """Entries ``first``..``last`` (each a (ledger, entry) pair, inclusive) of
-    one partition."""
+    one partition. ``blocks``: for a unit read from object storage, its data
+    blocks, each ``(ledger, uuid, first entry, last entry, offset, length)``;
+    empty for one read through the broker."""
     partition: int
     first: tuple
     last: tuple
     entries: int
     bytes: int
     offloaded: bool
+    blocks: tuple = ()
 
     kind = "topic"
+
+    @property
+    def tier(self):
+        return "direct" if self.blocks else "offloaded" if self.offloaded else "bookkeeper"
 
     def to_dict(self):
         return {"kind": self.kind, **asdict(self)}
@@ -64,7 +73,8 @@ def unit_from_dict(data):
     kind = data.pop("kind")
     if kind == "topic":
         return TopicUnit(data["partition"], tuple(data["first"]), tuple(data["last"]),
-                         data["entries"], data["bytes"], data["offloaded"])
+                         data["entries"], data["bytes"], data["offloaded"],
+                         tuple(tuple(block) for block in data.get("blocks", ())))
     return ArchiveUnit(data["path"], tuple(data["row_groups"]), data["rows"])
 
 
@@ -101,36 +111,65 @@ def ledger_ranges(stats):
     return ranges
 
 
-def plan_partition(partition, stats, target_bytes):
+def plan_partition(partition, stats, target_bytes, blocks=None):
     """The work units of one partition, in log order: about ``target_bytes``
-    each (entries hold varying numbers of messages; bytes track events)."""
-    units, pending = [], None           # pending: [first, last, entries, bytes, offloaded]
+    each (entries hold varying numbers of messages; bytes track events).
+    ``blocks``: the offloaded ledgers read from object storage, ``{ledger:
+    (uuid, [(first entry, last entry, offset, length), ...])}``: their units
+    are runs of whole blocks."""
+    units = _Units(partition, target_bytes)
     for ledger, entries, size, offloaded in ledger_ranges(stats):
+        if blocks and ledger in blocks:
+            uuid, ledger_blocks = blocks[ledger]
+            for first, last, offset, length in ledger_blocks:
+                units.add("direct", (ledger, first), (ledger, last), last - first + 1, length,
+                          (ledger, uuid, first, last, offset, length))
+            continue
+        tier = "offloaded" if offloaded else "bookkeeper"
         bytes_per_entry = max(size / entries, 1.0)
         start = 0
         while start < entries:
-            if pending and pending[4] != offloaded:
-                units.append(_topic_unit(partition, pending))
-                pending = None
-            room = target_bytes - (pending[3] if pending else 0)
-            take = min(entries - start, max(1, int(room // bytes_per_entry)))
-            if pending is None:
-                pending = [(ledger, start), None, 0, 0, offloaded]
-            pending[1] = (ledger, start + take - 1)
-            pending[2] += take
-            pending[3] += int(take * bytes_per_entry)
+            take = min(entries - start, max(1, int(units.room(tier) // bytes_per_entry)))
+            units.add(tier, (ledger, start), (ledger, start + take - 1), take,
+                      int(take * bytes_per_entry))
             start += take
-            if pending[3] + bytes_per_entry > target_bytes:
-                units.append(_topic_unit(partition, pending))
-                pending = None
-    if pending:
-        units.append(_topic_unit(partition, pending))
-    return units
+            if units.room(tier) < bytes_per_entry:
+                units.close()
+    units.close()
+    return units.done
 
 
-def _topic_unit(partition, pending):
-    first, last, entries, size, offloaded = pending
-    return TopicUnit(partition, first, last, entries, size, offloaded)
+class _Units:
+    """Units being planned: entries are added in log order to the open unit
+    until it is full or the tier changes."""
+
+    def __init__(self, partition, target_bytes):
+        self.partition, self.target_bytes = partition, target_bytes
+        self.done, self.open = [], None     # open: [first, last, entries, bytes, tier, blocks]
+
+    def room(self, tier):
+        if self.open is None or self.open[4] != tier:
+            return self.target_bytes
+        return self.target_bytes - self.open[3]
+
+    def add(self, tier, first, last, entries, size, block=None):
+        if self.open and (self.open[4] != tier or
+                          (block and self.open[3] + size > self.target_bytes)):
+            self.close()
+        if self.open is None:
+            self.open = [first, last, 0, 0, tier, []]
+        self.open[1] = last
+        self.open[2] += entries
+        self.open[3] += size
+        if block:
+            self.open[5].append(block)
+
+    def close(self):
+        if self.open:
+            first, last, entries, size, tier, blocks = self.open
+            self.done.append(TopicUnit(self.partition, first, last, entries, size,
+                                       tier != "bookkeeper", tuple(blocks)))
+            self.open = None
 
 
 def target_unit_size(total, readers, units_per_reader=6, minimum=1):

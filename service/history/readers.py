@@ -8,9 +8,12 @@ caller's main script, which a user's script without a ``__main__`` guard does
 not survive.
 
 A unit is read through a temporary subscription created at its first entry
-(``unit_payloads``).
+(``unit_payloads``), or, for offloaded ledgers, straight from object storage
+(``tally.service.history.tiered``); ``fold_unit`` picks the path and falls
+back to the broker.
 """
 import concurrent.futures
+import logging
 import os
 import pickle
 import struct
@@ -20,13 +23,17 @@ import threading
 import time
 import uuid
 
+from tally.core.entries import EntryFormatError, NeedsBroker
 from tally.core.errors import TallyError
+from tally.service.history import tiered
 from tally.service.history.plan import ledger_ranges, plan_partition, target_unit_size
 from tally.service.pulsar.admin import Admin
 from tally.service.pulsar.client import connect, raw
 from tally.service.pulsar.cluster import as_cluster
-from tally.service.pulsar.topics import (END_OF_ENTRY, message_position, message_times,
-                                         partition_topic)
+from tally.service.pulsar.topics import (END_OF_ENTRY, entry_message_times, message_position,
+                                         message_times, partition_topic)
+
+log = logging.getLogger("tally.bootstrap")
 
 RECEIVE_BATCH = 10_000         # messages received, decoded and folded at once by a reader
 READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
@@ -53,18 +60,24 @@ def partition_count(cluster, topic):
 
 
 def plan_units(stats, readers, units_per_reader=UNITS_PER_READER,
-               min_unit_bytes=MIN_UNIT_BYTES):
-    """Work units over every partition in ``stats``, partition by partition."""
+               min_unit_bytes=MIN_UNIT_BYTES, blocks=None):
+    """Work units over every partition in ``stats``, partition by partition;
+    ``blocks``: {partition: its directly read ledgers' blocks} (``plan_partition``)."""
     total_bytes = sum(b for s in stats.values() for _, _, b, _ in ledger_ranges(s))
     target = target_unit_size(total_bytes, readers, units_per_reader, minimum=min_unit_bytes)
-    return [u for p in sorted(stats) for u in plan_partition(p, stats[p], target)]
+    blocks = blocks or {}
+    return [u for p in sorted(stats) for u in plan_partition(p, stats[p], target, blocks.get(p))]
 
 
 def plan_topic_units(cluster, topic, readers=None):
-    """Work units over the whole topic, cut at each partition's last entry now."""
+    """``(units, store)``: work units over the whole topic, cut at each
+    partition's last entry now, and the object store its directly read
+    units are in (None if none is)."""
     readers = readers or os.cpu_count() or 1
-    stats = Admin(cluster).partition_stats(topic, range(partition_count(cluster, topic)))
-    return plan_units(stats, readers)
+    partitions = range(partition_count(cluster, topic))
+    stats = Admin(cluster).partition_stats(topic, partitions)
+    store, blocks, _ = tiered.plan_direct_reads(cluster, topic, stats)
+    return plan_units(stats, readers, blocks=blocks), store
 
 
 # --------------------------------------------------------------------------
@@ -188,6 +201,37 @@ def client_for(cluster):
     if cluster not in _clients:
         _clients[cluster] = connect(cluster)
     return _clients[cluster]
+
+
+def fold_unit(cluster, topic, unit, source, store, fold):
+    """``fold(batches)`` over a unit's messages, where ``batches`` yields
+    ``(payloads, times, malformed)``: ``times`` as ``message_times`` gives
+    them, ``malformed`` the entries left out by reason. A unit planned for a
+    direct read is read from ``store``; if that fails, it is folded again,
+    from nothing, through the broker. Returns ``(fold's result, why the
+    direct read fell back or None)``."""
+    fallback = None
+    if unit.blocks:
+        if store is None:
+            fallback = "the object store is not known to this reader"
+        else:
+            try:
+                return fold(_direct_batches(store, unit, source)), None
+            except (tiered.DirectReadError, NeedsBroker, EntryFormatError, OSError) as error:
+                fallback = f"{type(error).__name__}: {error}"
+        log.warning("%s partition %d entries %s..%s: read through the broker instead of "
+                    "object storage: %s", topic, unit.partition, unit.first, unit.last, fallback)
+    return fold(_broker_batches(cluster, topic, unit, source)), fallback
+
+
+def _direct_batches(store, unit, source):
+    for payloads, times, malformed in tiered.unit_messages(store, unit):
+        yield payloads, entry_message_times(times, source), malformed
+
+
+def _broker_batches(cluster, topic, unit, source):
+    for payloads, times in unit_payloads(client_for(cluster), cluster, topic, unit, source):
+        yield payloads, times, {}
 
 
 def unit_payloads(client, cluster, topic, unit, source):

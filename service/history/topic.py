@@ -16,7 +16,7 @@ from tally.core import events as rules
 from tally.core.event_sources import (DEFAULT_CHUNK_ROWS, concat_columns, external_sort,
                                       merge_sorted, n_events, read_run, sort_columns,
                                       spill_empty_run, spill_run)
-from tally.service.history.readers import client_for, plan_topic_units, read_units, unit_payloads
+from tally.service.history.readers import fold_unit, plan_topic_units, read_units
 from tally.service.pulsar.cluster import Cluster, as_cluster
 from tally.service.pulsar.client import connect, last_message_position, partition_topics, raw
 from tally.service.pulsar.topics import message_position, message_times
@@ -58,9 +58,9 @@ class PulsarTopic:
         topic = self.topic or source.topic
         directory = tempfile.mkdtemp(prefix="tally-topic-", dir=spill_dir)
         try:
-            units = plan_topic_units(self._cluster, topic, self.readers)
+            units, store = plan_topic_units(self._cluster, topic, self.readers)
             paths = [os.path.join(directory, f"unit-{i}.arrow") for i in range(len(units))]
-            tasks = [(sorted_unit_run, source, columns, self._cluster, topic, unit, path)
+            tasks = [(sorted_unit_run, source, columns, self._cluster, topic, unit, path, store)
                      for unit, path in zip(units, paths)]
             for counts in read_units(tasks, self.readers).values():
                 self.messages += counts["messages"]
@@ -112,18 +112,21 @@ class PulsarTopic:
         return decoded
 
 
-def sorted_unit_run(source, columns, cluster, topic, unit, path):
+def sorted_unit_run(source, columns, cluster, topic, unit, path, store=None):
     """In a reader process: decode one work unit's messages, sort them by
-    time (stably: log order among equal times) and spill them as a run."""
-    counts = {"messages": 0, "rejected": 0}
-    parts = []
-    for payloads, times in unit_payloads(client_for(cluster), cluster, topic, unit, source):
-        if payloads:
-            decoded, rejected = decode_valid(payloads, times, source, columns)
-            counts["messages"] += len(payloads)
-            counts["rejected"] += rejected
-            parts.append(decoded)
-    parts = [p for p in parts if n_events(p)]
+    time (stably: log order among equal times) and spill them as a run.
+    Malformed entries of offloaded ledgers count as refused payloads."""
+    def fold(batches):
+        counts, parts = {"messages": 0, "rejected": 0}, []
+        for payloads, times, malformed in batches:
+            counts["rejected"] += sum(malformed.values())
+            if payloads:
+                decoded, rejected = decode_valid(payloads, times, source, columns)
+                counts["messages"] += len(payloads)
+                counts["rejected"] += rejected
+                parts.append(decoded)
+        return counts, [p for p in parts if n_events(p)]
+    (counts, parts), _ = fold_unit(cluster, topic, unit, source, store, fold)
     if parts:
         spill_run(sort_columns(concat_columns(parts), source.timestamp_field), path)
     else:

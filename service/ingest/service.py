@@ -371,6 +371,9 @@ class StreamingService:
                 metrics.set("tally_bootstrap_units", done, state="done", **labels)
                 metrics.set("tally_bootstrap_units", total, state="total", **labels)
                 metrics.set("tally_bootstrap_events_total", events, **labels)
+                if runner.bootstrap is not None:
+                    metrics.set("tally_bootstrap_direct_fallbacks_total",
+                                runner.bootstrap.direct_fallbacks, **labels)
         for worker in self.workers:
             labels = {"view": worker.view.name, "version": worker.schema.version,
                       "partition": worker.partition}

@@ -45,6 +45,21 @@ class ClusterConfigError(TallyError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class TieredStorage:
+    """How Tally reads the cluster's offloaded ledgers from object storage
+    (``tally.service.history.tiered``): each setting given overrides what the
+    broker's offload policies say; credentials come only from here or the
+    platform's credential chain. ``direct=False`` reads offloaded ledgers
+    through the broker."""
+    direct: bool = True
+    endpoint: str | None = None
+    bucket: str | None = None
+    region: str | None = None
+    access_key: str | None = dataclasses.field(default=None, repr=False)
+    secret_key: str | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Cluster:
     """One Pulsar cluster's URLs and credentials (see the module docstring)."""
 
@@ -61,6 +76,7 @@ class Cluster:
     tls_key_file: str | None = None
     tls_allow_insecure: bool = False
     tls_validate_hostname: bool = True
+    tiered_storage: TieredStorage = TieredStorage()
 
     def __post_init__(self):
         methods = [name for name, given in (

@@ -55,6 +55,15 @@ def message_times(messages, source):
             for name in source.message_time_fields}
 
 
+# The same times as the stored entries hold them (``tally.core.entries``)
+_ENTRY_TIMES = {"@event_time": "event_time", "@publish_time": "publish_time"}
+
+
+def entry_message_times(times, source):
+    """``message_times`` of messages decoded from stored entries."""
+    return {name: times[_ENTRY_TIMES[name]] for name in source.message_time_fields}
+
+
 def rest_path(topic):
     """``/admin/v2/persistent/<tenant>/<ns>/<name>`` for "name",
     "tenant/ns/name" or "persistent://tenant/ns/name"."""
