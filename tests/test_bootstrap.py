@@ -254,11 +254,15 @@ def offloaded_history(tiered_broker, client):
 
 
 @pytest.mark.pulsar
-@pytest.mark.parametrize("readers", [1, 2, 4])
+@pytest.mark.parametrize("readers,direct", [(1, True), (2, True), (4, False)])
 def test_bootstrap_with_producers_writing_equals_batch_recomputation(
-        tiered_broker, client, offloaded_history, readers, tmp_path):
+        tiered_broker, client, offloaded_history, readers, direct, tmp_path):
+    """Offloaded ledgers read straight from S3 (direct) or through the broker."""
     history, offloaded = offloaded_history
     view = reading_view(history.topic, f"reading_r{readers}")
+    cluster = tiered_broker.cluster
+    cluster = cluster.replace(tiered_storage=dataclasses.replace(cluster.tiered_storage,
+                                                                 direct=direct))
     # 50,000 more events arrive while the bootstrap runs
     payloads, keys, events = generate_events(50_000, 30_000, seed=100 + readers)
     writer = threading.Thread(target=history.write, args=(payloads, keys, events, 500))
@@ -266,13 +270,15 @@ def test_bootstrap_with_producers_writing_equals_batch_recomputation(
     try:
         writer.start()
         # small units: several per partition and tier, some splitting ledgers
-        report = Bootstrap(view, tiered_broker.cluster, store,
+        report = Bootstrap(view, cluster, store,
                            checkpoints, subscription_for(view), readers=readers,
                            units_per_reader=16, min_unit_bytes=256 << 10).run()
         writer.join()
         assert report["units"] >= 3 * N_PARTITIONS
         assert report["partitions"] == list(range(N_PARTITIONS))
-        assert report["offloaded"]["events"] > 100_000, report
+        tier, other = ("direct", "offloaded") if direct else ("offloaded", "direct")
+        assert report[tier]["events"] > 100_000 and report[other]["units"] == 0, report
+        assert bool(report["direct_fallbacks"]) != direct, report
         assert report["bookkeeper"]["events"] > 100_000, report
         assert report["rejected"] > 0 and report["reject_reasons"]
         workers = stream_until_drained(tiered_broker, view, client, store, checkpoints)
