@@ -232,6 +232,19 @@ def render_log4j2(log_file: Path) -> str:
 """
 
 
+def log_tail(paths: Sequence[Path], lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` of each file that exists, under a heading naming it."""
+    parts = []
+    for path in paths:
+        if path.is_file():
+            # Cut long lines: "messaging service is ready" dumps the whole config.
+            text = [line[:LOG_LINE_MAX_CHARS]
+                    for line in path.read_text(errors="replace").splitlines()[-lines:]]
+            if text:
+                parts.append(f"--- tail of {path} ---\n" + "\n".join(text))
+    return "\n".join(parts)
+
+
 def java_executable() -> str:
     java_home = os.environ.get("JAVA_HOME")
     if java_home and (Path(java_home) / "bin" / "java").is_file():
@@ -384,13 +397,16 @@ class LocalS3:
     @property
     def blob_dir(self) -> Path:
         """The backend's base directory: the bucket is a directory in it."""
-        if self.data_dir is None:
-            raise RuntimeError("LocalS3 has no data directory before start()")
-        return self.data_dir / "blobs"
+        return self._require_data_dir() / "blobs"
 
     @property
     def log_file(self) -> Path:
-        return self.blob_dir.parent / "s3proxy.log"
+        return self._require_data_dir() / "s3proxy.log"
+
+    def _require_data_dir(self) -> Path:
+        if self.data_dir is None:
+            raise RuntimeError("LocalS3 has no data directory before start()")
+        return self.data_dir
 
     def start(self, timeout: float = 60) -> "LocalS3":
         """Launch s3proxy and wait until it answers HTTP."""
@@ -409,8 +425,8 @@ class LocalS3:
                 self._launch(jar)
                 self._wait_until_ready(time.monotonic() + timeout)
                 return self
-            except PulsarStartError as error:
-                self.stop(keep_data=True)
+            except BaseException as error:
+                self._stop_process()
                 # Someone may take the picked port before the JVM binds it: pick again.
                 if attempt == PORT_CONFLICT_ATTEMPTS or not picked_port \
                         or "Address already in use" not in str(error):
@@ -418,14 +434,17 @@ class LocalS3:
                     raise
         raise AssertionError("unreachable")
 
-    def stop(self, keep_data: bool = False) -> None:
-        """Stop the JVM (SIGTERM, then SIGKILL). Idempotent."""
+    def stop(self) -> None:
+        """Stop the JVM (SIGTERM, then SIGKILL); remove a data dir of its own. Idempotent."""
+        self._stop_process()
+        if self._owns_data_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+    def _stop_process(self) -> None:
         process, self._process = self._process, None
         if process is not None:
             _terminate_process_group(process, S3_STOP_GRACE_SECONDS)
-        if self._owns_data_dir and self.data_dir is not None and not keep_data:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
-            self.data_dir = None
 
     def __enter__(self) -> "LocalS3":
         return self.start()
@@ -434,7 +453,7 @@ class LocalS3:
         self.stop()
 
     def _launch(self, jar: Path) -> None:
-        properties = self.blob_dir.parent / "s3proxy.properties"
+        properties = self._require_data_dir() / "s3proxy.properties"
         properties.write_text(render_properties(s3proxy_properties(self.port, self.blob_dir)),
                               encoding="ascii")
         java_command = [java_executable(), f"-Xmx{self.heap}", "-XX:+PerfDisableSharedMem",
@@ -463,17 +482,13 @@ class LocalS3:
             connection.request("GET", "/")
             connection.getresponse().read()
             return True
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return False
         finally:
             connection.close()
 
     def _log_tail(self) -> str:
-        if not self.log_file.is_file():
-            return ""
-        lines = self.log_file.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-        return f"--- tail of {self.log_file} ---\n" + "\n".join(
-            line[:LOG_LINE_MAX_CHARS] for line in lines)
+        return log_tail([self.log_file])
 
 
 # --------------------------------------------------------------------------
@@ -805,15 +820,7 @@ class LocalPulsar:
         """The end of the broker log and of the JVM's console output."""
         if self.data_dir is None:
             return ""
-        parts = []
-        for path in (self.data_dir / "jvm-console.log", self.data_dir / "broker.log"):
-            if path.is_file():
-                # Cut long lines: "messaging service is ready" dumps the whole config.
-                text = [line[:LOG_LINE_MAX_CHARS]
-                        for line in path.read_text(errors="replace").splitlines()[-lines:]]
-                if text:
-                    parts.append(f"--- tail of {path} ---\n" + "\n".join(text))
-        return "\n".join(parts)
+        return log_tail([self.data_dir / "jvm-console.log", self.data_dir / "broker.log"], lines)
 
     # -- admin REST ----------------------------------------------------------
 
