@@ -54,7 +54,7 @@ def run(quick=False, argv=()):
     parser.add_argument("--entries-per-ledger", type=int, default=100)
     args = parser.parse_args(argv)
     with LocalPulsar(max_entries_per_ledger=args.entries_per_ledger,
-                     tiered_storage=True) as broker:
+                     tiered_storage="s3") as broker:
         client = connect(broker.service_url)
         try:
             history = write_history(broker, client, args)

@@ -1,6 +1,6 @@
 """Bootstrap from history: parallel reads of BookKeeper and offloaded ledgers
 (and a Parquet archive), merged, then an exact handover to the stream —
-against a real broker with a real filesystem offloader."""
+against a real broker offloading to a real S3 endpoint (s3proxy)."""
 import asyncio
 import dataclasses
 import threading
@@ -94,7 +94,7 @@ def test_entries_written_after_the_cut_are_not_planned():
 def tiered_broker(tmp_path_factory):
     from tally.service.pulsar.local import LocalPulsar
     broker = LocalPulsar(data_dir=tmp_path_factory.mktemp("tiered"), max_entries_per_ledger=20,
-                         tiered_storage=True)
+                         tiered_storage="s3")
     broker.start(timeout=180)
     yield broker
     broker.stop()

@@ -221,7 +221,11 @@ def test_the_other_commands_still_parse():
     args = parser.parse_args(["quickstart", "--events", "1000"])
     assert args.command == "quickstart" and args.events == 1000
     args = parser.parse_args(["dev", "--port", "6650"])
-    assert args.command == "dev" and args.port == 6650
+    assert args.command == "dev" and args.port == 6650 and args.tiered_storage is None
+    # the S3 tier unless the filesystem one is named
+    assert parser.parse_args(["dev", "--tiered-storage"]).tiered_storage == "s3"
+    assert parser.parse_args(["dev", "--tiered-storage", "filesystem"]).tiered_storage \
+        == "filesystem"
     args = parser.parse_args(["serve", "defs.py", "--checkpoint-interval", "2"])
     assert args.command == "serve" and args.checkpoint_interval == 2.0
     args = parser.parse_args(["bootstrap", "user_reading", "--readers", "3"])

@@ -1,44 +1,217 @@
-"""Offloaded ledgers read straight from object storage (tally.service.history.tiered)
-against what the broker gives for the same messages.
+"""The local broker's tiers, and offloaded ledgers read straight from them.
 
-A real broker offloads with Pulsar's S3 offloader (tiered-storage-jcloud)
-into a real S3 endpoint on loopback (s3proxy); the oracle is a Pulsar Reader
-reading the same partitions through the broker after BookKeeper dropped its
-copies. Every partition of the topic has its own producer: batched and
-unbatched, with every compression type, keys, properties and event times."""
+The launcher: s3proxy on loopback, Pulsar's S3 offloader (tiered-storage-jcloud,
+driver aws-s3) writing to it, and the filesystem offloader, checked against the
+bucket's own listing and against what was produced.
+
+The direct reader (tally.service.history.tiered) against what the broker gives
+for the same messages: a Pulsar Reader reads the same partitions through the
+broker after BookKeeper dropped its copies. Every partition of the topic has
+its own producer: batched and unbatched, with every compression type, keys,
+properties and event times."""
 import dataclasses
+import os
 import time
 
 import msgpack
 import pulsar
+import pyarrow.fs as pafs
 import pytest
 
-from tally.core.entries import NEED_MORE, decode_entries, parse_block_header, parse_index
-from tally.service.history import tiered
+from tally.core.entries import NEED_MORE, Messages, decode_entries, parse_block_header, parse_index
+from tally.service.history import tiered as direct_reads
 from tally.service.history.readers import fold_unit, plan_units
 from tally.service.pulsar.admin import Admin
 from tally.service.pulsar.client import connect
 from tally.service.pulsar.cluster import TieredStorage
-from tally.service.pulsar.local import LocalPulsar
+from tally.service.pulsar.local import LocalPulsar, LocalS3
 from tally.service.pulsar.topics import partition_topic, position
 
-pytestmark = pytest.mark.pulsar
+N_PARTITIONS = 2
+N_MESSAGES = 400
+ENTRIES_PER_LEDGER = 20
+# The first bytes of the offloader's objects (Pulsar 4.0's OffloadIndexBlockImpl,
+# the V1 index that a ledger's offload writes, and DataBlockHeaderImpl).
+INDEX_V1_MAGIC = bytes.fromhex("de47de47")
+DATA_BLOCK_MAGIC = bytes.fromhex("fbdbabcb")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def checksums_s3proxy_knows():
+    # pyarrow's AWS SDK asks for request and response checksums by default;
+    # s3proxy 2.6 answers those requests with 400 and 501.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+        patch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+        yield
+
+
+def bucket_filesystem(store, secret_key=None):
+    return pafs.S3FileSystem(endpoint_override=store.endpoint.removeprefix("http://"),
+                             scheme="http", region=store.region, access_key=store.access_key,
+                             secret_key=secret_key or store.secret_key)
+
+
+@pytest.mark.pulsar
+def test_local_s3_serves_its_bucket_to_its_credentials_only():
+    with LocalS3() as s3:
+        store = s3.location
+        (s3.blob_dir / store.bucket / "probe").write_bytes(b"through S3")
+        bucket = bucket_filesystem(store)
+        assert [i.base_name for i in bucket.get_file_info(pafs.FileSelector(store.bucket))] \
+            == ["probe"]
+        with bucket.open_input_stream(f"{store.bucket}/probe") as stream:
+            assert stream.read() == b"through S3"
+        with pytest.raises(OSError, match="SIGNATURE_DOES_NOT_MATCH"):
+            bucket_filesystem(store, secret_key="wrong").get_file_info(
+                pafs.FileSelector(store.bucket))
+        data_dir, pid = s3.data_dir, s3._process.pid
+    assert not data_dir.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_tiered_storage_names():
+    assert LocalPulsar(tiered_storage=True).tiered_storage == "s3"
+    assert LocalPulsar(tiered_storage="filesystem").tiered_storage == "filesystem"
+    assert LocalPulsar().tiered_storage is None
+    with pytest.raises(ValueError, match="gcs"):
+        LocalPulsar(tiered_storage="gcs")
+
+
+# --------------------------------------------------------------------------
+# A broker on each tier, and a partitioned topic whose history was offloaded
+
+
+@pytest.fixture(scope="module", params=["s3", "filesystem"])
+def tiered(request, tmp_path_factory):
+    """(broker, topic, the payloads sent, offloaded ledger ids by partition)."""
+    broker = LocalPulsar(data_dir=tmp_path_factory.mktemp(request.param),
+                         max_entries_per_ledger=ENTRIES_PER_LEDGER,
+                         tiered_storage=request.param)
+    broker.start(timeout=180)
+    try:
+        topic = f"offloaded-{request.param}"
+        broker.create_partitioned_topic(topic, N_PARTITIONS)
+        sent = produce(broker, topic)
+        offloaded = {}
+        for partition in range(N_PARTITIONS):
+            name = partition_topic(topic, partition)
+            ledgers = broker.internal_stats(name)["ledgers"]
+            assert len(ledgers) >= 4, "the history should span several small ledgers"
+            broker.offload(name, ledgers[-1]["ledgerId"])
+            offloaded[partition] = [ledger["ledgerId"] for ledger
+                                    in broker.internal_stats(name)["ledgers"]
+                                    if ledger["offloaded"]]
+        every = {ledger for ids in offloaded.values() for ledger in ids}
+        deadline = time.monotonic() + 60
+        while not every <= broker.bookkeeper_deleted_ledgers():
+            assert time.monotonic() < deadline, "BookKeeper copies were not deleted"
+            time.sleep(0.5)
+        yield broker, topic, sent, offloaded
+    finally:
+        broker.stop()
+
+
+def produce(broker, topic):
+    """N_MESSAGES msgpack maps, unbatched so that ledgers roll every few entries."""
+    client = connect(broker.service_url, operation_timeout_seconds=30)
+    try:
+        producer = client.create_producer(f"persistent://public/default/{topic}",
+                                          batching_enabled=False)
+        sent = [msgpack.packb({"i": i, "user": i % 11, "readtime": i * 0.25})
+                for i in range(N_MESSAGES)]
+        for i, payload in enumerate(sent):
+            producer.send_async(payload, None, partition_key=f"user-{i % 11}")
+        producer.flush()
+        producer.close()
+        return sent
+    finally:
+        client.close()
+
+
+@pytest.mark.pulsar
+def test_every_message_reads_back_from_the_tier(tiered):
+    broker, topic, sent, offloaded = tiered
+    assert all(offloaded.values())
+    client = connect(broker.service_url, operation_timeout_seconds=30)
+    try:
+        consumer = client.subscribe(f"persistent://public/default/{topic}", "read-back",
+                                    initial_position=pulsar.InitialPosition.Earliest)
+        received = []
+        while len(received) < len(sent):
+            message = consumer.receive(timeout_millis=30_000)
+            received.append(message.data())
+            consumer.acknowledge(message)
+        with pytest.raises(pulsar.Timeout):
+            consumer.receive(timeout_millis=500)
+        consumer.close()
+    finally:
+        client.close()
+    assert sorted(received) == sorted(sent)
+
+
+@pytest.mark.pulsar
+@pytest.mark.parametrize("tiered", ["s3"], indirect=True)
+def test_s3_offload_writes_one_object_pair_per_ledger_admin_names(tiered):
+    broker, topic, _, offloaded = tiered
+    admin, store = broker.admin_client, broker.object_store
+    bucket = bucket_filesystem(store)
+    listed = {info.base_name: info.size
+              for info in bucket.get_file_info(pafs.FileSelector(store.bucket))}
+    expected = set()
+    for partition, ledger_ids in offloaded.items():
+        ledgers = admin.offloaded_ledgers(partition_topic(topic, partition))
+        assert [ledger.ledger_id for ledger in ledgers] == ledger_ids
+        assert all(ledger.entries == ENTRIES_PER_LEDGER and ledger.size > 0
+                   for ledger in ledgers)
+        for ledger in ledgers:
+            data_key = f"{ledger.uuid}-ledger-{ledger.ledger_id}"
+            expected |= {data_key, f"{data_key}-index"}
+            # the data object holds at least the ledger's entries
+            assert listed[data_key] > ledger.size
+            with bucket.open_input_stream(f"{store.bucket}/{data_key}") as stream:
+                assert stream.read(4) == DATA_BLOCK_MAGIC
+            with bucket.open_input_stream(f"{store.bucket}/{data_key}-index") as stream:
+                assert stream.read(4) == INDEX_V1_MAGIC
+    assert set(listed) == expected
+
+
+@pytest.mark.pulsar
+def test_applied_offload_policies_name_the_bucket(tiered):
+    broker, topic, _, _ = tiered
+    admin = broker.admin_client
+    policies = admin.offload_policies(topic)
+    # a partition has its topic's policies
+    assert admin.offload_policies(partition_topic(topic, 1)) == policies
+    if broker.tiered_storage == "filesystem":
+        assert policies["managedLedgerOffloadDriver"] == "filesystem"
+        return
+    store = broker.object_store
+    assert (policies["managedLedgerOffloadDriver"], policies["s3ManagedLedgerOffloadBucket"],
+            policies["s3ManagedLedgerOffloadRegion"],
+            policies["s3ManagedLedgerOffloadServiceEndpoint"]) \
+        == ("aws-s3", store.bucket, store.region, store.endpoint)
+
+
+# --------------------------------------------------------------------------
+# Reading the S3 tier directly
 
 COMPRESSIONS = [pulsar.CompressionType.NONE, pulsar.CompressionType.LZ4,
                 pulsar.CompressionType.ZLib, pulsar.CompressionType.ZSTD,
                 pulsar.CompressionType.SNAPPY]
 # (batched, compression) of each partition
 PRODUCERS = [(batched, compression) for batched in (False, True) for compression in COMPRESSIONS]
-MESSAGES = 600                      # per partition: 30+ ledgers of 20 entries unbatched
+MESSAGES = 200                      # per partition: 10 ledgers of 20 entries unbatched
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    broker = LocalPulsar(data_dir=tmp_path_factory.mktemp("s3tier"), max_entries_per_ledger=20,
-                         tiered_storage="s3")
-    broker.start(timeout=180)
-    yield broker
-    broker.stop()
+def broker(tiered):
+    """The S3 tier's broker (tests using it run with tiered="s3" only)."""
+    return tiered[0]
+
+
+S3_ONLY = pytest.mark.parametrize("tiered", ["s3"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +236,8 @@ def write_partitions(broker, client, topic, producers, messages=MESSAGES):
         for i in range(messages):
             producer.send_async(payload(partition, i), None, partition_key=f"k{i}",
                                 properties={"n": str(i)}, event_timestamp=1000 + i)
-            if batched and i % 100 == 99:
-                producer.flush()         # several entries, so several ledgers
+            if batched and i % 4 == 3:
+                producer.flush()         # batches of 4: 50 entries, so 3 ledgers
         producer.flush()
         producer.close()
 
@@ -110,7 +283,7 @@ def directly(store, units):
             ledger, _, first, last = block[:4]
             one = dataclasses.replace(unit, first=(ledger, first), last=(ledger, last),
                                       entries=last - first + 1, blocks=(block,))
-            for payloads, times, refused in tiered.unit_messages(store, one):
+            for payloads, times, refused in direct_reads.unit_messages(store, one):
                 for reason, count in refused.items():
                     malformed[reason] = malformed.get(reason, 0) + count
                 messages += [((ledger, e, b), p, et, pt) for p, e, b, et, pt in zip(
@@ -128,7 +301,7 @@ def cluster_of(broker, **settings):
 def planned(broker, topic, partitions, cluster=None):
     cluster = cluster or cluster_of(broker)
     stats = Admin(cluster).partition_stats(topic, range(partitions))
-    store, blocks, fallbacks = tiered.plan_direct_reads(cluster, topic, stats)
+    store, blocks, fallbacks = direct_reads.plan_direct_reads(cluster, topic, stats)
     return store, plan_units(stats, readers=2, min_unit_bytes=1, blocks=blocks), fallbacks
 
 
@@ -140,11 +313,14 @@ def offloaded_topic(broker, client):
     return topic, offloaded
 
 
+@pytest.mark.pulsar
+@S3_ONLY
 def test_direct_reads_equal_the_broker_path_for_every_producer(broker, client,
                                                                offloaded_topic):
     topic, offloaded = offloaded_topic
     store, units, fallbacks = planned(broker, topic, len(PRODUCERS))
     assert fallbacks == [] and store.bucket == broker.object_store.bucket
+    assert store.endpoint == broker.object_store.endpoint      # from the offload policies
     direct_ledgers = {b[0] for u in units for b in u.blocks}
     assert direct_ledgers == offloaded                   # every offloaded ledger, directly
     for partition, (batched, compression) in enumerate(PRODUCERS):
@@ -159,6 +335,8 @@ def test_direct_reads_equal_the_broker_path_for_every_producer(broker, client,
             assert any(m[0][2] > 0 for m in got)        # real batches were read
 
 
+@pytest.mark.pulsar
+@S3_ONLY
 def test_a_corrupted_object_byte_is_caught_by_the_checksum(broker, client):
     topic = "tiered-corrupted"
     write_partitions(broker, client, topic, [(False, pulsar.CompressionType.NONE)], 100)
@@ -178,6 +356,8 @@ def test_a_corrupted_object_byte_is_caught_by_the_checksum(broker, client):
     assert all(m[0][1] != first for m in got)
 
 
+@pytest.mark.pulsar
+@S3_ONLY
 def test_unreadable_objects_fall_back_to_the_broker_with_the_reason(broker, client,
                                                                     offloaded_topic):
     topic, offloaded = offloaded_topic
@@ -191,7 +371,7 @@ def test_unreadable_objects_fall_back_to_the_broker_with_the_reason(broker, clie
     # through the broker, from nothing, and gives the same messages
     store, units, _ = planned(broker, topic, 1)
     unit = next(u for u in units if u.blocks)
-    bad_store = tiered.ObjectStore(store.driver, store.bucket, store.region, store.endpoint,
+    bad_store = direct_reads.ObjectStore(store.driver, store.bucket, store.region, store.endpoint,
                                    "tally", "wrong")
 
     def collect(batches):
@@ -202,6 +382,8 @@ def test_unreadable_objects_fall_back_to_the_broker_with_the_reason(broker, clie
     assert none is None and direct == via_broker and len(direct) == unit.entries
 
 
+@pytest.mark.pulsar
+@S3_ONLY
 def test_direct_reads_turned_off_read_everything_through_the_broker(broker, offloaded_topic):
     topic, _ = offloaded_topic
     store, units, fallbacks = planned(broker, topic, len(PRODUCERS),
@@ -214,6 +396,8 @@ class _Source:
     message_time_fields = ()
 
 
+@pytest.mark.pulsar
+@S3_ONLY
 def test_the_index_object_matches_the_data_object(broker, offloaded_topic):
     """The layout the reader relies on, checked on the real objects: each
     block starts with its header at the offset the index gives, and its
@@ -233,7 +417,6 @@ def test_the_index_object_matches_the_data_object(broker, offloaded_topic):
 
 
 def _entries_in_last_block(data, offset):
-    from tally.core.entries import Messages
     out = Messages()
     _, block_length, _ = parse_block_header(data, offset)
     at, stop = decode_entries(data[offset:offset + block_length], 128, block_length, 0,

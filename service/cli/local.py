@@ -25,9 +25,10 @@ def add_commands(commands):
     dev.add_argument("--heap", default="512m", help="JVM heap (default: 512m)")
     dev.add_argument("--max-entries-per-ledger", type=int, default=50000,
                      help="ledger rollover, in entries (default: 50000)")
-    dev.add_argument("--tiered-storage", action="store_true",
-                     help="offload ledgers to <data dir>/offloaded with the filesystem "
-                     "offloader (PUT .../offload), dropping their BookKeeper copies")
+    dev.add_argument("--tiered-storage", nargs="?", const="s3", choices=["s3", "filesystem"],
+                     help="offload ledgers (PUT .../offload), dropping their BookKeeper "
+                     "copies: to an S3 bucket served on loopback by s3proxy (s3, the default), "
+                     "or to <data dir>/offloaded (filesystem)")
     dev.add_argument("--timeout", type=float, default=180, metavar="SECONDS",
                      help="seconds to wait for the broker to become ready (default: 180)")
     dev.set_defaults(run=cmd_dev)
@@ -106,7 +107,7 @@ def cmd_dev(args):
               f"  data dir:    {pulsar.data_dir}"
               f"{'' if args.data_dir else ' (removed on exit)'}\n"
               f"  broker log:  {pulsar.log_file}\n"
-              + (f"  offloaded:   {pulsar.offload_dir}\n" if args.tiered_storage else "") +
+              + _tier_banner(pulsar) +
               "Ctrl-C to stop.", flush=True)
         while not stop_requested.wait(1.0):
             if not pulsar.is_running:
@@ -122,6 +123,17 @@ def cmd_dev(args):
         pulsar.stop()
         signal.signal(signal.SIGTERM, previous_handler)
     return 0
+
+
+def _tier_banner(pulsar):
+    """Where offloaded ledgers go, for the banner of `tally dev`."""
+    if pulsar.tiered_storage == "filesystem":
+        return f"  offloaded:   {pulsar.offload_dir}\n"
+    if pulsar.tiered_storage == "s3":
+        store = pulsar.object_store
+        return (f"  offloaded:   s3://{store.bucket} at {store.endpoint} (region {store.region}, "
+                f"key {store.access_key}, secret {store.secret_key})\n")
+    return ""
 
 
 def _default_port_if_free(default: int) -> int | None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 
 from tally.core import entries as stored
 from tally.core.errors import TallyError
@@ -70,6 +71,12 @@ class ObjectStore:
         if kind == "s3":
             options = {"region": self.region or "us-east-1"}
             if self.endpoint:
+                # An S3-compatible server (MinIO, Ceph, s3proxy) may refuse
+                # the flexible checksums the AWS SDK sends by default since
+                # 2025; ask for them only where an operation requires them.
+                # The SDK reads these when the filesystem is made.
+                os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+                os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
                 scheme, _, host = self.endpoint.partition("://")
                 options.update(endpoint_override=host or scheme,
                                scheme=scheme if host else "https")

@@ -3,17 +3,20 @@
 Tally asks the admin API what the binary protocol cannot tell: a topic's
 partition count without a client, the ledger lists of a partition (internal
 stats, for the bootstrap's plan), subscriptions created at an exact entry,
-topic creation and offloading.
+topic creation, offloading, and where offloaded ledgers went (their UUIDs and
+the applied offload policies, for a reader of the tier).
 """
 import http.client
 import json
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 from tally.core.errors import TallyError
 from tally.service.pulsar.cluster import Cluster, ClusterConfigError
-from tally.service.pulsar.topics import partition_topic, rest_path
+from tally.service.pulsar.topics import (PARTITION_SEPARATOR, partition_index, partition_topic,
+                                         rest_path)
 
 
 class PulsarAdminError(TallyError, RuntimeError):
@@ -23,6 +26,17 @@ class PulsarAdminError(TallyError, RuntimeError):
         super().__init__(f"{method} {url} -> HTTP {status}: {body.strip()[:500]}")
         self.status = status
         self.body = body
+
+
+@dataclass(frozen=True)
+class OffloadedLedger:
+    """A ledger whose offload is complete. The S3 offloader wrote it as the
+    objects ``<uuid>-ledger-<ledger_id>`` (data) and ``...-index``."""
+
+    ledger_id: int
+    entries: int
+    size: int
+    uuid: str
 
 
 class Admin:
@@ -79,6 +93,31 @@ class Admin:
         """Managed-ledger stats of one (partition) topic: ``ledgers``
         [{ledgerId, entries, size, offloaded}], ``lastConfirmedEntry``, ..."""
         return self.request("GET", f"{rest_path(topic)}/internalStats")
+
+    def internal_info(self, topic):
+        """The managed ledger of one (partition) topic as its metadata holds it:
+        ``ledgers`` [{ledgerId, entries, size, timestamp, isOffloaded,
+        offloadedContextUuid}], ``terminatedPosition``, ``properties``, ..."""
+        return self.request("GET", f"{rest_path(topic)}/internal-info")
+
+    def offloaded_ledgers(self, topic):
+        """The ledgers of one (partition) topic whose offload is complete, oldest first."""
+        # internal-info lists the ledgers in no particular order.
+        return sorted((OffloadedLedger(ledger["ledgerId"], ledger["entries"], ledger["size"],
+                                       ledger["offloadedContextUuid"])
+                       for ledger in self.internal_info(topic)["ledgers"]
+                       if ledger.get("isOffloaded")), key=lambda ledger: ledger.ledger_id)
+
+    def offload_policies(self, topic):
+        """The offload policies that apply to one (partition) topic: its own,
+        else its namespace's, else the broker's config, key by key
+        (``managedLedgerOffloadDriver``, ``s3ManagedLedgerOffloadBucket``,
+        ``s3ManagedLedgerOffloadRegion``, ``s3ManagedLedgerOffloadServiceEndpoint``, ...).
+        A partition has its partitioned topic's policies (the broker refuses to
+        be asked about a partition)."""
+        if partition_index(topic) is not None:
+            topic = topic.rpartition(PARTITION_SEPARATOR)[0]
+        return self.request("GET", f"{rest_path(topic)}/offloadPolicies?applied=true")
 
     def topic_stats(self, topic):
         """The stats of one (partition) topic: ``subscriptions`` {name:

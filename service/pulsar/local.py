@@ -14,6 +14,10 @@ Needs Java 17+ (`java` on PATH or JAVA_HOME) and Maven (`mvn`) the first time.
 
 Importing this module has no side effects.
 
+With `tiered_storage` the broker offloads ledgers to a tier: by default
+an S3 bucket served on loopback by s3proxy (`LocalS3`, started and stopped
+with the broker), or a directory (the filesystem offloader).
+
 Long because a broker's whole life is here: configuration, ports,
 the JVM and its watchdog, readiness, stop, and ``tally dev``.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import http.client
 import os
 import re
 import shutil
@@ -32,16 +37,17 @@ import tempfile
 import threading
 import time
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from xml.sax.saxutils import escape as xml_escape
 
 from tally.service.pulsar.admin import Admin, PulsarAdminError
-from tally.service.pulsar.cluster import Cluster
-from tally.service.pulsar.distribution import (PulsarStartError,
-                                               cache_dir_for_version, ensure_distribution,
-                                               ensure_filesystem_offloader,
-                                               tiered_storage_config)
+from tally.service.pulsar.cluster import Cluster, TieredStorage
+from tally.service.pulsar.distribution import (PulsarStartError, cache_dir_for_version,
+                                               ensure_distribution, ensure_offloader,
+                                               ensure_s3proxy, filesystem_offload_config,
+                                               s3_offload_config, s3_offloader_jvm_options)
 from tally.service.pulsar.security import Credentials, broker_security_config, make_credentials
 
 LOOPBACK = "127.0.0.1"
@@ -226,6 +232,19 @@ def render_log4j2(log_file: Path) -> str:
 """
 
 
+def log_tail(paths: Sequence[Path], lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` of each file that exists, under a heading naming it."""
+    parts = []
+    for path in paths:
+        if path.is_file():
+            # Cut long lines: "messaging service is ready" dumps the whole config.
+            text = [line[:LOG_LINE_MAX_CHARS]
+                    for line in path.read_text(errors="replace").splitlines()[-lines:]]
+            if text:
+                parts.append(f"--- tail of {path} ---\n" + "\n".join(text))
+    return "\n".join(parts)
+
+
 def java_executable() -> str:
     java_home = os.environ.get("JAVA_HOME")
     if java_home and (Path(java_home) / "bin" / "java").is_file():
@@ -303,6 +322,176 @@ os._exit(status if status >= 0 else 128 - status)  # shell convention for signal
 
 
 # --------------------------------------------------------------------------
+# The S3 tier: s3proxy on loopback
+# --------------------------------------------------------------------------
+
+S3_BUCKET = "tally-offload"
+S3_REGION = "us-east-1"
+S3_ACCESS_KEY = "tally"
+S3_SECRET_KEY = "tally-secret"
+S3_STOP_GRACE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """An S3 bucket and how to reach it: where the broker's S3 offloader
+    writes, and what a reader of the offloaded ledgers needs."""
+
+    endpoint: str                      # http://127.0.0.1:<port>
+    bucket: str
+    region: str
+    access_key: str
+    secret_key: str
+
+    def env(self) -> dict[str, str]:
+        """The AWS SDK's environment variables for these credentials."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+
+
+def s3proxy_properties(port: int, blob_dir: Path) -> dict[str, str]:
+    """s3proxy's configuration: one endpoint on loopback, the fixed
+    credentials (AWS signatures v2 and v4), blobs as files under `blob_dir`."""
+    return {
+        "s3proxy.endpoint": f"http://{LOOPBACK}:{port}",
+        "s3proxy.authorization": "aws-v2-or-v4",
+        "s3proxy.identity": S3_ACCESS_KEY,
+        "s3proxy.credential": S3_SECRET_KEY,
+        # The jclouds backend: a bucket is a directory, an object a file in it.
+        "jclouds.provider": "filesystem",
+        "jclouds.filesystem.basedir": str(blob_dir),
+        # The filesystem backend checks no credentials, but jclouds wants some.
+        "jclouds.identity": "local",
+        "jclouds.credential": "local",
+    }
+
+
+class LocalS3:
+    """s3proxy on 127.0.0.1 serving one bucket from `<data_dir>/blobs/<bucket>`.
+
+        with LocalS3() as s3:
+            s3.location.endpoint     # http://127.0.0.1:<port>
+
+    A `data_dir` given by the caller is kept; otherwise a temporary one is
+    made and removed by `stop()`. Like the broker, the JVM runs under the
+    watchdog, so it never outlives the Python process that started it.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike | None = None, bucket: str = S3_BUCKET,
+                 port: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 heap: str = "128m"):
+        self.data_dir = Path(data_dir).resolve() if data_dir else None
+        self.bucket = bucket
+        self.port = port
+        self.cache_dir = cache_dir
+        self.heap = heap
+        self._owns_data_dir = data_dir is None
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def location(self) -> S3Location:
+        if self.port is None:
+            raise RuntimeError("a LocalS3 has no port before start()")
+        return S3Location(f"http://{LOOPBACK}:{self.port}", self.bucket, S3_REGION,
+                          S3_ACCESS_KEY, S3_SECRET_KEY)
+
+    @property
+    def blob_dir(self) -> Path:
+        """The backend's base directory: the bucket is a directory in it."""
+        return self._require_data_dir() / "blobs"
+
+    @property
+    def log_file(self) -> Path:
+        return self._require_data_dir() / "s3proxy.log"
+
+    def _require_data_dir(self) -> Path:
+        if self.data_dir is None:
+            raise RuntimeError("LocalS3 has no data directory before start()")
+        return self.data_dir
+
+    def start(self, timeout: float = 60) -> "LocalS3":
+        """Launch s3proxy and wait until it answers HTTP."""
+        if self._process is not None:
+            raise RuntimeError("this LocalS3 is already started")
+        jar = ensure_s3proxy(self.cache_dir)
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="tally-s3-"))
+        # Creating the bucket: the filesystem backend lists its directories as buckets.
+        (self.blob_dir / self.bucket).mkdir(parents=True, exist_ok=True)
+        picked_port = self.port is None
+        for attempt in range(1, PORT_CONFLICT_ATTEMPTS + 1):
+            if picked_port:
+                self.port = free_loopback_ports(1)[0]
+            try:
+                self._launch(jar)
+                self._wait_until_ready(time.monotonic() + timeout)
+                return self
+            except BaseException as error:
+                self._stop_process()
+                # Someone may take the picked port before the JVM binds it: pick again.
+                if attempt == PORT_CONFLICT_ATTEMPTS or not picked_port \
+                        or "Address already in use" not in str(error):
+                    self.stop()
+                    raise
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        """Stop the JVM (SIGTERM, then SIGKILL); remove a data dir of its own. Idempotent."""
+        self._stop_process()
+        if self._owns_data_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+    def _stop_process(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            _terminate_process_group(process, S3_STOP_GRACE_SECONDS)
+
+    def __enter__(self) -> "LocalS3":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _launch(self, jar: Path) -> None:
+        properties = self._require_data_dir() / "s3proxy.properties"
+        properties.write_text(render_properties(s3proxy_properties(self.port, self.blob_dir)),
+                              encoding="ascii")
+        java_command = [java_executable(), f"-Xmx{self.heap}", "-XX:+PerfDisableSharedMem",
+                        "-jar", str(jar), "--properties", str(properties)]
+        with open(self.log_file, "ab") as console:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG_SOURCE,
+                 str(self.data_dir) if self._owns_data_dir else "", *java_command],
+                stdin=subprocess.PIPE, stdout=console, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def _wait_until_ready(self, deadline: float) -> None:
+        while True:
+            if self._process is None or self._process.poll() is not None:
+                raise PulsarStartError("s3proxy exited during startup\n" + self._log_tail())
+            if self._answers():
+                return
+            if time.monotonic() > deadline:
+                raise PulsarStartError("s3proxy did not answer in time\n" + self._log_tail())
+            time.sleep(0.1)
+
+    def _answers(self) -> bool:
+        # Any HTTP answer will do: unsigned, s3proxy says 403 AccessDenied.
+        connection = http.client.HTTPConnection(LOOPBACK, self.port, timeout=2)
+        try:
+            connection.request("GET", "/")
+            connection.getresponse().read()
+            return True
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            connection.close()
+
+    def _log_tail(self) -> str:
+        return log_tail([self.log_file])
+
+
+# --------------------------------------------------------------------------
 # The broker process
 # --------------------------------------------------------------------------
 
@@ -331,8 +520,11 @@ class LocalPulsar:
     or bookkeeper.conf key and overrides the defaults in `broker_config`.
     `max_entries_per_ledger` is the rollover size (entries = producer batches).
     `class_data_sharing=False` skips the cached class archive (see below).
-    `tiered_storage=True` adds the filesystem offloader, writing into
-    `<data_dir>/offloaded`, with BookKeeper copies dropped once offloaded
+    `tiered_storage="s3"` (or True) adds the S3 offloader (jcloud, driver
+    aws-s3), writing to a bucket of a `LocalS3` under `<data_dir>/s3` that
+    starts and stops with the broker (`object_store` says how to reach it);
+    `tiered_storage="filesystem"` the filesystem offloader, writing into
+    `offload_dir`. Either way BookKeeper copies are dropped once offloaded
     (see `offload`).
     `secure=True` makes the broker demand what a production cluster may: TLS
     only (a CA and certificates made at start), a trusted client certificate,
@@ -353,10 +545,11 @@ class LocalPulsar:
         cache_dir: str | os.PathLike | None = None,
         extra_jvm_options: Sequence[str] = (),
         class_data_sharing: bool = True,
-        tiered_storage: bool = False,
+        tiered_storage: bool | str = False,
         secure: bool = False,
     ):
-        self.tiered_storage = tiered_storage
+        self.tiered_storage = _tier_name(tiered_storage)
+        self.s3: LocalS3 | None = None
         self.secure = secure
         self.credentials: Credentials | None = None
         self.data_dir = Path(data_dir).resolve() if data_dir else None
@@ -387,13 +580,20 @@ class LocalPulsar:
 
     @property
     def cluster(self) -> Cluster:
-        """How to reach this broker: its URLs and, when secure, the
-        super-user's token, the CA and the client certificate."""
+        """How to reach this broker: its URLs, the S3 tier's credentials
+        (its endpoint and bucket come from the broker's offload policies)
+        and, when secure, the super-user's token, the CA and the client
+        certificate."""
+        tiered = TieredStorage()
+        if self.s3 is not None:
+            tiered = TieredStorage(access_key=self.object_store.access_key,
+                                   secret_key=self.object_store.secret_key)
         if not self.secure:
-            return Cluster(self.service_url, self.admin_url)
+            return Cluster(self.service_url, self.admin_url, tiered_storage=tiered)
         if self.credentials is None:
             raise RuntimeError("a secure LocalPulsar has no credentials before start()")
         return Cluster(self.service_url, self.admin_url, token=self.credentials.token(),
+                       tiered_storage=tiered,
                        tls_ca_file=str(self.credentials.ca_file),
                        tls_cert_file=str(self.credentials.cert_file("client")),
                        tls_key_file=str(self.credentials.key_file("client")))
@@ -409,8 +609,15 @@ class LocalPulsar:
 
     @property
     def offload_dir(self) -> Path:
-        """Where the filesystem offloader writes (with `tiered_storage=True`)."""
+        """Where the filesystem offloader writes (with `tiered_storage="filesystem"`)."""
         return self._require_data_dir() / "offloaded"
+
+    @property
+    def object_store(self) -> S3Location:
+        """The bucket the S3 offloader writes to (with `tiered_storage="s3"`)."""
+        if self.s3 is None:
+            raise RuntimeError("this LocalPulsar has no S3 tier running")
+        return self.s3.location
 
     @property
     def is_running(self) -> bool:
@@ -444,12 +651,15 @@ class LocalPulsar:
     def _start_once(self, distribution: Path, timeout: float) -> "LocalPulsar":
         self._prepare_data_dir()
         self._pick_ports()
-        conf_file, log4j2_file = self._write_config_files()
         began = time.monotonic()
-        self._launch(distribution, conf_file, log4j2_file)
-        _running_brokers.add(self)
-        _register_atexit_once()
         try:
+            if self.tiered_storage == "s3":
+                self.s3 = LocalS3(self._require_data_dir() / "s3", cache_dir=self.cache_dir)
+                self.s3.start()
+            conf_file, log4j2_file = self._write_config_files()
+            self._launch(distribution, conf_file, log4j2_file)
+            _running_brokers.add(self)
+            _register_atexit_once()
             self._wait_until_ready(began + timeout)
         except BaseException:
             self.stop()
@@ -464,6 +674,10 @@ class LocalPulsar:
         if process is not None:
             graceful = _terminate_process_group(process, STOP_GRACE_SECONDS)
             self._settle_class_archive(keep=graceful)
+        # After the broker: it may be offloading until it stops.
+        s3, self.s3 = self.s3, None
+        if s3 is not None:
+            s3.stop()
         if self._owns_data_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
@@ -497,9 +711,12 @@ class LocalPulsar:
         conf_dir = self._require_data_dir() / "conf"
         conf_dir.mkdir(exist_ok=True)
         extra = dict(self.extra_config)
-        if self.tiered_storage:
-            offloaders = ensure_filesystem_offloader(self.cache_dir)
-            extra = {**tiered_storage_config(self.offload_dir, offloaders), **extra}
+        if self.tiered_storage == "filesystem":
+            offloaders = ensure_offloader("filesystem", self.cache_dir)
+            extra = {**filesystem_offload_config(self.offload_dir, offloaders), **extra}
+        elif self.tiered_storage == "s3":
+            offloaders = ensure_offloader("aws-s3", self.cache_dir)
+            extra = {**s3_offload_config(self.object_store, offloaders), **extra}
         if self.secure:
             self.credentials = make_credentials(self._require_data_dir() / "security")
             extra = {**broker_security_config(self.credentials, self.broker_port,
@@ -518,6 +735,7 @@ class LocalPulsar:
             java_executable(), "-cp", str(distribution / "lib" / "*"),
             *jvm_options(self.heap, self.direct_memory, log4j2_file),
             *self._class_data_sharing_options(),
+            *(s3_offloader_jvm_options(self.object_store) if self.s3 else []),
             *self.extra_jvm_options,
             "org.apache.pulsar.PulsarStandaloneStarter",
             "--config", str(conf_file),
@@ -533,6 +751,7 @@ class LocalPulsar:
                 [sys.executable, "-c", _WATCHDOG_SOURCE,
                  str(data_dir) if self._owns_data_dir else "", *java_command],
                 cwd=data_dir,  # relative defaults (offloaders/, nar/) land here
+                env=self._broker_env(),
                 stdin=subprocess.PIPE,
                 stdout=console,
                 stderr=subprocess.STDOUT,
@@ -540,6 +759,16 @@ class LocalPulsar:
             )
         finally:
             console.close()
+
+    def _broker_env(self) -> dict[str, str]:
+        if self.s3 is None:
+            return dict(os.environ)
+        # The S3 offloader's credentials (see s3_offload_config); a session
+        # token of the caller's own AWS account would be sent along with them.
+        env = {name: value for name, value in os.environ.items() if name != "AWS_SESSION_TOKEN"}
+        # The AWS SDK 1.x prints a deprecation notice with a stack trace otherwise.
+        return {**env, **self.object_store.env(),
+                "AWS_JAVA_V1_DISABLE_DEPRECATION_ANNOUNCEMENT": "true"}
 
     # Class data sharing: loading and verifying ~20k classes is most of the
     # startup on a small box. The first broker dumps the classes it loaded
@@ -598,15 +827,7 @@ class LocalPulsar:
         """The end of the broker log and of the JVM's console output."""
         if self.data_dir is None:
             return ""
-        parts = []
-        for path in (self.data_dir / "jvm-console.log", self.data_dir / "broker.log"):
-            if path.is_file():
-                # Cut long lines: "messaging service is ready" dumps the whole config.
-                text = [line[:LOG_LINE_MAX_CHARS]
-                        for line in path.read_text(errors="replace").splitlines()[-lines:]]
-                if text:
-                    parts.append(f"--- tail of {path} ---\n" + "\n".join(text))
-        return "\n".join(parts)
+        return log_tail([self.data_dir / "jvm-console.log", self.data_dir / "broker.log"], lines)
 
     # -- admin REST ----------------------------------------------------------
 
@@ -641,6 +862,17 @@ class LocalPulsar:
         for match in _DELETED_LEDGER.finditer(self.log_file.read_text(errors="replace")):
             deleted.add(int(match.group(1) + match.group(2) + match.group(3)))
         return deleted
+
+
+def _tier_name(tiered_storage: bool | str) -> str | None:
+    """None, "s3" or "filesystem"; True is the production-like S3 tier."""
+    if tiered_storage is True:
+        return "s3"
+    if tiered_storage in (False, None):
+        return None
+    if tiered_storage not in ("s3", "filesystem"):
+        raise ValueError(f"tiered_storage: {tiered_storage!r} is not 's3' or 'filesystem'")
+    return tiered_storage
 
 
 # BookKeeper's hierarchical ledger path: the id as 10 digits, split 2/4/4.
