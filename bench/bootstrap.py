@@ -1,20 +1,22 @@
-"""Bootstrap from history: events/s with 1 and 2 reader processes, side by
-side with the naive way (one Reader per partition, earliest to the head, one
-after the other, folding in this process).
+"""Bootstrap from history: offloaded ledgers read through the broker and
+straight from object storage, with 1 and 2 reader processes, side by side.
 
-A 4-partition topic in small ledgers (the filesystem offloader on, as in
-tests/test_bootstrap.py) holds the quick-start's reading events; the older
-half of every partition's ledgers is offloaded and deleted from BookKeeper.
-Each approach builds the same state (checked: equal reads per user) from a
-fresh start; the figures are medians of ``--repeat`` runs, and the offloaded
-and BookKeeper tiers are reported separately (events per reader-second of
-the units read from each).
+A 4-partition topic in small ledgers holds the quick start's reading events,
+one event a message; every closed ledger is offloaded by Pulsar's S3
+offloader to s3proxy on loopback and deleted from BookKeeper, so most of the
+history lies in the tier. Each way builds the same state (checked: equal
+reads per user) from a fresh start; figures are medians of ``--repeat`` runs
+with their spread. ``events_per_reader_second`` is each tier's events per
+second of the reader processes that read it: the direct reader against the
+broker path, per reader. The broker shares the two cores with the readers,
+so CPU seconds per million events are reported for each side.
 
-The broker runs on the same two cores as the readers, so the CPU each side
-spends per million events is reported too: it bounds what more readers can
-gain on this machine, and what they gain where the broker has its own.
+A second topic holds columnar messages (10,000 events each): the direct
+bootstrap's events/s beside the stream's columnar ingest (``tally serve``'s
+partition workers over the same backlog, through the broker).
 """
 import argparse
+import dataclasses
 import os
 import resource
 import statistics
@@ -52,14 +54,17 @@ def run(quick=False, argv=()):
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=1 if quick else 3)
     parser.add_argument("--entries-per-ledger", type=int, default=100)
+    parser.add_argument("--columnar-events", type=int,
+                        default=1_000_000 if quick else 10_000_000)
     args = parser.parse_args(argv)
     with LocalPulsar(max_entries_per_ledger=args.entries_per_ledger,
                      tiered_storage="s3") as broker:
         client = connect(broker.service_url)
         try:
             history = write_history(broker, client, args)
-            figures = measure(broker, client, args)
+            figures = measure(broker, args)
             figures["training_topic_read_events_per_s"] = training_reads(broker, args.events)
+            figures["columnar"] = columnar(broker, client, args)
         finally:
             client.close()
     return {"benchmark": "bootstrap", **history, **figures}
@@ -72,54 +77,106 @@ def write_history(broker, client, args):
     for payload, key in zip(payloads, keys):
         producer.send_payload(payload, key)
     producer.close()
+    ledgers, offloaded = offload_closed_ledgers(broker, TOPIC)
+    return {"events": args.events, "ledgers": ledgers, "offloaded_ledgers": offloaded}
+
+
+def offload_closed_ledgers(broker, topic):
+    """Close each partition's open ledger (an unload), offload every ledger
+    and wait until BookKeeper dropped them: (ledgers, offloaded ledgers)."""
     ledgers, offloaded = 0, set()
     for partition in range(PARTITIONS):
-        name = f"{TOPIC}-partition-{partition}"
+        name = f"{topic}-partition-{partition}"
+        broker.admin_client.unload(name)
         listed = broker.internal_stats(name)["ledgers"]
         ledgers += len(listed)
-        broker.offload(name, listed[len(listed) // 2]["ledgerId"])
+        broker.offload(name, listed[-1]["ledgerId"], timeout=600)
         offloaded |= {e["ledgerId"] for e in broker.internal_stats(name)["ledgers"]
                       if e["offloaded"]}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not offloaded <= broker.bookkeeper_deleted_ledgers():
         if time.monotonic() > deadline:
             raise RuntimeError("offloaded ledgers were not deleted from BookKeeper")
         time.sleep(0.5)
-    return {"events": args.events, "ledgers": ledgers, "offloaded_ledgers": len(offloaded)}
+    return ledgers, len(offloaded)
 
 
-def measure(broker, client, args):
-    runs = {"naive": [], "readers_1": [], "readers_2": []}
-    cpu = {name: [] for name in runs}
-    tiers = {"offloaded": [], "bookkeeper": []}
+WAYS = {"broker_1": (False, 1), "broker_2": (False, 2), "direct_1": (True, 1),
+        "direct_2": (True, 2)}
+
+
+def measure(broker, args):
+    runs = {name: [] for name in WAYS}
+    cpu = {name: [] for name in WAYS}
+    per_reader = {"offloaded": [], "direct": [], "bookkeeper": []}
     reads = {}
     for attempt in range(args.repeat):
-        before = cpu_seconds(broker)
-        seconds, reads["naive"] = naive(client, view_named("naive"))
-        runs["naive"].append(args.events / seconds)
-        cpu["naive"].append(cpu_per_million(before, cpu_seconds(broker), args.events))
-        for readers in (1, 2):
-            name = f"readers_{readers}"
+        for name, (direct, readers) in WAYS.items():
             before = cpu_seconds(broker)
-            report, reads[name] = parallel(broker, view_named(f"r{readers}_{attempt}"), readers)
+            report, reads[name] = parallel(broker, view_named(f"{name}_{attempt}"), readers,
+                                           direct)
             cpu[name].append(cpu_per_million(before, cpu_seconds(broker), report["events"]))
             runs[name].append(report["events"] / report["read_seconds"])
-            for tier in tiers:
+            if direct and report["direct_fallbacks"]:
+                raise AssertionError(f"direct reads fell back: {report['direct_fallbacks']}")
+            for tier in per_reader:
                 done = report[tier]
-                tiers[tier].append(done["events"] / done["reader_seconds"])
-    if not all(np.array_equal(reads["naive"], other) for other in reads.values()):
-        raise AssertionError("the approaches built different states")
-    rates = {name: round(statistics.median(values)) for name, values in runs.items()}
+                if done["events"]:
+                    per_reader[tier].append(done["events"] / done["reader_seconds"])
+    if not all(np.array_equal(reads["broker_1"], other) for other in reads.values()):
+        raise AssertionError("the ways built different states")
+    rates = {name: spread(values) for name, values in runs.items()}
+    tiers = {tier: spread(values) for tier, values in per_reader.items() if values}
+    median = {name: statistics.median(values) for name, values in runs.items()}
     return {
         "events_per_s": rates,
-        "ratio_2_readers_vs_1": round(rates["readers_2"] / rates["readers_1"], 2),
-        "ratio_2_readers_vs_naive": round(rates["readers_2"] / rates["naive"], 2),
-        "ratio_1_reader_vs_naive": round(rates["readers_1"] / rates["naive"], 2),
-        "events_per_reader_second": {t: round(statistics.median(v)) for t, v in tiers.items()},
+        "ratio_direct_2_vs_1": round(median["direct_2"] / median["direct_1"], 2),
+        "ratio_broker_2_vs_1": round(median["broker_2"] / median["broker_1"], 2),
+        "ratio_direct_vs_broker_per_reader": round(
+            statistics.median(per_reader["direct"]) / statistics.median(per_reader["offloaded"]),
+            2),
+        "ratio_direct_2_vs_broker_2": round(median["direct_2"] / median["broker_2"], 2),
+        "events_per_reader_second": tiers,
         "cpu_seconds_per_million_events": {
             name: {side: round(statistics.median(r[side] for r in runs_), 2)
                    for side in ("broker", "tally")} for name, runs_ in cpu.items()},
-        "goal_ratio_2_readers_vs_1": 1.7, "repeat": args.repeat, "cores": os.cpu_count()}
+        "goals": {"ratio_direct_2_vs_1": 1.8, "ratio_direct_vs_broker_per_reader": 10},
+        "repeat": args.repeat, "cores": os.cpu_count()}
+
+
+def spread(values):
+    """median [min, max], rounded."""
+    return f"{statistics.median(values):,.0f} [{min(values):,.0f}, {max(values):,.0f}]"
+
+
+def columnar(broker, client, args):
+    """Columnar messages: the direct bootstrap with 2 readers against the
+    stream's columnar ingest of the same backlog."""
+    from tally.bench.ingest import generate_columns, reading_view, tally_rates
+    from tally.service.pulsar.producer import ColumnarProducer
+    topic, fmt = f"{TOPIC}_columnar", "msgpack-columnar"
+    broker.create_partitioned_topic(topic, PARTITIONS)
+    producer = ColumnarProducer(client, topic, "user", format=fmt,
+                                max_events_per_message=10_000)
+    columns = generate_columns(args.columnar_events, args.users, seed=5)
+    for at in range(0, args.columnar_events, 2_000_000):
+        producer.send_columns({k: v[at:at + 2_000_000] for k, v in columns.items()})
+    producer.close()
+    offload_closed_ledgers(broker, topic)
+    view = reading_view(topic, fmt)
+    direct = []
+    for attempt in range(args.repeat):
+        report, _ = parallel(broker, dataclasses.replace(view, name=f"col_{attempt}"), 2, True)
+        if report["events"] != args.columnar_events or report["direct"]["units"] == 0:
+            raise AssertionError(f"the columnar bootstrap read {report['events']} events")
+        direct.append(report["events"] / report["read_seconds"])
+    with tempfile.TemporaryDirectory() as work:
+        ingest = tally_rates(client, producer.messages, f"{work}/store", view)
+    return {"events": args.columnar_events, "messages": producer.messages,
+            "direct_2_readers_events_per_s": spread(direct),
+            "stream_ingest_events_per_s": round(ingest["end_to_end"]),
+            "ratio_direct_vs_stream_ingest": round(statistics.median(direct)
+                                                   / ingest["end_to_end"], 2)}
 
 
 def cpu_seconds(broker):
@@ -146,8 +203,7 @@ def training_reads(broker, events):
     source, columns = view_named("t").source, ["user", "readtime", "ts"]
     rates = {}
     for name, topic in (("sequential", PulsarTopic(broker.service_url)),
-                        ("readers_2", PulsarTopic(broker.service_url,
-                                                  admin_url=broker.admin_url, readers=2))):
+                        ("readers_2", PulsarTopic(broker.cluster, readers=2))):
         started = time.monotonic()
         rows = sum(len(chunk["ts"]) for chunk in topic.sorted_chunks(source, columns))
         rates[name] = round(rows / (time.monotonic() - started))
@@ -157,25 +213,15 @@ def training_reads(broker, events):
     return rates
 
 
-def naive(client, view):
-    """One Reader per partition from the earliest message to the last one at
-    the start, partition after partition, folding in this process (the
-    training sets' sequential topic read)."""
-    from tally.service.history.topic import PulsarTopic
-    state = ViewState(view)
-    columns = [name for name, _ in view.source.schema]
-    started = time.monotonic()
-    for batch in PulsarTopic(client).batches(view.source, columns):
-        state.apply(batch)
-    return time.monotonic() - started, reads_by_user(state)
-
-
-def parallel(broker, view, readers):
+def parallel(broker, view, readers, direct=True):
+    cluster = broker.cluster
+    cluster = cluster.replace(tiered_storage=dataclasses.replace(cluster.tiered_storage,
+                                                                 direct=direct))
     with tempfile.TemporaryDirectory() as work:
         store = LmdbStore(f"{work}/store")
         checkpoints = CheckpointStore(f"{work}/ckpt")
         try:
-            report = Bootstrap(view, broker.cluster, store, checkpoints,
+            report = Bootstrap(view, cluster, store, checkpoints,
                                subscription_for(view), readers=readers).run()
             state_reads = reads_from_checkpoints(view, checkpoints)
         finally:

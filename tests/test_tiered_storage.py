@@ -333,6 +333,10 @@ def test_direct_reads_equal_the_broker_path_for_every_producer(broker, client,
         assert got == expected, (batched, compression)   # order, positions, bytes, times
         if batched:
             assert any(m[0][2] > 0 for m in got)        # real batches were read
+        # read in ranges far smaller than a block: entries straddle the ranges
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(direct_reads, "READ_BYTES", 301)
+            assert directly(store, mine) == (expected, {})
 
 
 @pytest.mark.pulsar

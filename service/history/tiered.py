@@ -256,6 +256,5 @@ def _read_block(handle, path, prefetch, offset, length, first_entry, last_entry,
         chunk = pending.result()
         next_at += len(chunk)
         pending = prefetch.submit(read, next_at) if next_at < length else None
-        buffer = memoryview(buffer)[at:].tobytes() + chunk.to_pybytes() if at < len(buffer) \
-            else chunk
+        buffer = bytes(memoryview(buffer)[at:]) + bytes(chunk) if at < len(buffer) else chunk
         base, at = base + at, 0

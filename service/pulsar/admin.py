@@ -134,6 +134,11 @@ class Admin:
                      {"ledgerId": ledger, "entryId": entry, "partitionIndex": -1,
                       "batchIndex": -1, "isExcluded": False})
 
+    def unload(self, topic):
+        """Unload one (partition) topic: its open ledger is closed, and the
+        broker that loads it next opens a new one."""
+        self.request("PUT", f"{rest_path(topic)}/unload")
+
     def offload(self, topic, before_ledger, timeout=60):
         """Offload every closed ledger of ``topic`` (one partition) older than
         ``before_ledger``, and wait until the offload has finished."""
