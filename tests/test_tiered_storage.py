@@ -194,6 +194,29 @@ def test_applied_offload_policies_name_the_bucket(tiered):
         == ("aws-s3", store.bucket, store.region, store.endpoint)
 
 
+@pytest.mark.pulsar
+def test_a_ledger_whose_offload_is_unfinished_is_not_named_offloaded(tmp_path):
+    with LocalPulsar(data_dir=tmp_path, max_entries_per_ledger=ENTRIES_PER_LEDGER,
+                     tiered_storage="s3") as broker:
+        topic = "unfinished-offload"
+        produce(broker, topic)
+        broker.s3.stop()                  # the upload now retries, never done
+        admin = broker.admin_client
+        with pytest.raises(TimeoutError):
+            admin.offload(topic, broker.internal_stats(topic)["ledgers"][-1]["ledgerId"],
+                          timeout=3)
+        # the offload has begun (the ledger has an offload context), not ended
+        started = [ledger["ledgerId"] for ledger in admin.internal_info(topic)["ledgers"]
+                   if ledger["isOffloaded"]]
+        assert started and admin.offloaded_ledgers(topic) == []
+        broker.s3.start()                 # back on its port: the retries get through
+        deadline = time.monotonic() + 60
+        while not admin.offloaded_ledgers(topic):
+            assert time.monotonic() < deadline, "the offload did not resume"
+            time.sleep(0.2)
+        assert admin.offloaded_ledgers(topic)[0].ledger_id == min(started)
+
+
 # --------------------------------------------------------------------------
 # Reading the S3 tier directly
 

@@ -97,16 +97,22 @@ class Admin:
     def internal_info(self, topic):
         """The managed ledger of one (partition) topic as its metadata holds it:
         ``ledgers`` [{ledgerId, entries, size, timestamp, isOffloaded,
-        offloadedContextUuid}], ``terminatedPosition``, ``properties``, ..."""
+        offloadedContextUuid}] (isOffloaded: an offload was started), ``cursors``, ..."""
         return self.request("GET", f"{rest_path(topic)}/internal-info")
 
     def offloaded_ledgers(self, topic):
         """The ledgers of one (partition) topic whose offload is complete, oldest first."""
+        # internal-info says isOffloaded from the moment an offload starts (the
+        # ledger has an offload context); internal stats say offloaded once it
+        # is complete. Stats first: a ledger complete then keeps its context's
+        # UUID, while one still being offloaded may retry under a new UUID.
+        complete = {ledger["ledgerId"] for ledger in self.internal_stats(topic)["ledgers"]
+                    if ledger["offloaded"]}
         # internal-info lists the ledgers in no particular order.
         return sorted((OffloadedLedger(ledger["ledgerId"], ledger["entries"], ledger["size"],
                                        ledger["offloadedContextUuid"])
                        for ledger in self.internal_info(topic)["ledgers"]
-                       if ledger.get("isOffloaded")), key=lambda ledger: ledger.ledger_id)
+                       if ledger["ledgerId"] in complete), key=lambda ledger: ledger.ledger_id)
 
     def offload_policies(self, topic):
         """The offload policies that apply to one (partition) topic: its own,

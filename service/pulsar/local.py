@@ -629,7 +629,8 @@ class LocalPulsar:
         """Launch the JVM and wait until `public/default` exists.
 
         `timeout` covers the JVM only, not a first-time fetch of the
-        distribution. Raises PulsarStartError with the log tail on failure.
+        distribution (or of the tier's offloader and s3proxy), nor s3proxy's
+        own start. Raises PulsarStartError with the log tail on failure.
         """
         if self._process is not None:
             raise RuntimeError("this LocalPulsar is already started")
@@ -651,12 +652,12 @@ class LocalPulsar:
     def _start_once(self, distribution: Path, timeout: float) -> "LocalPulsar":
         self._prepare_data_dir()
         self._pick_ports()
-        began = time.monotonic()
         try:
             if self.tiered_storage == "s3":
                 self.s3 = LocalS3(self._require_data_dir() / "s3", cache_dir=self.cache_dir)
                 self.s3.start()
             conf_file, log4j2_file = self._write_config_files()
+            began = time.monotonic()
             self._launch(distribution, conf_file, log4j2_file)
             _running_brokers.add(self)
             _register_atexit_once()
