@@ -57,7 +57,8 @@ from tally.core.view import ViewState
 from tally.service.history.plan import (TopicUnit, cut_position, last_position, plan_archive,
                                         unit_from_dict)
 from tally.service.history.readers import (MIN_UNIT_BYTES, UNITS_PER_READER, client_for,
-                                           fold_unit, partition_count, plan_units, read_units)
+                                           ReaderPool, fold_unit, partition_count, plan_units,
+                                           read_units)
 from tally.service.history.tiered import object_store, plan_direct_reads
 from tally.service.ingest.checkpoint import CheckpointConflict
 from tally.service.pulsar.admin import Admin
@@ -266,15 +267,19 @@ class Bootstrap:
         pending = self.pending_partitions(n_partitions)
         if not pending:
             return {"view": self.view.name, "partitions": [], "note": "already bootstrapped"}
-        plan = self._load_or_make_plan(pending, n_partitions)
-        self.object_store = self._plan_store(plan)
-        self.dimensions_path = self._load_dimensions()
-        results = self._read_units(plan)
+        with ReaderPool(self.readers) as pool:
+            pool.start()                    # the readers start while the plan is made
+            plan = self._load_or_make_plan(pending, n_partitions)
+            self.object_store = self._plan_store(plan)
+            self.dimensions_path = self._load_dimensions()
+            plan_seconds = time.monotonic() - started
+            results = self._read_units(plan, pool)
         read_seconds = time.monotonic() - started
         handed_over = [p for p in pending if self._hand_over(plan, p)]
         shutil.rmtree(self.workdir, ignore_errors=True)
-        return self._report(plan, results, handed_over, read_seconds,
-                            time.monotonic() - started)
+        report = self._report(plan, results, handed_over, read_seconds,
+                              time.monotonic() - started)
+        return {**report, "plan_seconds": round(plan_seconds, 3)}
 
     # -- plan ----------------------------------------------------------------
 
@@ -354,7 +359,7 @@ class Bootstrap:
     def _unit_path(self, index):
         return os.path.join(self.workdir, f"unit-{index:06d}.state")
 
-    def _read_units(self, plan):
+    def _read_units(self, plan, pool):
         """Read the units not read before; their results by unit index."""
         units = [unit_from_dict(u) for u in plan["units"]]
         todo = [i for i in range(len(units)) if not os.path.exists(self._unit_path(i))]
@@ -367,7 +372,7 @@ class Bootstrap:
             if self.cancelled.is_set():
                 raise BootstrapCancelled(f"{self.view.name}: bootstrap cancelled")
         results = read_units([self._task(plan, units[i], i) for i in todo], self.readers,
-                             unit_done)
+                             unit_done, pool)
         return {todo[position]: result for position, result in results.items()}
 
     def _task(self, plan, unit, index):

@@ -13,6 +13,7 @@ A unit is read through a temporary subscription created at its first entry
 back to the broker.
 """
 import concurrent.futures
+import contextlib
 import logging
 import os
 import pickle
@@ -84,16 +85,18 @@ def plan_topic_units(cluster, topic, readers=None):
 # Running tasks on reader processes
 
 
-def read_units(tasks, readers=None, on_result=None):
+def read_units(tasks, readers=None, on_result=None, pool=None):
     """Run ``(function, *args)`` tasks on reader processes and return their
     results by task index. ``on_result(index, result)`` is called as each
     task completes; if it raises, the tasks not yet started are cancelled and
-    the error propagates."""
+    the error propagates. ``pool``: a started ``ReaderPool`` to use (and
+    leave open), else one of ``readers`` processes for these tasks."""
     results = {}
     if not tasks:
         return results
     readers = readers or os.cpu_count() or 1
-    with ReaderPool(min(readers, len(tasks))) as pool:
+    with contextlib.nullcontext(pool) if pool else ReaderPool(min(readers, len(tasks))) \
+            as pool:
         futures = {pool.submit(*task): index for index, task in enumerate(tasks)}
         for future in concurrent.futures.as_completed(futures):
             index = futures[future]
@@ -107,12 +110,21 @@ class ReaderPool:
     """N reader processes fed pickled tasks over pipes (see the module doc)."""
 
     def __init__(self, n):
+        self.n = n
         self.processes = []
         self.idle = []
         self.threads = concurrent.futures.ThreadPoolExecutor(n, "tally-bootstrap")
         self.lock = threading.Lock()
 
     def __enter__(self):
+        return self
+
+    def start(self):
+        """Start every reader now: an interpreter takes ~0.5 s to import
+        Tally, time better spent while the caller plans the units."""
+        with self.lock:
+            while len(self.processes) < self.n:
+                self.idle.append(self._spawn())
         return self
 
     def __exit__(self, *exc):
@@ -143,12 +155,13 @@ class ReaderPool:
 
     def _take(self):
         with self.lock:
-            if self.idle:
-                return self.idle.pop()
-            process = subprocess.Popen([sys.executable, "-m", "tally.service.history.readers"],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            self.processes.append(process)
-            return process
+            return self.idle.pop() if self.idle else self._spawn()
+
+    def _spawn(self):
+        process = subprocess.Popen([sys.executable, "-m", "tally.service.history.readers"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.processes.append(process)
+        return process
 
 
 def _send(stream, value):

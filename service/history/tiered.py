@@ -28,10 +28,12 @@ reason and counted in the bootstrap's report (``direct_fallbacks``).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
 import os
+import threading
 
 from tally.core import entries as stored
 from tally.core.errors import TallyError
@@ -205,21 +207,34 @@ def filesystem_for(store):
 
 def unit_messages(store, unit):
     """The messages of an offloaded unit in log order, in batches of about
-    ``RECEIVE_BATCH``: ``(payloads, times)`` as ``Messages.take`` gives them.
-    Raises ``DirectReadError`` (or ``NeedsBroker``) when the broker must
-    read it instead; ``malformed`` entries are in the last batch's times."""
+    ``RECEIVE_BATCH``: ``(payloads, times, malformed)`` as ``Messages.take``
+    gives them. Raises ``DirectReadError`` (or ``NeedsBroker``) when the
+    broker must read it instead."""
     out = stored.Messages()
-    filesystem = filesystem_for(store)
-    with concurrent.futures.ThreadPoolExecutor(1, "tally-tiered-read") as prefetch:
-        for ledger, uuid, first_entry, last_entry, offset, length in unit.blocks:
-            path = store.data_path(ledger, uuid)
-            try:
-                handle = filesystem.open_input_file(path)
-            except OSError as error:
-                raise DirectReadError(f"{path}: {error}") from None
-            with handle:
-                yield from _read_block(handle, path, prefetch, offset, length, first_entry,
-                                       last_entry, out)
+    reads = [(block, at, min(READ_BYTES, block[5] - at))
+             for block in unit.blocks for at in range(0, block[5], READ_BYTES)]
+    decoding = None                     # the block being decoded: [block, buffer, base, at]
+    for (block, at, _), chunk in _prefetched(store, reads):
+        if at == 0:
+            decoding = _start_block(store, block, chunk)
+        elif decoding is None or decoding[0] is not block:
+            continue                    # the rest of a block already decoded to its end
+        else:
+            _, buffer, base, position = decoding
+            rest = memoryview(buffer)[position:]
+            decoding[1:] = [bytes(rest) + bytes(chunk) if len(rest) else chunk,
+                            base + position, 0]
+        _, buffer, base, position = decoding
+        ledger, _, first, last, offset, length = block
+        position, stop = stored.decode_entries(buffer, position, length - base, first, last,
+                                               out)
+        decoding[3] = position
+        if stop != stored.NEED_MORE:
+            decoding = None
+        elif at + len(chunk) >= length:
+            raise DirectReadError(f"ledger {ledger}: the block at {offset} ends inside an entry")
+        if len(out) >= RECEIVE_BATCH:
+            yield out.take()
     if out.entries != unit.entries:
         raise DirectReadError(f"read {out.entries} entries of the {unit.entries} planned "
                               f"in {unit.first}..{unit.last}")
@@ -227,34 +242,48 @@ def unit_messages(store, unit):
         yield out.take()
 
 
-def _read_block(handle, path, prefetch, offset, length, first_entry, last_entry, out):
-    """Decode one data block, read in ranges of ``READ_BYTES``."""
-    def read(at):
-        size = min(READ_BYTES, length - at)
+def _start_block(store, block, chunk):
+    """``[block, buffer, base, position]`` at a block's first entry, its header checked."""
+    ledger, _, first, _, offset, length = block
+    header_length, block_length, block_first = stored.parse_block_header(chunk)
+    if (block_length, block_first) != (length, first):
+        raise DirectReadError(f"ledger {ledger}: the block at {offset} is {block_length} bytes "
+                              f"from entry {block_first}; the index said {length} from {first}")
+    return [block, chunk, 0, header_length]
+
+
+PREFETCH = 2                            # ranged reads in flight ahead of the decoder
+
+
+def _prefetched(store, reads):
+    """``((block, at, size), bytes)`` for each read in order, ``PREFETCH``
+    of them in flight on threads (pyarrow releases the GIL) across blocks
+    and objects, so the decoder never waits for a block's first read."""
+    filesystem, handles, opening = filesystem_for(store), {}, threading.Lock()
+
+    def read(block, at, size):
+        ledger, uuid, _, _, offset, _ = block
+        path = store.data_path(ledger, uuid)
         try:
-            return handle.read_at(size, offset + at)
+            with opening:
+                if path not in handles:
+                    handles[path] = filesystem.open_input_file(path)
+            return handles[path].read_at(size, offset + at)
         except OSError as error:
             raise DirectReadError(f"{path} at {offset + at}: {error}") from None
-    pending = prefetch.submit(read, 0)
-    buffer = pending.result()
-    header_length, block_length, block_first = stored.parse_block_header(buffer)
-    if block_length != length or block_first > first_entry and block_first != 0:
-        raise DirectReadError(f"{path}: block at {offset} is {block_length} bytes from "
-                              f"entry {block_first}; the index said {length} from "
-                              f"{first_entry}")
-    base, at = 0, header_length                  # buffer holds block bytes base.. on
-    next_at = len(buffer)
-    pending = prefetch.submit(read, next_at) if next_at < length else None
-    while True:
-        at, stop = stored.decode_entries(buffer, at, length - base, first_entry, last_entry, out)
-        if len(out) >= RECEIVE_BATCH:
-            yield out.take()
-        if stop != stored.NEED_MORE:
-            return
-        if pending is None:
-            raise DirectReadError(f"{path}: block at {offset} ends inside an entry")
-        chunk = pending.result()
-        next_at += len(chunk)
-        pending = prefetch.submit(read, next_at) if next_at < length else None
-        buffer = bytes(memoryview(buffer)[at:]) + bytes(chunk) if at < len(buffer) else chunk
-        base, at = base + at, 0
+    with concurrent.futures.ThreadPoolExecutor(PREFETCH, "tally-tiered-read") as pool:
+        pending = collections.deque()
+        try:
+            for item in reads:
+                pending.append((item, pool.submit(read, *item)))
+                if len(pending) > PREFETCH:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+            for handle in handles.values():
+                handle.close()

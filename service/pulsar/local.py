@@ -395,6 +395,11 @@ class LocalS3:
                           S3_ACCESS_KEY, S3_SECRET_KEY)
 
     @property
+    def pid(self) -> int | None:
+        """The s3proxy watchdog process (the JVM is its child), if running."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def blob_dir(self) -> Path:
         """The backend's base directory: the bucket is a directory in it."""
         return self._require_data_dir() / "blobs"
