@@ -112,15 +112,17 @@ class ViewState:
             valid[column] = ~nulls if column not in valid else valid[column] & ~nulls
         return EncodedBatch(dict(columns), valid, codes, refused)
 
-    def fold(self, batch):
-        """Apply an :class:`EncodedBatch`; returns the slots it touched."""
+    def fold(self, batch, touched=True):
+        """Apply an :class:`EncodedBatch`; returns the slots it touched (None
+        without ``touched``: a bootstrap writes every record at the end, and
+        finding them costs as much as a feature's fold)."""
         slots = self.index.slots(batch.columns[self.view.key_column])
         timestamps = batch.columns[self.view.source.timestamp_field]
         for feature in self.view.features:
             values, keep = self.inputs(feature, batch)
             self.arenas[feature.name].update(slots, timestamps, values, keep)
         self.arenas[EVENT_TIME].update(slots, timestamps, timestamps.astype(np.float64))
-        return np.unique(slots)
+        return np.unique(slots) if touched else None
 
     def apply(self, columns, valid=None):
         """Fold a batch of decoded events (see :meth:`encode`), leaving out

@@ -191,7 +191,7 @@ class _UnitTally:
             columns, valid = enrich(columns, valid)
         batch = state.encode(columns, valid)       # strings whose code is taken: refused
         self.refused(Counter(batch.refused.values()))
-        state.fold(batch.accepted())
+        state.fold(batch.accepted(), touched=False)
 
     def summary(self, seconds, enrich=None, direct_fallback=None):
         return {"messages": self.messages, "events": self.events, "rejected": self.rejected,
