@@ -18,12 +18,9 @@ import tarfile
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from tally.core.errors import TallyError
-
-if TYPE_CHECKING:
-    from tally.service.pulsar.local import S3Location
 
 # 4.0 is the LTS line; 4.0.8 is the newest patch whose server tarball resolves
 # from Maven Central here (4.0.9 and later do not).
@@ -152,8 +149,8 @@ def filesystem_offload_config(offload_dir: Path, offloaders_dir: Path) -> dict[s
     }
 
 
-def s3_offload_config(store: "S3Location", offloaders_dir: Path) -> dict[str, Any]:
-    """Broker keys for the jcloud offloader writing to `store`'s bucket; the
+def s3_offload_config(store, offloaders_dir: Path) -> dict[str, Any]:
+    """Broker keys for the jcloud offloader writing to the bucket of `store` (an `S3Location`); the
     broker also needs `s3_offloader_jvm_options` and `store.env()`.
 
     The credentials are not among the keys: the aws-s3 driver falls back to
@@ -170,7 +167,7 @@ def s3_offload_config(store: "S3Location", offloaders_dir: Path) -> dict[str, An
     }
 
 
-def s3_offloader_jvm_options(store: "S3Location") -> list[str]:
+def s3_offloader_jvm_options(store) -> list[str]:
     """jclouds settings the aws-s3 driver needs for an endpoint that is not AWS.
 
     Knowing many AWS regions, jclouds asks https://s3.amazonaws.com where the
