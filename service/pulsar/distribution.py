@@ -150,8 +150,9 @@ def filesystem_offload_config(offload_dir: Path, offloaders_dir: Path) -> dict[s
 
 
 def s3_offload_config(store, offloaders_dir: Path) -> dict[str, Any]:
-    """Broker keys for the jcloud offloader writing to the bucket of `store` (an `S3Location`); the
-    broker also needs `s3_offloader_jvm_options` and `store.env()`.
+    """Broker keys for the jcloud offloader writing to the bucket of `store`
+    (an `S3Location`); the broker also needs `s3_offloader_jvm_options` and
+    `store.env()`.
 
     The credentials are not among the keys: the aws-s3 driver falls back to
     the AWS SDK's default chain, whose first link reads AWS_ACCESS_KEY_ID and
