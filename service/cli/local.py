@@ -27,8 +27,9 @@ def add_commands(commands):
                      help="ledger rollover, in entries (default: 50000)")
     dev.add_argument("--tiered-storage", nargs="?", const="s3", choices=["s3", "filesystem"],
                      help="offload ledgers (PUT .../offload), dropping their BookKeeper "
-                     "copies: to an S3 bucket served on loopback by s3proxy (s3, the default), "
-                     "or to <data dir>/offloaded (filesystem)")
+                     "copies: to an S3 bucket served on loopback by s3proxy (s3, what the "
+                     "flag alone means), or to <data dir>/offloaded (filesystem) (default: "
+                     "no tiered storage)")
     dev.add_argument("--timeout", type=float, default=180, metavar="SECONDS",
                      help="seconds to wait for the broker to become ready (default: 180)")
     dev.set_defaults(run=cmd_dev)
