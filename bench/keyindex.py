@@ -6,7 +6,7 @@ For N int64 keys (random ids, as bench/core.py draws them):
 * ``bytes_per_key``: the index's own byte count (``nbytes``) after inserting N
   keys in 64k batches into an empty index;
 * ``peak_bytes_per_key``: VmHWM of a fresh subprocess that only builds that
-  index, minus its VmHWM before building, per key: what growth really costs,
+  index, minus its resident size before building (the peak reset), per key: what growth really costs,
   C mallocs included (tracemalloc does not see them);
 * keys/s of batched inserts into an empty index, batched lookups of existing
   keys in random order, and mixed batches (half known, half new keys), each
@@ -30,6 +30,8 @@ import numpy as np
 from tally.bench.keyindex import random_ids, vm_hwm, insert_all
 from tally.core.keyindex import Int64KeyIndex
 ids = random_ids({n})
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")            # resets VmHWM to the current RSS: drop the temporaries of random_ids
 before = vm_hwm()
 index = Int64KeyIndex()
 insert_all(index, ids)
