@@ -2,19 +2,21 @@
 """Key index: entity key -> dense slot, for int64 and string keys.
 
 Slots are dense (0, 1, 2, ...) in order of first appearance, so every state
-arena is a plain array indexed by slot. The table (tally_keytable.h) maps a
-key's 64-bit hash to its slot in 12-byte buckets kept 54-75% full. The int64
-hash is a bijection, so for int64 keys the table is the whole index (keys are
-read back by inverting the hash); a string index also keeps its key bytes in
-slot order (a blob and offsets) and confirms an equal hash against them.
+arena is a plain array indexed by slot. Each index keeps its keys in slot
+order (int64: a key column; string: a blob and offsets), which is what
+keys_of reads. The table (tally_keytable.h) maps 38 bits of a key's hash to
+candidate slots in 8-byte buckets kept 54-75% full; a candidate is confirmed
+against the slot's key.
 
-A batch resolves in passes over all its keys -- hash, find (prefetching
-buckets), then insert the missing ones after reserving room for all of them --
-so no growth happens inside a nogil loop.
+A batch resolves in passes over all its keys -- hash, find candidates
+(prefetching buckets), confirm them (prefetching the candidates' keys), then
+insert the missing ones after reserving room for all of them -- so no growth
+happens inside a nogil loop.
 
-Memory: an int64 index costs 16.0-22.4 bytes per key; a string index the same
-plus 8-10 bytes of offsets (grown 1.25x at a time) plus its key bytes (slack
-up to a quarter).
+Memory: an int64 index costs 10.7-14.9 bytes of table per key plus 8-9 of
+key column (grown by an eighth at a time); a string index the same table plus
+8-10 bytes of offsets (grown 1.25x at a time) plus its key bytes (slack up to
+a quarter).
 
 Snapshots hold the keys only; restoring rebuilds the table from them.
 Snapshots written before this table also hold the old one ("table"), which is
@@ -34,14 +36,13 @@ cnp.import_array()
 
 cdef extern from "tally_hash.h":
     uint64_t tally_hash_u64(uint64_t x) noexcept nogil
-    uint64_t tally_unhash_u64(uint64_t x) noexcept nogil
     uint64_t tally_hash_bytes(const char* data, size_t length) noexcept nogil
     void TALLY_PREFETCH(const void* p) noexcept nogil
 
 
 cdef extern from "tally_keytable.h":
     ctypedef struct tally_bucket:
-        uint64_t hash
+        uint32_t tag
         uint32_t slot
     ctypedef struct tally_segment:
         tally_bucket* buckets
@@ -50,21 +51,23 @@ cdef extern from "tally_keytable.h":
     uint32_t TALLY_EMPTY_SLOT
     tally_segment* tally_segment_of(tally_keytable* t, uint64_t hash) noexcept nogil
     void tally_prefetch(tally_keytable* t, uint64_t hash) noexcept nogil
-    uint64_t tally_seek(const tally_segment* s, uint64_t hash) noexcept nogil
-    bint tally_holds(const tally_segment* s, uint64_t i, uint64_t hash) noexcept nogil
-    int tally_insert_at(tally_segment* s, uint64_t i, uint64_t hash, uint32_t slot) noexcept nogil
+    uint32_t tally_tag(uint64_t hash) noexcept nogil
+    uint64_t tally_seek(const tally_segment* s, uint32_t tag) noexcept nogil
+    bint tally_holds(const tally_segment* s, uint64_t i, uint32_t tag) noexcept nogil
+    int tally_insert_at(tally_segment* s, uint64_t i, uint32_t tag, uint32_t slot) noexcept nogil
     int tally_keytable_reserve_hashes(tally_keytable* t, const uint64_t* hashes,
                                       const int64_t* idx, int64_t m) noexcept nogil
     int tally_keytable_init(tally_keytable* t, uint64_t expected) noexcept nogil
     void tally_keytable_free(tally_keytable* t) noexcept nogil
-    void tally_keytable_hashes(const tally_keytable* t, uint64_t* out) noexcept nogil
     uint64_t tally_keytable_buckets(const tally_keytable* t) noexcept nogil
 
 
-# How far ahead the probe loops prefetch: enough to cover a cache miss
-# (~100 ns) with the ~5 ns of work per key.
+# How far ahead the probe loops prefetch. A lookup makes two dependent reads
+# that miss the cache at 10M keys (its bucket, then its candidate's key), and
+# the core keeps many misses in flight: 128 keys ahead beat 16, 32 and 64
+# (bench/RESULTS.md, "Key index memory (#18)").
 cdef enum:
-    PREFETCH_DISTANCE = 16
+    PREFETCH_DISTANCE = 128
     MIN_KEYS = 1024
     INSERT_FAILED = -2          # _find_or_insert: malloc failed growing a segment's tail
 
@@ -77,11 +80,11 @@ cdef void _check_slots(int64_t needed) except *:
         raise OverflowError(f"key index: {needed} keys, at most {MAX_SLOTS} fit")
 
 
-cdef int64_t _grown(int64_t needed, int64_t capacity) except -1:
-    """A column's new capacity: 1.25x at a time, so a column's slack stays
-    within a quarter (realloc moves big blocks by remapping, not copying)."""
-    _check_slots(needed)
-    return max(needed, capacity + capacity // 4, MIN_KEYS)
+cdef int64_t _grown(int64_t needed, int64_t capacity, int64_t slack_divisor) except -1:
+    """A column's new capacity: grown by 1/slack_divisor at a time, so its
+    slack stays within that (realloc moves big blocks by remapping, not
+    copying, so growing often is cheap)."""
+    return max(needed, capacity + capacity // slack_divisor, MIN_KEYS)
 
 
 cdef void* _checked_realloc(void* ptr, size_t size) except NULL:
@@ -119,10 +122,11 @@ cdef class _Table:
 
 
 cdef inline int64_t _candidate(tally_keytable* t, uint64_t h) noexcept nogil:
-    """The slot of the first entry with hash h, or -1 if there is none."""
+    """The slot of the first entry with h's tag, or -1 if there is none."""
     cdef tally_segment* s = tally_segment_of(t, h)
-    cdef uint64_t i = tally_seek(s, h)
-    return s.buckets[i].slot if tally_holds(s, i, h) else -1
+    cdef uint32_t tag = tally_tag(h)
+    cdef uint64_t i = tally_seek(s, tag)
+    return s.buckets[i].slot if tally_holds(s, i, tag) else -1
 
 
 def _check_legacy_table(arrays, int64_t n_keys):
@@ -147,20 +151,49 @@ def _require(arrays, names):
 
 
 cdef class Int64KeyIndex(_Table):
-    """Entity key (int64) -> dense slot. The table is the whole index: a bucket's
-    hash is its key (tally_hash_u64 is a bijection), so there is no key column."""
+    """Entity key (int64) -> dense slot; the keys live in a slot -> key column."""
+    cdef int64_t* keys              # slot -> key
+    cdef int64_t keys_capacity
+
+    def __cinit__(self, int64_t expected_keys=0):
+        self.keys = NULL
+        self.keys_capacity = 0
+        self._reserve_keys(expected_keys)
+
+    def __dealloc__(self):
+        free(self.keys)
 
     @property
     def nbytes(self):
-        return self.capacity * sizeof(tally_bucket)
+        return self.capacity * sizeof(tally_bucket) + self.keys_capacity * sizeof(int64_t)
 
-    cdef int64_t _find_or_insert(self, uint64_t h) noexcept nogil:
+    cdef void _reserve_keys(self, int64_t n_total) except *:
+        _check_slots(n_total)
+        if n_total > self.keys_capacity or self.keys == NULL:
+            self.keys_capacity = _grown(n_total, self.keys_capacity, 8)
+            self.keys = <int64_t*>_checked_realloc(self.keys, self.keys_capacity * sizeof(int64_t))
+
+    cdef int64_t _find(self, int64_t key, uint64_t h) noexcept nogil:
         cdef tally_segment* s = tally_segment_of(&self.table, h)
-        cdef uint64_t i = tally_seek(s, h)
-        if tally_holds(s, i, h):
-            return s.buckets[i].slot
-        if tally_insert_at(s, i, h, <uint32_t>self.n_slots):
+        cdef uint32_t tag = tally_tag(h)
+        cdef uint64_t i = tally_seek(s, tag)
+        while tally_holds(s, i, tag):
+            if self.keys[s.buckets[i].slot] == key:
+                return s.buckets[i].slot
+            i += 1
+        return -1
+
+    cdef int64_t _find_or_insert(self, int64_t key, uint64_t h) noexcept nogil:
+        cdef tally_segment* s = tally_segment_of(&self.table, h)
+        cdef uint32_t tag = tally_tag(h)
+        cdef uint64_t i = tally_seek(s, tag)
+        while tally_holds(s, i, tag):
+            if self.keys[s.buckets[i].slot] == key:
+                return s.buckets[i].slot
+            i += 1
+        if tally_insert_at(s, i, tag, <uint32_t>self.n_slots):
             return INSERT_FAILED
+        self.keys[self.n_slots] = key
         self.n_slots += 1
         return self.n_slots - 1
 
@@ -178,7 +211,7 @@ cdef class Int64KeyIndex(_Table):
         if hashes == NULL or missing == NULL:
             free(hashes); free(missing)
             raise MemoryError()
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, ahead
         cdef int64_t m = 0
         try:
             with nogil:
@@ -188,21 +221,27 @@ cdef class Int64KeyIndex(_Table):
                     if i + PREFETCH_DISTANCE < n:
                         tally_prefetch(&self.table, hashes[i + PREFETCH_DISTANCE])
                     o[i] = _candidate(&self.table, hashes[i])
+                for i in range(n):
+                    ahead = i + PREFETCH_DISTANCE
+                    if ahead < n and o[ahead] >= 0:
+                        TALLY_PREFETCH(&self.keys[o[ahead]])
+                    if o[i] >= 0 and self.keys[o[i]] != k[i]:
+                        o[i] = self._find(k[i], hashes[i])
                     if o[i] < 0:
                         missing[m] = i
                         m += 1
             if insert and m:
-                self._insert_missing(hashes, missing, m, &o[0])
+                self._insert_missing(&k[0], hashes, missing, m, &o[0])
         finally:
             free(hashes); free(missing)
         return out
 
-    cdef void _insert_missing(self, const uint64_t* hashes, const int64_t* missing, int64_t m,
-                              int64_t* o) except *:
+    cdef void _insert_missing(self, const int64_t* k, const uint64_t* hashes,
+                              const int64_t* missing, int64_t m, int64_t* o) except *:
         """Room for the keys missing (a key repeated in the batch is counted
         twice), then insert them in order of first appearance: a repeat finds
         the slot its first occurrence got."""
-        _check_slots(self.n_slots + m)
+        self._reserve_keys(self.n_slots + m)
         self._reserve_buckets(hashes, missing, m)
         cdef int64_t i, j
         cdef bint failed = False
@@ -211,7 +250,7 @@ cdef class Int64KeyIndex(_Table):
                 if j + PREFETCH_DISTANCE < m:
                     tally_prefetch(&self.table, hashes[missing[j + PREFETCH_DISTANCE]])
                 i = missing[j]
-                o[i] = self._find_or_insert(hashes[i])
+                o[i] = self._find_or_insert(k[i], hashes[i])
                 if o[i] == INSERT_FAILED:
                     failed = True
                     break
@@ -223,23 +262,23 @@ cdef class Int64KeyIndex(_Table):
         return self.slots(keys, insert=False)
 
     def keys_of(self, slots):
-        """The keys of the given slots, as an int64 array. Reads the whole table
-        (there is no slot -> key column): take all_keys() once for many calls."""
-        s = np.asarray(slots, dtype=np.int64)
-        bad = s[(s < 0) | (s >= self.n_slots)]
-        if len(bad):
-            raise IndexError(f"slot {bad[0]} out of range [0, {self.n_slots})")
-        return self.all_keys()[s]
+        """The keys of the given slots, as an int64 array."""
+        cdef const int64_t[::1] s = np.ascontiguousarray(slots, dtype=np.int64)
+        out = np.empty(s.shape[0], dtype=np.int64)
+        cdef int64_t[::1] o = out
+        cdef Py_ssize_t i
+        for i in range(s.shape[0]):
+            if s[i] < 0 or s[i] >= self.n_slots:
+                raise IndexError(f"slot {s[i]} out of range [0, {self.n_slots})")
+            o[i] = self.keys[s[i]]
+        return out
 
     def all_keys(self):
         """Every key, in slot order."""
         out = np.empty(self.n_slots, dtype=np.int64)
         cdef int64_t[::1] o = out
-        cdef int64_t i
         if self.n_slots:
-            tally_keytable_hashes(&self.table, <uint64_t*>&o[0])
-            for i in range(self.n_slots):
-                o[i] = <int64_t>tally_unhash_u64(<uint64_t>o[i])
+            memcpy(&o[0], self.keys, self.n_slots * sizeof(int64_t))
         return out
 
     def export_arrays(self):
@@ -290,8 +329,9 @@ cdef class StringKeyIndex(_Table):
                 + (self.keys_capacity + 1) * sizeof(int64_t))
 
     cdef void _reserve_keys(self, int64_t n_total, int64_t extra_bytes) except *:
+        _check_slots(n_total)
         if n_total > self.keys_capacity or self.offsets == NULL:
-            self.keys_capacity = _grown(n_total, self.keys_capacity)
+            self.keys_capacity = _grown(n_total, self.keys_capacity, 4)
             self.offsets = <int64_t*>_checked_realloc(
                 self.offsets, (self.keys_capacity + 1) * sizeof(int64_t))
             self.offsets[self.n_slots] = self.blob_size
@@ -306,8 +346,9 @@ cdef class StringKeyIndex(_Table):
 
     cdef int64_t _find(self, const char* key, int64_t length, uint64_t h) noexcept nogil:
         cdef tally_segment* s = tally_segment_of(&self.table, h)
-        cdef uint64_t i = tally_seek(s, h)
-        while tally_holds(s, i, h):
+        cdef uint32_t tag = tally_tag(h)
+        cdef uint64_t i = tally_seek(s, tag)
+        while tally_holds(s, i, tag):
             if self._is(s.buckets[i].slot, key, length):
                 return s.buckets[i].slot
             i += 1
@@ -316,12 +357,13 @@ cdef class StringKeyIndex(_Table):
     cdef int64_t _find_or_insert(self, const char* key, int64_t length,
                                  uint64_t h) noexcept nogil:
         cdef tally_segment* s = tally_segment_of(&self.table, h)
-        cdef uint64_t i = tally_seek(s, h)
-        while tally_holds(s, i, h):
+        cdef uint32_t tag = tally_tag(h)
+        cdef uint64_t i = tally_seek(s, tag)
+        while tally_holds(s, i, tag):
             if self._is(s.buckets[i].slot, key, length):
                 return s.buckets[i].slot
             i += 1
-        if tally_insert_at(s, i, h, <uint32_t>self.n_slots):
+        if tally_insert_at(s, i, tag, <uint32_t>self.n_slots):
             return INSERT_FAILED
         cdef int64_t start = self.offsets[self.n_slots]
         memcpy(self.blob + start, key, length)

@@ -6,6 +6,7 @@ Hypothesis budgets: the profiles of tests/conftest.py, chosen by ``HYPOTHESIS_PR
 ``max_examples`` (see ``examples``), so the ci run stays fast.
 """
 import re
+import time
 
 import numpy as np
 import pytest
@@ -546,12 +547,33 @@ def test_string_snapshot_key_count_must_match_table():
 
 # -- the segmented ordered table (#18) ---------------------------------------------
 
-def test_unhash_inverts_the_hash():
-    """all_keys reads keys back by inverting tally_hash_u64 (no key column)."""
+def test_keys_come_back_through_colliding_tags():
+    """Keys equal in the table's 38 hash bits are told apart by the key column."""
     keys = np.array(SPECIAL_INTS + COLLIDING, dtype=np.int64)
     index = Int64KeyIndex()
-    index.slots(keys)
+    assert index.slots(keys).tolist() == list(range(len(keys)))
     assert index.all_keys().tolist() == keys.tolist()
+    assert index.keys_of(np.arange(len(keys))[::-1]).tolist() == keys[::-1].tolist()
+    assert index.lookup(keys[::-1]).tolist() == list(range(len(keys)))[::-1]
+
+
+def fastest_keys_of(index, repeats=300):
+    best = float("inf")
+    for slot in range(repeats):
+        start = time.perf_counter()
+        index.keys_of([slot])
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_keys_of_does_not_scale_with_the_index():
+    """keys_of is on the ingest hot path (once per streamed batch): one slot must
+    cost the same at 100k and 1M keys, where a scan of the table costs 10x."""
+    small, large = Int64KeyIndex(), Int64KeyIndex()
+    small.slots(np.arange(100_000, dtype=np.int64) * 7)
+    large.slots(np.arange(1_000_000, dtype=np.int64) * 7)
+    ratio = fastest_keys_of(large) / fastest_keys_of(small)
+    assert ratio < 3, f"1-slot keys_of is {ratio:.1f}x slower at 1M keys than at 100k"
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -16,16 +16,6 @@ static inline uint64_t tally_hash_u64(uint64_t x) {
     return x;
 }
 
-/* The inverse of tally_hash_u64: the key an int64 key index stores as its hash. */
-static inline uint64_t tally_unhash_u64(uint64_t x) {
-    x ^= (x >> 31) ^ (x >> 62);
-    x *= 0x319642b2d24d8ec3ULL;
-    x ^= (x >> 27) ^ (x >> 54);
-    x *= 0x96de1b173f119089ULL;
-    x ^= (x >> 30) ^ (x >> 60);
-    return x;
-}
-
 /* 64-bit FNV-1a over the bytes, then the splitmix finaliser to fix FNV's weak
  * low bits (the table indexes with the low bits). Short keys dominate. */
 static inline uint64_t tally_hash_bytes(const char *data, size_t len) {

@@ -1,23 +1,23 @@
-/* The table behind core/keyindex.pyx: 64-bit key hash -> candidate slot.
+/* The table behind core/keyindex.pyx: 64-bit key hash -> candidate slots.
  * Pure C, header only.
  *
- * A bucket is 12 bytes: the key's 64-bit hash and its slot (UINT32_MAX:
- * empty). The int64 hash is a bijection, so an equal hash is the same key and
- * the table is the whole int64 index; a string index confirms an equal hash
- * against its key bytes.
+ * A bucket is 8 bytes: a 32-bit tag of the key's hash and its slot
+ * (UINT32_MAX: empty). The segment and the tag are 38 bits of the hash, so an
+ * equal tag only names a candidate: the index confirms it against the key it
+ * keeps for that slot (one read of its slot -> key column).
  *
  * The hash space is split into TALLY_SEGMENTS segments by the top bits of the
  * hash; each grows on its own, so growing never holds two copies of the whole
  * table (the peak is one segment's old and new arrays).
  *
- * Within a segment the buckets are linear probing kept in hash order ("ordered
- * hashing"): a hash's home bucket is 32 of its bits scaled to the capacity
- * (multiply-shift, so any capacity works and homes rise with the hash), and
- * every run of occupied buckets is sorted by hash. That ordering buys three
- * things: a search stops at the first larger hash, so misses are as short as
+ * Within a segment the buckets are linear probing kept in tag order ("ordered
+ * hashing"): a tag's home bucket is the tag scaled to the capacity
+ * (multiply-shift, so any capacity works and homes rise with the tag), and
+ * every run of occupied buckets is sorted by tag. That ordering buys three
+ * things: a search stops at the first larger tag, so misses are as short as
  * hits at high load; growing is one sequential pass (old order is new order);
  * and there is no wrap-around, only a tail of spare buckets past the last home.
- * An empty bucket is all ones, so its hash is above every key's and a search
+ * An empty bucket is all ones, so its tag is at least every key's and a search
  * is one comparison per bucket; the last bucket is kept empty as a sentinel.
  *
  * Functions returning int give 0, or -1 when malloc fails (the table is then
@@ -35,18 +35,16 @@
 #define TALLY_SEGMENTS (1 << TALLY_SEGMENT_BITS)
 #define TALLY_EMPTY_SLOT UINT32_MAX
 #define TALLY_MIN_SEGMENT 16        /* buckets: 64 segments make a 1024-bucket table */
-#define TALLY_MIN_TAIL 16
+#define TALLY_MIN_TAIL 16           /* >= TALLY_SEEK_SPAN */
 /* Grow a segment past 75% full, by 1.4x: between growths a segment is 54-75%
- * full, i.e. 16.0-22.4 bytes of table per key. Ordered probing keeps searches
- * short at that load (a search stops at the first larger hash). */
+ * full, i.e. 10.7-14.9 bytes of table per key. Ordered probing keeps searches
+ * short at that load (a search stops at the first larger tag). */
 #define TALLY_MAX_LOAD_NUM 75
 #define TALLY_MAX_LOAD_DEN 100
 #define TALLY_GROWTH_NUM 7
 #define TALLY_GROWTH_DEN 5
 
-#pragma pack(push, 4)
-typedef struct { uint64_t hash; uint32_t slot; } tally_bucket;
-#pragma pack(pop)
+typedef struct { uint32_t tag; uint32_t slot; } tally_bucket;
 
 typedef struct {
     tally_bucket *buckets;
@@ -61,33 +59,48 @@ static inline tally_segment *tally_segment_of(tally_keytable *t, uint64_t hash) 
     return &t->segments[hash >> (64 - TALLY_SEGMENT_BITS)];
 }
 
-/* The 32 hash bits after the segment's, scaled to the capacity. */
-static inline uint64_t tally_home(const tally_segment *s, uint64_t hash) {
-    uint64_t local = (uint32_t)(hash >> (32 - TALLY_SEGMENT_BITS));
-    return (local * s->capacity) >> 32;
+/* The 32 hash bits after the segment's. */
+static inline uint32_t tally_tag(uint64_t hash) {
+    return (uint32_t)(hash >> (32 - TALLY_SEGMENT_BITS));
 }
 
-/* Prefetches the buckets a search for ``hash`` reads: its home's cache line
- * and the next (at 54-75% load an entry sits a few buckets past its home, so
- * a search crosses into the next line about half the time). */
+/* The tag scaled to the capacity. */
+static inline uint64_t tally_home(const tally_segment *s, uint32_t tag) {
+    return ((uint64_t)tag * s->capacity) >> 32;
+}
+
+/* Buckets tally_seek reads without branching (the tail holds at least these
+ * past the last home). At 54-75% load an entry is almost always within 4
+ * buckets of its home. */
+#define TALLY_SEEK_SPAN 4
+
+/* Prefetches the buckets a search for ``hash`` reads: the first and the last
+ * of its home's TALLY_SEEK_SPAN (the same cache line, or two adjacent ones). */
 static inline void tally_prefetch(tally_keytable *t, uint64_t hash) {
     tally_segment *s = tally_segment_of(t, hash);
-    const char *home = (const char *)&s->buckets[tally_home(s, hash)];
-    TALLY_PREFETCH(home);
-    TALLY_PREFETCH(home + 64);
+    const tally_bucket *b = &s->buckets[tally_home(s, tally_tag(hash))];
+    TALLY_PREFETCH(b);
+    TALLY_PREFETCH(b + TALLY_SEEK_SPAN - 1);
 }
 
-/* The first position at or after the hash's home that is empty or holds a
- * hash >= ``hash``: where its entries start, or where it would be inserted. */
-static inline uint64_t tally_seek(const tally_segment *s, uint64_t hash) {
-    uint64_t i = tally_home(s, hash);
-    while (s->buckets[i].hash < hash) i++;     /* stops at the empty last bucket */
+/* The first position at or after the tag's home that is empty or holds a
+ * tag >= ``tag``: where its entries start, or where it would be inserted.
+ * From the home on, the buckets below ``tag`` form a prefix (occupied buckets
+ * are in tag order, and an entry past an empty one has a later home), so the
+ * answer is the home plus their count, taken over TALLY_SEEK_SPAN buckets
+ * without a branch to mispredict. */
+static inline uint64_t tally_seek(const tally_segment *s, uint32_t tag) {
+    uint64_t i = tally_home(s, tag), below = 0;
+    for (int j = 0; j < TALLY_SEEK_SPAN; j++) below += s->buckets[i + j].tag < tag;
+    if (below < TALLY_SEEK_SPAN) return i + below;
+    i += TALLY_SEEK_SPAN;
+    while (s->buckets[i].tag < tag) i++;       /* stops at the empty last bucket */
     return i;
 }
 
-/* Whether position i holds an entry with this hash. */
-static inline int tally_holds(const tally_segment *s, uint64_t i, uint64_t hash) {
-    return s->buckets[i].hash == hash && s->buckets[i].slot != TALLY_EMPTY_SLOT;
+/* Whether position i holds an entry with this tag. */
+static inline int tally_holds(const tally_segment *s, uint64_t i, uint32_t tag) {
+    return s->buckets[i].tag == tag && s->buckets[i].slot != TALLY_EMPTY_SLOT;
 }
 
 static inline tally_bucket *tally_alloc_empty(uint64_t n) {
@@ -107,21 +120,21 @@ static inline int tally_extend_tail(tally_segment *s) {
     return 0;
 }
 
-/* Puts (hash, slot) at position i, as found by tally_seek and past the equal
- * hashes: the entries from i up to the next empty bucket move one to the right. */
-static inline int tally_insert_at(tally_segment *s, uint64_t i, uint64_t hash, uint32_t slot) {
+/* Puts (tag, slot) at position i, as found by tally_seek and past the equal
+ * tags: the entries from i up to the next empty bucket move one to the right. */
+static inline int tally_insert_at(tally_segment *s, uint64_t i, uint32_t tag, uint32_t slot) {
     uint64_t end = i;
     while (s->buckets[end].slot != TALLY_EMPTY_SLOT) end++;
     if (end == s->size - 1 && tally_extend_tail(s)) return -1;    /* keep the sentinel */
     memmove(&s->buckets[i + 1], &s->buckets[i], (end - i) * sizeof(tally_bucket));
-    s->buckets[i].hash = hash;
+    s->buckets[i].tag = tag;
     s->buckets[i].slot = slot;
     s->count++;
     return 0;
 }
 
 /* Re-places a segment's entries into ``capacity`` homes, in one pass: the
- * entries are in hash order, which is also their order in the new array. */
+ * entries are in tag order, which is also their order in the new array. */
 static inline int tally_segment_resize(tally_segment *s, uint64_t capacity) {
     uint64_t tail = s->size > s->capacity ? s->size - s->capacity : TALLY_MIN_TAIL;
     tally_segment grown = {tally_alloc_empty(capacity + tail), capacity, capacity + tail, s->count};
@@ -130,7 +143,7 @@ static inline int tally_segment_resize(tally_segment *s, uint64_t capacity) {
     for (uint64_t j = 0; j < s->size; j++) {
         tally_bucket b = s->buckets[j];
         if (b.slot == TALLY_EMPTY_SLOT) continue;
-        uint64_t i = tally_home(&grown, b.hash);
+        uint64_t i = tally_home(&grown, b.tag);
         if (i < next) i = next;
         if (i == grown.size - 1 && tally_extend_tail(&grown)) {
             free(grown.buckets);
@@ -194,15 +207,6 @@ static inline int tally_keytable_init(tally_keytable *t, uint64_t expected) {
 static inline void tally_keytable_free(tally_keytable *t) {
     for (int k = 0; k < TALLY_SEGMENTS; k++) free(t->segments[k].buckets);
     memset(t, 0, sizeof(*t));
-}
-
-/* Every entry's slot -> hash, into out[0..count). */
-static inline void tally_keytable_hashes(const tally_keytable *t, uint64_t *out) {
-    for (int k = 0; k < TALLY_SEGMENTS; k++) {
-        const tally_segment *s = &t->segments[k];
-        for (uint64_t i = 0; i < s->size; i++)
-            if (s->buckets[i].slot != TALLY_EMPTY_SLOT) out[s->buckets[i].slot] = s->buckets[i].hash;
-    }
 }
 
 /* Buckets allocated, over all segments. */
