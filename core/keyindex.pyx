@@ -60,6 +60,8 @@ cdef extern from "tally_keytable.h":
     int tally_keytable_init(tally_keytable* t, uint64_t expected) noexcept nogil
     void tally_keytable_free(tally_keytable* t) noexcept nogil
     uint64_t tally_keytable_buckets(const tally_keytable* t) noexcept nogil
+    void* tally_column_resize(void* column, size_t old_bytes, size_t new_bytes) noexcept nogil
+    void tally_column_free(void* column, size_t bytes) noexcept nogil
 
 
 # How far ahead the probe loops prefetch. A lookup makes two dependent reads
@@ -82,8 +84,8 @@ cdef void _check_slots(int64_t needed) except *:
 
 cdef int64_t _grown(int64_t needed, int64_t capacity, int64_t slack_divisor) except -1:
     """A column's new capacity: grown by 1/slack_divisor at a time, so its
-    slack stays within that (realloc moves big blocks by remapping, not
-    copying, so growing often is cheap)."""
+    slack stays within that (a big column is remapped, not copied, so growing
+    often is cheap)."""
     return max(needed, capacity + capacity // slack_divisor, MIN_KEYS)
 
 
@@ -161,7 +163,7 @@ cdef class Int64KeyIndex(_Table):
         self._reserve_keys(expected_keys)
 
     def __dealloc__(self):
-        free(self.keys)
+        tally_column_free(self.keys, self.keys_capacity * sizeof(int64_t))
 
     @property
     def nbytes(self):
@@ -169,9 +171,15 @@ cdef class Int64KeyIndex(_Table):
 
     cdef void _reserve_keys(self, int64_t n_total) except *:
         _check_slots(n_total)
-        if n_total > self.keys_capacity or self.keys == NULL:
-            self.keys_capacity = _grown(n_total, self.keys_capacity, 8)
-            self.keys = <int64_t*>_checked_realloc(self.keys, self.keys_capacity * sizeof(int64_t))
+        if n_total <= self.keys_capacity and self.keys != NULL:
+            return
+        cdef int64_t capacity = _grown(n_total, self.keys_capacity, 8)
+        cdef void* grown = tally_column_resize(self.keys, self.keys_capacity * sizeof(int64_t),
+                                               capacity * sizeof(int64_t))
+        if grown == NULL:
+            raise MemoryError(f"key index: cannot allocate {capacity} keys")
+        self.keys = <int64_t*>grown
+        self.keys_capacity = capacity
 
     cdef int64_t _find(self, int64_t key, uint64_t h) noexcept nogil:
         cdef tally_segment* s = tally_segment_of(&self.table, h)

@@ -28,6 +28,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "tally_hash.h"
 
@@ -214,6 +215,22 @@ static inline uint64_t tally_keytable_buckets(const tally_keytable *t) {
     uint64_t n = 0;
     for (int k = 0; k < TALLY_SEGMENTS; k++) n += t->segments[k].size;
     return n;
+}
+
+/* A slot-ordered column (the int64 index's keys) in its own mapping: mremap
+ * grows it without copying and gives no memory back to fragment. realloc
+ * serves blocks below glibc's adaptive mmap threshold (up to 32 MB) from the
+ * heap, where growing copies and leaves the old block resident: 35 bytes per
+ * key at the peak of building 1M keys instead of 20. NULL on failure. */
+static inline void *tally_column_resize(void *column, size_t old_bytes, size_t new_bytes) {
+    void *grown = column ? mremap(column, old_bytes, new_bytes, MREMAP_MAYMOVE)
+                         : mmap(NULL, new_bytes, PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return grown == MAP_FAILED ? NULL : grown;
+}
+
+static inline void tally_column_free(void *column, size_t bytes) {
+    if (column) munmap(column, bytes);
 }
 
 #endif
