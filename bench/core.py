@@ -238,7 +238,8 @@ def compile_reference(workdir):
 
 
 def _capacity_for(n_keys):
-    """The same table size rule as the key index: a power of two >= 2 * keys."""
+    """The size rule of Tally's key index before #18 (16-byte buckets): a power
+    of two >= 2 * keys."""
     capacity = 1024
     while capacity < 2 * n_keys:
         capacity <<= 1

@@ -6,6 +6,7 @@ Hypothesis budgets: the profiles of tests/conftest.py, chosen by ``HYPOTHESIS_PR
 ``max_examples`` (see ``examples``), so the ci run stays fast.
 """
 import re
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from tally.core.keyindex import Int64KeyIndex, StringKeyIndex
 
 INT64_MIN = -2**63
 INT64_MAX = 2**63 - 1
-MIN_CAPACITY = 1024          # keyindex.pyx: the smallest table
+MIN_CAPACITY = 1024          # tally_keytable.h: 64 segments of 16 home buckets
+MAX_LOAD = 0.75              # tally_keytable.h: a segment grows past 75% full
 
 
 def examples(ci_count):
@@ -100,14 +102,16 @@ def _splitmix64(x):
     return x ^ (x >> 31)
 
 
-# Every one of these hashes to the last bucket of any table up to 2**20 buckets, so
-# they form one probe chain that wraps around the end of the table.
-COLLIDING = [_unsplitmix64((j << 20) | (MIN_CAPACITY - 1)) for j in range(1, 401)]
+# The table takes a hash's top 6 bits for its segment and the next 32 for its
+# home bucket. Every one of these has all 38 set: the last home of the last
+# segment whatever its capacity, so they form one probe chain that spills past
+# the last home into the segment's tail of spare buckets (and must extend it).
+COLLIDING = [_unsplitmix64((((1 << 38) - 1) << 26) | j) for j in range(1, 401)]
 
 
 def test_colliding_keys_do_collide():
     assert len(set(COLLIDING)) == len(COLLIDING)
-    assert all(_splitmix64(k) & (MIN_CAPACITY - 1) == MIN_CAPACITY - 1 for k in COLLIDING)
+    assert all(_splitmix64(k) >> 26 == (1 << 38) - 1 for k in COLLIDING)
 
 
 # -- Int64KeyIndex ----------------------------------------------------------------
@@ -119,9 +123,8 @@ def check_int_index(index, oracle):
     assert index.all_keys().dtype == np.int64
     assert index.lookup(keys).tolist() == list(range(len(keys)))
     assert index.keys_of(np.arange(len(keys))).tolist() == keys
-    capacity = index.capacity
-    assert capacity >= MIN_CAPACITY and capacity & (capacity - 1) == 0
-    assert 2 * len(index) <= capacity            # load factor at most 1/2
+    assert index.capacity >= MIN_CAPACITY
+    assert len(index) <= MAX_LOAD * index.capacity
 
 
 def feed_int_batches(index, oracle, batches):
@@ -218,7 +221,7 @@ def test_int64_growth_over_many_resizes():
     unseen = rng.integers(INT64_MIN, INT64_MAX, 10_000, dtype=np.int64)
     unseen = unseen[~np.isin(unseen, keys)]
     assert (index.lookup(unseen) == -1).all()
-    assert 2 * len(index) <= index.capacity
+    assert len(index) <= MAX_LOAD * index.capacity
 
     restored = Int64KeyIndex.from_arrays(index.export_arrays())
     assert np.array_equal(restored.all_keys(), keys)
@@ -341,7 +344,6 @@ def test_int64_snapshot_round_trip(before, after):
     for array in arrays.values():          # the export is a copy
         array[...] = 0
     check_int_index(restored, oracle)
-    assert restored.capacity == index.capacity
     assert restored.lookup(SPECIAL_INTS).tolist() == oracle.lookup(SPECIAL_INTS)
     # both continue identically, through growth
     restored_oracle = DictOracle()
@@ -349,7 +351,9 @@ def test_int64_snapshot_round_trip(before, after):
     feed_int_batches(index, oracle, after + [COLLIDING])
     feed_int_batches(restored, restored_oracle, after + [COLLIDING])
     a, b = index.export_arrays(), restored.export_arrays()
-    assert np.array_equal(a["keys"], b["keys"]) and np.array_equal(a["table"], b["table"])
+    assert sorted(a) == sorted(b) == ["keys"]
+    assert np.array_equal(a["keys"], b["keys"])
+    assert np.array_equal(restored.lookup(a["keys"]), index.lookup(a["keys"]))
 
 
 @settings(max_examples=examples(40), suppress_health_check=HEALTH)
@@ -367,7 +371,7 @@ def test_string_snapshot_round_trip(before, after):
     feed_string_batches(index, oracle, after)
     feed_string_batches(restored, restored_oracle, after)
     a, b = index.export_arrays(), restored.export_arrays()
-    assert sorted(a) == sorted(b) == ["blob", "offsets", "table"]
+    assert sorted(a) == sorted(b) == ["blob", "offsets"]
     for name in a:
         assert np.array_equal(a[name], b[name]), name
 
@@ -390,46 +394,70 @@ def assert_snapshot_rejected(restore, arrays, *mentions):
             (word, str(info.value))
 
 
+def _fnv1a_splitmix(data):
+    """tally_hash_bytes: FNV-1a over the bytes, then the splitmix finaliser."""
+    h = 0xcbf29ce484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001b3) & _M64
+    return _splitmix64(h ^ len(data))
+
+
+def legacy_table(hashes, bucket_keys):
+    """The table of a snapshot written before #18: 16-byte buckets (key or hash,
+    slot; slot -1 empty), a power of two >= 1024 and >= 2 keys, linear probing
+    from the hash's low bits. Such snapshots must still load."""
+    capacity = MIN_CAPACITY
+    while capacity < 2 * len(hashes):
+        capacity *= 2
+    table = np.full(2 * capacity, -1, dtype=np.int64)
+    for slot, (h, key) in enumerate(zip(hashes, bucket_keys)):
+        i = h & (capacity - 1)
+        while table[2 * i + 1] != -1:
+            i = (i + 1) & (capacity - 1)
+        table[2 * i], table[2 * i + 1] = key, slot
+    return table
+
+
 def int_snapshot(n=5):
-    index = Int64KeyIndex()
-    index.slots(np.arange(100, 100 + n))
-    return index.export_arrays()
+    """An old-format int64 snapshot: keys plus the old table."""
+    keys = np.arange(100, 100 + n, dtype=np.int64)
+    return {"keys": keys, "table": legacy_table([_splitmix64(k) for k in keys.tolist()], keys)}
 
 
 def string_snapshot(keys=("alpha", "beta", "", "γ")):
-    index = StringKeyIndex()
-    index.slots(list(keys))
-    return index.export_arrays()
+    """An old-format string snapshot: blob, offsets plus the old table of hashes."""
+    encoded = [k.encode() for k in keys]
+    hashes = [_fnv1a_splitmix(k) for k in encoded]
+    return {"blob": np.frombuffer(b"".join(encoded), np.uint8).copy(),
+            "offsets": np.cumsum([0] + [len(k) for k in encoded]).astype(np.int64),
+            "table": legacy_table(hashes, [h - (1 << 64) if h >> 63 else h for h in hashes])}
 
 
-@pytest.mark.parametrize("corrupt", [
-    lambda a: a.update(table=a["table"][:-2]),                           # not a power of two
-    lambda a: a.update(table=a["table"][:1024]),                          # below the minimum
-    lambda a: a.update(table=np.empty(0, np.int64)),
-    lambda a: a.update(keys=np.arange(513, dtype=np.int64)),              # load factor > 1/2
-], ids=["odd-table", "small-table", "empty-table", "too-many-keys"])
-def test_corrupt_int64_snapshot_is_rejected(corrupt):
-    arrays = int_snapshot()
-    corrupt(arrays)
-    assert_snapshot_rejected(Int64KeyIndex.from_arrays, arrays)
+@pytest.mark.parametrize("snapshot, cls, keys", [
+    (int_snapshot(600), Int64KeyIndex, list(range(100, 700))),
+    (string_snapshot(), StringKeyIndex, ["alpha", "beta", "", "γ"]),
+], ids=["int64", "string"])
+def test_legacy_snapshot_loads(snapshot, cls, keys):
+    """A snapshot with the table written before #18 restores to the same slots."""
+    restored = cls.from_arrays(snapshot)
+    assert list(restored.all_keys()) == keys
+    assert restored.lookup(keys).tolist() == list(range(len(keys)))
+    assert sorted(restored.export_arrays()) == sorted(set(snapshot) - {"table"})
 
 
-def test_overfull_int64_snapshot_is_rejected():
-    """A table whose occupied buckets match its keys, but over the 1/2 load factor."""
-    table = np.full(2 * MIN_CAPACITY, -1, dtype=np.int64)
-    table[0:2 * 513:2] = np.arange(513)            # bucket key
-    table[1:2 * 513:2] = np.arange(513)            # bucket slot
+def test_snapshot_with_repeated_keys_is_rejected():
     assert_snapshot_rejected(Int64KeyIndex.from_arrays,
-                             {"keys": np.arange(513, dtype=np.int64), "table": table}, "table")
+                             {"keys": np.array([5, 6, 5], dtype=np.int64)}, 3, 2)
+    arrays = string_snapshot(("a", "b", "a"))
+    del arrays["table"]
+    assert_snapshot_rejected(StringKeyIndex.from_arrays, arrays, 3, 2)
 
 
 # (before the fix, a table whose slots were right in count and range but not distinct
 # was accepted: export [100, 101, 102], point the bucket of slot 2 at slot 0, and
 # lookup([102]) returned 0, the slot of key 100 - another entity's state)
 def test_int64_snapshot_with_duplicate_slots_is_rejected():
-    index = Int64KeyIndex()
-    index.slots([100, 101, 102])
-    arrays = index.export_arrays()
+    arrays = int_snapshot(3)
     table = arrays["table"].copy()
     bucket_slots = table[1::2]
     bucket_of_slot_2 = int(np.flatnonzero(bucket_slots == 2)[0])
@@ -440,9 +468,7 @@ def test_int64_snapshot_with_duplicate_slots_is_rejected():
 def test_int64_snapshot_keys_must_match_the_table():
     """keys [100, 101, 999] with the table of [100, 101, 102]: lookup(102) would give
     slot 2 whose key reads back as 999, and 999 would be inserted a second time."""
-    index = Int64KeyIndex()
-    index.slots([100, 101, 102])
-    arrays = index.export_arrays()
+    arrays = int_snapshot(3)
     assert_snapshot_rejected(Int64KeyIndex.from_arrays,
                              dict(arrays, keys=np.array([100, 101, 999], dtype=np.int64)))
 
@@ -450,9 +476,7 @@ def test_int64_snapshot_keys_must_match_the_table():
 # (before the fix, the snapshot of ['alpha', 'beta'] with blob b'alphabetx' was
 # accepted: all_keys() gave ['alpha', 'betx'] and slots(['betx']) stored it twice)
 def test_string_snapshot_keys_must_match_the_table():
-    index = StringKeyIndex()
-    index.slots(["alpha", "beta"])
-    arrays = index.export_arrays()
+    arrays = string_snapshot(("alpha", "beta"))
     assert_snapshot_rejected(StringKeyIndex.from_arrays,
                              dict(arrays, blob=np.frombuffer(b"alphabetx", np.uint8).copy()))
 
@@ -471,10 +495,7 @@ def test_string_snapshot_with_duplicate_slots_is_rejected():
     lambda a: a.update(offsets=a["offsets"][:-1]),                        # a key short
     lambda a: a.update(offsets=a["offsets"] + 1),                         # not starting at 0
     lambda a: a.update(offsets=np.empty(0, np.int64)),                    # n = -1
-    lambda a: a.update(table=a["table"][:-2]),
-    lambda a: a.update(table=a["table"][:512]),
-], ids=["short-blob", "long-blob", "short-offsets", "shifted-offsets", "no-offsets",
-        "odd-table", "small-table"])
+], ids=["short-blob", "long-blob", "short-offsets", "shifted-offsets", "no-offsets"])
 def test_corrupt_string_snapshot_is_rejected(corrupt):
     arrays = string_snapshot()
     corrupt(arrays)
@@ -494,7 +515,6 @@ def test_string_snapshot_offsets_must_be_sorted(offsets):
 
 @pytest.mark.parametrize("cls, snapshot, rename", [
     (Int64KeyIndex, int_snapshot, ("keys", "key")),
-    (Int64KeyIndex, int_snapshot, ("table", "buckets")),
     (StringKeyIndex, string_snapshot, ("blob", "bytes")),
     (StringKeyIndex, string_snapshot, ("offsets", "offset")),
 ])
@@ -523,3 +543,72 @@ def test_string_snapshot_key_count_must_match_table():
     arrays = string_snapshot()
     other = string_snapshot(("one",))
     assert_snapshot_rejected(StringKeyIndex.from_arrays, dict(arrays, table=other["table"]), 1, 4)
+
+
+# -- the segmented ordered table (#18) ---------------------------------------------
+
+def test_keys_come_back_through_colliding_tags():
+    """Keys equal in the table's 38 hash bits are told apart by the key column."""
+    keys = np.array(SPECIAL_INTS + COLLIDING, dtype=np.int64)
+    index = Int64KeyIndex()
+    assert index.slots(keys).tolist() == list(range(len(keys)))
+    assert index.all_keys().tolist() == keys.tolist()
+    assert index.keys_of(np.arange(len(keys))[::-1]).tolist() == keys[::-1].tolist()
+    assert index.lookup(keys[::-1]).tolist() == list(range(len(keys)))[::-1]
+
+
+def fastest_keys_of(index, repeats=300):
+    best = float("inf")
+    for slot in range(repeats):
+        start = time.perf_counter()
+        index.keys_of([slot])
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_keys_of_does_not_scale_with_the_index():
+    """keys_of is on the ingest hot path (once per streamed batch): one slot must
+    cost the same at 100k and 1M keys, where a scan of the table costs 10x."""
+    small, large = Int64KeyIndex(), Int64KeyIndex()
+    small.slots(np.arange(100_000, dtype=np.int64) * 7)
+    large.slots(np.arange(1_000_000, dtype=np.int64) * 7)
+    ratio = fastest_keys_of(large) / fastest_keys_of(small)
+    assert ratio < 3, f"1-slot keys_of is {ratio:.1f}x slower at 1M keys than at 100k"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_int64_matches_a_dict_across_every_segment_growth(seed):
+    """One key at a time, then growing batches, sequential ids and keys equal in
+    the low 32 bits: each answer against a dict, through every segment growth."""
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    index, oracle = Int64KeyIndex(), {}
+    capacities = []
+    streams = [np.arange(1, 3000, dtype=np.int64),                      # sequential ids
+               (rng.integers(0, 1 << 31, 3000) << 32).astype(np.int64),  # low bits all 0
+               rng.integers(INT64_MIN, INT64_MAX, 40_000, dtype=np.int64, endpoint=True)]
+    for keys in streams:
+        for a in range(0, len(keys), max(1, len(keys) // 50)):
+            batch = np.concatenate([keys[a:a + len(keys) // 50], keys[:a][rng.integers(0, a + 1, 8) % max(a, 1)]]) \
+                if a else keys[:1]
+            expected = [oracle.setdefault(k, len(oracle)) for k in batch.tolist()]
+            assert index.slots(batch).tolist() == expected
+            capacities.append(index.capacity)
+    known = np.fromiter(oracle, dtype=np.int64)
+    assert index.lookup(known).tolist() == list(range(len(known)))
+    assert index.all_keys().tolist() == known.tolist()
+    assert len(set(capacities)) > 10                                    # it grew, often
+    assert len(index) <= MAX_LOAD * index.capacity
+
+
+def test_string_keys_colliding_chain_and_growth():
+    """String keys through growth against a dict, with keys sharing prefixes."""
+    index, oracle = StringKeyIndex(), DictOracle()
+    keys = [f"user:{i}" for i in range(20_000)] + [f"user:{i}:x" for i in range(0, 20_000, 7)]
+    rng = np.random.default_rng(5)
+    order = [keys[i] for i in rng.permutation(len(keys))]
+    for a in range(0, len(order), 997):
+        batch = order[a:a + 997] + order[: min(a, 20)]
+        assert index.slots(batch).tolist() == oracle.insert(batch)
+    assert index.lookup(oracle.keys()).tolist() == list(range(len(oracle.slots)))
+    assert index.lookup(["user:-1", "", "user:1:x"]).tolist() == oracle.lookup(["user:-1", "", "user:1:x"])
