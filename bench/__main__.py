@@ -18,6 +18,7 @@ BENCHMARKS = {
     "services": "tally.bench.services",
     "aerospike_write": "tally.bench.aerospike_write",
     "enrich": "tally.bench.enrich",
+    "flink": "tally.bench.flink",
     "setup-peers": "tally.bench.setup_peers",
 }
 
