@@ -173,6 +173,9 @@ def setup_flink():
         os.rename(scratch, final)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    for older in final.parent.glob("flink-*"):     # builds of earlier sources
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
     return f"built: {final}"
 
 
