@@ -14,8 +14,10 @@ sliding by 1 hour, in event time:
   start; a keyed process function for the lifetime values (emitted on every
   event) and ``SlidingEventTimeWindows`` with an incremental aggregate for the
   window (emitted when each window closes), both into discarding sinks that
-  count, and a dump of each user's last values for the check below
-  (``--flink-lifetime-only``: without the window, to see what it costs). Its CPU is
+  count, and a dump of each user's last values for the check below.
+  ``--flink-window tiles`` keeps the window as Tally does instead, 168 hour
+  tiles per user in keyed state, the sum emitted on every event; ``none``
+  leaves it out, to see what the window costs. Its CPU is
   the JVM's whole (``wait4``'s rusage: start-up and JIT included) and, apart,
   that of ``execute()`` alone (the JVM's own process CPU time around it).
 * ``tally``: the production path (``Ingestion``, as ``bench/ingest.py``
@@ -60,6 +62,7 @@ VIEW = FeatureView(
     features=[Feature("total_readtime", "sum", "readtime"), Feature("reads", "count"),
               Feature("readtime_7d", "sum", "readtime", Window.sliding("7d", "1h"))])
 JOB_CLASS = "tally.peers.flink.ReadingJob"
+FLINK_WINDOWS = ("sliding", "tiles", "none")
 # What Flink 1.18's own launcher opens on Java 17 (env.java.opts.all).
 FLINK_JVM_OPENS = [f"--add-opens=java.base/{package}=ALL-UNNAMED" for package in (
     "java.lang", "java.net", "java.io", "java.nio", "sun.nio.ch", "java.lang.reflect",
@@ -87,9 +90,9 @@ def oracle(events, window_end):
 
 # ---- Flink -------------------------------------------------------------------------
 
-def flink_round(classpath, broker, window_end, subscription, workdir, sliding=True):
+def flink_round(classpath, broker, window_end, subscription, workdir, window="sliding"):
     """One run of the Flink job: its figures and {user: (sum, count, 7-day sum)}
-    (the 7-day sum None when ``sliding`` is false)."""
+    (the 7-day sum None when ``window`` is "none")."""
     out = Path(tempfile.mkdtemp(prefix="dump-", dir=workdir))
     command = [java_executable(), "-Xmx3g", "-XX:+PerfDisableSharedMem", *FLINK_JVM_OPENS,
                "-cp", classpath, JOB_CLASS,
@@ -97,7 +100,7 @@ def flink_round(classpath, broker, window_end, subscription, workdir, sliding=Tr
                "--topic", f"persistent://public/default/{TOPIC}",
                "--subscription", subscription, "--check-window-end", str(window_end),
                "--out", str(out), "--parallelism", str(os.cpu_count()),
-               "--sliding", str(sliding).lower()]
+               "--window", window]
     log = out / "stdout"
     with open(log, "w") as stdout:
         started = time.perf_counter()
@@ -113,7 +116,7 @@ def flink_round(classpath, broker, window_end, subscription, workdir, sliding=Tr
     figures = json_line(lines)
     figures.update(process_seconds=round(wall, 2),
                    jvm_cpu_seconds=round(usage.ru_utime + usage.ru_stime, 2))
-    return figures, read_dumps(out, sliding)
+    return figures, read_dumps(out, window != "none")
 
 
 def json_line(lines):
@@ -229,8 +232,8 @@ def run(quick=False, argv=()):
     parser.add_argument("--days", type=int, default=10, help="span of the events' times")
     parser.add_argument("--repeats", type=int, default=1 if quick else 3)
     parser.add_argument("--sample", type=int, default=1000, help="users checked")
-    parser.add_argument("--flink-lifetime-only", action="store_true",
-                        help="Flink computes the lifetime values alone (Tally all three)")
+    parser.add_argument("--flink-window", choices=FLINK_WINDOWS, default="sliding",
+                        help="how Flink keeps the 7-day sum (see the module's doc)")
     args = parser.parse_args(argv)
     classpath = flink_classpath()
     payloads, keys, events = generate_events(args.events, args.users, seed=18,
@@ -243,7 +246,7 @@ def run(quick=False, argv=()):
                                                 replace=False))
     figures = {"benchmark": "flink", "events": args.events, "users": args.users,
                "days": args.days, "repeats": args.repeats, "cores": os.cpu_count(),
-               "flink_lifetime_only": args.flink_lifetime_only,
+               "flink_window": args.flink_window,
                "load_average_before": os.getloadavg()}
     if classpath is None:
         figures["flink"] = {"skipped": missing_peer("the Flink peer")}
@@ -266,7 +269,7 @@ def run(quick=False, argv=()):
                 else:
                     found["flink"], flink_values = flink_round(
                         classpath, broker, window_end, f"flink-{i}", work,
-                        sliding=not args.flink_lifetime_only)
+                        window=args.flink_window)
                 print(f"round {i} {side}: {found[side]}", flush=True)
             if classpath:
                 found["agreement"] = agreement(tally_values, flink_values, truth, sample)

@@ -37,8 +37,9 @@ import org.apache.flink.util.Collector;
  * <p>Arguments: --service-url, --admin-url, --topic, --subscription,
  * --check-window-end (epoch ms: the end of the sliding window whose per-user
  * sums are dumped), --out (folder of the dumps), --parallelism,
- * --out-of-orderness-ms, --sliding (false: the lifetime values alone, to see
- * what the window costs).
+ * --out-of-orderness-ms, --window: "sliding" (Flink's SlidingEventTimeWindows,
+ * a result per window), "tiles" (hour tiles in keyed state, Tally's layout,
+ * the value emitted on every event) or "none" (the lifetime values alone).
  */
 public final class ReadingJob {
 
@@ -69,11 +70,16 @@ public final class ReadingJob {
         KeyedStream<Read, Long> byUser = reads.keyBy(read -> read.user);
         byUser.process(new Lifetime()).name("lifetime")
                 .addSink(new LastPerUser(out, "lifetime", Long.MIN_VALUE)).name("lifetime-sink");
-        boolean sliding = params.getBoolean("sliding", true);
-        if (sliding) {
-            byUser.window(SlidingEventTimeWindows.of(Time.days(7), Time.hours(1)))
-                    .aggregate(new SumReadtime(), new StampWindowEnd()).name("readtime_7d")
-                    .addSink(new LastPerUser(out, "sliding_7d", checkWindowEnd)).name("sliding-sink");
+        String window = params.get("window", "sliding");
+        DataStream<UserValue> week = switch (window) {
+            case "sliding" -> byUser.window(SlidingEventTimeWindows.of(Time.days(7), Time.hours(1)))
+                    .aggregate(new SumReadtime(), new StampWindowEnd());
+            case "tiles" -> byUser.process(new HourTiles(checkWindowEnd));
+            case "none" -> null;
+            default -> throw new IllegalArgumentException("--window: sliding, tiles or none");
+        };
+        if (week != null) {
+            week.addSink(new LastPerUser(out, "sliding_7d", checkWindowEnd)).name("sliding-sink");
         }
 
         com.sun.management.OperatingSystemMXBean os =
@@ -85,7 +91,7 @@ public final class ReadingJob {
                         + "\"job_seconds\": %.3f, \"job_cpu_seconds\": %.3f, \"parallelism\": %d}%n",
                 (long) result.getAccumulatorResult("events"),
                 (long) result.getAccumulatorResult("lifetime"),
-                sliding ? (long) result.getAccumulatorResult("sliding_7d") : 0L,
+                week != null ? (long) result.getAccumulatorResult("sliding_7d") : 0L,
                 result.getNetRuntime() / 1000.0, cpuNanos / 1e9, parallelism);
     }
 
@@ -112,6 +118,72 @@ public final class ReadingJob {
             total.count += 1;
             totals.update(total);
             out.collect(total);
+        }
+    }
+
+    /**
+     * SUM(readtime) over 7 days as 168 hour tiles per user (a ring indexed by
+     * epoch % 168, the newest epoch beside it), as Tally keeps it: each event
+     * adds to one tile and emits the user's sum; a timer at the checked
+     * window's end, which fires when the bounded input ends, emits the sum
+     * as of then for the dump.
+     */
+    static final class HourTiles extends KeyedProcessFunction<Long, Read, UserValue> {
+        private static final long HOUR = 3_600_000L;
+        private static final int TILES = 168;
+        private final long checkWindowEnd;
+        private transient ValueState<double[]> tiles;
+        private transient ValueState<Long> newest;
+
+        HourTiles(long checkWindowEnd) {
+            this.checkWindowEnd = checkWindowEnd;
+        }
+
+        @Override
+        public void open(Configuration parameters) {
+            tiles = getRuntimeContext().getState(new ValueStateDescriptor<>("tiles", double[].class));
+            newest = getRuntimeContext().getState(new ValueStateDescriptor<>("newest", Long.class));
+        }
+
+        @Override
+        public void processElement(Read read, Context context, Collector<UserValue> out) throws Exception {
+            long epoch = read.ts / HOUR;
+            double[] ring = tiles.value();
+            long top;
+            if (ring == null) {
+                ring = new double[TILES];
+                top = epoch;
+                context.timerService().registerEventTimeTimer(checkWindowEnd - 1);
+            } else {
+                top = newest.value();
+            }
+            for (long e = top + 1; e <= Math.min(epoch, top + TILES); e++) {
+                ring[(int) (e % TILES)] = 0;       // tiles that left the window
+            }
+            top = Math.max(top, epoch);
+            if (epoch > top - TILES) {             // older: in no window a read can see
+                ring[(int) (epoch % TILES)] += read.readtime;
+            }
+            tiles.update(ring);
+            newest.update(top);
+            out.collect(new UserValue(read.user, sumAsOf(ring, top, top), 0, (top + 1) * HOUR));
+        }
+
+        @Override
+        public void onTimer(long timestamp, OnTimerContext context, Collector<UserValue> out) throws Exception {
+            double sum = sumAsOf(tiles.value(), newest.value(), (checkWindowEnd - 1) / HOUR);
+            out.collect(new UserValue(context.getCurrentKey(), sum, 0, checkWindowEnd));
+        }
+
+        /** The sum of the tiles with epochs in (at - 168, at]; the ring holds (top - 168, top]. */
+        private static double sumAsOf(double[] ring, long top, long at) {
+            double sum = 0;
+            for (long e = Math.max(top, at) - TILES + 1; e <= Math.min(top, at); e++) {
+                if (e > at - TILES && e > top - TILES) {
+                    sum += ring[(int) (e % TILES)];
+                }
+            }
+            return sum;
         }
     }
 
