@@ -186,6 +186,13 @@ def spread(values):
             "max": round(max(values), 3), "runs": [round(v, 3) for v in values]}
 
 
+def tally_row(rounds, n_events):
+    tally = [r["tally"] for r in rounds]
+    return {"events_per_s": spread([t["events"] / t["seconds"] for t in tally]),
+            "cpu_s_per_million_events": spread([t["cpu_seconds"] / (n_events / 1e6)
+                                                for t in tally])}
+
+
 def summary(rounds, n_events):
     flink, tally = [r["flink"] for r in rounds], [r["tally"] for r in rounds]
     million = n_events / 1e6
@@ -195,9 +202,7 @@ def summary(rounds, n_events):
                                                       for f in flink]),
                   "job_cpu_s_per_million_events": spread([f["job_cpu_seconds"] / million
                                                           for f in flink])},
-        "tally": {"events_per_s": spread([t["events"] / t["seconds"] for t in tally]),
-                  "cpu_s_per_million_events": spread([t["cpu_seconds"] / million
-                                                      for t in tally])}}
+        "tally": tally_row(rounds, n_events)}
     # events per CPU-second, Tally over Flink, round by round
     rows["ratio_events_per_cpu_s"] = spread(
         [f["jvm_cpu_seconds"] / t["cpu_seconds"] for f, t in zip(flink, tally)])
@@ -282,6 +287,6 @@ def run(quick=False, argv=()):
         figures["all_agree"] = all(r["agreement"]["all_agree"] for r in rounds)
         print_table(figures)
     else:
-        figures["tally"] = {"events_per_s": spread([r["tally"]["events"] / r["tally"]["seconds"]
-                                                    for r in rounds])}
+        figures["tally"] = tally_row(rounds, args.events)
+        print(f"flink: {figures['flink']['skipped']}\ntally: {figures['tally']}")
     return figures
