@@ -276,6 +276,7 @@ def run(quick=False, argv=()):
                         classpath, broker, window_end, f"flink-{i}", work,
                         window=args.flink_window)
                 print(f"round {i} {side}: {found[side]}", flush=True)
+                assert found[side]["events"] == args.events, f"{side} read {found[side]}"
             if classpath:
                 found["agreement"] = agreement(tally_values, flink_values, truth, sample)
             rounds.append(found)
