@@ -88,6 +88,8 @@ setup(
     package_dir=PACKAGE_DIRS,
     package_data={"tally": ["*.pyi", "py.typed"], "tally.core": ["*.pyi", "*.pxi", "includes/*"],
                   "tally.service": ["examples/*.py", "examples/*.sql"],
-                  "tally.service.ui": ["*.css", "*.svg"]},
+                  "tally.service.ui": ["*.css", "*.svg"],
+                  # the Flink peer's Maven project, which setup-peers builds
+                  "tally.bench": ["peers/flink/pom.xml", "peers/flink/src/main/java/tally/peers/flink/*.java"]},
     ext_modules=cython_extensions() + [libtally_extension()],
 )

@@ -19,6 +19,8 @@ BENCHMARKS = {
     "aerospike_write": "tally.bench.aerospike_write",
     "enrich": "tally.bench.enrich",
     "keyindex": "tally.bench.keyindex",
+    "flink": "tally.bench.flink",
+    "setup-peers": "tally.bench.setup_peers",
 }
 
 

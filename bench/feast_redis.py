@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 from tally.bench.lookup import DRIVER_SOURCE
+from tally.bench.setup_peers import missing_peer
 
 FEAST_DRIVER = """
 import json, os, sys, time
@@ -164,9 +165,10 @@ def feast_service(python, workdir, redis_port, job, batches, rates, seconds, war
     feature view of the driver's), ``check`` (entity rows whose vectors come
     back under ``check``) and ``redis_pid`` (its CPU is counted with Feast's);
     ``batches``: per batch size, lists of entity rows."""
-    if not python or not os.path.exists(python):
-        return {"skipped": f"no Feast interpreter at {python!r} (python -m venv "
-                           "/tmp/feastenv && /tmp/feastenv/bin/pip install 'feast[redis]')"}
+    if not python:
+        return {"skipped": "--feast-python ''"}
+    if not os.path.exists(python):
+        return {"skipped": missing_peer(f"Feast (no interpreter at {python!r})")}
     repo = Path(workdir) / "feast-redis"
     repo.mkdir()
     job = dict(job, repo=str(repo), redis_port=redis_port,

@@ -76,10 +76,11 @@ def reading_view(topic=TOPIC, fmt="msgpack"):
         read_events, topic=topic, format=fmt))
 
 
-def tally_rates(client, n_messages, store_dir, view, subscription=None):
+def tally_rates(client, n_messages, store_dir, view, subscription=None, **worker_options):
     """{end_to_end, steady, events_per_cpu_s} of the production partition
     workers (``Ingestion``: the path ``tally serve`` runs, checkpoints and
-    dimension feeds included) over a backlog."""
+    dimension feeds included) over a backlog; ``worker_options`` go to each
+    ``PartitionWorker`` (``clock``, say)."""
     first = {}
 
     def until(ingestion):
@@ -89,7 +90,8 @@ def tally_rates(client, n_messages, store_dir, view, subscription=None):
         return stats.messages >= n_messages
 
     with LmdbStore(store_dir) as store, \
-            Ingestion(view, client, store, subscription=subscription or "tally-bench") as reader:
+            Ingestion(view, client, store, subscription=subscription or "tally-bench",
+                      **worker_options) as reader:
         start, cpu = time.perf_counter(), time.process_time()
         reader.run(until=until)
         end, cpu = time.perf_counter(), time.process_time() - cpu

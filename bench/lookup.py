@@ -47,6 +47,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from tally.bench.setup_peers import feast_python, missing_peer
 from tally.service.store import open_store
 from tally.core.record import INT64_MAX, Records, ViewSchema
 
@@ -57,7 +58,6 @@ SCHEMA = ViewSchema(VIEW, 1, "int64", tuple((f, "int64") for f in INT_FEATURES) 
                     tuple((f, "float64") for f in FLOAT_FEATURES))
 BATCH_SIZES = (1, 100)
 CEXT = Path(__file__).resolve().parent.parent / "cext"
-DEFAULT_FEAST_PYTHON = "/tmp/feastenv/bin/python"
 
 
 # ---- the open-loop driver (also sent to the Feast subprocess, as source) ----------
@@ -503,9 +503,10 @@ main()
 
 def feast(python, workdir, columns, n_entities, batches, rates, seconds, warmup, repeats):
     """Figures from Feast in its own interpreter, or a reason it was skipped."""
-    if not python or not os.path.exists(python):
-        return {"skipped": f"no Feast interpreter at {python!r} (python -m venv "
-                           "/tmp/feastenv && /tmp/feastenv/bin/pip install feast)"}
+    if not python:
+        return {"skipped": "--feast-python ''"}
+    if not os.path.exists(python):
+        return {"skipped": missing_peer(f"Feast (no interpreter at {python!r})")}
     repo = Path(workdir) / "feast"
     repo.mkdir()
     job = {"repo": str(repo), "entities": n_entities, "view": VIEW,
@@ -540,9 +541,9 @@ def run(quick=False, argv=()):
                         help="open-loop time per run (2 with --quick, else 10)")
     parser.add_argument("--repeats", type=int, default=1 if quick else 3,
                         help="runs per row; the figures are their medians (1 / 3)")
-    parser.add_argument("--feast-python", default=os.environ.get("TALLY_FEAST_PYTHON",
-                                                                 DEFAULT_FEAST_PYTHON),
-                        help="python of a venv with feast; empty: skip Feast")
+    parser.add_argument("--feast-python", default=feast_python(),
+                        help="python of a venv with feast (default: $TALLY_FEAST_PYTHON, else "
+                        "setup-peers' venv); empty: skip Feast")
     parser.add_argument("--aerospike", metavar="HOST:PORT", default=None,
                         help="instead: lookups from this Aerospike server (namespace test): "
                         "the lookup server on it, and the official client on a thread pool "
@@ -602,8 +603,7 @@ def python_candidates(store, workdir, args, batches):
             server.wait()
         redis, redis_client = start_redis(workdir)
         if redis is None:
-            figures["redis"] = {"skipped": "redis-server is not installed "
-                                           "(apt-get install -y redis-server)"}
+            figures["redis"] = {"skipped": missing_peer("redis-server")}
         else:
             try:
                 load_redis(redis_client, reader, args.entities)

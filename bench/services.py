@@ -56,8 +56,9 @@ import uuid
 import numpy as np
 
 from tally.bench.feast_redis import feast_service
-from tally.bench.lookup import (DEFAULT_FEAST_PYTHON, measure, repeated, start_lookup_server,
+from tally.bench.lookup import (measure, repeated, start_lookup_server,
                                 start_redis)
+from tally.bench.setup_peers import feast_python, missing_peer
 from tally.core.record import INT64_MAX, Records, ViewSchema
 from tally.core.serving import ServedColumn, ServedService
 from tally.service.store import open_store
@@ -377,8 +378,9 @@ def run(quick=False, argv=()):
     parser.add_argument("--seconds", type=float, default=3 if quick else 10)
     parser.add_argument("--warmup", type=float, default=1 if quick else 3)
     parser.add_argument("--repeats", type=int, default=1 if quick else 3)
-    parser.add_argument("--feast-python", default=DEFAULT_FEAST_PYTHON,
-                        help="python of a venv with feast[redis]; empty: skip Feast")
+    parser.add_argument("--feast-python", default=feast_python(),
+                        help="python of a venv with feast[redis] (default: $TALLY_FEAST_PYTHON, "
+                        "else setup-peers' venv); empty: skip Feast")
     parser.add_argument("--feast-histogram", action="store_true",
                         help="--model recommend: Feast stores the category histogram and "
                         "its on-demand view derives top_category and reading_diversity "
@@ -403,21 +405,7 @@ def run(quick=False, argv=()):
             _, figures["tally_aerospike"] = tally_figures(url, case, batches, check, args)
             figures["raw_aerospike"] = raw_aerospike_figures(url, case, batches, args)
             figures["store_aerospike"] = store_aerospike_figures(url, case, batches, args)
-        redis, _ = start_redis(workdir)
-        try:
-            job = {"service": case.service, "views": case.feast_views(store),
-                   "on_demand": case.on_demand,
-                   "check": [case.feast_row(row) for row in check]}
-            figures["feast"] = feast_service(
-                args.feast_python if redis else None, workdir,
-                redis and int(redis.args[2]), dict(job, redis_pid=redis and redis.pid),
-                {size: [[case.feast_row(row) for row in rows] for rows in sized]
-                 for size, sized in batches.items()},
-                RATES, args.seconds, args.warmup, args.repeats)
-        finally:
-            if redis:
-                redis.terminate()
-                redis.wait()
+        figures["feast"] = feast_figures(workdir, store, case, batches, check, args)
     feast_check = figures["feast"].pop("check", None)
     result = {"benchmark": "services", "model": args.model, "users": args.users,
               "articles": args.articles, "sample": checked[0], "figures": figures,
@@ -428,6 +416,25 @@ def run(quick=False, argv=()):
         result["feast_agrees"] = agreement(checked, feast_check)
     print_table(figures, result["ratios"], result.get("feast_agrees"))
     return result
+
+def feast_figures(workdir, store, case, batches, check, args):
+    """Feast's feature-service figures on its Redis online store, or why not."""
+    redis, _ = start_redis(workdir)
+    if redis is None:
+        return {"skipped": missing_peer("redis-server (Feast's online store here)")}
+    try:
+        job = {"service": case.service, "views": case.feast_views(store),
+               "on_demand": case.on_demand, "check": [case.feast_row(row) for row in check],
+               "redis_pid": redis.pid}
+        return feast_service(
+            args.feast_python, workdir, int(redis.args[2]), job,
+            {size: [[case.feast_row(row) for row in rows] for rows in sized]
+             for size, sized in batches.items()},
+            RATES, args.seconds, args.warmup, args.repeats)
+    finally:
+        redis.terminate()
+        redis.wait()
+
 
 def ratios(figures):
     def p99(side, size):

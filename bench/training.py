@@ -45,6 +45,7 @@ runs of a tenth of the events), with the peak of numpy allocations
 (tracemalloc; Arrow's own buffers are not counted).
 """
 import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -55,6 +56,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tally.bench.setup_peers import feast_python, feast_version, missing_peer
 from tally.core.definitions import Entity, Feature, FeatureView, Source, Window
 from tally.service.training import training_set
 
@@ -62,7 +64,6 @@ HOUR = 3_600_000
 DAY = 24 * HOUR
 SPAN = 30 * DAY
 START = 1_732_780_800_000
-DEFAULT_FEAST_PYTHON = "/tmp/feastenv/bin/python"
 FEAST_STORES = ("file", "duckdb")
 
 user = Entity("user", "int64")
@@ -113,10 +114,21 @@ def tally_week(events, spine):
 
 
 def duckdb_connection():
-    import duckdb
+    """A one-thread DuckDB connection, or None when DuckDB is not installed."""
+    try:
+        import duckdb
+    except ImportError:
+        return None
     con = duckdb.connect()
     con.execute("SET threads = 1")
     return con
+
+
+def duckdb_version():
+    try:
+        return importlib.metadata.version("duckdb")
+    except importlib.metadata.PackageNotFoundError:
+        return missing_peer("DuckDB")
 
 
 def duckdb_last(con, events, spine):
@@ -187,37 +199,54 @@ def compare(a, b, column):
 
 
 def run_case(name, events, spine, aligned, repeat):
+    """Tally's figures, and DuckDB's beside them when it is installed."""
     con = duckdb_connection()
     n = spine.num_rows
     figures = {}
     t_tally, got = best_of(repeat, lambda: tally_last(events, spine))
+    figures["last"] = {"tally_rows_per_s": round(n / t_tally),
+                       "rows": {"spine": n, "tally": got.num_rows},
+                       "null_rows": int(got.column("last_v").null_count)}
+    t_week, got_week = best_of(repeat, lambda: tally_week(events, aligned))
+    figures["sum_7d"] = {"tally_rows_per_s": round(n / t_week),
+                         "rows": {"spine": n, "tally": got_week.num_rows},
+                         "null_rows": int(got_week.column("sum_7d").null_count)}
+    if con is None:
+        figures["duckdb"] = missing_peer("DuckDB")
+    else:
+        duckdb_figures(figures, con, events, spine, aligned, repeat, (t_tally, got),
+                       (t_week, got_week))
+        con.close()
+    print(f"{name}: {figures}", flush=True)
+    return figures
+
+
+def duckdb_figures(figures, con, events, spine, aligned, repeat, last, week):
+    """DuckDB's rates, ratios and value checks added to Tally's ``figures``;
+    ``last`` and ``week``: Tally's (seconds, table) of each."""
+    n = spine.num_rows
+    t_tally, got = last
     t_duck, want = best_of(repeat, lambda: duckdb_last(con, events, spine))
     equal, differ = compare(got, want, "last_v")
-    figures["last"] = {
-        "tally_rows_per_s": round(n / t_tally), "duckdb_asof_rows_per_s": round(n / t_duck),
+    figures["last"]["rows"]["duckdb"] = want.num_rows
+    figures["last"].update({
+        "duckdb_asof_rows_per_s": round(n / t_duck),
         "ratio_tally_to_duckdb": round(t_duck / t_tally, 3),
-        "rows": {"spine": n, "tally": got.num_rows, "duckdb": want.num_rows},
-        "null_rows": int(got.column("last_v").null_count),
-        "values_equal": equal, "rows_differing": differ}
-    t_tally, got = best_of(repeat, lambda: tally_week(events, aligned))
+        "values_equal": equal, "rows_differing": differ})
+    t_tally, got = week
     t_range, want_range = best_of(repeat, lambda: duckdb_week_range(con, events, aligned))
     t_prefix, want_prefix = best_of(repeat, lambda: duckdb_week_prefix(con, events, aligned))
     equal_range, differ_range = compare(got, want_range, "sum_7d")
     equal_prefix, differ_prefix = compare(got, want_prefix, "sum_7d")
     t_best = min(t_range, t_prefix)
-    figures["sum_7d"] = {
-        "tally_rows_per_s": round(n / t_tally),
+    figures["sum_7d"]["rows"].update(duckdb_range=want_range.num_rows,
+                                     duckdb_prefix=want_prefix.num_rows)
+    figures["sum_7d"].update({
         "duckdb_range_rows_per_s": round(n / t_range),
         "duckdb_prefix_rows_per_s": round(n / t_prefix),
         "ratio_tally_to_best_duckdb": round(t_best / t_tally, 3),
-        "rows": {"spine": n, "tally": got.num_rows, "duckdb_range": want_range.num_rows,
-                 "duckdb_prefix": want_prefix.num_rows},
-        "null_rows": int(got.column("sum_7d").null_count),
         "values_equal": {"range": equal_range, "prefix": equal_prefix},
-        "rows_differing": {"range": differ_range, "prefix": differ_prefix}}
-    con.close()
-    print(f"{name}: {figures}", flush=True)
-    return figures
+        "rows_differing": {"range": differ_range, "prefix": differ_prefix}})
 
 
 def archive_case(events, spine, repeat, chunk_rows):
@@ -320,16 +349,8 @@ main()
 
 def feast_interpreter(option):
     """The Feast venv's python, or None when there is none."""
-    path = option if option is not None else os.environ.get(
-        "TALLY_BENCH_FEAST_PYTHON", os.environ.get("TALLY_FEAST_PYTHON", DEFAULT_FEAST_PYTHON))
+    path = option if option is not None else feast_python()
     return path if path and os.path.exists(path) else None
-
-
-def feast_version(python):
-    """Feast's version in that interpreter, or None if it cannot import it."""
-    done = subprocess.run([python, "-c", "import feast; print(feast.__version__)"],
-                          capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def write_feast_inputs(workdir, events, spine):
@@ -448,26 +469,26 @@ def run(quick=False, argv=()):
     parser.add_argument("--spine", type=int, default=100_000 if quick else 1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--feast-python", default=None,
-                        help="python of a venv with feast (default: $TALLY_BENCH_FEAST_PYTHON, "
-                             f"else {DEFAULT_FEAST_PYTHON}); empty: skip Feast")
+                        help="python of a venv with feast (default: $TALLY_FEAST_PYTHON, "
+                             "else setup-peers' venv); empty: skip Feast")
     parser.add_argument("--feast-pairs", type=int, default=30_000_000,
                         help="Feast gets a random subsample of the spine when its rows "
                              "pair with more events of their entity than this")
     parser.add_argument("--feast-timeout", type=float, default=1800,
                         help="seconds per Feast run before it is abandoned")
     args = parser.parse_args(argv)
-    import duckdb
-    feast_python = feast_interpreter(args.feast_python)
-    feast = feast_version(feast_python) if feast_python else None
+    python = feast_interpreter(args.feast_python)
+    feast = feast_version(python) if python else None
     figures = {"benchmark": "training", "events": args.events, "entities": args.entities,
-               "spine_rows": args.spine, "threads": 1, "duckdb": duckdb.__version__,
-               "feast": feast or ("not run" if args.feast_python == "" else "not installed")}
+               "spine_rows": args.spine, "threads": 1, "duckdb": duckdb_version(),
+               "feast": feast or ("not run" if args.feast_python == ""
+                                  else missing_peer("Feast"))}
     for name, hot in (("uniform", 0.0), ("hot_key_3pct", 0.03)):
         events, spine, aligned = make_data(args.events, args.entities, args.spine, hot)
         figures[name] = run_case(name, events, spine, aligned, args.repeat)
         if feast:
             figures[name]["feast_last"] = feast_case(
-                feast_python, events, spine, figures[name]["last"]["tally_rows_per_s"], args)
+                python, events, spine, figures[name]["last"]["tally_rows_per_s"], args)
         if not hot:
             figures["archive"] = archive_case(events, spine, args.repeat,
                                               max(args.events // 10, 1))

@@ -15,8 +15,9 @@ from tally.service.examples.reading import read_events, user_reading
 START_MS = 1_732_780_800_000       # 2024-11-28T08:00:00Z
 
 
-def generate_events(n_events, n_users, seed=0, malformed_fraction=0.0):
-    """Reads by Zipf-distributed users; returns (payloads, keys, events).
+def generate_events(n_events, n_users, seed=0, malformed_fraction=0.0, span_ms=86_400_000):
+    """Reads by Zipf-distributed users over ``span_ms`` from START_MS (a day);
+    returns (payloads, keys, events).
 
     ``events`` holds the good events as numpy columns (the oracle's input);
     a ``malformed_fraction`` of the payloads are broken in one of four ways
@@ -26,7 +27,7 @@ def generate_events(n_events, n_users, seed=0, malformed_fraction=0.0):
     users = (rng.zipf(1.3, n_events) - 1) % n_users
     articles = rng.integers(0, 50_000, n_events)
     readtimes = np.round(rng.lognormal(3.0, 1.0, n_events), 3)
-    timestamps = START_MS + np.sort(rng.integers(0, 86_400_000, n_events))
+    timestamps = START_MS + np.sort(rng.integers(0, span_ms, n_events))
     bad = rng.random(n_events) < malformed_fraction
     payloads, keys = [], []
     for i in range(n_events):
