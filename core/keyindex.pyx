@@ -181,7 +181,9 @@ cdef class Int64KeyIndex(_Table):
         self.keys = <int64_t*>grown
         self.keys_capacity = capacity
 
-    cdef int64_t _find(self, int64_t key, uint64_t h) noexcept nogil:
+    cdef inline int64_t _probe(self, int64_t key, uint64_t h, tally_segment** segment,
+                               uint64_t* at) noexcept nogil:
+        """The key's slot, or -1 with ``segment`` and ``at`` where it would go."""
         cdef tally_segment* s = tally_segment_of(&self.table, h)
         cdef uint32_t tag = tally_tag(h)
         cdef uint64_t i = tally_seek(s, tag)
@@ -189,17 +191,21 @@ cdef class Int64KeyIndex(_Table):
             if self.keys[s.buckets[i].slot] == key:
                 return s.buckets[i].slot
             i += 1
+        segment[0], at[0] = s, i
         return -1
 
+    cdef int64_t _find(self, int64_t key, uint64_t h) noexcept nogil:
+        cdef tally_segment* s
+        cdef uint64_t i
+        return self._probe(key, h, &s, &i)
+
     cdef int64_t _find_or_insert(self, int64_t key, uint64_t h) noexcept nogil:
-        cdef tally_segment* s = tally_segment_of(&self.table, h)
-        cdef uint32_t tag = tally_tag(h)
-        cdef uint64_t i = tally_seek(s, tag)
-        while tally_holds(s, i, tag):
-            if self.keys[s.buckets[i].slot] == key:
-                return s.buckets[i].slot
-            i += 1
-        if tally_insert_at(s, i, tag, <uint32_t>self.n_slots):
+        cdef tally_segment* s
+        cdef uint64_t i
+        cdef int64_t slot = self._probe(key, h, &s, &i)
+        if slot >= 0:
+            return slot
+        if tally_insert_at(s, i, tally_tag(h), <uint32_t>self.n_slots):
             return INSERT_FAILED
         self.keys[self.n_slots] = key
         self.n_slots += 1
@@ -352,7 +358,9 @@ cdef class StringKeyIndex(_Table):
         return (self.offsets[slot + 1] - self.offsets[slot] == length
                 and memcmp(self.blob + self.offsets[slot], key, length) == 0)
 
-    cdef int64_t _find(self, const char* key, int64_t length, uint64_t h) noexcept nogil:
+    cdef inline int64_t _probe(self, const char* key, int64_t length, uint64_t h,
+                               tally_segment** segment, uint64_t* at) noexcept nogil:
+        """The key's slot, or -1 with ``segment`` and ``at`` where it would go."""
         cdef tally_segment* s = tally_segment_of(&self.table, h)
         cdef uint32_t tag = tally_tag(h)
         cdef uint64_t i = tally_seek(s, tag)
@@ -360,18 +368,22 @@ cdef class StringKeyIndex(_Table):
             if self._is(s.buckets[i].slot, key, length):
                 return s.buckets[i].slot
             i += 1
+        segment[0], at[0] = s, i
         return -1
+
+    cdef int64_t _find(self, const char* key, int64_t length, uint64_t h) noexcept nogil:
+        cdef tally_segment* s
+        cdef uint64_t i
+        return self._probe(key, length, h, &s, &i)
 
     cdef int64_t _find_or_insert(self, const char* key, int64_t length,
                                  uint64_t h) noexcept nogil:
-        cdef tally_segment* s = tally_segment_of(&self.table, h)
-        cdef uint32_t tag = tally_tag(h)
-        cdef uint64_t i = tally_seek(s, tag)
-        while tally_holds(s, i, tag):
-            if self._is(s.buckets[i].slot, key, length):
-                return s.buckets[i].slot
-            i += 1
-        if tally_insert_at(s, i, tag, <uint32_t>self.n_slots):
+        cdef tally_segment* s
+        cdef uint64_t i
+        cdef int64_t slot = self._probe(key, length, h, &s, &i)
+        if slot >= 0:
+            return slot
+        if tally_insert_at(s, i, tally_tag(h), <uint32_t>self.n_slots):
             return INSERT_FAILED
         cdef int64_t start = self.offsets[self.n_slots]
         memcpy(self.blob + start, key, length)
