@@ -131,6 +131,16 @@ cdef inline int64_t _candidate(tally_keytable* t, uint64_t h) noexcept nogil:
     return s.buckets[i].slot if tally_holds(s, i, tag) else -1
 
 
+cdef inline void _candidates(tally_keytable* table, const uint64_t* hashes, Py_ssize_t n,
+                             int64_t* out) noexcept nogil:
+    """Each hash's first candidate slot (-1: none), the table prefetched ahead."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if i + PREFETCH_DISTANCE < n:
+            tally_prefetch(table, hashes[i + PREFETCH_DISTANCE])
+        out[i] = _candidate(table, hashes[i])
+
+
 def _check_legacy_table(arrays, int64_t n_keys):
     """An old snapshot's table (16-byte buckets: key or hash, then slot; -1 empty)
     must hold each slot [0, n) exactly once; returns its occupied buckets."""
@@ -231,10 +241,7 @@ cdef class Int64KeyIndex(_Table):
             with nogil:
                 for i in range(n):
                     hashes[i] = tally_hash_u64(<uint64_t>k[i])
-                for i in range(n):
-                    if i + PREFETCH_DISTANCE < n:
-                        tally_prefetch(&self.table, hashes[i + PREFETCH_DISTANCE])
-                    o[i] = _candidate(&self.table, hashes[i])
+                _candidates(&self.table, hashes, n, &o[0])
                 for i in range(n):
                     ahead = i + PREFETCH_DISTANCE
                     if ahead < n and o[ahead] >= 0:
@@ -407,10 +414,7 @@ cdef class StringKeyIndex(_Table):
             with nogil:
                 for i in range(n):
                     hashes[i] = tally_hash_bytes(ptrs[i], lengths[i])
-                for i in range(n):
-                    if i + PREFETCH_DISTANCE < n:
-                        tally_prefetch(&self.table, hashes[i + PREFETCH_DISTANCE])
-                    o[i] = _candidate(&self.table, hashes[i])
+                _candidates(&self.table, hashes, n, o)
                 for i in range(n):
                     # a candidate's offsets, then (half as far ahead) its bytes
                     ahead = i + PREFETCH_DISTANCE

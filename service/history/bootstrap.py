@@ -96,6 +96,9 @@ def read_topic_unit(view, cluster, unit, out_path, events_from_ms=None, n_partit
         state, tally = ViewState(view), _UnitTally()
         enrich = _enricher(view, dimensions_path)
         for payloads, times, malformed in batches:
+            if malformed:         # a corrupt offloaded entry: said here, counted in the report
+                log.warning("%s partition %d entries %s..%s: entries left out: %s", view.name,
+                            unit.partition, unit.first, unit.last, malformed)
             tally.refused(malformed)
             tally.fold(state, view, decode_schema, payloads, times, events_from_ms, routing,
                        enrich)
