@@ -185,6 +185,9 @@ def service_metrics():
             ("tally_bootstrap_direct_fallbacks_total", "counter",
              "Offloaded ledgers planned, or units read, through the broker because their "
              "objects could not be read straight from object storage (the log says why)"),
+            ("tally_bootstrap_entries_left_out_total", "counter",
+             "Offloaded entries a bootstrap left out, undecodable (reason: e.g. checksum "
+             "mismatch); their events are missing from its state (/health says so)"),
             ("tally_join_misses_total", "counter",
              "Events a join found no dimension row for at their time (null attributes)"),
             ("tally_subscription", "gauge",

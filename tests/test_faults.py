@@ -415,7 +415,8 @@ def test_a_stuck_worker_shows_in_health_and_metrics():
     service = object.__new__(streaming.StreamingService)       # no broker, no store
     service.failures, service.checkpoint_interval_s = [], 1.0
     service.cluster = types.SimpleNamespace(admin_url=None)       # no standby watch
-    service.runners = {("v", 1): types.SimpleNamespace(workers=workers, bootstrap_progress=None)}
+    service.runners = {("v", 1): types.SimpleNamespace(workers=workers, bootstrap=None,
+                                                         bootstrap_progress=None)}
     articles = Source("articles", "articles", {"article": "int64", "category": "string",
                                                "ts": "int64"})
     feed = object.__new__(DimensionFeed)          # a changelog unreadable for a minute

@@ -11,21 +11,30 @@ its own producer: batched and unbatched, with every compression type, keys,
 properties and event times."""
 import dataclasses
 import os
+import re
 import time
+import types
 
 import msgpack
+import pandas as pd
 import pulsar
 import pyarrow.fs as pafs
 import pytest
 
+from tally.core.definitions import Entity, Feature, FeatureView, Source
 from tally.core.entries import NEED_MORE, Messages, decode_entries, parse_block_header, parse_index
 from tally.service.history import tiered as direct_reads
+from tally.service.history.bootstrap import Bootstrap
 from tally.service.history.readers import fold_unit, plan_units
+from tally.service.ingest.checkpoint import CheckpointStore
+from tally.service.ingest.service import StreamingService
+from tally.service.metrics import OnScrape, exposition, scrape_registry
 from tally.service.pulsar.admin import Admin
 from tally.service.pulsar.client import connect
 from tally.service.pulsar.cluster import TieredStorage
 from tally.service.pulsar.local import LocalPulsar, LocalS3
-from tally.service.pulsar.topics import partition_topic, position
+from tally.service.pulsar.topics import partition_topic, position, subscription_for
+from tally.service.store.lmdb import LmdbStore
 
 N_PARTITIONS = 2
 N_MESSAGES = 400
@@ -34,6 +43,7 @@ ENTRIES_PER_LEDGER = 20
 # the V1 index that a ledger's offload writes, and DataBlockHeaderImpl).
 INDEX_V1_MAGIC = bytes.fromhex("de47de47")
 DATA_BLOCK_MAGIC = bytes.fromhex("fbdbabcb")
+SCHEMA = {"user": "int64", "article": "int64", "readtime": "float64", "ts": "int64"}  # payload()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -364,10 +374,11 @@ def test_direct_reads_equal_the_broker_path_for_every_producer(broker, client,
 
 @pytest.mark.pulsar
 @S3_ONLY
-def test_a_corrupted_object_byte_is_caught_by_the_checksum(broker, client):
+def test_a_corrupted_object_byte_is_caught_by_the_checksum(broker, client, tmp_path):
     topic = "tiered-corrupted"
     write_partitions(broker, client, topic, [(False, pulsar.CompressionType.NONE)], 100)
     offload_all_but_the_last_ledger(broker, topic, 1)
+    produced = through_the_broker(client, topic, 0)          # before the corruption
     store, units, _ = planned(broker, topic, 1)
     unit = next(u for u in units if u.blocks)
     ledger, uuid, first, _, offset, _ = unit.blocks[0]
@@ -381,12 +392,51 @@ def test_a_corrupted_object_byte_is_caught_by_the_checksum(broker, client):
     assert malformed == {"checksum mismatch": 1}
     assert len(got) == unit.entries - 1                 # one message an entry: one lost
     assert all(m[0][1] != first for m in got)
+    kept = [m[1] for m in produced if m[0][:2] != (ledger, first)]
+    assert_bootstrap_says_what_it_left_out(broker, topic, kept, tmp_path)
+
+
+def assert_bootstrap_says_what_it_left_out(broker, topic, kept, tmp_path):
+    """A bootstrap over the corrupted object folds every other message (a
+    pandas oracle over what was produced, less the lost message), and its
+    report, /health and /metrics name the entry it left out."""
+    source = Source("reads", topic, schema=SCHEMA)
+    view = FeatureView("corrupted_reads", Entity("user"), source, [
+        Feature("total", "sum", "readtime"), Feature("reads", "count")])
+    produced = pd.DataFrame([msgpack.unpackb(payload(0, i)) for i in range(100)])
+    kept = pd.DataFrame([msgpack.unpackb(p) for p in kept])
+    assert len(kept) == 99
+    with LmdbStore(str(tmp_path / "store")) as store:
+        job = Bootstrap(view, cluster_of(broker), store, CheckpointStore(tmp_path / "ckpt"),
+                        subscription_for(view), readers=1)
+        report = job.run()
+        got = store.get_many(view.name, produced["user"].to_numpy())
+    assert report["entries_left_out"] == {"checksum mismatch": 1}, report
+    assert report["events"] == 99 and report["direct"]["events"] > 0
+    expected = kept.groupby("user").agg(total=("readtime", "sum"), reads=("ts", "size"))
+    served = {u: r for u, r in zip(produced["user"], got) if r is not None}
+    assert sorted(served) == sorted(expected.index)
+    assert all(served[u]["total"] == expected.loc[u, "total"] and
+               served[u]["reads"] == expected.loc[u, "reads"] for u in served)
+    # /health: degraded (still serving), naming the view and the reason
+    service = object.__new__(StreamingService)
+    service.failures, service.dimensions, service.checkpoint_interval_s = [], {}, 1.0
+    service.runners = {(view.name, 1): types.SimpleNamespace(
+        view=view, version=1, workers=[], bootstrap=job, bootstrap_progress=(1, 1, 99))}
+    healthy, details = service.health()
+    assert healthy and details["status"] == "degraded", details
+    assert details["warnings"] == [
+        "bootstrap of corrupted_reads@v1: 1 offloaded entries left out (1 checksum "
+        "mismatch); their events are missing from its state"]
+    text = exposition(scrape_registry(OnScrape(service.current_metrics)))[0].decode()
+    assert re.search(r'^tally_bootstrap_entries_left_out_total\{reason="checksum mismatch",'
+                     r'version="1",view="corrupted_reads"\} 1(\.0)?$', text, re.M), text
 
 
 @pytest.mark.pulsar
 @S3_ONLY
 def test_unreadable_objects_fall_back_to_the_broker_with_the_reason(broker, client,
-                                                                    offloaded_topic):
+                                                                    offloaded_topic, tmp_path):
     topic, offloaded = offloaded_topic
     # wrong credentials at plan time: every ledger is planned for the broker
     wrong = cluster_of(broker).replace(tiered_storage=TieredStorage(access_key="tally",
@@ -394,6 +444,18 @@ def test_unreadable_objects_fall_back_to_the_broker_with_the_reason(broker, clie
     store, units, fallbacks = planned(broker, topic, len(PRODUCERS), wrong)
     assert not any(u.blocks for u in units)
     assert len(fallbacks) == len(offloaded)
+    # a bootstrap so planned says so in its report and on /health
+    view = FeatureView("fallen_back", Entity("user"), Source("reads", topic, schema=SCHEMA),
+                       [Feature("reads", "count")])
+    with LmdbStore(str(tmp_path / "store")) as online:
+        job = Bootstrap(view, wrong, online, CheckpointStore(tmp_path / "ckpt"),
+                        subscription_for(view), readers=1)
+        report = job.run()
+    assert len(report["direct_fallbacks"]) == len(offloaded) and report["direct"]["units"] == 0
+    assert report["events"] + report["rejected"] == len(PRODUCERS) * MESSAGES   # all read
+    assert job.warnings() == [f"bootstrap of fallen_back@v1: {len(offloaded)} offloaded "
+                              "ledgers or units read through the broker, not directly "
+                              "(the log says why)"]
     # planned directly, read with wrong credentials: the unit is read again
     # through the broker, from nothing, and gives the same messages
     store, units, _ = planned(broker, topic, 1)
@@ -416,7 +478,7 @@ def test_direct_reads_turned_off_read_everything_through_the_broker(broker, offl
     store, units, fallbacks = planned(broker, topic, len(PRODUCERS),
                                       cluster_of(broker, direct=False))
     assert store is None and not any(u.blocks for u in units)
-    assert fallbacks and "turned off" in fallbacks[0]
+    assert fallbacks == []                      # a choice, not a fallback
 
 
 class _Source:

@@ -182,6 +182,8 @@ def cmd_bootstrap(args):
                         serving=serving, readers=args.readers, archive=args.archive,
                         progress=bootstrap_progress(bar))
         report = job.run()
+    for warning in job.warnings():
+        print(f"tally bootstrap: warning: {warning}", file=sys.stderr)
     print(json.dumps(report, sort_keys=True))
     return 0
 

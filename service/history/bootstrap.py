@@ -96,10 +96,10 @@ def read_topic_unit(view, cluster, unit, out_path, events_from_ms=None, n_partit
         state, tally = ViewState(view), _UnitTally()
         enrich = _enricher(view, dimensions_path)
         for payloads, times, malformed in batches:
-            if malformed:         # a corrupt offloaded entry: said here, counted in the report
+            if malformed:         # a corrupt offloaded entry: logged, reported, on /health
                 log.warning("%s partition %d entries %s..%s: entries left out: %s", view.name,
                             unit.partition, unit.first, unit.last, malformed)
-            tally.refused(malformed)
+                tally.left_out(malformed)
             tally.fold(state, view, decode_schema, payloads, times, events_from_ms, routing,
                        enrich)
         return state, tally, enrich
@@ -161,12 +161,19 @@ class _UnitTally:
     def __init__(self, messages=0):
         self.messages, self.events, self.rejected = messages, 0, 0
         self.reasons, self.outside_boundary = {}, 0
+        self.entries_left_out = Counter()   # stored entries not decodable at all, by reason
 
     def refused(self, reasons):
         """Count refused events or payloads: ``{reason: how many}``."""
         for reason, count in reasons.items():
             self.rejected += count
             self.reasons[reason] = self.reasons.get(reason, 0) + count
+
+    def left_out(self, reasons):
+        """Count offloaded entries left out (a checksum mismatch, ...): their
+        events are unknown, unlike a refused payload's, which the stream
+        dead-lettered when it arrived."""
+        self.entries_left_out.update(reasons)
 
     def fold(self, state, view, decode_schema, payloads, times, events_from_ms, routing,
              enrich=None):
@@ -200,7 +207,7 @@ class _UnitTally:
         return {"messages": self.messages, "events": self.events, "rejected": self.rejected,
                 "reject_reasons": self.reasons, "outside_boundary": self.outside_boundary,
                 "join_misses": 0 if enrich is None else enrich.misses, "seconds": seconds,
-                "direct_fallback": direct_fallback}
+                "entries_left_out": dict(self.entries_left_out), "direct_fallback": direct_fallback}
 
 
 def _save_states(path, states):
@@ -250,8 +257,26 @@ class Bootstrap:
         # offloaded ledgers planned, or units read, through the broker because
         # their objects could not be read directly (for /metrics)
         self.direct_fallbacks = 0
+        self.entries_left_out = Counter()    # offloaded entries not decodable, by reason
         self.workdir = os.path.join(checkpoints.root, view.name, self.state_hash, "bootstrap")
         self.cancelled = threading.Event()
+
+    def warnings(self):
+        """What /health says of this bootstrap (from any thread): offloaded
+        entries it left out (their events are missing from the state) and
+        ledgers or units read through the broker instead of directly."""
+        said = []
+        left_out = dict(self.entries_left_out)
+        if left_out:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(left_out.items()))
+            said.append(f"bootstrap of {self.view.name}@v{self.version}: "
+                        f"{sum(left_out.values())} offloaded entries left out ({reasons}); "
+                        "their events are missing from its state")
+        if self.direct_fallbacks:
+            said.append(f"bootstrap of {self.view.name}@v{self.version}: "
+                        f"{self.direct_fallbacks} offloaded ledgers or units read through "
+                        "the broker, not directly (the log says why)")
+        return said
 
     def cancel(self):
         """Stop after the units being read (from any thread); run() raises
@@ -372,6 +397,7 @@ class Bootstrap:
             progress.unit_done(result)
             if result.get("direct_fallback"):
                 self.direct_fallbacks += 1
+            self.entries_left_out.update(result["entries_left_out"])
             if self.cancelled.is_set():
                 raise BootstrapCancelled(f"{self.view.name}: bootstrap cancelled")
         results = read_units([self._task(plan, units[i], i) for i in todo], self.readers,
@@ -476,6 +502,8 @@ class Bootstrap:
             for reason, count in r["reject_reasons"].items():
                 reasons[reason] = reasons.get(reason, 0) + count
         report["reject_reasons"] = reasons
+        report["entries_left_out"] = dict(sum(
+            (Counter(r["entries_left_out"]) for r in results.values()), Counter()))
         # offloaded ledgers planned for the broker, and direct units it read instead
         report["direct_fallbacks"] = plan.get("direct_fallbacks", []) + [
             r["direct_fallback"] for r in results.values() if r.get("direct_fallback")]

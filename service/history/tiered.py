@@ -99,13 +99,17 @@ class ObjectStore:
         return f"{self.data_path(ledger, uuid)}-index"
 
 
+# A choice, not a fallback: said in the log, not on /health.
+DIRECT_READS_OFF = "direct reads are turned off (tiered_storage.direct)"
+
+
 def object_store(policies, settings=None):
     """The ``ObjectStore`` of a topic's applied offload ``policies`` (admin
     API) overridden by Tally's ``settings``; ``(None, reason)`` when its
     offloaded ledgers must be read through the broker."""
     settings = settings or TieredStorage()
     if not settings.direct:
-        return None, "direct reads are turned off (tiered_storage.direct)"
+        return None, DIRECT_READS_OFF
     driver = (policies.get("managedLedgerOffloadDriver") or "").lower()
     if driver not in _FILESYSTEMS:
         return None, f"offload driver {driver or 'none'!r} is not read directly"
@@ -145,8 +149,10 @@ def plan_direct_reads(cluster, topic, stats):
     store, reason = object_store(admin.offload_policies(partition_topic(topic, min(offloaded))),
                                  cluster.tiered_storage)
     if store is None:
-        log.warning("%s: offloaded ledgers are read through the broker: %s", topic, reason)
-        return None, {}, [reason]
+        chosen = reason == DIRECT_READS_OFF
+        log.log(logging.INFO if chosen else logging.WARNING,
+                "%s: offloaded ledgers are read through the broker: %s", topic, reason)
+        return None, {}, [] if chosen else [reason]
     blocks, fallbacks = {}, []
     with concurrent.futures.ThreadPoolExecutor(INDEX_READERS, "tally-tiered-plan") as pool:
         for partition, ledgers in offloaded.items():

@@ -258,7 +258,9 @@ class StreamingService:
         """``(healthy, details)`` for /health: unhealthy once a partition
         failed, while the online store fails, or while a partition's folded
         messages wait far longer than the checkpoint interval for a checkpoint
-        (the dead-letter topic failing)."""
+        (the dead-letter topic failing); "degraded" (healthy, with warnings)
+        after a bootstrap left offloaded entries out or read some through the
+        broker."""
         problems = list(self.failures)
         problems += [p for feed in self.dimensions.values() for p in feed.problems()]
         limit = max(STALE_CHECKPOINT_S, 10 * self.checkpoint_interval_s)
@@ -273,9 +275,15 @@ class StreamingService:
                 since, error = worker.writer.failing
                 problems.append(f"{where}: the online store has failed for "
                                 f"{seconds_since(since):.0f} s ({error})")
-        if not problems:
-            return True, {"status": "ok"}
-        return False, {"status": "failing", "problems": problems}
+        # what went wrong but leaves the service serving: said, not failing it
+        warnings = [w for runner in self.runners.values() if runner.bootstrap is not None
+                    for w in runner.bootstrap.warnings()]
+        details = {"status": "failing" if problems else "degraded" if warnings else "ok"}
+        if problems:
+            details["problems"] = problems
+        if warnings:
+            details["warnings"] = warnings
+        return not problems, details
 
     def stalled_workers(self):
         """(where, seconds) of the workers that have begun no batch for
@@ -374,6 +382,9 @@ class StreamingService:
                 if runner.bootstrap is not None:
                     metrics.set("tally_bootstrap_direct_fallbacks_total",
                                 runner.bootstrap.direct_fallbacks, **labels)
+                    for reason, count in dict(runner.bootstrap.entries_left_out).items():
+                        metrics.set("tally_bootstrap_entries_left_out_total", count,
+                                    reason=reason, **labels)
         for worker in self.workers:
             labels = {"view": worker.view.name, "version": worker.schema.version,
                       "partition": worker.partition}
