@@ -90,6 +90,10 @@ SETTINGS = {
                                                "platform's credential chain, e.g. "
                                                "AWS_ACCESS_KEY_ID)"),
     "tiered_storage.secret_key": Setting(None, "object store secret key"),
+    "tiered_storage.mount": Setting(None, "a directory where the offload buckets are mounted "
+                                          "as files (<mount>/<bucket>/<key>, e.g. Mountpoint "
+                                          "for Amazon S3), read instead of the object store's "
+                                          "API"),
 }
 
 LOOKUP_HOST = "127.0.0.1"
@@ -167,7 +171,7 @@ def cluster(pulsar=None, admin=None):
                   for name in ("ca_file", "cert_file", "key_file", "allow_insecure",
                                "validate_hostname")}}
     tiered = TieredStorage(**{name: default(f"tiered_storage.{name}") for name in (
-        "direct", "endpoint", "bucket", "region", "access_key", "secret_key")})
+        "direct", "endpoint", "bucket", "region", "access_key", "secret_key", "mount")})
     return Cluster(service_url=pulsar or default("pulsar"), admin_url=admin,
                    tiered_storage=tiered, **options)
 

@@ -374,6 +374,25 @@ def test_direct_reads_equal_the_broker_path_for_every_producer(broker, client,
 
 @pytest.mark.pulsar
 @S3_ONLY
+def test_a_mounted_bucket_reads_as_the_object_store_does(broker, client, offloaded_topic):
+    """tiered_storage.mount: the bucket's objects read as files (here
+    s3proxy's own filesystem backend), no object store API and no
+    credentials: the same plan, the same messages as the broker gives."""
+    topic, offloaded = offloaded_topic
+    cluster = broker.cluster.replace(tiered_storage=TieredStorage(mount=str(broker.s3.blob_dir)))
+    store, units, fallbacks = planned(broker, topic, len(PRODUCERS), cluster)
+    assert fallbacks == [] and store.mount == str(broker.s3.blob_dir)
+    assert isinstance(direct_reads.filesystem_for(store), pafs.SubTreeFileSystem)
+    assert {b[0] for u in units for b in u.blocks} == offloaded
+    for partition in (0, len(PRODUCERS) - 1):           # unbatched and batched
+        mine = [u for u in units if u.partition == partition and u.blocks]
+        expected = [m for m in through_the_broker(client, topic, partition)
+                    if m[0][0] in offloaded]
+        assert directly(store, mine) == (expected, {}) and expected
+
+
+@pytest.mark.pulsar
+@S3_ONLY
 def test_a_corrupted_object_byte_is_caught_by_the_checksum(broker, client, tmp_path):
     topic = "tiered-corrupted"
     write_partitions(broker, client, topic, [(False, pulsar.CompressionType.NONE)], 100)

@@ -19,6 +19,9 @@ themselves:
   ``pyarrow.fs`` (S3, GCS, Azure), the next range in flight while the last is
   decoded by ``tally.core.entries`` (checksums verified, batches unpacked,
   payloads decompressed) into the payload batches the broker path gives.
+  With ``tiered_storage.mount``, the bucket is read as files under that
+  directory instead (``<mount>/<bucket>/<key>``: Mountpoint for Amazon S3,
+  gcsfuse, blobfuse2, or an S3 server's own filesystem backend).
 
 Nothing is guessed: a ledger whose objects cannot be found or read at plan
 time is planned for the broker path, and a unit that fails while being read
@@ -66,9 +69,12 @@ class ObjectStore:
     endpoint: str | None = None
     access_key: str | None = dataclasses.field(default=None, repr=False)
     secret_key: str | None = dataclasses.field(default=None, repr=False)
+    mount: str | None = None            # a directory holding the buckets as files
 
     def filesystem(self):
         import pyarrow.fs as pafs
+        if self.mount:
+            return pafs.SubTreeFileSystem(self.mount, pafs.LocalFileSystem())
         kind = _FILESYSTEMS[self.driver]
         if kind == "s3":
             options = {"region": self.region or "us-east-1"}
@@ -124,7 +130,7 @@ def object_store(policies, settings=None):
         return None, "the offload policies name no bucket (set tiered_storage.bucket)"
     return ObjectStore(driver, bucket, settings.region or policy("Region"),
                        settings.endpoint or policy("ServiceEndpoint"),
-                       settings.access_key, settings.secret_key), None
+                       settings.access_key, settings.secret_key, settings.mount), None
 
 
 # --------------------------------------------------------------------------

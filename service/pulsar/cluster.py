@@ -50,13 +50,16 @@ class TieredStorage:
     (``tally.service.history.tiered``): each setting given overrides what the
     broker's offload policies say; credentials come only from here or the
     platform's credential chain. ``direct=False`` reads offloaded ledgers
-    through the broker."""
+    through the broker; ``mount``: a directory where the buckets are mounted
+    as files (``<mount>/<bucket>/<key>``), read instead of the object store's
+    API."""
     direct: bool = True
     endpoint: str | None = None
     bucket: str | None = None
     region: str | None = None
     access_key: str | None = dataclasses.field(default=None, repr=False)
     secret_key: str | None = dataclasses.field(default=None, repr=False)
+    mount: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
