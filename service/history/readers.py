@@ -14,6 +14,7 @@ back to the broker.
 """
 import concurrent.futures
 import contextlib
+import importlib
 import logging
 import os
 import pickle
@@ -107,10 +108,12 @@ def read_units(tasks, readers=None, on_result=None, pool=None):
 
 
 class ReaderPool:
-    """N reader processes fed pickled tasks over pipes (see the module doc)."""
+    """N reader processes fed pickled tasks over pipes (see the module doc).
+    ``preload``: the modules of the tasks' functions, imported by each reader
+    as it starts rather than at its first task."""
 
-    def __init__(self, n):
-        self.n = n
+    def __init__(self, n, preload=()):
+        self.n, self.preload = n, tuple(preload)
         self.processes = []
         self.idle = []
         self.threads = concurrent.futures.ThreadPoolExecutor(n, "tally-bootstrap")
@@ -127,10 +130,24 @@ class ReaderPool:
                 self.idle.append(self._spawn())
         return self
 
+    def wait_ready(self):
+        """Block until every idle reader has started (imported Tally and the
+        preloaded modules), so that what follows times the reading alone."""
+        with self.lock:
+            for process in self.idle:
+                _send(process.stdin, (os.getpid, ()))
+            for process in self.idle:
+                try:
+                    _receive(process.stdout)
+                except (EOFError, OSError):
+                    raise ReaderError(f"a reader process died as it started (exit "
+                                      f"{process.poll()})") from None
+
     def __exit__(self, *exc):
         self.threads.shutdown(cancel_futures=True)
-        for process in self.processes:
+        for process in self.processes:          # all told first: they exit in parallel
             process.stdin.close()
+        for process in self.processes:
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:
@@ -158,7 +175,8 @@ class ReaderPool:
             return self.idle.pop() if self.idle else self._spawn()
 
     def _spawn(self):
-        process = subprocess.Popen([sys.executable, "-m", "tally.service.history.readers"],
+        process = subprocess.Popen([sys.executable, "-m", "tally.service.history.readers",
+                                    *self.preload],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.processes.append(process)
         return process
@@ -184,7 +202,9 @@ def _receive(stream):
 def reader_process_main():
     """Serve tasks from the pool until stdin closes. The protocol owns the
     original stdout; anything else printing there (the Pulsar client's
-    logger) is redirected to stderr."""
+    logger) is redirected to stderr. Arguments: modules to import first."""
+    for module in sys.argv[1:]:
+        importlib.import_module(module)
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
