@@ -5,7 +5,7 @@ compare Tally with, outside the repository, once.
   DuckDB offline store of ``training``) in a venv of its own under the peer
   cache, ``<cache>/peers/feast`` (``$TALLY_FEAST_PYTHON`` names another
   interpreter instead);
-* the ``bench`` extra's Python packages (DuckDB, psutil, matplotlib) in this
+* the ``bench`` extra's Python packages (DuckDB, Polars, psutil, matplotlib) in this
   interpreter, from the requirements in Tally's own metadata;
 * Debian's ``redis-server`` (by apt-get when run as root, else the command is
   printed);

@@ -1,4 +1,4 @@
-"""Training sets: Tally's point-in-time replay against DuckDB, same data, one thread.
+"""Training sets: Tally's point-in-time replay against DuckDB and Polars, same data.
 
 1M events over 100k entities and 1M spine rows (``--quick``: 10x smaller),
 events and spine in memory (Arrow), event times unique (so "the last value"
@@ -17,6 +17,12 @@ uniform, and with 3% of events (and spine rows) on one hot key.
   Tally's window is hop-aligned: it covers [(t // 1h - 167) * 1h, t]. Spine
   times here end an hour (t = k * 1h + 1h - 1 ms), where that equals DuckDB's
   (t - 7d, t], so both compute the same numbers and are checked equal.
+
+Beside them (``all_threads``): DuckDB with every core (``SET threads``) and
+Polars (its thread pool, every core: its size is fixed at import), with
+``join_asof`` for the last value and, for the 7-day sum, the same prefix
+formulation and ``rolling_sum_by`` over the union of events and spine rows;
+Tally itself runs on one thread throughout.
 
 Each candidate takes its inputs as Arrow tables and returns an Arrow table
 (DuckDB's output order is its own; Tally returns spine order). Best of
@@ -113,15 +119,66 @@ def tally_week(events, spine):
     return training_set(spine, ["b_week:sum_7d"], {"bench_events": events}, views=[WEEK])
 
 
-def duckdb_connection():
-    """A one-thread DuckDB connection, or None when DuckDB is not installed."""
+def duckdb_connection(threads=1):
+    """A DuckDB connection on ``threads`` threads, or None when DuckDB is not installed."""
     try:
         import duckdb
     except ImportError:
         return None
     con = duckdb.connect()
-    con.execute("SET threads = 1")
+    con.execute(f"SET threads = {threads}")
     return con
+
+
+def polars_module():
+    try:
+        import polars
+    except ImportError:
+        return None
+    return polars
+
+
+def polars_last(pl, events, spine):
+    """``join_asof`` backward by user: the last event at or before each row
+    (both sides sorted by time, as ``join_asof`` requires; it cannot check
+    that within ``by`` groups, hence ``check_sortedness=False``)."""
+    e = pl.from_arrow(events).select("user", "ts", "v").sort("ts")
+    s = pl.from_arrow(spine).sort("ts")
+    return s.join_asof(e, on="ts", by="user", strategy="backward", check_sortedness=False) \
+        .rename({"v": "last_v"}).to_arrow()
+
+
+def polars_week_prefix(pl, events, spine):
+    """A running sum per user, two ``join_asof`` (at t, and at the window's
+    start) and a difference: DuckDB's ``prefix`` formulation."""
+    running = pl.from_arrow(events).sort("user", "ts") \
+        .with_columns(cum=pl.col("v").cum_sum().over("user")).select("user", "ts", "cum") \
+        .sort("ts")
+    s = pl.from_arrow(spine).sort("ts")
+    upto = s.join_asof(running, on="ts", by="user", strategy="backward", check_sortedness=False)
+    start = s.select("row", "user", ts=pl.col("ts") - 7 * DAY).sort("ts") \
+        .join_asof(running.rename({"cum": "cum_before"}), on="ts", by="user",
+                   strategy="backward", check_sortedness=False).select("row", "cum_before")
+    return upto.join(start, on="row").select(
+        "row", "user", "ts", "label",
+        sum_7d=pl.col("cum") - pl.col("cum_before").fill_null(0.0)).to_arrow()
+
+
+def polars_week_rolling(pl, events, spine):
+    """``rolling_sum_by`` over (t - 7 days, t] per user on the union of
+    events and spine rows (rows carry 0, after the events of their time);
+    null where the user has no event yet."""
+    e = pl.from_arrow(events).select("user", "ts", "v", is_row=pl.lit(0, pl.Int8),
+                                     row=pl.lit(None, pl.Int64), label=pl.lit(None, pl.Int64))
+    s = pl.from_arrow(spine).select("user", "ts", v=pl.lit(0.0), is_row=pl.lit(1, pl.Int8),
+                                    row="row", label="label")
+    both = pl.concat([e, s]).sort("user", "ts", "is_row")
+    summed = both.with_columns(
+        sum_7d=pl.col("v").rolling_sum_by("ts", window_size=f"{7 * DAY}i", closed="right").over("user"),
+        seen=(1 - pl.col("is_row")).cum_sum().over("user"))
+    return summed.filter(pl.col("is_row") == 1).select(
+        "row", "user", "ts", "label",
+        sum_7d=pl.when(pl.col("seen") > 0).then(pl.col("sum_7d"))).to_arrow()
 
 
 def duckdb_version():
@@ -217,8 +274,48 @@ def run_case(name, events, spine, aligned, repeat):
         duckdb_figures(figures, con, events, spine, aligned, repeat, (t_tally, got),
                        (t_week, got_week))
         con.close()
+    peers = all_thread_peers(events, spine, aligned, repeat)
+    for feature, (seconds, reference, column) in (("last", (t_tally, got, "last_v")),
+                                                   ("sum_7d", (t_week, got_week, "sum_7d"))):
+        figures[feature]["all_threads"] = mine = {}
+        for peer, (peer_seconds, table) in peers[feature].items():
+            equal, differ = compare(reference, table, column)
+            mine[peer] = {"rows_per_s": round(n / peer_seconds), "values_equal": equal,
+                          "rows_differing": differ}
+        if mine:
+            best = min(peers[feature], key=lambda p: peers[feature][p][0])
+            mine["ratio_tally_to_best"] = {best: round(peers[feature][best][0] / seconds, 3)}
+    figures["all_threads_peers_missing"] = peers["missing"]
     print(f"{name}: {figures}", flush=True)
     return figures
+
+
+def all_thread_peers(events, spine, aligned, repeat):
+    """DuckDB on every core and Polars (its own thread pool, every core):
+    ``{feature: {peer: (best seconds, table)}, "missing": [...]}``."""
+    peers = {"last": {}, "sum_7d": {}, "missing": []}
+    con = duckdb_connection(threads=os.cpu_count())
+    if con is None:
+        peers["missing"].append(missing_peer("DuckDB"))
+    else:
+        peers["last"]["duckdb_all_threads_asof"] = best_of(
+            repeat, lambda: duckdb_last(con, events, spine))
+        peers["sum_7d"]["duckdb_all_threads_prefix"] = best_of(
+            repeat, lambda: duckdb_week_prefix(con, events, aligned))
+        peers["sum_7d"]["duckdb_all_threads_range"] = best_of(
+            repeat, lambda: duckdb_week_range(con, events, aligned))
+        con.close()
+    pl = polars_module()
+    if pl is None:
+        peers["missing"].append(missing_peer("Polars"))
+    else:
+        peers["last"]["polars_join_asof"] = best_of(repeat,
+                                                    lambda: polars_last(pl, events, spine))
+        peers["sum_7d"]["polars_prefix"] = best_of(
+            repeat, lambda: polars_week_prefix(pl, events, aligned))
+        peers["sum_7d"]["polars_rolling_sum_by"] = best_of(
+            repeat, lambda: polars_week_rolling(pl, events, aligned))
+    return peers
 
 
 def duckdb_figures(figures, con, events, spine, aligned, repeat, last, week):

@@ -14,7 +14,6 @@ import json
 import os
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -29,6 +28,9 @@ class ArchiveError(TallyError, OSError):
 
 def open_dataset(uri):
     """``(dataset, filesystem)`` of a Parquet path or URI."""
+    # here, not at the top: pyarrow.dataset imports pandas (~0.2 s), which a
+    # bootstrap's reader processes pay at every start though few read archives
+    import pyarrow.dataset as ds
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, ValueError):

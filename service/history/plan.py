@@ -111,13 +111,14 @@ def ledger_ranges(stats):
     return ranges
 
 
-def plan_partition(partition, stats, target_bytes, blocks=None):
+def plan_partition(partition, stats, target_bytes, blocks=None, direct_target_bytes=None):
     """The work units of one partition, in log order: about ``target_bytes``
     each (entries hold varying numbers of messages; bytes track events).
     ``blocks``: the offloaded ledgers read from object storage, ``{ledger:
     (uuid, [(first entry, last entry, offset, length), ...])}``: their units
-    are runs of whole blocks."""
-    units = _Units(partition, target_bytes)
+    are runs of whole blocks, of about ``direct_target_bytes`` (default:
+    ``target_bytes``)."""
+    units = _Units(partition, target_bytes, direct_target_bytes or target_bytes)
     for ledger, entries, size, offloaded in ledger_ranges(stats):
         if blocks and ledger in blocks:
             uuid, ledger_blocks = blocks[ledger]
@@ -143,18 +144,21 @@ class _Units:
     """Units being planned: entries are added in log order to the open unit
     until it is full or the tier changes."""
 
-    def __init__(self, partition, target_bytes):
-        self.partition, self.target_bytes = partition, target_bytes
+    def __init__(self, partition, target_bytes, direct_target_bytes):
+        self.partition = partition
+        self.targets = {"direct": direct_target_bytes}
+        self.target_bytes = target_bytes
         self.done, self.open = [], None     # open: [first, last, entries, bytes, tier, blocks]
 
     def room(self, tier):
+        target = self.targets.get(tier, self.target_bytes)
         if self.open is None or self.open[4] != tier:
-            return self.target_bytes
-        return self.target_bytes - self.open[3]
+            return target
+        return target - self.open[3]
 
     def add(self, tier, first, last, entries, size, block=None):
         if self.open and (self.open[4] != tier or
-                          (block and self.open[3] + size > self.target_bytes)):
+                          (block and self.open[3] + size > self.targets[tier])):
             self.close()
         if self.open is None:
             self.open = [first, last, 0, 0, tier, []]

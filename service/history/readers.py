@@ -44,6 +44,9 @@ READ_TIMEOUT_S = 30.0          # a unit's next message must come within this
 # readers finish together.
 MIN_UNIT_BYTES = 16 << 20
 UNITS_PER_READER = 3
+# A unit read from object storage costs a ranged read to set up, not a
+# subscription: many more, as small as a block, balance the readers' ends.
+DIRECT_UNITS_PER_READER = 12
 
 
 class ReaderError(TallyError, RuntimeError):
@@ -67,8 +70,10 @@ def plan_units(stats, readers, units_per_reader=UNITS_PER_READER,
     ``blocks``: {partition: its directly read ledgers' blocks} (``plan_partition``)."""
     total_bytes = sum(b for s in stats.values() for _, _, b, _ in ledger_ranges(s))
     target = target_unit_size(total_bytes, readers, units_per_reader, minimum=min_unit_bytes)
+    direct_target = target_unit_size(total_bytes, readers, DIRECT_UNITS_PER_READER)
     blocks = blocks or {}
-    return [u for p in sorted(stats) for u in plan_partition(p, stats[p], target, blocks.get(p))]
+    return [u for p in sorted(stats)
+            for u in plan_partition(p, stats[p], target, blocks.get(p), direct_target)]
 
 
 def plan_topic_units(cluster, topic, readers=None):
